@@ -1,0 +1,110 @@
+"""The adapter interface: where a model family keeps its layers, heads and neurons.
+
+Adapters hold paths and slicing, never math. The pruning code talks to a model only through
+:class:`ModelAdapter`, so a new family is one small file plus a registry entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """Inner widths of one transformer block (the only sizes STAT changes)."""
+
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+
+    def to_dict(self) -> dict:
+        return {"num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+                "intermediate_size": self.intermediate_size}
+
+
+class ModelAdapter:
+    """One model family. Subclasses fill in module paths; everything else is shared."""
+
+    family: str = "base"
+    #: causal decoders score perplexity; encoders score accuracy.
+    is_decoder: bool = True
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+
+    # --- where things are -------------------------------------------------------------------
+    @property
+    def layers(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def head_dim(self) -> int:
+        raise NotImplementedError
+
+    def attention(self, layer: int) -> nn.Module:
+        raise NotImplementedError
+
+    def mlp(self, layer: int) -> nn.Module:
+        raise NotImplementedError
+
+    def attn_out_proj(self, layer: int) -> nn.Linear:
+        """Linear whose input is the concatenated per-head outputs ``(..., heads·head_dim)``."""
+        raise NotImplementedError
+
+    def mlp_out_proj(self, layer: int) -> nn.Linear:
+        """Linear whose input is the MLP intermediate activation ``(..., d_ff)``."""
+        raise NotImplementedError
+
+    def mlp_in_projs(self, layer: int) -> list[nn.Linear]:
+        """Linears whose output rows are MLP neurons (up, gate)."""
+        raise NotImplementedError
+
+    def layer_shape(self, layer: int) -> LayerShape:
+        raise NotImplementedError
+
+    # --- surgery ----------------------------------------------------------------------------
+    def prune_heads_(self, layer: int, kept_heads: list[int], kept_kv_heads: list[int],
+                     new_out_weight: torch.Tensor | None) -> None:
+        raise NotImplementedError
+
+    def prune_neurons_(self, layer: int, kept: list[int], new_out_weight: torch.Tensor | None) -> None:
+        raise NotImplementedError
+
+    def record_shapes_in_config_(self) -> None:
+        """Write every layer's widths into the config so the model describes itself."""
+        shapes = [self.layer_shape(i).to_dict() for i in range(self.num_layers)]
+        self.config.stat_layer_shapes = shapes
+
+
+def slice_linear_(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
+                  new_weight: torch.Tensor | None = None) -> None:
+    """Replace ``linear``'s parameters in place by a row/column slice (or a given weight).
+
+    Keeps dtype, device and ``requires_grad``; the bias follows the rows.
+    """
+    weight = linear.weight
+    if new_weight is None:
+        w = weight.data
+        if rows is not None:
+            w = w[rows.to(w.device)]
+        if cols is not None:
+            w = w[:, cols.to(w.device)]
+        new_weight = w
+    new_weight = new_weight.to(device=weight.device, dtype=weight.dtype).contiguous()
+    linear.weight = nn.Parameter(new_weight, requires_grad=weight.requires_grad)
+    if linear.bias is not None and rows is not None:
+        linear.bias = nn.Parameter(linear.bias.data[rows.to(weight.device)].contiguous(),
+                                   requires_grad=linear.bias.requires_grad)
+    linear.out_features, linear.in_features = new_weight.shape

@@ -1,0 +1,193 @@
+"""Counting parameters/FLOPs of transformer blocks, and allocating a global budget across blocks.
+
+Every block (one attention or one MLP of one layer) offers a list of options: a kept width, its
+cost (parameters or MACs per token) and its predicted damage (loss-weighted output residual).
+The allocator picks one option per block so that the total cost removed meets the target while
+the summed damage is smallest: a Lagrangian sweep (``damage + λ·cost`` per block, bisection on
+λ) followed by a neuron-by-neuron top-up so the budget is met to within one unit.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .adapters import ModelAdapter
+
+
+@dataclass(frozen=True)
+class BlockGeometry:
+    """Per-unit costs of one layer, read off its modules (biases included)."""
+
+    hidden: int
+    head_dim: int
+    q_params_per_head: int   # q_proj rows + bias of one query head
+    kv_params_per_head: int  # k_proj + v_proj rows + biases of one KV head
+    o_params_per_head: int   # o_proj columns of one query head
+    attn_fixed: int          # o_proj bias
+    mlp_params_per_neuron: int
+    mlp_fixed: int           # down_proj bias
+
+    def attn_params(self, n_heads: int, n_kv: int) -> int:
+        return (n_heads * (self.q_params_per_head + self.o_params_per_head)
+                + n_kv * self.kv_params_per_head + self.attn_fixed)
+
+    def mlp_params(self, n_neurons: int) -> int:
+        return n_neurons * self.mlp_params_per_neuron + self.mlp_fixed
+
+    def attn_macs(self, n_heads: int, n_kv: int, seq_len: int, causal: bool = True) -> float:
+        """MACs per token: projections plus scores and weighted values over the (causal) context."""
+        context = (seq_len + 1) / 2 if causal else seq_len
+        proj = n_heads * 2 * self.hidden * self.head_dim + n_kv * 2 * self.hidden * self.head_dim
+        return proj + n_heads * 2 * self.head_dim * context
+
+    def mlp_macs(self, n_neurons: int) -> float:
+        return n_neurons * (self.mlp_params_per_neuron - 0)  # one MAC per weight
+
+
+def _numel(linear) -> int:
+    return linear.weight.numel() + (linear.bias.numel() if linear.bias is not None else 0)
+
+
+def block_geometry(adapter: ModelAdapter, layer: int) -> BlockGeometry:
+    shape = adapter.layer_shape(layer)
+    attn = adapter.attention(layer)
+    o = adapter.attn_out_proj(layer)
+    down = adapter.mlp_out_proj(layer)
+    ins = adapter.mlp_in_projs(layer)
+    kv_modules = [m for m in (getattr(attn, "k_proj", None), getattr(attn, "v_proj", None)) if m is not None]
+    q_mod = getattr(attn, "q_proj")
+    return BlockGeometry(
+        hidden=adapter.hidden_size,
+        head_dim=adapter.head_dim,
+        q_params_per_head=_numel(q_mod) // shape.num_heads,
+        kv_params_per_head=sum(_numel(m) for m in kv_modules) // shape.num_kv_heads,
+        o_params_per_head=o.weight.numel() // shape.num_heads,
+        attn_fixed=o.bias.numel() if o.bias is not None else 0,
+        mlp_params_per_neuron=sum(_numel(m) for m in ins) // shape.intermediate_size
+        + down.weight.numel() // shape.intermediate_size,
+        mlp_fixed=down.bias.numel() if down.bias is not None else 0,
+    )
+
+
+def block_parameter_count(adapter: ModelAdapter) -> int:
+    """Parameters of all attention + MLP weights of the transformer blocks (norms, embeddings excluded)."""
+    total = 0
+    for i in range(adapter.num_layers):
+        geo = block_geometry(adapter, i)
+        shape = adapter.layer_shape(i)
+        total += geo.attn_params(shape.num_heads, shape.num_kv_heads) + geo.mlp_params(shape.intermediate_size)
+    return total
+
+
+def block_macs(adapter: ModelAdapter, seq_len: int) -> float:
+    """MACs per token of the transformer blocks' attention + MLP at ``seq_len``."""
+    total = 0.0
+    for i in range(adapter.num_layers):
+        geo = block_geometry(adapter, i)
+        shape = adapter.layer_shape(i)
+        total += geo.attn_macs(shape.num_heads, shape.num_kv_heads, seq_len, adapter.is_decoder)
+        total += geo.mlp_macs(shape.intermediate_size)
+    return total
+
+
+@dataclass
+class BlockOptions:
+    """Choices for one block. ``cost`` and ``damage`` are arrays over options; option ``-1`` of
+    ``cost`` order is the full (unpruned) block. ``unit_step`` marks fine-grained blocks (MLP)
+    whose consecutive options differ by one unit and can top up the budget."""
+
+    name: str
+    cost: np.ndarray
+    damage: np.ndarray
+    fine_grained: bool = False
+    payload: list = field(default_factory=list)  # what each option keeps (adapter-specific)
+
+    def __post_init__(self):
+        self.cost = np.asarray(self.cost, dtype=np.float64)
+        self.damage = np.asarray(self.damage, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class Allocation:
+    choice: list[int]      # option index per block
+    cost_removed: float
+    cost_total: float
+    damage: float
+
+    @property
+    def fraction_removed(self) -> float:
+        return self.cost_removed / self.cost_total if self.cost_total else 0.0
+
+
+def _pick(blocks: list[BlockOptions], lam: float) -> list[int]:
+    return [int(np.argmin(b.damage + lam * b.cost)) for b in blocks]
+
+
+def allocate(blocks: list[BlockOptions], target_fraction: float) -> Allocation:
+    """Choose one option per block removing ``target_fraction`` of the full cost, least damage.
+
+    ``full cost`` is each block's largest option. Raises ValueError when the target cannot be met
+    with the options given (every block keeps at least its smallest option).
+    """
+    full = np.array([b.cost.max() for b in blocks])
+    total = float(full.sum())
+    floor = float(sum(b.cost.min() for b in blocks))
+    target_removed = target_fraction * total
+    if target_removed > total - floor + 1e-9:
+        raise ValueError(f"cannot remove {target_fraction:.0%}: keeping at least one head and one neuron "
+                         f"per layer allows at most {(total - floor) / total:.1%}")
+
+    def removed(choice):
+        return total - float(sum(b.cost[c] for b, c in zip(blocks, choice)))
+
+    # Bisection on λ: larger λ favours cheaper options (more removal).
+    lo, hi = 0.0, 1.0
+    while removed(_pick(blocks, hi)) < target_removed and hi < 1e30:
+        hi *= 4.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if removed(_pick(blocks, mid)) < target_removed:
+            lo = mid
+        else:
+            hi = mid
+    choice = _pick(blocks, lo)  # removes at most the target
+    choice = _top_up(blocks, choice, target_removed - removed(choice))
+    cost_removed = removed(choice)
+    damage = float(sum(b.damage[c] for b, c in zip(blocks, choice)))
+    return Allocation(choice=choice, cost_removed=cost_removed, cost_total=total, damage=damage)
+
+
+def _top_up(blocks: list[BlockOptions], choice: list[int], missing: float) -> list[int]:
+    """Remove single units from fine-grained blocks, cheapest damage per cost first, until the
+    remaining shortfall is under half a unit (so the budget is met within one unit)."""
+    choice = list(choice)
+    heap = []
+
+    def push(i):
+        b, c = blocks[i], choice[i]
+        nxt = _next_smaller(b, c)
+        if nxt is not None:
+            dcost = b.cost[c] - b.cost[nxt]
+            heapq.heappush(heap, ((b.damage[nxt] - b.damage[c]) / dcost, i, nxt, dcost))
+
+    for i, b in enumerate(blocks):
+        if b.fine_grained:
+            push(i)
+    while heap and missing > 0:
+        _, i, nxt, dcost = heapq.heappop(heap)
+        if missing < dcost / 2:
+            break
+        choice[i] = nxt
+        missing -= dcost
+        push(i)
+    return choice
+
+
+def _next_smaller(block: BlockOptions, current: int) -> int | None:
+    smaller = np.where(block.cost < block.cost[current])[0]
+    if len(smaller) == 0:
+        return None
+    return int(smaller[np.argmax(block.cost[smaller])])

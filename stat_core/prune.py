@@ -1,0 +1,374 @@
+"""STAT end to end: calibrate, allocate the budget, choose units, fold corrections, cut the model.
+
+``stat_prune_`` is the one call most users need. Underneath, the steps are separable:
+``collect_dense_stats`` → ``build_block_options`` → ``allocate`` → ``select_layer`` → ``apply_plan_``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .adapters import ModelAdapter, get_adapter
+from .budget import BlockOptions, allocate, block_geometry, block_macs, block_parameter_count
+from .calibrate import BlockStats, LayerwiseRunner, output_sensitivity
+from .linalg import (column_scaled_gram, greedy_block_order, interpolation_matrix, output_error,
+                     output_error_curve, pivoted_cholesky_order)
+from .plan import LayerPlan, PrunePlan
+
+log = logging.getLogger(__name__)
+
+METHODS = ("stat", "no-correction", "magnitude")
+MODES = ("propagate", "one-shot")
+BUDGET_KINDS = ("params", "flops")
+
+ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """What to remove and how. ``sparsity``: fraction of block parameters (or FLOPs) to remove."""
+
+    sparsity: float
+    budget_kind: str = "params"
+    flops_seq_len: int = 512
+    method: str = "stat"
+    mode: str = "one-shot"
+    prune_heads: bool = True
+    prune_neurons: bool = True
+    sensitivity_samples: int = 8
+    batch_size: int = 8
+
+    def __post_init__(self):
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.budget_kind not in BUDGET_KINDS:
+            raise ValueError(f"budget kind must be one of {BUDGET_KINDS}, got {self.budget_kind!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not (self.prune_heads or self.prune_neurons):
+            raise ValueError("at least one of heads or neurons must be prunable")
+        if self.batch_size < 1 or self.sensitivity_samples < 0:
+            raise ValueError("batch_size must be ≥ 1 and sensitivity_samples ≥ 0")
+
+
+@dataclass
+class PruneResult:
+    plan: PrunePlan
+    stats: list[BlockStats]          # statistics the corrections were computed from
+    dense_stats: list[BlockStats]    # dense-model statistics (re-budget without recalibrating)
+    sensitivity: list[dict] | None
+    timings: dict = field(default_factory=dict)
+
+
+# --- damage weighting ---------------------------------------------------------------------------
+
+def effective_out_weight(weight: torch.Tensor, fisher: torch.Tensor | None, resid_energy: float,
+                         n_tokens: int) -> torch.Tensor:
+    """Output projection ``W: (d, n)`` premultiplied so that ``tr(W_eff S W_effᵀ)`` is a predicted
+    loss increase per token.
+
+    With a gradient second moment ``F`` (see ``output_sensitivity``), ``W_eff = Λ^½ Vᵀ W`` for
+    ``F = V Λ Vᵀ``; a little shrinkage towards ``tr(F)/d · I`` keeps directions the few gradient
+    samples missed from looking free. Without ``F``, the residual is measured relative to the
+    energy of the residual stream it is added to.
+    """
+    w = weight.detach().to(torch.float64)
+    if fisher is None:
+        return w / np.sqrt(max(resid_energy, 1e-30))
+    f = fisher.to(w.device, torch.float64)
+    d = f.shape[0]
+    f = 0.9 * f + 0.1 * torch.trace(f) / d * torch.eye(d, dtype=f.dtype, device=f.device)
+    evals, evecs = torch.linalg.eigh(f)
+    return (evals.clamp_min(0).sqrt()[:, None] * evecs.T) @ w / np.sqrt(max(n_tokens, 1))
+
+
+# --- head configurations under grouped-query attention -----------------------------------------
+
+def head_columns(heads, head_dim: int) -> torch.Tensor:
+    return torch.tensor([h * head_dim + j for h in heads for j in range(head_dim)], dtype=torch.long)
+
+
+def head_configurations(gram: torch.Tensor, w_eff: torch.Tensor, n_heads: int, n_kv: int,
+                        head_dim: int) -> tuple[list[dict], list[int]]:
+    """All feasible kept-head sets of one layer with their damage.
+
+    A configuration keeps ``g`` KV heads and the same ``r`` query heads in each (so stock GQA code
+    runs). Heads are ranked by a greedy output-aware block decomposition; within a KV group the
+    ``r`` best-ranked heads stay, and groups are added greedily by exact least-squares damage.
+    Returns ``(configs, head_order)``; each config is ``{"heads", "kv_heads", "damage"}``.
+    """
+    order, curve = greedy_block_order(gram, w_eff, head_dim)
+    order = order.tolist()
+    rank = {h: i for i, h in enumerate(order)}
+    group = n_heads // n_kv
+    configs = []
+    if group == 1:
+        for m in range(1, n_heads + 1):
+            kept = sorted(order[:m])
+            configs.append({"heads": kept, "kv_heads": kept, "damage": float(curve[m])})
+        return configs, order
+    for r in range(1, group + 1):
+        best_in_group = {g: sorted(range(g * group, (g + 1) * group), key=rank.get)[:r] for g in range(n_kv)}
+        chosen: list[int] = []
+        while len(chosen) < n_kv:
+            scored = []
+            for g in range(n_kv):
+                if g in chosen:
+                    continue
+                heads = sorted(h for c in chosen + [g] for h in best_in_group[c])
+                scored.append((output_error(gram, w_eff, head_columns(heads, head_dim)), g, heads))
+            damage, g, heads = min(scored)
+            chosen.append(g)
+            configs.append({"heads": heads, "kv_heads": sorted(chosen), "damage": damage})
+    return configs, order
+
+
+def magnitude_head_configurations(adapter: ModelAdapter, layer: int) -> list[dict]:
+    """Same configuration space, ranked by weight magnitude (the baseline; no statistics)."""
+    attn = adapter.attention(layer)
+    shape = adapter.layer_shape(layer)
+    hd = adapter.head_dim
+    group = shape.num_heads // shape.num_kv_heads
+    q = attn.q_proj.weight.detach().float().view(shape.num_heads, hd, -1)
+    o = adapter.attn_out_proj(layer).weight.detach().float().view(-1, shape.num_heads, hd)
+    kv = torch.cat([attn.k_proj.weight.detach().float(), attn.v_proj.weight.detach().float()], 1)
+    head_score = (q ** 2).sum((1, 2)) + (o ** 2).sum((0, 2))
+    kv_score = (kv.view(shape.num_kv_heads, hd, -1) ** 2).sum((1, 2))
+    configs = []
+    for r in range(1, group + 1):
+        best = {g: sorted(range(g * group, (g + 1) * group), key=lambda h: -float(head_score[h]))[:r]
+                for g in range(shape.num_kv_heads)}
+        group_score = {g: float(kv_score[g] + head_score[best[g]].sum()) for g in best}
+        ranked = sorted(best, key=lambda g: -group_score[g])
+        for n_groups in range(1, shape.num_kv_heads + 1):
+            groups = sorted(ranked[:n_groups])
+            configs.append({"heads": sorted(h for g in groups for h in best[g]), "kv_heads": groups,
+                            "damage": 0.0})
+    return configs
+
+
+def magnitude_neuron_order(adapter: ModelAdapter, layer: int) -> torch.Tensor:
+    """Neurons by the L2 norm of all their weights (in-projections' rows and out-projection column)."""
+    score = (adapter.mlp_out_proj(layer).weight.detach().float() ** 2).sum(0)
+    for proj in adapter.mlp_in_projs(layer):
+        score = score + (proj.weight.detach().float() ** 2).sum(1)
+    return torch.argsort(score, descending=True)
+
+
+# --- per-layer analysis --------------------------------------------------------------------------
+
+@dataclass
+class LayerAnalysis:
+    """Everything the allocator and the plan need about one layer."""
+
+    head_configs: list[dict]
+    head_order: list[int]
+    neuron_order: torch.Tensor
+    mlp_damage: torch.Tensor  # (d_ff + 1,)
+
+
+def analyse_layer(adapter: ModelAdapter, layer: int, stats: BlockStats, fisher: dict | None) -> LayerAnalysis:
+    shape = adapter.layer_shape(layer)
+    w_attn = effective_out_weight(adapter.attn_out_proj(layer).weight, None if fisher is None else fisher["attn"],
+                                  stats.resid_energy, stats.n_tokens)
+    w_mlp = effective_out_weight(adapter.mlp_out_proj(layer).weight, None if fisher is None else fisher["mlp"],
+                                 stats.resid_energy, stats.n_tokens)
+    configs, head_order = head_configurations(stats.attn_gram, w_attn, shape.num_heads, shape.num_kv_heads,
+                                              adapter.head_dim)
+    # Neurons: pivoted Cholesky with each column weighted by its (loss-weighted) outgoing norm,
+    # as the authors do; the damage curve is exact along that order.
+    neuron_order = pivoted_cholesky_order(column_scaled_gram(stats.mlp_gram, w_mlp.norm(dim=0)))
+    mlp_damage = output_error_curve(stats.mlp_gram, w_mlp, neuron_order)
+    return LayerAnalysis(configs, head_order, neuron_order, mlp_damage)
+
+
+def build_block_options(adapter: ModelAdapter, analyses: list[LayerAnalysis], config: PruneConfig) -> list[BlockOptions]:
+    """Two blocks per layer (attention, MLP), each with its feasible kept widths, cost and damage."""
+    blocks = []
+    for layer, an in enumerate(analyses):
+        geo = block_geometry(adapter, layer)
+        shape = adapter.layer_shape(layer)
+
+        def attn_cost(n_h, n_kv):
+            if config.budget_kind == "params":
+                return geo.attn_params(n_h, n_kv)
+            return geo.attn_macs(n_h, n_kv, config.flops_seq_len, adapter.is_decoder)
+
+        def mlp_cost(k):
+            return geo.mlp_params(k) if config.budget_kind == "params" else geo.mlp_macs(k)
+
+        full_attn = {"heads": list(range(shape.num_heads)), "kv_heads": list(range(shape.num_kv_heads)),
+                     "damage": 0.0}
+        attn_payload = (an.head_configs if config.prune_heads else []) + [full_attn]
+        blocks.append(BlockOptions(
+            name=f"layer{layer}.attn",
+            cost=[attn_cost(len(c["heads"]), len(c["kv_heads"])) for c in attn_payload],
+            damage=[c["damage"] for c in attn_payload], payload=attn_payload))
+        ks = np.arange(1, shape.intermediate_size + 1) if config.prune_neurons else np.array([shape.intermediate_size])
+        blocks.append(BlockOptions(
+            name=f"layer{layer}.mlp", cost=[mlp_cost(int(k)) for k in ks],
+            damage=an.mlp_damage.numpy()[ks], fine_grained=True, payload=[int(k) for k in ks]))
+    return blocks
+
+
+# --- the pipeline ---------------------------------------------------------------------------------
+
+def _notify(progress: ProgressFn | None, stage: str, done: int, total: int) -> None:
+    if progress is not None:
+        progress(stage, done, total)
+
+
+def stat_prune_(model, windows: torch.Tensor, config: PruneConfig, model_name: str = "",
+                progress: ProgressFn | None = None, calibration_info: dict | None = None) -> PruneResult:
+    """Prune ``model`` in place with STAT (or a baseline) on calibration ``windows: (n, T)``.
+
+    Returns the plan and the statistics behind it. With ``mode="propagate"`` each layer is
+    re-calibrated on the outputs of the already pruned and corrected layers before it.
+    """
+    adapter = get_adapter(model)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    fisher = None
+    if config.sensitivity_samples > 0:
+        _notify(progress, "sensitivity", 0, 1)
+        fisher = output_sensitivity(model, adapter, windows[: config.sensitivity_samples])
+        _notify(progress, "sensitivity", 1, 1)
+    timings["sensitivity"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    runner = LayerwiseRunner(model, adapter, windows, config.batch_size)
+    dense_stats = []
+    hidden = runner.hidden
+    for layer in range(adapter.num_layers):
+        stats, hidden = runner.collect_block(layer, hidden)
+        dense_stats.append(stats)
+        _notify(progress, "calibrate", layer + 1, adapter.num_layers)
+    timings["calibrate"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    analyses = [analyse_layer(adapter, i, s, None if fisher is None else fisher[i]) for i, s in enumerate(dense_stats)]
+    plan = plan_from_analyses(adapter, analyses, config, model_name, calibration_info or {})
+    timings["allocate"] = time.perf_counter() - t2
+
+    t3 = time.perf_counter()
+    if config.mode == "one-shot" or config.method != "stat":
+        if config.method == "magnitude":
+            plan = magnitude_plan(adapter, plan)
+        apply_plan_(model, plan, dense_stats if config.method == "stat" else None)
+        used_stats = dense_stats
+    else:
+        used_stats = _propagate_(model, adapter, runner, plan, fisher, progress)
+    timings["apply"] = time.perf_counter() - t3
+    timings["total"] = time.perf_counter() - t0
+    del runner
+    return PruneResult(plan=plan, stats=used_stats, dense_stats=dense_stats, sensitivity=fisher, timings=timings)
+
+
+def plan_from_analyses(adapter: ModelAdapter, analyses: list[LayerAnalysis], config: PruneConfig,
+                       model_name: str, calibration_info: dict) -> PrunePlan:
+    """Allocate the budget over the layers' options and write down what each layer keeps."""
+    blocks = build_block_options(adapter, analyses, config)
+    alloc = allocate(blocks, config.sparsity)
+    layers = []
+    for layer, an in enumerate(analyses):
+        shape = adapter.layer_shape(layer)
+        head_choice = blocks[2 * layer].payload[alloc.choice[2 * layer]]
+        k = blocks[2 * layer + 1].payload[alloc.choice[2 * layer + 1]]
+        geo = block_geometry(adapter, layer)
+        layers.append(LayerPlan(
+            layer=layer, num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads,
+            intermediate_size=shape.intermediate_size,
+            kept_heads=list(head_choice["heads"]), kept_kv_heads=list(head_choice["kv_heads"]),
+            kept_neurons=sorted(an.neuron_order[:k].tolist()),
+            head_order=list(an.head_order),
+            attn_options=[{"heads": len(c["heads"]), "kv_heads": len(c["kv_heads"]),
+                           "params": geo.attn_params(len(c["heads"]), len(c["kv_heads"])), "damage": c["damage"]}
+                          for c in analyses[layer].head_configs],
+            mlp_damage=[float(x) for x in an.mlp_damage]))
+    budget = {"kind": config.budget_kind, "target": config.sparsity, "flops_seq_len": config.flops_seq_len,
+              "achieved": alloc.fraction_removed, "predicted_damage": alloc.damage}
+    return PrunePlan(model=model_name, method=config.method, mode=config.mode, budget=budget,
+                     calibration=calibration_info, layers=layers)
+
+
+def magnitude_plan(adapter: ModelAdapter, plan: PrunePlan) -> PrunePlan:
+    """Same per-layer counts as ``plan``, units chosen by weight magnitude instead."""
+    layers = []
+    for lp in plan.layers:
+        configs = magnitude_head_configurations(adapter, lp.layer)
+        match = next(c for c in configs + [{"heads": lp.kept_heads, "kv_heads": lp.kept_kv_heads}]
+                     if len(c["heads"]) == len(lp.kept_heads) and len(c["kv_heads"]) == len(lp.kept_kv_heads))
+        neurons = sorted(magnitude_neuron_order(adapter, lp.layer)[: len(lp.kept_neurons)].tolist())
+        layers.append(LayerPlan(**{**lp.__dict__, "kept_heads": match["heads"], "kept_kv_heads": match["kv_heads"],
+                                   "kept_neurons": neurons}))
+    return PrunePlan(**{**plan.__dict__, "layers": layers, "method": "magnitude"})
+
+
+def _propagate_(model, adapter: ModelAdapter, runner: LayerwiseRunner, plan: PrunePlan, fisher,
+                progress: ProgressFn | None) -> list[BlockStats]:
+    """Re-select and correct each layer on the pruned path, keeping the allocated counts."""
+    hidden = runner.hidden
+    used = []
+    for layer in range(adapter.num_layers):
+        stats, _ = runner.collect_block(layer, hidden)
+        an = analyse_layer(adapter, layer, stats, None if fisher is None else fisher[layer])
+        lp = plan.layers[layer]
+        match = next((c for c in an.head_configs if len(c["heads"]) == len(lp.kept_heads)
+                      and len(c["kv_heads"]) == len(lp.kept_kv_heads)), None)
+        if match is not None:
+            lp.kept_heads, lp.kept_kv_heads = match["heads"], match["kv_heads"]
+        lp.kept_neurons = sorted(an.neuron_order[: len(lp.kept_neurons)].tolist())
+        lp.head_order = an.head_order
+        apply_layer_(adapter, lp, stats)
+        hidden = runner.run_block(layer, hidden)
+        used.append(stats)
+        _notify(progress, "propagate", layer + 1, adapter.num_layers)
+    adapter.record_shapes_in_config_()
+    return used
+
+
+def apply_layer_(adapter: ModelAdapter, lp: LayerPlan, stats: BlockStats | None) -> None:
+    """Cut one layer to ``lp``; with ``stats`` the removed units' contribution is folded into the
+    output projections (``W_out ← W_out Tᵀ``), without it they are simply dropped."""
+    layer = lp.layer
+    shape = adapter.layer_shape(layer)
+    if len(lp.kept_heads) < shape.num_heads:
+        new_o = None
+        if stats is not None:
+            interp = interpolation_matrix(stats.attn_gram, head_columns(lp.kept_heads, adapter.head_dim))
+            w = adapter.attn_out_proj(layer).weight
+            new_o = (w.detach().to(interp.device, torch.float64) @ interp.T).to(w.dtype)
+        adapter.prune_heads_(layer, lp.kept_heads, lp.kept_kv_heads, new_o)
+    if len(lp.kept_neurons) < shape.intermediate_size:
+        new_down = None
+        if stats is not None:
+            interp = interpolation_matrix(stats.mlp_gram, torch.tensor(lp.kept_neurons, dtype=torch.long))
+            w = adapter.mlp_out_proj(layer).weight
+            new_down = (w.detach().to(interp.device, torch.float64) @ interp.T).to(w.dtype)
+        adapter.prune_neurons_(layer, lp.kept_neurons, new_down)
+
+
+def apply_plan_(model, plan: PrunePlan, stats: list[BlockStats] | None) -> None:
+    """Apply ``plan`` to a dense ``model`` in place; ``stats=None`` means no correction."""
+    adapter = get_adapter(model)
+    if len(plan.layers) != adapter.num_layers:
+        raise ValueError(f"plan has {len(plan.layers)} layers, model has {adapter.num_layers}")
+    for lp in plan.layers:
+        shape = adapter.layer_shape(lp.layer)
+        if (shape.num_heads, shape.intermediate_size) != (lp.num_heads, lp.intermediate_size):
+            raise ValueError(f"layer {lp.layer} of the model is already pruned or differs from the plan")
+        apply_layer_(adapter, lp, None if stats is None else stats[lp.layer])
+    adapter.record_shapes_in_config_()
+
+
+def budget_summary(model, seq_len: int = 512) -> dict:
+    adapter = get_adapter(model)
+    return {"block_params": block_parameter_count(adapter), "block_macs_per_token": block_macs(adapter, seq_len)}
