@@ -44,7 +44,7 @@ class BlockGeometry:
         return proj + n_heads * 2 * self.head_dim * context
 
     def mlp_macs(self, n_neurons: int) -> float:
-        return n_neurons * (self.mlp_params_per_neuron - 0)  # one MAC per weight
+        return n_neurons * self.mlp_params_per_neuron  # one MAC per weight (biases: negligible)
 
 
 def _numel(linear) -> int:
@@ -137,8 +137,8 @@ def allocate(blocks: list[BlockOptions], target_fraction: float) -> Allocation:
     floor = float(sum(b.cost.min() for b in blocks))
     target_removed = target_fraction * total
     if target_removed > total - floor + 1e-9:
-        raise ValueError(f"cannot remove {target_fraction:.0%}: keeping at least one head and one neuron "
-                         f"per layer allows at most {(total - floor) / total:.1%}")
+        raise ValueError(f"cannot remove {target_fraction:.0%}: keeping at least one head and one neuron per layer (and every unit you excluded from "
+                         f"pruning) allows at most {(total - floor) / total:.1%}")
 
     def removed(choice):
         return total - float(sum(b.cost[c] for b, c in zip(blocks, choice)))
@@ -153,41 +153,62 @@ def allocate(blocks: list[BlockOptions], target_fraction: float) -> Allocation:
             lo = mid
         else:
             hi = mid
-    choice = _pick(blocks, lo)  # removes at most the target
-    choice = _top_up(blocks, choice, target_removed - removed(choice))
-    cost_removed = removed(choice)
-    damage = float(sum(b.damage[c] for b, c in zip(blocks, choice)))
-    return Allocation(choice=choice, cost_removed=cost_removed, cost_total=total, damage=damage)
+    # The λ sweep only reaches points on each block's convex hull; finish from both sides with
+    # single-neuron steps and keep the better: from below (remove more neurons) and from above
+    # (give neurons back).
+    candidates = []
+    under = _pick(blocks, lo)
+    candidates.append(_step_fine(blocks, under, target_removed - removed(under), remove=True))
+    over = _pick(blocks, hi)
+    candidates.append(_step_fine(blocks, over, removed(over) - target_removed, remove=False))
+
+    def damage(choice):
+        return float(sum(b.damage[c] for b, c in zip(blocks, choice)))
+
+    feasible = [c for c in candidates if removed(c) >= target_removed - _max_fine_step(blocks) / 2]
+    choice = min(feasible or candidates, key=lambda c: (damage(c), abs(removed(c) - target_removed)))
+    return Allocation(choice=choice, cost_removed=removed(choice), cost_total=total, damage=damage(choice))
 
 
-def _top_up(blocks: list[BlockOptions], choice: list[int], missing: float) -> list[int]:
-    """Remove single units from fine-grained blocks, cheapest damage per cost first, until the
-    remaining shortfall is under half a unit (so the budget is met within one unit)."""
+def _max_fine_step(blocks: list[BlockOptions]) -> float:
+    steps = [np.diff(np.sort(b.cost)).max() for b in blocks if b.fine_grained and len(b.cost) > 1]
+    return float(max(steps)) if steps else 0.0
+
+
+def _step_fine(blocks: list[BlockOptions], choice: list[int], amount: float, remove: bool) -> list[int]:
+    """Move fine-grained (MLP) blocks one unit at a time, cheapest damage per cost first:
+    ``remove=True`` removes until ``amount`` more cost is gone (within half a unit);
+    ``remove=False`` gives back units while at least ``amount`` of excess removal remains."""
     choice = list(choice)
     heap = []
 
     def push(i):
         b, c = blocks[i], choice[i]
-        nxt = _next_smaller(b, c)
-        if nxt is not None:
-            dcost = b.cost[c] - b.cost[nxt]
-            heapq.heappush(heap, ((b.damage[nxt] - b.damage[c]) / dcost, i, nxt, dcost))
+        nxt = _neighbour(b, c, smaller=remove)
+        if nxt is None:
+            return
+        dcost = abs(b.cost[c] - b.cost[nxt])
+        ddamage = b.damage[nxt] - b.damage[c]  # >0 when removing, <0 when giving back
+        heapq.heappush(heap, (ddamage / dcost, i, nxt, dcost))
 
     for i, b in enumerate(blocks):
         if b.fine_grained:
             push(i)
-    while heap and missing > 0:
+    while heap:
         _, i, nxt, dcost = heapq.heappop(heap)
-        if missing < dcost / 2:
+        if remove and amount < dcost / 2:
             break
+        if not remove and amount < dcost:
+            continue
         choice[i] = nxt
-        missing -= dcost
+        amount -= dcost
         push(i)
     return choice
 
 
-def _next_smaller(block: BlockOptions, current: int) -> int | None:
-    smaller = np.where(block.cost < block.cost[current])[0]
-    if len(smaller) == 0:
-        return None
-    return int(smaller[np.argmax(block.cost[smaller])])
+def _neighbour(block: BlockOptions, current: int, smaller: bool) -> int | None:
+    if smaller:
+        idx = np.where(block.cost < block.cost[current])[0]
+        return None if len(idx) == 0 else int(idx[np.argmax(block.cost[idx])])
+    idx = np.where(block.cost > block.cost[current])[0]
+    return None if len(idx) == 0 else int(idx[np.argmin(block.cost[idx])])

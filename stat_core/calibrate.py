@@ -105,8 +105,10 @@ class LayerwiseRunner:
         return out
 
     @torch.no_grad()
-    def run_block(self, layer: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
-        block = self.adapter.layers[layer]
+    def run_block(self, layer: int, hidden: list[torch.Tensor], adapter: ModelAdapter | None = None
+                  ) -> list[torch.Tensor]:
+        """Outputs of block ``layer`` (of ``adapter``'s model, default the runner's) on ``hidden``."""
+        block = (adapter or self.adapter).layers[layer]
         outs = []
         for h in hidden:
             o = block(h, **self.layer_kwargs[layer])
@@ -114,17 +116,19 @@ class LayerwiseRunner:
         return outs
 
     @torch.no_grad()
-    def collect_block(self, layer: int, hidden: list[torch.Tensor]) -> tuple[BlockStats, list[torch.Tensor]]:
+    def collect_block(self, layer: int, hidden: list[torch.Tensor], adapter: ModelAdapter | None = None
+                      ) -> tuple[BlockStats, list[torch.Tensor]]:
         """Run block ``layer`` over ``hidden`` with hooks; return its statistics and its outputs."""
-        attn_proj = self.adapter.attn_out_proj(layer)
-        mlp_proj = self.adapter.mlp_out_proj(layer)
+        adapter = adapter or self.adapter
+        attn_proj = adapter.attn_out_proj(layer)
+        mlp_proj = adapter.mlp_out_proj(layer)
         stat_device = self.device
         attn_acc = GramAccumulator(attn_proj.in_features, stat_device)
         mlp_acc = GramAccumulator(mlp_proj.in_features, stat_device)
         handles = [attn_proj.register_forward_pre_hook(lambda _m, args: attn_acc.add(args[0])),
                    mlp_proj.register_forward_pre_hook(lambda _m, args: mlp_acc.add(args[0]))]
         try:
-            outs = self.run_block(layer, hidden)
+            outs = self.run_block(layer, hidden, adapter)
         finally:
             for h in handles:
                 h.remove()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.linalg import lapack
+from scipy.linalg import blas, lapack
 
 # Relative ridge added to Gram diagonals before any solve: rank-deficient activations (dead
 # neurons, duplicated heads) are common in real models and must not break the factorizations.
@@ -29,26 +29,43 @@ DEFAULT_RIDGE = 1e-6
 class GramAccumulator:
     """Streaming ``Zᵀ Z`` over row batches, accumulated in float64.
 
-    Each batch product is formed in the batch's own dtype when it is float32 or wider (fast BLAS,
-    a few thousand rows per batch keep its rounding error far below what pruning cares about) and
-    added to a float64 total, so the sum over many batches does not drift.
+    Each batch product is formed in float32 on the CPU (BLAS ``ssyrk``: only one triangle, half the
+    work of a matmul; a few thousand rows per batch keep its rounding far below what pruning cares
+    about) or float64 on a GPU, and added to a float64 total so the sum over many batches does not
+    drift. Read the symmetric result from :attr:`gram`.
     """
 
     def __init__(self, n_units: int, device: torch.device | str = "cpu"):
-        self.gram = torch.zeros(n_units, n_units, dtype=torch.float64, device=device)
+        self._sum = torch.zeros(n_units, n_units, dtype=torch.float64, device=device)
+        self._upper_only = False
         self.n_rows = 0
 
     def add(self, z: torch.Tensor, row_mask: torch.Tensor | None = None) -> None:
         """Add rows of ``z: (..., n_units)``; ``row_mask: (...)`` bool keeps only True rows (padding out)."""
-        z = z.reshape(-1, z.shape[-1])
+        z = z.detach().reshape(-1, z.shape[-1])
         if row_mask is not None:
             z = z[row_mask.reshape(-1).to(z.device)]
         if z.shape[0] == 0:
             return
-        work_dtype = torch.float64 if z.device.type == "cuda" else torch.float32
-        z = z.to(work_dtype)
-        self.gram += (z.T @ z).to(torch.float64)
+        if z.device.type == "cpu":
+            a = z.to(torch.float32).numpy()
+            # a.T is Fortran-ordered (n_units, rows): syrk forms a.T @ a without a copy.
+            upper = blas.ssyrk(1.0, a.T, trans=0, lower=0)
+            self._sum += torch.from_numpy(upper).to(torch.float64)
+            self._upper_only = True
+        else:
+            z64 = z.to(torch.float64)
+            self._sum += z64.T @ z64
         self.n_rows += int(z.shape[0])
+
+    @property
+    def gram(self) -> torch.Tensor:
+        """``(n_units, n_units)`` float64, symmetric."""
+        if self._upper_only:
+            upper = torch.triu(self._sum)
+            self._sum = upper + torch.triu(upper, 1).T
+            self._upper_only = False
+        return self._sum
 
 
 def ridge_of(gram: torch.Tensor, rel: float = DEFAULT_RIDGE) -> float:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import torch
 from .adapters import ModelAdapter, get_adapter
 from .budget import BlockOptions, allocate, block_geometry, block_macs, block_parameter_count
 from .calibrate import BlockStats, LayerwiseRunner, output_sensitivity
-from .linalg import (column_scaled_gram, greedy_block_order, interpolation_matrix, output_error,
+from .linalg import (cholesky_with_ridge, column_scaled_gram, greedy_block_order, interpolation_matrix, output_error,
                      output_error_curve, pivoted_cholesky_order)
 from .plan import LayerPlan, PrunePlan
 
@@ -75,8 +76,8 @@ def effective_out_weight(weight: torch.Tensor, fisher: torch.Tensor | None, resi
     """Output projection ``W: (d, n)`` premultiplied so that ``tr(W_eff S W_effᵀ)`` is a predicted
     loss increase per token.
 
-    With a gradient second moment ``F`` (see ``output_sensitivity``), ``W_eff = Λ^½ Vᵀ W`` for
-    ``F = V Λ Vᵀ``; a little shrinkage towards ``tr(F)/d · I`` keeps directions the few gradient
+    With a gradient second moment ``F = C Cᵀ`` (see ``output_sensitivity``), ``W_eff = Cᵀ W`` so
+    that ``tr(W_eff S W_effᵀ) = tr(F W S Wᵀ)``; a little shrinkage towards ``tr(F)/d · I`` keeps directions the few gradient
     samples missed from looking free. Without ``F``, the residual is measured relative to the
     energy of the residual stream it is added to.
     """
@@ -86,8 +87,8 @@ def effective_out_weight(weight: torch.Tensor, fisher: torch.Tensor | None, resi
     f = fisher.to(w.device, torch.float64)
     d = f.shape[0]
     f = 0.9 * f + 0.1 * torch.trace(f) / d * torch.eye(d, dtype=f.dtype, device=f.device)
-    evals, evecs = torch.linalg.eigh(f)
-    return (evals.clamp_min(0).sqrt()[:, None] * evecs.T) @ w / np.sqrt(max(n_tokens, 1))
+    factor = cholesky_with_ridge(f, 1e-12 * float(torch.trace(f)) / d + 1e-30)
+    return factor.T @ w / np.sqrt(max(n_tokens, 1))
 
 
 # --- head configurations under grouped-query attention -----------------------------------------
@@ -259,6 +260,12 @@ def stat_prune_(model, windows: torch.Tensor, config: PruneConfig, model_name: s
     timings["allocate"] = time.perf_counter() - t2
 
     t3 = time.perf_counter()
+    if config.mode == "propagate" and config.method != "stat":
+        # Baselines use the units STAT would keep (or its counts): run STAT's propagation on a
+        # scratch copy, then cut this model by that plan without any correction.
+        scratch = copy.deepcopy(model)
+        _propagate_(scratch, get_adapter(scratch), runner, plan, fisher, progress)
+        del scratch
     if config.mode == "one-shot" or config.method != "stat":
         if config.method == "magnitude":
             plan = magnitude_plan(adapter, plan)
@@ -318,7 +325,7 @@ def _propagate_(model, adapter: ModelAdapter, runner: LayerwiseRunner, plan: Pru
     hidden = runner.hidden
     used = []
     for layer in range(adapter.num_layers):
-        stats, _ = runner.collect_block(layer, hidden)
+        stats, _ = runner.collect_block(layer, hidden, adapter)
         an = analyse_layer(adapter, layer, stats, None if fisher is None else fisher[layer])
         lp = plan.layers[layer]
         match = next((c for c in an.head_configs if len(c["heads"]) == len(lp.kept_heads)
@@ -328,7 +335,7 @@ def _propagate_(model, adapter: ModelAdapter, runner: LayerwiseRunner, plan: Pru
         lp.kept_neurons = sorted(an.neuron_order[: len(lp.kept_neurons)].tolist())
         lp.head_order = an.head_order
         apply_layer_(adapter, lp, stats)
-        hidden = runner.run_block(layer, hidden)
+        hidden = runner.run_block(layer, hidden, adapter)
         used.append(stats)
         _notify(progress, "propagate", layer + 1, adapter.num_layers)
     adapter.record_shapes_in_config_()

@@ -1,0 +1,189 @@
+"""``stat-prune MODEL --sparsity S --out DIR``: prune from the shell and write a report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .adapters import UnsupportedModelError
+from .data import CalibrationConfig, DataError, calibration_windows, fingerprint, load_text_file, wikipedia_split
+from .evaluate import count_parameters, evaluation_windows, perplexity
+from .models import DEMO_MODELS, ModelLoadError, load_model
+from .prune import BUDGET_KINDS, METHODS, MODES, PruneConfig, budget_summary, stat_prune_
+
+log = logging.getLogger("stat_core")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="stat-prune",
+        description="Remove attention heads and MLP neurons from a trained transformer with STAT "
+                    "(interpolative decompositions + folded corrections), no fine-tuning.")
+    p.add_argument("model", help=f"demo model ({', '.join(DEMO_MODELS)}), a local Hugging Face folder, or a hub id")
+    p.add_argument("--sparsity", type=float, required=True, help="fraction of block parameters (or FLOPs) to remove, e.g. 0.3")
+    p.add_argument("--out", required=True, help="folder for pruning_report.json and plan.json (must not exist or be empty)")
+    p.add_argument("--budget", choices=BUDGET_KINDS, default="params", help="what --sparsity counts (default: params)")
+    p.add_argument("--flops-seq-len", type=int, default=512, help="sequence length for FLOP counting (default 512)")
+    p.add_argument("--method", choices=METHODS, default="stat",
+                   help="stat (default); no-correction: same selection, no folded correction; magnitude: weight-norm selection")
+    p.add_argument("--mode", choices=MODES, default="one-shot",
+                   help="one-shot: all statistics from the dense model (default); propagate: calibrate each layer on the pruned earlier ones")
+    p.add_argument("--calibration", default="wikipedia",
+                   help="'wikipedia' (built-in sample, calibration split) or a text file (.txt/.json/.jsonl/.csv/.parquet)")
+    p.add_argument("--num-samples", type=int, default=64, help="calibration windows (default 64)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sensitivity-samples", type=int, default=8,
+                   help="windows for the gradient pass that weights layers by their effect on the loss (0: off)")
+    p.add_argument("--no-heads", action="store_true", help="keep every attention head")
+    p.add_argument("--no-neurons", action="store_true", help="keep every MLP neuron")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--skip-eval", action="store_true", help="do not measure perplexity before/after")
+    p.add_argument("--measure-floor", action="store_true",
+                   help="also time one plain forward pass over the calibration set (the cost floor)")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+class _Progress:
+    """tqdm bars per stage, fed by the core's progress callback."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bars: dict[str, tqdm] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        bar = self.bars.get(stage)
+        if bar is None:
+            bar = self.bars[stage] = tqdm(total=total, desc=stage, unit="layer" if total > 1 else "step",
+                                          leave=False, file=sys.stderr)
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+
+def _check_out_dir(out: str) -> Path:
+    path = Path(out).expanduser()
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"Output folder '{out}' already exists and is not empty; choose a new folder.")
+    return path
+
+
+def _write_outputs(out: Path, files: dict[str, str]) -> None:
+    """Write all files into a temporary sibling folder, then rename it into place: a failure never
+    leaves a half-written output folder."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        for name, text in files.items():
+            (tmp / name).write_text(text)
+        if out.exists():
+            out.rmdir()  # empty (checked before the run)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            for f in tmp.iterdir():
+                f.unlink()
+            tmp.rmdir()
+
+
+@torch.no_grad()
+def time_forward(model, windows: torch.Tensor, batch_size: int) -> float:
+    device = next(model.parameters()).device
+    t = time.perf_counter()
+    for i in range(0, len(windows), batch_size):
+        model(input_ids=windows[i:i + batch_size].to(device), use_cache=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def run(args: argparse.Namespace) -> dict:
+    out = _check_out_dir(args.out)
+    config = PruneConfig(sparsity=args.sparsity, budget_kind=args.budget, flops_seq_len=args.flops_seq_len,
+                         method=args.method, mode=args.mode, prune_heads=not args.no_heads,
+                         prune_neurons=not args.no_neurons, sensitivity_samples=args.sensitivity_samples,
+                         batch_size=args.batch_size)
+    calib_cfg = CalibrationConfig(num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    docs = wikipedia_split("calibration") if args.calibration == "wikipedia" else load_text_file(args.calibration)
+    windows = calibration_windows(tokenizer, docs, calib_cfg)
+    calib_info = {"source": args.calibration, "num_samples": calib_cfg.num_samples, "seq_len": calib_cfg.seq_len,
+                  "seed": calib_cfg.seed, "tokens": int(windows.numel()), "fingerprint": fingerprint(args.model, windows)}
+    report: dict = {"model": args.model, "method": args.method, "mode": args.mode, "budget_kind": args.budget,
+                    "sparsity_target": args.sparsity, "device": str(next(model.parameters()).device),
+                    "dtype": args.dtype, "calibration_tokens": int(windows.numel())}
+    before = budget_summary(model, args.flops_seq_len)
+    report["params_before"] = count_parameters(model)
+    report["block_params_before"] = before["block_params"]
+    report["block_macs_per_token_before"] = before["block_macs_per_token"]
+    eval_windows = None if args.skip_eval else evaluation_windows(tokenizer)
+    if eval_windows is not None:
+        report["perplexity_before"] = perplexity(model, eval_windows, progress=not args.quiet)
+    if args.measure_floor:
+        report["seconds_forward_calibration"] = time_forward(model, windows, args.batch_size)
+
+    t = time.perf_counter()
+    result = stat_prune_(model, windows, config, model_name=args.model, progress=_Progress(not args.quiet),
+                         calibration_info=calib_info)
+    report["seconds_prune"] = time.perf_counter() - t
+    report["seconds_prune_stages"] = result.timings
+    if args.measure_floor:
+        report["prune_time_over_forward"] = report["seconds_prune"] / report["seconds_forward_calibration"]
+
+    after = budget_summary(model, args.flops_seq_len)
+    report["params_after"] = count_parameters(model)
+    report["block_params_after"] = after["block_params"]
+    report["block_macs_per_token_after"] = after["block_macs_per_token"]
+    report["block_params_removed_fraction"] = 1 - after["block_params"] / before["block_params"]
+    report["block_flops_removed_fraction"] = 1 - after["block_macs_per_token"] / before["block_macs_per_token"]
+    if eval_windows is not None:
+        report["perplexity_after"] = perplexity(model, eval_windows, progress=not args.quiet)
+    report["layers"] = result.plan.kept_summary()
+    _write_outputs(out, {"pruning_report.json": json.dumps(report, indent=1), "plan.json": result.plan.to_json()})
+    return report
+
+
+def _summary(report: dict) -> str:
+    lines = [f"model            {report['model']}  ({report['method']}, {report['mode']}, {report['device']})",
+             f"block params     {report['block_params_before']:,} -> {report['block_params_after']:,} "
+             f"({report['block_params_removed_fraction']:.1%} removed; FLOPs {report['block_flops_removed_fraction']:.1%})",
+             f"all params       {report['params_before']:,} -> {report['params_after']:,}"]
+    if "perplexity_before" in report:
+        lines.append(f"perplexity       {report['perplexity_before']:.2f} -> {report['perplexity_after']:.2f} "
+                     f"({report['perplexity_after'] / report['perplexity_before']:.2f}x)")
+    lines.append(f"pruning time     {report['seconds_prune']:.1f} s"
+                 + (f" ({report['prune_time_over_forward']:.2f}x one forward pass over the calibration set)"
+                    if "prune_time_over_forward" in report else ""))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        report = run(args)
+    except (ModelLoadError, UnsupportedModelError, DataError, FileExistsError, ValueError) as exc:
+        print(f"stat-prune: error: {exc}", file=sys.stderr)
+        return 2
+    print(_summary(report))
+    print(f"wrote {Path(args.out) / 'pruning_report.json'} and plan.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

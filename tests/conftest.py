@@ -1,0 +1,42 @@
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+def tiny_config(family: str = "llama", **overrides):
+    """Tiny random decoder configs, one per supported family (no downloads)."""
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=64, vocab_size=128, max_position_embeddings=128)
+    common.update(overrides)
+    if family == "llama":
+        return LlamaConfig(**common)
+    if family == "mistral":
+        return MistralConfig(**common)
+    if family == "qwen2":
+        return Qwen2Config(**common)
+    if family == "qwen3":
+        return Qwen3Config(head_dim=8, **common)
+    if family == "gemma3":
+        return Gemma3TextConfig(head_dim=8, sliding_window=8, query_pre_attn_scalar=8,
+                                layer_types=["sliding_attention", "full_attention"], **common)
+    raise ValueError(family)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides))
+    return model.eval()
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3"]
+
+
+@pytest.fixture
+def windows():
+    gen = torch.Generator().manual_seed(1)
+    return torch.randint(0, 128, (8, 24), generator=gen)
