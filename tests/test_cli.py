@@ -1,0 +1,102 @@
+"""The CLI end to end on a tiny random model that uses the demo model's real tokenizer."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from stat_core.cli import main
+from stat_core.models import prepare_demo_model
+
+REPORT_KEYS = {"model", "sparsity_target", "block_params_before", "block_params_after", "params_before",
+               "params_after", "perplexity_before", "perplexity_after", "calibration_tokens", "seconds_prune",
+               "device", "layers"}
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(prepare_demo_model("smollm2-135m"))
+    model = tiny_model("llama", vocab_size=len(tok))
+    path = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_cli_prunes_and_reports(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main([str(tiny_folder), "--sparsity", "0.3", "--out", str(out), "--num-samples", "4", "--seq-len", "64",
+               "--sensitivity-samples", "2", "--quiet", "--measure-floor"])
+    assert rc == 0
+    report = json.loads((out / "pruning_report.json").read_text())
+    assert REPORT_KEYS <= set(report)
+    assert abs(report["block_params_removed_fraction"] - 0.3) < 0.01
+    assert report["block_params_after"] < report["block_params_before"]
+    assert report["calibration_tokens"] == 4 * 64
+    assert [l["neurons"] for l in report["layers"]] == [len(l["kept_neurons"]) for l in
+                                                         json.loads((out / "plan.json").read_text())["layers"]]
+    assert "perplexity" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["no-correction", "magnitude"])
+def test_cli_baselines(tiny_folder, tmp_path, method):
+    out = tmp_path / method
+    rc = main([str(tiny_folder), "--sparsity", "0.2", "--out", str(out), "--num-samples", "4", "--seq-len", "64",
+               "--sensitivity-samples", "0", "--quiet", "--skip-eval", "--method", method, "--mode", "propagate"])
+    assert rc == 0
+    assert json.loads((out / "pruning_report.json").read_text())["method"] == method
+
+
+def _error_of(args, capsys):
+    rc = main(args)
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "Traceback" not in err
+    return err
+
+
+def test_missing_model_folder(tmp_path, capsys):
+    err = _error_of(["./no/such/folder", "--sparsity", "0.2", "--out", str(tmp_path / "x")], capsys)
+    assert "does not exist" in err
+
+
+def test_folder_without_config(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    err = _error_of([str(tmp_path / "m"), "--sparsity", "0.2", "--out", str(tmp_path / "x")], capsys)
+    assert "no config.json" in err
+
+
+def test_unsupported_architecture(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
+    err = _error_of([str(tmp_path / "gpt2"), "--sparsity", "0.2", "--out", str(tmp_path / "x")], capsys)
+    assert "'gpt2' is not supported" in err and "llama" in err
+
+
+def test_existing_output_is_not_overwritten(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    err = _error_of([str(tiny_folder), "--sparsity", "0.2", "--out", str(out)], capsys)
+    assert "already exists" in err
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_too_short_calibration_text(tiny_folder, tmp_path, capsys):
+    text = tmp_path / "short.txt"
+    text.write_text("Only a few words here.")
+    err = _error_of([str(tiny_folder), "--sparsity", "0.2", "--out", str(tmp_path / "x"), "--calibration", str(text),
+                     "--skip-eval"], capsys)
+    assert "fewer than one window" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_impossible_budget(tiny_folder, tmp_path, capsys):
+    err = _error_of([str(tiny_folder), "--sparsity", "0.97", "--out", str(tmp_path / "x"), "--num-samples", "2",
+                     "--seq-len", "32", "--skip-eval", "--sensitivity-samples", "0"], capsys)
+    assert "allows at most" in err
+    assert not (tmp_path / "x").exists()
