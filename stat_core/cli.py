@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -52,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-eval", action="store_true", help="do not measure perplexity before/after")
     p.add_argument("--measure-floor", action="store_true",
                    help="also time one plain forward pass over the calibration set (the cost floor)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out folder (only once the new results are complete)")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -76,29 +79,33 @@ class _Progress:
             bar.close()
 
 
-def _check_out_dir(out: str) -> Path:
+def _check_out_dir(out: str, overwrite: bool = False) -> Path:
     path = Path(out).expanduser()
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(f"Output folder '{out}' already exists and is not empty; choose a new folder.")
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"Output path '{out}' is a file; give a folder path.")
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"Output folder '{out}' already exists and is not empty; choose a new folder "
+                              "or pass --overwrite.")
     return path
 
 
 def _write_outputs(out: Path, files: dict[str, str]) -> None:
     """Write all files into a temporary sibling folder, then rename it into place: a failure never
-    leaves a half-written output folder."""
+    leaves a half-written output folder, and an old folder is only removed once the new one is whole."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    old = None
     try:
         for name, text in files.items():
             (tmp / name).write_text(text)
         if out.exists():
-            out.rmdir()  # empty (checked before the run)
+            old = out.with_name(f".{out.name}-old-{os.getpid()}")
+            os.replace(out, old)
         os.replace(tmp, out)
     finally:
-        if tmp.exists():
-            for f in tmp.iterdir():
-                f.unlink()
-            tmp.rmdir()
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 @torch.no_grad()
@@ -113,7 +120,7 @@ def time_forward(model, windows: torch.Tensor, batch_size: int) -> float:
 
 
 def run(args: argparse.Namespace) -> dict:
-    out = _check_out_dir(args.out)
+    out = _check_out_dir(args.out, args.overwrite)
     config = PruneConfig(sparsity=args.sparsity, budget_kind=args.budget, flops_seq_len=args.flops_seq_len,
                          method=args.method, mode=args.mode, prune_heads=not args.no_heads,
                          prune_neurons=not args.no_neurons, sensitivity_samples=args.sensitivity_samples,

@@ -86,6 +86,17 @@ def test_existing_output_is_not_overwritten(tiny_folder, tmp_path, capsys):
     assert (out / "keep.txt").read_text() == "mine"
 
 
+def test_overwrite_replaces_only_when_complete(tiny_folder, tmp_path):
+    out = tmp_path / "again"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    rc = main([str(tiny_folder), "--sparsity", "0.2", "--out", str(out), "--num-samples", "2", "--seq-len", "32",
+               "--sensitivity-samples", "0", "--quiet", "--skip-eval", "--overwrite"])
+    assert rc == 0
+    assert sorted(p.name for p in out.iterdir()) == ["plan.json", "pruning_report.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["again"]  # no temporary folders left behind
+
+
 def test_too_short_calibration_text(tiny_folder, tmp_path, capsys):
     text = tmp_path / "short.txt"
     text.write_text("Only a few words here.")
