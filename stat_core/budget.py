@@ -165,8 +165,12 @@ def allocate(blocks: list[BlockOptions], target_fraction: float) -> Allocation:
     def damage(choice):
         return float(sum(b.damage[c] for b, c in zip(blocks, choice)))
 
-    feasible = [c for c in candidates if removed(c) >= target_removed - _max_fine_step(blocks) / 2]
-    choice = min(feasible or candidates, key=lambda c: (damage(c), abs(removed(c) - target_removed)))
+    unit = _max_fine_step(blocks)
+    on_target = [c for c in candidates if abs(removed(c) - target_removed) <= unit]
+    if on_target:
+        choice = min(on_target, key=damage)
+    else:  # coarse units only (e.g. neurons not prunable): the closest to the target
+        choice = min(candidates, key=lambda c: (abs(removed(c) - target_removed), damage(c)))
     return Allocation(choice=choice, cost_removed=removed(choice), cost_total=total, damage=damage(choice))
 
 
