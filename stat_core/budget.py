@@ -53,16 +53,16 @@ def _numel(linear) -> int:
 
 def block_geometry(adapter: ModelAdapter, layer: int) -> BlockGeometry:
     shape = adapter.layer_shape(layer)
-    attn = adapter.attention(layer)
     o = adapter.attn_out_proj(layer)
     down = adapter.mlp_out_proj(layer)
     ins = adapter.mlp_in_projs(layer)
-    kv_modules = [m for m in (getattr(attn, "k_proj", None), getattr(attn, "v_proj", None)) if m is not None]
-    q_mod = getattr(attn, "q_proj")
+    kv_modules = adapter.key_value_projs(layer)
+    q_mod = adapter.query_proj(layer)
     return BlockGeometry(
         hidden=adapter.hidden_size,
         head_dim=adapter.head_dim,
         q_params_per_head=_numel(q_mod) // shape.num_heads,
+        # Encoders: every head owns its key and value; counted with the KV "group" of one head.
         kv_params_per_head=sum(_numel(m) for m in kv_modules) // shape.num_kv_heads,
         o_params_per_head=o.weight.numel() // shape.num_heads,
         attn_fixed=o.bias.numel() if o.bias is not None else 0,

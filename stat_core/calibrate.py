@@ -25,6 +25,37 @@ class _StopForward(Exception):
 
 
 @dataclass
+class CalibrationSet:
+    """Calibration inputs. ``input_ids: (n, T)``; ``attention_mask: (n, T)`` (1 = real token, 0 =
+    padding; padding never enters a statistic); ``labels: (n,)`` class labels for classifiers
+    (used by the sensitivity pass; decoders use next-token targets instead)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+    @classmethod
+    def wrap(cls, data) -> "CalibrationSet":
+        return data if isinstance(data, cls) else cls(input_ids=data)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def subset(self, n: int) -> "CalibrationSet":
+        return CalibrationSet(self.input_ids[:n], None if self.attention_mask is None else self.attention_mask[:n],
+                              None if self.labels is None else self.labels[:n])
+
+    def batches(self, batch_size: int):
+        for i in range(0, len(self), batch_size):
+            yield self.subset_range(i, i + batch_size)
+
+    def subset_range(self, start: int, stop: int) -> "CalibrationSet":
+        return CalibrationSet(self.input_ids[start:stop],
+                              None if self.attention_mask is None else self.attention_mask[start:stop],
+                              None if self.labels is None else self.labels[start:stop])
+
+
+@dataclass
 class BlockStats:
     """Calibration statistics of one transformer block.
 
@@ -48,13 +79,31 @@ class LayerwiseRunner:
     ``windows: (n, T)`` token ids without padding (calibration windows are cut from running text).
     """
 
-    def __init__(self, model: nn.Module, adapter: ModelAdapter, windows: torch.Tensor, batch_size: int = 8):
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, windows, batch_size: int = 8):
         self.model = model
         self.adapter = adapter
         self.device = next(model.parameters()).device
-        self.batches = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
-        self.layer_kwargs = self._capture_layer_kwargs(windows[:1])
+        data = CalibrationSet.wrap(windows)
+        self.batches = list(data.batches(batch_size))
+        # Padded batches (encoders) carry their own masks: each block then gets the call arguments
+        # block 0 got for that batch (all blocks of these families see the same mask). Unpadded
+        # windows (decoders) share one set of per-block arguments captured from a single window.
+        self.per_batch_args = data.attention_mask is not None
+        self.layer_kwargs = None if self.per_batch_args else self._capture_layer_kwargs(data.input_ids[:1])
+        self.batch_args: list[tuple[tuple, dict]] = []
         self.hidden = self._embed_all()
+
+    def _model_inputs(self, batch: CalibrationSet) -> dict:
+        inputs = {"input_ids": batch.input_ids.to(self.device)}
+        if batch.attention_mask is not None:
+            inputs["attention_mask"] = batch.attention_mask.to(self.device)
+        if self.adapter.is_decoder:
+            inputs["use_cache"] = False
+        return inputs
+
+    def token_mask(self, index: int) -> torch.Tensor | None:
+        mask = self.batches[index].attention_mask
+        return None if mask is None else mask.to(self.device).bool()
 
     @torch.no_grad()
     def _capture_layer_kwargs(self, one_window: torch.Tensor) -> list[dict]:
@@ -90,14 +139,18 @@ class LayerwiseRunner:
         out: list[torch.Tensor] = []
 
         def hook(_module, args, kwargs):
-            out.append(args[0] if args else kwargs["hidden_states"])
+            kwargs = dict(kwargs)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            out.append(hidden)
+            if self.per_batch_args:
+                self.batch_args.append((tuple(args[1:]), kwargs))
             raise _StopForward
 
         handle = self.adapter.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
         try:
             for batch in self.batches:
                 try:
-                    self.model(input_ids=batch.to(self.device), use_cache=False)
+                    self.model(**self._model_inputs(batch))
                 except _StopForward:
                     pass
         finally:
@@ -108,11 +161,9 @@ class LayerwiseRunner:
     def run_block(self, layer: int, hidden: list[torch.Tensor], adapter: ModelAdapter | None = None
                   ) -> list[torch.Tensor]:
         """Outputs of block ``layer`` (of ``adapter``'s model, default the runner's) on ``hidden``."""
-        block = (adapter or self.adapter).layers[layer]
         outs = []
-        for h in hidden:
-            o = block(h, **self.layer_kwargs[layer])
-            outs.append(o[0] if isinstance(o, tuple) else o)
+        for i, h in enumerate(hidden):
+            outs.extend(self._run_one(layer, i, h, adapter))
         return outs
 
     @torch.no_grad()
@@ -125,27 +176,49 @@ class LayerwiseRunner:
         stat_device = self.device
         attn_acc = GramAccumulator(attn_proj.in_features, stat_device)
         mlp_acc = GramAccumulator(mlp_proj.in_features, stat_device)
-        handles = [attn_proj.register_forward_pre_hook(lambda _m, args: attn_acc.add(args[0])),
-                   mlp_proj.register_forward_pre_hook(lambda _m, args: mlp_acc.add(args[0]))]
+        current = {"mask": None}  # padding mask of the batch being run
+        handles = [attn_proj.register_forward_pre_hook(lambda _m, args: attn_acc.add(args[0], current["mask"])),
+                   mlp_proj.register_forward_pre_hook(lambda _m, args: mlp_acc.add(args[0], current["mask"]))]
+        outs = []
+        energy = 0.0
         try:
-            outs = self.run_block(layer, hidden, adapter)
+            for i, h in enumerate(hidden):
+                current["mask"] = self.token_mask(i)
+                outs.extend(self._run_one(layer, i, h, adapter))
+                rows = h.reshape(-1, h.shape[-1])
+                if current["mask"] is not None:
+                    rows = rows[current["mask"].reshape(-1)]
+                energy += float((rows.float() ** 2).sum())
         finally:
-            for h in handles:
-                h.remove()
-        energy = float(sum(float((h.float() ** 2).sum()) for h in hidden))
+            for handle in handles:
+                handle.remove()
         return BlockStats(attn_acc.gram, mlp_acc.gram, attn_acc.n_rows, energy), outs
 
+    def _run_one(self, layer: int, index: int, h: torch.Tensor, adapter: ModelAdapter | None) -> list[torch.Tensor]:
+        block = (adapter or self.adapter).layers[layer]
+        if self.per_batch_args:
+            args, kwargs = self.batch_args[index]
+            o = block(h, *args, **kwargs)
+        else:
+            o = block(h, **self.layer_kwargs[layer])
+        return [o[0] if isinstance(o, tuple) else o]
 
-def output_sensitivity(model: nn.Module, adapter: ModelAdapter, windows: torch.Tensor,
-                       batch_size: int = 4) -> list[dict[str, torch.Tensor]]:
+
+def output_sensitivity(model: nn.Module, adapter: ModelAdapter, windows, batch_size: int = 4
+                       ) -> list[dict[str, torch.Tensor]]:
     """Second moments of the loss gradient at each block's attention and MLP output.
 
     For every block, ``F = Σ_t g_t g_tᵀ / n_tokens`` (``(d, d)`` float64) with ``g_t`` the gradient of
-    the summed next-token loss with respect to that block's output-projection output at token t.
-    A perturbation ``δ_t`` there changes the loss by about ``½ Σ_t (g_tᵀ δ_t)²`` (empirical Fisher), so
-    ``F`` turns each block's output residual into a loss estimate comparable across blocks: this
-    is how the allocator accounts for error propagation through the later layers.
+    the summed loss with respect to that block's output-projection output at token t (next-token
+    loss for decoders; cross-entropy on ``labels`` for classifiers). A perturbation ``δ_t`` there
+    changes the loss by about ``½ Σ_t (g_tᵀ δ_t)²`` (empirical Fisher), so ``F`` turns each block's
+    output residual into a loss estimate comparable across blocks: this is how the allocator
+    accounts for error propagation through the later layers.
     """
+    data = CalibrationSet.wrap(windows)
+    if not adapter.is_decoder and data.labels is None:
+        raise ValueError("the sensitivity pass of an encoder needs class labels; pass labels or set "
+                         "sensitivity_samples=0")
     device = next(model.parameters()).device
     d = adapter.hidden_size
     fisher = [{"attn": torch.zeros(d, d, dtype=torch.float64, device=device),
@@ -157,7 +230,7 @@ def output_sensitivity(model: nn.Module, adapter: ModelAdapter, windows: torch.T
         def fwd_hook(_module, _args, output):
             def grad_hook(grad):
                 g = grad.reshape(-1, grad.shape[-1]).to(torch.float32)
-                fisher[idx][kind] += (g.T @ g).to(torch.float64)
+                fisher[idx][kind] += (g.T @ g).to(torch.float64)  # padding rows have zero gradient
             output.register_hook(grad_hook)
         return fwd_hook
 
@@ -168,17 +241,23 @@ def output_sensitivity(model: nn.Module, adapter: ModelAdapter, windows: torch.T
     try:
         for p in model.parameters():
             p.requires_grad_(False)
-        for start in range(0, len(windows), batch_size):
-            ids = windows[start:start + batch_size].to(device)
-            emb = model.get_input_embeddings()(ids)
-            # Gradients flow from the loss to the hooked activations; weights stay frozen.
-            emb = emb.detach().requires_grad_(True)
-            # (Gemma's embedding module applies its scale itself, so this equals input_ids.)
-            logits = model(inputs_embeds=emb, use_cache=False).logits
-            loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                               ids[:, 1:].reshape(-1), reduction="sum")
+        for batch in data.batches(batch_size):
+            ids = batch.input_ids.to(device)
+            # Gradients flow from the loss to the hooked activations; weights stay frozen. (Gemma's
+            # embedding module applies its scale itself, so inputs_embeds equals input_ids.)
+            emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+            kwargs = {"inputs_embeds": emb}
+            if batch.attention_mask is not None:
+                kwargs["attention_mask"] = batch.attention_mask.to(device)
+            if adapter.is_decoder:
+                logits = model(**kwargs, use_cache=False).logits
+                loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                                   ids[:, 1:].reshape(-1), reduction="sum")
+            else:
+                logits = model(**kwargs).logits
+                loss = nn.functional.cross_entropy(logits.float(), batch.labels.to(device), reduction="sum")
             loss.backward()
-            n_tokens += ids.numel()
+            n_tokens += int(batch.attention_mask.sum()) if batch.attention_mask is not None else ids.numel()
     finally:
         for h in handles:
             h.remove()
@@ -188,4 +267,3 @@ def output_sensitivity(model: nn.Module, adapter: ModelAdapter, windows: torch.T
         f["attn"] /= n_tokens
         f["mlp"] /= n_tokens
     return fisher
-

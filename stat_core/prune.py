@@ -17,7 +17,7 @@ import torch
 
 from .adapters import ModelAdapter, get_adapter
 from .budget import BlockOptions, allocate, block_geometry, block_macs, block_parameter_count
-from .calibrate import BlockStats, LayerwiseRunner, output_sensitivity
+from .calibrate import BlockStats, CalibrationSet, LayerwiseRunner, output_sensitivity
 from .linalg import (cholesky_with_ridge, column_scaled_gram, greedy_block_order, interpolation_matrix, output_error,
                      output_error_curve, pivoted_cholesky_order)
 from .plan import LayerPlan, PrunePlan
@@ -134,13 +134,12 @@ def head_configurations(gram: torch.Tensor, w_eff: torch.Tensor, n_heads: int, n
 
 def magnitude_head_configurations(adapter: ModelAdapter, layer: int) -> list[dict]:
     """Same configuration space, ranked by weight magnitude (the baseline; no statistics)."""
-    attn = adapter.attention(layer)
     shape = adapter.layer_shape(layer)
     hd = adapter.head_dim
     group = shape.num_heads // shape.num_kv_heads
-    q = attn.q_proj.weight.detach().float().view(shape.num_heads, hd, -1)
+    q = adapter.query_proj(layer).weight.detach().float().view(shape.num_heads, hd, -1)
     o = adapter.attn_out_proj(layer).weight.detach().float().view(-1, shape.num_heads, hd)
-    kv = torch.cat([attn.k_proj.weight.detach().float(), attn.v_proj.weight.detach().float()], 1)
+    kv = torch.cat([p.weight.detach().float() for p in adapter.key_value_projs(layer)], 1)
     head_score = (q ** 2).sum((1, 2)) + (o ** 2).sum((0, 2))
     kv_score = (kv.view(shape.num_kv_heads, hd, -1) ** 2).sum((1, 2))
     configs = []
@@ -227,9 +226,10 @@ def _notify(progress: ProgressFn | None, stage: str, done: int, total: int) -> N
         progress(stage, done, total)
 
 
-def stat_prune_(model, windows: torch.Tensor, config: PruneConfig, model_name: str = "",
+def stat_prune_(model, windows: "torch.Tensor | CalibrationSet", config: PruneConfig, model_name: str = "",
                 progress: ProgressFn | None = None, calibration_info: dict | None = None) -> PruneResult:
-    """Prune ``model`` in place with STAT (or a baseline) on calibration ``windows: (n, T)``.
+    """Prune ``model`` in place with STAT (or a baseline) on calibration ``windows: (n, T)`` token
+    ids (or a :class:`CalibrationSet` with padding masks and labels).
 
     Returns the plan and the statistics behind it. With ``mode="propagate"`` each layer is
     re-calibrated on the outputs of the already pruned and corrected layers before it.
@@ -240,7 +240,7 @@ def stat_prune_(model, windows: torch.Tensor, config: PruneConfig, model_name: s
     fisher = None
     if config.sensitivity_samples > 0:
         _notify(progress, "sensitivity", 0, 1)
-        fisher = output_sensitivity(model, adapter, windows[: config.sensitivity_samples])
+        fisher = output_sensitivity(model, adapter, CalibrationSet.wrap(windows).subset(config.sensitivity_samples))
         _notify(progress, "sensitivity", 1, 1)
     timings["sensitivity"] = time.perf_counter() - t0
 

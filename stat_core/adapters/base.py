@@ -71,6 +71,14 @@ class ModelAdapter:
         """Linears whose output rows are MLP neurons (up, gate)."""
         raise NotImplementedError
 
+    def query_proj(self, layer: int) -> nn.Linear:
+        """Linear whose output rows are the query heads."""
+        raise NotImplementedError
+
+    def key_value_projs(self, layer: int) -> list[nn.Linear]:
+        """Linears whose output rows are the key/value heads."""
+        raise NotImplementedError
+
     def layer_shape(self, layer: int) -> LayerShape:
         raise NotImplementedError
 

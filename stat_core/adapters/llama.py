@@ -48,6 +48,12 @@ class LlamaLikeAdapter(ModelAdapter):
     def mlp_in_projs(self, layer: int) -> list[nn.Linear]:
         return [self.mlp(layer).gate_proj, self.mlp(layer).up_proj]
 
+    def query_proj(self, layer: int) -> nn.Linear:
+        return self.attention(layer).q_proj
+
+    def key_value_projs(self, layer: int) -> list[nn.Linear]:
+        return [self.attention(layer).k_proj, self.attention(layer).v_proj]
+
     def layer_shape(self, layer: int) -> LayerShape:
         attn = self.attention(layer)
         hd = self.head_dim

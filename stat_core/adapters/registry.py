@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import ModelAdapter
+from .bert import BertLikeAdapter, DistilBertAdapter
 from .llama import LlamaLikeAdapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
@@ -13,6 +14,9 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
     "qwen2": LlamaLikeAdapter,
     "qwen3": LlamaLikeAdapter,
     "gemma3_text": LlamaLikeAdapter,
+    "bert": BertLikeAdapter,
+    "roberta": BertLikeAdapter,
+    "distilbert": DistilBertAdapter,
 }
 
 
