@@ -17,8 +17,11 @@ from tqdm.auto import tqdm
 
 from .adapters import UnsupportedModelError
 from .data import CalibrationConfig, DataError, calibration_windows, fingerprint, load_text_file, wikipedia_split
-from .evaluate import count_parameters, evaluation_windows, perplexity
-from .models import DEMO_MODELS, ModelLoadError, load_model
+from .calibrate import CalibrationSet
+from .classifier import CLASSIFIER_MAX_LEN, DEMO_CLASSIFIER, accuracy, demo_classifier_split, encode
+from .evaluate import count_parameters, evaluation_windows, fewshot_accuracy, perplexity
+from .labelled import load_labelled
+from .models import DEMO_MODELS, ModelLoadError, is_encoder, load_model
 from .prune import BUDGET_KINDS, METHODS, MODES, PruneConfig, budget_summary, stat_prune_
 
 log = logging.getLogger("stat_core")
@@ -33,15 +36,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float, required=True, help="fraction of block parameters (or FLOPs) to remove, e.g. 0.3")
     p.add_argument("--out", required=True, help="folder for pruning_report.json and plan.json (must not exist or be empty)")
     p.add_argument("--budget", choices=BUDGET_KINDS, default="params", help="what --sparsity counts (default: params)")
-    p.add_argument("--flops-seq-len", type=int, default=512, help="sequence length for FLOP counting (default 512)")
+    p.add_argument("--flops-seq-len", type=int, default=None,
+                   help="sequence length for FLOP counting (default: 512 for decoders, the calibration set's "
+                        "average length for encoders)")
     p.add_argument("--method", choices=METHODS, default="stat",
                    help="stat (default); no-correction: same selection, no folded correction; magnitude: weight-norm selection")
     p.add_argument("--mode", choices=MODES, default="one-shot",
                    help="one-shot: all statistics from the dense model (default); propagate: calibrate each layer on the pruned earlier ones")
     p.add_argument("--calibration", default="wikipedia",
-                   help="'wikipedia' (built-in sample, calibration split) or a text file (.txt/.json/.jsonl/.csv/.parquet)")
-    p.add_argument("--num-samples", type=int, default=64, help="calibration windows (default 64)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
+                   help="decoders: 'wikipedia' (built-in sample, calibration split) or a text file "
+                        "(.txt/.json/.jsonl/.csv/.parquet)")
+    p.add_argument("--labelled", default="newsgroups",
+                   help="encoders: labelled data, 'newsgroups', 'movie-reviews' or a .csv/.json/.jsonl/.parquet file; "
+                        "split in half: calibration on the training half, accuracy on the held-out half")
+    p.add_argument("--text-column", action="append", default=None, help="text column(s) of a labelled file (default: text)")
+    p.add_argument("--label-column", default="label", help="label column of a labelled file (default: label)")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="calibration windows (decoders, default 64) or examples (encoders, default: the whole training half)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per calibration window (decoders, default 512) or per example (encoders, default 128)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sensitivity-samples", type=int, default=8,
                    help="windows for the gradient pass that weights layers by their effect on the loss (0: off)")
@@ -109,57 +122,101 @@ def _write_outputs(out: Path, files: dict[str, str]) -> None:
 
 
 @torch.no_grad()
-def time_forward(model, windows: torch.Tensor, batch_size: int) -> float:
+def time_forward(model, windows, batch_size: int) -> float:
+    """Seconds of one plain forward pass over the calibration set (the cost floor of pruning)."""
     device = next(model.parameters()).device
     t = time.perf_counter()
-    for i in range(0, len(windows), batch_size):
-        model(input_ids=windows[i:i + batch_size].to(device), use_cache=False)
+    for batch in CalibrationSet.wrap(windows).batches(batch_size):
+        kwargs = {"input_ids": batch.input_ids.to(device)}
+        if batch.attention_mask is not None:
+            kwargs["attention_mask"] = batch.attention_mask.to(device)
+        model(**kwargs)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t
 
 
+def _calibration_for_decoder(args, tokenizer):
+    calib_cfg = CalibrationConfig(num_samples=args.num_samples or 64, seq_len=args.seq_len or 512, seed=args.seed)
+    docs = wikipedia_split("calibration") if args.calibration == "wikipedia" else load_text_file(args.calibration)
+    windows = calibration_windows(tokenizer, docs, calib_cfg)
+    info = {"source": args.calibration, "num_samples": calib_cfg.num_samples, "seq_len": calib_cfg.seq_len,
+            "seed": calib_cfg.seed}
+    return windows, info
+
+
+def _data_for_encoder(args, tokenizer):
+    """(calibration set from the training half, held-out evaluation set, info)."""
+    if args.labelled == "newsgroups" and args.model == DEMO_CLASSIFIER:
+        train, held = demo_classifier_split()  # exactly the split the demo classifier was trained on
+    else:
+        data = load_labelled(args.labelled, tuple(args.text_column or ["text"]), args.label_column)
+        train, held = data.split(seed=args.seed)
+    if args.num_samples:
+        train = train.take(range(min(args.num_samples, len(train))))
+    max_len = args.seq_len or CLASSIFIER_MAX_LEN
+    calib, held_set = encode(tokenizer, train, max_len), encode(tokenizer, held, max_len)
+    info = {"source": args.labelled, "num_samples": len(train), "seq_len": max_len, "seed": args.seed,
+            "held_out_examples": len(held)}
+    return calib, held_set, info
+
+
 def run(args: argparse.Namespace) -> dict:
     out = _check_out_dir(args.out, args.overwrite)
-    config = PruneConfig(sparsity=args.sparsity, budget_kind=args.budget, flops_seq_len=args.flops_seq_len,
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    encoder = is_encoder(model)
+    if encoder:
+        calib, held, calib_info = _data_for_encoder(args, tokenizer)
+        n_tokens = int(calib.attention_mask.sum())
+        flops_seq_len = args.flops_seq_len or max(1, round(n_tokens / len(calib)))
+    else:
+        calib, calib_info = _calibration_for_decoder(args, tokenizer)
+        n_tokens = int(calib.numel())
+        flops_seq_len = args.flops_seq_len or 512
+    calib_info.update(tokens=n_tokens, fingerprint=fingerprint(args.model, CalibrationSet.wrap(calib).input_ids))
+    config = PruneConfig(sparsity=args.sparsity, budget_kind=args.budget, flops_seq_len=flops_seq_len,
                          method=args.method, mode=args.mode, prune_heads=not args.no_heads,
                          prune_neurons=not args.no_neurons, sensitivity_samples=args.sensitivity_samples,
                          batch_size=args.batch_size)
-    calib_cfg = CalibrationConfig(num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed)
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
-    docs = wikipedia_split("calibration") if args.calibration == "wikipedia" else load_text_file(args.calibration)
-    windows = calibration_windows(tokenizer, docs, calib_cfg)
-    calib_info = {"source": args.calibration, "num_samples": calib_cfg.num_samples, "seq_len": calib_cfg.seq_len,
-                  "seed": calib_cfg.seed, "tokens": int(windows.numel()), "fingerprint": fingerprint(args.model, windows)}
-    report: dict = {"model": args.model, "method": args.method, "mode": args.mode, "budget_kind": args.budget,
-                    "sparsity_target": args.sparsity, "device": str(next(model.parameters()).device),
-                    "dtype": args.dtype, "calibration_tokens": int(windows.numel())}
-    before = budget_summary(model, args.flops_seq_len)
+    report: dict = {"model": args.model, "kind": "encoder-classifier" if encoder else "decoder",
+                    "method": args.method, "mode": args.mode, "budget_kind": args.budget,
+                    "sparsity_target": args.sparsity, "flops_seq_len": flops_seq_len,
+                    "device": str(next(model.parameters()).device), "dtype": args.dtype,
+                    "calibration_tokens": n_tokens, "calibration": calib_info}
+    before = budget_summary(model, flops_seq_len)
     report["params_before"] = count_parameters(model)
     report["block_params_before"] = before["block_params"]
     report["block_macs_per_token_before"] = before["block_macs_per_token"]
-    eval_windows = None if args.skip_eval else evaluation_windows(tokenizer)
-    if eval_windows is not None:
-        report["perplexity_before"] = perplexity(model, eval_windows, progress=not args.quiet)
+
+    def measure(suffix: str) -> None:
+        if args.skip_eval:
+            return
+        if encoder:
+            report[f"accuracy_{suffix}"] = accuracy(model, held)
+        else:
+            report[f"perplexity_{suffix}"] = perplexity(model, eval_windows, progress=not args.quiet)
+            report[f"accuracy_{suffix}"] = fewshot_accuracy(model, tokenizer)
+
+    eval_windows = None if (args.skip_eval or encoder) else evaluation_windows(tokenizer)
+    measure("before")
     if args.measure_floor:
-        report["seconds_forward_calibration"] = time_forward(model, windows, args.batch_size)
+        report["seconds_forward_calibration"] = time_forward(model, calib, args.batch_size)
 
     t = time.perf_counter()
-    result = stat_prune_(model, windows, config, model_name=args.model, progress=_Progress(not args.quiet),
+    result = stat_prune_(model, calib, config, model_name=args.model, progress=_Progress(not args.quiet),
                          calibration_info=calib_info)
     report["seconds_prune"] = time.perf_counter() - t
     report["seconds_prune_stages"] = result.timings
     if args.measure_floor:
         report["prune_time_over_forward"] = report["seconds_prune"] / report["seconds_forward_calibration"]
 
-    after = budget_summary(model, args.flops_seq_len)
+    after = budget_summary(model, flops_seq_len)
     report["params_after"] = count_parameters(model)
     report["block_params_after"] = after["block_params"]
     report["block_macs_per_token_after"] = after["block_macs_per_token"]
     report["block_params_removed_fraction"] = 1 - after["block_params"] / before["block_params"]
     report["block_flops_removed_fraction"] = 1 - after["block_macs_per_token"] / before["block_macs_per_token"]
-    if eval_windows is not None:
-        report["perplexity_after"] = perplexity(model, eval_windows, progress=not args.quiet)
+    measure("after")
     report["layers"] = result.plan.kept_summary()
     _write_outputs(out, {"pruning_report.json": json.dumps(report, indent=1), "plan.json": result.plan.to_json()})
     return report
@@ -173,6 +230,9 @@ def _summary(report: dict) -> str:
     if "perplexity_before" in report:
         lines.append(f"perplexity       {report['perplexity_before']:.2f} -> {report['perplexity_after']:.2f} "
                      f"({report['perplexity_after'] / report['perplexity_before']:.2f}x)")
+    if "accuracy_before" in report:
+        what = "accuracy (held-out)" if report["kind"] == "encoder-classifier" else "accuracy (few-shot reviews)"
+        lines.append(f"{what:<21}{report['accuracy_before']:.1%} -> {report['accuracy_after']:.1%}")
     lines.append(f"pruning time     {report['seconds_prune']:.1f} s"
                  + (f" ({report['prune_time_over_forward']:.2f}x one forward pass over the calibration set)"
                     if "prune_time_over_forward" in report else ""))

@@ -53,3 +53,49 @@ def count_parameters(model) -> int:
             seen.add(id(p))
             total += p.numel()
     return total
+
+
+# --- decoders: few-shot prompted classification of the movie-review sentences ----------------------
+
+FEWSHOT_INSTRUCTION = "Classify the sentiment of each movie review as positive or negative.\n\n"
+FEWSHOT_TEMPLATE = "Review: {text}\nSentiment:"
+FEWSHOT_LABEL_WORDS = (" negative", " positive")
+FEWSHOT_SHOTS_PER_CLASS = 2
+
+
+def fewshot_prompts(data) -> tuple[list[str], list[int]]:
+    """Fixed prompts: the first two sentences of each class are the shots (neg, pos, neg, pos);
+    every other sentence is asked about once. Returns (prompts, labels)."""
+    shots, used = [], set()
+    for _ in range(FEWSHOT_SHOTS_PER_CLASS):
+        for label in (0, 1):
+            i = next(j for j, y in enumerate(data.labels) if y == label and j not in used)
+            used.add(i)
+            shots.append(FEWSHOT_TEMPLATE.format(text=data.texts[i]) + FEWSHOT_LABEL_WORDS[label] + "\n\n")
+    prefix = FEWSHOT_INSTRUCTION + "".join(shots)
+    rest = [j for j in range(len(data.texts)) if j not in used]
+    return [prefix + FEWSHOT_TEMPLATE.format(text=data.texts[j]) for j in rest], [data.labels[j] for j in rest]
+
+
+@torch.no_grad()
+def fewshot_accuracy(model, tokenizer, data=None, batch_size: int = 8) -> float:
+    """Accuracy of comparing the label words' next-token log-probabilities after each prompt
+    (movie-review sentences by default; DESIGN's "decoders get an accuracy too")."""
+    from .labelled import movie_reviews
+
+    data = movie_reviews() if data is None else data
+    prompts, labels = fewshot_prompts(data)
+    label_ids = [tokenizer(w, add_special_tokens=False).input_ids[0] for w in FEWSHOT_LABEL_WORDS]
+    device = next(model.parameters()).device
+    correct = 0
+    for start in range(0, len(prompts), batch_size):
+        enc = [tokenizer(p, add_special_tokens=True).input_ids for p in prompts[start:start + batch_size]]
+        width = max(len(e) for e in enc)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        # Left padding puts every prompt's last token in the last column.
+        ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc], device=device)
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc], device=device)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1).logits[:, -1]
+        pred = logits[:, label_ids].argmax(-1).cpu()
+        correct += int((pred == torch.tensor(labels[start:start + batch_size])).sum())
+    return correct / len(prompts)

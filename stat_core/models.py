@@ -31,7 +31,11 @@ def _smollm2_source() -> tuple[Path, str]:
 
 DEMO_MODELS = {
     "smollm2-135m": {"source": _smollm2_source, "description": "SmolLM2-135M-Instruct (Llama, 9 q / 3 KV heads)"},
+    "minilm-classifier": {"source": None, "description": "all-MiniLM-L6-v2 fine-tuned on the newsgroup sample "
+                                                         "(BERT, 6 layers, 12 heads; the project's own demo)"},
 }
+
+ENCODER_TYPES = ("bert", "roberta", "distilbert")
 
 
 def demo_model_dir(name: str) -> Path:
@@ -49,6 +53,10 @@ def prepare_demo_model(name: str) -> Path:
     target = demo_model_dir(name)
     if (target / "config.json").exists():
         return target
+    if name == "minilm-classifier":
+        from .classifier import build_demo_classifier
+
+        return build_demo_classifier()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src_dir, gguf_name = DEMO_MODELS[name]["source"]()
@@ -99,10 +107,15 @@ def pick_device(device: str | None = None) -> torch.device:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def is_encoder(model) -> bool:
+    return getattr(model.config, "model_type", None) in ENCODER_TYPES
+
+
 def load_model(name_or_path: str, device: str | None = None, dtype: str = "float32",
                trust_remote_code: bool = False):
-    """Load ``(model, tokenizer)`` for a supported causal LM, in eval mode on ``device``."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """Load ``(model, tokenizer)``, in eval mode on ``device``: a causal LM for decoder families,
+    a sequence classifier for encoder families (a fresh head if the folder has none)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -120,7 +133,8 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str = "float
                                     f"{', '.join(supported_model_types())}.")
     dev = pick_device(device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        auto = AutoModelForSequenceClassification if model_type in ENCODER_TYPES else AutoModelForCausalLM
+        model = auto.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"Could not load the weights or tokenizer of '{name_or_path}': {exc}") from exc
