@@ -45,6 +45,12 @@ class CalibrationSet:
         return CalibrationSet(self.input_ids[:n], None if self.attention_mask is None else self.attention_mask[:n],
                               None if self.labels is None else self.labels[:n])
 
+    def spread(self, n: int) -> "CalibrationSet":
+        """``n`` rows evenly spaced over the set (chunks of one long text sit next to each other)."""
+        idx = torch.linspace(0, len(self) - 1, steps=min(n, len(self))).round().long().unique()
+        return CalibrationSet(self.input_ids[idx], None if self.attention_mask is None else self.attention_mask[idx],
+                              None if self.labels is None else self.labels[idx])
+
     def batches(self, batch_size: int):
         for i in range(0, len(self), batch_size):
             yield self.subset_range(i, i + batch_size)

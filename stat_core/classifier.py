@@ -34,6 +34,20 @@ def encode(tokenizer, data: LabelledSet, max_len: int = CLASSIFIER_MAX_LEN) -> C
     return CalibrationSet(enc["input_ids"], enc["attention_mask"], torch.tensor(data.labels, dtype=torch.long))
 
 
+def encode_chunks(tokenizer, data: LabelledSet, max_len: int = CLASSIFIER_MAX_LEN,
+                  max_chunks_per_text: int = 8) -> CalibrationSet:
+    """Calibration set from *all* the text of each example: long texts are cut into consecutive
+    ``max_len`` windows (each with its own special tokens, labelled like its source). A classifier
+    only reads the first window at inference, but the statistics want many tokens: a least-squares
+    correction fitted on too few tokens for ``d_ff`` units overfits."""
+    enc = tokenizer(data.texts, padding="max_length", truncation=True, max_length=max_len,
+                    return_overflowing_tokens=True, return_tensors="pt")
+    source = enc["overflow_to_sample_mapping"]
+    keep = torch.tensor([int((source[:i] == source[i]).sum()) < max_chunks_per_text for i in range(len(source))])
+    labels = torch.tensor(data.labels, dtype=torch.long)[source]
+    return CalibrationSet(enc["input_ids"][keep], enc["attention_mask"][keep], labels[keep])
+
+
 @torch.no_grad()
 def accuracy(model, data: CalibrationSet, batch_size: int = 16) -> float:
     device = next(model.parameters()).device

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from .adapters import UnsupportedModelError
 from .data import CalibrationConfig, DataError, calibration_windows, fingerprint, load_text_file, wikipedia_split
 from .calibrate import CalibrationSet
-from .classifier import CLASSIFIER_MAX_LEN, DEMO_CLASSIFIER, accuracy, demo_classifier_split, encode
+from .classifier import (CLASSIFIER_MAX_LEN, DEMO_CLASSIFIER, accuracy, demo_classifier_split, encode,
+                         encode_chunks)
 from .evaluate import count_parameters, evaluation_windows, fewshot_accuracy, perplexity
 from .labelled import load_labelled
 from .models import DEMO_MODELS, ModelLoadError, is_encoder, load_model
@@ -56,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=None,
                    help="tokens per calibration window (decoders, default 512) or per example (encoders, default 128)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sensitivity-samples", type=int, default=8,
-                   help="windows for the gradient pass that weights layers by their effect on the loss (0: off)")
+    p.add_argument("--sensitivity-samples", type=int, default=None,
+                   help="windows for the gradient pass that weights layers by their effect on the loss "
+                        "(default: enough for 4096 real tokens, 8 windows of 512; 0: off)")
     p.add_argument("--no-heads", action="store_true", help="keep every attention head")
     p.add_argument("--no-neurons", action="store_true", help="keep every MLP neuron")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
@@ -155,7 +157,9 @@ def _data_for_encoder(args, tokenizer):
     if args.num_samples:
         train = train.take(range(min(args.num_samples, len(train))))
     max_len = args.seq_len or CLASSIFIER_MAX_LEN
-    calib, held_set = encode(tokenizer, train, max_len), encode(tokenizer, held, max_len)
+    # All the training side's text feeds the statistics (long posts give several windows);
+    # accuracy reads each held-out example once, as the classifier is used.
+    calib, held_set = encode_chunks(tokenizer, train, max_len), encode(tokenizer, held, max_len)
     info = {"source": args.labelled, "num_samples": len(train), "seq_len": max_len, "seed": args.seed,
             "held_out_examples": len(held)}
     return calib, held_set, info

@@ -30,6 +30,18 @@ BUDGET_KINDS = ("params", "flops")
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
 
+# Real tokens the gradient pass sees by default: 8 windows of 512 for decoders; for short
+# classifier inputs that is ~36 windows of 128 (8 short windows gave a visibly worse allocation).
+SENSITIVITY_TOKENS = 4096
+
+
+def sensitivity_windows(data: CalibrationSet, requested: int | None) -> int:
+    if requested is not None:
+        return min(requested, len(data))
+    per_window = (float(data.attention_mask.sum()) / len(data) if data.attention_mask is not None
+                  else data.input_ids.shape[1])
+    return min(len(data), max(1, int(np.ceil(SENSITIVITY_TOKENS / max(per_window, 1.0)))))
+
 
 @dataclass(frozen=True)
 class PruneConfig:
@@ -42,7 +54,7 @@ class PruneConfig:
     mode: str = "one-shot"
     prune_heads: bool = True
     prune_neurons: bool = True
-    sensitivity_samples: int = 8
+    sensitivity_samples: int | None = None  # None: enough windows for SENSITIVITY_TOKENS real tokens
     batch_size: int = 8
 
     def __post_init__(self):
@@ -56,7 +68,7 @@ class PruneConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not (self.prune_heads or self.prune_neurons):
             raise ValueError("at least one of heads or neurons must be prunable")
-        if self.batch_size < 1 or self.sensitivity_samples < 0:
+        if self.batch_size < 1 or (self.sensitivity_samples is not None and self.sensitivity_samples < 0):
             raise ValueError("batch_size must be ≥ 1 and sensitivity_samples ≥ 0")
 
 
@@ -238,9 +250,11 @@ def stat_prune_(model, windows: "torch.Tensor | CalibrationSet", config: PruneCo
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     fisher = None
-    if config.sensitivity_samples > 0:
+    data = CalibrationSet.wrap(windows)
+    n_sens = sensitivity_windows(data, config.sensitivity_samples)
+    if n_sens > 0:
         _notify(progress, "sensitivity", 0, 1)
-        fisher = output_sensitivity(model, adapter, CalibrationSet.wrap(windows).subset(config.sensitivity_samples))
+        fisher = output_sensitivity(model, adapter, data.spread(n_sens) if data.labels is not None else data.subset(n_sens))
         _notify(progress, "sensitivity", 1, 1)
     timings["sensitivity"] = time.perf_counter() - t0
 

@@ -9,7 +9,7 @@ from conftest import tiny_model
 from stat_core.cli import main
 from stat_core.models import prepare_demo_model
 
-REPORT_KEYS = {"model", "sparsity_target", "block_params_before", "block_params_after", "params_before",
+REPORT_KEYS = {"model", "sparsity_target", "accuracy_before", "accuracy_after", "block_params_before", "block_params_after", "params_before",
                "params_after", "perplexity_before", "perplexity_after", "calibration_tokens", "seconds_prune",
                "device", "layers"}
 
@@ -111,3 +111,38 @@ def test_impossible_budget(tiny_folder, tmp_path, capsys):
                      "--seq-len", "32", "--skip-eval", "--sensitivity-samples", "0"], capsys)
     assert "allows at most" in err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_folder(tmp_path_factory):
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from stat_core.classifier import _minilm_source
+
+    tok = AutoTokenizer.from_pretrained(_minilm_source())
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=4, intermediate_size=64, num_labels=2))
+    path = tmp_path_factory.mktemp("tinybert")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_cli_encoder_reports_accuracy(tiny_bert_folder, tmp_path):
+    data = tmp_path / "reviews.jsonl"
+    import json as _json
+
+    from stat_core.labelled import movie_reviews
+
+    mr = movie_reviews()
+    data.write_text("\n".join(_json.dumps({"text": t, "label": ["neg", "pos"][y]}) for t, y in zip(mr.texts, mr.labels)))
+    out = tmp_path / "enc"
+    rc = main([str(tiny_bert_folder), "--sparsity", "0.3", "--out", str(out), "--labelled", str(data),
+               "--seq-len", "48", "--quiet", "--budget", "flops"])
+    assert rc == 0
+    report = json.loads((out / "pruning_report.json").read_text())
+    assert report["kind"] == "encoder-classifier"
+    assert {"accuracy_before", "accuracy_after"} <= set(report) and "perplexity_before" not in report
+    assert abs(report["block_flops_removed_fraction"] - 0.3) < 0.01
+    assert report["calibration"]["held_out_examples"] == 100
