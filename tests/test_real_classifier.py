@@ -28,17 +28,19 @@ def test_demo_classifier_at_30_percent():
     train, held = demo_classifier_split()
     calib, ev = encode_chunks(tok, train), encode(tok, held)
     dense_acc = accuracy(model, ev)
-    ref = _log_probs(model, ev)
     pruned, _ = load_model("minilm-classifier", device="cpu")
     result = stat_prune_(pruned, calib, PruneConfig(sparsity=0.3))
     removed = 1 - budget_summary(pruned)["block_params"] / budget_summary(model)["block_params"]
     assert abs(removed - 0.3) < 0.01
     assert accuracy(pruned, ev) >= dense_acc - 0.03
-    # Fidelity to the dense predictions: the correction keeps them far closer than the same cut without it.
+    # Fidelity to the dense predictions over all held-out 128-token windows (343, finer than 100
+    # post accuracies): the correction keeps them far closer than the same cut without it.
+    windows = encode_chunks(tok, held)
+    ref = _log_probs(model, windows)
     uncorrected, _ = load_model("minilm-classifier", device="cpu")
     apply_plan_(uncorrected, result.plan, stats=None)
 
     def kl(lp):
         return float((ref.exp() * (ref - lp)).sum(-1).mean())
 
-    assert kl(_log_probs(pruned, ev)) < 0.5 * kl(_log_probs(uncorrected, ev))
+    assert kl(_log_probs(pruned, windows)) < 0.5 * kl(_log_probs(uncorrected, windows))
