@@ -40,3 +40,21 @@ FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3"]
 def windows():
     gen = torch.Generator().manual_seed(1)
     return torch.randint(0, 128, (8, 24), generator=gen)
+
+
+def mask_units(model, plan):
+    """A copy of the dense ``model`` with the plan's removed heads' and neurons' output columns zeroed."""
+    import copy
+
+    from stat_core.adapters import get_adapter
+
+    masked = copy.deepcopy(model)
+    adapter = get_adapter(masked)
+    hd = adapter.head_dim
+    with torch.no_grad():
+        for lp in plan.layers:
+            for h in set(range(lp.num_heads)) - set(lp.kept_heads):
+                adapter.attn_out_proj(lp.layer).weight[:, h * hd:(h + 1) * hd] = 0
+            for j in set(range(lp.intermediate_size)) - set(lp.kept_neurons):
+                adapter.mlp_out_proj(lp.layer).weight[:, j] = 0
+    return masked

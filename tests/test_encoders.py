@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from conftest import mask_units
 from stat_core.adapters import get_adapter
 from stat_core.budget import block_geometry, block_parameter_count
 from stat_core.calibrate import CalibrationSet, LayerwiseRunner
@@ -105,15 +106,7 @@ def test_encoder_uncorrected_equals_masked(family):
     model = tiny_classifier(family)
     data = padded_set()
     plan = stat_prune_(copy.deepcopy(model), data, PruneConfig(sparsity=0.4, sensitivity_samples=0, batch_size=4)).plan
-    masked = copy.deepcopy(model)
-    adapter = get_adapter(masked)
-    hd = adapter.head_dim
-    with torch.no_grad():
-        for lp in plan.layers:
-            for h in set(range(lp.num_heads)) - set(lp.kept_heads):
-                adapter.attn_out_proj(lp.layer).weight[:, h * hd:(h + 1) * hd] = 0
-            for j in set(range(lp.intermediate_size)) - set(lp.kept_neurons):
-                adapter.mlp_out_proj(lp.layer).weight[:, j] = 0
+    masked = mask_units(model, plan)
     apply_plan_(model, plan, stats=None)
     torch.testing.assert_close(_logits(model, data), _logits(masked, data), rtol=1e-4, atol=1e-5)
 

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from conftest import FAMILIES, tiny_model
+from conftest import FAMILIES, mask_units, tiny_model
 from stat_core.adapters import UnsupportedModelError, get_adapter
 from stat_core.budget import block_geometry, block_parameter_count
 from stat_core.calibrate import LayerwiseRunner
@@ -77,25 +77,11 @@ def test_heads_actually_removed_under_gqa(windows):
     assert torch.isfinite(_logits(model, windows)).all()
 
 
-def _mask_units(model, plan):
-    """Dense model with removed heads' and neurons' output columns zeroed."""
-    masked = copy.deepcopy(model)
-    adapter = get_adapter(masked)
-    hd = adapter.head_dim
-    with torch.no_grad():
-        for lp in plan.layers:
-            for h in set(range(lp.num_heads)) - set(lp.kept_heads):
-                adapter.attn_out_proj(lp.layer).weight[:, h * hd:(h + 1) * hd] = 0
-            for j in set(range(lp.intermediate_size)) - set(lp.kept_neurons):
-                adapter.mlp_out_proj(lp.layer).weight[:, j] = 0
-    return masked
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_uncorrected_pruning_equals_masked_dense(family, windows):
     model = tiny_model(family)
     result = stat_prune_(copy.deepcopy(model), windows, PruneConfig(sparsity=0.4, sensitivity_samples=0, batch_size=4))
-    masked = _mask_units(model, result.plan)
+    masked = mask_units(model, result.plan)
     apply_plan_(model, result.plan, stats=None)
     torch.testing.assert_close(_logits(model, windows), _logits(masked, windows), rtol=1e-4, atol=1e-5)
 

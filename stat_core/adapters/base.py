@@ -88,7 +88,15 @@ class ModelAdapter:
         raise NotImplementedError
 
     def prune_neurons_(self, layer: int, kept: list[int], new_out_weight: torch.Tensor | None) -> None:
-        raise NotImplementedError
+        """Keep rows ``kept`` of the in-projections; the out-projection gets the kept columns or
+        ``new_out_weight`` (the corrected ``W_out Tᵀ``)."""
+        rows = torch.tensor(sorted(kept), dtype=torch.long)
+        for proj in self.mlp_in_projs(layer):
+            slice_linear_(proj, rows=rows)
+        if new_out_weight is None:
+            slice_linear_(self.mlp_out_proj(layer), cols=rows)
+        else:
+            slice_linear_(self.mlp_out_proj(layer), new_weight=new_out_weight)
 
     def record_shapes_in_config_(self) -> None:
         """Write every layer's widths into the config so the model describes itself."""

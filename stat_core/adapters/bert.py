@@ -73,15 +73,6 @@ class _EncoderAdapter(ModelAdapter):
         if hasattr(attn, "all_head_size"):
             attn.all_head_size = len(kept_heads) * hd
 
-    def prune_neurons_(self, layer: int, kept: list[int], new_out_weight: torch.Tensor | None) -> None:
-        rows = torch.tensor(sorted(kept), dtype=torch.long)
-        for proj in self.mlp_in_projs(layer):
-            slice_linear_(proj, rows=rows)
-        if new_out_weight is None:
-            slice_linear_(self.mlp_out_proj(layer), cols=rows)
-        else:
-            slice_linear_(self.mlp_out_proj(layer), new_weight=new_out_weight)
-
 
 class BertLikeAdapter(_EncoderAdapter):
     family = "bert"

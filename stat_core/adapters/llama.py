@@ -91,13 +91,7 @@ class LlamaLikeAdapter(ModelAdapter):
             attn.num_key_value_heads = len(kept_kv_heads)
 
     def prune_neurons_(self, layer: int, kept: list[int], new_out_weight: torch.Tensor | None) -> None:
-        rows = torch.tensor(sorted(kept), dtype=torch.long)
-        for proj in self.mlp_in_projs(layer):
-            slice_linear_(proj, rows=rows)
-        if new_out_weight is None:
-            slice_linear_(self.mlp_out_proj(layer), cols=rows)
-        else:
-            slice_linear_(self.mlp_out_proj(layer), new_weight=new_out_weight)
+        super().prune_neurons_(layer, kept, new_out_weight)
         mlp = self.mlp(layer)
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = len(kept)
