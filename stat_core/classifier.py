@@ -102,7 +102,7 @@ def build_demo_classifier(epochs: int = 6, lr: float = 1e-4, seed: int = 0) -> P
             out.loss.backward()
             opt.step()
             opt.zero_grad()
-            total += float(out.loss) * len(idx)
+            total += float(out.loss.detach()) * len(idx)
         log.info("demo classifier epoch %d: training loss %.4f", epoch + 1, total / len(order))
     model.eval()
     held_acc = accuracy(model, encode(tokenizer, held))
