@@ -236,7 +236,7 @@ def _summary(report: dict) -> str:
                      f"({report['perplexity_after'] / report['perplexity_before']:.2f}x)")
     if "accuracy_before" in report:
         what = "accuracy (held-out)" if report["kind"] == "encoder-classifier" else "accuracy (few-shot reviews)"
-        lines.append(f"{what:<21}{report['accuracy_before']:.1%} -> {report['accuracy_after']:.1%}")
+        lines.append(f"{what + ':':<29}{report['accuracy_before']:.1%} -> {report['accuracy_after']:.1%}")
     lines.append(f"pruning time     {report['seconds_prune']:.1f} s"
                  + (f" ({report['prune_time_over_forward']:.2f}x one forward pass over the calibration set)"
                     if "prune_time_over_forward" in report else ""))
