@@ -95,9 +95,9 @@ def block_macs(adapter: ModelAdapter, seq_len: int) -> float:
 
 @dataclass
 class BlockOptions:
-    """Choices for one block. ``cost`` and ``damage`` are arrays over options; option ``-1`` of
-    ``cost`` order is the full (unpruned) block. ``unit_step`` marks fine-grained blocks (MLP)
-    whose consecutive options differ by one unit and can top up the budget."""
+    """Choices for one block. ``cost`` and ``damage`` are arrays over options; the costliest
+    option is the full (unpruned) block. ``fine_grained`` marks blocks (MLP) whose consecutive
+    options differ by one unit, which the allocator uses to meet the budget exactly."""
 
     name: str
     cost: np.ndarray

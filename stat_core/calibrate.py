@@ -41,24 +41,28 @@ class CalibrationSet:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def take(self, index) -> "CalibrationSet":
+        """Rows ``index`` (a slice or an index tensor) of every field."""
+        return CalibrationSet(self.input_ids[index], None if self.attention_mask is None else self.attention_mask[index],
+                              None if self.labels is None else self.labels[index])
+
     def subset(self, n: int) -> "CalibrationSet":
-        return CalibrationSet(self.input_ids[:n], None if self.attention_mask is None else self.attention_mask[:n],
-                              None if self.labels is None else self.labels[:n])
+        return self.take(slice(0, n))
 
     def spread(self, n: int) -> "CalibrationSet":
         """``n`` rows evenly spaced over the set (chunks of one long text sit next to each other)."""
-        idx = torch.linspace(0, len(self) - 1, steps=min(n, len(self))).round().long().unique()
-        return CalibrationSet(self.input_ids[idx], None if self.attention_mask is None else self.attention_mask[idx],
-                              None if self.labels is None else self.labels[idx])
+        return self.take(torch.linspace(0, len(self) - 1, steps=min(n, len(self))).round().long().unique())
 
     def batches(self, batch_size: int):
         for i in range(0, len(self), batch_size):
-            yield self.subset_range(i, i + batch_size)
+            yield self.take(slice(i, i + batch_size))
 
-    def subset_range(self, start: int, stop: int) -> "CalibrationSet":
-        return CalibrationSet(self.input_ids[start:stop],
-                              None if self.attention_mask is None else self.attention_mask[start:stop],
-                              None if self.labels is None else self.labels[start:stop])
+    def model_inputs(self, device) -> dict:
+        """``input_ids`` (and ``attention_mask`` when padded) on ``device``, ready for ``model(**...)``."""
+        inputs = {"input_ids": self.input_ids.to(device)}
+        if self.attention_mask is not None:
+            inputs["attention_mask"] = self.attention_mask.to(device)
+        return inputs
 
 
 @dataclass
@@ -74,9 +78,6 @@ class BlockStats:
     mlp_gram: torch.Tensor
     n_tokens: int
     resid_energy: float
-
-    def to(self, device) -> "BlockStats":
-        return BlockStats(self.attn_gram.to(device), self.mlp_gram.to(device), self.n_tokens, self.resid_energy)
 
 
 class LayerwiseRunner:
@@ -100,9 +101,7 @@ class LayerwiseRunner:
         self.hidden = self._embed_all()
 
     def _model_inputs(self, batch: CalibrationSet) -> dict:
-        inputs = {"input_ids": batch.input_ids.to(self.device)}
-        if batch.attention_mask is not None:
-            inputs["attention_mask"] = batch.attention_mask.to(self.device)
+        inputs = batch.model_inputs(self.device)
         if self.adapter.is_decoder:
             inputs["use_cache"] = False
         return inputs
@@ -169,7 +168,7 @@ class LayerwiseRunner:
         """Outputs of block ``layer`` (of ``adapter``'s model, default the runner's) on ``hidden``."""
         outs = []
         for i, h in enumerate(hidden):
-            outs.extend(self._run_one(layer, i, h, adapter))
+            outs.append(self._run_one(layer, i, h, adapter))
         return outs
 
     @torch.no_grad()
@@ -190,7 +189,7 @@ class LayerwiseRunner:
         try:
             for i, h in enumerate(hidden):
                 current["mask"] = self.token_mask(i)
-                outs.extend(self._run_one(layer, i, h, adapter))
+                outs.append(self._run_one(layer, i, h, adapter))
                 rows = h.reshape(-1, h.shape[-1])
                 if current["mask"] is not None:
                     rows = rows[current["mask"].reshape(-1)]
@@ -200,14 +199,14 @@ class LayerwiseRunner:
                 handle.remove()
         return BlockStats(attn_acc.gram, mlp_acc.gram, attn_acc.n_rows, energy), outs
 
-    def _run_one(self, layer: int, index: int, h: torch.Tensor, adapter: ModelAdapter | None) -> list[torch.Tensor]:
+    def _run_one(self, layer: int, index: int, h: torch.Tensor, adapter: ModelAdapter | None) -> torch.Tensor:
         block = (adapter or self.adapter).layers[layer]
         if self.per_batch_args:
             args, kwargs = self.batch_args[index]
             o = block(h, *args, **kwargs)
         else:
             o = block(h, **self.layer_kwargs[layer])
-        return [o[0] if isinstance(o, tuple) else o]
+        return o[0] if isinstance(o, tuple) else o
 
 
 def output_sensitivity(model: nn.Module, adapter: ModelAdapter, windows, batch_size: int = 4

@@ -53,7 +53,7 @@ def accuracy(model, data: CalibrationSet, batch_size: int = 16) -> float:
     device = next(model.parameters()).device
     correct = 0
     for batch in data.batches(batch_size):
-        logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
+        logits = model(**batch.model_inputs(device)).logits
         correct += int((logits.argmax(-1).cpu() == batch.labels).sum())
     return correct / len(data)
 

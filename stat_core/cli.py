@@ -129,10 +129,7 @@ def time_forward(model, windows, batch_size: int) -> float:
     device = next(model.parameters()).device
     t = time.perf_counter()
     for batch in CalibrationSet.wrap(windows).batches(batch_size):
-        kwargs = {"input_ids": batch.input_ids.to(device)}
-        if batch.attention_mask is not None:
-            kwargs["attention_mask"] = batch.attention_mask.to(device)
-        model(**kwargs)
+        model(**batch.model_inputs(device))
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t
