@@ -216,3 +216,48 @@ def _neighbour(block: BlockOptions, current: int, smaller: bool) -> int | None:
         return None if len(idx) == 0 else int(idx[np.argmax(block.cost[idx])])
     idx = np.where(block.cost > block.cost[current])[0]
     return None if len(idx) == 0 else int(idx[np.argmin(block.cost[idx])])
+
+
+def allocate_uniform(blocks: list[BlockOptions], groups: list[list[int]], keys: list[list], target_fraction: float) -> Allocation:
+    """Like :func:`allocate`, but every block of a group must choose an option with the same key
+    (e.g. all attention blocks keep the same (heads, KV heads), all MLPs the same width), so the
+    result is expressible in a stock config. ``keys[i][j]`` is the key of option ``j`` of block ``i``.
+
+    Removes at least ``target_fraction`` (overshooting by less than one unit per layer) with the
+    least total damage. Exhaustive over the groups' shared keys: a few hundred to a few thousand
+    combinations, each a vectorised sum.
+    """
+    full = np.array([b.cost.max() for b in blocks])
+    total = float(full.sum())
+    target_removed = target_fraction * total
+    per_group = []  # for each group: shared keys, summed cost, summed damage, option index per block
+    for members in groups:
+        shared = set(keys[members[0]])
+        for i in members[1:]:
+            shared &= set(keys[i])
+        shared = sorted(shared)
+        index = [{k: j for j, k in enumerate(keys[i])} for i in members]
+        cost = np.array([sum(blocks[i].cost[ix[k]] for i, ix in zip(members, index)) for k in shared])
+        damage = np.array([sum(blocks[i].damage[ix[k]] for i, ix in zip(members, index)) for k in shared])
+        per_group.append((shared, cost, damage, index))
+    kept_cost = np.zeros(1)
+    kept_damage = np.zeros(1)
+    for _, cost, damage, _ in per_group:  # all combinations, as flat arrays (row-major over groups)
+        kept_cost = (kept_cost[:, None] + cost[None, :]).ravel()
+        kept_damage = (kept_damage[:, None] + damage[None, :]).ravel()
+    feasible = np.nonzero(total - kept_cost >= target_removed - 1e-9)[0]
+    if len(feasible) == 0:
+        floor = float(kept_cost.min())
+        raise ValueError(f"cannot remove {target_fraction:.0%} with the same counts in every layer: uniform "
+                         f"pruning allows at most {(total - floor) / total:.1%}")
+    best = int(feasible[np.argmin(kept_damage[feasible])])
+    choice = [0] * len(blocks)
+    sizes = [len(g[0]) for g in per_group]
+    for g in reversed(range(len(per_group))):
+        best, pos = divmod(best, sizes[g])
+        shared, _, _, index = per_group[g]
+        for i, ix in zip(groups[g], index):
+            choice[i] = ix[shared[pos]]
+    removed = total - float(sum(b.cost[c] for b, c in zip(blocks, choice)))
+    return Allocation(choice=choice, cost_removed=removed, cost_total=total,
+                      damage=float(sum(b.damage[c] for b, c in zip(blocks, choice))))

@@ -1,7 +1,10 @@
 """STAT end to end: calibrate, allocate the budget, choose units, fold corrections, cut the model.
 
 ``stat_prune_`` is the one call most users need. Underneath, the steps are separable:
-``collect_dense_stats`` → ``build_block_options`` → ``allocate`` → ``select_layer`` → ``apply_plan_``.
+``calibrate`` (dense statistics, sensitivities and per-layer decompositions: the expensive part,
+independent of the budget) → ``plan_pruning`` (allocate a budget over the layers) → ``apply_plan_``.
+``prune_from_calibration_`` re-plans and cuts a fresh dense copy from a cached ``Calibration`` in
+seconds, which is how the app re-budgets without re-calibrating.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import numpy as np
 import torch
 
 from .adapters import ModelAdapter, get_adapter
-from .budget import BlockOptions, allocate, block_geometry, block_macs, block_parameter_count
+from .budget import BlockOptions, allocate, allocate_uniform, block_geometry, block_macs, block_parameter_count
 from .calibrate import BlockStats, CalibrationSet, LayerwiseRunner, output_sensitivity
 from .linalg import (cholesky_with_ridge, column_scaled_gram, greedy_block_order, interpolation_matrix, output_error,
                      output_error_curve, pivoted_cholesky_order)
@@ -24,7 +27,7 @@ from .plan import LayerPlan, PrunePlan
 
 log = logging.getLogger(__name__)
 
-METHODS = ("stat", "no-correction", "magnitude")
+METHODS = ("stat", "no-correction", "magnitude", "activation-norm")
 MODES = ("propagate", "one-shot")
 BUDGET_KINDS = ("params", "flops")
 
@@ -56,6 +59,7 @@ class PruneConfig:
     prune_neurons: bool = True
     sensitivity_samples: int | None = None  # None: enough windows for SENSITIVITY_TOKENS real tokens
     batch_size: int = 8
+    uniform: bool = False  # same head / KV-head / neuron counts in every layer (stock-loadable export)
 
     def __post_init__(self):
         if not 0.0 <= self.sparsity < 1.0:
@@ -175,6 +179,31 @@ def magnitude_neuron_order(adapter: ModelAdapter, layer: int) -> torch.Tensor:
     return torch.argsort(score, descending=True)
 
 
+def activation_head_scores(stats: BlockStats, n_heads: int, head_dim: int) -> torch.Tensor:
+    """Each head's mean squared output activation (trace of its Gram block)."""
+    return torch.diagonal(stats.attn_gram).reshape(n_heads, head_dim).sum(1)
+
+
+def activation_norm_plan(adapter: ModelAdapter, plan: PrunePlan, stats: list[BlockStats]) -> PrunePlan:
+    """Same per-layer counts as ``plan``; keep the units with the largest activation norms
+    (diagonal of the calibration Gram), no correction — the data-aware but correction-free baseline."""
+    layers = []
+    for lp in plan.layers:
+        st = stats[lp.layer]
+        head_score = activation_head_scores(st, lp.num_heads, adapter.head_dim)
+        group = lp.num_heads // lp.num_kv_heads
+        r = len(lp.kept_heads) // max(len(lp.kept_kv_heads), 1)
+        best = {g: sorted(range(g * group, (g + 1) * group), key=lambda h: -float(head_score[h]))[:r]
+                for g in range(lp.num_kv_heads)}
+        ranked = sorted(best, key=lambda g: -float(head_score[best[g]].sum()))
+        groups = sorted(ranked[: len(lp.kept_kv_heads)])
+        neuron_order = torch.argsort(torch.diagonal(st.mlp_gram), descending=True)
+        layers.append(LayerPlan(**{**lp.__dict__, "kept_heads": sorted(h for g in groups for h in best[g]),
+                                   "kept_kv_heads": groups,
+                                   "kept_neurons": sorted(neuron_order[: len(lp.kept_neurons)].tolist())}))
+    return PrunePlan(**{**plan.__dict__, "layers": layers, "method": "activation-norm"})
+
+
 # --- per-layer analysis --------------------------------------------------------------------------
 
 @dataclass
@@ -202,6 +231,12 @@ def analyse_layer(adapter: ModelAdapter, layer: int, stats: BlockStats, fisher: 
     return LayerAnalysis(configs, head_order, neuron_order, mlp_damage)
 
 
+def heads_prunable(adapter: ModelAdapter, config: PruneConfig) -> bool:
+    """Uniform (stock-loadable) pruning keeps every head where the stock config cannot say
+    fewer heads of the same size (BERT family)."""
+    return config.prune_heads and (not config.uniform or adapter.stock_config_can_drop_heads)
+
+
 def build_block_options(adapter: ModelAdapter, analyses: list[LayerAnalysis], config: PruneConfig) -> list[BlockOptions]:
     """Two blocks per layer (attention, MLP), each with its feasible kept widths, cost and damage."""
     blocks = []
@@ -219,7 +254,7 @@ def build_block_options(adapter: ModelAdapter, analyses: list[LayerAnalysis], co
 
         full_attn = {"heads": list(range(shape.num_heads)), "kv_heads": list(range(shape.num_kv_heads)),
                      "damage": 0.0}
-        attn_payload = (an.head_configs if config.prune_heads else []) + [full_attn]
+        attn_payload = (an.head_configs if heads_prunable(adapter, config) else []) + [full_attn]
         blocks.append(BlockOptions(
             name=f"layer{layer}.attn",
             cost=[attn_cost(len(c["heads"]), len(c["kv_heads"])) for c in attn_payload],
@@ -238,13 +273,22 @@ def _notify(progress: ProgressFn | None, stage: str, done: int, total: int) -> N
         progress(stage, done, total)
 
 
-def stat_prune_(model, windows: "torch.Tensor | CalibrationSet", config: PruneConfig, model_name: str = "",
-                progress: ProgressFn | None = None, calibration_info: dict | None = None) -> PruneResult:
-    """Prune ``model`` in place with STAT (or a baseline) on calibration ``windows: (n, T)`` token
-    ids (or a :class:`CalibrationSet` with padding masks and labels).
+@dataclass
+class Calibration:
+    """Everything the dense model's calibration pass produced; enough to plan and apply any
+    one-shot budget (STAT or a baseline) without touching the data again."""
 
-    Returns the plan and the statistics behind it. With ``mode="propagate"`` each layer is
-    re-calibrated on the outputs of the already pruned and corrected layers before it.
+    dense_stats: list[BlockStats]
+    sensitivity: list[dict] | None
+    analyses: list[LayerAnalysis]
+    timings: dict = field(default_factory=dict)
+
+
+def calibrate(model, windows: "torch.Tensor | CalibrationSet", config: PruneConfig,
+              progress: ProgressFn | None = None, runner: LayerwiseRunner | None = None) -> Calibration:
+    """Dense statistics, loss sensitivities and per-layer decompositions (the model is not changed).
+
+    Only ``config.sensitivity_samples`` and ``config.batch_size`` matter here.
     """
     adapter = get_adapter(model)
     timings: dict[str, float] = {}
@@ -259,7 +303,7 @@ def stat_prune_(model, windows: "torch.Tensor | CalibrationSet", config: PruneCo
     timings["sensitivity"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    runner = LayerwiseRunner(model, adapter, windows, config.batch_size)
+    runner = runner or LayerwiseRunner(model, adapter, windows, config.batch_size)
     dense_stats = []
     hidden = runner.hidden
     for layer in range(adapter.num_layers):
@@ -269,35 +313,92 @@ def stat_prune_(model, windows: "torch.Tensor | CalibrationSet", config: PruneCo
     timings["calibrate"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    analyses = [analyse_layer(adapter, i, s, None if fisher is None else fisher[i]) for i, s in enumerate(dense_stats)]
-    plan = plan_from_analyses(adapter, analyses, config, model_name, calibration_info or {})
-    timings["allocate"] = time.perf_counter() - t2
+    analyses = []
+    for i, s in enumerate(dense_stats):
+        analyses.append(analyse_layer(adapter, i, s, None if fisher is None else fisher[i]))
+        _notify(progress, "analyse", i + 1, adapter.num_layers)
+    timings["analyse"] = time.perf_counter() - t2
+    return Calibration(dense_stats=dense_stats, sensitivity=fisher, analyses=analyses, timings=timings)
 
+
+def plan_pruning(model, calibration: Calibration, config: PruneConfig, model_name: str = "",
+                 calibration_info: dict | None = None) -> PrunePlan:
+    """The plan for ``config`` (budget, method, uniform) from cached statistics of the dense ``model``."""
+    adapter = get_adapter(model)
+    plan = plan_from_analyses(adapter, calibration.analyses, config, model_name, calibration_info or {})
+    if config.method == "magnitude":
+        plan = magnitude_plan(adapter, plan)
+    elif config.method == "activation-norm":
+        plan = activation_norm_plan(adapter, plan, calibration.dense_stats)
+    return plan
+
+
+def prune_from_calibration_(model, calibration: Calibration, config: PruneConfig, model_name: str = "",
+                            calibration_info: dict | None = None) -> PruneResult:
+    """One-shot prune of the dense ``model`` in place from a cached :class:`Calibration`."""
+    if config.mode != "one-shot":
+        raise ValueError("re-planning from cached statistics is one-shot only; propagate mode re-calibrates each layer")
+    t0 = time.perf_counter()
+    plan = plan_pruning(model, calibration, config, model_name, calibration_info)
+    t1 = time.perf_counter()
+    apply_plan_(model, plan, calibration.dense_stats if config.method == "stat" else None)
+    timings = {**calibration.timings, "allocate": t1 - t0, "apply": time.perf_counter() - t1}
+    return PruneResult(plan=plan, stats=calibration.dense_stats, dense_stats=calibration.dense_stats,
+                       sensitivity=calibration.sensitivity, timings=timings)
+
+
+def stat_prune_(model, windows: "torch.Tensor | CalibrationSet", config: PruneConfig, model_name: str = "",
+                progress: ProgressFn | None = None, calibration_info: dict | None = None) -> PruneResult:
+    """Prune ``model`` in place with STAT (or a baseline) on calibration ``windows: (n, T)`` token
+    ids (or a :class:`CalibrationSet` with padding masks and labels).
+
+    Returns the plan and the statistics behind it. With ``mode="propagate"`` each layer is
+    re-calibrated on the outputs of the already pruned and corrected layers before it.
+    """
+    t0 = time.perf_counter()
+    adapter = get_adapter(model)
+    runner = LayerwiseRunner(model, adapter, windows, config.batch_size)
+    calib = calibrate(model, windows, config, progress, runner)
+    if config.mode == "one-shot":
+        result = prune_from_calibration_(model, calib, config, model_name, calibration_info)
+        result.timings["total"] = time.perf_counter() - t0
+        return result
+    t2 = time.perf_counter()
+    plan = plan_from_analyses(adapter, calib.analyses, config, model_name, calibration_info or {})
+    timings = {**calib.timings, "allocate": time.perf_counter() - t2}
     t3 = time.perf_counter()
-    if config.mode == "propagate" and config.method != "stat":
+    if config.method == "stat":
+        used_stats = _propagate_(model, adapter, runner, plan, calib.sensitivity, progress)
+    else:
         # Baselines use the units STAT would keep (or its counts): run STAT's propagation on a
         # scratch copy, then cut this model by that plan without any correction.
         scratch = copy.deepcopy(model)
-        _propagate_(scratch, get_adapter(scratch), runner, plan, fisher, progress)
+        _propagate_(scratch, get_adapter(scratch), runner, plan, calib.sensitivity, progress)
         del scratch
-    if config.mode == "one-shot" or config.method != "stat":
         if config.method == "magnitude":
             plan = magnitude_plan(adapter, plan)
-        apply_plan_(model, plan, dense_stats if config.method == "stat" else None)
-        used_stats = dense_stats
-    else:
-        used_stats = _propagate_(model, adapter, runner, plan, fisher, progress)
+        elif config.method == "activation-norm":
+            plan = activation_norm_plan(adapter, plan, calib.dense_stats)
+        apply_plan_(model, plan, None)
+        used_stats = calib.dense_stats
     timings["apply"] = time.perf_counter() - t3
     timings["total"] = time.perf_counter() - t0
     del runner
-    return PruneResult(plan=plan, stats=used_stats, dense_stats=dense_stats, sensitivity=fisher, timings=timings)
+    return PruneResult(plan=plan, stats=used_stats, dense_stats=calib.dense_stats, sensitivity=calib.sensitivity,
+                       timings=timings)
 
 
 def plan_from_analyses(adapter: ModelAdapter, analyses: list[LayerAnalysis], config: PruneConfig,
                        model_name: str, calibration_info: dict) -> PrunePlan:
     """Allocate the budget over the layers' options and write down what each layer keeps."""
     blocks = build_block_options(adapter, analyses, config)
-    alloc = allocate(blocks, config.sparsity)
+    if config.uniform:
+        keys = [[(len(c["heads"]), len(c["kv_heads"])) if i % 2 == 0 else c for c in b.payload]
+                for i, b in enumerate(blocks)]
+        alloc = allocate_uniform(blocks, [list(range(0, len(blocks), 2)), list(range(1, len(blocks), 2))],
+                                 keys, config.sparsity)
+    else:
+        alloc = allocate(blocks, config.sparsity)
     layers = []
     for layer, an in enumerate(analyses):
         shape = adapter.layer_shape(layer)
@@ -315,7 +416,7 @@ def plan_from_analyses(adapter: ModelAdapter, analyses: list[LayerAnalysis], con
                           for c in analyses[layer].head_configs],
             mlp_damage=[float(x) for x in an.mlp_damage]))
     budget = {"kind": config.budget_kind, "target": config.sparsity, "flops_seq_len": config.flops_seq_len,
-              "achieved": alloc.fraction_removed, "predicted_damage": alloc.damage}
+              "achieved": alloc.fraction_removed, "predicted_damage": alloc.damage, "uniform": config.uniform}
     return PrunePlan(model=model_name, method=config.method, mode=config.mode, budget=budget,
                      calibration=calibration_info, layers=layers)
 

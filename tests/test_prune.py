@@ -202,3 +202,56 @@ def test_plan_carries_decay_curves(windows):
         assert sorted(lp.head_order) == list(range(lp.num_heads))
         assert {o["heads"] for o in lp.attn_options} >= {2, 4}
     assert plan.budget["kind"] == "params" and abs(plan.budget["achieved"] - 0.3) < 0.01
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_replanning_from_cached_calibration_equals_a_fresh_prune(family, windows):
+    from stat_core.prune import calibrate, prune_from_calibration_
+
+    dense = tiny_model(family)
+    config = PruneConfig(sparsity=0.35, sensitivity_samples=2, batch_size=4)
+    fresh = copy.deepcopy(dense)
+    direct = stat_prune_(fresh, windows, config)
+    calib = calibrate(dense, windows, config)
+    for sparsity in (0.2, 0.35):  # a second budget from the same statistics
+        replanned = copy.deepcopy(dense)
+        result = prune_from_calibration_(replanned, calib, PruneConfig(sparsity=sparsity, sensitivity_samples=2,
+                                                                        batch_size=4))
+    assert result.plan.layers == direct.plan.layers
+    torch.testing.assert_close(_logits(replanned, windows), _logits(fresh, windows))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_uniform_plan_has_one_shape_and_meets_the_budget(family, windows):
+    model = tiny_model(family, num_hidden_layers=3)
+    before = block_parameter_count(get_adapter(model))
+    result = stat_prune_(model, windows, PruneConfig(sparsity=0.3, uniform=True, sensitivity_samples=2, batch_size=4))
+    adapter = get_adapter(model)
+    shapes = {adapter.layer_shape(i) for i in range(adapter.num_layers)}
+    assert len(shapes) == 1
+    removed = before - block_parameter_count(adapter)
+    per_layer_neuron = block_geometry(adapter, 0).mlp_params_per_neuron
+    # At least the target, overshooting by less than one neuron in every layer.
+    assert 0.3 * before - 1e-6 <= removed < 0.3 * before + adapter.num_layers * per_layer_neuron
+    model.generate(windows[:1, :5], max_new_tokens=3, do_sample=False)
+
+
+def test_uniform_budget_beyond_reach_is_refused(windows):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="same counts in every layer"):
+        stat_prune_(model, windows, PruneConfig(sparsity=0.99, uniform=True, sensitivity_samples=0, batch_size=4))
+
+
+def test_activation_norm_baseline_keeps_stat_counts_and_largest_activations(windows):
+    from stat_core.prune import calibrate, plan_pruning
+
+    model = tiny_model("llama")
+    calib = calibrate(model, windows, PruneConfig(sparsity=0.3, sensitivity_samples=0, batch_size=4))
+    stat_plan = plan_pruning(model, calib, PruneConfig(sparsity=0.3))
+    act_plan = plan_pruning(model, calib, PruneConfig(sparsity=0.3, method="activation-norm"))
+    assert act_plan.kept_summary() == stat_plan.kept_summary()
+    for lp in act_plan.layers:
+        energy = torch.diagonal(calib.dense_stats[lp.layer].mlp_gram)
+        dropped = sorted(set(range(lp.intermediate_size)) - set(lp.kept_neurons))
+        if dropped:
+            assert energy[lp.kept_neurons].min() >= energy[dropped].max()

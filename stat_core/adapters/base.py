@@ -31,6 +31,9 @@ class ModelAdapter:
     family: str = "base"
     #: causal decoders score perplexity; encoders score accuracy.
     is_decoder: bool = True
+    #: whether a stock config can hold fewer heads without changing the head size (decoders
+    #: store ``head_dim``; BERT derives it as ``hidden_size / num_attention_heads``).
+    stock_config_can_drop_heads: bool = True
 
     def __init__(self, model: nn.Module):
         self.model = model

@@ -19,6 +19,7 @@ from .base import LayerShape, ModelAdapter, slice_linear_
 
 class _EncoderAdapter(ModelAdapter):
     is_decoder = False
+    stock_config_can_drop_heads = False
     _q = _k = _v = _o = _w1 = _w2 = ""  # attribute paths relative to a layer
 
     def _get(self, layer: int, path: str) -> nn.Module:
