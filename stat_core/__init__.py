@@ -1,0 +1,21 @@
+"""STAT: shrink trained transformers without fine-tuning.
+
+The everyday entry points, importable from the package (loaded on first use, so
+``import stat_core.paths`` stays light): ``stat_prune_``, ``PruneConfig``, ``calibrate``,
+``prune_from_calibration_``, ``export_pruned``, ``load_pruned``, ``load_model``.
+"""
+
+from importlib import import_module
+
+_EXPORTS = {
+    "stat_prune_": "prune", "PruneConfig": "prune", "calibrate": "prune", "prune_from_calibration_": "prune",
+    "plan_pruning": "prune", "export_pruned": "export", "load_pruned": "export", "load_model": "models",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'stat_core' has no attribute {name!r}")

@@ -1,0 +1,291 @@
+"""Write a pruned model to a folder that loads wherever the original did, and read it back.
+
+A folder holds ``model.safetensors``, ``config.json`` (every layer's head / KV-head / MLP widths in
+``stat_layer_shapes``), the tokenizer, ``plan.json``, ``pruning_report.json`` and a model card
+(``README.md``). It loads three ways:
+
+1. :func:`load_pruned` — stock classes resized by our own code, nothing from the folder executed;
+2. ``AutoModel*.from_pretrained(folder, trust_remote_code=True)`` — through ``modeling_stat.py``
+   written into the folder (a copy of :mod:`stat_core.remote_modeling`) and an ``auto_map`` entry;
+   needs stock transformers only;
+3. when every layer has the same shape (``PruneConfig(uniform=True)``), the config's own fields say
+   it all and stock ``from_pretrained`` loads it with no custom code; no modeling file is written.
+
+Writes go to a hidden temporary sibling folder that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+
+from .adapters import get_adapter
+from .plan import PrunePlan
+from . import remote_modeling
+
+MODELING_FILE = "modeling_stat.py"
+# Stock auto class for each head type the export knows how to name in ``auto_map``.
+_AUTO_CLASSES = (("ForCausalLM", "AutoModelForCausalLM"),
+                 ("ForSequenceClassification", "AutoModelForSequenceClassification"),
+                 ("ForTokenClassification", "AutoModelForTokenClassification"),
+                 ("ForQuestionAnswering", "AutoModelForQuestionAnswering"),
+                 ("ForMaskedLM", "AutoModelForMaskedLM"),
+                 ("Model", "AutoModel"))
+
+
+class ExportError(ValueError):
+    """The export folder cannot be written, or a folder is not a loadable (pruned) model."""
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    path: Path
+    size_bytes: int          # weights on disk (safetensors files)
+    uniform: bool            # loads with stock transformers, no custom code
+    files: tuple[str, ...]
+
+
+# --- atomic folders -----------------------------------------------------------------------------
+
+def check_output_dir(out: str | Path, overwrite: bool = False) -> Path:
+    """Refuse a path that is a file, or an existing non-empty folder unless ``overwrite``."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ExportError(f"Output path '{out}' is a file; give a folder path.")
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise ExportError(f"Output folder '{out}' already exists and is not empty; choose a new folder "
+                          "or allow overwriting.")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | Path, overwrite: bool = False):
+    """Yield a temporary sibling folder; on success it replaces ``out``, on any failure (including
+    an interrupt) it is deleted and ``out`` is untouched. An old ``out`` is removed only after the
+    new one is in place."""
+    out = check_output_dir(out, overwrite)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-partial-", dir=out.parent))
+    except OSError as exc:
+        raise ExportError(f"Cannot write to '{out.parent}': {exc.strerror or exc}.") from exc
+    old = None
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}-old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+# --- sizes --------------------------------------------------------------------------------------
+
+def weights_size_on_disk(folder: str | Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+
+
+def state_dict_bytes(model) -> int:
+    """Bytes of the model's unique parameter/buffer storage (what safetensors would hold)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.numel())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+# --- config ---------------------------------------------------------------------------------------
+
+def _auto_class(architecture: str) -> str:
+    for suffix, auto in _AUTO_CLASSES:
+        if architecture.endswith(suffix):
+            return auto
+    raise ExportError(f"Don't know which AutoModel class loads '{architecture}'.")
+
+
+def _is_uniform(adapter) -> bool:
+    shapes = {adapter.layer_shape(i) for i in range(adapter.num_layers)}
+    if len(shapes) != 1:
+        return False
+    shape = next(iter(shapes))
+    # BERT-family configs derive the head size from hidden_size / heads: fewer heads cannot be said.
+    return adapter.stock_config_can_drop_heads or shape.num_heads == _config_heads(adapter.config)
+
+
+def _config_heads(config) -> int:
+    return int(getattr(config, "num_attention_heads", None) or config.n_heads)
+
+
+def export_config(model, uniform: bool):
+    """A copy of ``model.config`` describing the pruned shapes (stock fields too when uniform)."""
+    adapter = get_adapter(model)
+    adapter.record_shapes_in_config_()
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    if uniform:
+        shape = adapter.layer_shape(0)
+        if config.model_type == "distilbert":
+            config.hidden_dim = shape.intermediate_size
+        else:
+            config.intermediate_size = shape.intermediate_size
+        if adapter.stock_config_can_drop_heads:
+            config.head_dim = adapter.head_dim  # stated explicitly: no longer hidden_size / heads
+            config.num_attention_heads = shape.num_heads
+            config.num_key_value_heads = shape.num_kv_heads
+    else:
+        config.auto_map = {_auto_class(type(model).__name__): f"modeling_stat.StatPruned{type(model).__name__}"}
+    return config
+
+
+def modeling_file_text(model) -> str:
+    """``remote_modeling.py`` plus the one line that names the stock class it extends."""
+    source = Path(remote_modeling.__file__).read_text()
+    base = type(model).__name__
+    return (source + f"\n\nfrom transformers import {base} as _StockBase  # noqa: E402\n\n"
+            f"StatPruned{base} = pruned_class(_StockBase)\n")
+
+
+# --- model card -------------------------------------------------------------------------------------
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) >= 1e-3 else f"{value:.2e}"
+    return str(value)
+
+
+def model_card(model, plan: PrunePlan | None, report: dict | None, uniform: bool, size_after: int) -> str:
+    adapter = get_adapter(model)
+    report = report or {}
+    arch = type(model).__name__
+    auto = _auto_class(arch)
+    lines = ["---", "library_name: transformers", "tags:", "- pruned", "- stat", "- structured-pruning", "---", "",
+             f"# {report.get('model') or (plan.model if plan else '') or arch} — pruned with STAT", "",
+             "Attention heads and MLP neurons were removed with STAT (Shrinking Transformers After Training, "
+             "arXiv 2406.00061): units chosen by interpolative decompositions of calibration activations, "
+             "with a least-squares correction folded into the next layer. No fine-tuning.", ""]
+    if plan is not None:
+        b = plan.budget
+        lines += ["## What was removed", "",
+                  f"- method: `{plan.method}` ({plan.mode}); budget: {b.get('target', 0):.0%} of block "
+                  f"{'parameters' if b.get('kind') == 'params' else 'FLOPs'} requested, "
+                  f"{b.get('achieved', 0):.2%} removed; uniform layers: {'yes' if uniform else 'no'}",
+                  f"- calibration: {json.dumps(plan.calibration)}", "",
+                  "| layer | heads kept | KV heads kept | MLP neurons kept |", "|---|---|---|---|"]
+        for lp in plan.layers:
+            lines.append(f"| {lp.layer} | {len(lp.kept_heads)}/{lp.num_heads} | {len(lp.kept_kv_heads)}/"
+                         f"{lp.num_kv_heads} | {len(lp.kept_neurons)}/{lp.intermediate_size} |")
+        lines.append("")
+    metrics = [(k[: -len("_before")], report[k], report.get(k[: -len("_before")] + "_after"))
+               for k in report if k.endswith("_before") and not isinstance(report[k], (dict, list))]
+    if metrics:
+        lines += ["## Before and after", "", "| metric | before | after |", "|---|---|---|"]
+        lines += [f"| {name} | {_fmt(before)} | {_fmt(after)} |" for name, before, after in metrics]
+        lines.append("")
+    lines += ["## Loading", "", "```python",
+              "import stat_core; model, tokenizer = stat_core.load_pruned(PATH)   # no code from the folder runs"]
+    if uniform:
+        lines += [f"from transformers import {auto}", f"model = {auto}.from_pretrained(PATH)  # stock, every layer the same shape"]
+    else:
+        lines += [f"from transformers import {auto}",
+                  f"model = {auto}.from_pretrained(PATH, trust_remote_code=True)  # runs modeling_stat.py from this folder"]
+    lines += ["```", "", f"Weights on disk: {size_after / 1e6:.1f} MB"
+              + (f" (dense: {report['size_on_disk_before_bytes'] / 1e6:.1f} MB)." if "size_on_disk_before_bytes" in report
+                 else "."), f"Layers: {adapter.num_layers}; family `{model.config.model_type}`.", ""]
+    return "\n".join(lines)
+
+
+# --- export -----------------------------------------------------------------------------------------
+
+def export_pruned(model, tokenizer, out_dir: str | Path, *, plan: PrunePlan | None = None,
+                  report: dict | None = None, overwrite: bool = False) -> ExportInfo:
+    """Write ``model`` (pruned or not), its tokenizer, plan, report and model card to ``out_dir``.
+
+    Atomic: nothing appears at ``out_dir`` unless everything was written; an existing non-empty
+    folder is replaced only with ``overwrite=True``. ``report`` gets ``size_on_disk_after_bytes``.
+    """
+    adapter = get_adapter(model)
+    uniform = _is_uniform(adapter)
+    config = export_config(model, uniform)
+    report = dict(report or {})
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+        except OSError as exc:
+            raise ExportError(f"Could not write the weights to '{out_dir}': {exc.strerror or exc}.") from exc
+        config.to_json_file(tmp / "config.json")  # our config: per-layer shapes, auto_map or stock fields
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if not uniform:
+            (tmp / MODELING_FILE).write_text(modeling_file_text(model))
+        size = weights_size_on_disk(tmp)
+        report["size_on_disk_after_bytes"] = size
+        report["export"] = {"uniform": uniform, "loads_with": ["stat_core.load_pruned"]
+                            + (["stock from_pretrained"] if uniform else ["from_pretrained(trust_remote_code=True)"])}
+        if plan is not None:
+            plan.to_json(tmp / "plan.json")
+        (tmp / "pruning_report.json").write_text(json.dumps(report, indent=1))
+        (tmp / "README.md").write_text(model_card(model, plan, report, uniform, size))
+        files = tuple(sorted(p.name for p in tmp.iterdir()))
+    return ExportInfo(path=Path(out_dir).expanduser(), size_bytes=size, uniform=uniform, files=files)
+
+
+# --- loading (way 1: no code from the folder) ---------------------------------------------------------
+
+def _stock_class(config):
+    import transformers
+
+    names = getattr(config, "architectures", None) or []
+    for name in names:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    raise ExportError(f"The folder's config names no transformers class ({names}); cannot tell which model to build.")
+
+
+def load_pruned(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                with_tokenizer: bool = True):
+    """Load an exported (pruned) folder with stock transformers classes resized by
+    :mod:`stat_core.remote_modeling`; nothing from the folder is executed and only safetensors
+    weights are read. Returns ``(model, tokenizer)`` (tokenizer ``None`` if absent or not asked)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ExportError(f"'{path}' is not a folder; give the folder an export wrote.")
+    if not (folder / "config.json").exists():
+        raise ExportError(f"'{path}' has no config.json; it is not a model folder.")
+    if not any(folder.glob("*.safetensors")):
+        raise ExportError(f"'{path}' has no .safetensors weights (pickled weights are never loaded).")
+    try:
+        config = AutoConfig.from_pretrained(folder)  # model_type is stock; auto_map is ignored here
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"The config.json in '{path}' cannot be read: {exc}") from exc
+    cls = remote_modeling.pruned_class(_stock_class(config))
+    kwargs = {"use_safetensors": True}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    try:
+        model = cls.from_pretrained(folder, config=config, **kwargs)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise ExportError(f"The weights in '{path}' do not match its config or are damaged: {exc}") from exc
+    if device is not None:
+        model.to(device)
+    model.eval()
+    tokenizer = None
+    if with_tokenizer and any((folder / n).exists() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model, tokenizer

@@ -1,0 +1,103 @@
+"""Per-layer shapes for pruned models — the one file that also ships inside every exported folder.
+
+Stock configs hold one head count and one MLP width for all layers; a STAT-pruned model has its
+own per layer, recorded in ``config.stat_layer_shapes``. :func:`resize_to_layer_shapes_` turns a
+freshly built stock model into one whose projections have those shapes, before the weights are
+loaded into it. The export copies this file verbatim into the folder as ``modeling_stat.py`` (with
+the base class filled in), so ``AutoModel*.from_pretrained(folder, trust_remote_code=True)`` works
+with stock transformers and without ``stat_core``; ``stat_core.load_pruned`` imports the same code
+from here. It must therefore import nothing but torch and transformers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Where each family keeps its layers and projections (paths relative to the base model / a layer).
+_LLAMA = {"layers": "layers", "attn": "self_attn", "q": "self_attn.q_proj", "k": "self_attn.k_proj",
+          "v": "self_attn.v_proj", "o": "self_attn.o_proj", "mlp": "mlp", "w_in": ("mlp.gate_proj", "mlp.up_proj"),
+          "w_out": "mlp.down_proj"}
+_BERT = {"layers": "encoder.layer", "attn": "attention.self", "q": "attention.self.query",
+         "k": "attention.self.key", "v": "attention.self.value", "o": "attention.output.dense",
+         "mlp": "intermediate", "w_in": ("intermediate.dense",), "w_out": "output.dense"}
+_DISTILBERT = {"layers": "transformer.layer", "attn": "attention", "q": "attention.q_lin", "k": "attention.k_lin",
+               "v": "attention.v_lin", "o": "attention.out_lin", "mlp": "ffn", "w_in": ("ffn.lin1",),
+               "w_out": "ffn.lin2"}
+LAYOUTS = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gemma3_text": _LLAMA,
+           "bert": _BERT, "roberta": _BERT, "distilbert": _DISTILBERT}
+
+
+def _get(module: nn.Module, path: str) -> nn.Module:
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _set(module: nn.Module, path: str, value: nn.Module) -> None:
+    *parents, name = path.split(".")
+    for part in parents:
+        module = getattr(module, part)
+    setattr(module, name, value)
+
+
+def _resized(linear: nn.Linear, in_features: int | None = None, out_features: int | None = None) -> nn.Linear:
+    """A fresh Linear of the new size, same dtype/device/bias-ness (its values are loaded later)."""
+    new = nn.Linear(in_features or linear.in_features, out_features or linear.out_features,
+                    bias=linear.bias is not None, device=linear.weight.device, dtype=linear.weight.dtype)
+    return new
+
+
+def _layers(model: nn.Module, layout: dict) -> nn.ModuleList:
+    base = getattr(model, getattr(model, "base_model_prefix", ""), model)
+    if layout is _LLAMA and hasattr(base, "model") and not hasattr(base, "layers"):
+        base = base.model
+    return _get(base, layout["layers"])
+
+
+def resize_to_layer_shapes_(model: nn.Module, shapes: list[dict]) -> None:
+    """Give layer ``i`` the widths ``shapes[i]`` (``num_attention_heads``, ``num_key_value_heads``,
+    ``intermediate_size``); parameter values are left for the checkpoint to fill."""
+    layout = LAYOUTS[model.config.model_type]
+    layers = _layers(model, layout)
+    if len(shapes) != len(layers):
+        raise ValueError(f"config lists {len(shapes)} layer shapes for a model with {len(layers)} layers")
+    for layer, shape in zip(layers, shapes):
+        attn = _get(layer, layout["attn"])
+        head_dim = int(getattr(attn, "head_dim", None) or attn.attention_head_size)
+        n_heads, n_kv = int(shape["num_attention_heads"]), int(shape["num_key_value_heads"])
+        n_ff = int(shape["intermediate_size"])
+        _set(layer, layout["q"], _resized(_get(layer, layout["q"]), out_features=n_heads * head_dim))
+        for key in ("k", "v"):
+            _set(layer, layout[key], _resized(_get(layer, layout[key]), out_features=n_kv * head_dim))
+        _set(layer, layout["o"], _resized(_get(layer, layout["o"]), in_features=n_heads * head_dim))
+        for path in layout["w_in"]:
+            _set(layer, path, _resized(_get(layer, path), out_features=n_ff))
+        _set(layer, layout["w_out"], _resized(_get(layer, layout["w_out"]), in_features=n_ff))
+        # Attention code reads these counts (GQA repeat factor, BERT's all_head_size).
+        for name in ("num_heads", "num_attention_heads", "n_heads"):
+            if hasattr(attn, name):
+                setattr(attn, name, n_heads)
+        if hasattr(attn, "num_key_value_heads"):
+            attn.num_key_value_heads = n_kv
+        if hasattr(attn, "num_key_value_groups"):
+            attn.num_key_value_groups = n_heads // n_kv
+        if hasattr(attn, "all_head_size"):
+            attn.all_head_size = n_heads * head_dim
+        mlp = _get(layer, layout["mlp"])
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = n_ff
+
+
+def pruned_class(base: type) -> type:
+    """``base`` (a stock ``*For*`` class) whose layers take the shapes in ``config.stat_layer_shapes``."""
+
+    class StatPruned(base):
+        def __init__(self, config, *args, **kwargs):
+            super().__init__(config, *args, **kwargs)
+            shapes = getattr(config, "stat_layer_shapes", None)
+            if shapes:
+                resize_to_layer_shapes_(self, shapes)
+
+    StatPruned.__name__ = StatPruned.__qualname__ = f"StatPruned{base.__name__}"
+    return StatPruned
