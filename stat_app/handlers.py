@@ -1,0 +1,630 @@
+"""Plain functions behind the app's buttons (testable without Gradio or a browser).
+
+Every public handler takes a :class:`~stat_app.sessions.Session` plus plain values and returns a
+:class:`Reply`; none lets an exception escape. Expected problems (missing folder, unsupported
+architecture, too little text, impossible budget, cancellation) come back as ``Reply(ok=False,
+message=...)`` with one readable sentence from ``stat_core``; anything unexpected is logged with its
+traceback on the server and reported as one line.
+
+Heavy work (loading, calibration, pruning, measuring, export) holds :data:`DEVICE_LOCK`, so one job
+at a time uses the device whatever the number of users; Gradio's queue also runs those events
+with ``concurrency_limit=1``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import logging
+import statistics
+import threading
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from stat_core import prune as core_prune
+from stat_core.adapters import UnsupportedModelError, get_adapter
+from stat_core.calibrate import CalibrationSet
+from stat_core.classifier import (CLASSIFIER_MAX_LEN, DEMO_CLASSIFIER, accuracy, demo_classifier_split, encode,
+                                  encode_chunks)
+from stat_core.data import CalibrationConfig, DataError, calibration_windows, fingerprint, load_text_file, wikipedia_split
+from stat_core.evaluate import count_parameters, evaluation_windows, perplexity
+from stat_core.labelled import BUILTIN_SETS, load_labelled
+from stat_core.models import DEMO_MODELS, ModelLoadError, is_encoder, load_model
+from stat_core.prune import PruneConfig, budget_summary
+
+from .sessions import Cancelled, Session
+
+log = logging.getLogger("stat_app")
+
+DEVICE_LOCK = threading.RLock()
+QUICK_EVAL_TOKENS = 2048          # quick perplexity: 4 windows of 512 (the full protocol uses 16,384)
+COMPARE_METHODS = ("stat", "no-correction", "magnitude", "activation-norm")
+METHOD_LABELS = {"stat": "STAT (selection + correction)", "no-correction": "same selection, no correction",
+                 "magnitude": "weight magnitude", "activation-norm": "activation norm"}
+DECODER_SOURCES = ("wikipedia",)
+ENCODER_SOURCES = tuple(BUILTIN_SETS)
+EXPECTED = (ModelLoadError, UnsupportedModelError, DataError, ValueError, FileExistsError, FileNotFoundError,
+            NotADirectoryError, Cancelled)
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass
+class Reply:
+    """What a handler returns: ``ok``, one human sentence, and named results."""
+
+    ok: bool
+    message: str
+    data: dict = field(default_factory=dict)
+
+    def __getitem__(self, key):
+        return self.data[key]
+
+
+def _fail(exc: BaseException) -> Reply:
+    if isinstance(exc, Cancelled):
+        return Reply(False, str(exc) or "Cancelled.")
+    text = str(exc).strip() or exc.__class__.__name__
+    text = text.splitlines()[0]
+    return Reply(False, text if text.endswith((".", "!", "?")) else text + ".")
+
+
+def guarded(fn):
+    """Turn any exception into ``Reply(ok=False, ...)`` (tracebacks go to the server log only)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs) -> Reply:
+        try:
+            return fn(*args, **kwargs)
+        except EXPECTED as exc:
+            log.info("%s: %s", fn.__name__, exc)
+            return _fail(exc)
+        except torch.cuda.OutOfMemoryError:
+            log.exception("%s ran out of GPU memory", fn.__name__)
+            return Reply(False, "The device ran out of memory; try fewer samples, a shorter sequence length or the CPU.")
+        except Exception as exc:  # noqa: BLE001 - the UI must never show a traceback
+            log.exception("unexpected error in %s", fn.__name__)
+            return Reply(False, f"Unexpected error ({exc.__class__.__name__}): {str(exc).splitlines()[0] if str(exc) else ''}"
+                         .rstrip(": ") + " — see the server log.")
+    return wrapper
+
+
+def core_progress(progress: ProgressFn | None, cancel_event: threading.Event | None) -> ProgressFn:
+    """The callback handed to ``stat_core``: reports ``(stage, done, total)`` and raises
+    :class:`Cancelled` between layers once the session's cancel flag is set."""
+
+    def callback(stage: str, done: int, total: int) -> None:
+        if cancel_event is not None and cancel_event.is_set():
+            raise Cancelled("Cancelled; the loaded model is unchanged.")
+        if progress is not None:
+            progress(stage, done, total)
+    return callback
+
+
+def _check_cancel(cancel_event: threading.Event | None) -> None:
+    if cancel_event is not None and cancel_event.is_set():
+        raise Cancelled("Cancelled; the loaded model is unchanged.")
+
+
+def _require_model(session: Session) -> None:
+    if session.model is None:
+        raise ValueError("Load a model first.")
+
+
+def _require_calibration(session: Session) -> None:
+    _require_model(session)
+    if session.calibration is None:
+        raise ValueError("Calibrate first: pruning needs statistics from calibration text.")
+
+
+def _require_pruned(session: Session) -> None:
+    _require_model(session)
+    if session.pruned is None:
+        raise ValueError("Prune the model first.")
+
+
+# --- load ----------------------------------------------------------------------------------------
+
+def architecture(model) -> dict:
+    adapter = get_adapter(model)
+    shapes = [adapter.layer_shape(i) for i in range(adapter.num_layers)]
+    first = shapes[0]
+    p = next(model.parameters())
+    return {"family": str(model.config.model_type), "kind": "decoder" if adapter.is_decoder else "classifier",
+            "layers": adapter.num_layers, "hidden": adapter.hidden_size,
+            "heads": first.num_heads, "kv_heads": first.num_kv_heads, "head_dim": adapter.head_dim,
+            "mlp_width": first.intermediate_size, "parameters": count_parameters(model),
+            "device": str(p.device), "dtype": str(p.dtype).replace("torch.", "")}
+
+
+@guarded
+def load(session: Session, source: str, name: str, device: str = "auto", dtype: str = "float32") -> Reply:
+    """Load a demo model, a local folder or a hub id into the session (replacing what it held)."""
+    name = (name or "").strip()
+    if source == "demo":
+        if name not in DEMO_MODELS:
+            raise ModelLoadError(f"Unknown demo model '{name}'; demo models: {', '.join(DEMO_MODELS)}.")
+    elif source == "folder":
+        if not name:
+            raise ModelLoadError("Give the path of a local model folder.")
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise ModelLoadError(f"Folder '{name}' does not exist.")
+        if not path.is_dir():
+            raise ModelLoadError(f"'{name}' is a file, not a model folder.")
+        name = str(path)
+    elif source == "hub":
+        if not name or name.count("/") > 1 or name.startswith((".", "/", "~")):
+            raise ModelLoadError("Give a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'.")
+    else:
+        raise ValueError(f"Unknown model source '{source}'; use demo, folder or hub.")
+    with DEVICE_LOCK:
+        t = time.perf_counter()
+        model, tokenizer = load_model(name, device=device, dtype=dtype)
+        seconds = time.perf_counter() - t
+        session.clear_model()
+        session.model, session.tokenizer, session.model_name = model, tokenizer, name
+        session.encoder = is_encoder(model)
+        session.arch = architecture(model)
+    a = session.arch
+    return Reply(True, f"Loaded {name} ({a['family']}, {a['layers']} layers, {a['parameters'] / 1e6:.1f}M parameters) "
+                       f"on {a['device']} in {seconds:.1f} s.", {"arch": a, "seconds": seconds})
+
+
+def architecture_markdown(arch: dict) -> str:
+    if not arch:
+        return "*No model loaded.*"
+    rows = [("family", arch["family"]), ("kind", arch["kind"]), ("layers", arch["layers"]),
+            ("hidden size", arch["hidden"]),
+            ("attention heads / KV heads", f"{arch['heads']} / {arch['kv_heads']} (head dim {arch['head_dim']})"),
+            ("MLP width", arch["mlp_width"]), ("parameters", f"{arch['parameters']:,}"),
+            ("device / dtype", f"{arch['device']} / {arch['dtype']}")]
+    return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+# --- calibration data ----------------------------------------------------------------------------
+
+class _WarningCatcher(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def _file_identity(path: str | None) -> tuple:
+    if not path:
+        return ()
+    p = Path(path)
+    return (str(p), p.stat().st_size, p.stat().st_mtime) if p.exists() else (str(p),)
+
+
+def _pasted_documents(text: str) -> list[str]:
+    docs = [d.strip() for d in (text or "").split("\n\n") if d.strip()]
+    if not docs:
+        raise DataError("The pasted text is empty; paste some text or pick the built-in sample.")
+    return docs
+
+
+def build_calibration_data(session: Session, source: str, builtin: str, file_path: str | None, pasted: str,
+                           num_samples: int, seq_len: int, seed: int = 0):
+    """``(data, held_out, info, warning)`` for the session's model (decoder windows or a labelled
+    classifier set). Raises DataError / ValueError with a readable message."""
+    num_samples, seq_len, seed = int(num_samples), int(seq_len), int(seed)
+    tok = session.tokenizer
+    info = {"source": {"builtin": builtin, "file": Path(file_path).name if file_path else None,
+                       "pasted": "pasted text"}.get(source, source), "num_samples": num_samples,
+            "seq_len": seq_len, "seed": seed}
+    if source not in ("builtin", "file", "pasted"):
+        raise ValueError(f"Unknown calibration source '{source}'.")
+    if source == "file" and not file_path:
+        raise DataError("Upload a calibration file first (.txt, .json, .jsonl, .csv or .parquet).")
+    if not session.encoder:
+        config = CalibrationConfig(num_samples=num_samples, seq_len=seq_len, seed=seed)
+        if source == "builtin":
+            if builtin not in DECODER_SOURCES:
+                raise DataError(f"'{builtin}' is a labelled set for classifiers; decoders calibrate on "
+                                f"{', '.join(DECODER_SOURCES)}, a file or pasted text.")
+            docs = wikipedia_split("calibration")
+        elif source == "file":
+            docs = load_text_file(file_path)
+        else:
+            docs = _pasted_documents(pasted)
+        catcher = _WarningCatcher()
+        data_log = logging.getLogger("stat_core.data")
+        data_log.addHandler(catcher)
+        try:
+            windows = calibration_windows(tok, docs, config)
+        finally:
+            data_log.removeHandler(catcher)
+        warning = ""
+        if catcher.messages:
+            warning = (f"Warning: the calibration text is shorter than {num_samples} × {seq_len} tokens, so the "
+                       "windows overlap; statistics from repeated text are less reliable — give more text or "
+                       "ask for fewer samples.")
+        info["tokens"] = int(windows.numel())
+        return windows, None, info, warning
+    # classifiers: labelled examples, split in half (calibration on one half, accuracy on the other)
+    if source == "pasted":
+        raise DataError("A classifier calibrates on labelled examples; pick a built-in labelled set or upload "
+                        "a .csv/.json/.jsonl/.parquet file with 'text' and 'label' columns.")
+    if source == "builtin":
+        if builtin not in BUILTIN_SETS:
+            raise DataError(f"'{builtin}' is not a labelled set; classifiers calibrate on "
+                            f"{', '.join(BUILTIN_SETS)} or an uploaded labelled file.")
+        if builtin == "newsgroups" and session.model_name == DEMO_CLASSIFIER:
+            train, held = demo_classifier_split()  # the split the demo classifier was trained on
+        else:
+            train, held = load_labelled(builtin).split(seed=seed)
+    else:
+        train, held = load_labelled(file_path).split(seed=seed)
+    if len(train) == 0 or len(held) == 0:
+        raise DataError("The labelled set is too small to split into calibration and held-out halves.")
+    if num_samples < 1:
+        raise ValueError("The number of samples must be at least 1.")
+    if seq_len < 8:
+        raise ValueError("The sequence length must be at least 8 tokens.")
+    warning = ""
+    if num_samples > len(train):
+        warning = (f"Warning: only {len(train)} labelled examples are available for calibration "
+                   f"({num_samples} requested); using all of them.")
+    train = train.take(range(min(num_samples, len(train))))
+    max_len = min(seq_len, CLASSIFIER_MAX_LEN * 4)
+    data, held_set = encode_chunks(tok, train, max_len), encode(tok, held, max_len)
+    info.update(num_samples=len(train), seq_len=max_len, held_out_examples=len(held),
+                tokens=int(data.attention_mask.sum()))
+    return data, held_set, info, warning
+
+
+def _calibration_key(session, source, builtin, file_path, pasted, num_samples, seq_len, seed) -> tuple:
+    text_hash = hashlib.sha256((pasted or "").encode()).hexdigest()[:16] if source == "pasted" else ""
+    return (session.model_name, source, builtin if source == "builtin" else "", _file_identity(file_path)
+            if source == "file" else (), text_hash, int(num_samples), int(seq_len), int(seed))
+
+
+@guarded
+def calibrate(session: Session, source: str = "builtin", builtin: str = "wikipedia", file_path: str | None = None,
+              pasted: str = "", num_samples: int = 64, seq_len: int = 512, seed: int = 0,
+              progress: ProgressFn | None = None, cancel_event: threading.Event | None = None,
+              force: bool = False) -> Reply:
+    """Collect dense statistics once (the expensive step); re-budgeting later reuses them."""
+    _require_model(session)
+    key = _calibration_key(session, source, builtin, file_path, pasted, num_samples, seq_len, seed)
+    if not force and session.calibration is not None and session.calib_key == key:
+        return Reply(True, "Calibration statistics for this text are cached; nothing to recompute.",
+                     {"cached": True, "warning": session.calib_warning})
+    data, held, info, warning = build_calibration_data(session, source, builtin, file_path, pasted,
+                                                       num_samples, seq_len, seed)
+    with DEVICE_LOCK:
+        _check_cancel(cancel_event)
+        t = time.perf_counter()
+        calib = core_prune.calibrate(session.model, data, PruneConfig(sparsity=0.0),
+                                     core_progress(progress, cancel_event))
+        seconds = time.perf_counter() - t
+    info["fingerprint"] = fingerprint(session.model_name, CalibrationSet.wrap(data).input_ids)
+    session.calibration, session.calib_data, session.held_out = calib, data, held
+    session.calib_key, session.calib_info, session.calib_warning = key, info, warning
+    session.clear_results()
+    msg = f"Calibrated on {info['tokens']:,} tokens in {seconds:.1f} s."
+    return Reply(True, (warning + " " + msg) if warning else msg,
+                 {"cached": False, "warning": warning, "seconds": seconds, "timings": calib.timings})
+
+
+# --- pruning -------------------------------------------------------------------------------------
+
+def _flops_seq_len(session: Session) -> int:
+    data = session.calib_data
+    if session.encoder and isinstance(data, CalibrationSet) and data.attention_mask is not None:
+        return max(1, round(float(data.attention_mask.sum()) / len(data)))
+    return 512
+
+
+def _size_summary(model, seq_len: int) -> dict:
+    s = budget_summary(model, seq_len)
+    return {"params": count_parameters(model), "block_params": s["block_params"],
+            "block_macs_per_token": s["block_macs_per_token"], "bytes": model_bytes(model)}
+
+
+def model_bytes(model) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    return total
+
+
+def make_config(session: Session, sparsity: float, budget_kind: str = "params", uniform: bool = False,
+                mode: str = "one-shot", method: str = "stat") -> PruneConfig:
+    sparsity = float(sparsity)
+    if sparsity > 1.0:  # accept percentages
+        sparsity /= 100.0
+    return PruneConfig(sparsity=sparsity, budget_kind=budget_kind, flops_seq_len=_flops_seq_len(session),
+                       method=method, mode=mode, uniform=bool(uniform))
+
+
+def prune_copy(session: Session, config: PruneConfig, progress: ProgressFn | None = None,
+               cancel_event: threading.Event | None = None):
+    """A pruned deep copy of the session's dense model and its ``PruneResult`` (the dense model is
+    never touched). One-shot re-plans from the cached calibration; propagate re-calibrates."""
+    _require_calibration(session)
+    if config.mode == "one-shot":
+        # plan first: an impossible budget fails before any copying
+        core_prune.plan_pruning(session.model, session.calibration, config, session.model_name, session.calib_info)
+        _check_cancel(cancel_event)
+        pruned = copy.deepcopy(session.model)
+        result = core_prune.prune_from_calibration_(pruned, session.calibration, config, session.model_name,
+                                                    session.calib_info)
+    else:
+        pruned = copy.deepcopy(session.model)
+        result = core_prune.stat_prune_(pruned, session.calib_data, config, session.model_name,
+                                        core_progress(progress, cancel_event), session.calib_info)
+    return pruned, result
+
+
+@guarded
+def prune(session: Session, sparsity: float, budget_kind: str = "params", uniform: bool = False,
+          mode: str = "one-shot", method: str = "stat", progress: ProgressFn | None = None,
+          cancel_event: threading.Event | None = None) -> Reply:
+    """Prune a copy of the dense model to ``sparsity`` from cached statistics (seconds, one-shot)
+    or with layer-by-layer propagation (``mode="propagate"``: a full calibration pass)."""
+    _require_calibration(session)
+    config = make_config(session, sparsity, budget_kind, uniform, mode, method)
+    with DEVICE_LOCK:
+        _check_cancel(cancel_event)
+        t = time.perf_counter()
+        pruned, result = prune_copy(session, config, progress, cancel_event)
+        seconds = time.perf_counter() - t
+        seq = config.flops_seq_len
+        before, after = _size_summary(session.model, seq), _size_summary(pruned, seq)
+    report = {
+        "model": session.model_name, "kind": "classifier" if session.encoder else "decoder",
+        "method": config.method, "mode": config.mode, "budget_kind": config.budget_kind,
+        "sparsity_target": config.sparsity, "uniform": config.uniform, "flops_seq_len": seq,
+        "device": session.arch.get("device"), "calibration": session.calib_info,
+        "params_before": before["params"], "params_after": after["params"],
+        "block_params_before": before["block_params"], "block_params_after": after["block_params"],
+        "block_macs_per_token_before": before["block_macs_per_token"],
+        "block_macs_per_token_after": after["block_macs_per_token"],
+        "bytes_before": before["bytes"], "bytes_after": after["bytes"],
+        "block_params_removed_fraction": 1 - after["block_params"] / before["block_params"],
+        "block_flops_removed_fraction": 1 - after["block_macs_per_token"] / before["block_macs_per_token"],
+        "predicted_damage": result.plan.budget.get("predicted_damage"),
+        "seconds_prune": seconds, "seconds_prune_stages": result.timings,
+        "layers": result.plan.kept_summary(),
+    }
+    session.pruned, session.plan, session.prune_config, session.report = pruned, result.plan, config, report
+    what = "parameters" if config.budget_kind == "params" else "FLOPs"
+    removed = report["block_params_removed_fraction"] if config.budget_kind == "params" else report["block_flops_removed_fraction"]
+    return Reply(True, f"Removed {removed:.1%} of the block {what} ({config.method}, {config.mode}"
+                       f"{', uniform' if config.uniform else ''}) in {seconds:.1f} s.",
+                 {"plan": result.plan, "report": report, "seconds": seconds})
+
+
+@guarded
+def calibrate_and_prune(session: Session, calib_kwargs: dict, prune_kwargs: dict,
+                        progress: ProgressFn | None = None, cancel_event: threading.Event | None = None) -> Reply:
+    """The app's main button: calibrate if the text or sizes changed, then prune."""
+    mode = prune_kwargs.get("mode", "one-shot")
+    c = calibrate(session, **calib_kwargs, progress=progress, cancel_event=cancel_event)
+    if not c.ok:
+        return c
+    p = prune(session, **prune_kwargs, progress=progress, cancel_event=cancel_event)
+    if not p.ok:
+        return p
+    note = "re-used cached statistics" if c.data.get("cached") and mode == "one-shot" else c.message
+    warning = session.calib_warning
+    msg = f"{p.message} ({note})" if not warning or warning in note else f"{warning} {p.message} ({note})"
+    return Reply(True, msg, {**p.data, "calibration": c.data})
+
+
+# --- measurements --------------------------------------------------------------------------------
+
+@torch.no_grad()
+def latency_ms(model, tokenizer, n_tokens: int = 128, repeats: int = 3) -> float:
+    """Median wall time of one forward pass over ``n_tokens`` tokens (batch 1)."""
+    device = next(model.parameters()).device
+    vocab = min(getattr(model.config, "vocab_size", 1000), 1000)
+    ids = torch.randint(3, max(vocab, 4), (1, n_tokens), generator=torch.Generator().manual_seed(0)).to(device)
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if not is_encoder(model):
+        kwargs["use_cache"] = False
+    model(**kwargs)  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        model(**kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
+def _quality(session: Session, model, eval_tokens: int) -> dict:
+    if session.encoder:
+        if session.held_out is None:
+            return {}
+        return {"accuracy": accuracy(model, session.held_out)}
+    window = min(512, max(16, eval_tokens // 2))
+    windows = evaluation_windows(session.tokenizer, n_tokens=eval_tokens, window=window)
+    return {"perplexity": perplexity(model, windows)}
+
+
+def _metrics(session: Session, model, eval_tokens: int, seq: int) -> dict:
+    m = _quality(session, model, eval_tokens)
+    m.update(_size_summary(model, seq))
+    m["latency_ms"] = latency_ms(model, session.tokenizer)
+    return m
+
+
+def _fmt_change(before, after) -> str:
+    if before in (None, 0) or after is None:
+        return ""
+    return f"{after / before:.2f}×"
+
+
+@guarded
+def measure(session: Session, eval_tokens: int = QUICK_EVAL_TOKENS, cancel_event: threading.Event | None = None) -> Reply:
+    """Before/after table: quick perplexity (decoders) or held-out accuracy (classifiers), parameters,
+    block FLOPs, latency, size."""
+    _require_pruned(session)
+    seq = session.prune_config.flops_seq_len
+    key = (int(eval_tokens), seq)
+    with DEVICE_LOCK:
+        _check_cancel(cancel_event)
+        if session.dense_metrics.get("key") != key:
+            session.dense_metrics = {"key": key, **_metrics(session, session.model, int(eval_tokens), seq)}
+        _check_cancel(cancel_event)
+        after = _metrics(session, session.pruned, int(eval_tokens), seq)
+    before = session.dense_metrics
+    rows = []
+    if "perplexity" in after:
+        rows.append([f"perplexity (quick: {int(eval_tokens):,} eval tokens)", f"{before['perplexity']:.2f}",
+                     f"{after['perplexity']:.2f}", _fmt_change(before["perplexity"], after["perplexity"])])
+    if "accuracy" in after:
+        rows.append([f"held-out accuracy ({len(session.held_out)} examples)", f"{before['accuracy']:.1%}",
+                     f"{after['accuracy']:.1%}", f"{100 * (after['accuracy'] - before['accuracy']):+.1f} pt"])
+    rows += [
+        ["parameters (all)", f"{before['params']:,}", f"{after['params']:,}", _fmt_change(before["params"], after["params"])],
+        ["block parameters", f"{before['block_params']:,}", f"{after['block_params']:,}",
+         _fmt_change(before["block_params"], after["block_params"])],
+        [f"block FLOPs / token (MACs, seq {seq})", f"{before['block_macs_per_token']:,}",
+         f"{after['block_macs_per_token']:,}", _fmt_change(before["block_macs_per_token"], after["block_macs_per_token"])],
+        ["latency, 1×128 tokens (ms)", f"{before['latency_ms']:.1f}", f"{after['latency_ms']:.1f}",
+         _fmt_change(before["latency_ms"], after["latency_ms"])],
+        ["size (MB, weights in memory)", f"{before['bytes'] / 1e6:.1f}", f"{after['bytes'] / 1e6:.1f}",
+         _fmt_change(before["bytes"], after["bytes"])],
+    ]
+    for k in ("perplexity", "accuracy", "latency_ms"):
+        if k in after:
+            session.report[f"{k}_before"], session.report[f"{k}_after"] = before[k], after[k]
+    if "perplexity" in after:
+        session.report["perplexity_eval_tokens"] = int(eval_tokens)
+    head = (f"Perplexity {before['perplexity']:.2f} → {after['perplexity']:.2f} (quick estimate on "
+            f"{int(eval_tokens):,} tokens)." if "perplexity" in after else
+            f"Held-out accuracy {before.get('accuracy', 0):.1%} → {after.get('accuracy', 0):.1%}.")
+    return Reply(True, head, {"rows": rows, "before": before, "after": after})
+
+
+METRIC_HEADERS = ["metric", "before", "after", "after ÷ before"]
+
+
+@torch.no_grad()
+def _generate_text(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    device = next(model.parameters()).device
+    enc = tokenizer(prompt, return_tensors="pt").to(device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = model.generate(**enc, max_new_tokens=int(max_new_tokens), do_sample=False, pad_token_id=pad)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@guarded
+def generate(session: Session, prompt: str, max_new_tokens: int = 40) -> Reply:
+    """The same prompt continued greedily by the dense and the pruned decoder."""
+    _require_pruned(session)
+    if session.encoder:
+        raise ValueError("Generation is for decoders; a classifier is compared by accuracy.")
+    if not (prompt or "").strip():
+        raise ValueError("Type a prompt first.")
+    if not 1 <= int(max_new_tokens) <= 512:
+        raise ValueError("Generate between 1 and 512 new tokens.")
+    with DEVICE_LOCK:
+        before = _generate_text(session.model, session.tokenizer, prompt, max_new_tokens)
+        after = _generate_text(session.pruned, session.tokenizer, prompt, max_new_tokens)
+    return Reply(True, "Generated with greedy decoding.", {"before": before, "after": after})
+
+
+# --- comparison of methods -----------------------------------------------------------------------
+
+@guarded
+def compare(session: Session, sparsity: float, budget_kind: str = "params", uniform: bool = False,
+            eval_tokens: int = QUICK_EVAL_TOKENS, methods=COMPARE_METHODS,
+            progress: ProgressFn | None = None, cancel_event: threading.Event | None = None) -> Reply:
+    """STAT vs the same selection without correction vs magnitude vs activation norm, all at the
+    same budget from the same cached calibration."""
+    _require_calibration(session)
+    rows, results = [], []
+    with DEVICE_LOCK:
+        seq = _flops_seq_len(session)
+        dense = _quality(session, session.model, int(eval_tokens))
+        for i, method in enumerate(methods):
+            _check_cancel(cancel_event)
+            if progress is not None:
+                progress("compare", i, len(methods))
+            config = make_config(session, sparsity, budget_kind, uniform, "one-shot", method)
+            pruned, result = prune_copy(session, config, None, cancel_event)
+            q = _quality(session, pruned, int(eval_tokens))
+            sizes = _size_summary(pruned, seq)
+            results.append({"method": method, **q, "achieved": result.plan.budget["achieved"],
+                            "block_params": sizes["block_params"]})
+            del pruned
+        if progress is not None:
+            progress("compare", len(methods), len(methods))
+    metric = "perplexity" if not session.encoder else "accuracy"
+    for r in results:
+        value = r.get(metric)
+        rel = (f"{value / dense[metric]:.2f}× dense" if metric == "perplexity" else
+               f"{100 * (value - dense[metric]):+.1f} pt") if value is not None and dense else ""
+        rows.append([METHOD_LABELS[r["method"]], f"{r['achieved']:.1%}",
+                     (f"{value:.2f}" if metric == "perplexity" else f"{value:.1%}") if value is not None else "n/a", rel])
+    label = f"quick perplexity ({int(eval_tokens):,} tokens)" if metric == "perplexity" else "held-out accuracy"
+    dense_txt = (f"{dense[metric]:.2f}" if metric == "perplexity" else f"{dense[metric]:.1%}") if dense else "n/a"
+    return Reply(True, f"Dense {label}: {dense_txt}. Same budget, same calibration, four ways to choose and fix units.",
+                 {"rows": rows, "headers": ["method", "removed", label, "vs dense"], "results": results,
+                  "dense": dense, "metric": metric})
+
+
+# --- export --------------------------------------------------------------------------------------
+
+def _zip_folder(folder: Path, zip_path: Path) -> Path:
+    """Zip ``folder`` (weights stored as is: they barely compress and deflating them is slow)."""
+    tmp = zip_path.with_suffix(".zip.part")
+    with zipfile.ZipFile(tmp, "w") as zf:
+        for f in sorted(folder.rglob("*")):
+            if f.is_file():
+                method = zipfile.ZIP_STORED if f.suffix in (".safetensors", ".bin") else zipfile.ZIP_DEFLATED
+                zf.write(f, f"{folder.name}/{f.relative_to(folder)}", compress_type=method)
+    tmp.replace(zip_path)
+    return zip_path
+
+
+@guarded
+def export(session: Session) -> Reply:
+    """Write the pruned model folder (``stat_core.export``), zip it, and write its report."""
+    import json
+
+    _require_pruned(session)
+    try:
+        from stat_core.export import export_pruned
+    except ImportError as exc:
+        raise ValueError("Export is not available: this version of stat_core has no export module.") from exc
+    pct = round(100 * session.prune_config.sparsity)
+    base = Path(str(session.model_name)).name.replace(" ", "_") or "model"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = f"{base}-{session.prune_config.method}-{pct}pct-{stamp}"
+    out_dir = session.workdir / name
+    with DEVICE_LOCK:
+        info = export_pruned(session.pruned, session.tokenizer, out_dir, plan=session.plan, report=session.report,
+                             overwrite=False)
+        folder = Path(getattr(info, "path", out_dir))
+        zip_path = _zip_folder(folder, session.workdir / f"{name}.zip")
+    report_path = session.workdir / f"{name}-pruning_report.json"
+    report_path.write_text(json.dumps(session.report, indent=1, default=str))
+    size = getattr(info, "size_bytes", None)
+    size_txt = f"{size / 1e6:.1f} MB model" if size else "model"
+    return Reply(True, f"Exported a {size_txt} to {folder.name}.zip ({zip_path.stat().st_size / 1e6:.1f} MB).",
+                 {"zip": str(zip_path), "report": str(report_path), "folder": str(folder)})
+
+
+def cancel(session: Session) -> Reply:
+    session.cancel()
+    return Reply(True, "Cancelling after the current layer…")

@@ -1,0 +1,132 @@
+"""Per-user state: one :class:`Session` per browser session, never shared.
+
+Models are not deep-copyable inside ``gr.State`` and must not live in module globals shared by all
+users, so the app keeps them here, keyed by Gradio's ``request.session_hash``. A session holds the
+dense model it loaded (never modified), the cached calibration and the latest pruned copy.
+Sessions are dropped when the page unloads, and the least recently used ones are evicted when
+there are too many (each holds a model and its statistics in memory).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MAX_SESSIONS = 4
+IDLE_SECONDS = 2 * 3600
+
+
+class Cancelled(Exception):
+    """The user pressed Cancel; raised from the core's progress callback between layers."""
+
+
+@dataclass
+class Session:
+    key: str = "local"
+    # loaded model
+    model_name: str | None = None
+    model: Any = None              # the dense model: never modified (pruning works on deep copies)
+    tokenizer: Any = None
+    encoder: bool = False
+    arch: dict = field(default_factory=dict)
+    # calibration
+    calib_key: tuple | None = None
+    calib_data: Any = None         # token windows (decoders) or a CalibrationSet (encoders)
+    held_out: Any = None           # held-out CalibrationSet (classifiers' accuracy)
+    calib_info: dict = field(default_factory=dict)
+    calibration: Any = None        # stat_core.prune.Calibration (dense statistics + analyses)
+    calib_warning: str = ""
+    # latest prune
+    pruned: Any = None
+    plan: Any = None
+    prune_config: Any = None
+    report: dict = field(default_factory=dict)
+    dense_metrics: dict = field(default_factory=dict)   # cached "before" numbers
+    # cancellation of the running job (a fresh event per job, see begin_job)
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+    last_used: float = field(default_factory=time.monotonic)
+    _workdir: Path | None = None
+
+    def begin_job(self) -> threading.Event:
+        """A new cancellation flag for the job about to run; ``cancel()`` sets the current one."""
+        self.cancel_event = threading.Event()
+        return self.cancel_event
+
+    def cancel(self) -> None:
+        self.cancel_event.set()
+
+    @property
+    def workdir(self) -> Path:
+        """A private folder under the system temp dir (Gradio serves files from there)."""
+        if self._workdir is None:
+            self._workdir = Path(tempfile.mkdtemp(prefix=f"stat-app-{self.key[:12]}-"))
+        return self._workdir
+
+    def clear_results(self) -> None:
+        self.pruned = self.plan = self.prune_config = None
+        self.report = {}
+
+    def clear_model(self) -> None:
+        self.model = self.tokenizer = None
+        self.model_name = None
+        self.arch = {}
+        self.calib_key = self.calib_data = self.held_out = self.calibration = None
+        self.calib_info = {}
+        self.calib_warning = ""
+        self.dense_metrics = {}
+        self.clear_results()
+
+    def close(self) -> None:
+        self.cancel()
+        self.clear_model()
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+
+class SessionStore:
+    """``session_hash → Session`` with LRU eviction and idle expiry."""
+
+    def __init__(self, max_sessions: int = MAX_SESSIONS, idle_seconds: float = IDLE_SECONDS):
+        self.max_sessions = max_sessions
+        self.idle_seconds = idle_seconds
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str | None) -> Session:
+        key = key or "local"
+        now = time.monotonic()
+        evicted = []
+        with self._lock:
+            session = self._sessions.get(key)
+            if session is None:
+                session = self._sessions[key] = Session(key=key)
+            self._sessions.move_to_end(key)
+            session.last_used = now
+            for other_key, other in list(self._sessions.items()):
+                if other_key != key and now - other.last_used > self.idle_seconds:
+                    evicted.append(self._sessions.pop(other_key))
+            while len(self._sessions) > self.max_sessions:
+                _, oldest = self._sessions.popitem(last=False)
+                evicted.append(oldest)
+        for s in evicted:
+            s.close()
+        return session
+
+    def drop(self, key: str | None) -> None:
+        with self._lock:
+            session = self._sessions.pop(key or "local", None)
+        if session is not None:
+            session.close()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._sessions
+
+    def __len__(self) -> int:
+        return len(self._sessions)

@@ -1,0 +1,304 @@
+"""The app's handlers as plain functions, on tiny random models saved to temporary folders."""
+
+import json
+import shutil
+import zipfile
+
+import pytest
+import torch
+
+from stat_app import handlers as H
+from stat_app.sessions import Session, SessionStore
+
+from conftest import tiny_model
+
+LOREM = ("The history of the river valley begins with small farming villages along the banks. Over the "
+         "centuries trade routes crossed the region and towns grew around markets, bridges and mills. ")
+
+
+def smollm2_tokenizer_files():
+    from stat_core.models import demo_model_dir
+
+    src = demo_model_dir("smollm2-135m")
+    if not (src / "tokenizer.json").exists():
+        pytest.fail(f"the demo model cache {src} has no tokenizer; run scripts/setup.sh")
+    return [src / n for n in ("tokenizer.json", "tokenizer_config.json") if (src / n).exists()]
+
+
+@pytest.fixture(scope="module")
+def decoder_dir(tmp_path_factory):
+    """A tiny random Llama (hidden 32, 2 layers, 4 heads on 2 KV heads) with the SmolLM2 tokenizer."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama", vocab_size=49152, max_position_embeddings=512).save_pretrained(path)
+    for f in smollm2_tokenizer_files():
+        shutil.copy(f, path / f.name)
+    return path
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory):
+    """A tiny random BERT sequence classifier with the demo classifier's tokenizer."""
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    from stat_core.models import demo_model_dir
+
+    src = demo_model_dir("minilm-classifier")
+    path = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                     vocab_size=30522, max_position_embeddings=256, num_labels=2)
+    AutoModelForSequenceClassification.from_config(cfg).eval().save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="module")
+def calibrated(decoder_dir):
+    """A session with the tiny decoder loaded and calibrated on pasted text (shared, read-only use)."""
+    s = Session(key="calibrated")
+    assert H.load(s, "folder", str(decoder_dir)).ok
+    r = H.calibrate(s, "pasted", pasted=LOREM * 40, num_samples=8, seq_len=64)
+    assert r.ok, r.message
+    return s
+
+
+def one_sentence(reply):
+    assert not reply.ok
+    assert reply.message and "\n" not in reply.message and "Traceback" not in reply.message
+    return reply.message
+
+
+# --- load ----------------------------------------------------------------------------------------
+
+def test_load_tiny_decoder_shows_architecture(decoder_dir):
+    s = Session()
+    r = H.load(s, "folder", str(decoder_dir))
+    assert r.ok, r.message
+    a = r["arch"]
+    assert (a["family"], a["layers"], a["heads"], a["kv_heads"], a["mlp_width"]) == ("llama", 2, 4, 2, 64)
+    assert a["device"] == "cpu" and a["kind"] == "decoder"
+    assert a["parameters"] == sum(p.numel() for p in s.model.parameters())
+    md = H.architecture_markdown(a)
+    assert "4 / 2" in md and "64" in md
+
+
+def test_load_bad_inputs_give_one_sentence(tmp_path):
+    from transformers import GPT2Config
+
+    s = Session()
+    msg = one_sentence(H.load(s, "folder", str(tmp_path / "missing")))
+    assert "does not exist" in msg
+    (tmp_path / "empty").mkdir()
+    assert "config.json" in one_sentence(H.load(s, "folder", str(tmp_path / "empty")))
+    GPT2Config(n_embd=32, n_layer=1, n_head=2).save_pretrained(tmp_path / "gpt2")
+    msg = one_sentence(H.load(s, "folder", str(tmp_path / "gpt2")))
+    assert "gpt2" in msg and "not supported" in msg and "llama" in msg
+    assert "demo models" in one_sentence(H.load(s, "demo", "no-such-demo"))
+    assert one_sentence(H.load(s, "hub", ""))
+    assert s.model is None  # nothing half-loaded
+
+
+def test_handlers_before_loading_say_what_to_do():
+    s = Session()
+    assert "Load a model" in one_sentence(H.calibrate(s, "pasted", pasted=LOREM))
+    assert "Load a model" in one_sentence(H.prune(s, 0.3))
+    assert "Load a model" in one_sentence(H.measure(s))
+    assert "Load a model" in one_sentence(H.export(s))
+
+
+# --- calibrate -----------------------------------------------------------------------------------
+
+def test_calibration_text_problems(decoder_dir, tmp_path):
+    s = Session()
+    assert H.load(s, "folder", str(decoder_dir)).ok
+    assert "Calibrate first" in one_sentence(H.prune(s, 0.3))
+    assert "empty" in one_sentence(H.calibrate(s, "pasted", pasted="   "))
+    msg = one_sentence(H.calibrate(s, "pasted", pasted="too short", num_samples=4, seq_len=64))
+    assert "fewer than one window" in msg
+    assert "does not exist" in one_sentence(H.calibrate(s, "file", file_path=str(tmp_path / "nope.txt")))
+    (tmp_path / "data.xlsx").write_text("x")
+    assert "Unsupported" in one_sentence(H.calibrate(s, "file", file_path=str(tmp_path / "data.xlsx")))
+    assert one_sentence(H.calibrate(s, "pasted", pasted=LOREM * 5, num_samples=0, seq_len=64))
+    assert "classifiers" in one_sentence(H.calibrate(s, "builtin", builtin="newsgroups"))
+    assert s.calibration is None
+    # long enough for one window but not for the request: a warning, not an error
+    r = H.calibrate(s, "pasted", pasted=LOREM * 3, num_samples=16, seq_len=64)
+    assert r.ok and r["warning"].startswith("Warning") and "overlap" in r.message
+
+
+def test_calibration_from_file(decoder_dir, tmp_path):
+    s = Session()
+    assert H.load(s, "folder", str(decoder_dir)).ok
+    f = tmp_path / "text.jsonl"
+    f.write_text("\n".join(json.dumps({"text": LOREM * 3}) for _ in range(10)))
+    r = H.calibrate(s, "file", file_path=str(f), num_samples=4, seq_len=64)
+    assert r.ok and not r["warning"], r.message
+    assert s.calib_info["source"] == "text.jsonl" and s.calibration is not None
+
+
+# --- prune and re-budget -------------------------------------------------------------------------
+
+def test_prune_and_rebudget_reuse_the_calibration(calibrated, monkeypatch):
+    s = calibrated
+    dense_state = {k: v.clone() for k, v in s.model.state_dict().items()}
+    calib = s.calibration
+    calls = []
+    real = H.core_prune.calibrate
+    monkeypatch.setattr(H.core_prune, "calibrate", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    r30 = H.prune(s, 0.3)
+    assert r30.ok, r30.message
+    plan30 = r30["plan"]
+    assert abs(r30["report"]["block_params_removed_fraction"] - 0.3) < 0.05
+    r60 = H.prune(s, 60)  # percent accepted
+    assert r60.ok, r60.message
+    plan60 = r60["plan"]
+    assert calls == [] and s.calibration is calib  # re-budget never re-calibrates
+    assert plan60.kept_summary() != plan30.kept_summary()
+    assert sum(len(lp.kept_neurons) for lp in plan60.layers) < sum(len(lp.kept_neurons) for lp in plan30.layers)
+    assert r60["report"]["params_after"] < r30["report"]["params_after"]
+    # the dense model is untouched; the pruned copy is smaller
+    for k, v in s.model.state_dict().items():
+        assert torch.equal(v, dense_state[k]), k
+    assert s.pruned is not s.model
+    assert s.pruned.model.layers[0].mlp.down_proj.in_features == len(plan60.layers[0].kept_neurons)
+
+    # same request again: calibration cached, not recomputed
+    again = H.calibrate(s, "pasted", pasted=LOREM * 40, num_samples=8, seq_len=64)
+    assert again.ok and again["cached"] and calls == []
+    both = H.calibrate_and_prune(s, dict(source="pasted", pasted=LOREM * 40, num_samples=8, seq_len=64),
+                                 dict(sparsity=0.2))
+    assert both.ok and "cached" in both.message and calls == []
+
+
+def test_prune_options_and_impossible_budget(calibrated):
+    s = calibrated
+    msg = one_sentence(H.prune(s, 0.99))
+    assert "cannot remove 99%" in msg
+    assert one_sentence(H.prune(s, 0.3, budget_kind="bogus"))
+    u = H.prune(s, 0.3, uniform=True)
+    assert u.ok, u.message
+    counts = {(len(lp.kept_heads), len(lp.kept_neurons)) for lp in u["plan"].layers}
+    assert len(counts) == 1
+    f = H.prune(s, 0.3, budget_kind="flops")
+    assert f.ok and abs(f["report"]["block_flops_removed_fraction"] - 0.3) < 0.05
+    p = H.prune(s, 0.3, mode="propagate", progress=lambda *a: None)
+    assert p.ok and p["plan"].mode == "propagate"
+
+
+def test_cancel_leaves_dense_model_intact(decoder_dir):
+    import threading
+
+    s = Session()
+    assert H.load(s, "folder", str(decoder_dir)).ok
+    before = {k: v.clone() for k, v in s.model.state_dict().items()}
+    ev = threading.Event()
+    seen = []
+
+    def progress(stage, done, total):
+        seen.append(stage)
+        if stage == "calibrate":
+            ev.set()  # the user presses Cancel during calibration
+
+    r = H.calibrate(s, "pasted", pasted=LOREM * 40, num_samples=8, seq_len=64, progress=progress, cancel_event=ev)
+    assert not r.ok and "Cancelled" in r.message and s.calibration is None
+    assert all(torch.equal(v, before[k]) for k, v in s.model.state_dict().items())
+    assert all(p.grad is None for p in s.model.parameters())
+    # and a propagate prune cancelled half way leaves no pruned model and the dense one intact
+    assert H.calibrate(s, "pasted", pasted=LOREM * 40, num_samples=8, seq_len=64).ok
+    ev2 = threading.Event()
+    r = H.prune(s, 0.3, mode="propagate", progress=lambda st, d, t: ev2.set() if st == "propagate" else None,
+                cancel_event=ev2)
+    assert not r.ok and "Cancelled" in r.message and s.pruned is None
+    assert all(torch.equal(v, before[k]) for k, v in s.model.state_dict().items())
+    assert H.cancel(s).ok
+
+
+# --- inspect, measure, compare, export ----------------------------------------------------------
+
+def test_figures_from_a_plan(calibrated):
+    from stat_app import figures as F
+
+    r = H.prune(calibrated, 0.3)
+    plan = r["plan"]
+    heat = F.head_heatmap(plan)
+    assert heat.data[0].type == "heatmap" and len(heat.data[0].z) == 2 and len(heat.data[0].z[0]) == 4
+    kept = {(lp.layer, h) for lp in plan.layers for h in lp.kept_heads}
+    for (layer, h), v in ((lh, heat.data[0].z[lh[0]][lh[1]]) for lh in [(0, 0), (0, 1), (1, 2), (1, 3)]):
+        assert (v > 0) == ((layer, h) in kept)
+    assert "importance rank" in heat.data[0].hovertext[0][0]
+    neurons = F.neuron_view(plan)
+    assert [t.type for t in neurons.data] == ["heatmap", "bar"]
+    assert neurons.data[1].x[0] == pytest.approx(len(plan.layers[0].kept_neurons) / 64)
+    one = F.decay_curves(plan, 1)
+    assert one.layout.yaxis.type == "log"
+    assert list(one.data[0].x) == list(range(65))   # k = 0..d_ff
+    assert one.data[1].x[0] == len(plan.layers[1].kept_neurons)  # chosen cut marked
+    both = F.decay_curves(plan, None)
+    assert len([t for t in both.data if t.mode == "lines"]) == 2
+    assert F.empty_figure().layout.annotations
+
+
+def test_measure_generate_compare(calibrated):
+    s = calibrated
+    assert H.prune(s, 0.3).ok
+    m = H.measure(s, eval_tokens=256)
+    assert m.ok, m.message
+    names = [row[0] for row in m["rows"]]
+    assert names[0].startswith("perplexity (quick") and any("latency" in n for n in names)
+    assert m["after"]["params"] < m["before"]["params"] and m["after"]["bytes"] < m["before"]["bytes"]
+    assert s.report["perplexity_before"] > 1
+    g = H.generate(s, "The river", max_new_tokens=5)
+    assert g.ok and isinstance(g["before"], str) and isinstance(g["after"], str)
+    assert one_sentence(H.generate(s, "  "))
+    c = H.compare(s, 0.3, eval_tokens=256)
+    assert c.ok, c.message
+    assert [r["method"] for r in c["results"]] == list(H.COMPARE_METHODS)
+    assert all(abs(r["achieved"] - c["results"][0]["achieved"]) < 1e-9 for r in c["results"])  # same budget
+    from stat_app.figures import compare_figure
+
+    fig = compare_figure(c["results"], c["dense"], c["metric"])
+    assert len(fig.data[0].x) == 4
+
+
+def test_classifier_session(classifier_dir):
+    s = Session()
+    r = H.load(s, "folder", str(classifier_dir))
+    assert r.ok and r["arch"]["kind"] == "classifier"
+    assert "labelled" in one_sentence(H.calibrate(s, "pasted", pasted=LOREM * 20))
+    r = H.calibrate(s, "builtin", builtin="movie-reviews", num_samples=40, seq_len=64)
+    assert r.ok, r.message
+    p = H.prune(s, 0.3)
+    assert p.ok, p.message
+    m = H.measure(s)
+    assert m.ok and m["rows"][0][0].startswith("held-out accuracy")
+    assert 0 <= m["after"]["accuracy"] <= 1
+    assert one_sentence(H.generate(s, "hello"))
+
+
+def test_export_zip(calibrated):
+    pytest.importorskip("stat_core.export", reason="stat_core.export not merged yet")
+    s = calibrated
+    assert H.prune(s, 0.3).ok
+    r = H.export(s)
+    assert r.ok, r.message
+    with zipfile.ZipFile(r["zip"]) as zf:
+        names = zf.namelist()
+    assert any(n.endswith("/config.json") for n in names) and any(n.endswith("model.safetensors") for n in names)
+    assert json.loads(open(r["report"]).read())["model"] == s.model_name
+
+
+def test_sessions_are_isolated_and_cleaned_up(decoder_dir):
+    store = SessionStore(max_sessions=2)
+    a, b = store.get("a"), store.get("b")
+    assert a is not b and store.get("a") is a
+    assert H.load(a, "folder", str(decoder_dir)).ok
+    assert b.model is None
+    work = a.workdir
+    assert work.exists()
+    store.drop("a")
+    assert a.model is None and not work.exists() and "a" not in store
+    store.get("c"), store.get("d")  # LRU eviction beyond max_sessions
+    assert len(store) == 2 and "b" not in store
