@@ -5,10 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +17,7 @@ from .data import CalibrationConfig, DataError, calibration_windows, fingerprint
 from .calibrate import CalibrationSet
 from .classifier import (CLASSIFIER_MAX_LEN, DEMO_CLASSIFIER, accuracy, demo_classifier_split, encode,
                          encode_chunks)
+from .export import ExportError, atomic_output_dir, check_output_dir, export_pruned, state_dict_bytes
 from .evaluate import count_parameters, evaluation_windows, fewshot_accuracy, perplexity
 from .labelled import load_labelled
 from .models import DEMO_MODELS, ModelLoadError, is_encoder, load_model
@@ -35,7 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "(interpolative decompositions + folded corrections), no fine-tuning.")
     p.add_argument("model", help=f"demo model ({', '.join(DEMO_MODELS)}), a local Hugging Face folder, or a hub id")
     p.add_argument("--sparsity", type=float, required=True, help="fraction of block parameters (or FLOPs) to remove, e.g. 0.3")
-    p.add_argument("--out", required=True, help="folder for pruning_report.json and plan.json (must not exist or be empty)")
+    p.add_argument("--out", required=True,
+                   help="folder for the pruned model (safetensors, config, tokenizer, model card, plan.json, "
+                        "pruning_report.json); must not exist or be empty")
+    p.add_argument("--uniform", action="store_true",
+                   help="same head / KV-head / MLP counts in every layer: the folder then loads with stock "
+                        "transformers and no custom code (BERT-family models keep all heads in this mode)")
     p.add_argument("--budget", choices=BUDGET_KINDS, default="params", help="what --sparsity counts (default: params)")
     p.add_argument("--flops-seq-len", type=int, default=None,
                    help="sequence length for FLOP counting (default: 512 for decoders, the calibration set's "
@@ -69,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measure-floor", action="store_true",
                    help="also time one plain forward pass over the calibration set (the cost floor)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing --out folder (only once the new results are complete)")
+                   help="replace an existing --out folder (only once the new folder is complete)")
+    p.add_argument("--no-model", action="store_true",
+                   help="write only pruning_report.json and plan.json, not the model")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -92,35 +97,6 @@ class _Progress:
         bar.refresh()
         if done >= total:
             bar.close()
-
-
-def _check_out_dir(out: str, overwrite: bool = False) -> Path:
-    path = Path(out).expanduser()
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"Output path '{out}' is a file; give a folder path.")
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"Output folder '{out}' already exists and is not empty; choose a new folder "
-                              "or pass --overwrite.")
-    return path
-
-
-def _write_outputs(out: Path, files: dict[str, str]) -> None:
-    """Write all files into a temporary sibling folder, then rename it into place: a failure never
-    leaves a half-written output folder, and an old folder is only removed once the new one is whole."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    old = None
-    try:
-        for name, text in files.items():
-            (tmp / name).write_text(text)
-        if out.exists():
-            old = out.with_name(f".{out.name}-old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 @torch.no_grad()
@@ -163,7 +139,7 @@ def _data_for_encoder(args, tokenizer):
 
 
 def run(args: argparse.Namespace) -> dict:
-    out = _check_out_dir(args.out, args.overwrite)
+    check_output_dir(args.out, args.overwrite)  # fail before minutes of work, not after
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     encoder = is_encoder(model)
     if encoder:
@@ -178,16 +154,17 @@ def run(args: argparse.Namespace) -> dict:
     config = PruneConfig(sparsity=args.sparsity, budget_kind=args.budget, flops_seq_len=flops_seq_len,
                          method=args.method, mode=args.mode, prune_heads=not args.no_heads,
                          prune_neurons=not args.no_neurons, sensitivity_samples=args.sensitivity_samples,
-                         batch_size=args.batch_size)
+                         batch_size=args.batch_size, uniform=args.uniform)
     report: dict = {"model": args.model, "kind": "encoder-classifier" if encoder else "decoder",
                     "method": args.method, "mode": args.mode, "budget_kind": args.budget,
-                    "sparsity_target": args.sparsity, "flops_seq_len": flops_seq_len,
+                    "sparsity_target": args.sparsity, "uniform": args.uniform, "flops_seq_len": flops_seq_len,
                     "device": str(next(model.parameters()).device), "dtype": args.dtype,
                     "calibration_tokens": n_tokens, "calibration": calib_info}
     before = budget_summary(model, flops_seq_len)
     report["params_before"] = count_parameters(model)
     report["block_params_before"] = before["block_params"]
     report["block_macs_per_token_before"] = before["block_macs_per_token"]
+    report["size_on_disk_before_bytes"] = state_dict_bytes(model)  # dense weights in this dtype
 
     def measure(suffix: str) -> None:
         if args.skip_eval:
@@ -219,7 +196,14 @@ def run(args: argparse.Namespace) -> dict:
     report["block_flops_removed_fraction"] = 1 - after["block_macs_per_token"] / before["block_macs_per_token"]
     measure("after")
     report["layers"] = result.plan.kept_summary()
-    _write_outputs(out, {"pruning_report.json": json.dumps(report, indent=1), "plan.json": result.plan.to_json()})
+    if args.no_model:
+        with atomic_output_dir(args.out, args.overwrite) as tmp:
+            (tmp / "pruning_report.json").write_text(json.dumps(report, indent=1))
+            result.plan.to_json(tmp / "plan.json")
+        return report
+    info = export_pruned(model, tokenizer, args.out, plan=result.plan, report=report, overwrite=args.overwrite)
+    report["size_on_disk_after_bytes"] = info.size_bytes
+    report["export"] = {"uniform": info.uniform}
     return report
 
 
@@ -234,6 +218,9 @@ def _summary(report: dict) -> str:
     if "accuracy_before" in report:
         what = "accuracy (held-out)" if report["kind"] == "encoder-classifier" else "accuracy (few-shot reviews)"
         lines.append(f"{what + ':':<29}{report['accuracy_before']:.1%} -> {report['accuracy_after']:.1%}")
+    if "size_on_disk_after_bytes" in report:
+        lines.append(f"weights on disk  {report['size_on_disk_before_bytes'] / 1e6:.1f} MB -> "
+                     f"{report['size_on_disk_after_bytes'] / 1e6:.1f} MB")
     lines.append(f"pruning time     {report['seconds_prune']:.1f} s"
                  + (f" ({report['prune_time_over_forward']:.2f}x one forward pass over the calibration set)"
                     if "prune_time_over_forward" in report else ""))
@@ -245,11 +232,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
     try:
         report = run(args)
-    except (ModelLoadError, UnsupportedModelError, DataError, FileExistsError, ValueError) as exc:
+    except (ModelLoadError, UnsupportedModelError, DataError, ExportError, ValueError) as exc:
         print(f"stat-prune: error: {exc}", file=sys.stderr)
         return 2
     print(_summary(report))
-    print(f"wrote {Path(args.out) / 'pruning_report.json'} and plan.json")
+    if args.no_model:
+        print(f"wrote {Path(args.out) / 'pruning_report.json'} and plan.json")
+    else:
+        how = ("stock from_pretrained" if report["export"]["uniform"]
+               else "stat_core.load_pruned or from_pretrained(..., trust_remote_code=True)")
+        print(f"wrote the pruned model to {args.out} (loads with {how})")
     return 0
 
 

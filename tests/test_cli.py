@@ -93,7 +93,8 @@ def test_overwrite_replaces_only_when_complete(tiny_folder, tmp_path):
     rc = main([str(tiny_folder), "--sparsity", "0.2", "--out", str(out), "--num-samples", "2", "--seq-len", "32",
                "--sensitivity-samples", "0", "--quiet", "--skip-eval", "--overwrite"])
     assert rc == 0
-    assert sorted(p.name for p in out.iterdir()) == ["plan.json", "pruning_report.json"]
+    names = {p.name for p in out.iterdir()}
+    assert "old.txt" not in names and {"plan.json", "pruning_report.json", "model.safetensors"} <= names
     assert [p.name for p in tmp_path.iterdir()] == ["again"]  # no temporary folders left behind
 
 
@@ -146,3 +147,33 @@ def test_cli_encoder_reports_accuracy(tiny_bert_folder, tmp_path):
     assert {"accuracy_before", "accuracy_after"} <= set(report) and "perplexity_before" not in report
     assert abs(report["block_flops_removed_fraction"] - 0.3) < 0.01
     assert report["calibration"]["held_out_examples"] == 100
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+def test_cli_out_folder_is_a_loadable_model(tiny_folder, tmp_path, uniform):
+    from transformers import AutoModelForCausalLM
+
+    from stat_core.export import load_pruned
+
+    out = tmp_path / "model"
+    rc = main([str(tiny_folder), "--sparsity", "0.3", "--out", str(out), "--num-samples", "4", "--seq-len", "64",
+               "--sensitivity-samples", "0", "--quiet", "--skip-eval"] + (["--uniform"] if uniform else []))
+    assert rc == 0
+    report = json.loads((out / "pruning_report.json").read_text())
+    same_shapes = len({(l["heads"], l["kv_heads"], l["neurons"]) for l in report["layers"]}) == 1
+    assert report["export"]["uniform"] is same_shapes and (same_shapes or not uniform)
+    assert report["size_on_disk_after_bytes"] < report["size_on_disk_before_bytes"]
+    model, tokenizer = load_pruned(out)
+    ids = tokenizer("The cat sat on", return_tensors="pt").input_ids
+    expected = model.generate(ids, max_new_tokens=5, do_sample=False)
+    if uniform:  # the portable form: stock transformers, no custom code
+        stock = AutoModelForCausalLM.from_pretrained(out)
+        assert torch.equal(stock.generate(ids, max_new_tokens=5, do_sample=False), expected)
+    assert (out / "modeling_stat.py").exists() is not same_shapes
+
+
+def test_cli_no_model_writes_only_the_report(tiny_folder, tmp_path):
+    out = tmp_path / "report-only"
+    rc = main([str(tiny_folder), "--sparsity", "0.2", "--out", str(out), "--num-samples", "2", "--seq-len", "32",
+               "--sensitivity-samples", "0", "--quiet", "--skip-eval", "--no-model"])
+    assert rc == 0 and sorted(p.name for p in out.iterdir()) == ["plan.json", "pruning_report.json"]
