@@ -17,6 +17,7 @@ import copy
 import functools
 import hashlib
 import logging
+import shutil
 import statistics
 import threading
 import time
@@ -29,6 +30,7 @@ import torch
 
 from stat_core import prune as core_prune
 from stat_core.adapters import UnsupportedModelError, get_adapter
+from stat_core.budget import block_geometry
 from stat_core.calibrate import CalibrationSet
 from stat_core.classifier import (CLASSIFIER_MAX_LEN, DEMO_CLASSIFIER, accuracy, demo_classifier_split, encode,
                                   encode_chunks)
@@ -125,7 +127,7 @@ def _require_calibration(session: Session) -> None:
 
 def _require_pruned(session: Session) -> None:
     _require_model(session)
-    if session.pruned is None:
+    if session.plan is None:
         raise ValueError("Prune the model first.")
 
 
@@ -351,43 +353,47 @@ def make_config(session: Session, sparsity: float, budget_kind: str = "params", 
 
 
 def prune_copy(session: Session, config: PruneConfig, progress: ProgressFn | None = None,
-               cancel_event: threading.Event | None = None):
-    """A pruned deep copy of the session's dense model and its ``PruneResult`` (the dense model is
-    never touched). One-shot re-plans from the cached calibration; propagate re-calibrates."""
+               cancel_event: threading.Event | None = None, plan=None):
+    """A pruned deep copy of the session's dense model and its plan (the dense model is never
+    touched). One-shot re-plans from the cached calibration (or applies ``plan``); propagate
+    re-calibrates every layer on the pruned ones."""
     _require_calibration(session)
     if config.mode == "one-shot":
-        # plan first: an impossible budget fails before any copying
-        core_prune.plan_pruning(session.model, session.calibration, config, session.model_name, session.calib_info)
+        if plan is None:  # plan first: an impossible budget fails before any copying
+            plan = core_prune.plan_pruning(session.model, session.calibration, config, session.model_name,
+                                           session.calib_info)
         _check_cancel(cancel_event)
         pruned = copy.deepcopy(session.model)
-        result = core_prune.prune_from_calibration_(pruned, session.calibration, config, session.model_name,
-                                                    session.calib_info)
-    else:
-        pruned = copy.deepcopy(session.model)
-        result = core_prune.stat_prune_(pruned, session.calib_data, config, session.model_name,
-                                        core_progress(progress, cancel_event), session.calib_info)
-    return pruned, result
+        core_prune.apply_plan_(pruned, plan, session.calibration.dense_stats if config.method == "stat" else None)
+        return pruned, plan
+    pruned = copy.deepcopy(session.model)
+    result = core_prune.stat_prune_(pruned, session.calib_data, config, session.model_name,
+                                    core_progress(progress, cancel_event), session.calib_info)
+    return pruned, result.plan
 
 
-@guarded
-def prune(session: Session, sparsity: float, budget_kind: str = "params", uniform: bool = False,
-          mode: str = "one-shot", method: str = "stat", progress: ProgressFn | None = None,
-          cancel_event: threading.Event | None = None) -> Reply:
-    """Prune a copy of the dense model to ``sparsity`` from cached statistics (seconds, one-shot)
-    or with layer-by-layer propagation (``mode="propagate"``: a full calibration pass)."""
-    _require_calibration(session)
-    config = make_config(session, sparsity, budget_kind, uniform, mode, method)
-    with DEVICE_LOCK:
-        _check_cancel(cancel_event)
-        t = time.perf_counter()
-        pruned, result = prune_copy(session, config, progress, cancel_event)
-        seconds = time.perf_counter() - t
-        seq = config.flops_seq_len
-        before, after = _size_summary(session.model, seq), _size_summary(pruned, seq)
-    report = {
+def plan_sizes(model, plan, seq_len: int) -> dict:
+    """Parameters, block parameters, block MACs per token and bytes the dense ``model`` will have
+    once cut to ``plan`` (computed from the layers' geometry, no surgery needed)."""
+    adapter = get_adapter(model)
+    block_params, macs = 0, 0.0
+    for lp in plan.layers:
+        geo = block_geometry(adapter, lp.layer)
+        n_h, n_kv, k = len(lp.kept_heads), len(lp.kept_kv_heads), len(lp.kept_neurons)
+        block_params += geo.attn_params(n_h, n_kv) + geo.mlp_params(k)
+        macs += geo.attn_macs(n_h, n_kv, seq_len, adapter.is_decoder) + geo.mlp_macs(k)
+    dense = _size_summary(model, seq_len)
+    params = dense["params"] - (dense["block_params"] - block_params)
+    item = next(model.parameters()).element_size()
+    return {"params": params, "block_params": block_params, "block_macs_per_token": macs,
+            "bytes": dense["bytes"] - (dense["params"] - params) * item}
+
+
+def _report(session: Session, config: PruneConfig, plan, before: dict, after: dict, seconds: float) -> dict:
+    return {
         "model": session.model_name, "kind": "classifier" if session.encoder else "decoder",
         "method": config.method, "mode": config.mode, "budget_kind": config.budget_kind,
-        "sparsity_target": config.sparsity, "uniform": config.uniform, "flops_seq_len": seq,
+        "sparsity_target": config.sparsity, "uniform": config.uniform, "flops_seq_len": config.flops_seq_len,
         "device": session.arch.get("device"), "calibration": session.calib_info,
         "params_before": before["params"], "params_after": after["params"],
         "block_params_before": before["block_params"], "block_params_after": after["block_params"],
@@ -396,16 +402,71 @@ def prune(session: Session, sparsity: float, budget_kind: str = "params", unifor
         "bytes_before": before["bytes"], "bytes_after": after["bytes"],
         "block_params_removed_fraction": 1 - after["block_params"] / before["block_params"],
         "block_flops_removed_fraction": 1 - after["block_macs_per_token"] / before["block_macs_per_token"],
-        "predicted_damage": result.plan.budget.get("predicted_damage"),
-        "seconds_prune": seconds, "seconds_prune_stages": result.timings,
-        "layers": result.plan.kept_summary(),
+        "predicted_damage": plan.budget.get("predicted_damage"),
+        "seconds_plan": seconds, "calibration_timings": getattr(session.calibration, "timings", {}),
+        "layers": plan.kept_summary(),
     }
-    session.pruned, session.plan, session.prune_config, session.report = pruned, result.plan, config, report
+
+
+def _removed_message(report: dict, config: PruneConfig, verb: str, seconds: float) -> str:
     what = "parameters" if config.budget_kind == "params" else "FLOPs"
-    removed = report["block_params_removed_fraction"] if config.budget_kind == "params" else report["block_flops_removed_fraction"]
-    return Reply(True, f"Removed {removed:.1%} of the block {what} ({config.method}, {config.mode}"
-                       f"{', uniform' if config.uniform else ''}) in {seconds:.1f} s.",
-                 {"plan": result.plan, "report": report, "seconds": seconds})
+    removed = report["block_params_removed_fraction" if config.budget_kind == "params" else "block_flops_removed_fraction"]
+    return (f"{verb} {removed:.1%} of the block {what} ({config.method}, {config.mode}"
+            f"{', uniform' if config.uniform else ''}) in {seconds:.1f} s.")
+
+
+@guarded
+def replan(session: Session, sparsity: float, budget_kind: str = "params", uniform: bool = False,
+           method: str = "stat") -> Reply:
+    """Re-budget from the cached statistics: a new one-shot plan in well under a second, no
+    calibration and no surgery (the pruned copy is built when something needs it)."""
+    _require_calibration(session)
+    config = make_config(session, sparsity, budget_kind, uniform, "one-shot", method)
+    t = time.perf_counter()
+    plan = core_prune.plan_pruning(session.model, session.calibration, config, session.model_name, session.calib_info)
+    seconds = time.perf_counter() - t
+    seq = config.flops_seq_len
+    report = _report(session, config, plan, _size_summary(session.model, seq), plan_sizes(session.model, plan, seq),
+                     seconds)
+    session.pruned, session.plan, session.prune_config, session.report = None, plan, config, report
+    return Reply(True, _removed_message(report, config, "Planned to remove", seconds) +
+                 " The pruned copy is built when you measure, generate or export.",
+                 {"plan": plan, "report": report, "seconds": seconds})
+
+
+def ensure_pruned(session: Session, cancel_event: threading.Event | None = None):
+    """The pruned copy for the current plan, built (surgery on a deep copy) if the plan is newer."""
+    _require_pruned(session)
+    if session.pruned is None:
+        t = time.perf_counter()
+        pruned, _ = prune_copy(session, session.prune_config, None, cancel_event, plan=session.plan)
+        after = _size_summary(pruned, session.prune_config.flops_seq_len)
+        session.report.update(params_after=after["params"], block_params_after=after["block_params"],
+                              block_macs_per_token_after=after["block_macs_per_token"], bytes_after=after["bytes"],
+                              seconds_surgery=time.perf_counter() - t)
+        session.pruned = pruned
+    return session.pruned
+
+
+@guarded
+def prune(session: Session, sparsity: float, budget_kind: str = "params", uniform: bool = False,
+          mode: str = "one-shot", method: str = "stat", progress: ProgressFn | None = None,
+          cancel_event: threading.Event | None = None) -> Reply:
+    """Prune a copy of the dense model to ``sparsity``: from cached statistics (one-shot) or with
+    layer-by-layer propagation (``mode="propagate"``: a full calibration pass on the copy)."""
+    _require_calibration(session)
+    config = make_config(session, sparsity, budget_kind, uniform, mode, method)
+    with DEVICE_LOCK:
+        _check_cancel(cancel_event)
+        t = time.perf_counter()
+        pruned, plan = prune_copy(session, config, progress, cancel_event)
+        seconds = time.perf_counter() - t
+        seq = config.flops_seq_len
+        report = _report(session, config, plan, _size_summary(session.model, seq), _size_summary(pruned, seq), seconds)
+    report["seconds_prune"] = seconds
+    session.pruned, session.plan, session.prune_config, session.report = pruned, plan, config, report
+    return Reply(True, _removed_message(report, config, "Removed", seconds), {"plan": plan, "report": report,
+                                                                               "seconds": seconds})
 
 
 @guarded
@@ -484,7 +545,7 @@ def measure(session: Session, eval_tokens: int = QUICK_EVAL_TOKENS, cancel_event
         if session.dense_metrics.get("key") != key:
             session.dense_metrics = {"key": key, **_metrics(session, session.model, int(eval_tokens), seq)}
         _check_cancel(cancel_event)
-        after = _metrics(session, session.pruned, int(eval_tokens), seq)
+        after = _metrics(session, ensure_pruned(session, cancel_event), int(eval_tokens), seq)
     before = session.dense_metrics
     rows = []
     if "perplexity" in after:
@@ -539,7 +600,7 @@ def generate(session: Session, prompt: str, max_new_tokens: int = 40) -> Reply:
         raise ValueError("Generate between 1 and 512 new tokens.")
     with DEVICE_LOCK:
         before = _generate_text(session.model, session.tokenizer, prompt, max_new_tokens)
-        after = _generate_text(session.pruned, session.tokenizer, prompt, max_new_tokens)
+        after = _generate_text(ensure_pruned(session), session.tokenizer, prompt, max_new_tokens)
     return Reply(True, "Generated with greedy decoding.", {"before": before, "after": after})
 
 
@@ -561,10 +622,10 @@ def compare(session: Session, sparsity: float, budget_kind: str = "params", unif
             if progress is not None:
                 progress("compare", i, len(methods))
             config = make_config(session, sparsity, budget_kind, uniform, "one-shot", method)
-            pruned, result = prune_copy(session, config, None, cancel_event)
+            pruned, plan = prune_copy(session, config, None, cancel_event)
             q = _quality(session, pruned, int(eval_tokens))
             sizes = _size_summary(pruned, seq)
-            results.append({"method": method, **q, "achieved": result.plan.budget["achieved"],
+            results.append({"method": method, **q, "achieved": plan.budget["achieved"],
                             "block_params": sizes["block_params"]})
             del pruned
         if progress is not None:
@@ -613,16 +674,17 @@ def export(session: Session) -> Reply:
     name = f"{base}-{session.prune_config.method}-{pct}pct-{stamp}"
     out_dir = session.workdir / name
     with DEVICE_LOCK:
-        info = export_pruned(session.pruned, session.tokenizer, out_dir, plan=session.plan, report=session.report,
+        info = export_pruned(ensure_pruned(session), session.tokenizer, out_dir, plan=session.plan, report=session.report,
                              overwrite=False)
         folder = Path(getattr(info, "path", out_dir))
         zip_path = _zip_folder(folder, session.workdir / f"{name}.zip")
+    shutil.rmtree(folder, ignore_errors=True)  # the zip is what gets served; keep one copy on disk
     report_path = session.workdir / f"{name}-pruning_report.json"
     report_path.write_text(json.dumps(session.report, indent=1, default=str))
     size = getattr(info, "size_bytes", None)
     size_txt = f"{size / 1e6:.1f} MB model" if size else "model"
     return Reply(True, f"Exported a {size_txt} to {folder.name}.zip ({zip_path.stat().st_size / 1e6:.1f} MB).",
-                 {"zip": str(zip_path), "report": str(report_path), "folder": str(folder)})
+                 {"zip": str(zip_path), "report": str(report_path), "files": list(getattr(info, "files", ()))})
 
 
 def cancel(session: Session) -> Reply:

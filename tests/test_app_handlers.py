@@ -106,6 +106,7 @@ def test_handlers_before_loading_say_what_to_do():
     assert "Load a model" in one_sentence(H.prune(s, 0.3))
     assert "Load a model" in one_sentence(H.measure(s))
     assert "Load a model" in one_sentence(H.export(s))
+    assert "Load a model" in one_sentence(H.replan(s, 0.3))
 
 
 # --- calibrate -----------------------------------------------------------------------------------
@@ -164,6 +165,14 @@ def test_prune_and_rebudget_reuse_the_calibration(calibrated, monkeypatch):
         assert torch.equal(v, dense_state[k]), k
     assert s.pruned is not s.model
     assert s.pruned.model.layers[0].mlp.down_proj.in_features == len(plan60.layers[0].kept_neurons)
+
+    # the slider's re-budget: a plan only (no calibration, no surgery); the copy is built on demand
+    r45 = H.replan(s, 0.45)
+    assert r45.ok and s.pruned is None and calls == []
+    predicted = r45["report"]["block_params_after"], r45["report"]["params_after"]
+    assert H.measure(s, eval_tokens=256).ok and s.pruned is not None
+    assert (s.report["block_params_after"], s.report["params_after"]) == predicted
+    assert sum(p.numel() for p in s.pruned.parameters()) == predicted[1]
 
     # same request again: calibration cached, not recomputed
     again = H.calibrate(s, "pasted", pasted=LOREM * 40, num_samples=8, seq_len=64)

@@ -1,0 +1,297 @@
+"""The Gradio app: ``stat-app [--port N] [--host H | --expose]``.
+
+A thin shell over :mod:`stat_app.handlers`: each event looks up the caller's own
+:class:`~stat_app.sessions.Session` by ``request.session_hash``, calls one handler and turns its
+:class:`~stat_app.handlers.Reply` into component updates and plotly figures. Heavy events share one
+queue slot (``concurrency_id="device"``, ``concurrency_limit=1``): one job holds the device at a
+time, while other users can still browse their own results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import gradio as gr
+import pandas as pd
+
+from stat_core.labelled import BUILTIN_SETS
+from stat_core.models import DEMO_MODELS
+
+from . import figures as F
+from . import handlers as H
+from .sessions import MAX_SESSIONS, SessionStore
+
+log = logging.getLogger("stat_app")
+
+DEFAULT_PORT = 7860
+STAGE_LABELS = {"sensitivity": "Loss-sensitivity pass", "calibrate": "Calibrating layers",
+                "analyse": "Decomposing layers", "propagate": "Propagating (re-calibrating pruned layers)",
+                "compare": "Pruning and scoring each method"}
+DECODER_DEFAULTS = {"builtin": "wikipedia", "num_samples": 64, "seq_len": 512}
+CLASSIFIER_DEFAULTS = {"builtin": "newsgroups", "num_samples": 100, "seq_len": 128}
+
+INTRO = """# STAT workbench
+Remove whole attention heads and MLP neurons from a trained transformer and fold a least-squares
+correction into the next layer (*STAT: Shrinking Transformers After Training*, Flynn et al. 2024).
+**Load** a model → pick **calibration** text → set a **target** and prune → **inspect** what went and why →
+**compare** before/after and against simpler methods → **export** the smaller model.
+Once calibrated, moving the sparsity slider re-plans from the cached statistics in seconds."""
+
+CSS = """
+#status textarea {font-weight: 600}
+.stat-section h2 {margin-top: 0.4em}
+"""
+
+
+def _gradio_progress(progress: gr.Progress | None):
+    if progress is None:
+        return None
+
+    def fn(stage: str, done: int, total: int) -> None:
+        progress((done, total), desc=STAGE_LABELS.get(stage, stage), unit="layers" if total > 1 else "steps")
+    return fn
+
+
+def _status(reply: H.Reply) -> str:
+    return ("✅ " if reply.ok else "⚠️ ") + reply.message
+
+
+def _plan_outputs(session, layer_choice: str | None = None):
+    """(heads figure, neurons figure, decay figure, layer dropdown update, kept summary)."""
+    plan = session.plan
+    if plan is None:
+        empty = F.empty_figure()
+        return empty, empty, empty, gr.update(choices=["all layers"], value="all layers"), ""
+    choices = ["all layers"] + [f"layer {lp.layer}" for lp in plan.layers]
+    value = layer_choice if layer_choice in choices else "all layers"
+    r = session.report
+    summary = (f"**{plan.method}**, {plan.mode}, target {r['sparsity_target']:.0%} of block "
+               f"{'parameters' if r['budget_kind'] == 'params' else 'FLOPs'}"
+               f"{' (uniform)' if r.get('uniform') else ''}: removed **{r['block_params_removed_fraction']:.1%}** of block "
+               f"parameters and **{r['block_flops_removed_fraction']:.1%}** of block FLOPs; parameters "
+               f"{r['params_before']:,} → {r['params_after']:,}; planning took {r['seconds_plan']:.2f} s"
+               + (f", pruning {r['seconds_prune']:.1f} s." if "seconds_prune" in r else
+                  " (from cached statistics; the pruned copy is built when you measure, generate or export)."))
+    return (F.head_heatmap(plan), F.neuron_view(plan), _decay(plan, value),
+            gr.update(choices=choices, value=value), summary)
+
+
+def _decay(plan, choice: str | None):
+    if plan is None:
+        return F.empty_figure()
+    layer = None if not choice or choice == "all layers" else int(choice.split()[-1])
+    return F.decay_curves(plan, layer)
+
+
+def build_demo(store: SessionStore | None = None) -> gr.Blocks:
+    store = store or SessionStore()
+
+    def session_of(request: gr.Request):
+        return store.get(getattr(request, "session_hash", None))
+
+    # --- event functions -----------------------------------------------------------------------
+    def on_load(source, demo_name, path, device, request: gr.Request):
+        session = session_of(request)
+        name = demo_name if source == "demo" else path
+        reply = H.load(session, source, name, device)
+        defaults = CLASSIFIER_DEFAULTS if session.encoder else DECODER_DEFAULTS
+        empty = F.empty_figure()
+        if not reply.ok:
+            return (_status(reply), H.architecture_markdown(session.arch), gr.update(), gr.update(), gr.update(),
+                    empty, empty, empty, "")
+        choices = list(BUILTIN_SETS) if session.encoder else ["wikipedia"]
+        return (_status(reply), H.architecture_markdown(session.arch),
+                gr.update(choices=choices, value=defaults["builtin"]),
+                gr.update(value=defaults["num_samples"]), gr.update(value=defaults["seq_len"]),
+                empty, empty, empty, "")
+
+    def on_prune(calib_source, builtin, upload, pasted, num_samples, seq_len, sparsity, budget_kind, uniform, mode,
+                 layer_choice, request: gr.Request, progress=gr.Progress()):
+        session = session_of(request)
+        event = session.begin_job()
+        reply = H.calibrate_and_prune(
+            session, dict(source=calib_source, builtin=builtin, file_path=upload, pasted=pasted,
+                          num_samples=num_samples, seq_len=seq_len),
+            dict(sparsity=sparsity, budget_kind=budget_kind, uniform=uniform, mode=mode),
+            progress=_gradio_progress(progress), cancel_event=event)
+        return (_status(reply), *_plan_outputs(session, layer_choice), None if reply.ok else gr.update())
+
+    def on_rebudget(sparsity, budget_kind, uniform, mode, layer_choice, request: gr.Request):
+        session = session_of(request)
+        if session.calibration is None:
+            return ("Calibrate and prune once; after that the slider re-plans instantly.",
+                    *_plan_outputs(session, layer_choice), gr.update())
+        if mode != "one-shot":
+            return ("Re-budgeting from cached statistics is one-shot only; press Prune to run propagate mode.",
+                    *[gr.update()] * 5, gr.update())
+        reply = H.replan(session, sparsity, budget_kind, uniform)
+        return (_status(reply), *_plan_outputs(session, layer_choice), None if reply.ok else gr.update())
+
+    def on_layer(choice, request: gr.Request):
+        return _decay(session_of(request).plan, choice)
+
+    def on_measure(eval_tokens, request: gr.Request):
+        session = session_of(request)
+        reply = H.measure(session, int(eval_tokens), cancel_event=session.begin_job())
+        if not reply.ok:
+            return _status(reply), gr.update()
+        return _status(reply), pd.DataFrame(reply["rows"], columns=H.METRIC_HEADERS)
+
+    def on_generate(prompt, max_new_tokens, request: gr.Request):
+        reply = H.generate(session_of(request), prompt, int(max_new_tokens))
+        return _status(reply), reply.data.get("before", ""), reply.data.get("after", "")
+
+    def on_compare(sparsity, budget_kind, uniform, eval_tokens, request: gr.Request, progress=gr.Progress()):
+        session = session_of(request)
+        reply = H.compare(session, sparsity, budget_kind, uniform, int(eval_tokens),
+                          progress=_gradio_progress(progress), cancel_event=session.begin_job())
+        if not reply.ok:
+            return _status(reply), None, F.empty_figure(reply.message)
+        return (_status(reply), pd.DataFrame(reply["rows"], columns=reply["headers"]),
+                F.compare_figure(reply["results"], reply["dense"], reply["metric"]))
+
+    def on_export(request: gr.Request, progress=gr.Progress()):
+        progress(None, desc="Writing the model folder and zipping it")
+        reply = H.export(session_of(request))
+        if not reply.ok:
+            return _status(reply), None, None
+        return _status(reply), reply["zip"], reply["report"]
+
+    def on_cancel(request: gr.Request):
+        session = session_of(request)
+        session.cancel()
+        return "⏹ Cancelled; the loaded (dense) model is unchanged."
+
+    def on_unload(request: gr.Request):
+        store.drop(getattr(request, "session_hash", None))
+
+    # --- layout --------------------------------------------------------------------------------
+    with gr.Blocks(title="STAT workbench", delete_cache=(1800, 3600)) as demo:
+        gr.Markdown(INTRO)
+        status = gr.Textbox(label="status", value="Load a model to start.", interactive=False, elem_id="status")
+
+        gr.Markdown("## 1 · Model")
+        with gr.Row():
+            with gr.Column(scale=1):
+                source = gr.Radio(["demo", "folder", "hub"], value="demo", label="source")
+                demo_name = gr.Dropdown(list(DEMO_MODELS), value="smollm2-135m", label="demo model",
+                                        info="; ".join(f"{k}: {v['description']}" for k, v in DEMO_MODELS.items()))
+                path = gr.Textbox(label="local folder or hub id", placeholder="/path/to/model or org/name")
+                device = gr.Dropdown(["auto", "cpu", "cuda"], value="auto", label="device")
+                load_btn = gr.Button("Load model", variant="primary", elem_id="load_btn")
+            with gr.Column(scale=1):
+                arch = gr.Markdown(H.architecture_markdown({}), elem_id="arch")
+
+        gr.Markdown("## 2 · Calibration text")
+        with gr.Row():
+            calib_source = gr.Radio(["builtin", "file", "pasted"], value="builtin", label="calibrate on")
+            builtin = gr.Dropdown(["wikipedia"], value="wikipedia", label="built-in text",
+                                  info="decoders: Wikipedia sample (calibration split); classifiers: labelled sets")
+            num_samples = gr.Number(value=64, precision=0, minimum=1, maximum=4096, label="samples", elem_id="num_samples")
+            seq_len = gr.Number(value=512, precision=0, minimum=8, maximum=8192, label="sequence length (tokens)",
+                                elem_id="seq_len")
+        with gr.Row():
+            upload = gr.File(label="or upload: .txt / .json / .jsonl / .csv / .parquet (classifiers: text + label columns)",
+                             file_types=[".txt", ".json", ".jsonl", ".csv", ".parquet"], type="filepath")
+            pasted = gr.Textbox(label="or paste text", lines=4)
+
+        gr.Markdown("## 3 · Target")
+        with gr.Row():
+            sparsity = gr.Slider(0, 90, value=30, step=1, label="remove % of block parameters / FLOPs",
+                                 elem_id="sparsity")
+            budget_kind = gr.Radio(["params", "flops"], value="params", label="budget counts")
+            uniform = gr.Checkbox(False, label="uniform layers (same counts everywhere; stock-loadable export)")
+            mode = gr.Radio(["one-shot", "propagate"], value="one-shot", label="mode",
+                            info="propagate re-calibrates each layer on the pruned ones (slower, no instant re-budget)")
+        with gr.Row():
+            prune_btn = gr.Button("Calibrate & prune", variant="primary", elem_id="prune_btn")
+            cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel_btn")
+        summary = gr.Markdown(elem_id="summary")
+
+        gr.Markdown("## 4 · Inspect")
+        with gr.Row():
+            heads_plot = gr.Plot(label="layers × heads", elem_id="heads_plot")
+            neurons_plot = gr.Plot(label="layers × neurons", elem_id="neurons_plot")
+        layer_pick = gr.Dropdown(["all layers"], value="all layers", label="decay curves for")
+        decay_plot = gr.Plot(label="decay curves", elem_id="decay_plot")
+
+        gr.Markdown("## 5 · Before / after")
+        with gr.Row():
+            eval_tokens = gr.Slider(512, 16384, value=H.QUICK_EVAL_TOKENS, step=512,
+                                    label="perplexity eval tokens (quick estimate; the README protocol uses 16,384)")
+            measure_btn = gr.Button("Measure before / after", elem_id="measure_btn")
+        metrics = gr.Dataframe(headers=H.METRIC_HEADERS, label="before / after", interactive=False, elem_id="metrics")
+        with gr.Row():
+            prompt = gr.Textbox(value="The history of the city", label="prompt (decoders)", scale=3)
+            max_new = gr.Number(value=40, precision=0, minimum=1, maximum=512, label="new tokens", scale=1)
+            gen_btn = gr.Button("Generate with both", scale=1)
+        with gr.Row():
+            gen_before = gr.Textbox(label="dense model", lines=4, interactive=False)
+            gen_after = gr.Textbox(label="pruned model", lines=4, interactive=False)
+
+        gr.Markdown("## 6 · Compare methods at the same budget")
+        compare_btn = gr.Button("Compare STAT / no correction / magnitude / activation norm", elem_id="compare_btn")
+        compare_table = gr.Dataframe(headers=["method", "removed", "quality", "vs dense"], interactive=False)
+        compare_plot = gr.Plot(label="comparison")
+
+        gr.Markdown("## 7 · Export")
+        export_btn = gr.Button("Export pruned model (zip)", elem_id="export_btn")
+        with gr.Row():
+            export_zip = gr.File(label="pruned model folder (zip)", interactive=False, elem_id="export_zip")
+            export_report = gr.File(label="pruning report (JSON)", interactive=False, elem_id="export_report")
+
+        # --- events -----------------------------------------------------------------------------
+        heavy = dict(concurrency_limit=1, concurrency_id="device")
+        plan_outputs = [heads_plot, neurons_plot, decay_plot, layer_pick, summary]
+        load_evt = load_btn.click(on_load, [source, demo_name, path, device],
+                                  [status, arch, builtin, num_samples, seq_len, heads_plot, neurons_plot, decay_plot,
+                                   summary], api_name="load", **heavy)
+        prune_evt = prune_btn.click(on_prune, [calib_source, builtin, upload, pasted, num_samples, seq_len, sparsity,
+                                               budget_kind, uniform, mode, layer_pick],
+                                    [status, *plan_outputs, metrics], api_name="prune", **heavy)
+        rebudget_inputs = [sparsity, budget_kind, uniform, mode, layer_pick]
+        rebudget_evts = [sparsity.release(on_rebudget, rebudget_inputs, [status, *plan_outputs, metrics],
+                                          api_name="rebudget", **heavy)]
+        for control in (budget_kind, uniform):
+            rebudget_evts.append(control.input(on_rebudget, rebudget_inputs, [status, *plan_outputs, metrics],
+                                               api_name=False, **heavy))
+        layer_pick.input(on_layer, [layer_pick], [decay_plot], api_name="decay", show_progress="hidden")
+        measure_evt = measure_btn.click(on_measure, [eval_tokens], [status, metrics], api_name="measure", **heavy)
+        gen_evt = gen_btn.click(on_generate, [prompt, max_new], [status, gen_before, gen_after], api_name="generate",
+                                **heavy)
+        compare_evt = compare_btn.click(on_compare, [sparsity, budget_kind, uniform, eval_tokens],
+                                        [status, compare_table, compare_plot], api_name="compare", **heavy)
+        export_btn.click(on_export, None, [status, export_zip, export_report], api_name="export", **heavy)
+        cancel_btn.click(on_cancel, None, [status], api_name="cancel",
+                         cancels=[load_evt, prune_evt, measure_evt, gen_evt, compare_evt, *rebudget_evts])
+        demo.unload(on_unload)
+    return demo
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stat-app", description="STAT workbench: prune transformers in the browser.")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
+    p.add_argument("--expose", action="store_true", help="bind 0.0.0.0 (reachable from other machines)")
+    p.add_argument("--max-sessions", type=int, default=MAX_SESSIONS,
+                   help=f"sessions kept in memory at once; the least recently used is dropped (default {MAX_SESSIONS})")
+    return p
+
+
+def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = DEFAULT_PORT, **kwargs):
+    demo.queue(default_concurrency_limit=4)
+    return demo.launch(server_name=host, server_port=port, theme=gr.themes.Soft(), css=CSS, **kwargs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+    host = "0.0.0.0" if args.expose else args.host
+    demo = build_demo(SessionStore(max_sessions=args.max_sessions))
+    launch(demo, host, args.port)
+
+
+if __name__ == "__main__":
+    main()
