@@ -1,0 +1,94 @@
+"""The benchmark scripts in their smallest setting (random tiny models, no downloads), so they cannot
+rot, and the Torch-Pruning workaround checked against the project's own surgery."""
+
+import copy
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_model
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+
+def bench(name):
+    return importlib.import_module(name)
+
+
+@pytest.mark.parametrize("family,kind", [("llama", "magnitude"), ("llama", "activation"), ("qwen2", "activation")])
+def test_torch_pruning_matches_hand_built_model(family, kind, windows):
+    """Torch-Pruning's cut (its importance + its prune functions on hand-built groups) equals the
+    project's own surgery applied to the same kept indices: same shapes, same logits."""
+    pytest.importorskip("torch_pruning")
+    tp_peer = bench("tp_peer")
+    from stat_core.plan import LayerPlan, PrunePlan
+    from stat_core.prune import PruneConfig, apply_plan_, calibrate, plan_pruning
+
+    dense = tiny_model(family, num_attention_heads=4, num_key_value_heads=2)
+    calib = calibrate(dense, windows, PruneConfig(sparsity=0.0, sensitivity_samples=2))
+    plan = plan_pruning(dense, calib, PruneConfig(sparsity=0.4))
+    assert any(len(lp.kept_heads) < lp.num_heads for lp in plan.layers)  # heads really go
+
+    pruned = copy.deepcopy(dense)
+    sums = tp_peer.accumulate_activation_importance(pruned, windows) if kind == "activation" else None
+    kept = tp_peer.tp_prune_like_plan_(pruned, plan, kind, sums)["layers"]
+    for lp, k in zip(plan.layers, kept):  # STAT's per-layer counts
+        assert (len(k["heads"]), len(k["kv_heads"]), len(k["neurons"])) == \
+            (len(lp.kept_heads), len(lp.kept_kv_heads), len(lp.kept_neurons))
+
+    by_hand = copy.deepcopy(dense)
+    hand_plan = PrunePlan(**{**plan.__dict__, "layers": [
+        LayerPlan(**{**lp.__dict__, "kept_heads": k["heads"], "kept_kv_heads": k["kv_heads"], "kept_neurons": k["neurons"]})
+        for lp, k in zip(plan.layers, kept)]})
+    apply_plan_(by_hand, hand_plan, None)
+    assert [p.shape for p in pruned.parameters()] == [p.shape for p in by_hand.parameters()]
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(windows).logits, by_hand(windows).logits, rtol=0, atol=0)
+
+
+def test_torch_pruning_magnitude_ranks_like_group_norm(windows):
+    """TP's MagnitudeImportance on the hand-built MLP group is the summed squared row/column norm
+    (mean over members), i.e. the same ranking as the project's magnitude baseline."""
+    pytest.importorskip("torch_pruning")
+    tp_peer = bench("tp_peer")
+    from stat_core.adapters import get_adapter
+    from stat_core.prune import magnitude_neuron_order
+
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    score = tp_peer._score(tp_peer.importance_object("magnitude"), tp_peer.mlp_members(adapter, 0), 64)
+    assert torch.equal(torch.argsort(score, descending=True), magnitude_neuron_order(adapter, 0))
+
+
+def test_quality_tiny(tmp_path):
+    pytest.importorskip("torch_pruning")
+    assert bench("quality").main(["--tiny", "--out-dir", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "quality.json").read_text())
+    methods = {r["method"] for r in data["records"]}
+    assert methods == {"dense", "stat", "no-correction", "magnitude", "activation-norm", "tp-magnitude", "tp-activation"}
+    for r in data["records"]:
+        assert r["perplexity"] > 1 and 0 <= r["removed_fraction"] < 1
+        if r["method"] != "dense":
+            assert abs(r["removed_fraction"] - r["budget"]) < 0.02
+    assert "| 20% |" in (tmp_path / "quality.md").read_text()
+
+
+def test_cost_tiny(tmp_path):
+    assert bench("cost").main(["--tiny", "--out-dir", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "cost.json").read_text())
+    assert len(data["records"]) == 4 and all(r["seconds_prune"] > 0 and r["seconds_forward"] > 0 for r in data["records"])
+    assert len(data["fits"]) == 2
+    assert "time ÷ forward" in (tmp_path / "cost.md").read_text()
+
+
+def test_speed_tiny(tmp_path):
+    assert bench("speed").main(["--tiny", "--out-dir", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "speed.json").read_text())
+    dense, pruned = data["records"]
+    assert dense["method"] == "dense" and pruned["method"] == "stat"
+    assert pruned["ideal_prefill"] > 1 and pruned["ideal_decode"] > 1 and pruned["decode_tok_s"] > 0
