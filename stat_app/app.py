@@ -85,7 +85,7 @@ def _decay(plan, choice: str | None):
 
 
 def build_demo(store: SessionStore | None = None) -> gr.Blocks:
-    store = store or SessionStore()
+    store = SessionStore() if store is None else store
 
     def session_of(request: gr.Request):
         return store.get(getattr(request, "session_hash", None))
