@@ -1,0 +1,132 @@
+"""The served app in a real headless Chromium (Playwright driving Debian's /usr/bin/chromium).
+
+Loads the demo model SmolLM2-135M, calibrates on a small slice of the built-in Wikipedia text
+(8 × 256 tokens, to keep CI time down), prunes 30%, checks that the heatmap and decay plots render,
+downloads the export zip and saves screenshots to docs/screenshots/.
+"""
+
+import re
+import socket
+import zipfile
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+CALIBRATION_TIMEOUT_MS = 540_000  # 8 × 256 tokens on SmolLM2 on 2 busy CPU cores: about 1–2.5 minutes
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.filterwarnings("ignore:.*no_silent_downcasting", "ignore:The copy keyword is deprecated")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url():
+    from stat_app.app import build_demo, launch
+
+    demo = build_demo()
+    port = free_port()
+    launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: the browser test needs Debian's chromium "
+                    "(scripts/setup.sh installs it: apt-get install -y chromium).")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                    "--disable-component-update", "--disable-sync"])
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def status_value(page) -> str:
+    return page.locator("#status textarea").input_value()
+
+
+def wait_status(page, pattern: str, timeout_ms: int):
+    """Wait until the status box matches ``pattern``; fail fast with its text if it shows a warning."""
+    rx = re.compile(pattern)
+    page.wait_for_function(
+        """([sel, pat]) => { const el = document.querySelector(sel);
+             return el && (new RegExp(pat).test(el.value) || el.value.startsWith('⚠️')); }""",
+        arg=["#status textarea", pattern], timeout=timeout_ms, polling=500)
+    text = status_value(page)
+    assert rx.search(text), text
+    return text
+
+
+def test_load_calibrate_prune_inspect_export(app_url, browser, tmp_path):
+    from stat_core.models import demo_model_dir
+
+    if not (demo_model_dir("smollm2-135m") / "config.json").exists():
+        pytest.fail("the demo model smollm2-135m is not in the cache; run scripts/setup.sh")
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+    try:
+        page.goto(app_url, wait_until="domcontentloaded")  # "networkidle" never comes: the heartbeat stream stays open
+        page.locator("#load_btn").wait_for(timeout=60_000)
+        page.locator("#load_btn").click()
+        wait_status(page, r"^✅ Loaded smollm2-135m", 120_000)
+        assert "9 / 3" in page.locator("#arch").inner_text()  # heads / KV heads
+
+        for elem, value in (("#num_samples", "8"), ("#seq_len", "256")):
+            box = page.locator(f"{elem} input")
+            box.fill(value)
+            box.press("Tab")
+        page.locator("#prune_btn").click()
+        text = wait_status(page, r"^✅ Removed", CALIBRATION_TIMEOUT_MS)
+        removed = float(re.search(r"Removed (\d+\.\d)%", text).group(1))
+        assert abs(removed - 30) < 1.0, text
+        assert "Calibrated on 2,048 tokens" in text, text
+
+        heads = page.locator("#heads_plot .js-plotly-plot")
+        heads.wait_for(timeout=30_000)
+        assert page.locator("#heads_plot .heatmaplayer").count() >= 1
+        assert page.locator("#neurons_plot .js-plotly-plot .heatmaplayer").count() >= 1
+        decay = page.locator("#decay_plot .js-plotly-plot")
+        decay.wait_for(timeout=30_000)
+        assert page.locator("#decay_plot .scatterlayer .trace").count() >= 30  # one curve per layer (+ markers)
+        page.screenshot(path=str(SCREENSHOTS / "app-overview.png"), full_page=True)
+        page.locator("#heads_plot").screenshot(path=str(SCREENSHOTS / "heads-heatmap.png"))
+        page.locator("#neurons_plot").screenshot(path=str(SCREENSHOTS / "neurons.png"))
+        decay.scroll_into_view_if_needed()
+        page.locator("#decay_plot").screenshot(path=str(SCREENSHOTS / "decay-curves.png"))
+
+        page.locator("#export_btn").click()
+        wait_status(page, r"^✅ Exported", 300_000)
+        link = page.locator("#export_zip a").first
+        link.wait_for(timeout=30_000)
+        with page.expect_download(timeout=120_000) as info:
+            link.click()
+        target = tmp_path / info.value.suggested_filename
+        info.value.save_as(target)
+        assert target.suffix == ".zip"
+        with zipfile.ZipFile(target) as zf:
+            names = zf.namelist()
+            assert zf.testzip() is None
+        assert any(n.endswith("/config.json") for n in names), names
+        assert any(n.endswith("/model.safetensors") for n in names), names
+        page.locator("#export_btn").scroll_into_view_if_needed()
+        page.screenshot(path=str(SCREENSHOTS / "export.png"))
+    except Exception:
+        page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)  # kept in pytest's tmp dir
+        raise
+    finally:
+        page.close()
