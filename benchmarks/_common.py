@@ -73,3 +73,58 @@ def forward_seconds(model, windows: torch.Tensor, batch_size: int = 8) -> float:
 
 def median(xs):
     return statistics.median(xs) if xs else float("nan")
+
+
+def svg_line_plot(series: dict, path: Path, title: str, xlabel: str, ylabel: str, hline: float | None = None,
+                  hline_label: str = "", log_y: bool = True, width: int = 760, height: int = 440) -> None:
+    """A dependency-free static SVG line plot (the README shows it; plotly's HTML needs a browser and
+    kaleido is not installed). ``series``: ``{name: [(x, y), ...]}``; x as fractions (shown in %)."""
+    import math
+
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+    ml, mr, mt, mb = 70, 170, 40, 50
+    xs = [x for pts in series.values() for x, _ in pts]
+    ys = [y for pts in series.values() for _, y in pts] + ([hline] if hline else [])
+    f = (lambda v: math.log10(v)) if log_y else (lambda v: v)
+    step = 0.1 if max(xs) > 0.3 else 0.05
+    x0, x1 = 0.0, (math.floor(max(xs) / step) + 1) * step
+    y0, y1 = math.floor(f(min(ys))), math.ceil(f(max(ys)))
+    if y1 == y0:
+        y1 = y0 + 1
+
+    def px(x):
+        return ml + (x - x0) / (x1 - x0) * (width - ml - mr)
+
+    def py(y):
+        return height - mb - (f(y) - y0) / (y1 - y0) * (height - mt - mb)
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
+           '<rect width="100%" height="100%" fill="white"/>',
+           f'<text x="{width / 2}" y="22" text-anchor="middle" font-size="14">{title}</text>']
+    for e in range(int(y0), int(y1) + 1) if log_y else []:
+        y = 10 ** e
+        out.append(f'<line x1="{ml}" x2="{width - mr}" y1="{py(y):.1f}" y2="{py(y):.1f}" stroke="#ddd"/>')
+        out.append(f'<text x="{ml - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{y:g}</text>')
+    for i in range(int(round(x1 / step)) + 1):
+        x = i * step
+        out.append(f'<line x1="{px(x):.1f}" x2="{px(x):.1f}" y1="{mt}" y2="{height - mb}" stroke="#eee"/>')
+        out.append(f'<text x="{px(x):.1f}" y="{height - mb + 16}" text-anchor="middle">{x:.0%}</text>')
+    out.append(f'<rect x="{ml}" y="{mt}" width="{width - ml - mr}" height="{height - mt - mb}" fill="none" stroke="#333"/>')
+    out.append(f'<text x="{(ml + width - mr) / 2}" y="{height - 12}" text-anchor="middle">{xlabel}</text>')
+    out.append(f'<text x="16" y="{(mt + height - mb) / 2}" text-anchor="middle" '
+               f'transform="rotate(-90 16 {(mt + height - mb) / 2})">{ylabel}</text>')
+    if hline:
+        out.append(f'<line x1="{ml}" x2="{width - mr}" y1="{py(hline):.1f}" y2="{py(hline):.1f}" stroke="#333" '
+                   'stroke-dasharray="6 4"/>')
+        out.append(f'<text x="{width - mr + 6}" y="{py(hline) + 4:.1f}">{hline_label}</text>')
+    for i, (name, pts) in enumerate(series.items()):
+        c = colors[i % len(colors)]
+        pts = sorted(pts)
+        out.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="'
+                   + " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts) + '"/>')
+        out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{c}"/>' for x, y in pts]
+        ly = mt + 20 + 18 * i
+        out.append(f'<line x1="{width - mr + 8}" x2="{width - mr + 28}" y1="{ly}" y2="{ly}" stroke="{c}" stroke-width="2"/>')
+        out.append(f'<text x="{width - mr + 32}" y="{ly + 4}">{name}</text>')
+    out.append("</svg>")
+    Path(path).write_text("\n".join(out))

@@ -23,8 +23,8 @@ correction is folded in differ:
 Perplexity for every point; few-shot accuracy (movie reviews, ~40 s per model) for the dense model
 and the methods in ``--fewshot-methods``. The demo classifier (MiniLM, newsgroups) gets held-out
 accuracy, window accuracy and KL to the dense predictions for the same methods (its own single
-calibration). Writes ``quality.json`` (list of records), ``quality.md`` and ``quality.html``
-(plotly; log perplexity vs fraction removed, dense dashed).
+calibration). Writes ``quality.json`` (list of records), ``quality.md``, ``quality.svg`` (static plot:
+log perplexity vs fraction removed, dense dashed) and ``quality.html`` (the same in plotly).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tp_peer  # noqa: E402
-from _common import RESULTS, machine_note, random_windows, tiny_llama, write_results  # noqa: E402
+from _common import RESULTS, machine_note, random_windows, svg_line_plot, tiny_llama, write_results  # noqa: E402
 
 from stat_core.prune import PruneConfig, budget_summary, calibrate, plan_pruning, prune_from_calibration_  # noqa: E402
 
@@ -57,8 +57,17 @@ def prune_copy(dense, calib, plan, method: str, budget: float, act_sums: dict | 
     if method in STAT_METHODS:
         prune_from_calibration_(model, calib, PruneConfig(sparsity=budget, method=method))
     else:
-        tp_peer.tp_prune_like_plan_(model, plan, method.removeprefix("tp-"), act_sums)
+        model.tp_kept = tp_peer.tp_prune_like_plan_(model, plan, method.removeprefix("tp-"), act_sums)["layers"]
     return model, time.perf_counter() - t
+
+
+def kept_units(plan) -> list[dict]:
+    return [{"heads": sorted(lp.kept_heads), "kv_heads": sorted(lp.kept_kv_heads), "neurons": sorted(lp.kept_neurons)}
+            for lp in plan.layers]
+
+
+def tp_units_equal(tp_kept: list[dict], units: list[dict]) -> bool:
+    return all({k: sorted(v) for k, v in a.items()} == b for a, b in zip(tp_kept, units))
 
 
 def run_decoder(args, records: list, meta: dict, save) -> None:
@@ -97,13 +106,22 @@ def run_decoder(args, records: list, meta: dict, save) -> None:
           f"{meta[name]['seconds_tp_activation_pass']:.0f} s", flush=True)
     for budget in args.budgets:
         plan = plan_pruning(dense, calib, PruneConfig(sparsity=budget))
+        mag_units = kept_units(plan_pruning(dense, calib, PruneConfig(sparsity=budget, method="magnitude")))
+        done: dict = {}
         for method in args.methods:
             model, seconds = prune_copy(dense, calib, plan, method, budget, act_sums)
             summary = budget_summary(model)
             rec = {"model": name, "method": method, "budget": budget,
                    "removed_fraction": 1 - summary["block_params"] / dense_params,
                    "removed_macs_fraction": 1 - summary["block_macs_per_token"] / dense_macs,
-                   "perplexity": perplexity(model, ev), "seconds_prune_from_calibration": seconds}
+                   "seconds_prune_from_calibration": seconds}
+            if method == "tp-magnitude" and "magnitude" in done and tp_units_equal(model.tp_kept, mag_units):
+                # TP's group-L2 importance picks exactly the units of our magnitude baseline (checked
+                # here, unit by unit): same pruned model, so the perplexity is not measured twice.
+                rec.update(perplexity=done["magnitude"]["perplexity"], same_units_as="magnitude")
+            else:
+                rec["perplexity"] = perplexity(model, ev)
+            done[method] = rec
             if method in fewshot:
                 rec["fewshot_accuracy"] = fewshot_accuracy(model, tok)
             records.append(rec)
@@ -203,16 +221,23 @@ def markdown(records: list[dict], meta: dict) -> str:
     return "\n".join(out)
 
 
-def plot_html(records: list[dict], path: Path) -> bool:
-    try:
-        import plotly.graph_objects as go
-    except ImportError:
-        return False
+def plot(records: list[dict], path: Path) -> bool:
+    """``path``.svg (static, for the README) and ``path``.html (plotly, interactive)."""
     decoders = sorted({r["model"] for r in records if "perplexity" in r})
     if not decoders:
         return False
     name = decoders[0]
     rs = [r for r in records if r["model"] == name]
+    dense = next(r["perplexity"] for r in rs if r["method"] == "dense")
+    series = {LABELS[m]: [(r["removed_fraction"], r["perplexity"]) for r in rs if r["method"] == m]
+              for m in METHODS if any(r["method"] == m for r in rs)}
+    svg_line_plot(series, path.with_suffix(".svg"), f"{name}: perplexity at equal budget",
+                  "fraction of block parameters removed", "perplexity (log scale)", hline=dense,
+                  hline_label=f"dense {dense:.2f}")
+    try:
+        import plotly.graph_objects as go
+    except ImportError:
+        return False
     fig = go.Figure()
     for m in METHODS:
         pts = sorted((r["removed_fraction"], r["perplexity"]) for r in rs if r["method"] == m)
@@ -230,12 +255,13 @@ def plot_html(records: list[dict], path: Path) -> bool:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--budgets", default="0.1,0.2,0.3,0.4,0.5")
+    p.add_argument("--budgets", default="0.3,0.1,0.5,0.2,0.4", help="in this order (tables are sorted); "
+                   "results are saved after each budget, so the most telling ones go first")
     p.add_argument("--classifier-budgets", default="0.2,0.3,0.4,0.5")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--eval-tokens", type=int, default=16_384)
-    p.add_argument("--fewshot-methods", default="stat,no-correction,tp-activation")
+    p.add_argument("--fewshot-methods", default="stat")
     p.add_argument("--no-fewshot", action="store_true")
     p.add_argument("--no-classifier", action="store_true")
     p.add_argument("--no-decoder", action="store_true")
@@ -243,7 +269,13 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="random tiny Llama, no downloads (smoke test)")
     p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--name", default="quality")
+    p.add_argument("--replot", action="store_true", help="rewrite .md/.svg/.html from the existing .json")
     args = p.parse_args(argv)
+    if args.replot:
+        data = json.loads((Path(args.out_dir) / f"{args.name}.json").read_text())
+        write_results(Path(args.out_dir), args.name, data, markdown(data["records"], data["meta"]))
+        plot(data["records"], Path(args.out_dir) / f"{args.name}.html")
+        return 0
     torch.manual_seed(0)
     args.budgets = [float(s) for s in args.budgets.split(",")]
     args.classifier_budgets = [float(s) for s in args.classifier_budgets.split(",")]
@@ -268,7 +300,7 @@ def main(argv=None) -> int:
     meta["seconds_total"] = time.perf_counter() - t0
     meta["machine_end"] = machine_note()
     save()
-    plot_html(records, out_dir / f"{args.name}.html")
+    plot(records, out_dir / f"{args.name}.html")
     print(markdown(records, meta))
     return 0
 

@@ -152,8 +152,12 @@ def tp_prune_like_plan_(model, plan, kind: str, activation_sums: dict | None = N
             drop_n = [j for j in range(shape.intermediate_size) if j not in set(neurons)]
             if drop_n:
                 make_group(mlp_members(adapter, layer), drop_n).prune(record_history=False)
-                if hasattr(adapter.mlp(layer), "intermediate_size"):
-                    adapter.mlp(layer).intermediate_size = len(neurons)
+                try:  # decoders' MLP modules record their width (encoders' adapters have no mlp())
+                    mlp = adapter.mlp(layer)
+                except NotImplementedError:
+                    mlp = None
+                if hasattr(mlp, "intermediate_size"):
+                    mlp.intermediate_size = len(neurons)
             kept.append({"heads": heads, "kv_heads": kvs, "neurons": neurons})
     finally:
         for m in model.modules():

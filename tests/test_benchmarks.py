@@ -92,3 +92,29 @@ def test_speed_tiny(tmp_path):
     dense, pruned = data["records"]
     assert dense["method"] == "dense" and pruned["method"] == "stat"
     assert pruned["ideal_prefill"] > 1 and pruned["ideal_decode"] > 1 and pruned["decode_tok_s"] > 0
+
+
+@pytest.mark.parametrize("kind", ["magnitude", "activation"])
+def test_torch_pruning_matches_hand_built_encoder(kind):
+    """Same check on a BERT classifier (multi-head attention: q, k, v rows and o columns per head)."""
+    pytest.importorskip("torch_pruning")
+    from test_encoders import padded_set, tiny_classifier
+
+    tp_peer = bench("tp_peer")
+    from stat_core.plan import LayerPlan, PrunePlan
+    from stat_core.prune import PruneConfig, apply_plan_, calibrate, plan_pruning
+
+    dense = tiny_classifier("bert")
+    data = padded_set()
+    calib = calibrate(dense, data, PruneConfig(sparsity=0.0, sensitivity_samples=4))
+    plan = plan_pruning(dense, calib, PruneConfig(sparsity=0.4))
+    pruned = copy.deepcopy(dense)
+    sums = tp_peer.accumulate_activation_importance(pruned, data) if kind == "activation" else None
+    kept = tp_peer.tp_prune_like_plan_(pruned, plan, kind, sums)["layers"]
+    by_hand = copy.deepcopy(dense)
+    apply_plan_(by_hand, PrunePlan(**{**plan.__dict__, "layers": [
+        LayerPlan(**{**lp.__dict__, "kept_heads": k["heads"], "kept_kv_heads": k["kv_heads"], "kept_neurons": k["neurons"]})
+        for lp, k in zip(plan.layers, kept)]}), None)
+    inputs = data.model_inputs("cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(**inputs).logits, by_hand(**inputs).logits, rtol=0, atol=0)
