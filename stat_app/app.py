@@ -251,11 +251,16 @@ def build_demo(store: SessionStore | None = None) -> gr.Blocks:
                                                budget_kind, uniform, mode, layer_pick],
                                     [status, *plan_outputs, metrics], api_name="prune", **heavy)
         rebudget_inputs = [sparsity, budget_kind, uniform, mode, layer_pick]
-        rebudget_evts = [sparsity.release(on_rebudget, rebudget_inputs, [status, *plan_outputs, metrics],
-                                          api_name="rebudget", **heavy)]
+        # re-planning reads cached statistics only (well under a second): it stays out of the device
+        # queue, so the slider responds while another user's job holds the device
+        light = dict(concurrency_limit=2, concurrency_id="plans")
+        # .input fires while dragging and on a typed value; "always_last" drops superseded requests
+        rebudget_evts = [sparsity.input(on_rebudget, rebudget_inputs, [status, *plan_outputs, metrics],
+                                        api_name="rebudget", trigger_mode="always_last", show_progress="minimal",
+                                        **light)]
         for control in (budget_kind, uniform):
             rebudget_evts.append(control.input(on_rebudget, rebudget_inputs, [status, *plan_outputs, metrics],
-                                               api_name=False, **heavy))
+                                               api_name=False, **light))
         layer_pick.input(on_layer, [layer_pick], [decay_plot], api_name="decay", show_progress="hidden")
         measure_evt = measure_btn.click(on_measure, [eval_tokens], [status, metrics], api_name="measure", **heavy)
         gen_evt = gen_btn.click(on_generate, [prompt, max_new], [status, gen_before, gen_after], api_name="generate",

@@ -83,12 +83,12 @@ def neuron_view(plan, bins: int = 48) -> go.Figure:
         z[lp.layer] = np.bincount(idx, weights=mask, minlength=bins) / np.maximum(counts, 1)
     frac = [len(lp.kept_neurons) / lp.intermediate_size for lp in plan.layers]
     fig = make_subplots(rows=1, cols=2, column_widths=[0.75, 0.25], shared_yaxes=True, horizontal_spacing=0.03,
-                        subplot_titles=("kept fraction per neuron bin", "kept per layer"))
+                        subplot_titles=("kept fraction per neuron bin (darker = more kept)", "kept per layer"))
     centers = [f"{int(edges[i])}–{int(edges[i + 1]) - 1}" for i in range(bins)]
     fig.add_trace(go.Heatmap(z=z, x=list(range(bins)), y=list(range(n_layers)), zmin=0, zmax=1, colorscale="Greens",
                              customdata=np.array([centers] * n_layers),
                              hovertemplate="layer %{y}, neurons %{customdata}<br>kept %{z:.0%}<extra></extra>",
-                             colorbar={"title": "kept", "x": 0.72, "len": 0.8}), row=1, col=1)
+                             showscale=False), row=1, col=1)
     fig.add_trace(go.Bar(x=frac, y=list(range(n_layers)), orientation="h", marker_color=KEPT,
                          hovertemplate="layer %{y}: %{x:.1%} of neurons kept<extra></extra>", showlegend=False),
                   row=1, col=2)
@@ -133,31 +133,40 @@ def decay_curves(plan, layer: int | None = None) -> go.Figure:
                                                                "line": {"width": 1, "color": "black"}},
                                      hovertemplate=f"{name}: chosen {cut} neurons<extra></extra>"), row=1, col=1)
         if lp.attn_options:
-            opts = sorted(lp.attn_options, key=lambda o: (o["heads"], o["kv_heads"]))
-            x = [o["heads"] for o in opts] + [lp.num_heads]
-            y = _positive([o["damage"] for o in opts] + [0.0])
-            labels = [f"{o['heads']} heads / {o['kv_heads']} KV" for o in opts] + [f"all {lp.num_heads} heads"]
+            # keeping every head costs nothing (no point on a log axis); plot the real options
+            opts = sorted((o for o in lp.attn_options if o["heads"] < lp.num_heads),
+                          key=lambda o: (o["heads"], o["kv_heads"]))
+            x = [o["heads"] for o in opts]
+            y = _positive([o["damage"] for o in opts])
+            labels = [f"{o['heads']} heads / {o['kv_heads']} KV" for o in opts]
             fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers" if not many else "markers", name=name,
                                      legendgroup=name, showlegend=not lp.mlp_damage,
                                      marker={"color": color, "size": 6}, line={"color": color, "width": 1},
                                      customdata=labels,
                                      hovertemplate=f"{name}: %{{customdata}} → damage %{{y:.3g}}<extra></extra>"),
                           row=1, col=2)
-            chosen = _attn_damage(lp, len(lp.kept_heads), len(lp.kept_kv_heads))
-            if chosen is not None:
-                fig.add_trace(go.Scatter(x=[len(lp.kept_heads)], y=_positive([chosen] + list(y))[:1], mode="markers",
-                                         legendgroup=name, showlegend=False,
+            n_kept = len(lp.kept_heads)
+            chosen = _attn_damage(lp, n_kept, len(lp.kept_kv_heads))
+            if n_kept < lp.num_heads and chosen is not None and chosen > 0:
+                fig.add_trace(go.Scatter(x=[n_kept], y=[chosen], mode="markers", legendgroup=name, showlegend=False,
                                          marker={"color": color, "size": 12, "symbol": "x",
                                                  "line": {"width": 1, "color": "black"}},
-                                         hovertemplate=f"{name}: chosen {len(lp.kept_heads)} heads<extra></extra>"),
-                              row=1, col=2)
+                                         hovertemplate=f"{name}: chosen {n_kept} heads / {len(lp.kept_kv_heads)} KV"
+                                                       f" → damage %{{y:.3g}}<extra></extra>"), row=1, col=2)
+            elif len(y):
+                # all heads kept: no damage; marked at the right edge, below the options
+                fig.add_trace(go.Scatter(x=[lp.num_heads], y=[float(np.min(y))], mode="markers", legendgroup=name,
+                                         showlegend=False, marker={"color": color, "size": 10,
+                                                                   "symbol": "triangle-down"},
+                                         hovertemplate=f"{name}: all {lp.num_heads} heads kept (no damage)"
+                                                       "<extra></extra>"), row=1, col=2)
     if not many and layers:
         lp = layers[0]
         fig.add_vline(x=len(lp.kept_neurons), line_dash="dash", line_color="#495057", row=1, col=1)
     fig.update_yaxes(type="log", title_text="predicted damage (Δ loss)", row=1, col=1)
     fig.update_yaxes(type="log", row=1, col=2)
     fig.update_xaxes(title_text="kept neurons k", row=1, col=1)
-    fig.update_xaxes(title_text="kept query heads", row=1, col=2, dtick=1)
+    fig.update_xaxes(title_text="kept query heads (▼ = all kept)", row=1, col=2, dtick=1)
     title = "All layers" if many else f"Layer {layers[0].layer}" if layers else ""
     fig.update_layout(title=f"{title}: predicted damage vs kept units (× = chosen cut)", height=420,
                       margin={"l": 60, "r": 20, "t": 70, "b": 50}, title_font_size=13,
