@@ -5,6 +5,7 @@ import socket
 import zipfile
 
 import pytest
+import torch
 
 from test_app_handlers import LOREM, decoder_dir  # noqa: F401  (fixture)
 
@@ -87,3 +88,49 @@ def test_load_prune_rebudget_measure_export(server, decoder_dir):  # noqa: F811
         names = zf.namelist()
     assert any(n.endswith("config.json") for n in names) and any(n.endswith("model.safetensors") for n in names)
     assert report_path.endswith(".json")
+
+
+def test_cancel_button_stops_a_running_calibration(server, decoder_dir, monkeypatch):  # noqa: F811
+    """Cancel sets the session's flag; the core's progress callback raises between layers, the
+    queued event is cancelled, and the session keeps its dense model and no half calibration."""
+    import threading
+    import time
+
+    from gradio_client import Client
+
+    from stat_app import handlers as H
+    from stat_app.sessions import Cancelled
+
+    url, _demo, store = server
+    c = Client(url, verbose=False)
+    assert c.predict("folder", "smollm2-135m", str(decoder_dir), "cpu", api_name="/load")[0].startswith("✅")
+    session = store.get(c.session_hash)
+    dense = {k: v.clone() for k, v in session.model.state_dict().items()}
+    started, stopped = threading.Event(), threading.Event()
+    outcome = []
+
+    def slow_calibrate(model, data, config, progress=None, runner=None):
+        try:
+            for i in range(600):  # a "layer" every 50 ms, 30 s in all unless cancelled
+                started.set()
+                progress("calibrate", i, 600)
+                time.sleep(0.05)
+            outcome.append("finished")
+        except Cancelled:
+            outcome.append("cancelled")
+            raise
+        finally:
+            stopped.set()
+
+    monkeypatch.setattr(H.core_prune, "calibrate", slow_calibrate)
+    job = c.submit("pasted", "wikipedia", None, LOREM * 40, 8, 64, 30, "params", False, "one-shot", "all layers",
+                   api_name="/prune")
+    assert started.wait(60)
+    assert "Cancelled" in c.predict(api_name="/cancel")
+    assert stopped.wait(10) and outcome == ["cancelled"]
+    assert session.calibration is None and session.plan is None
+    assert all(torch.equal(v, dense[k]) for k, v in session.model.state_dict().items())
+    deadline = time.time() + 10
+    while not job.done() and time.time() < deadline:
+        time.sleep(0.1)
+    assert job.done()
