@@ -95,11 +95,10 @@ def build_demo(store: SessionStore | None = None) -> gr.Blocks:
         session = session_of(request)
         name = demo_name if source == "demo" else path
         reply = H.load(session, source, name, device)
+        if not reply.ok:  # the session keeps whatever it had loaded before
+            return (_status(reply), H.architecture_markdown(session.arch), *[gr.update()] * 7)
         defaults = CLASSIFIER_DEFAULTS if session.encoder else DECODER_DEFAULTS
         empty = F.empty_figure()
-        if not reply.ok:
-            return (_status(reply), H.architecture_markdown(session.arch), gr.update(), gr.update(), gr.update(),
-                    empty, empty, empty, "")
         choices = list(BUILTIN_SETS) if session.encoder else ["wikipedia"]
         return (_status(reply), H.architecture_markdown(session.arch),
                 gr.update(choices=choices, value=defaults["builtin"]),

@@ -60,8 +60,8 @@ def head_heatmap(plan) -> go.Figure:
                                hoverinfo="text", xgap=1, ygap=1, showscale=False))
     kept_total = sum(len(lp.kept_heads) for lp in plan.layers)
     total = sum(lp.num_heads for lp in plan.layers)
-    fig.update_layout(title=f"Attention heads: {kept_total}/{total} kept (green kept, red removed; "
-                            "number = importance rank, darker = more important)",
+    fig.update_layout(title=f"Attention heads: {kept_total}/{total} kept<br><sup>green kept · red removed · "
+                            "number = importance rank (1 = most important) · whole KV groups go together</sup>",
                       xaxis_title="head", yaxis_title="layer", height=max(320, 18 * n_layers + 120),
                       margin={"l": 60, "r": 20, "t": 60, "b": 50}, title_font_size=13)
     fig.update_yaxes(autorange="reversed", dtick=1 if n_layers <= 32 else 2)

@@ -109,6 +109,15 @@ def test_load_calibrate_prune_inspect_export(app_url, browser, tmp_path):
         decay.scroll_into_view_if_needed()
         page.locator("#decay_plot").screenshot(path=str(SCREENSHOTS / "decay-curves.png"))
 
+        # re-budget from the cached statistics: type 50 into the slider's box
+        box = page.locator("#sparsity input[type=number]")
+        box.fill("50")
+        box.press("Enter")
+        text = wait_status(page, r"^✅ Planned to remove", 60_000)
+        assert abs(float(re.search(r"remove (\d+\.\d)%", text).group(1)) - 50) < 1.0, text
+        page.locator("#heads_plot .heatmaplayer").wait_for(timeout=30_000)
+        page.locator("#heads_plot").screenshot(path=str(SCREENSHOTS / "heads-heatmap-50.png"))
+
         page.locator("#export_btn").click()
         wait_status(page, r"^✅ Exported", 300_000)
         link = page.locator("#export_zip a").first
