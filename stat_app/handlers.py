@@ -21,6 +21,7 @@ import shutil
 import statistics
 import threading
 import time
+import uuid
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -670,9 +671,11 @@ def export(session: Session) -> Reply:
         raise ValueError("Export is not available: this version of stat_core has no export module.") from exc
     pct = round(100 * session.prune_config.sparsity)
     base = Path(str(session.model_name)).name.replace(" ", "_") or "model"
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{uuid.uuid4().hex[:4]}"
     name = f"{base}-{session.prune_config.method}-{pct}pct-{stamp}"
     out_dir = session.workdir / name
+    for old in session.workdir.glob("*.zip"):  # one export per session on disk (Gradio serves its own copy)
+        old.unlink(missing_ok=True)
     with DEVICE_LOCK:
         info = export_pruned(ensure_pruned(session), session.tokenizer, out_dir, plan=session.plan, report=session.report,
                              overwrite=False)

@@ -3,6 +3,7 @@
 import json
 import shutil
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,7 +62,8 @@ def calibrated(decoder_dir):
     assert H.load(s, "folder", str(decoder_dir)).ok
     r = H.calibrate(s, "pasted", pasted=LOREM * 40, num_samples=8, seq_len=64)
     assert r.ok, r.message
-    return s
+    yield s
+    s.close()  # removes its export folder
 
 
 def one_sentence(reply):
@@ -293,6 +295,9 @@ def test_export_zip(calibrated):
     assert H.prune(s, 0.3).ok
     r = H.export(s)
     assert r.ok, r.message
+    r2 = H.export(s)  # a second export replaces the first zip on disk
+    assert r2.ok and r2["zip"] != r["zip"] and not Path(r["zip"]).exists() and Path(r2["zip"]).exists()
+    r = r2
     with zipfile.ZipFile(r["zip"]) as zf:
         names = zf.namelist()
     assert any(n.endswith("/config.json") for n in names) and any(n.endswith("model.safetensors") for n in names)
