@@ -13,7 +13,8 @@ model; "forward" is one ``model(...)`` pass with ``torch.no_grad`` over the same
 The two are timed alternately (forward, prune, forward, prune, …) and medians are reported, because
 the project's CPU box is shared with other jobs (see ``machine`` in the JSON). Peak memory is the
 peak resident set size above the level just before the phase, sampled every 5 ms by a thread
-(CUDA: ``torch.cuda.max_memory_allocated`` above the level before). Writes ``cost.json`` / ``cost.md``.
+after ``gc.collect()`` and glibc ``malloc_trim(0)`` (otherwise freed pages kept by the allocator hide
+a phase's peak), (CUDA: ``torch.cuda.max_memory_allocated`` above the level before). Writes ``cost.json`` / ``cost.md``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,15 @@ from _common import RESULTS, forward_seconds, machine_note, median, random_windo
 from stat_core.prune import PruneConfig, stat_prune_  # noqa: E402
 
 
+def _malloc_trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Peak memory above the starting level during a ``with`` block (RSS on CPU, allocator on CUDA)."""
 
@@ -48,8 +58,12 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
             return self
+        import gc
+
         import psutil
 
+        gc.collect()
+        _malloc_trim()  # hand freed heap pages back, or the allocator's reuse hides the phase's peak
         self.proc = psutil.Process()
         self.base = self.proc.memory_info().rss
         self.top = self.base
@@ -108,6 +122,17 @@ def fit_exponent(xs, ys) -> float:
     return float(np.polyfit(np.log(xs), np.log(ys), 1)[0])
 
 
+def compute_fits(records: list[dict], fits: dict) -> None:
+    scans = (("random Llama, vs calibration tokens", "tokens", "tokens"), ("random Llama, vs width d", "width", "hidden"),
+             ("SmolLM2-135M, vs calibration tokens", "real", "tokens"))
+    for label, scan, key in scans:
+        rs = sorted((r for r in records if r["scan"] == scan), key=lambda r: r[key])
+        if len(rs) > 1:
+            fits[label] = {"x": [r[key] for r in rs],
+                           "prune": fit_exponent([r[key] for r in rs], [r["seconds_prune"] for r in rs]),
+                           "forward": fit_exponent([r[key] for r in rs], [r["seconds_forward"] for r in rs])}
+
+
 def random_model(width: int, layers: int, device: str):
     heads = max(2, width // 64)
     model = tiny_llama(hidden=width, layers=layers, heads=heads, kv_heads=max(1, heads // 2), d_ff=3 * width,
@@ -149,6 +174,8 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--name", default="cost")
+    p.add_argument("--refit", action="store_true", help="recompute fits and markdown from the saved .json")
+    p.add_argument("--merge", default="", help="with --refit: add these result files' records (comma list)")
     args = p.parse_args(argv)
     if args.quick:
         args.widths, args.token_windows, args.seq_len, args.scan_width = "64,128,256", "4,8,16", 128, 128
@@ -172,22 +199,30 @@ def main(argv=None) -> int:
 
     vocab = 1024
     # 1. calibration tokens (fixed width)
+    if args.refit:
+        data = json.loads((out_dir / f"{args.name}.json").read_text())
+        records[:] = data["records"]
+        meta.update(data["meta"])
+        for other in filter(None, args.merge.split(",")):
+            extra = json.loads((out_dir / f"{other}.json").read_text())
+            records.extend(extra["records"])
+            meta.setdefault("merged_from", []).append({"name": other, "machine": extra["meta"]["machine"]})
+        compute_fits(records, fits)
+        save()
+        print(markdown(records, fits, meta))
+        return 0
     dense = random_model(args.scan_width, args.layers, device)
-    for n in [int(x) for x in args.token_windows.split(",")]:
+    for n in [int(x) for x in filter(None, args.token_windows.split(","))]:
         w = random_windows(n, args.seq_len, vocab)
         add({"model": "random-llama", "scan": "tokens", "hidden": args.scan_width, "d_ff": 3 * args.scan_width,
              "layers": args.layers, "tokens": n * args.seq_len, **measure(dense, w, device, args.repeats)})
     # 2. width (fixed tokens)
     w = random_windows(args.width_windows, args.seq_len, vocab)
-    for width in [int(x) for x in args.widths.split(",")]:
+    for width in [int(x) for x in filter(None, args.widths.split(","))]:
         dense = random_model(width, args.layers, device)
         add({"model": "random-llama", "scan": "width", "hidden": width, "d_ff": 3 * width, "layers": args.layers,
              "tokens": args.width_windows * args.seq_len, **measure(dense, w, device, args.repeats)})
-    for scan, key in (("tokens", "tokens"), ("width", "hidden")):
-        rs = [r for r in records if r["scan"] == scan]
-        fits[f"random Llama, vs calibration {key}"] = {
-            "x": [r[key] for r in rs], "prune": fit_exponent([r[key] for r in rs], [r["seconds_prune"] for r in rs]),
-            "forward": fit_exponent([r[key] for r in rs], [r["seconds_forward"] for r in rs])}
+    compute_fits(records, fits)
     save()
     # 3. the real model
     if args.smollm2_windows:
@@ -201,11 +236,7 @@ def main(argv=None) -> int:
             add({"model": "smollm2-135m", "scan": "real", "hidden": dense.config.hidden_size,
                  "d_ff": dense.config.intermediate_size, "layers": dense.config.num_hidden_layers,
                  "tokens": int(w.numel()), **measure(dense, w, device, 1)})
-        rs = [r for r in records if r["model"] == "smollm2-135m"]
-        if len(rs) > 1:
-            fits["SmolLM2-135M, vs calibration tokens"] = {
-                "x": [r["tokens"] for r in rs], "prune": fit_exponent([r["tokens"] for r in rs], [r["seconds_prune"] for r in rs]),
-                "forward": fit_exponent([r["tokens"] for r in rs], [r["seconds_forward"] for r in rs])}
+        compute_fits(records, fits)
     meta["machine_end"] = machine_note()
     save()
     print(markdown(records, fits, meta))

@@ -270,9 +270,16 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--name", default="quality")
     p.add_argument("--replot", action="store_true", help="rewrite .md/.svg/.html from the existing .json")
+    p.add_argument("--merge", default="", help="with --replot: fold these result files' models in (comma list)")
     args = p.parse_args(argv)
     if args.replot:
         data = json.loads((Path(args.out_dir) / f"{args.name}.json").read_text())
+        for other in filter(None, args.merge.split(",")):  # e.g. the classifier run in its own process
+            extra = json.loads((Path(args.out_dir) / f"{other}.json").read_text())
+            models = {r["model"] for r in extra["records"]}
+            data["records"] = [r for r in data["records"] if r["model"] not in models] + extra["records"]
+            data["meta"].update({k: v for k, v in extra["meta"].items() if k in models})
+            data["meta"].setdefault("merged_from", []).append(other)
         write_results(Path(args.out_dir), args.name, data, markdown(data["records"], data["meta"]))
         plot(data["records"], Path(args.out_dir) / f"{args.name}.html")
         return 0
