@@ -72,6 +72,11 @@ def wait_status(page, pattern: str, timeout_ms: int):
     return text
 
 
+def kept_heads(page) -> int:
+    title = page.locator("#heads_plot .gtitle").first.text_content()
+    return int(re.search(r"Attention heads: (\d+)/", title).group(1))
+
+
 def test_load_calibrate_prune_inspect_export(app_url, browser, tmp_path):
     from stat_core.models import demo_model_dir
 
@@ -99,6 +104,8 @@ def test_load_calibrate_prune_inspect_export(app_url, browser, tmp_path):
         heads = page.locator("#heads_plot .js-plotly-plot")
         heads.wait_for(timeout=30_000)
         assert page.locator("#heads_plot .heatmaplayer").count() >= 1
+        kept_30 = kept_heads(page)
+        assert 0 < kept_30 < 270
         assert page.locator("#neurons_plot .js-plotly-plot .heatmaplayer").count() >= 1
         decay = page.locator("#decay_plot .js-plotly-plot")
         decay.wait_for(timeout=30_000)
@@ -108,15 +115,6 @@ def test_load_calibrate_prune_inspect_export(app_url, browser, tmp_path):
         page.locator("#neurons_plot").screenshot(path=str(SCREENSHOTS / "neurons.png"))
         decay.scroll_into_view_if_needed()
         page.locator("#decay_plot").screenshot(path=str(SCREENSHOTS / "decay-curves.png"))
-
-        # re-budget from the cached statistics: type 50 into the slider's box
-        box = page.locator("#sparsity input[type=number]")
-        box.fill("50")
-        box.press("Enter")
-        text = wait_status(page, r"^✅ Planned to remove", 60_000)
-        assert abs(float(re.search(r"remove (\d+\.\d)%", text).group(1)) - 50) < 1.0, text
-        page.locator("#heads_plot .heatmaplayer").wait_for(timeout=30_000)
-        page.locator("#heads_plot").screenshot(path=str(SCREENSHOTS / "heads-heatmap-50.png"))
 
         page.locator("#export_btn").click()
         wait_status(page, r"^✅ Exported", 300_000)
@@ -132,8 +130,22 @@ def test_load_calibrate_prune_inspect_export(app_url, browser, tmp_path):
             assert zf.testzip() is None
         assert any(n.endswith("/config.json") for n in names), names
         assert any(n.endswith("/model.safetensors") for n in names), names
+        assert any(n.endswith("/pruning_report.json") for n in names), names
         page.locator("#export_btn").scroll_into_view_if_needed()
         page.screenshot(path=str(SCREENSHOTS / "export.png"))
+
+        # then re-budget from the cached statistics (after the export: no second surgery needed)
+        # type 50 into the slider's box
+        box = page.locator("#sparsity input[type=number]")
+        box.fill("50")
+        box.press("Enter")
+        text = wait_status(page, r"^✅ Planned to remove", 60_000)
+        assert abs(float(re.search(r"remove (\d+\.\d)%", text).group(1)) - 50) < 1.0, text
+        page.wait_for_function("n => !document.querySelector('#heads_plot .gtitle').textContent"
+                               ".includes('heads: ' + n + '/')", arg=kept_30, timeout=30_000)
+        assert kept_heads(page) < kept_30  # the heatmap redrew for the larger budget
+        page.locator("#heads_plot").screenshot(path=str(SCREENSHOTS / "heads-heatmap-50.png"))
+
     except Exception:
         page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)  # kept in pytest's tmp dir
         raise
