@@ -123,10 +123,17 @@ def fit_exponent(xs, ys) -> float:
 
 
 def compute_fits(records: list[dict], fits: dict) -> None:
-    scans = (("random Llama, vs calibration tokens", "tokens", "tokens"), ("random Llama, vs width d", "width", "hidden"),
-             ("SmolLM2-135M, vs calibration tokens", "real", "tokens"))
-    for label, scan, key in scans:
-        rs = sorted((r for r in records if r["scan"] == scan), key=lambda r: r[key])
+    """Exponents per scan: tokens (one fit per model width), width (at fixed tokens), SmolLM2 tokens."""
+    groups: dict = {}
+    for r in records:
+        if r["scan"] == "tokens":
+            groups.setdefault((f"random Llama d={r['hidden']}, vs calibration tokens", "tokens"), []).append(r)
+        elif r["scan"] == "width":
+            groups.setdefault((f"random Llama, {r['tokens']} tokens, vs width d", "hidden"), []).append(r)
+        else:
+            groups.setdefault((f"{r['model']}, vs calibration tokens", "tokens"), []).append(r)
+    for (label, key), rs in groups.items():
+        rs = sorted(rs, key=lambda r: r[key])
         if len(rs) > 1:
             fits[label] = {"x": [r[key] for r in rs],
                            "prune": fit_exponent([r[key] for r in rs], [r["seconds_prune"] for r in rs]),
