@@ -154,11 +154,14 @@ def markdown(records: list[dict], fits: dict, meta: dict) -> str:
              f"load average at start {meta['machine']['load_average'][0] if meta['machine']['load_average'] else '?'}); "
              "peak memory above the level before the phase.", "",
              "| model | width (d, d_ff) | layers | calibration tokens | prune | forward | time ÷ forward | "
-             "peak MB prune | peak MB forward |", "|---|---|---|---|---|---|---|---|---|"]
+             "peak MB prune | peak MB forward | stages: sensitivity / statistics / decompositions / surgery |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
+        st = r.get("stages", {})
+        stages = " / ".join(f"{st.get(k, float('nan')):.0f}" for k in ("sensitivity", "calibrate", "analyse", "apply"))
         lines.append(f"| {r['model']} ({r['scan']}) | {r['hidden']}, {r['d_ff']} | {r['layers']} | {r['tokens']} "
                      f"| {r['seconds_prune']:.2f} s | {r['seconds_forward']:.2f} s | {r['time_ratio']:.1f}× "
-                     f"| {r['peak_mb_prune']:.0f} | {r['peak_mb_forward']:.0f} |")
+                     f"| {r['peak_mb_prune']:.0f} | {r['peak_mb_forward']:.0f} | {stages} s |")
     lines += ["", "Power-law fits `time ∝ x^k` (least squares in log-log):", ""]
     for name, f in fits.items():
         lines.append(f"- {name}: prune k = **{f['prune']:.2f}**, forward k = {f['forward']:.2f} "
