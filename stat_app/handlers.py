@@ -305,6 +305,9 @@ def calibrate(session: Session, source: str = "builtin", builtin: str = "wikiped
                      {"cached": True, "warning": session.calib_warning})
     data, held, info, warning = build_calibration_data(session, source, builtin, file_path, pasted,
                                                        num_samples, seq_len, seed)
+    size_warning = core_prune.calibration_size_warning(session.model, info["tokens"])
+    if size_warning:
+        warning = f"{warning} Warning: {size_warning}".strip()
     with DEVICE_LOCK:
         _check_cancel(cancel_event)
         t = time.perf_counter()

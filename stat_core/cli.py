@@ -21,7 +21,8 @@ from .export import ExportError, atomic_output_dir, check_output_dir, export_pru
 from .evaluate import count_parameters, evaluation_windows, fewshot_accuracy, perplexity
 from .labelled import load_labelled
 from .models import DEMO_MODELS, ModelLoadError, is_encoder, load_model
-from .prune import BUDGET_KINDS, METHODS, MODES, PruneConfig, budget_summary, stat_prune_
+from .prune import (BUDGET_KINDS, METHODS, MODES, PruneConfig, budget_summary, calibration_size_warning,
+                    stat_prune_)
 
 log = logging.getLogger("stat_core")
 
@@ -151,6 +152,9 @@ def run(args: argparse.Namespace) -> dict:
         n_tokens = int(calib.numel())
         flops_seq_len = args.flops_seq_len or 512
     calib_info.update(tokens=n_tokens, fingerprint=fingerprint(args.model, CalibrationSet.wrap(calib).input_ids))
+    size_warning = calibration_size_warning(model, n_tokens)
+    if size_warning:
+        log.warning(size_warning)
     config = PruneConfig(sparsity=args.sparsity, budget_kind=args.budget, flops_seq_len=flops_seq_len,
                          method=args.method, mode=args.mode, prune_heads=not args.no_heads,
                          prune_neurons=not args.no_neurons, sensitivity_samples=args.sensitivity_samples,

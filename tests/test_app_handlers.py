@@ -137,7 +137,9 @@ def test_calibration_from_file(decoder_dir, tmp_path):
     f = tmp_path / "text.jsonl"
     f.write_text("\n".join(json.dumps({"text": LOREM * 3}) for _ in range(10)))
     r = H.calibrate(s, "file", file_path=str(f), num_samples=4, seq_len=64)
-    assert r.ok and not r["warning"], r.message
+    assert r.ok and "overlap" not in r["warning"], r.message
+    # 256 tokens for 64-neuron MLPs: enough to run, too few for trustworthy corrections, and it says so
+    assert "calibration tokens" in r["warning"]
     assert s.calib_info["source"] == "text.jsonl" and s.calibration is not None
 
 

@@ -255,3 +255,11 @@ def test_activation_norm_baseline_keeps_stat_counts_and_largest_activations(wind
         dropped = sorted(set(range(lp.intermediate_size)) - set(lp.kept_neurons))
         if dropped:
             assert energy[lp.kept_neurons].min() >= energy[dropped].max()
+
+
+def test_calibration_size_warning_scales_with_mlp_width():
+    from stat_core.prune import MIN_TOKENS_PER_NEURON, calibration_size_warning
+
+    model = tiny_model("llama")  # d_ff 64
+    assert calibration_size_warning(model, MIN_TOKENS_PER_NEURON * 64) is None
+    assert "64 neurons" in calibration_size_warning(model, 100)
