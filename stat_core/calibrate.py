@@ -209,21 +209,34 @@ class LayerwiseRunner:
         return o[0] if isinstance(o, tuple) else o
 
 
+def _classifier_fisher_backward(logits: torch.Tensor) -> None:
+    """Backward passes whose gradient outer products sum to the classifier's Fisher information,
+    ``Σ_c p_c ∇log p_c ∇log p_cᵀ`` (one pass per class, each weighted by ``√p_c``).
+
+    The model's own predictive distribution, not the labels: a well-trained classifier is confident
+    and right on its calibration data, so label gradients are tiny except on the few examples it
+    gets wrong, and those would dominate an empirical Fisher.
+    """
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    weight = log_p.detach().exp().sqrt()
+    n_classes = logits.shape[-1]
+    for c in range(n_classes):
+        (weight[:, c] * log_p[:, c]).sum().backward(retain_graph=c < n_classes - 1)
+
+
 def output_sensitivity(model: nn.Module, adapter: ModelAdapter, windows, batch_size: int = 4
                        ) -> list[dict[str, torch.Tensor]]:
     """Second moments of the loss gradient at each block's attention and MLP output.
 
     For every block, ``F = Σ_t g_t g_tᵀ / n_tokens`` (``(d, d)`` float64) with ``g_t`` the gradient of
     the summed loss with respect to that block's output-projection output at token t (next-token
-    loss for decoders; cross-entropy on ``labels`` for classifiers). A perturbation ``δ_t`` there
+    loss for decoders; for classifiers, the Fisher of the model's own class distribution, see
+    ``_classifier_fisher_backward``). A perturbation ``δ_t`` there
     changes the loss by about ``½ Σ_t (g_tᵀ δ_t)²`` (empirical Fisher), so ``F`` turns each block's
     output residual into a loss estimate comparable across blocks: this is how the allocator
     accounts for error propagation through the later layers.
     """
     data = CalibrationSet.wrap(windows)
-    if not adapter.is_decoder and data.labels is None:
-        raise ValueError("the sensitivity pass of an encoder needs class labels; pass labels or set "
-                         "sensitivity_samples=0")
     device = next(model.parameters()).device
     d = adapter.hidden_size
     fisher = [{"attn": torch.zeros(d, d, dtype=torch.float64, device=device),
@@ -258,10 +271,9 @@ def output_sensitivity(model: nn.Module, adapter: ModelAdapter, windows, batch_s
                 logits = model(**kwargs, use_cache=False).logits
                 loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                                    ids[:, 1:].reshape(-1), reduction="sum")
+                loss.backward()
             else:
-                logits = model(**kwargs).logits
-                loss = nn.functional.cross_entropy(logits.float(), batch.labels.to(device), reduction="sum")
-            loss.backward()
+                _classifier_fisher_backward(model(**kwargs).logits)
             n_tokens += int(batch.attention_mask.sum()) if batch.attention_mask is not None else ids.numel()
     finally:
         for h in handles:
