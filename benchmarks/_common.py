@@ -26,6 +26,12 @@ def machine_note() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def load_at_start(meta: dict) -> str:
+    """The 1-minute load average recorded in ``machine_note``, for the markdown tables."""
+    load = meta["machine"].get("load_average")
+    return f"{load[0]:.1f}" if load else "?"
+
+
 def write_results(out_dir: Path, name: str, payload: dict, markdown: str) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

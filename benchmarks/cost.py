@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, forward_seconds, machine_note, median, random_windows, sync, tiny_llama, write_results  # noqa: E402
+from _common import RESULTS, forward_seconds, load_at_start, machine_note, median, random_windows, sync, tiny_llama, write_results  # noqa: E402
 
 from stat_core.prune import PruneConfig, stat_prune_  # noqa: E402
 
@@ -151,7 +151,7 @@ def markdown(records: list[dict], fits: dict, meta: dict) -> str:
     lines = ["Pruning = the whole one-shot STAT run at 30% (sensitivity pass, statistics pass, decompositions, "
              "allocation, surgery); floor = one plain forward pass over the same calibration windows. Medians of "
              f"alternated repeats on {meta['device']} ({meta['machine']['cpu_count']} cores shared with other jobs, "
-             f"load average at start {meta['machine']['load_average'][0] if meta['machine']['load_average'] else '?'}); "
+             f"load average at start {load_at_start(meta)}); "
              "peak memory above the level before the phase.", "",
              "| model | width (d, d_ff) | layers | calibration tokens | prune | forward | time ÷ forward | "
              "peak MB prune | peak MB forward | stages: sensitivity / statistics / decompositions / surgery |",

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, machine_note, median, random_windows, sync, tiny_llama, write_results  # noqa: E402
+from _common import RESULTS, load_at_start, machine_note, median, random_windows, sync, tiny_llama, write_results  # noqa: E402
 
 from stat_core.adapters import get_adapter  # noqa: E402
 from stat_core.budget import block_macs  # noqa: E402
@@ -70,7 +70,7 @@ def markdown(records: list[dict], meta: dict) -> str:
     dense = next(r for r in records if r["method"] == "dense")
     lines = [f"Model `{meta['model']}` on {meta['device']} ({meta['machine']['torch_threads']} threads; the box's "
              f"{meta['machine']['cpu_count']} cores are shared with other jobs, load average "
-             f"{meta['machine']['load_average'][0] if meta['machine']['load_average'] else '?'} at start), prompt "
+             f"{load_at_start(meta)} at start), prompt "
              f"{meta['prompt']} tokens, medians of {meta['repeats']} alternated rounds. Dense: prefill "
              f"{dense['prefill_b1_s'] * 1000:.0f} ms at batch 1 ({dense['prefill_b1_tok_s']:.0f} tok/s), "
              f"{dense['prefill_b8_s'] * 1000:.0f} ms at batch 8 ({dense['prefill_b8_tok_s']:.0f} tok/s), decode "

@@ -37,6 +37,7 @@ from torch_pruning.dependency.node import Node
 
 from stat_core.adapters import get_adapter
 from stat_core.calibrate import CalibrationSet
+from stat_core.remote_modeling import set_attention_counts
 
 IMPORTANCES = ("magnitude", "activation")
 OUT, IN = tp.prune_linear_out_channels, tp.prune_linear_in_channels
@@ -148,7 +149,7 @@ def tp_prune_like_plan_(model, plan, kind: str, activation_sums: dict | None = N
                 else:  # multi-head attention: q, k, v rows and o columns go together
                     make_group(head_members(adapter, layer) + kv_members(adapter, layer), chans
                                ).prune(record_history=False)
-                _set_head_counts(adapter, layer, len(heads), len(kvs))
+                set_attention_counts(adapter.attention(layer), len(heads), len(kvs), adapter.head_dim)
             drop_n = [j for j in range(shape.intermediate_size) if j not in set(neurons)]
             if drop_n:
                 make_group(mlp_members(adapter, layer), drop_n).prune(record_history=False)
@@ -167,15 +168,3 @@ def tp_prune_like_plan_(model, plan, kind: str, activation_sums: dict | None = N
     return {"layers": kept}
 
 
-def _set_head_counts(adapter, layer, n_heads, n_kv):
-    """What TP cannot know: the attention module's own head bookkeeping (as the adapters do)."""
-    attn = adapter.attention(layer)
-    if hasattr(attn, "num_key_value_groups"):
-        attn.num_key_value_groups = n_heads // n_kv
-    for name in ("num_heads", "num_attention_heads", "n_heads"):
-        if hasattr(attn, name):
-            setattr(attn, name, n_heads)
-    if hasattr(attn, "num_key_value_heads"):
-        attn.num_key_value_heads = n_kv
-    if hasattr(attn, "all_head_size"):
-        attn.all_head_size = n_heads * adapter.head_dim

@@ -55,6 +55,19 @@ def _layers(model: nn.Module, layout: dict) -> nn.ModuleList:
     return _get(base, layout["layers"])
 
 
+def set_attention_counts(attn, n_heads: int, n_kv: int, head_dim: int) -> None:
+    """Attention code reads these counts (GQA repeat factor, BERT's all_head_size); keep them true."""
+    for name in ("num_heads", "num_attention_heads", "n_heads"):
+        if hasattr(attn, name):
+            setattr(attn, name, n_heads)
+    if hasattr(attn, "num_key_value_heads"):
+        attn.num_key_value_heads = n_kv
+    if hasattr(attn, "num_key_value_groups"):
+        attn.num_key_value_groups = n_heads // n_kv
+    if hasattr(attn, "all_head_size"):
+        attn.all_head_size = n_heads * head_dim
+
+
 def resize_to_layer_shapes_(model: nn.Module, shapes: list[dict]) -> None:
     """Give layer ``i`` the widths ``shapes[i]`` (``num_attention_heads``, ``num_key_value_heads``,
     ``intermediate_size``); parameter values are left for the checkpoint to fill."""
@@ -74,16 +87,7 @@ def resize_to_layer_shapes_(model: nn.Module, shapes: list[dict]) -> None:
         for path in layout["w_in"]:
             _set(layer, path, _resized(_get(layer, path), out_features=n_ff))
         _set(layer, layout["w_out"], _resized(_get(layer, layout["w_out"]), in_features=n_ff))
-        # Attention code reads these counts (GQA repeat factor, BERT's all_head_size).
-        for name in ("num_heads", "num_attention_heads", "n_heads"):
-            if hasattr(attn, name):
-                setattr(attn, name, n_heads)
-        if hasattr(attn, "num_key_value_heads"):
-            attn.num_key_value_heads = n_kv
-        if hasattr(attn, "num_key_value_groups"):
-            attn.num_key_value_groups = n_heads // n_kv
-        if hasattr(attn, "all_head_size"):
-            attn.all_head_size = n_heads * head_dim
+        set_attention_counts(attn, n_heads, n_kv, head_dim)
         mlp = _get(layer, layout["mlp"])
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = n_ff
