@@ -94,6 +94,15 @@ def test_speed_tiny(tmp_path):
     assert pruned["ideal_prefill"] > 1 and pruned["ideal_decode"] > 1 and pruned["decode_tok_s"] > 0
 
 
+def test_app_timings_tiny(tmp_path):
+    assert bench("app_timings").main(["--tiny", "--out-dir", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "app_timings.json").read_text())
+    steps = [r["step"] for r in data["records"]]
+    assert steps[0] == "load" and steps[-1] == "export zip" and len(steps) == 7
+    assert all(r["seconds"] >= 0 for r in data["records"])
+    assert "re-budget to 50%" in (tmp_path / "app_timings.md").read_text()
+
+
 @pytest.mark.parametrize("kind", ["magnitude", "activation"])
 def test_torch_pruning_matches_hand_built_encoder(kind):
     """Same check on a BERT classifier (multi-head attention: q, k, v rows and o columns per head)."""

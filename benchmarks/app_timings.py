@@ -1,0 +1,124 @@
+"""How long the app's buttons take on the demo models, through the app's own handlers.
+
+What a user waits for in the browser, minus the page: load, the first calibration + prune at the
+app's defaults (64 × 512 Wikipedia windows for the decoder, the labelled training half for the
+classifier), a re-budget from the cached statistics (plan only, then the surgery that measuring,
+generating or exporting triggers), the quick before/after measurement, and the export zip.
+
+    .venv/bin/python benchmarks/app_timings.py            # both demo models, app defaults
+    .venv/bin/python benchmarks/app_timings.py --quick    # 8 × 256 windows, decoder only
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import RESULTS, load_at_start, machine_note, tiny_llama, write_results  # noqa: E402
+
+from stat_app import handlers as H  # noqa: E402
+from stat_app.app import CLASSIFIER_DEFAULTS, DECODER_DEFAULTS  # noqa: E402
+from stat_app.sessions import Session  # noqa: E402
+
+
+def _timed(step: str, fn, *args, **kwargs) -> tuple[dict, object]:
+    t = time.perf_counter()
+    reply = fn(*args, **kwargs)
+    seconds = time.perf_counter() - t
+    if not reply.ok:
+        raise RuntimeError(f"{step} failed: {reply.message}")
+    return {"step": step, "seconds": seconds, "message": reply.message}, reply
+
+
+def time_model(name: str, builtin: str, num_samples: int, seq_len: int, first: float, second: float,
+               source: str = "demo") -> list[dict]:
+    """One user's session from load to export, each step timed as the handler runs it."""
+    session = Session(key=f"bench-{Path(name).name}")
+    rows = []
+    try:
+        row, _ = _timed("load", H.load, session, source, name, device="cpu")
+        rows.append(row)
+        row, reply = _timed(f"first calibration + prune at {first:.0%}", H.calibrate_and_prune, session,
+                            {"builtin": builtin, "num_samples": num_samples, "seq_len": seq_len},
+                            {"sparsity": first})
+        row["calibration_seconds"] = reply.data["calibration"].get("seconds")
+        row["prune_seconds"] = reply.data.get("seconds")
+        rows.append(row)
+        row, _ = _timed(f"quick measure at {first:.0%} (dense + pruned)", H.measure, session)
+        rows.append(row)
+        row, _ = _timed(f"re-budget to {second:.0%}: new plan from cached statistics", H.replan, session, second)
+        rows.append(row)
+        t = time.perf_counter()
+        H.ensure_pruned(session)
+        rows.append({"step": f"re-budget to {second:.0%}: surgery on a copy", "seconds": time.perf_counter() - t,
+                     "message": ""})
+        row, _ = _timed(f"quick measure at {second:.0%} (dense cached)", H.measure, session)
+        rows.append(row)
+        row, _ = _timed("export zip", H.export, session)
+        rows.append(row)
+    finally:
+        session.close()
+    for r in rows:
+        r["model"] = name
+        print(f"{name:18s} {r['step']:52s} {r['seconds']:8.1f} s  {r['message'][:90]}", flush=True)
+    return rows
+
+
+def tiny_decoder_folder(path: Path) -> Path:
+    """A random 2-layer Llama with the demo model's tokenizer (smoke runs without the real weights)."""
+    import shutil
+
+    from stat_core.models import demo_model_dir
+
+    tiny_llama(vocab=49152).save_pretrained(path)
+    src = demo_model_dir("smollm2-135m")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        if (src / f).exists():
+            shutil.copy(src / f, path / f)
+    return path
+
+
+def markdown(records: list[dict], meta: dict) -> str:
+    lines = [f"The app's handlers on {meta['device']} ({meta['machine']['cpu_count']} cores, load average "
+             f"{load_at_start(meta)} at start), one run each; decoder calibrated on {meta['num_samples']} × "
+             f"{meta['seq_len']} Wikipedia tokens (the app's defaults), classifier on its labelled training half "
+             "(all its text, 128-token windows).", "",
+             "| model | step | seconds | what the app said |", "|---|---|---|---|"]
+    for r in records:
+        lines.append(f"| {r['model']} | {r['step']} | {r['seconds']:.1f} | {r['message'].replace('|', '/')[:160]} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--num-samples", type=int, default=DECODER_DEFAULTS["num_samples"], help="decoder windows")
+    p.add_argument("--seq-len", type=int, default=DECODER_DEFAULTS["seq_len"])
+    p.add_argument("--no-classifier", action="store_true")
+    p.add_argument("--quick", action="store_true", help="8 × 256 windows, decoder only")
+    p.add_argument("--tiny", action="store_true", help="a random 2-layer Llama, 2 × 32 tokens (smoke test)")
+    p.add_argument("--out-dir", default=str(RESULTS))
+    p.add_argument("--name", default="app_timings")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.num_samples, args.seq_len, args.no_classifier = 8, 256, True
+    if args.tiny:
+        args.num_samples, args.seq_len, args.no_classifier = 2, 32, True
+    meta = {"device": "cpu", "machine": machine_note(), "num_samples": args.num_samples, "seq_len": args.seq_len}
+    with tempfile.TemporaryDirectory() as tmp:
+        model, source = ((str(tiny_decoder_folder(Path(tmp))), "folder") if args.tiny else ("smollm2-135m", "demo"))
+        records = time_model(model, DECODER_DEFAULTS["builtin"], args.num_samples, args.seq_len, 0.3, 0.5, source)
+    if not args.no_classifier:
+        c = CLASSIFIER_DEFAULTS
+        records += time_model("minilm-classifier", c["builtin"], c["num_samples"], c["seq_len"], 0.3, 0.5)
+    md = markdown(records, meta)
+    print(md)
+    write_results(Path(args.out_dir), args.name, {"meta": meta, "records": records}, md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
