@@ -150,7 +150,7 @@ def random_model(width: int, layers: int, device: str):
 def markdown(records: list[dict], fits: dict, meta: dict) -> str:
     lines = ["Pruning = the whole one-shot STAT run at 30% (sensitivity pass, statistics pass, decompositions, "
              "allocation, surgery); floor = one plain forward pass over the same calibration windows. Medians of "
-             f"alternated repeats on {meta['device']} ({meta['machine']['cpu_count']} cores shared with other jobs, "
+             f"alternated repeats on {meta['device']} ({meta['machine']['cpu_count']} cores, "
              f"load average at start {load_at_start(meta)}); "
              "peak memory above the level before the phase.", "",
              "| model | width (d, d_ff) | layers | calibration tokens | prune | forward | time ÷ forward | "
@@ -158,7 +158,7 @@ def markdown(records: list[dict], fits: dict, meta: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         st = r.get("stages", {})
-        stages = " / ".join(f"{st.get(k, float('nan')):.0f}" for k in ("sensitivity", "calibrate", "analyse", "apply"))
+        stages = " / ".join(f"{st.get(k, float('nan')):.1f}" for k in ("sensitivity", "calibrate", "analyse", "apply"))
         lines.append(f"| {r['model']} ({r['scan']}) | {r['hidden']}, {r['d_ff']} | {r['layers']} | {r['tokens']} "
                      f"| {r['seconds_prune']:.2f} s | {r['seconds_forward']:.2f} s | {r['time_ratio']:.1f}× "
                      f"| {r['peak_mb_prune']:.0f} | {r['peak_mb_forward']:.0f} | {stages} s |")

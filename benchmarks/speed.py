@@ -69,7 +69,7 @@ def macs(model, prompt: int) -> dict:
 def markdown(records: list[dict], meta: dict) -> str:
     dense = next(r for r in records if r["method"] == "dense")
     lines = [f"Model `{meta['model']}` on {meta['device']} ({meta['machine']['torch_threads']} threads; the box's "
-             f"{meta['machine']['cpu_count']} cores are shared with other jobs, load average "
+             f"{meta['machine']['cpu_count']} cores, load average "
              f"{load_at_start(meta)} at start), prompt "
              f"{meta['prompt']} tokens, medians of {meta['repeats']} alternated rounds. Dense: prefill "
              f"{dense['prefill_b1_s'] * 1000:.0f} ms at batch 1 ({dense['prefill_b1_tok_s']:.0f} tok/s), "
