@@ -478,6 +478,10 @@ def calibrate_and_prune(session: Session, calib_kwargs: dict, prune_kwargs: dict
                         progress: ProgressFn | None = None, cancel_event: threading.Event | None = None) -> Reply:
     """The app's main button: calibrate if the text or sizes changed, then prune."""
     mode = prune_kwargs.get("mode", "one-shot")
+    _require_model(session)
+    if prune_kwargs.get("budget_kind", "params") == "params":  # FLOPs bounds of encoders need the text's length
+        config = make_config(session, prune_kwargs.get("sparsity", 0.0), "params", prune_kwargs.get("uniform", False))
+        core_prune.check_budget_feasible(session.model, config)  # before minutes of calibration
     c = calibrate(session, **calib_kwargs, progress=progress, cancel_event=cancel_event)
     if not c.ok:
         return c

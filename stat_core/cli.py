@@ -22,7 +22,7 @@ from .evaluate import count_parameters, evaluation_windows, fewshot_accuracy, pe
 from .labelled import load_labelled
 from .models import DEMO_MODELS, ModelLoadError, is_encoder, load_model
 from .prune import (BUDGET_KINDS, METHODS, MODES, PruneConfig, budget_summary, calibration_size_warning,
-                    stat_prune_)
+                    check_budget_feasible, stat_prune_)
 
 log = logging.getLogger("stat_core")
 
@@ -159,6 +159,7 @@ def run(args: argparse.Namespace) -> dict:
                          method=args.method, mode=args.mode, prune_heads=not args.no_heads,
                          prune_neurons=not args.no_neurons, sensitivity_samples=args.sensitivity_samples,
                          batch_size=args.batch_size, uniform=args.uniform)
+    check_budget_feasible(model, config)  # fail before the dense evaluation and calibration
     report: dict = {"model": args.model, "kind": "encoder-classifier" if encoder else "decoder",
                     "method": args.method, "mode": args.mode, "budget_kind": args.budget,
                     "sparsity_target": args.sparsity, "uniform": args.uniform, "flops_seq_len": flops_seq_len,

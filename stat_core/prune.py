@@ -256,6 +256,40 @@ def heads_prunable(adapter: ModelAdapter, config: PruneConfig) -> bool:
     return config.prune_heads and (not config.uniform or adapter.stock_config_can_drop_heads)
 
 
+def max_removable_fraction(model, config: PruneConfig) -> float:
+    """The most any plan can remove, from the layer shapes alone: every layer keeps at least one KV
+    group with one query head (all heads when heads are not pruned) and one neuron (all when neurons
+    are not pruned). Lets callers refuse an impossible budget before minutes of calibration."""
+    adapter = get_adapter(model)
+    total = removable = 0.0
+    for layer in range(adapter.num_layers):
+        geo, shape = block_geometry(adapter, layer), adapter.layer_shape(layer)
+        if config.budget_kind == "params":
+            attn = geo.attn_params
+            mlp = geo.mlp_params
+        else:
+            def attn(n_h, n_kv):
+                return geo.attn_macs(n_h, n_kv, config.flops_seq_len, adapter.is_decoder)
+            mlp = geo.mlp_macs
+        full_attn, full_mlp = attn(shape.num_heads, shape.num_kv_heads), mlp(shape.intermediate_size)
+        total += full_attn + full_mlp
+        if heads_prunable(adapter, config):
+            removable += full_attn - attn(1, 1)
+        if config.prune_neurons:
+            removable += full_mlp - mlp(1)
+    return removable / total if total else 0.0
+
+
+def check_budget_feasible(model, config: PruneConfig) -> None:
+    """ValueError (one sentence) when ``config.sparsity`` is more than the layer shapes allow."""
+    bound = max_removable_fraction(model, config)
+    if config.sparsity > bound + 1e-9:
+        heads = "one head" if heads_prunable(get_adapter(model), config) else "every head"
+        neurons = "one neuron" if config.prune_neurons else "every neuron"
+        raise ValueError(f"cannot remove {config.sparsity:.0%}: keeping at least {heads} and {neurons} per layer "
+                         f"allows at most {bound:.1%}; lower the target")
+
+
 def build_block_options(adapter: ModelAdapter, analyses: list[LayerAnalysis], config: PruneConfig) -> list[BlockOptions]:
     """Two blocks per layer (attention, MLP), each with its feasible kept widths, cost and damage."""
     blocks = []
@@ -374,6 +408,7 @@ def stat_prune_(model, windows: "torch.Tensor | CalibrationSet", config: PruneCo
     Returns the plan and the statistics behind it. With ``mode="propagate"`` each layer is
     re-calibrated on the outputs of the already pruned and corrected layers before it.
     """
+    check_budget_feasible(model, config)  # before minutes of calibration, not after
     t0 = time.perf_counter()
     adapter = get_adapter(model)
     runner = LayerwiseRunner(model, adapter, windows, config.batch_size)

@@ -190,6 +190,11 @@ def test_prune_options_and_impossible_budget(calibrated):
     s = calibrated
     msg = one_sentence(H.prune(s, 0.99))
     assert "cannot remove 99%" in msg
+    fresh = Session(model=s.model, tokenizer=s.tokenizer, model_name=s.model_name)
+    calls = []
+    msg = one_sentence(H.calibrate_and_prune(fresh, {"source": "pasted", "pasted": LOREM * 20}, {"sparsity": 0.99},
+                                             progress=lambda *a: calls.append(a)))
+    assert "cannot remove 99%" in msg and calls == [] and fresh.calibration is None  # refused before calibrating
     assert one_sentence(H.prune(s, 0.3, budget_kind="bogus"))
     u = H.prune(s, 0.3, uniform=True)
     assert u.ok, u.message

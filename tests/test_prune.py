@@ -182,6 +182,24 @@ def test_impossible_budget_is_refused(windows):
         PruneConfig(sparsity=1.5)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("heads,neurons", [(True, True), (False, True), (True, False)])
+def test_impossible_budget_is_refused_before_calibration(family, heads, neurons, windows):
+    """The geometric bound is the allocator's: just under it plans, just over it is refused at once."""
+    from stat_core.prune import max_removable_fraction
+
+    model = tiny_model(family)
+    config = dict(sensitivity_samples=0, batch_size=4, prune_heads=heads, prune_neurons=neurons)
+    bound = max_removable_fraction(model, PruneConfig(sparsity=0.0, **config))
+    assert 0 < bound < 1
+    calls = []
+    with pytest.raises(ValueError, match=f"at most {bound:.1%}"):
+        stat_prune_(model, windows, PruneConfig(sparsity=bound + 0.005, **config), progress=lambda *a: calls.append(a))
+    assert calls == []  # refused before any calibration work
+    result = stat_prune_(model, windows, PruneConfig(sparsity=bound - 0.005, **config))
+    assert abs(result.plan.budget["achieved"] - (bound - 0.005)) < 0.01  # within one neuron of the target
+
+
 def test_flops_budget_is_met(windows):
     from stat_core.budget import block_macs
 
