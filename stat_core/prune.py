@@ -286,7 +286,8 @@ def check_budget_feasible(model, config: PruneConfig) -> None:
     if config.sparsity > bound + 1e-9:
         heads = "one head" if heads_prunable(get_adapter(model), config) else "every head"
         neurons = "one neuron" if config.prune_neurons else "every neuron"
-        raise ValueError(f"cannot remove {config.sparsity:.0%}: keeping at least {heads} and {neurons} per layer "
+        same = " with the same counts in every layer" if config.uniform else ""
+        raise ValueError(f"cannot remove {config.sparsity:.0%}: keeping at least {heads} and {neurons} per layer{same} "
                          f"allows at most {bound:.1%}; lower the target")
 
 
