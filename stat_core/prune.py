@@ -256,27 +256,33 @@ def heads_prunable(adapter: ModelAdapter, config: PruneConfig) -> bool:
     return config.prune_heads and (not config.uniform or adapter.stock_config_can_drop_heads)
 
 
+def _unit_costs(adapter: ModelAdapter, layer: int, config: PruneConfig):
+    """``(attn_cost(n_heads, n_kv), mlp_cost(n_neurons))`` of one layer in the config's budget unit."""
+    geo = block_geometry(adapter, layer)
+    if config.budget_kind == "params":
+        return geo.attn_params, geo.mlp_params
+
+    def attn_macs(n_h, n_kv):
+        return geo.attn_macs(n_h, n_kv, config.flops_seq_len, adapter.is_decoder)
+    return attn_macs, geo.mlp_macs
+
+
 def max_removable_fraction(model, config: PruneConfig) -> float:
     """The most any plan can remove, from the layer shapes alone: every layer keeps at least one KV
     group with one query head (all heads when heads are not pruned) and one neuron (all when neurons
     are not pruned). Lets callers refuse an impossible budget before minutes of calibration."""
     adapter = get_adapter(model)
+    heads = heads_prunable(adapter, config)
     total = removable = 0.0
     for layer in range(adapter.num_layers):
-        geo, shape = block_geometry(adapter, layer), adapter.layer_shape(layer)
-        if config.budget_kind == "params":
-            attn = geo.attn_params
-            mlp = geo.mlp_params
-        else:
-            def attn(n_h, n_kv):
-                return geo.attn_macs(n_h, n_kv, config.flops_seq_len, adapter.is_decoder)
-            mlp = geo.mlp_macs
-        full_attn, full_mlp = attn(shape.num_heads, shape.num_kv_heads), mlp(shape.intermediate_size)
+        attn_cost, mlp_cost = _unit_costs(adapter, layer, config)
+        shape = adapter.layer_shape(layer)
+        full_attn, full_mlp = attn_cost(shape.num_heads, shape.num_kv_heads), mlp_cost(shape.intermediate_size)
         total += full_attn + full_mlp
-        if heads_prunable(adapter, config):
-            removable += full_attn - attn(1, 1)
+        if heads:
+            removable += full_attn - attn_cost(1, 1)
         if config.prune_neurons:
-            removable += full_mlp - mlp(1)
+            removable += full_mlp - mlp_cost(1)
     return removable / total if total else 0.0
 
 
@@ -295,17 +301,8 @@ def build_block_options(adapter: ModelAdapter, analyses: list[LayerAnalysis], co
     """Two blocks per layer (attention, MLP), each with its feasible kept widths, cost and damage."""
     blocks = []
     for layer, an in enumerate(analyses):
-        geo = block_geometry(adapter, layer)
+        attn_cost, mlp_cost = _unit_costs(adapter, layer, config)
         shape = adapter.layer_shape(layer)
-
-        def attn_cost(n_h, n_kv):
-            if config.budget_kind == "params":
-                return geo.attn_params(n_h, n_kv)
-            return geo.attn_macs(n_h, n_kv, config.flops_seq_len, adapter.is_decoder)
-
-        def mlp_cost(k):
-            return geo.mlp_params(k) if config.budget_kind == "params" else geo.mlp_macs(k)
-
         full_attn = {"heads": list(range(shape.num_heads)), "kv_heads": list(range(shape.num_kv_heads)),
                      "damage": 0.0}
         attn_payload = (an.head_configs if heads_prunable(adapter, config) else []) + [full_attn]
