@@ -21,7 +21,8 @@ import torch
 from stat_core.adapters import get_adapter
 from stat_core.classifier import accuracy, demo_classifier_split, encode, encode_chunks
 from stat_core.models import load_model
-from stat_core.prune import PruneConfig, apply_plan_, budget_summary, magnitude_plan, stat_prune_
+from stat_core.methods.baselines import magnitude_plan
+from stat_core.prune import PruneConfig, apply_plan_, budget_summary, stat_prune_
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
             elif method == "no-correction":
                 apply_plan_(m, plan, stats=None)
             else:
-                apply_plan_(m, magnitude_plan(get_adapter(m), plan), stats=None)
+                apply_plan_(m, magnitude_plan(m, plan), stats=None)
             rec = {"method": "stat-one-shot" if method == "stat" else method, "budget": s,
                    "removed_fraction": 1 - budget_summary(m)["block_params"] / dense_params,
                    "accuracy": accuracy(m, ev), "accuracy_windows": accuracy(m, ev_chunks),

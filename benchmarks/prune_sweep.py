@@ -25,7 +25,8 @@ from stat_core.cli import time_forward
 from stat_core.data import CalibrationConfig, calibration_windows, wikipedia_split
 from stat_core.evaluate import evaluation_windows, perplexity
 from stat_core.models import load_model
-from stat_core.prune import PruneConfig, apply_plan_, budget_summary, magnitude_plan, stat_prune_
+from stat_core.methods.baselines import magnitude_plan
+from stat_core.prune import PruneConfig, apply_plan_, budget_summary, stat_prune_
 from stat_core.adapters import get_adapter
 
 RESULTS = Path(__file__).parent / "results"
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
                         "perplexity": perplexity(fresh, ev)})
         print(json.dumps(records[-1]), flush=True)
         mag, _ = load_model(args.model)
-        apply_plan_(mag, magnitude_plan(get_adapter(mag), result.plan), stats=None)
+        apply_plan_(mag, magnitude_plan(mag, result.plan), stats=None)
         records.append({"method": "magnitude", "budget": s,
                         "removed_fraction": 1 - budget_summary(mag)["block_params"] / dense_params,
                         "perplexity": perplexity(mag, ev)})

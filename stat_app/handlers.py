@@ -368,7 +368,7 @@ def prune_copy(session: Session, config: PruneConfig, progress: ProgressFn | Non
                                            session.calib_info)
         _check_cancel(cancel_event)
         pruned = copy.deepcopy(session.model)
-        core_prune.apply_plan_(pruned, plan, session.calibration.dense_stats if config.method == "stat" else None)
+        core_prune.apply_plan_(pruned, plan, session.calibration.dense_stats)
         return pruned, plan
     pruned = copy.deepcopy(session.model)
     result = core_prune.stat_prune_(pruned, session.calib_data, config, session.model_name,

@@ -71,13 +71,30 @@ class BlockStats:
 
     ``attn_gram: (heads·head_dim, heads·head_dim)`` of the per-head attention outputs (input of the
     output projection), ``mlp_gram: (d_ff, d_ff)`` of the MLP intermediate activations, both float64
-    sums over ``n_tokens`` tokens; ``resid_energy`` = Σ‖x‖² of the block's input hidden states.
+    sums over ``n_tokens`` tokens; ``resid_energy`` = Σ‖x‖² of the block's input hidden states;
+    ``attn_sum: (heads·head_dim,)`` and ``mlp_sum: (d_ff,)`` the float64 column sums beside the Grams
+    (means and variances for methods that need them; like the Grams, plain sums that merge exactly).
     """
 
     attn_gram: torch.Tensor
     mlp_gram: torch.Tensor
     n_tokens: int
     resid_energy: float
+    attn_sum: torch.Tensor | None = None
+    mlp_sum: torch.Tensor | None = None
+
+    def mean(self, kind: str) -> torch.Tensor:
+        """Column means of the ``"attn"`` or ``"mlp"`` activations: ``(n_units,)`` float64."""
+        total = self.attn_sum if kind == "attn" else self.mlp_sum
+        if total is None:
+            raise ValueError("these statistics were collected without column sums; re-run the calibration")
+        return total / max(self.n_tokens, 1)
+
+    def variance(self, kind: str) -> torch.Tensor:
+        """Per-column variance ``E[z²] − E[z]²`` over the calibration tokens: ``(n_units,)``."""
+        gram = self.attn_gram if kind == "attn" else self.mlp_gram
+        mu = self.mean(kind)
+        return (torch.diagonal(gram) / max(self.n_tokens, 1) - mu ** 2).clamp_min(0.0)
 
 
 class LayerwiseRunner:
@@ -197,7 +214,7 @@ class LayerwiseRunner:
         finally:
             for handle in handles:
                 handle.remove()
-        return BlockStats(attn_acc.gram, mlp_acc.gram, attn_acc.n_rows, energy), outs
+        return BlockStats(attn_acc.gram, mlp_acc.gram, attn_acc.n_rows, energy, attn_acc.col_sum, mlp_acc.col_sum), outs
 
     def _run_one(self, layer: int, index: int, h: torch.Tensor, adapter: ModelAdapter | None) -> torch.Tensor:
         block = (adapter or self.adapter).layers[layer]

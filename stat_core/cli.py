@@ -20,8 +20,9 @@ from .classifier import (CLASSIFIER_MAX_LEN, DEMO_CLASSIFIER, accuracy, demo_cla
 from .export import ExportError, atomic_output_dir, check_output_dir, export_pruned, state_dict_bytes
 from .evaluate import count_parameters, evaluation_windows, fewshot_accuracy, perplexity
 from .labelled import load_labelled
+from .methods import get_method
 from .models import DEMO_MODELS, ModelLoadError, is_encoder, load_model
-from .prune import (BUDGET_KINDS, METHODS, MODES, PruneConfig, budget_summary, calibration_size_warning,
+from .prune import (BUDGET_KINDS, MODES, method_names, PruneConfig, budget_summary, calibration_size_warning,
                     check_budget_feasible, stat_prune_)
 
 log = logging.getLogger("stat_core")
@@ -44,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flops-seq-len", type=int, default=None,
                    help="sequence length for FLOP counting (default: 512 for decoders, the calibration set's "
                         "average length for encoders)")
-    p.add_argument("--method", choices=METHODS, default="stat",
-                   help="stat (default); no-correction: same selection, no folded correction; magnitude: weight-norm selection")
+    p.add_argument("--method", choices=method_names(), default="stat", metavar="METHOD",
+                   help="pruning method (default: stat): " + "; ".join(f"{m.name}: {m.summary}" for m in
+                                                                        map(get_method, method_names())))
     p.add_argument("--mode", choices=MODES, default="one-shot",
                    help="one-shot: all statistics from the dense model (default); propagate: calibrate each layer on the pruned earlier ones")
     p.add_argument("--calibration", default="wikipedia",

@@ -118,6 +118,8 @@ def _auto_class(architecture: str) -> str:
 
 
 def _is_uniform(adapter) -> bool:
+    if getattr(adapter.config, "stat_added_out_biases", False):
+        return False  # output biases a stock config cannot declare: loads through modeling_stat.py
     shapes = {adapter.layer_shape(i) for i in range(adapter.num_layers)}
     if len(shapes) != 1:
         return False

@@ -38,6 +38,7 @@ class GramAccumulator:
     def __init__(self, n_units: int, device: torch.device | str = "cpu"):
         self._sum = torch.zeros(n_units, n_units, dtype=torch.float64, device=device)
         self._upper_only = False
+        self.col_sum = torch.zeros(n_units, dtype=torch.float64, device=device)  # Σ_t z_t (exact means)
         self.n_rows = 0
 
     def add(self, z: torch.Tensor, row_mask: torch.Tensor | None = None) -> None:
@@ -47,6 +48,7 @@ class GramAccumulator:
             z = z[row_mask.reshape(-1).to(z.device)]
         if z.shape[0] == 0:
             return
+        self.col_sum += z.to(torch.float64).sum(0).to(self.col_sum.device)
         if z.device.type == "cpu":
             a = z.to(torch.float32).numpy()
             # a.T is Fortran-ordered (n_units, rows): syrk forms a.T @ a without a copy.

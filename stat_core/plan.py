@@ -40,6 +40,14 @@ class PrunePlan:
     calibration: dict
     layers: list[LayerPlan]
     version: int = PLAN_VERSION
+    #: how removed units are compensated (``stat_core.methods.CORRECTIONS``); plans written before
+    #: this field existed: least squares for STAT, nothing for the baselines
+    correction: str | None = None
+    correction_ridge: float | None = None  # relative ridge of a least-squares correction (None: tiny default)
+
+    def __post_init__(self):
+        if self.correction is None:
+            self.correction = "least-squares" if self.method == "stat" else "none"
 
     def to_dict(self) -> dict:
         return asdict(self)

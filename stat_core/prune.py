@@ -21,13 +21,19 @@ import torch
 from .adapters import ModelAdapter, get_adapter
 from .budget import BlockOptions, allocate, allocate_uniform, block_geometry, block_macs, block_parameter_count
 from .calibrate import BlockStats, CalibrationSet, LayerwiseRunner, output_sensitivity
-from .linalg import (cholesky_with_ridge, column_scaled_gram, greedy_block_order, interpolation_matrix, output_error,
+from .linalg import (ridge_of, cholesky_with_ridge, column_scaled_gram, greedy_block_order, interpolation_matrix, output_error,
                      output_error_curve, pivoted_cholesky_order)
 from .plan import LayerPlan, PrunePlan
 
 log = logging.getLogger(__name__)
 
-METHODS = ("stat", "no-correction", "magnitude", "activation-norm")
+def method_names() -> tuple[str, ...]:
+    """Every registered method (``stat_core.methods``), STAT first."""
+    from .methods import method_names as names
+
+    return names()
+
+
 MODES = ("propagate", "one-shot")
 BUDGET_KINDS = ("params", "flops")
 
@@ -85,8 +91,9 @@ class PruneConfig:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if self.budget_kind not in BUDGET_KINDS:
             raise ValueError(f"budget kind must be one of {BUDGET_KINDS}, got {self.budget_kind!r}")
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        from .methods import get_method
+
+        get_method(self.method)  # ValueError listing the methods for an unknown name
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not (self.prune_heads or self.prune_neurons):
@@ -102,6 +109,7 @@ class PruneResult:
     dense_stats: list[BlockStats]    # dense-model statistics (re-budget without recalibrating)
     sensitivity: list[dict] | None
     timings: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # whole-model methods: what they changed
 
 
 # --- damage weighting ---------------------------------------------------------------------------
@@ -165,62 +173,6 @@ def head_configurations(gram: torch.Tensor, w_eff: torch.Tensor, n_heads: int, n
             chosen.append(g)
             configs.append({"heads": heads, "kv_heads": sorted(chosen), "damage": damage})
     return configs, order
-
-
-def magnitude_head_configurations(adapter: ModelAdapter, layer: int) -> list[dict]:
-    """Same configuration space, ranked by weight magnitude (the baseline; no statistics)."""
-    shape = adapter.layer_shape(layer)
-    hd = adapter.head_dim
-    group = shape.num_heads // shape.num_kv_heads
-    q = adapter.query_proj(layer).weight.detach().float().view(shape.num_heads, hd, -1)
-    o = adapter.attn_out_proj(layer).weight.detach().float().view(-1, shape.num_heads, hd)
-    kv = torch.cat([p.weight.detach().float() for p in adapter.key_value_projs(layer)], 1)
-    head_score = (q ** 2).sum((1, 2)) + (o ** 2).sum((0, 2))
-    kv_score = (kv.view(shape.num_kv_heads, hd, -1) ** 2).sum((1, 2))
-    configs = []
-    for r in range(1, group + 1):
-        best = {g: sorted(range(g * group, (g + 1) * group), key=lambda h: -float(head_score[h]))[:r]
-                for g in range(shape.num_kv_heads)}
-        group_score = {g: float(kv_score[g] + head_score[best[g]].sum()) for g in best}
-        ranked = sorted(best, key=lambda g: -group_score[g])
-        for n_groups in range(1, shape.num_kv_heads + 1):
-            groups = sorted(ranked[:n_groups])
-            configs.append({"heads": sorted(h for g in groups for h in best[g]), "kv_heads": groups,
-                            "damage": 0.0})
-    return configs
-
-
-def magnitude_neuron_order(adapter: ModelAdapter, layer: int) -> torch.Tensor:
-    """Neurons by the L2 norm of all their weights (in-projections' rows and out-projection column)."""
-    score = (adapter.mlp_out_proj(layer).weight.detach().float() ** 2).sum(0)
-    for proj in adapter.mlp_in_projs(layer):
-        score = score + (proj.weight.detach().float() ** 2).sum(1)
-    return torch.argsort(score, descending=True)
-
-
-def activation_head_scores(stats: BlockStats, n_heads: int, head_dim: int) -> torch.Tensor:
-    """Each head's mean squared output activation (trace of its Gram block)."""
-    return torch.diagonal(stats.attn_gram).reshape(n_heads, head_dim).sum(1)
-
-
-def activation_norm_plan(adapter: ModelAdapter, plan: PrunePlan, stats: list[BlockStats]) -> PrunePlan:
-    """Same per-layer counts as ``plan``; keep the units with the largest activation norms
-    (diagonal of the calibration Gram), no correction — the data-aware but correction-free baseline."""
-    layers = []
-    for lp in plan.layers:
-        st = stats[lp.layer]
-        head_score = activation_head_scores(st, lp.num_heads, adapter.head_dim)
-        group = lp.num_heads // lp.num_kv_heads
-        r = len(lp.kept_heads) // max(len(lp.kept_kv_heads), 1)
-        best = {g: sorted(range(g * group, (g + 1) * group), key=lambda h: -float(head_score[h]))[:r]
-                for g in range(lp.num_kv_heads)}
-        ranked = sorted(best, key=lambda g: -float(head_score[best[g]].sum()))
-        groups = sorted(ranked[: len(lp.kept_kv_heads)])
-        neuron_order = torch.argsort(torch.diagonal(st.mlp_gram), descending=True)
-        layers.append(LayerPlan(**{**lp.__dict__, "kept_heads": sorted(h for g in groups for h in best[g]),
-                                   "kept_kv_heads": groups,
-                                   "kept_neurons": sorted(neuron_order[: len(lp.kept_neurons)].tolist())}))
-    return PrunePlan(**{**plan.__dict__, "layers": layers, "method": "activation-norm"})
 
 
 # --- per-layer analysis --------------------------------------------------------------------------
@@ -333,6 +285,7 @@ class Calibration:
     sensitivity: list[dict] | None
     analyses: list[LayerAnalysis]
     timings: dict = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)  # statistics only some methods need (see PruningMethod.prepare)
 
 
 def calibrate(model, windows: "torch.Tensor | CalibrationSet", config: PruneConfig,
@@ -373,26 +326,31 @@ def calibrate(model, windows: "torch.Tensor | CalibrationSet", config: PruneConf
 
 
 def plan_pruning(model, calibration: Calibration, config: PruneConfig, model_name: str = "",
-                 calibration_info: dict | None = None) -> PrunePlan:
-    """The plan for ``config`` (budget, method, uniform) from cached statistics of the dense ``model``."""
-    adapter = get_adapter(model)
-    plan = plan_from_analyses(adapter, calibration.analyses, config, model_name, calibration_info or {})
-    if config.method == "magnitude":
-        plan = magnitude_plan(adapter, plan)
-    elif config.method == "activation-norm":
-        plan = activation_norm_plan(adapter, plan, calibration.dense_stats)
-    return plan
+                 calibration_info: dict | None = None, data: "CalibrationSet | None" = None) -> PrunePlan:
+    """The plan for ``config`` (budget, method, uniform) from cached statistics of the dense ``model``.
+
+    ``data``: the calibration windows, for methods that need more than the cached statistics
+    (e.g. LLM-Pruner's weight gradients); computed once and kept in ``calibration.extras``.
+    """
+    from .methods import get_method
+
+    method = get_method(config.method)
+    method.check_applicable(model)
+    if method.whole_model:
+        raise ValueError(f"{method.label} does not produce a head/neuron plan; run it with stat_prune_")
+    method.prepare(model, None if data is None else CalibrationSet.wrap(data), calibration)
+    return method.plan(model, calibration, config, model_name, calibration_info or {})
 
 
 def prune_from_calibration_(model, calibration: Calibration, config: PruneConfig, model_name: str = "",
-                            calibration_info: dict | None = None) -> PruneResult:
+                            calibration_info: dict | None = None, data=None) -> PruneResult:
     """One-shot prune of the dense ``model`` in place from a cached :class:`Calibration`."""
     if config.mode != "one-shot":
         raise ValueError("re-planning from cached statistics is one-shot only; propagate mode re-calibrates each layer")
     t0 = time.perf_counter()
-    plan = plan_pruning(model, calibration, config, model_name, calibration_info)
+    plan = plan_pruning(model, calibration, config, model_name, calibration_info, data)
     t1 = time.perf_counter()
-    apply_plan_(model, plan, calibration.dense_stats if config.method == "stat" else None)
+    apply_plan_(model, plan, calibration.dense_stats)
     timings = {**calibration.timings, "allocate": t1 - t0, "apply": time.perf_counter() - t1}
     return PruneResult(plan=plan, stats=calibration.dense_stats, dense_stats=calibration.dense_stats,
                        sensitivity=calibration.sensitivity, timings=timings)
@@ -400,19 +358,33 @@ def prune_from_calibration_(model, calibration: Calibration, config: PruneConfig
 
 def stat_prune_(model, windows: "torch.Tensor | CalibrationSet", config: PruneConfig, model_name: str = "",
                 progress: ProgressFn | None = None, calibration_info: dict | None = None) -> PruneResult:
-    """Prune ``model`` in place with STAT (or a baseline) on calibration ``windows: (n, T)`` token
-    ids (or a :class:`CalibrationSet` with padding masks and labels).
+    """Prune ``model`` in place with ``config.method`` (STAT by default; any registered method) on
+    calibration ``windows: (n, T)`` token ids (or a :class:`CalibrationSet` with padding masks and
+    labels).
 
     Returns the plan and the statistics behind it. With ``mode="propagate"`` each layer is
     re-calibrated on the outputs of the already pruned and corrected layers before it.
+    Whole-model methods (SliceGPT) return ``plan=None`` and their summary in ``info``.
     """
-    check_budget_feasible(model, config)  # before minutes of calibration, not after
+    from .methods import get_method
+
+    method = get_method(config.method)
+    method.check_applicable(model)  # one sentence before any calibration
     t0 = time.perf_counter()
+    if method.whole_model:
+        if config.mode != "one-shot":
+            raise ValueError(f"{method.label} has no propagate mode; use one-shot")
+        info = method.prune_(model, CalibrationSet.wrap(windows), config, progress)
+        return PruneResult(plan=None, stats=[], dense_stats=[], sensitivity=None,
+                           timings={"total": time.perf_counter() - t0}, info=info)
+    check_budget_feasible(model, config)  # before minutes of calibration, not after
+    if config.mode == "propagate" and not hasattr(method, "relabel") and method.name != "stat":
+        raise ValueError(f"propagate mode re-fits STAT's corrections layer by layer; {method.label} runs one-shot")
     adapter = get_adapter(model)
     runner = LayerwiseRunner(model, adapter, windows, config.batch_size)
     calib = calibrate(model, windows, config, progress, runner)
     if config.mode == "one-shot":
-        result = prune_from_calibration_(model, calib, config, model_name, calibration_info)
+        result = prune_from_calibration_(model, calib, config, model_name, calibration_info, windows)
         result.timings["total"] = time.perf_counter() - t0
         return result
     t2 = time.perf_counter()
@@ -427,10 +399,7 @@ def stat_prune_(model, windows: "torch.Tensor | CalibrationSet", config: PruneCo
         scratch = copy.deepcopy(model)
         _propagate_(scratch, get_adapter(scratch), runner, plan, calib.sensitivity, progress)
         del scratch
-        if config.method == "magnitude":
-            plan = magnitude_plan(adapter, plan)
-        elif config.method == "activation-norm":
-            plan = activation_norm_plan(adapter, plan, calib.dense_stats)
+        plan = method.relabel(model, plan, calib)
         apply_plan_(model, plan, None)
         used_stats = calib.dense_stats
     timings["apply"] = time.perf_counter() - t3
@@ -473,19 +442,6 @@ def plan_from_analyses(adapter: ModelAdapter, analyses: list[LayerAnalysis], con
                      calibration=calibration_info, layers=layers)
 
 
-def magnitude_plan(adapter: ModelAdapter, plan: PrunePlan) -> PrunePlan:
-    """Same per-layer counts as ``plan``, units chosen by weight magnitude instead."""
-    layers = []
-    for lp in plan.layers:
-        configs = magnitude_head_configurations(adapter, lp.layer)
-        match = next(c for c in configs + [{"heads": lp.kept_heads, "kv_heads": lp.kept_kv_heads}]
-                     if len(c["heads"]) == len(lp.kept_heads) and len(c["kv_heads"]) == len(lp.kept_kv_heads))
-        neurons = sorted(magnitude_neuron_order(adapter, lp.layer)[: len(lp.kept_neurons)].tolist())
-        layers.append(LayerPlan(**{**lp.__dict__, "kept_heads": match["heads"], "kept_kv_heads": match["kv_heads"],
-                                   "kept_neurons": neurons}))
-    return PrunePlan(**{**plan.__dict__, "layers": layers, "method": "magnitude"})
-
-
 def _propagate_(model, adapter: ModelAdapter, runner: LayerwiseRunner, plan: PrunePlan, fisher,
                 progress: ProgressFn | None) -> list[BlockStats]:
     """Re-select and correct each layer on the pruned path, keeping the allocated counts."""
@@ -509,25 +465,47 @@ def _propagate_(model, adapter: ModelAdapter, runner: LayerwiseRunner, plan: Pru
     return used
 
 
-def apply_layer_(adapter: ModelAdapter, lp: LayerPlan, stats: BlockStats | None) -> None:
-    """Cut one layer to ``lp``; with ``stats`` the removed units' contribution is folded into the
-    output projections (``W_out ← W_out Tᵀ``), without it they are simply dropped."""
+def apply_layer_(adapter: ModelAdapter, lp: LayerPlan, stats: BlockStats | None, correction: str = "least-squares",
+                 ridge_rel: float | None = None) -> None:
+    """Cut one layer to ``lp`` and compensate the removed units as ``correction`` says (see
+    ``stat_core.methods.CORRECTIONS``); ``stats=None`` means no correction."""
     layer = lp.layer
     shape = adapter.layer_shape(layer)
+    if stats is None:
+        correction = "none"
     if len(lp.kept_heads) < shape.num_heads:
-        new_o = None
-        if stats is not None:
-            interp = interpolation_matrix(stats.attn_gram, head_columns(lp.kept_heads, adapter.head_dim))
-            w = adapter.attn_out_proj(layer).weight
-            new_o = (w.detach().to(interp.device, torch.float64) @ interp.T).to(w.dtype)
+        cols = head_columns(lp.kept_heads, adapter.head_dim)
+        dense_w = adapter.attn_out_proj(layer).weight.detach()
+        new_o = _corrected_weight(dense_w, stats and stats.attn_gram, cols, correction, ridge_rel)
         adapter.prune_heads_(layer, lp.kept_heads, lp.kept_kv_heads, new_o)
+        if correction == "mean-bias":
+            adapter.add_out_bias_(layer, "attn", removed_mean_contribution(dense_w, stats.mean("attn"), cols))
     if len(lp.kept_neurons) < shape.intermediate_size:
-        new_down = None
-        if stats is not None:
-            interp = interpolation_matrix(stats.mlp_gram, torch.tensor(lp.kept_neurons, dtype=torch.long))
-            w = adapter.mlp_out_proj(layer).weight
-            new_down = (w.detach().to(interp.device, torch.float64) @ interp.T).to(w.dtype)
+        cols = torch.tensor(lp.kept_neurons, dtype=torch.long)
+        dense_w = adapter.mlp_out_proj(layer).weight.detach()
+        new_down = _corrected_weight(dense_w, stats and stats.mlp_gram, cols, correction, ridge_rel)
         adapter.prune_neurons_(layer, lp.kept_neurons, new_down)
+        if correction == "mean-bias":
+            adapter.add_out_bias_(layer, "mlp", removed_mean_contribution(dense_w, stats.mean("mlp"), cols))
+
+
+def _corrected_weight(weight: torch.Tensor, gram, kept_cols: torch.Tensor, correction: str,
+                      ridge_rel: float | None) -> torch.Tensor | None:
+    """The new output weight ``W Tᵀ`` for a ``least-squares`` correction; None otherwise (the
+    surgery then keeps the kept columns of ``W: (d_out, n_units)``)."""
+    if correction != "least-squares":
+        return None
+    ridge = None if ridge_rel is None else ridge_of(gram, ridge_rel)
+    interp = interpolation_matrix(gram, kept_cols, ridge)
+    return (weight.to(interp.device, torch.float64) @ interp.T).to(weight.dtype)
+
+
+def removed_mean_contribution(weight: torch.Tensor, mean: torch.Tensor, kept_cols: torch.Tensor) -> torch.Tensor:
+    """``W[:, removed] · mean(z_removed)``: ``(d_out,)``, the removed columns' average output (FLAP's
+    bias compensation), from the dense ``W: (d_out, n_units)`` and the column means ``(n_units,)``."""
+    removed = torch.ones(weight.shape[1], dtype=torch.bool)
+    removed[kept_cols.cpu()] = False
+    return weight.to("cpu", torch.float64)[:, removed] @ mean.to("cpu", torch.float64)[removed]
 
 
 def apply_plan_(model, plan: PrunePlan, stats: list[BlockStats] | None) -> None:
@@ -539,7 +517,7 @@ def apply_plan_(model, plan: PrunePlan, stats: list[BlockStats] | None) -> None:
         shape = adapter.layer_shape(lp.layer)
         if (shape.num_heads, shape.intermediate_size) != (lp.num_heads, lp.intermediate_size):
             raise ValueError(f"layer {lp.layer} of the model is already pruned or differs from the plan")
-        apply_layer_(adapter, lp, None if stats is None else stats[lp.layer])
+        apply_layer_(adapter, lp, None if stats is None else stats[lp.layer], plan.correction, plan.correction_ridge)
     adapter.record_shapes_in_config_()
 
 

@@ -41,10 +41,13 @@ def _set(module: nn.Module, path: str, value: nn.Module) -> None:
     setattr(module, name, value)
 
 
-def _resized(linear: nn.Linear, in_features: int | None = None, out_features: int | None = None) -> nn.Linear:
-    """A fresh Linear of the new size, same dtype/device/bias-ness (its values are loaded later)."""
+def _resized(linear: nn.Linear, in_features: int | None = None, out_features: int | None = None,
+             bias: bool | None = None) -> nn.Linear:
+    """A fresh Linear of the new size, same dtype/device (and bias-ness unless ``bias`` says);
+    its values are loaded later."""
     new = nn.Linear(in_features or linear.in_features, out_features or linear.out_features,
-                    bias=linear.bias is not None, device=linear.weight.device, dtype=linear.weight.dtype)
+                    bias=(linear.bias is not None) if bias is None else bias, device=linear.weight.device,
+                    dtype=linear.weight.dtype)
     return new
 
 
@@ -83,10 +86,13 @@ def resize_to_layer_shapes_(model: nn.Module, shapes: list[dict]) -> None:
         _set(layer, layout["q"], _resized(_get(layer, layout["q"]), out_features=n_heads * head_dim))
         for key in ("k", "v"):
             _set(layer, layout[key], _resized(_get(layer, layout[key]), out_features=n_kv * head_dim))
-        _set(layer, layout["o"], _resized(_get(layer, layout["o"]), in_features=n_heads * head_dim))
+        # A correction may have given output projections a bias the stock family lacks.
+        _set(layer, layout["o"], _resized(_get(layer, layout["o"]), in_features=n_heads * head_dim,
+                                          bias=shape.get("attn_out_bias")))
         for path in layout["w_in"]:
             _set(layer, path, _resized(_get(layer, path), out_features=n_ff))
-        _set(layer, layout["w_out"], _resized(_get(layer, layout["w_out"]), in_features=n_ff))
+        _set(layer, layout["w_out"], _resized(_get(layer, layout["w_out"]), in_features=n_ff,
+                                              bias=shape.get("mlp_out_bias")))
         set_attention_counts(attn, n_heads, n_kv, head_dim)
         mlp = _get(layer, layout["mlp"])
         if hasattr(mlp, "intermediate_size"):

@@ -57,12 +57,13 @@ def test_torch_pruning_magnitude_ranks_like_group_norm(windows):
     pytest.importorskip("torch_pruning")
     tp_peer = bench("tp_peer")
     from stat_core.adapters import get_adapter
-    from stat_core.prune import magnitude_neuron_order
+    from stat_core.methods.baselines import magnitude_scores
 
     model = tiny_model("llama")
     adapter = get_adapter(model)
     score = tp_peer._score(tp_peer.importance_object("magnitude"), tp_peer.mlp_members(adapter, 0), 64)
-    assert torch.equal(torch.argsort(score, descending=True), magnitude_neuron_order(adapter, 0))
+    assert torch.equal(torch.argsort(score, descending=True),
+                       torch.argsort(magnitude_scores(adapter, 0)[2], descending=True))
 
 
 def test_quality_tiny(tmp_path):

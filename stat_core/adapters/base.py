@@ -101,9 +101,27 @@ class ModelAdapter:
         else:
             slice_linear_(self.mlp_out_proj(layer), new_weight=new_out_weight)
 
+    def add_out_bias_(self, layer: int, kind: str, bias: torch.Tensor) -> None:
+        """Add ``bias: (d_out,)`` to the attention (``kind="attn"``) or MLP (``"mlp"``) output
+        projection, creating the bias (zeros) where the family has none. Created biases are
+        recorded in the config's per-layer shapes so every loader rebuilds them."""
+        linear = self.attn_out_proj(layer) if kind == "attn" else self.mlp_out_proj(layer)
+        w = linear.weight
+        if linear.bias is None:
+            linear.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
+                                       requires_grad=w.requires_grad)
+            self.config.stat_added_out_biases = True
+        with torch.no_grad():
+            linear.bias += bias.to(device=w.device, dtype=w.dtype)
+
     def record_shapes_in_config_(self) -> None:
-        """Write every layer's widths into the config so the model describes itself."""
+        """Write every layer's widths (and which output projections carry a bias, when a correction
+        added biases the stock family lacks) into the config so the model describes itself."""
         shapes = [self.layer_shape(i).to_dict() for i in range(self.num_layers)]
+        if getattr(self.config, "stat_added_out_biases", False):
+            for i, shape in enumerate(shapes):
+                shape["attn_out_bias"] = self.attn_out_proj(i).bias is not None
+                shape["mlp_out_bias"] = self.mlp_out_proj(i).bias is not None
         self.config.stat_layer_shapes = shapes
 
 

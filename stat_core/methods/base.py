@@ -1,0 +1,235 @@
+"""The method interface, and the helpers every unit-removal method shares.
+
+A pruning method is one module in this package with one :class:`PruningMethod` subclass,
+registered in :mod:`stat_core.methods.registry`. It supplies two things:
+
+- *which units to keep per layer*: :meth:`PruningMethod.plan` returns a :class:`PrunePlan`
+  (kept heads, KV heads and neurons per layer) from the dense model's cached calibration;
+- *what correction to fold in*: the plan's ``correction`` field, one of :data:`CORRECTIONS`,
+  which :func:`stat_core.prune.apply_plan_` applies from the calibration statistics.
+
+A method that needs statistics beyond the Grams and column sums (e.g. weight gradients) computes
+them in :meth:`PruningMethod.prepare` and keeps them in ``calibration.extras``. A method that does
+not remove heads and neurons at all (SliceGPT rotates and shrinks the hidden size) sets
+``whole_model = True`` and implements :meth:`PruningMethod.prune_` instead of ``plan``.
+
+Grouped-query attention, for every method: a layer keeps ``g`` whole KV groups and the same number
+``r`` of query heads in each (so stock attention code runs); :func:`select_heads` turns any per-head
+score into such a choice. No method ever empties a layer (at least one head and one neuron stay).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+import torch
+
+from ..adapters import ModelAdapter, get_adapter
+from ..budget import block_geometry
+from ..plan import LayerPlan, PrunePlan
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..calibrate import CalibrationSet
+    from ..prune import Calibration, PruneConfig
+
+#: How a plan's removed units are compensated (applied by ``stat_core.prune.apply_layer_``):
+#: ``least-squares``: ``W_out ← W_out Tᵀ`` with ``T = G_II⁻¹ G_I:`` (STAT; with a relative ridge
+#: ``plan.correction_ridge`` this is also the OBS update of SlimGPT); ``mean-bias``: kept columns
+#: only, plus ``W_out[:, removed] · mean(z_removed)`` added to the output bias (FLAP);
+#: ``none``: kept columns only.
+CORRECTIONS = ("least-squares", "mean-bias", "none")
+
+
+class MethodNotApplicable(ValueError):
+    """The method cannot prune this architecture (one sentence saying why)."""
+
+
+class PruningMethod:
+    """One pruning method. Subclasses set the class attributes and implement ``plan``."""
+
+    name: str = ""
+    label: str = ""          # short name for tables and the app
+    summary: str = ""        # one line: what it scores, how it allocates, its correction
+    correction: str = "none"
+    correction_ridge: float | None = None
+    whole_model: bool = False    # True: implements prune_ (changes more than heads and neurons)
+    decoder_only: bool = False
+    needs_data: bool = False     # prepare() must see the calibration windows (e.g. a gradient pass)
+
+    def check_applicable(self, model) -> None:
+        """Raise :class:`MethodNotApplicable` (one sentence) when the method cannot run on ``model``."""
+        adapter = get_adapter(model)
+        if self.decoder_only and not adapter.is_decoder:
+            raise MethodNotApplicable(f"{self.label} applies to decoder language models only; "
+                                      f"choose another method for this {adapter.family} encoder")
+
+    def prepare(self, model, data: "CalibrationSet | None", calibration: "Calibration") -> None:
+        """Extra statistics this method needs, stored in ``calibration.extras`` (idempotent)."""
+
+    def plan(self, model, calibration: "Calibration", config: "PruneConfig", model_name: str = "",
+             calibration_info: dict | None = None) -> PrunePlan:
+        raise NotImplementedError
+
+    def prune_(self, model, data: "CalibrationSet", config: "PruneConfig", progress=None) -> dict:
+        """Whole-model methods only: prune ``model`` in place, return a summary dict."""
+        raise NotImplementedError
+
+
+# --- shared helpers --------------------------------------------------------------------------------
+
+def attention_options(n_heads: int, n_kv: int) -> list[tuple[int, int]]:
+    """Every feasible ``(kept query heads, kept KV heads)`` of one layer, smallest first: ``g`` whole
+    KV groups with the same ``r`` query heads each (any head count when every head has its own KV)."""
+    group = n_heads // n_kv
+    if group == 1:
+        return [(m, m) for m in range(1, n_heads + 1)]
+    return sorted({(r * g, g) for r in range(1, group + 1) for g in range(1, n_kv + 1)})
+
+
+def select_heads(head_scores: torch.Tensor, n_heads: int, n_kv: int, keep_heads: int, keep_kv: int,
+                 kv_scores: torch.Tensor | None = None) -> tuple[list[int], list[int]]:
+    """The ``keep_heads`` query heads in ``keep_kv`` whole KV groups with the highest scores.
+
+    Within every group its best ``r = keep_heads / keep_kv`` heads; groups ranked by the summed
+    score of those heads (plus ``kv_scores[g]``, a score for the group's own key/value rows).
+    Without GQA (one query head per KV head) this is simply the top ``keep_heads`` heads.
+    """
+    group = n_heads // n_kv
+    scores = head_scores.detach().double().cpu()
+    if group == 1:
+        top = sorted(torch.argsort(scores, descending=True)[:keep_heads].tolist())
+        return top, top
+    r = keep_heads // keep_kv
+    best = {g: sorted(range(g * group, (g + 1) * group), key=lambda h: -float(scores[h]))[:r] for g in range(n_kv)}
+    value = {g: float(scores[best[g]].sum()) + (0.0 if kv_scores is None else float(kv_scores[g])) for g in best}
+    groups = sorted(sorted(best, key=lambda g: -value[g])[:keep_kv])
+    return sorted(h for g in groups for h in best[g]), groups
+
+
+@dataclass
+class LayerCosts:
+    """One layer's full widths and its cost functions in the budget's unit (params or MACs)."""
+
+    n_heads: int
+    n_kv: int
+    d_ff: int
+    attn: Callable[[int, int], float]
+    mlp: Callable[[int], float]
+
+    @property
+    def full(self) -> float:
+        return self.attn(self.n_heads, self.n_kv) + self.mlp(self.d_ff)
+
+
+def layer_costs(adapter: ModelAdapter, config: "PruneConfig") -> list[LayerCosts]:
+    from ..prune import _unit_costs
+
+    out = []
+    for layer in range(adapter.num_layers):
+        attn, mlp = _unit_costs(adapter, layer, config)
+        shape = adapter.layer_shape(layer)
+        out.append(LayerCosts(shape.num_heads, shape.num_kv_heads, shape.intermediate_size, attn, mlp))
+    return out
+
+
+def heads_allowed(adapter: ModelAdapter, config: "PruneConfig") -> bool:
+    from ..prune import heads_prunable
+
+    return heads_prunable(adapter, config)
+
+
+def neurons_for_budget(costs: list[LayerCosts], attn_kept: list[tuple[int, int]], target: float,
+                       neuron_scores: list[torch.Tensor] | None = None, uniform: bool = False) -> list[int]:
+    """Neurons to keep per layer so that, with the attention choices ``attn_kept``, the blocks lose
+    ``target`` of their full cost (within one neuron).
+
+    ``uniform``: the same count in every layer (methods with one ratio for all layers). Otherwise
+    ``neuron_scores[l]`` (comparable across layers) are ranked globally and the lowest go first.
+    Every layer keeps at least one neuron.
+    """
+    total = sum(c.full for c in costs)
+    budget_left = (1 - target) * total - sum(c.attn(*a) for c, a in zip(costs, attn_kept))
+    per_neuron = [c.mlp(1) - c.mlp(0) for c in costs]
+    fixed = sum(c.mlp(0) for c in costs)
+    if uniform:
+        k = int(round((budget_left - fixed) / sum(per_neuron)))
+        return [int(min(max(k, 1), c.d_ff)) for c in costs]
+    # Global ranking: keep the highest-scored neurons until the remaining budget is spent.
+    scores = torch.cat([s.detach().double().cpu() for s in neuron_scores])
+    owner = torch.cat([torch.full((c.d_ff,), i) for i, c in enumerate(costs)])
+    order = torch.argsort(scores, descending=True).tolist()
+    keep = [1] * len(costs)  # never empty a layer: the best neuron of each layer is kept first
+    spent = fixed + sum(per_neuron)
+    firsts = {int(torch.argmax(s)) + sum(c.d_ff for c in costs[:i]) for i, (s, c) in enumerate(zip(neuron_scores, costs))}
+    for j in order:
+        if j in firsts:
+            continue
+        layer = int(owner[j])
+        if spent + per_neuron[layer] / 2 > budget_left:
+            break
+        keep[layer] += 1
+        spent += per_neuron[layer]
+    return keep
+
+
+def build_plan(adapter: ModelAdapter, config: "PruneConfig", method: PruningMethod,
+               layers: list[tuple[list[int], list[int], list[int]]], model_name: str = "",
+               calibration_info: dict | None = None, head_orders: list[list[int]] | None = None,
+               extra_budget: dict | None = None) -> PrunePlan:
+    """A :class:`PrunePlan` from each layer's ``(kept heads, kept KV heads, kept neurons)``;
+    the achieved budget is counted in the config's unit."""
+    costs = layer_costs(adapter, config)
+    total = sum(c.full for c in costs)
+    kept_cost = sum(c.attn(len(h), len(kv)) + c.mlp(len(n)) for c, (h, kv, n) in zip(costs, layers))
+    plans = []
+    for i, (heads, kv, neurons) in enumerate(layers):
+        c = costs[i]
+        if not heads or not neurons:
+            raise AssertionError(f"{method.name} emptied layer {i}")  # internal bug, never user input
+        geo = block_geometry(adapter, i)
+        plans.append(LayerPlan(layer=i, num_heads=c.n_heads, num_kv_heads=c.n_kv, intermediate_size=c.d_ff,
+                               kept_heads=sorted(int(h) for h in heads), kept_kv_heads=sorted(int(g) for g in kv),
+                               kept_neurons=sorted(int(j) for j in neurons),
+                               head_order=list(head_orders[i]) if head_orders else [],
+                               attn_options=[{"heads": h, "kv_heads": g, "params": geo.attn_params(h, g), "damage": None}
+                                             for h, g in attention_options(c.n_heads, c.n_kv)]))
+    budget = {"kind": config.budget_kind, "target": config.sparsity, "flops_seq_len": config.flops_seq_len,
+              "achieved": 1 - kept_cost / total if total else 0.0, "predicted_damage": None,
+              "uniform": config.uniform, **(extra_budget or {})}
+    return PrunePlan(model=model_name, method=method.name, mode=config.mode, budget=budget,
+                     calibration=calibration_info or {}, layers=plans, correction=method.correction,
+                     correction_ridge=method.correction_ridge)
+
+
+def with_units(plan: PrunePlan, method: PruningMethod, layers: list[tuple[list[int], list[int], list[int]]]) -> PrunePlan:
+    """``plan`` (same counts and budget) with other kept units, relabelled as ``method``."""
+    new_layers = [LayerPlan(**{**lp.__dict__, "kept_heads": sorted(h), "kept_kv_heads": sorted(kv),
+                               "kept_neurons": sorted(n)}) for lp, (h, kv, n) in zip(plan.layers, layers)]
+    return PrunePlan(**{**plan.__dict__, "layers": new_layers, "method": method.name,
+                        "correction": method.correction, "correction_ridge": method.correction_ridge})
+
+
+def top_k(scores: torch.Tensor, k: int) -> list[int]:
+    return sorted(torch.argsort(scores.detach().double().cpu(), descending=True)[:k].tolist())
+
+
+def standardize(x: torch.Tensor) -> torch.Tensor:
+    """``(x − mean) / std`` over the last axis (FLAP's per-layer standardization)."""
+    std = x.std(dim=-1, keepdim=True)
+    return (x - x.mean(dim=-1, keepdim=True)) / torch.where(std > 0, std, torch.ones_like(std))
+
+
+def nearest_attention_at_least(costs: LayerCosts, keep_fraction: float) -> tuple[int, int]:
+    """The cheapest feasible attention choice that keeps at least ``keep_fraction`` of the attention
+    cost (one ratio for every layer, rounded towards keeping, as FLAP's uniform baselines do)."""
+    full = costs.attn(costs.n_heads, costs.n_kv)
+    options = [(costs.attn(h, g), h, g) for h, g in attention_options(costs.n_heads, costs.n_kv)]
+    ok = [o for o in options if o[0] >= keep_fraction * full - 1e-9]
+    _, h, g = min(ok)
+    return h, g
+
+
+def as_numpy(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64)

@@ -1,0 +1,106 @@
+"""FLAP — fluctuation-based adaptive structured pruning (An et al., AAAI 2024; CASIA-IVA-Lab/FLAP).
+
+Paper: "Fluctuation-based Adaptive Structured Pruning for Large Language Models", arXiv 2312.11983.
+Read from the authors' code (``lib/prune.py``: ``prune_flap`` with metric ``WIFV`` and structure
+``AL-AM``, the defaults of their scripts); this is our own implementation on our statistics.
+
+Score ("WIFV", weighted input feature variance): for input column ``j`` of the output projection
+``W`` (``o_proj`` / ``down_proj``), ``Var(z_j) · ‖W[:, j]‖²``, the variance taken over the
+calibration tokens (exact, from the Gram diagonal and the column sums). For attention the
+authors square the per-column score before use; we do the same.
+
+Allocation ("AL-AM": adaptive across layers and modules): the per-column scores of each layer are
+standardized (``(x − mean) / std`` over the layer's columns) separately for attention and MLP; a
+head's score is the mean of its columns' standardized scores. All heads and channels of the model
+are ranked together; walking down the ranking with each head weighted by its parameter cost
+relative to one channel (the authors' ``512/3`` for LLaMA-7B is exactly that ratio), the threshold
+is where the kept cost reaches ``1 − ratio``.
+
+Correction: the removed columns' mean contribution ``W[:, removed] · mean(z_removed)`` is added to
+the output projection's bias ("baseline" compensation); no weights change.
+
+Our adaptations, each needed to meet this project's rules: (1) grouped-query attention — the
+threshold gives each layer a number of query heads; the layer keeps the feasible whole-KV-group
+configuration (same count per group) whose head count is nearest (ties towards keeping), chosen by
+the same head scores (:func:`select_heads`); (2) the budget is met exactly by then ranking the
+standardized channel scores globally (FLAP's own channel ordering) against what the heads left;
+(3) no layer is emptied; (4) calibration statistics come from the dense model for every layer,
+as in FLAP (which also measures each layer on the dense model's outputs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..adapters import get_adapter
+from .base import (PruningMethod, attention_options, build_plan, heads_allowed, layer_costs, nearest_attention_at_least,
+                   neurons_for_budget, select_heads, standardize, top_k)
+
+
+def flap_scores(adapter, stats) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Standardized per-head and per-neuron scores of every layer (comparable across layers)."""
+    heads, neurons = [], []
+    for layer, st in enumerate(stats):
+        shape = adapter.layer_shape(layer)
+        w_o = adapter.attn_out_proj(layer).weight.detach().to(torch.float64).cpu()
+        w_d = adapter.mlp_out_proj(layer).weight.detach().to(torch.float64).cpu()
+        attn = (st.variance("attn").cpu() * (w_o ** 2).sum(0)) ** 2
+        mlp = st.variance("mlp").cpu() * (w_d ** 2).sum(0)
+        heads.append(standardize(attn).reshape(shape.num_heads, adapter.head_dim).mean(1))
+        neurons.append(standardize(mlp))
+    return heads, neurons
+
+
+class Flap(PruningMethod):
+    name = "flap"
+    label = "FLAP"
+    summary = "fluctuation score Var(z)·‖W‖², standardized, one global ranking; mean-bias compensation"
+    correction = "mean-bias"
+
+    def plan(self, model, calibration, config, model_name="", calibration_info=None):
+        adapter = get_adapter(model)
+        costs = layer_costs(adapter, config)
+        head_scores, neuron_scores = flap_scores(adapter, calibration.dense_stats)
+        prune_heads = heads_allowed(adapter, config)
+        if config.uniform:  # FLAP's "UL-UM": one ratio in every layer
+            attn = [nearest_attention_at_least(c, 1 - config.sparsity) if prune_heads else (c.n_heads, c.n_kv)
+                    for c in costs]
+            keep_n = neurons_for_budget(costs, attn, config.sparsity, uniform=True) if config.prune_neurons \
+                else [c.d_ff for c in costs]
+        else:
+            attn = self._global_heads(costs, head_scores, neuron_scores, config.sparsity) if prune_heads \
+                else [(c.n_heads, c.n_kv) for c in costs]
+            keep_n = neurons_for_budget(costs, attn, config.sparsity, neuron_scores) if config.prune_neurons \
+                else [c.d_ff for c in costs]
+        layers = []
+        for c, (h, g), k, hs, ns in zip(costs, attn, keep_n, head_scores, neuron_scores):
+            kept_heads, kept_kv = select_heads(hs, c.n_heads, c.n_kv, h, g)
+            layers.append((kept_heads, kept_kv, top_k(ns, k)))
+        orders = [torch.argsort(hs, descending=True).tolist() for hs in head_scores]
+        return build_plan(adapter, config, self, layers, model_name, calibration_info, orders)
+
+    @staticmethod
+    def _global_heads(costs, head_scores, neuron_scores, ratio) -> list[tuple[int, int]]:
+        """FLAP's joint threshold over heads and channels (cost-weighted); heads kept per layer,
+        rounded to the nearest feasible grouped-query configuration."""
+        scores, weights, owner = [], [], []
+        for i, (c, hs, ns) in enumerate(zip(costs, head_scores, neuron_scores)):
+            head_cost = c.attn(c.n_heads, c.n_kv) / c.n_heads
+            neuron_cost = c.mlp(1) - c.mlp(0)
+            scores += [hs, ns]
+            weights += [torch.full_like(hs, head_cost / neuron_cost), torch.ones_like(ns)]
+            owner += [torch.full((len(hs),), i), torch.full((len(ns),), -1)]
+        scores, weights, owner = torch.cat(scores), torch.cat(weights), torch.cat(owner)
+        order = torch.argsort(scores, descending=True)
+        cum = torch.cumsum(weights[order], 0)
+        cut = int(torch.argmin((cum - weights.sum() * (1 - ratio)).abs()))
+        kept = order[: cut + 1]
+        out = []
+        for i, c in enumerate(costs):
+            m = int((owner[kept] == i).sum())
+            options = attention_options(c.n_heads, c.n_kv)
+            out.append(min(options, key=lambda o: (abs(o[0] - m), -o[0])))
+        return out
+
+
+__all__ = ["Flap", "flap_scores"]

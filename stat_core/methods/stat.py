@@ -1,0 +1,29 @@
+"""STAT (Flynn et al., arXiv 2406.00061): the project's own method.
+
+Scores: interpolative decompositions of the calibration activations (pivoted Cholesky on the
+Gram of each MLP's intermediate activations, columns weighted by their outgoing norm; greedy
+output-aware block selection of attention heads), so each layer has an exact damage curve.
+Allocation: one global budget over all layers' damage curves, each weighted by a gradient second
+moment of the loss at the block's output (``stat_core.prune.calibrate``), Lagrangian + top-up.
+Correction: the least-squares interpolation of the removed units from the kept ones, folded into
+the output projection (``W_out ← W_out Tᵀ``).
+"""
+
+from __future__ import annotations
+
+from .base import PruningMethod
+
+
+class Stat(PruningMethod):
+    name = "stat"
+    label = "STAT"
+    summary = "interpolative decompositions, loss-weighted global allocation, least-squares correction"
+    correction = "least-squares"
+
+    def plan(self, model, calibration, config, model_name="", calibration_info=None):
+        from ..adapters import get_adapter
+        from ..prune import plan_from_analyses
+
+        plan = plan_from_analyses(get_adapter(model), calibration.analyses, config, model_name, calibration_info or {})
+        plan.method, plan.correction = self.name, self.correction
+        return plan

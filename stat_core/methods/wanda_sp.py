@@ -1,0 +1,60 @@
+"""Wanda-sp — the structured variant of Wanda that FLAP's authors use as a baseline
+(An et al., AAAI 2024, code ``lib/prune.py: prune_wanda_sp``; Wanda: Sun et al., ICLR 2024).
+
+Score: for input column ``j`` of the output projection ``W``, ``mean_i |W_ij| · ‖z_j‖`` with
+``‖z_j‖`` the root mean square of the column over the calibration tokens (``√(G_jj / N)``);
+a head's score is the sum over its columns.
+
+Allocation: the same ratio in every layer — each layer's attention keeps the cheapest feasible
+configuration holding at least ``1 − ratio`` of its attention cost (FLAP's code removes
+``int(ratio · heads)`` heads per layer: rounding towards keeping), and every layer keeps the same
+number of neurons, chosen so the global budget is met. Under grouped-query attention whole KV
+groups go, with the same number of query heads kept in each (:func:`select_heads`).
+
+Correction: none (FLAP's code calls ``compress(..., bias=False)`` for Wanda-sp).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..adapters import get_adapter
+from .base import PruningMethod, build_plan, heads_allowed, layer_costs, nearest_attention_at_least, neurons_for_budget, \
+    select_heads, top_k
+
+
+def wanda_scores(adapter, stats) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-head and per-neuron Wanda-sp scores of every layer."""
+    heads, neurons = [], []
+    for layer, st in enumerate(stats):
+        shape = adapter.layer_shape(layer)
+        n = max(st.n_tokens, 1)
+        w_o = adapter.attn_out_proj(layer).weight.detach().to(torch.float64).cpu()
+        w_d = adapter.mlp_out_proj(layer).weight.detach().to(torch.float64).cpu()
+        attn = w_o.abs().mean(0) * torch.sqrt(torch.diagonal(st.attn_gram).cpu() / n)
+        mlp = w_d.abs().mean(0) * torch.sqrt(torch.diagonal(st.mlp_gram).cpu() / n)
+        heads.append(attn.reshape(shape.num_heads, adapter.head_dim).sum(1))
+        neurons.append(mlp)
+    return heads, neurons
+
+
+class WandaSP(PruningMethod):
+    name = "wanda-sp"
+    label = "Wanda-sp"
+    summary = "|W|·‖z‖ per unit, the same ratio in every layer, no correction"
+    correction = "none"
+
+    def plan(self, model, calibration, config, model_name="", calibration_info=None):
+        adapter = get_adapter(model)
+        costs = layer_costs(adapter, config)
+        head_scores, neuron_scores = wanda_scores(adapter, calibration.dense_stats)
+        attn = [nearest_attention_at_least(c, 1 - config.sparsity) if heads_allowed(adapter, config)
+                else (c.n_heads, c.n_kv) for c in costs]
+        keep_n = neurons_for_budget(costs, attn, config.sparsity, uniform=True) if config.prune_neurons \
+            else [c.d_ff for c in costs]
+        layers = []
+        for c, (h, g), k, hs, ns in zip(costs, attn, keep_n, head_scores, neuron_scores):
+            kept_heads, kept_kv = select_heads(hs, c.n_heads, c.n_kv, h, g)
+            layers.append((kept_heads, kept_kv, top_k(ns, k)))
+        orders = [torch.argsort(hs, descending=True).tolist() for hs in head_scores]
+        return build_plan(adapter, config, self, layers, model_name, calibration_info, orders)
