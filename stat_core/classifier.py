@@ -119,3 +119,18 @@ def build_demo_classifier(epochs: int = 6, lr: float = 1e-4, seed: int = 0) -> P
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+@torch.no_grad()
+def class_log_probs(model, data: CalibrationSet, batch_size: int = 32) -> torch.Tensor:
+    """``(n, n_classes)`` log-probabilities of the classifier on every example of ``data``."""
+    device = next(model.parameters()).device
+    return torch.cat([model(**b.model_inputs(device)).logits.float().log_softmax(-1).cpu()
+                      for b in data.batches(batch_size)])
+
+
+def kl_to_reference(reference: torch.Tensor, model, data: CalibrationSet) -> float:
+    """Mean KL(dense ‖ model) of the class distributions over ``data``; ``reference`` is the dense
+    model's :func:`class_log_probs` on the same data. Finer than accuracy: it sees confidence move."""
+    other = class_log_probs(model, data)
+    return float((reference.exp() * (reference - other)).sum(-1).mean())

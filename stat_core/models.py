@@ -140,3 +140,14 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str = "float
         raise ModelLoadError(f"Could not load the weights or tokenizer of '{name_or_path}': {exc}") from exc
     model.to(dev).eval()
     return model, tokenizer
+
+
+def load_tokenizer_only(name_or_path: str):
+    """The tokenizer of a demo name or model folder, without loading any weights."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"Could not load the tokenizer of '{name_or_path}': {exc}") from exc

@@ -57,6 +57,10 @@ class PruningMethod:
     whole_model: bool = False    # True: implements prune_ (changes more than heads and neurons)
     decoder_only: bool = False
     needs_data: bool = False     # prepare() must see the calibration windows (e.g. a gradient pass)
+    #: which parts of the shared calibration the method uses (the benchmarks charge their time):
+    #: the dense block statistics (Grams, sums), and STAT's sensitivity pass + decompositions
+    uses_block_stats: bool = True
+    uses_stat_analysis: bool = False
 
     def check_applicable(self, model) -> None:
         """Raise :class:`MethodNotApplicable` (one sentence) when the method cannot run on ``model``."""

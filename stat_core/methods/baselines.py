@@ -24,6 +24,8 @@ class _StatCounts(PruningMethod):
     """A baseline that keeps STAT's per-layer counts: ``relabel`` picks its own units in a STAT plan
     (one-shot, or the plan STAT's propagation produced)."""
 
+    uses_stat_analysis = True
+
     def plan(self, model, calibration, config, model_name="", calibration_info=None):
         return self.relabel(model, _stat_plan(model, calibration, config, model_name, calibration_info), calibration)
 

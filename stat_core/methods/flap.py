@@ -68,7 +68,8 @@ class Flap(PruningMethod):
             keep_n = neurons_for_budget(costs, attn, config.sparsity, uniform=True) if config.prune_neurons \
                 else [c.d_ff for c in costs]
         else:
-            attn = self._global_heads(costs, head_scores, neuron_scores, config.sparsity) if prune_heads \
+            attn = self._global_heads(costs, head_scores, neuron_scores, config.sparsity, config.prune_neurons) \
+                if prune_heads \
                 else [(c.n_heads, c.n_kv) for c in costs]
             keep_n = neurons_for_budget(costs, attn, config.sparsity, neuron_scores) if config.prune_neurons \
                 else [c.d_ff for c in costs]
@@ -80,20 +81,31 @@ class Flap(PruningMethod):
         return build_plan(adapter, config, self, layers, model_name, calibration_info, orders)
 
     @staticmethod
-    def _global_heads(costs, head_scores, neuron_scores, ratio) -> list[tuple[int, int]]:
-        """FLAP's joint threshold over heads and channels (cost-weighted); heads kept per layer,
-        rounded to the nearest feasible grouped-query configuration."""
+    def _global_heads(costs, head_scores, neuron_scores, ratio, rank_neurons: bool = True) -> list[tuple[int, int]]:
+        """FLAP's joint threshold over heads and channels, each weighted by its cost (a head's share
+        of its layer's attention cost, a channel's cost): walking down the ranking, the cut is where
+        the kept cost is nearest ``(1 − ratio)`` of the blocks' full cost (units that are not ranked,
+        e.g. neurons when only heads may go, count as kept). Heads kept per layer, rounded to the
+        nearest feasible grouped-query configuration."""
         scores, weights, owner = [], [], []
+        always_kept = 0.0
         for i, (c, hs, ns) in enumerate(zip(costs, head_scores, neuron_scores)):
             head_cost = c.attn(c.n_heads, c.n_kv) / c.n_heads
-            neuron_cost = c.mlp(1) - c.mlp(0)
-            scores += [hs, ns]
-            weights += [torch.full_like(hs, head_cost / neuron_cost), torch.ones_like(ns)]
-            owner += [torch.full((len(hs),), i), torch.full((len(ns),), -1)]
+            scores.append(hs)
+            weights.append(torch.full_like(hs, head_cost))
+            owner.append(torch.full((len(hs),), i))
+            if rank_neurons:
+                scores.append(ns)
+                weights.append(torch.full_like(ns, c.mlp(1) - c.mlp(0)))
+                owner.append(torch.full((len(ns),), -1))
+                always_kept += c.mlp(0)
+            else:
+                always_kept += c.mlp(c.d_ff)
         scores, weights, owner = torch.cat(scores), torch.cat(weights), torch.cat(owner)
+        target_kept = (1 - ratio) * sum(c.full for c in costs) - always_kept
         order = torch.argsort(scores, descending=True)
         cum = torch.cumsum(weights[order], 0)
-        cut = int(torch.argmin((cum - weights.sum() * (1 - ratio)).abs()))
+        cut = int(torch.argmin((cum - target_kept).abs()))
         kept = order[: cut + 1]
         out = []
         for i, c in enumerate(costs):

@@ -19,6 +19,7 @@ class Stat(PruningMethod):
     label = "STAT"
     summary = "interpolative decompositions, loss-weighted global allocation, least-squares correction"
     correction = "least-squares"
+    uses_stat_analysis = True
 
     def plan(self, model, calibration, config, model_name="", calibration_info=None):
         from ..adapters import get_adapter

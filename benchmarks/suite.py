@@ -1,0 +1,326 @@
+"""Every pruning method in the registry, at equal budget, from one shared calibration, on the whole
+evaluation suite (``stat_core.suite``): what perplexity sees and what it hides.
+
+    .venv/bin/python benchmarks/suite.py            # SmolLM2 at 10..50% (64 × 512 calibration, full suite)
+                                                    #   + the demo classifier at 20..50%
+    .venv/bin/python benchmarks/suite.py --quick    # the same budgets, the quick suite (4,096 eval tokens,
+                                                    #   fewer analogies, shorter chat answers)
+    .venv/bin/python benchmarks/suite.py --tiny     # random tiny models, seconds (CI)
+    .venv/bin/python benchmarks/suite.py --methods slicegpt --append   # add or redo methods in suite.json
+
+One ``calibrate()`` of the dense model (the protocol's 64 × 512 Wikipedia windows, seed 0) serves
+every plan-based method and budget; each cell is a fresh copy of the dense model cut by the method's
+plan (and its correction) in seconds. Whole-model methods (SliceGPT) run their own pass over the
+same windows. ``seconds_prune`` charges each method the parts of the shared calibration it uses
+(the block statistics pass; STAT's gradient pass and decompositions only for STAT and the
+baselines that reuse its counts; LLM-Pruner's gradient pass) plus its own planning and surgery.
+
+Writes ``benchmarks/results/suite.{json,md}``: a list of records, one per model × method × budget
+(the dense model as method ``dense``, budget 0), written after every cell so a stopped run keeps
+what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import RESULTS, load_at_start, machine_note  # noqa: E402
+
+from stat_core.adapters import get_adapter  # noqa: E402
+from stat_core.budget import block_parameter_count  # noqa: E402
+from stat_core.calibrate import CalibrationSet  # noqa: E402
+from stat_core.methods import get_method, method_names  # noqa: E402
+from stat_core.prune import PruneConfig, apply_plan_, calibrate, plan_pruning, stat_prune_  # noqa: E402
+
+log = logging.getLogger("suite")
+
+DECODER_FIELDS = ("perplexity", "kl_to_dense", "fewshot_accuracy", "fewshot_bias_free", "fewshot_majority_share",
+                  "analogy_accuracy", "instruction_agreement", "instruction_kl")
+CLASSIFIER_FIELDS = ("accuracy", "accuracy_windows", "kl_to_dense")
+# Which way is better, per field (the markdown bolds the best method per budget).
+LOWER_IS_BETTER = {"perplexity", "kl_to_dense", "instruction_kl", "fewshot_majority_share"}
+
+
+def _seconds_for(method, calib_timings: dict, prepare_seconds: float) -> float:
+    """The shared calibration's stages this method uses (see the module docstring)."""
+    seconds = prepare_seconds
+    if method.uses_block_stats:
+        seconds += calib_timings.get("calibrate", 0.0)
+    if method.uses_stat_analysis:
+        seconds += calib_timings.get("sensitivity", 0.0) + calib_timings.get("analyse", 0.0)
+    return seconds
+
+
+class Recorder:
+    """Records written to JSON + markdown after every cell; ``append`` keeps other methods' records."""
+
+    def __init__(self, out_dir: Path, meta: dict, append: bool):
+        self.out_dir = Path(out_dir)
+        self.meta = meta
+        self.records: list[dict] = []
+        path = self.out_dir / "suite.json"
+        if append and path.exists():
+            old = json.loads(path.read_text())
+            self.records = old["records"]
+            self.meta = {**old.get("meta", {}), "appended": meta}
+
+    def add(self, rec: dict) -> None:
+        key = (rec["model"], rec["method"], rec["budget"])
+        self.records = [r for r in self.records if (r["model"], r["method"], r["budget"]) != key] + [rec]
+        self.write()
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()
+                          if k != "kept"}), flush=True)
+
+    def write(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "suite.json").write_text(json.dumps({"meta": self.meta, "records": self.records}, indent=1))
+        (self.out_dir / "suite.md").write_text(markdown(self.records, self.meta))
+
+
+# --- decoders ---------------------------------------------------------------------------------------
+
+def run_decoder(model, tokenizer, windows, model_name: str, methods: list[str], budgets: list[float],
+                suite_config, rec: Recorder, sensitivity_samples: int | None = None) -> None:
+    from stat_core.suite import build_reference, evaluate_suite
+
+    t = time.perf_counter()
+    reference = build_reference(model, tokenizer, suite_config)
+    log.info("dense reference in %.0f s", time.perf_counter() - t)
+    rec.add({"model": model_name, "method": "dense", "budget": 0.0, "removed_fraction": 0.0,
+             **reference.dense_metrics, "seconds_prune": 0.0})
+    dense_params = block_parameter_count(get_adapter(model))
+    calib = None
+    prepare_seconds: dict[str, float] = {}
+    for budget in budgets:
+        for name in methods:
+            method = get_method(name)
+            config = PruneConfig(sparsity=budget, method=name, sensitivity_samples=sensitivity_samples)
+            pruned = copy.deepcopy(model)
+            if method.whole_model:
+                t = time.perf_counter()
+                result = stat_prune_(pruned, windows, config, model_name=model_name)
+                seconds = time.perf_counter() - t
+                removed = result.info.get("removed_fraction")
+                extra = {"info": result.info}
+            else:
+                if calib is None:
+                    calib = calibrate(model, windows, PruneConfig(sparsity=budget, sensitivity_samples=sensitivity_samples))
+                    log.info("shared calibration: %s", {k: round(v, 1) for k, v in calib.timings.items()})
+                if name not in prepare_seconds:
+                    t = time.perf_counter()
+                    method.prepare(model, CalibrationSet.wrap(windows), calib)
+                    prepare_seconds[name] = time.perf_counter() - t
+                t = time.perf_counter()
+                plan = plan_pruning(pruned, calib, config, model_name, data=windows)
+                apply_plan_(pruned, plan, calib.dense_stats)
+                seconds = time.perf_counter() - t + _seconds_for(method, calib.timings, prepare_seconds[name])
+                removed = 1 - block_parameter_count(get_adapter(pruned)) / dense_params
+                extra = {"kept": plan.kept_summary()}
+            metrics = evaluate_suite(pruned, tokenizer, reference)
+            rec.add({"model": model_name, "method": name, "budget": budget, "removed_fraction": removed,
+                     **metrics, "seconds_prune": seconds, **extra})
+            del pruned
+
+
+# --- encoders ---------------------------------------------------------------------------------------
+
+def run_classifier(model, calib_set, held, held_windows, model_name: str, methods: list[str],
+                   budgets: list[float], rec: Recorder) -> None:
+    from stat_core.classifier import accuracy, class_log_probs, kl_to_reference
+
+    ref = class_log_probs(model, held_windows)
+    rec.add({"model": model_name, "method": "dense", "budget": 0.0, "removed_fraction": 0.0,
+             "accuracy": accuracy(model, held), "accuracy_windows": accuracy(model, held_windows),
+             "kl_to_dense": 0.0, "seconds_prune": 0.0})
+    dense_params = block_parameter_count(get_adapter(model))
+    calib = calibrate(model, calib_set, PruneConfig(sparsity=0.3))
+    prepare_seconds: dict[str, float] = {}
+    for budget in budgets:
+        for name in methods:
+            method = get_method(name)
+            if method.decoder_only:
+                continue
+            if name not in prepare_seconds:
+                t = time.perf_counter()
+                method.prepare(model, calib_set, calib)
+                prepare_seconds[name] = time.perf_counter() - t
+            pruned = copy.deepcopy(model)
+            t = time.perf_counter()
+            plan = plan_pruning(pruned, calib, PruneConfig(sparsity=budget, method=name), model_name, data=calib_set)
+            apply_plan_(pruned, plan, calib.dense_stats)
+            seconds = time.perf_counter() - t + _seconds_for(method, calib.timings, prepare_seconds[name])
+            rec.add({"model": model_name, "method": name, "budget": budget,
+                     "removed_fraction": 1 - block_parameter_count(get_adapter(pruned)) / dense_params,
+                     "accuracy": accuracy(pruned, held), "accuracy_windows": accuracy(pruned, held_windows),
+                     "kl_to_dense": kl_to_reference(ref, pruned, held_windows), "seconds_prune": seconds,
+                     "kept": plan.kept_summary()})
+            del pruned
+
+
+# --- tables -----------------------------------------------------------------------------------------
+
+def _fmt(field: str, value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if field == "perplexity":
+        return f"{value:.3g}" if value >= 1000 else f"{value:.2f}"
+    if field in ("kl_to_dense", "instruction_kl"):
+        return f"{value:.3f}" if value < 100 else f"{value:.3g}"
+    if field in ("seconds_prune",):
+        return f"{value:.0f}"
+    return f"{value:.1%}" if field != "fewshot_bias_free" else f"{value:.3f}"
+
+
+HEADERS = {"perplexity": "ppl (×dense)", "kl_to_dense": "KL", "fewshot_accuracy": "few-shot acc",
+           "fewshot_bias_free": "few-shot AUC", "fewshot_majority_share": "majority share",
+           "analogy_accuracy": "analogies", "instruction_agreement": "chat agree", "instruction_kl": "chat KL",
+           "accuracy": "post acc", "accuracy_windows": "window acc", "seconds_prune": "prune s"}
+
+
+def best_methods(rows: list[dict], field: str) -> set[str]:
+    values = [(r[field], r["method"]) for r in rows if r.get(field) is not None and not math.isnan(r[field])]
+    if not values:
+        return set()
+    if field == "fewshot_majority_share":  # not a quality to maximise: closest to the dense share is not
+        return set()                       # "best" either; shown, never bolded
+    best = min(v for v, _ in values) if field in LOWER_IS_BETTER else max(v for v, _ in values)
+    return {m for v, m in values if v == best}
+
+
+def markdown(records: list[dict], meta: dict) -> str:
+    lines = []
+    models = list(dict.fromkeys(r["model"] for r in records))
+    order = {m: i for i, m in enumerate(method_names())}
+    for model in models:
+        rs = [r for r in records if r["model"] == model]
+        dense = next((r for r in rs if r["method"] == "dense"), None)
+        fields = DECODER_FIELDS if "perplexity" in (dense or {}) else CLASSIFIER_FIELDS
+        fields = [f for f in fields if any(r.get(f) is not None for r in rs)] + ["seconds_prune"]
+        lines += [f"**{model}**" + (f" — {meta.get('protocol', {}).get(model, '')}" if meta.get("protocol") else ""),
+                  "", "| budget | method | removed | " + " | ".join(HEADERS[f] for f in fields) + " |",
+                  "|---|---|---|" + "---|" * len(fields)]
+        if dense:
+            lines.append("| 0% | dense | 0% | " + " | ".join(_fmt(f, dense.get(f)) for f in fields) + " |")
+        summary = []
+        for budget in sorted({r["budget"] for r in rs if r["method"] != "dense"}):
+            row = sorted((r for r in rs if r["budget"] == budget and r["method"] != "dense"),
+                         key=lambda r: order.get(r["method"], 99))
+            best = {f: best_methods(row, f) for f in fields if f != "seconds_prune"}
+            summary.append((budget, best))
+            for r in row:
+                cells = []
+                for f in fields:
+                    text = _fmt(f, r.get(f))
+                    if f == "perplexity" and dense and r.get(f) is not None:
+                        text += f" ({r[f] / dense[f]:.2f}×)"
+                    cells.append(f"**{text}**" if r["method"] in best.get(f, ()) else text)
+                removed = r.get("removed_fraction")
+                lines.append(f"| {budget:.0%} | {r['method']} | {_fmt('fraction', removed)} | " + " | ".join(cells) + " |")
+        lines.append("")
+        shown = [f for f in fields if f not in ("seconds_prune", "fewshot_majority_share")]
+        lines += [f"Best per budget on **{model}** (ties listed):", "",
+                  "| budget | " + " | ".join(HEADERS[f] for f in shown) + " |", "|---|" + "---|" * len(shown)]
+        for budget, best in summary:
+            lines.append(f"| {budget:.0%} | " + " | ".join(", ".join(sorted(best[f], key=lambda m: order.get(m, 99)))
+                                                      or "–" for f in shown) + " |")
+        lines.append("")
+    machine = meta.get("machine") or meta.get("appended", {}).get("machine")
+    if machine:
+        lines.append(f"Measured on {machine.get('cpu_count')} CPU cores (load {load_at_start({'machine': machine})} at "
+                     f"the start), torch {machine.get('torch')}.")
+    return "\n".join(lines) + "\n"
+
+
+# --- main -------------------------------------------------------------------------------------------
+
+def _tiny_decoder():
+    """A random Llama with SmolLM2's vocabulary, so the real tokenizer and prompts apply."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from stat_core.models import load_tokenizer_only
+
+    tokenizer = load_tokenizer_only("smollm2-135m")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                      intermediate_size=96, vocab_size=len(tokenizer), max_position_embeddings=1024,
+                      tie_word_embeddings=True)
+    return AutoModelForCausalLM.from_config(cfg).eval(), tokenizer
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--classifier", default="minilm-classifier", help="'' to skip the classifier")
+    p.add_argument("--budgets", default="0.1,0.2,0.3,0.4,0.5")
+    p.add_argument("--classifier-budgets", default="0.2,0.3,0.4,0.5")
+    p.add_argument("--methods", default=",".join(method_names()))
+    p.add_argument("--num-samples", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--quick", action="store_true", help="the quick suite (fewer evaluation tokens and prompts)")
+    p.add_argument("--tiny", action="store_true", help="random tiny models (seconds; what CI runs)")
+    p.add_argument("--append", action="store_true", help="keep the other records already in suite.json")
+    p.add_argument("--out-dir", default=str(RESULTS))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+    from stat_core.suite import SuiteConfig
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        get_method(m)  # unknown names fail here, listing the methods
+    budgets = [float(b) for b in args.budgets.split(",")]
+    protocol = {}
+    meta = {"machine": machine_note(), "methods": methods, "protocol": protocol}
+    rec = Recorder(Path(args.out_dir), meta, args.append)
+    if args.tiny:
+        from stat_core.data import CalibrationConfig, calibration_windows, wikipedia_split
+
+        model, tokenizer = _tiny_decoder()
+        windows = calibration_windows(tokenizer, wikipedia_split("calibration"), CalibrationConfig(num_samples=8, seq_len=64))
+        suite_config = SuiteConfig.tiny()
+        protocol["tiny-llama"] = "random tiny Llama, 8 × 64 calibration tokens, tiny suite"
+        rec.meta["protocol"] = protocol
+        run_decoder(model, tokenizer, windows, "tiny-llama", methods, [0.2, 0.4], suite_config, rec,
+                    sensitivity_samples=2)
+        return 0
+
+    from stat_core.data import CalibrationConfig, calibration_windows, wikipedia_split
+    from stat_core.models import load_model
+
+    if args.model:
+        model, tokenizer = load_model(args.model)
+        windows = calibration_windows(tokenizer, wikipedia_split("calibration"),
+                                      CalibrationConfig(num_samples=args.num_samples, seq_len=args.seq_len, seed=0))
+        suite_config = SuiteConfig.quick() if args.quick else SuiteConfig()
+        protocol[args.model] = (f"calibration {args.num_samples} × {args.seq_len} Wikipedia tokens (seed 0); "
+                                f"{'quick' if args.quick else 'full'} suite: {suite_config.eval_tokens:,} evaluation tokens, "
+                                f"{suite_config.analogies_per_category} analogies per category, chat answers of "
+                                f"{suite_config.instruction_new_tokens} tokens")
+        rec.meta.setdefault("protocol", {}).update(protocol)
+        run_decoder(model, tokenizer, windows, args.model, methods, budgets, suite_config, rec)
+        del model
+    if args.classifier:
+        from stat_core.classifier import demo_classifier_split, encode, encode_chunks
+
+        model, tokenizer = load_model(args.classifier)
+        train, held = demo_classifier_split()
+        calib_set, held_set, held_windows = encode_chunks(tokenizer, train), encode(tokenizer, held), encode_chunks(tokenizer, held)
+        rec.meta.setdefault("protocol", {})[args.classifier] = (
+            f"calibration: all text of the {len(train)} training posts in 128-token windows ({len(calib_set)}); "
+            f"post accuracy on {len(held)} held-out posts, window accuracy and KL on their {len(held_windows)} windows")
+        run_classifier(model, calib_set, held_set, held_windows, args.classifier, methods,
+                       [float(b) for b in args.classifier_budgets.split(",")], rec)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
