@@ -141,9 +141,9 @@ def build_demo(store: SessionStore | None = None) -> gr.Blocks:
         reply = H.generate(session_of(request), prompt, int(max_new_tokens))
         return _status(reply), reply.data.get("before", ""), reply.data.get("after", "")
 
-    def on_compare(sparsity, budget_kind, uniform, eval_tokens, request: gr.Request, progress=gr.Progress()):
+    def on_compare(sparsity, budget_kind, uniform, eval_tokens, methods, request: gr.Request, progress=gr.Progress()):
         session = session_of(request)
-        reply = H.compare(session, sparsity, budget_kind, uniform, int(eval_tokens),
+        reply = H.compare(session, sparsity, budget_kind, uniform, int(eval_tokens), methods=methods,
                           progress=_gradio_progress(progress), cancel_event=session.begin_job())
         if not reply.ok:
             return _status(reply), None, F.empty_figure(reply.message)
@@ -230,7 +230,11 @@ def build_demo(store: SessionStore | None = None) -> gr.Blocks:
             gen_after = gr.Textbox(label="pruned model", lines=4, interactive=False)
 
         gr.Markdown("## 6 · Compare methods at the same budget")
-        compare_btn = gr.Button("Compare STAT / no correction / magnitude / activation norm", elem_id="compare_btn")
+        compare_methods = gr.CheckboxGroup(choices=H.method_choices(), value=list(H.COMPARE_METHODS),
+                                           label="methods (STAT, the published peers, simple baselines; "
+                                                 "SliceGPT runs its own pass over the calibration text)",
+                                           elem_id="compare_methods")
+        compare_btn = gr.Button("Compare the chosen methods at this budget", elem_id="compare_btn")
         compare_table = gr.Dataframe(headers=["method", "removed", "quality", "vs dense"], interactive=False)
         compare_plot = gr.Plot(label="comparison")
 
@@ -264,7 +268,7 @@ def build_demo(store: SessionStore | None = None) -> gr.Blocks:
         measure_evt = measure_btn.click(on_measure, [eval_tokens], [status, metrics], api_name="measure", **heavy)
         gen_evt = gen_btn.click(on_generate, [prompt, max_new], [status, gen_before, gen_after], api_name="generate",
                                 **heavy)
-        compare_evt = compare_btn.click(on_compare, [sparsity, budget_kind, uniform, eval_tokens],
+        compare_evt = compare_btn.click(on_compare, [sparsity, budget_kind, uniform, eval_tokens, compare_methods],
                                         [status, compare_table, compare_plot], api_name="compare", **heavy)
         export_btn.click(on_export, None, [status, export_zip, export_report], api_name="export", **heavy)
         cancel_btn.click(on_cancel, None, [status], api_name="cancel",

@@ -176,9 +176,9 @@ def decay_curves(plan, layer: int | None = None) -> go.Figure:
 
 def compare_figure(results: list[dict], dense: dict, metric: str) -> go.Figure:
     """One bar per method (log scale for perplexity), the dense model as a dashed line."""
-    labels = {"stat": "STAT", "no-correction": "no correction", "magnitude": "magnitude",
-              "activation-norm": "activation norm"}
-    x = [labels.get(r["method"], r["method"]) for r in results]
+    from stat_core.methods import get_method
+
+    x = [get_method(r["method"]).label for r in results]
     y = [r.get(metric) for r in results]
     colors = ["#2b8a3e" if r["method"] == "stat" else "#adb5bd" for r in results]
     text = [(f"{v:.1f}" if metric == "perplexity" else f"{v:.0%}") if v is not None else "" for v in y]
@@ -195,6 +195,6 @@ def compare_figure(results: list[dict], dense: dict, metric: str) -> go.Figure:
                                     math.log10(max(finite) * 3)])
     else:
         fig.update_yaxes(title_text="held-out accuracy (higher is better)", range=[0, 1.1], tickformat=".0%")
-    fig.update_layout(title="Same budget, same calibration: why the correction matters", height=380,
+    fig.update_layout(title="Same budget, same calibration: STAT, the published peers and simple baselines", height=380,
                       margin={"l": 60, "r": 20, "t": 60, "b": 50}, title_font_size=13)
     return fig

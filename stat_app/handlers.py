@@ -38,6 +38,7 @@ from stat_core.classifier import (CLASSIFIER_MAX_LEN, DEMO_CLASSIFIER, accuracy,
 from stat_core.data import CalibrationConfig, DataError, calibration_windows, fingerprint, load_text_file, wikipedia_split
 from stat_core.evaluate import count_parameters, evaluation_windows, perplexity
 from stat_core.labelled import BUILTIN_SETS, load_labelled
+from stat_core.methods import get_method, method_names
 from stat_core.models import DEMO_MODELS, ModelLoadError, is_encoder, load_model
 from stat_core.prune import PruneConfig, budget_summary
 
@@ -47,9 +48,28 @@ log = logging.getLogger("stat_app")
 
 DEVICE_LOCK = threading.RLock()
 QUICK_EVAL_TOKENS = 2048          # quick perplexity: 4 windows of 512 (the full protocol uses 16,384)
-COMPARE_METHODS = ("stat", "no-correction", "magnitude", "activation-norm")
-METHOD_LABELS = {"stat": "STAT (selection + correction)", "no-correction": "same selection, no correction",
-                 "magnitude": "weight magnitude", "activation-norm": "activation norm"}
+# Every method comes from the registry; Compare runs these by default (the plan-based ones: each
+# is cut from the cached calibration in seconds; SliceGPT needs its own pass and is opt-in).
+COMPARE_METHODS = tuple(m for m in method_names() if not get_method(m).whole_model)
+
+
+def method_label(name: str) -> str:
+    m = get_method(name)
+    return f"{m.label} — {m.summary}"
+
+
+def method_choices(session: "Session | None" = None) -> list[tuple[str, str]]:
+    """(label, name) of every registered method that applies to the session's model."""
+    out = []
+    for name in method_names():
+        m = get_method(name)
+        if session is not None and session.model is not None:
+            try:
+                m.check_applicable(session.model)
+            except ValueError:
+                continue
+        out.append((m.label, name))
+    return out
 DECODER_SOURCES = ("wikipedia",)
 ENCODER_SOURCES = tuple(BUILTIN_SETS)
 EXPECTED = (ModelLoadError, UnsupportedModelError, DataError, ValueError, FileExistsError, FileNotFoundError,
@@ -365,7 +385,7 @@ def prune_copy(session: Session, config: PruneConfig, progress: ProgressFn | Non
     if config.mode == "one-shot":
         if plan is None:  # plan first: an impossible budget fails before any copying
             plan = core_prune.plan_pruning(session.model, session.calibration, config, session.model_name,
-                                           session.calib_info)
+                                           session.calib_info, data=session.calib_data)
         _check_cancel(cancel_event)
         pruned = copy.deepcopy(session.model)
         core_prune.apply_plan_(pruned, plan, session.calibration.dense_stats)
@@ -618,23 +638,32 @@ def generate(session: Session, prompt: str, max_new_tokens: int = 40) -> Reply:
 def compare(session: Session, sparsity: float, budget_kind: str = "params", uniform: bool = False,
             eval_tokens: int = QUICK_EVAL_TOKENS, methods=COMPARE_METHODS,
             progress: ProgressFn | None = None, cancel_event: threading.Event | None = None) -> Reply:
-    """STAT vs the same selection without correction vs magnitude vs activation norm, all at the
-    same budget from the same cached calibration."""
+    """Every chosen method (STAT, the published peers, the simple baselines; see
+    ``stat_core.methods``) at the same budget from the same cached calibration."""
     _require_calibration(session)
+    methods = list(methods or ())
+    if not methods:
+        raise ValueError("Pick at least one method to compare.")
+    for name in methods:
+        get_method(name).check_applicable(session.model)  # one sentence before any work
     rows, results = [], []
     with DEVICE_LOCK:
         seq = _flops_seq_len(session)
         dense = _quality(session, session.model, int(eval_tokens))
-        for i, method in enumerate(methods):
+        for i, name in enumerate(methods):
             _check_cancel(cancel_event)
             if progress is not None:
                 progress("compare", i, len(methods))
-            config = make_config(session, sparsity, budget_kind, uniform, "one-shot", method)
-            pruned, plan = prune_copy(session, config, None, cancel_event)
+            config = make_config(session, sparsity, budget_kind, uniform, "one-shot", name)
+            if get_method(name).whole_model:
+                pruned = copy.deepcopy(session.model)
+                info = core_prune.stat_prune_(pruned, session.calib_data, config, session.model_name).info
+                achieved, block_params = info["removed_fraction"], info["block_params_after"]
+            else:
+                pruned, plan = prune_copy(session, config, None, cancel_event)
+                achieved, block_params = plan.budget["achieved"], _size_summary(pruned, seq)["block_params"]
             q = _quality(session, pruned, int(eval_tokens))
-            sizes = _size_summary(pruned, seq)
-            results.append({"method": method, **q, "achieved": plan.budget["achieved"],
-                            "block_params": sizes["block_params"]})
+            results.append({"method": name, **q, "achieved": achieved, "block_params": block_params})
             del pruned
         if progress is not None:
             progress("compare", len(methods), len(methods))
@@ -643,11 +672,11 @@ def compare(session: Session, sparsity: float, budget_kind: str = "params", unif
         value = r.get(metric)
         rel = (f"{value / dense[metric]:.2f}× dense" if metric == "perplexity" else
                f"{100 * (value - dense[metric]):+.1f} pt") if value is not None and dense else ""
-        rows.append([METHOD_LABELS[r["method"]], f"{r['achieved']:.1%}",
+        rows.append([method_label(r["method"]), f"{r['achieved']:.1%}",
                      (f"{value:.2f}" if metric == "perplexity" else f"{value:.1%}") if value is not None else "n/a", rel])
     label = f"quick perplexity ({int(eval_tokens):,} tokens)" if metric == "perplexity" else "held-out accuracy"
     dense_txt = (f"{dense[metric]:.2f}" if metric == "perplexity" else f"{dense[metric]:.1%}") if dense else "n/a"
-    return Reply(True, f"Dense {label}: {dense_txt}. Same budget, same calibration, four ways to choose and fix units.",
+    return Reply(True, f"Dense {label}: {dense_txt}. Same budget, same calibration, {len(methods)} methods.",
                  {"rows": rows, "headers": ["method", "removed", label, "vs dense"], "results": results,
                   "dense": dense, "metric": metric})
 

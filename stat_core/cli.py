@@ -15,10 +15,11 @@ from tqdm.auto import tqdm
 from .adapters import UnsupportedModelError
 from .data import CalibrationConfig, DataError, calibration_windows, fingerprint, load_text_file, wikipedia_split
 from .calibrate import CalibrationSet
-from .classifier import (CLASSIFIER_MAX_LEN, DEMO_CLASSIFIER, accuracy, demo_classifier_split, encode,
-                         encode_chunks)
+from .classifier import (CLASSIFIER_MAX_LEN, DEMO_CLASSIFIER, accuracy, class_log_probs, demo_classifier_split,
+                         encode, encode_chunks, kl_to_reference)
 from .export import ExportError, atomic_output_dir, check_output_dir, export_pruned, state_dict_bytes
-from .evaluate import count_parameters, evaluation_windows, fewshot_accuracy, perplexity
+from .evaluate import count_parameters
+from .suite import SuiteConfig, build_reference, evaluate_suite
 from .labelled import load_labelled
 from .methods import get_method
 from .models import DEMO_MODELS, ModelLoadError, is_encoder, load_model
@@ -26,6 +27,9 @@ from .prune import (BUDGET_KINDS, MODES, method_names, PruneConfig, budget_summa
                     check_budget_feasible, stat_prune_)
 
 log = logging.getLogger("stat_core")
+
+# Report fields that only make sense after pruning (they compare with the dense model).
+AFTER_ONLY = ("kl_to_dense", "instruction_agreement", "instruction_kl")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--skip-eval", action="store_true", help="do not measure perplexity before/after")
+    p.add_argument("--skip-eval", action="store_true", help="do not measure quality before/after")
+    p.add_argument("--quick-eval", action="store_true",
+                   help="decoders: the short evaluation suite (4,096 perplexity tokens, fewer analogies and "
+                        "shorter chat answers) instead of the full one")
     p.add_argument("--measure-floor", action="store_true",
                    help="also time one plain forward pass over the calibration set (the cost floor)")
     p.add_argument("--overwrite", action="store_true",
@@ -154,6 +161,11 @@ def run(args: argparse.Namespace) -> dict:
         n_tokens = int(calib.numel())
         flops_seq_len = args.flops_seq_len or 512
     calib_info.update(tokens=n_tokens, fingerprint=fingerprint(args.model, CalibrationSet.wrap(calib).input_ids))
+    method = get_method(args.method)
+    method.check_applicable(model)  # one sentence before any evaluation or calibration
+    if method.whole_model and not args.no_model:
+        raise ValueError(f"{method.label} changes the hidden size and adds rotation matrices to the residual path; "
+                         "its models cannot be exported yet: add --no-model to measure it")
     size_warning = calibration_size_warning(model, n_tokens)
     if size_warning:
         log.warning(size_warning)
@@ -173,16 +185,32 @@ def run(args: argparse.Namespace) -> dict:
     report["block_macs_per_token_before"] = before["block_macs_per_token"]
     report["size_on_disk_before_bytes"] = state_dict_bytes(model)  # dense weights in this dtype
 
+    # Decoders: the evaluation suite (perplexity, KL to dense, few-shot, analogies, chat agreement),
+    # its dense side computed once before pruning; encoders: held-out accuracy and KL to dense.
+    reference = None
+
     def measure(suffix: str) -> None:
+        nonlocal reference
         if args.skip_eval:
             return
         if encoder:
+            if reference is None:
+                reference = class_log_probs(model, held)
             report[f"accuracy_{suffix}"] = accuracy(model, held)
+            if suffix == "after":
+                report["kl_to_dense_after"] = kl_to_reference(reference, model, held)
+            return
+        if reference is None:
+            config_ = SuiteConfig.quick() if args.quick_eval else SuiteConfig()
+            reference = build_reference(model, tokenizer, config_, progress=_Progress(not args.quiet))
+            values = reference.dense_metrics
         else:
-            report[f"perplexity_{suffix}"] = perplexity(model, eval_windows, progress=not args.quiet)
-            report[f"accuracy_{suffix}"] = fewshot_accuracy(model, tokenizer)
+            values = evaluate_suite(model, tokenizer, reference, progress=_Progress(not args.quiet))
+        for name, value in values.items():
+            if suffix == "before" and name in AFTER_ONLY:
+                continue
+            report[f"{name}_{suffix}"] = value
 
-    eval_windows = None if (args.skip_eval or encoder) else evaluation_windows(tokenizer)
     measure("before")
     if args.measure_floor:
         report["seconds_forward_calibration"] = time_forward(model, calib, args.batch_size)
@@ -195,18 +223,27 @@ def run(args: argparse.Namespace) -> dict:
     if args.measure_floor:
         report["prune_time_over_forward"] = report["seconds_prune"] / report["seconds_forward_calibration"]
 
-    after = budget_summary(model, flops_seq_len)
     report["params_after"] = count_parameters(model)
-    report["block_params_after"] = after["block_params"]
-    report["block_macs_per_token_after"] = after["block_macs_per_token"]
-    report["block_params_removed_fraction"] = 1 - after["block_params"] / before["block_params"]
-    report["block_flops_removed_fraction"] = 1 - after["block_macs_per_token"] / before["block_macs_per_token"]
+    if result.plan is not None:
+        after = budget_summary(model, flops_seq_len)
+        report["block_params_after"] = after["block_params"]
+        report["block_macs_per_token_after"] = after["block_macs_per_token"]
+        report["block_params_removed_fraction"] = 1 - after["block_params"] / before["block_params"]
+        report["block_flops_removed_fraction"] = 1 - after["block_macs_per_token"] / before["block_macs_per_token"]
+    else:  # a whole-model method counts its own blocks (SliceGPT: sliced linears + shortcut matrices)
+        report["block_params_after"] = result.info["block_params_after"]
+        report["block_params_removed_fraction"] = result.info["removed_fraction"]
+        report["block_flops_removed_fraction"] = result.info.get("removed_fraction")
     measure("after")
-    report["layers"] = result.plan.kept_summary()
+    if result.plan is not None:
+        report["layers"] = result.plan.kept_summary()
+    else:
+        report["method_info"] = result.info
     if args.no_model:
         with atomic_output_dir(args.out, args.overwrite) as tmp:
             (tmp / "pruning_report.json").write_text(json.dumps(report, indent=1))
-            result.plan.to_json(tmp / "plan.json")
+            if result.plan is not None:
+                result.plan.to_json(tmp / "plan.json")
         return report
     info = export_pruned(model, tokenizer, args.out, plan=result.plan, report=report, overwrite=args.overwrite)
     report["size_on_disk_after_bytes"] = info.size_bytes
@@ -222,9 +259,19 @@ def _summary(report: dict) -> str:
     if "perplexity_before" in report:
         lines.append(f"perplexity       {report['perplexity_before']:.2f} -> {report['perplexity_after']:.2f} "
                      f"({report['perplexity_after'] / report['perplexity_before']:.2f}x)")
-    if "accuracy_before" in report:
-        what = "accuracy (held-out)" if report["kind"] == "encoder-classifier" else "accuracy (few-shot reviews)"
-        lines.append(f"{what + ':':<29}{report['accuracy_before']:.1%} -> {report['accuracy_after']:.1%}")
+    if "kl_to_dense_after" in report:
+        lines.append(f"KL to dense      {report['kl_to_dense_after']:.4f} nats per prediction")
+    for key, label in (("fewshot_accuracy", "few-shot reviews acc"), ("fewshot_bias_free", "few-shot reviews AUC"),
+                       ("analogy_accuracy", "analogies"), ("accuracy", "accuracy (held-out)")):
+        if f"{key}_before" in report and f"{key}_after" in report:
+            fmt = "{:.3f}" if key == "fewshot_bias_free" else "{:.1%}"
+            lines.append(f"{label:<17}{fmt.format(report[key + '_before'])} -> {fmt.format(report[key + '_after'])}")
+    if "fewshot_majority_share_after" in report:
+        lines.append(f"few-shot answers {report['fewshot_majority_share_after']:.0%} give the more frequent label "
+                     f"(dense {report['fewshot_majority_share_before']:.0%})")
+    if "instruction_agreement_after" in report:
+        lines.append(f"chat answers     {report['instruction_agreement_after']:.1%} of the dense model's greedy "
+                     f"tokens agree")
     if "size_on_disk_after_bytes" in report:
         lines.append(f"weights on disk  {report['size_on_disk_before_bytes'] / 1e6:.1f} MB -> "
                      f"{report['size_on_disk_after_bytes'] / 1e6:.1f} MB")

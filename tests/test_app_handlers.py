@@ -278,7 +278,7 @@ def test_measure_generate_compare(calibrated):
     from stat_app.figures import compare_figure
 
     fig = compare_figure(c["results"], c["dense"], c["metric"])
-    assert len(fig.data[0].x) == 4
+    assert len(fig.data[0].x) == len(H.COMPARE_METHODS)
 
 
 def test_classifier_session(classifier_dir):
