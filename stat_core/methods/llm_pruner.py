@@ -24,13 +24,14 @@ same for the MLP, on 32-layer LLaMA; the argparse defaults are 3 and 31) prunes 
 four nor the last two layers, and removes the same ratio of heads and of channels in every other
 layer (local pruning: ``global_pruning`` is off by default; each layer drops its lowest-scored
 ``ratio`` of groups). We scale that rule to the model's depth ``L``: layers
-``[max(1, round(4L/32)), L − max(1, round(2L/32)))`` are pruned (at least the first and the last
+``[max(1, round(4L/32)), L − max(1, round(2L/32)))`` (rounded half up) are pruned (at least the first and the last
 layer are always skipped), all others keep everything. Their ``pruning_ratio`` is a ratio of groups
 in the pruned layers; this project's budget is a fraction of all block parameters (or FLOPs), so we
 raise the pruned layers' ratio until the total removed equals the target: the attention of every
 pruned layer keeps the cheapest feasible configuration holding at least ``1 − ratio`` of its cost,
 and every pruned layer keeps the same number of channels, chosen so the budget is met (within one
-channel per pruned layer). When the pruned layers cannot carry the target alone (a high target or
+channel per pruned layer; without channel pruning, the attention fraction whose total comes
+nearest the target). When the pruned layers cannot carry the target alone (a high target or
 a shallow model), the first and last layers are included too, with a log message. With
 ``uniform=True`` (the same counts in every layer) every layer is pruned.
 
@@ -85,7 +86,7 @@ def _salience(linear: nn.Linear, grad: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _loss_batches(model, adapter, data):
-    """``(loss, )`` per batch; their sum is the mean loss over the whole subset (see module doc)."""
+    """One loss per batch; their sum is the mean loss over the whole subset (see the module doc)."""
     device = next(model.parameters()).device
     if adapter.is_decoder:
         masks = [None if b.attention_mask is None else b.attention_mask[:, 1:].bool() for b in data.batches(GRAD_BATCH)]
@@ -183,6 +184,7 @@ class LLMPruner(PruningMethod):
                "layers skipped, one ratio in the others; no correction (no LoRA recovery)")
     correction = "none"
     needs_data = True
+    uses_block_stats = False  # only the gradient pass (its time is charged as prepare time)
 
     def prepare(self, model, data, calibration) -> None:
         if "llm-pruner" in calibration.extras:
@@ -249,7 +251,8 @@ def allocate(costs: list[LayerCosts], pruned: list[int], target: float, heads: b
     of their cost they must lose for the global ``target``): each keeps the cheapest feasible
     attention holding at least ``1 − ρ`` of its attention cost, and the same number of channels,
     chosen so the total removed is ``target`` (within one channel per pruned layer). When channels
-    would run out, the attention keep fraction is lowered step by step.
+    would run out, the attention keep fraction is lowered step by step. Without channel pruning the
+    attention alone carries the target: the one feasible fraction whose total comes nearest.
     """
     total = sum(c.full for c in costs)
     need = target * total
@@ -261,13 +264,20 @@ def allocate(costs: list[LayerCosts], pruned: list[int], target: float, heads: b
     full_sub = sum(c.full for c in sub)
     attn_sub = sum(c.attn(c.n_heads, c.n_kv) for c in sub)
     ratio = min(need / (full_sub if neurons else attn_sub), 1.0)
+    keep_cost = total - need
+
+    def kept_with_attention(f):
+        return total - full_sub + sum(c.attn(*nearest_attention_at_least(c, f)) + c.mlp(c.d_ff) for c in sub)
+
     if not heads:
         fractions = [1.0]
     else:
         options = sorted({c.attn(h, g) / c.attn(c.n_heads, c.n_kv) for c in sub
                           for h, g in attention_options(c.n_heads, c.n_kv)}, reverse=True)
-        fractions = [1 - ratio] + [f for f in options if f < 1 - ratio - 1e-12]
-    keep_cost = total - need
+        if neurons:
+            fractions = [1 - ratio] + [f for f in options if f < 1 - ratio - 1e-12]
+        else:  # heads alone: the attention fraction whose total comes nearest the target (ties: remove more)
+            fractions = [min(options, key=lambda f: (abs(kept_with_attention(f) - keep_cost), kept_with_attention(f)))]
     for f in fractions:
         a_sub = [nearest_attention_at_least(c, f) for c in sub] if heads else [(c.n_heads, c.n_kv) for c in sub]
         if neurons:
