@@ -50,15 +50,20 @@ The sliced model still runs under the stock ``*Model.forward`` and ``generate``:
 becomes an instance of a subclass of its own class (``SliceGPT<Layer>``) with the two shortcut
 matrices as parameters, and the norms become :class:`FixedWidthRMSNorm`. It does not load back with
 stock ``from_pretrained``; ``config.slicegpt`` records the new widths.
+
+Measured once (SmolLM2-135M, 16 × 512 Wikipedia calibration tokens, 20% of block parameters
+removed = hidden size 576 → 405, 29.7% slicing, shortcuts 9.9M of the 84.8M block parameters left):
+perplexity 17.0 → 91.4 on the first 4,096 evaluation tokens, 162 s on 2 shared CPU cores. Because
+the tied head is untied, the whole model shrinks only from 134.5M to 133.0M parameters.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import TYPE_CHECKING, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -166,6 +171,10 @@ def _rms_norm_eps(norm: nn.Module) -> float:
     raise MethodNotApplicable(f"cannot read the epsilon of {type(norm).__name__}")
 
 
+def _shares_weight(a: nn.Module, b: nn.Module) -> bool:
+    return a.weight is b.weight or a.weight.data_ptr() == b.weight.data_ptr()
+
+
 @torch.no_grad()
 def _scale_columns_(linear: nn.Linear, scale: torch.Tensor) -> None:
     """``W ← W · diag(scale)`` (``W: (out, in)``, ``scale: (in,)``), in float64, dtype kept."""
@@ -187,11 +196,13 @@ def fold_norms_(model: nn.Module) -> dict:
     d = adapter.hidden_size
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings()
-    untied = head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr()
+    untied = _shares_weight(emb, head)
     if untied:
         head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
-    for cfg in {id(model.config): model.config, id(getattr(model.config, "get_text_config", lambda: model.config)()):
-                getattr(model.config, "get_text_config", lambda: model.config)()}.values():
+    configs = [model.config]
+    if hasattr(model.config, "get_text_config") and model.config.get_text_config() is not model.config:
+        configs.append(model.config.get_text_config())
+    for cfg in configs:
         cfg.tie_word_embeddings = False  # keep `tie_weights()` (save/load, resize) from re-tying them
     for i, layer in enumerate(adapter.layers):
         norm_in, norm_post = layer.input_layernorm, layer.post_attention_layernorm
@@ -218,7 +229,12 @@ def pca_basis(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Returns ``(eigenvalues: (d,), Q: (d, d))`` sorted by descending eigenvalue; column ``j`` of ``Q``
     is the ``j``-th principal direction.
     """
-    vals, vecs = torch.linalg.eigh(gram.to(torch.float64))
+    g = gram.to(torch.float64)
+    if g.device.type == "cpu":  # LAPACK through numpy: several times faster than torch's eigh on few CPU threads
+        vals_np, vecs_np = np.linalg.eigh(g.numpy())
+        vals, vecs = torch.from_numpy(vals_np), torch.from_numpy(vecs_np)
+    else:
+        vals, vecs = torch.linalg.eigh(g)
     order = torch.argsort(vals, descending=True)
     return vals[order], vecs[:, order]
 
@@ -278,8 +294,8 @@ def _block_args(runner: "LayerwiseRunner", layer: int, index: int) -> tuple[tupl
 def _pca(batches: list[torch.Tensor], masks: list[torch.Tensor | None], basis: str,
          generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(eigenvalues, Q)`` of the stacked rows of ``batches: [(b, T, d)]`` (padding rows left out);
-    ``basis="random"``: a random orthogonal ``Q`` instead (eigenvalues of the PCA still returned, of
-    the energy each random direction carries: ``diag(Qᵀ G Q)``)."""
+    ``basis="random"``: a Haar-random orthogonal ``Q`` instead, returned with the energy each of its
+    directions carries, ``diag(Qᵀ G Q)`` (unsorted)."""
     d = batches[0].shape[-1]
     acc = GramAccumulator(d, batches[0].device)
     for h, m in zip(batches, masks):
@@ -411,7 +427,6 @@ class SliceGPT(PruningMethod):
                "(one slicing fraction for all layers); rotation + shortcut matrices, no refit")
     whole_model = True
     decoder_only = True
-    needs_data = True
 
     def __init__(self, slice_head: bool = False, multiple_of: int = 1):
         self.slice_head = slice_head
@@ -441,18 +456,19 @@ class SliceGPT(PruningMethod):
         d = adapter.hidden_size
         before = block_parameter_count(adapter)
         width = width_for_budget(adapter, config.sparsity, self.slice_head, self.multiple_of)
+        predicted = sliced_block_params(adapter, width, self.slice_head)
         emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-        tied = head.weight is emb.weight
+        tied = _shares_weight(emb, head)
         emb_before, head_before = emb.weight.numel(), head.weight.numel()
         total_before = sum(p.numel() for p in model.parameters())
         log.info("SliceGPT: hidden size %d -> %d (slicing %.1f%%) for %.1f%% of block parameters",
                  d, width, 100 * (1 - width / d), 100 * config.sparsity)
         detail = rotate_and_slice_(model, data, width, batch_size=config.batch_size, slice_head=self.slice_head,
                                    progress=progress)
-        after_linears = block_parameter_count(get_adapter(model))
         shortcuts = sum(p.numel() for layer in adapter.layers for p in (layer.attn_shortcut_Q, layer.mlp_shortcut_Q))
-        after = after_linears + shortcuts
-        expected = sliced_block_params(adapter, width, self.slice_head) if False else None  # noqa: F841 (dense adapter gone)
+        after = block_parameter_count(get_adapter(model)) + shortcuts
+        if after != predicted:  # internal bug: the solver's count and the model disagree
+            raise AssertionError(f"SliceGPT budget count {predicted} != sliced model's {after}")
         total_after = sum(p.numel() for p in model.parameters())
         return {
             "method": self.name,
@@ -466,7 +482,7 @@ class SliceGPT(PruningMethod):
             "removed_fraction": 1 - after / before,
             "embeddings_sliced": True,
             "lm_head_sliced": self.slice_head,
-            "lm_head_untied": detail["untied_lm_head"] and tied,
+            "lm_head_untied": detail["untied_lm_head"],
             "embedding_params_before": emb_before,
             "embedding_params_after": emb.weight.numel(),
             "lm_head_params_before": 0 if tied else head_before,
