@@ -274,7 +274,8 @@ def test_measure_generate_compare(calibrated):
     c = H.compare(s, 0.3, eval_tokens=256)
     assert c.ok, c.message
     assert [r["method"] for r in c["results"]] == list(H.COMPARE_METHODS)
-    assert all(abs(r["achieved"] - c["results"][0]["achieved"]) < 1e-9 for r in c["results"])  # same budget
+    # the same budget, met by each method to within about one neuron per layer
+    assert all(abs(r["achieved"] - 0.3) < 0.03 for r in c["results"]), [r["achieved"] for r in c["results"]]
     from stat_app.figures import compare_figure
 
     fig = compare_figure(c["results"], c["dense"], c["metric"])
