@@ -117,6 +117,13 @@ class SuiteConfig:
         prompts (about a third of the full suite's cost)."""
         return cls(eval_tokens=4096, analogies_per_category=10, instruction_new_tokens=24, max_fewshot_prompts=96)
 
+    @classmethod
+    def tiny(cls) -> "SuiteConfig":
+        """Seconds on a tiny random model (CI smoke runs): 4 windows of 128 tokens, one analogy per
+        category, 8 few-shot prompts, 4 chat prompts with 4-token answers. Not a quality measurement."""
+        return cls(eval_tokens=512, window=128, analogies_per_category=1, instruction_new_tokens=4,
+                   max_fewshot_prompts=8, max_instruction_prompts=4)
+
 
 # --- batching helpers ------------------------------------------------------------------------------
 

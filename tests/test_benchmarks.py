@@ -128,3 +128,24 @@ def test_torch_pruning_matches_hand_built_encoder(kind):
     inputs = data.model_inputs("cpu")
     with torch.no_grad():
         torch.testing.assert_close(pruned(**inputs).logits, by_hand(**inputs).logits, rtol=0, atol=0)
+
+
+def test_suite_tiny(tmp_path):
+    """benchmarks/suite.py end to end on a random tiny Llama: every registered method at two budgets,
+    one record each plus dense, with every suite field, and a markdown table naming the best."""
+    import json
+
+    from stat_core.methods import method_names
+    from stat_core.suite import SUITE_FIELDS
+
+    assert bench("suite").main(["--tiny", "--out-dir", str(tmp_path)]) == 0
+    records = json.loads((tmp_path / "suite.json").read_text())["records"]
+    assert {r["method"] for r in records} == {"dense", *method_names()}
+    assert len(records) == 1 + 2 * len(method_names())
+    for r in records:
+        assert set(SUITE_FIELDS) <= set(r) and r["model"] == "tiny-llama"
+        if r["method"] != "dense":
+            assert abs(r["removed_fraction"] - r["budget"]) < 0.03, r
+    dense = next(r for r in records if r["method"] == "dense")
+    assert dense["kl_to_dense"] == 0.0 and dense["instruction_agreement"] == 1.0
+    assert "Best per budget" in (tmp_path / "suite.md").read_text()
