@@ -175,7 +175,7 @@ def _fmt(field: str, value) -> str:
     if field == "perplexity":
         return f"{value:.3g}" if value >= 1000 else f"{value:.2f}"
     if field in ("kl_to_dense", "instruction_kl"):
-        return f"{value:.3f}" if value < 100 else f"{value:.3g}"
+        return f"{value:.4f}" if value < 1 else f"{value:.3g}"
     if field in ("seconds_prune",):
         return f"{value:.0f}"
     return f"{value:.1%}" if field != "fewshot_bias_free" else f"{value:.3f}"
@@ -231,8 +231,13 @@ def markdown(records: list[dict], meta: dict) -> str:
         lines += [f"Best per budget on **{model}** (ties listed):", "",
                   "| budget | " + " | ".join(HEADERS[f] for f in shown) + " |", "|---|" + "---|" * len(shown)]
         for budget, best in summary:
-            lines.append(f"| {budget:.0%} | " + " | ".join(", ".join(sorted(best[f], key=lambda m: order.get(m, 99)))
-                                                      or "–" for f in shown) + " |")
+            n_methods = len({r["method"] for r in rs if r["budget"] == budget})
+
+            def names(f):
+                if len(best[f]) == n_methods > 1:
+                    return "all tie"
+                return ", ".join(sorted(best[f], key=lambda m: order.get(m, 99))) or "–"
+            lines.append(f"| {budget:.0%} | " + " | ".join(names(f) for f in shown) + " |")
         lines.append("")
     machine = meta.get("machine") or meta.get("appended", {}).get("machine")
     if machine:
