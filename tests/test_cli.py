@@ -9,9 +9,13 @@ from conftest import tiny_model
 from stat_core.cli import main
 from stat_core.models import prepare_demo_model
 
-REPORT_KEYS = {"model", "sparsity_target", "accuracy_before", "accuracy_after", "block_params_before", "block_params_after", "params_before",
-               "params_after", "perplexity_before", "perplexity_after", "calibration_tokens", "seconds_prune",
-               "device", "layers"}
+# The evaluation suite's fields, before and after (KL and chat agreement compare with dense: after only).
+SUITE_KEYS = {"perplexity_before", "perplexity_after", "kl_to_dense_after", "fewshot_accuracy_before",
+              "fewshot_accuracy_after", "fewshot_bias_free_before", "fewshot_bias_free_after",
+              "fewshot_majority_share_before", "fewshot_majority_share_after", "analogy_accuracy_before",
+              "analogy_accuracy_after", "instruction_agreement_after", "instruction_kl_after"}
+REPORT_KEYS = {"model", "sparsity_target", "block_params_before", "block_params_after", "params_before",
+               "params_after", "calibration_tokens", "seconds_prune", "device", "layers"} | SUITE_KEYS
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +33,12 @@ def tiny_folder(tmp_path_factory):
 def test_cli_prunes_and_reports(tiny_folder, tmp_path, capsys):
     out = tmp_path / "run"
     rc = main([str(tiny_folder), "--sparsity", "0.3", "--out", str(out), "--num-samples", "4", "--seq-len", "64",
-               "--sensitivity-samples", "2", "--quiet", "--measure-floor"])
+               "--sensitivity-samples", "2", "--quiet", "--measure-floor", "--quick-eval"])
     assert rc == 0
     report = json.loads((out / "pruning_report.json").read_text())
     assert REPORT_KEYS <= set(report)
+    assert "kl_to_dense_before" not in report and "instruction_agreement_before" not in report
+    assert report["kl_to_dense_after"] > 0 and 0 <= report["instruction_agreement_after"] <= 1
     assert abs(report["block_params_removed_fraction"] - 0.3) < 0.01
     assert report["block_params_after"] < report["block_params_before"]
     assert report["calibration_tokens"] == 4 * 64
@@ -56,6 +62,38 @@ def _error_of(args, capsys):
     assert rc == 2
     assert "Traceback" not in err
     return err
+
+
+def test_unknown_method_lists_the_methods(tiny_folder, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([str(tiny_folder), "--sparsity", "0.2", "--out", str(tmp_path / "x"), "--method", "sparsegpt"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "sparsegpt" in err
+    for name in ("stat", "flap", "wanda-sp", "slimgpt", "llm-pruner", "slicegpt"):
+        assert name in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_method_that_cannot_apply_says_so_before_any_work(tiny_bert_folder, tmp_path, capsys):
+    err = _error_of([str(tiny_bert_folder), "--sparsity", "0.2", "--out", str(tmp_path / "x"), "--method", "slicegpt",
+                     "--no-model"], capsys)
+    line = next(l for l in err.splitlines() if l.startswith("stat-prune: error:"))
+    assert "decoder language models only" in line and line.endswith("encoder")
+
+
+def test_slicegpt_needs_no_model(tiny_folder, tmp_path, capsys):
+    err = _error_of([str(tiny_folder), "--sparsity", "0.2", "--out", str(tmp_path / "x"), "--method", "slicegpt"], capsys)
+    assert "--no-model" in err and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("method", ["flap", "wanda-sp", "slimgpt", "llm-pruner", "slicegpt"])
+def test_cli_runs_every_peer(tiny_folder, tmp_path, method):
+    out = tmp_path / method
+    rc = main([str(tiny_folder), "--sparsity", "0.3", "--out", str(out), "--num-samples", "4", "--seq-len", "64",
+               "--sensitivity-samples", "2", "--quiet", "--skip-eval", "--no-model", "--method", method])
+    assert rc == 0
+    report = json.loads((out / "pruning_report.json").read_text())
+    assert report["method"] == method and abs(report["block_params_removed_fraction"] - 0.3) < 0.03
 
 
 def test_missing_model_folder(tmp_path, capsys):
