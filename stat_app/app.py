@@ -80,6 +80,8 @@ def _plan_outputs(session, layer_choice: str | None = None):
 def _decay(plan, choice: str | None):
     if plan is None:
         return F.empty_figure()
+    if not any(lp.mlp_damage for lp in plan.layers):  # peers score units without a damage curve
+        return F.empty_figure(f"{plan.method} does not compute damage curves; prune with STAT to see them.")
     layer = None if not choice or choice == "all layers" else int(choice.split()[-1])
     return F.decay_curves(plan, layer)
 
@@ -106,17 +108,17 @@ def build_demo(store: SessionStore | None = None) -> gr.Blocks:
                 empty, empty, empty, "")
 
     def on_prune(calib_source, builtin, upload, pasted, num_samples, seq_len, sparsity, budget_kind, uniform, mode,
-                 layer_choice, request: gr.Request, progress=gr.Progress()):
+                 method, layer_choice, request: gr.Request, progress=gr.Progress()):
         session = session_of(request)
         event = session.begin_job()
         reply = H.calibrate_and_prune(
             session, dict(source=calib_source, builtin=builtin, file_path=upload, pasted=pasted,
                           num_samples=num_samples, seq_len=seq_len),
-            dict(sparsity=sparsity, budget_kind=budget_kind, uniform=uniform, mode=mode),
+            dict(sparsity=sparsity, budget_kind=budget_kind, uniform=uniform, mode=mode, method=method or "stat"),
             progress=_gradio_progress(progress), cancel_event=event)
         return (_status(reply), *_plan_outputs(session, layer_choice), None if reply.ok else gr.update())
 
-    def on_rebudget(sparsity, budget_kind, uniform, mode, layer_choice, request: gr.Request):
+    def on_rebudget(sparsity, budget_kind, uniform, mode, method, layer_choice, request: gr.Request):
         session = session_of(request)
         if session.calibration is None:
             return ("Calibrate and prune once; after that the slider re-plans instantly.",
@@ -124,7 +126,7 @@ def build_demo(store: SessionStore | None = None) -> gr.Blocks:
         if mode != "one-shot":
             return ("Re-budgeting from cached statistics is one-shot only; press Prune to run propagate mode.",
                     *[gr.update()] * 5, gr.update())
-        reply = H.replan(session, sparsity, budget_kind, uniform)
+        reply = H.replan(session, sparsity, budget_kind, uniform, method or "stat")
         return (_status(reply), *_plan_outputs(session, layer_choice), None if reply.ok else gr.update())
 
     def on_layer(choice, request: gr.Request):
@@ -203,6 +205,8 @@ def build_demo(store: SessionStore | None = None) -> gr.Blocks:
             uniform = gr.Checkbox(False, label="uniform layers (same counts everywhere; stock-loadable export)")
             mode = gr.Radio(["one-shot", "propagate"], value="one-shot", label="mode",
                             info="propagate re-calibrates each layer on the pruned ones (slower, no instant re-budget)")
+            method = gr.Dropdown(H.plan_method_choices(), value="stat", label="method", elem_id="method",
+                                 info="STAT, a published peer or a baseline (SliceGPT: in Compare only)")
         with gr.Row():
             prune_btn = gr.Button("Calibrate & prune", variant="primary", elem_id="prune_btn")
             cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel_btn")
@@ -251,9 +255,9 @@ def build_demo(store: SessionStore | None = None) -> gr.Blocks:
                                   [status, arch, builtin, num_samples, seq_len, heads_plot, neurons_plot, decay_plot,
                                    summary], api_name="load", **heavy)
         prune_evt = prune_btn.click(on_prune, [calib_source, builtin, upload, pasted, num_samples, seq_len, sparsity,
-                                               budget_kind, uniform, mode, layer_pick],
+                                               budget_kind, uniform, mode, method, layer_pick],
                                     [status, *plan_outputs, metrics], api_name="prune", **heavy)
-        rebudget_inputs = [sparsity, budget_kind, uniform, mode, layer_pick]
+        rebudget_inputs = [sparsity, budget_kind, uniform, mode, method, layer_pick]
         # re-planning reads cached statistics only (well under a second): it stays out of the device
         # queue, so the slider responds while another user's job holds the device
         light = dict(concurrency_limit=2, concurrency_id="plans")
@@ -261,7 +265,7 @@ def build_demo(store: SessionStore | None = None) -> gr.Blocks:
         rebudget_evts = [sparsity.input(on_rebudget, rebudget_inputs, [status, *plan_outputs, metrics],
                                         api_name="rebudget", trigger_mode="always_last", show_progress="minimal",
                                         **light)]
-        for control in (budget_kind, uniform):
+        for control in (budget_kind, uniform, method):
             rebudget_evts.append(control.input(on_rebudget, rebudget_inputs, [status, *plan_outputs, metrics],
                                                api_name=False, **light))
         layer_pick.input(on_layer, [layer_pick], [decay_plot], api_name="decay", show_progress="hidden")

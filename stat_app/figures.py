@@ -25,7 +25,7 @@ def empty_figure(message: str = "Prune a model to see this view.") -> go.Figure:
 def _attn_damage(lp, n_heads: int, n_kv: int) -> float | None:
     for opt in lp.attn_options:
         if opt["heads"] == n_heads and opt["kv_heads"] == n_kv:
-            return float(opt["damage"])
+            return None if opt["damage"] is None else float(opt["damage"])  # peers predict no damage
     return 0.0 if n_heads == lp.num_heads else None
 
 

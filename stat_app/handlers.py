@@ -58,6 +58,11 @@ def method_label(name: str) -> str:
     return f"{m.label} — {m.summary}"
 
 
+def plan_method_choices() -> list[tuple[str, str]]:
+    """(label, name) of the methods that produce a head/neuron plan (the main Prune step)."""
+    return [(get_method(m).label, m) for m in method_names() if not get_method(m).whole_model]
+
+
 def method_choices(session: "Session | None" = None) -> list[tuple[str, str]]:
     """(label, name) of every registered method that applies to the session's model."""
     out = []

@@ -59,7 +59,7 @@ def test_load_prune_rebudget_measure_export(server, decoder_dir):  # noqa: F811
     bad = c.predict("folder", "smollm2-135m", "/no/such/folder", "cpu", api_name="/load")[0]
     assert bad.startswith("⚠️") and "does not exist" in bad and "Traceback" not in bad
 
-    out = c.predict("pasted", "wikipedia", None, LOREM * 40, 8, 64, 30, "params", False, "one-shot", "all layers",
+    out = c.predict("pasted", "wikipedia", None, LOREM * 40, 8, 64, 30, "params", False, "one-shot", "stat", "all layers",
                     api_name="/prune")
     status, heads, neurons, decay, layer_pick, summary = out[:6]
     assert status.startswith("✅ Removed") and "Calibrated on 512 tokens" in status, status
@@ -68,10 +68,16 @@ def test_load_prune_rebudget_measure_export(server, decoder_dir):  # noqa: F811
     for plot in (heads, neurons, decay):
         assert plot["type"] == "plotly" and "heatmap" in plot["plot"] or "scatter" in plot["plot"]
 
-    status, *_ = c.predict(50, "params", False, "one-shot", "all layers", api_name="/rebudget")
+    status, *_ = c.predict(50, "params", False, "one-shot", "stat", "all layers", api_name="/rebudget")
     assert status.startswith("✅ Planned to remove") and abs(removed_percent(status) - 50) < 2, status
     decay = c.predict("layer 1", api_name="/decay")
     assert "Layer 1" in decay["plot"]
+    # a published peer re-plans from the same cached statistics (its plan has no damage curves)
+    status, heads, _neurons, decay_flap, *_ = c.predict(40, "params", False, "one-shot", "flap", "all layers",
+                                                        api_name="/rebudget")
+    assert status.startswith("✅ Planned to remove") and "flap" in status and abs(removed_percent(status) - 40) < 2
+    assert "does not compute damage curves" in decay_flap["plot"]
+    status, *_ = c.predict(50, "params", False, "one-shot", "stat", "all layers", api_name="/rebudget")
 
     status, table = c.predict(512, api_name="/measure")
     assert status.startswith("✅ Perplexity"), status
@@ -123,7 +129,7 @@ def test_cancel_button_stops_a_running_calibration(server, decoder_dir, monkeypa
             stopped.set()
 
     monkeypatch.setattr(H.core_prune, "calibrate", slow_calibrate)
-    job = c.submit("pasted", "wikipedia", None, LOREM * 40, 8, 64, 30, "params", False, "one-shot", "all layers",
+    job = c.submit("pasted", "wikipedia", None, LOREM * 40, 8, 64, 30, "params", False, "one-shot", "stat", "all layers",
                    api_name="/prune")
     assert started.wait(60)
     assert "Cancelled" in c.predict(api_name="/cancel")
