@@ -45,23 +45,13 @@ def test_attention_options_keep_whole_groups():
     assert groups == [0, 2] and heads == [1, 4]  # group 2's best (9) and group 0's best (5)
 
 
-def _o_proj_outputs(model, windows, layer: int) -> torch.Tensor:
-    """Every calibration token's attention output (after o_proj) at ``layer``: ``(tokens, d)``."""
+def _outputs(model, windows, kind: str, layer: int) -> torch.Tensor:
+    """Every calibration token's output of the attention (``kind="attn"``, after o_proj) or MLP
+    (``"mlp"``, after down_proj) at ``layer``: ``(tokens, d)`` float64."""
     adapter = get_adapter(model)
+    proj = adapter.attn_out_proj(layer) if kind == "attn" else adapter.mlp_out_proj(layer)
     outs = []
-    h = adapter.attn_out_proj(layer).register_forward_hook(lambda _m, _a, o: outs.append(o.reshape(-1, o.shape[-1])))
-    try:
-        with torch.no_grad():
-            model(input_ids=windows, use_cache=False)
-    finally:
-        h.remove()
-    return torch.cat(outs).double()
-
-
-def _down_proj_outputs(model, windows, layer: int) -> torch.Tensor:
-    adapter = get_adapter(model)
-    outs = []
-    h = adapter.mlp_out_proj(layer).register_forward_hook(lambda _m, _a, o: outs.append(o.reshape(-1, o.shape[-1])))
+    h = proj.register_forward_hook(lambda _m, _a, o: outs.append(o.reshape(-1, o.shape[-1])))
     try:
         with torch.no_grad():
             model(input_ids=windows, use_cache=False)
@@ -79,20 +69,20 @@ def test_flap_bias_compensation_keeps_the_mean_output(windows):
     stat_prune_(heads_only, windows, PruneConfig(sparsity=0.15, method="flap", prune_neurons=False,
                                                   sensitivity_samples=0, batch_size=4))
     assert len(get_adapter(heads_only).layer_shape(0).__dict__) and get_adapter(heads_only).layer_shape(0).num_heads < 4
-    mean_dense = _o_proj_outputs(dense, windows, 0).mean(0)
-    mean_pruned = _o_proj_outputs(heads_only, windows, 0).mean(0)
+    mean_dense = _outputs(dense, windows, "attn", 0).mean(0)
+    mean_pruned = _outputs(heads_only, windows, "attn", 0).mean(0)
     torch.testing.assert_close(mean_pruned, mean_dense, rtol=1e-4, atol=1e-5)
     # without the bias the mean moves (the property is not vacuous)
     no_bias = copy.deepcopy(heads_only)
     get_adapter(no_bias).attn_out_proj(0).bias = None
-    assert (_o_proj_outputs(no_bias, windows, 0).mean(0) - mean_dense).abs().max() > 1e-3
+    assert (_outputs(no_bias, windows, "attn", 0).mean(0) - mean_dense).abs().max() > 1e-3
     # neurons only: the first layer's MLP sees the same inputs
     neurons_only = copy.deepcopy(dense)
     stat_prune_(neurons_only, windows, PruneConfig(sparsity=0.3, method="flap", prune_heads=False,
                                                     sensitivity_samples=0, batch_size=4))
     assert get_adapter(neurons_only).layer_shape(0).intermediate_size < 64
-    torch.testing.assert_close(_down_proj_outputs(neurons_only, windows, 0).mean(0),
-                               _down_proj_outputs(dense, windows, 0).mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(_outputs(neurons_only, windows, "mlp", 0).mean(0),
+                               _outputs(dense, windows, "mlp", 0).mean(0), rtol=1e-4, atol=1e-5)
 
 
 def test_flap_scores_are_the_standardized_fluctuation(windows):

@@ -207,6 +207,20 @@ def build_plan(adapter: ModelAdapter, config: "PruneConfig", method: PruningMeth
                      correction_ridge=method.correction_ridge)
 
 
+def plan_from_scores(adapter: ModelAdapter, config: "PruneConfig", method: PruningMethod,
+                     counts: list[tuple[int, int, int]], head_scores: list[torch.Tensor],
+                     neuron_scores: list[torch.Tensor], model_name: str = "",
+                     calibration_info: dict | None = None) -> PrunePlan:
+    """The plan that keeps, in every layer, ``counts[l] = (heads, KV heads, neurons)`` units with
+    the highest scores (whole KV groups by :func:`select_heads`); heads ordered by score."""
+    layers = []
+    for (h, g, k), hs, ns in zip(counts, head_scores, neuron_scores):
+        kept_heads, kept_kv = select_heads(hs, len(hs), adapter.layer_shape(len(layers)).num_kv_heads, h, g)
+        layers.append((kept_heads, kept_kv, top_k(ns, k)))
+    orders = [torch.argsort(hs, descending=True).tolist() for hs in head_scores]
+    return build_plan(adapter, config, method, layers, model_name, calibration_info, orders)
+
+
 def with_units(plan: PrunePlan, method: PruningMethod, layers: list[tuple[list[int], list[int], list[int]]]) -> PrunePlan:
     """``plan`` (same counts and budget) with other kept units, relabelled as ``method``."""
     new_layers = [LayerPlan(**{**lp.__dict__, "kept_heads": sorted(h), "kept_kv_heads": sorted(kv),

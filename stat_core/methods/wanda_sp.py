@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 
 from ..adapters import get_adapter
-from .base import PruningMethod, build_plan, heads_allowed, layer_costs, nearest_attention_at_least, neurons_for_budget, \
-    select_heads, top_k
+from .base import PruningMethod, heads_allowed, layer_costs, nearest_attention_at_least, neurons_for_budget, \
+    plan_from_scores
 
 
 def wanda_scores(adapter, stats) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -52,9 +52,5 @@ class WandaSP(PruningMethod):
                 else (c.n_heads, c.n_kv) for c in costs]
         keep_n = neurons_for_budget(costs, attn, config.sparsity, uniform=True) if config.prune_neurons \
             else [c.d_ff for c in costs]
-        layers = []
-        for c, (h, g), k, hs, ns in zip(costs, attn, keep_n, head_scores, neuron_scores):
-            kept_heads, kept_kv = select_heads(hs, c.n_heads, c.n_kv, h, g)
-            layers.append((kept_heads, kept_kv, top_k(ns, k)))
-        orders = [torch.argsort(hs, descending=True).tolist() for hs in head_scores]
-        return build_plan(adapter, config, self, layers, model_name, calibration_info, orders)
+        return plan_from_scores(adapter, config, self, [(h, g, k) for (h, g), k in zip(attn, keep_n)],
+                                head_scores, neuron_scores, model_name, calibration_info)
