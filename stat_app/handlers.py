@@ -63,18 +63,9 @@ def plan_method_choices() -> list[tuple[str, str]]:
     return [(get_method(m).label, m) for m in method_names() if not get_method(m).whole_model]
 
 
-def method_choices(session: "Session | None" = None) -> list[tuple[str, str]]:
-    """(label, name) of every registered method that applies to the session's model."""
-    out = []
-    for name in method_names():
-        m = get_method(name)
-        if session is not None and session.model is not None:
-            try:
-                m.check_applicable(session.model)
-            except ValueError:
-                continue
-        out.append((m.label, name))
-    return out
+def method_choices() -> list[tuple[str, str]]:
+    """(label, name) of every registered method (Compare says in one sentence if one cannot apply)."""
+    return [(get_method(m).label, m) for m in method_names()]
 DECODER_SOURCES = ("wikipedia",)
 ENCODER_SOURCES = tuple(BUILTIN_SETS)
 EXPECTED = (ModelLoadError, UnsupportedModelError, DataError, ValueError, FileExistsError, FileNotFoundError,

@@ -38,7 +38,7 @@ def test_cli_prunes_and_reports(tiny_folder, tmp_path, capsys):
     report = json.loads((out / "pruning_report.json").read_text())
     assert REPORT_KEYS <= set(report)
     assert "kl_to_dense_before" not in report and "instruction_agreement_before" not in report
-    assert report["kl_to_dense_after"] > 0 and 0 <= report["instruction_agreement_after"] <= 1
+    assert report["kl_to_dense_after"] > 0 and report["instruction_kl_after"] > 0
     assert abs(report["block_params_removed_fraction"] - 0.3) < 0.01
     assert report["block_params_after"] < report["block_params_before"]
     assert report["calibration_tokens"] == 4 * 64

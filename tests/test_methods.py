@@ -68,7 +68,7 @@ def test_flap_bias_compensation_keeps_the_mean_output(windows):
     heads_only = copy.deepcopy(dense)
     stat_prune_(heads_only, windows, PruneConfig(sparsity=0.15, method="flap", prune_neurons=False,
                                                   sensitivity_samples=0, batch_size=4))
-    assert len(get_adapter(heads_only).layer_shape(0).__dict__) and get_adapter(heads_only).layer_shape(0).num_heads < 4
+    assert get_adapter(heads_only).layer_shape(0).num_heads < 4
     mean_dense = _outputs(dense, windows, "attn", 0).mean(0)
     mean_pruned = _outputs(heads_only, windows, "attn", 0).mean(0)
     torch.testing.assert_close(mean_pruned, mean_dense, rtol=1e-4, atol=1e-5)
@@ -125,8 +125,7 @@ def test_wanda_sp_scores_are_weight_times_input_norm(windows):
     st = calib.dense_stats[0]
     w = adapter.mlp_out_proj(0).weight.double()
     torch.testing.assert_close(neurons[0], w.abs().mean(0) * (torch.diagonal(st.mlp_gram) / st.n_tokens).sqrt())
-    keep = 3
-    assert len(select_heads(heads[0], 4, 2, 2, 1)[0]) == 2 and keep
+    assert len(select_heads(heads[0], 4, 2, 2, 1)[0]) == 2
 
 
 @pytest.mark.parametrize("method", ["flap", "wanda-sp"])

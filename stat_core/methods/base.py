@@ -23,12 +23,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-import numpy as np
 import torch
 
 from ..adapters import ModelAdapter, get_adapter
 from ..budget import block_geometry
 from ..plan import LayerPlan, PrunePlan
+from ..prune import _unit_costs
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..calibrate import CalibrationSet
@@ -128,20 +128,12 @@ class LayerCosts:
 
 
 def layer_costs(adapter: ModelAdapter, config: "PruneConfig") -> list[LayerCosts]:
-    from ..prune import _unit_costs
-
     out = []
     for layer in range(adapter.num_layers):
         attn, mlp = _unit_costs(adapter, layer, config)
         shape = adapter.layer_shape(layer)
         out.append(LayerCosts(shape.num_heads, shape.num_kv_heads, shape.intermediate_size, attn, mlp))
     return out
-
-
-def heads_allowed(adapter: ModelAdapter, config: "PruneConfig") -> bool:
-    from ..prune import heads_prunable
-
-    return heads_prunable(adapter, config)
 
 
 def neurons_for_budget(costs: list[LayerCosts], attn_kept: list[tuple[int, int]], target: float,
@@ -214,8 +206,8 @@ def plan_from_scores(adapter: ModelAdapter, config: "PruneConfig", method: Pruni
     """The plan that keeps, in every layer, ``counts[l] = (heads, KV heads, neurons)`` units with
     the highest scores (whole KV groups by :func:`select_heads`); heads ordered by score."""
     layers = []
-    for (h, g, k), hs, ns in zip(counts, head_scores, neuron_scores):
-        kept_heads, kept_kv = select_heads(hs, len(hs), adapter.layer_shape(len(layers)).num_kv_heads, h, g)
+    for layer, ((h, g, k), hs, ns) in enumerate(zip(counts, head_scores, neuron_scores)):
+        kept_heads, kept_kv = select_heads(hs, len(hs), adapter.layer_shape(layer).num_kv_heads, h, g)
         layers.append((kept_heads, kept_kv, top_k(ns, k)))
     orders = [torch.argsort(hs, descending=True).tolist() for hs in head_scores]
     return build_plan(adapter, config, method, layers, model_name, calibration_info, orders)
@@ -247,7 +239,3 @@ def nearest_attention_at_least(costs: LayerCosts, keep_fraction: float) -> tuple
     ok = [o for o in options if o[0] >= keep_fraction * full - 1e-9]
     _, h, g = min(ok)
     return h, g
-
-
-def as_numpy(x) -> np.ndarray:
-    return np.asarray(x, dtype=np.float64)

@@ -33,7 +33,8 @@ from __future__ import annotations
 import torch
 
 from ..adapters import get_adapter
-from .base import (PruningMethod, attention_options, heads_allowed, layer_costs, nearest_attention_at_least,
+from ..prune import heads_prunable
+from .base import (PruningMethod, attention_options, layer_costs, nearest_attention_at_least,
                    neurons_for_budget, plan_from_scores, standardize)
 
 
@@ -61,7 +62,7 @@ class Flap(PruningMethod):
         adapter = get_adapter(model)
         costs = layer_costs(adapter, config)
         head_scores, neuron_scores = flap_scores(adapter, calibration.dense_stats)
-        prune_heads = heads_allowed(adapter, config)
+        prune_heads = heads_prunable(adapter, config)
         if config.uniform:  # FLAP's "UL-UM": one ratio in every layer
             attn = [nearest_attention_at_least(c, 1 - config.sparsity) if prune_heads else (c.n_heads, c.n_kv)
                     for c in costs]

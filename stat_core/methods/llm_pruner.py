@@ -44,7 +44,7 @@ heads inside groups: within a group the ``r`` heads with the highest ``q``+``o``
 groups are ranked by those heads' scores plus the group's own ``k``/``v`` score
 (:func:`select_heads`); without GQA a head's score is simply ``q+k+v+o``; (2) the budget mapping
 above (their ratio is per pruned layer, ours is global); (3) BERT-family encoders (the classifier
-loss above); (4) no layer is ever emptied; heads are left alone where ``heads_allowed`` says so.
+loss above); (4) no layer is ever emptied; heads are left alone where ``heads_prunable`` says so.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ import torch
 from torch import nn
 
 from ..adapters import get_adapter
-from .base import (LayerCosts, PruningMethod, attention_options, build_plan, heads_allowed, layer_costs,
+from ..prune import heads_prunable
+from .base import (LayerCosts, PruningMethod, attention_options, build_plan, layer_costs,
                    nearest_attention_at_least, neurons_for_budget, select_heads, top_k)
 
 log = logging.getLogger(__name__)
@@ -204,7 +205,7 @@ class LLMPruner(PruningMethod):
         adapter = get_adapter(model)
         costs = layer_costs(adapter, config)
         scores = calibration.extras["llm-pruner"]
-        prune_heads = heads_allowed(adapter, config)
+        prune_heads = heads_prunable(adapter, config)
         n_layers = len(costs)
         if config.uniform:
             pruned = list(range(n_layers))

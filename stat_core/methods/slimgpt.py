@@ -68,7 +68,8 @@ import torch
 
 from ..adapters import get_adapter
 from ..linalg import cholesky_with_ridge, ridge_of
-from .base import LayerCosts, PruningMethod, attention_options, build_plan, heads_allowed, layer_costs, \
+from ..prune import heads_prunable
+from .base import LayerCosts, PruningMethod, attention_options, build_plan, layer_costs, \
     neurons_for_budget
 
 #: Their damping, relative to the mean Hessian diagonal (``--percdamp`` default in ``model_slimming.py``).
@@ -297,7 +298,7 @@ class SlimGPT(PruningMethod):
     def plan(self, model, calibration, config, model_name="", calibration_info=None):
         adapter = get_adapter(model)
         costs = layer_costs(adapter, config)
-        attn, keep_n, ratios = slimgpt_counts(costs, config.sparsity, heads_allowed(adapter, config),
+        attn, keep_n, ratios = slimgpt_counts(costs, config.sparsity, heads_prunable(adapter, config),
                                               config.prune_neurons, config.uniform)
         layers, orders = [], []
         for i, (c, (h, g), k) in enumerate(zip(costs, attn, keep_n)):

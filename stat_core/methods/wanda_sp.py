@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 
 from ..adapters import get_adapter
-from .base import PruningMethod, heads_allowed, layer_costs, nearest_attention_at_least, neurons_for_budget, \
+from ..prune import heads_prunable
+from .base import PruningMethod, layer_costs, nearest_attention_at_least, neurons_for_budget, \
     plan_from_scores
 
 
@@ -48,7 +49,7 @@ class WandaSP(PruningMethod):
         adapter = get_adapter(model)
         costs = layer_costs(adapter, config)
         head_scores, neuron_scores = wanda_scores(adapter, calibration.dense_stats)
-        attn = [nearest_attention_at_least(c, 1 - config.sparsity) if heads_allowed(adapter, config)
+        attn = [nearest_attention_at_least(c, 1 - config.sparsity) if heads_prunable(adapter, config)
                 else (c.n_heads, c.n_kv) for c in costs]
         keep_n = neurons_for_budget(costs, attn, config.sparsity, uniform=True) if config.prune_neurons \
             else [c.d_ff for c in costs]
