@@ -90,6 +90,19 @@ class BlockStats:
             raise ValueError("these statistics were collected without column sums; re-run the calibration")
         return total / max(self.n_tokens, 1)
 
+    def second_moment(self, kind: str, centered: bool = False) -> torch.Tensor:
+        """The Gram ``ZᵀZ`` of the ``"attn"`` or ``"mlp"`` activations, or with ``centered`` the
+        scatter ``(Z − 1μᵀ)ᵀ(Z − 1μᵀ) = ZᵀZ − n μμᵀ`` (what a least-squares fit *with an intercept*
+        sees: the mean is carried by a bias instead)."""
+        gram = self.attn_gram if kind == "attn" else self.mlp_gram
+        if not centered:
+            return gram
+        total = (self.attn_sum if kind == "attn" else self.mlp_sum)
+        if total is None:
+            raise ValueError("these statistics were collected without column sums; re-run the calibration")
+        total = total.to(gram.device, torch.float64)
+        return gram - torch.outer(total, total) / max(self.n_tokens, 1)
+
     def variance(self, kind: str) -> torch.Tensor:
         """Per-column variance ``E[z²] − E[z]²`` over the calibration tokens: ``(n_units,)``."""
         gram = self.attn_gram if kind == "attn" else self.mlp_gram

@@ -117,9 +117,18 @@ def _auto_class(architecture: str) -> str:
     raise ExportError(f"Don't know which AutoModel class loads '{architecture}'.")
 
 
+def _added_bias_kinds(adapter) -> set[str]:
+    """``{"attn", "mlp"}`` subset: output projections a correction gave a bias the family lacks."""
+    if not getattr(adapter.config, "stat_added_out_biases", False):
+        return set()
+    shapes = getattr(adapter.config, "stat_layer_shapes", None) or []
+    return {kind for kind in ("attn", "mlp") if any(s.get(f"{kind}_out_bias") for s in shapes)}
+
+
 def _is_uniform(adapter) -> bool:
-    if getattr(adapter.config, "stat_added_out_biases", False):
-        return False  # output biases a stock config cannot declare: loads through modeling_stat.py
+    adapter.record_shapes_in_config_()
+    if not _added_bias_kinds(adapter) <= set(adapter.stock_bias_flags()):
+        return False  # output biases the stock config cannot declare: loads through modeling_stat.py
     shapes = {adapter.layer_shape(i) for i in range(adapter.num_layers)}
     if len(shapes) != 1:
         return False
@@ -139,6 +148,9 @@ def export_config(model, uniform: bool):
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
     if uniform:
+        flags = adapter.stock_bias_flags()
+        for kind in _added_bias_kinds(adapter):
+            setattr(config, flags[kind][0], True)  # the stock class builds these biases (zeros filled in)
         shape = adapter.layer_shape(0)
         if config.model_type == "distilbert":
             config.hidden_dim = shape.intermediate_size
@@ -151,6 +163,27 @@ def export_config(model, uniform: bool):
     else:
         config.auto_map = {_auto_class(type(model).__name__): f"modeling_stat.StatPruned{type(model).__name__}"}
     return config
+
+
+def _state_dict_for(model, uniform: bool) -> dict:
+    """The weights to write: the model's own, plus zero biases for every projection a stock bias
+    flag turned on (a stock Llama with ``attention_bias`` has q/k/v/o biases; only o's is ours)."""
+    state = model.state_dict()
+    adapter = get_adapter(model)
+    kinds = _added_bias_kinds(adapter) if uniform else set()
+    if not kinds:
+        return state
+    flags = adapter.stock_bias_flags()
+    names = {id(m): n for n, m in model.named_modules()}
+    for layer in adapter.layers:
+        for kind in kinds:
+            for path in flags[kind][1]:
+                linear = layer.get_submodule(path)
+                key = f"{names[id(linear)]}.bias"
+                if key not in state:
+                    w = linear.weight
+                    state[key] = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+    return state
 
 
 def modeling_file_text(model) -> str:
@@ -225,7 +258,7 @@ def export_pruned(model, tokenizer, out_dir: str | Path, *, plan: PrunePlan | No
     report = dict(report or {})
     with atomic_output_dir(out_dir, overwrite) as tmp:
         try:
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=_state_dict_for(model, uniform))
         except OSError as exc:
             raise ExportError(f"Could not write the weights to '{out_dir}': {exc.strerror or exc}.") from exc
         config.to_json_file(tmp / "config.json")  # our config: per-layer shapes, auto_map or stock fields

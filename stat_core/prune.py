@@ -85,6 +85,9 @@ class PruneConfig:
     sensitivity_samples: int | None = None  # None: enough windows for SENSITIVITY_TOKENS real tokens
     batch_size: int = 8
     uniform: bool = False  # same head / KV-head / neuron counts in every layer (stock-loadable export)
+    # STAT's correction with an intercept: Z ≈ Z_I T + 1cᵀ, the mean part folded into an output bias;
+    # the decompositions then run on the centred statistics (see BlockStats.second_moment).
+    intercept: bool = True
 
     def __post_init__(self):
         if not 0.0 <= self.sparsity < 1.0:
@@ -187,18 +190,22 @@ class LayerAnalysis:
     mlp_damage: torch.Tensor  # (d_ff + 1,)
 
 
-def analyse_layer(adapter: ModelAdapter, layer: int, stats: BlockStats, fisher: dict | None) -> LayerAnalysis:
+def analyse_layer(adapter: ModelAdapter, layer: int, stats: BlockStats, fisher: dict | None,
+                  centered: bool = False) -> LayerAnalysis:
+    """Head configurations and the neuron order of one layer with their damage curves; with
+    ``centered`` on the scatter matrices (the damage left after an affine correction)."""
     shape = adapter.layer_shape(layer)
+    attn_gram, mlp_gram = stats.second_moment("attn", centered), stats.second_moment("mlp", centered)
     w_attn = effective_out_weight(adapter.attn_out_proj(layer).weight, None if fisher is None else fisher["attn"],
                                   stats.resid_energy, stats.n_tokens)
     w_mlp = effective_out_weight(adapter.mlp_out_proj(layer).weight, None if fisher is None else fisher["mlp"],
                                  stats.resid_energy, stats.n_tokens)
-    configs, head_order = head_configurations(stats.attn_gram, w_attn, shape.num_heads, shape.num_kv_heads,
+    configs, head_order = head_configurations(attn_gram, w_attn, shape.num_heads, shape.num_kv_heads,
                                               adapter.head_dim)
     # Neurons: pivoted Cholesky with each column weighted by its (loss-weighted) outgoing norm,
     # as the authors do; the damage curve is exact along that order.
-    neuron_order = pivoted_cholesky_order(column_scaled_gram(stats.mlp_gram, w_mlp.norm(dim=0)))
-    mlp_damage = output_error_curve(stats.mlp_gram, w_mlp, neuron_order)
+    neuron_order = pivoted_cholesky_order(column_scaled_gram(mlp_gram, w_mlp.norm(dim=0)))
+    mlp_damage = output_error_curve(mlp_gram, w_mlp, neuron_order)
     return LayerAnalysis(configs, head_order, neuron_order, mlp_damage)
 
 
@@ -208,11 +215,39 @@ def heads_prunable(adapter: ModelAdapter, config: PruneConfig) -> bool:
     return config.prune_heads and (not config.uniform or adapter.stock_config_can_drop_heads)
 
 
+def new_bias_kinds(adapter: ModelAdapter, uniform: bool) -> set[str]:
+    """Block kinds (``"attn"``, ``"mlp"``) whose output projection a correction may give a bias it
+    lacks. Any, normally (the export then loads through modeling_stat.py unless the stock config
+    can declare it); for a uniform (stock-loadable) plan only those a stock config flag declares.
+    Where a bias may not be created, an intercept correction falls back to plain least squares and
+    a mean-bias correction to none."""
+    return set(adapter.stock_bias_flags()) if uniform else {"attn", "mlp"}
+
+
 def _unit_costs(adapter: ModelAdapter, layer: int, config: PruneConfig):
-    """``(attn_cost(n_heads, n_kv), mlp_cost(n_neurons))`` of one layer in the config's budget unit."""
+    """``(attn_cost(n_heads, n_kv), mlp_cost(n_neurons))`` of one layer in the config's budget unit.
+
+    Parameters include the output bias a correction creates in a pruned block of a family without
+    one (STAT's intercept, FLAP's mean bias): ``hidden`` more parameters once any unit is removed.
+    """
+    from .methods import get_method
+
     geo = block_geometry(adapter, layer)
     if config.budget_kind == "params":
-        return geo.attn_params, geo.mlp_params
+        shape = adapter.layer_shape(layer)
+        if not get_method(config.method).adds_output_bias(config):
+            return geo.attn_params, geo.mlp_params
+        allowed = new_bias_kinds(adapter, config.uniform)
+        attn_bias = geo.hidden if geo.attn_fixed == 0 and "attn" in allowed else 0
+        mlp_bias = geo.hidden if geo.mlp_fixed == 0 and "mlp" in allowed else 0
+
+        def attn_params(n_h, n_kv):
+            return geo.attn_params(n_h, n_kv) + (attn_bias if n_h < shape.num_heads else 0)
+
+        def mlp_params(n):
+            return geo.mlp_params(n) + (mlp_bias if n < shape.intermediate_size else 0)
+
+        return attn_params, mlp_params
 
     def attn_macs(n_h, n_kv):
         return geo.attn_macs(n_h, n_kv, config.flops_seq_len, adapter.is_decoder)
@@ -286,13 +321,25 @@ class Calibration:
     analyses: list[LayerAnalysis]
     timings: dict = field(default_factory=dict)
     extras: dict = field(default_factory=dict)  # statistics only some methods need (see PruningMethod.prepare)
+    centered: bool = False  # analyses made on the centred statistics (PruneConfig.intercept)
+
+    def analyses_for(self, adapter: ModelAdapter, centered: bool) -> list[LayerAnalysis]:
+        """The per-layer analyses on centred or plain statistics (the other kind computed once, kept)."""
+        if centered == self.centered:
+            return self.analyses
+        key = f"analyses_centered={centered}"
+        if key not in self.extras:
+            self.extras[key] = [analyse_layer(adapter, i, s, None if self.sensitivity is None else self.sensitivity[i],
+                                              centered) for i, s in enumerate(self.dense_stats)]
+        return self.extras[key]
 
 
 def calibrate(model, windows: "torch.Tensor | CalibrationSet", config: PruneConfig,
               progress: ProgressFn | None = None, runner: LayerwiseRunner | None = None) -> Calibration:
     """Dense statistics, loss sensitivities and per-layer decompositions (the model is not changed).
 
-    Only ``config.sensitivity_samples`` and ``config.batch_size`` matter here.
+    Only ``config.sensitivity_samples``, ``config.batch_size`` and ``config.intercept`` (which
+    statistics the decompositions use) matter here.
     """
     adapter = get_adapter(model)
     timings: dict[str, float] = {}
@@ -319,10 +366,11 @@ def calibrate(model, windows: "torch.Tensor | CalibrationSet", config: PruneConf
     t2 = time.perf_counter()
     analyses = []
     for i, s in enumerate(dense_stats):
-        analyses.append(analyse_layer(adapter, i, s, None if fisher is None else fisher[i]))
+        analyses.append(analyse_layer(adapter, i, s, None if fisher is None else fisher[i], config.intercept))
         _notify(progress, "analyse", i + 1, adapter.num_layers)
     timings["analyse"] = time.perf_counter() - t2
-    return Calibration(dense_stats=dense_stats, sensitivity=fisher, analyses=analyses, timings=timings)
+    return Calibration(dense_stats=dense_stats, sensitivity=fisher, analyses=analyses, timings=timings,
+                       centered=config.intercept)
 
 
 def plan_pruning(model, calibration: Calibration, config: PruneConfig, model_name: str = "",
@@ -392,11 +440,13 @@ def stat_prune_(model, windows: "torch.Tensor | CalibrationSet", config: PruneCo
     timings = {**calib.timings, "allocate": time.perf_counter() - t2}
     t3 = time.perf_counter()
     if config.method == "stat":
+        plan.correction = "affine" if config.intercept else "least-squares"
         used_stats = _propagate_(model, adapter, runner, plan, calib.sensitivity, progress)
     else:
         # Baselines use the units STAT would keep (or its counts): run STAT's propagation on a
         # scratch copy, then cut this model by that plan without any correction.
         scratch = copy.deepcopy(model)
+        plan.correction = "affine" if config.intercept else "least-squares"
         _propagate_(scratch, get_adapter(scratch), runner, plan, calib.sensitivity, progress)
         del scratch
         plan = method.relabel(model, plan, calib)
@@ -447,9 +497,10 @@ def _propagate_(model, adapter: ModelAdapter, runner: LayerwiseRunner, plan: Pru
     """Re-select and correct each layer on the pruned path, keeping the allocated counts."""
     hidden = runner.hidden
     used = []
+    centered = plan.correction == "affine"
     for layer in range(adapter.num_layers):
         stats, _ = runner.collect_block(layer, hidden, adapter)
-        an = analyse_layer(adapter, layer, stats, None if fisher is None else fisher[layer])
+        an = analyse_layer(adapter, layer, stats, None if fisher is None else fisher[layer], centered)
         lp = plan.layers[layer]
         match = next((c for c in an.head_configs if len(c["heads"]) == len(lp.kept_heads)
                       and len(c["kv_heads"]) == len(lp.kept_kv_heads)), None)
@@ -457,7 +508,7 @@ def _propagate_(model, adapter: ModelAdapter, runner: LayerwiseRunner, plan: Pru
             lp.kept_heads, lp.kept_kv_heads = match["heads"], match["kv_heads"]
         lp.kept_neurons = sorted(an.neuron_order[: len(lp.kept_neurons)].tolist())
         lp.head_order = an.head_order
-        apply_layer_(adapter, lp, stats)
+        apply_layer_(adapter, lp, stats, plan.correction, uniform=bool(plan.budget.get("uniform")))
         hidden = runner.run_block(layer, hidden, adapter)
         used.append(stats)
         _notify(progress, "propagate", layer + 1, adapter.num_layers)
@@ -465,39 +516,69 @@ def _propagate_(model, adapter: ModelAdapter, runner: LayerwiseRunner, plan: Pru
     return used
 
 
+_WITHOUT_BIAS = {"affine": "least-squares", "mean-bias": "none"}
+
+
 def apply_layer_(adapter: ModelAdapter, lp: LayerPlan, stats: BlockStats | None, correction: str = "least-squares",
-                 ridge_rel: float | None = None) -> None:
+                 ridge_rel: float | None = None, uniform: bool = False) -> None:
     """Cut one layer to ``lp`` and compensate the removed units as ``correction`` says (see
-    ``stat_core.methods.CORRECTIONS``); ``stats=None`` means no correction."""
+    ``stat_core.methods.CORRECTIONS``); ``stats=None`` means no correction. ``uniform``: create
+    output biases only where a stock config can declare them (see :func:`new_bias_kinds`)."""
     layer = lp.layer
     shape = adapter.layer_shape(layer)
     if stats is None:
         correction = "none"
+    allowed = new_bias_kinds(adapter, uniform)
+
+    def kind_correction(kind: str, proj) -> str:
+        if proj.bias is None and kind not in allowed:
+            return _WITHOUT_BIAS.get(correction, correction)
+        return correction
+
     if len(lp.kept_heads) < shape.num_heads:
         cols = head_columns(lp.kept_heads, adapter.head_dim)
         dense_w = adapter.attn_out_proj(layer).weight.detach()
-        new_o = _corrected_weight(dense_w, stats and stats.attn_gram, cols, correction, ridge_rel)
+        new_o, bias = _correction(dense_w, stats, "attn", cols, kind_correction("attn", adapter.attn_out_proj(layer)),
+                                  ridge_rel)
         adapter.prune_heads_(layer, lp.kept_heads, lp.kept_kv_heads, new_o)
-        if correction == "mean-bias":
-            adapter.add_out_bias_(layer, "attn", removed_mean_contribution(dense_w, stats.mean("attn"), cols))
+        if bias is not None:
+            adapter.add_out_bias_(layer, "attn", bias)
     if len(lp.kept_neurons) < shape.intermediate_size:
         cols = torch.tensor(lp.kept_neurons, dtype=torch.long)
         dense_w = adapter.mlp_out_proj(layer).weight.detach()
-        new_down = _corrected_weight(dense_w, stats and stats.mlp_gram, cols, correction, ridge_rel)
+        new_down, bias = _correction(dense_w, stats, "mlp", cols, kind_correction("mlp", adapter.mlp_out_proj(layer)),
+                                     ridge_rel)
         adapter.prune_neurons_(layer, lp.kept_neurons, new_down)
-        if correction == "mean-bias":
-            adapter.add_out_bias_(layer, "mlp", removed_mean_contribution(dense_w, stats.mean("mlp"), cols))
+        if bias is not None:
+            adapter.add_out_bias_(layer, "mlp", bias)
 
 
-def _corrected_weight(weight: torch.Tensor, gram, kept_cols: torch.Tensor, correction: str,
-                      ridge_rel: float | None) -> torch.Tensor | None:
-    """The new output weight ``W Tᵀ`` for a ``least-squares`` correction; None otherwise (the
-    surgery then keeps the kept columns of ``W: (d_out, n_units)``)."""
-    if correction != "least-squares":
-        return None
+def _correction(weight: torch.Tensor, stats: BlockStats | None, kind: str, kept_cols: torch.Tensor,
+                correction: str, ridge_rel: float | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(new output weight, bias to add)`` for one block, from the dense ``W: (d_out, n_units)``.
+
+    ``least-squares``: ``W Tᵀ`` with ``Z ≈ Z_I T`` (no bias). ``affine``: ``Z ≈ Z_I T + 1cᵀ``, ``T``
+    from the centred statistics, ``c = μ − Tᵀ μ_I``, giving ``W Tᵀ`` and the bias ``W c``.
+    ``mean-bias`` (FLAP): the kept columns and the bias ``W[:, removed] μ_removed``. ``none``: the
+    kept columns. ``None`` for the weight means "keep the kept columns as they are".
+    """
+    if correction in ("none",):
+        return None, None
+    if correction == "mean-bias":
+        return None, removed_mean_contribution(weight, stats.mean(kind), kept_cols)
+    if correction not in ("least-squares", "affine"):
+        raise ValueError(f"unknown correction {correction!r}")
+    centered = correction == "affine"
+    gram = stats.second_moment(kind, centered)
     ridge = None if ridge_rel is None else ridge_of(gram, ridge_rel)
     interp = interpolation_matrix(gram, kept_cols, ridge)
-    return (weight.to(interp.device, torch.float64) @ interp.T).to(weight.dtype)
+    w64 = weight.to(interp.device, torch.float64)
+    new_w = (w64 @ interp.T).to(weight.dtype)
+    if not centered:
+        return new_w, None
+    mu = stats.mean(kind).to(interp.device, torch.float64)
+    c = mu - interp.T @ mu[kept_cols.to(interp.device)]
+    return new_w, (w64 @ c).cpu()
 
 
 def removed_mean_contribution(weight: torch.Tensor, mean: torch.Tensor, kept_cols: torch.Tensor) -> torch.Tensor:
@@ -517,7 +598,8 @@ def apply_plan_(model, plan: PrunePlan, stats: list[BlockStats] | None) -> None:
         shape = adapter.layer_shape(lp.layer)
         if (shape.num_heads, shape.intermediate_size) != (lp.num_heads, lp.intermediate_size):
             raise ValueError(f"layer {lp.layer} of the model is already pruned or differs from the plan")
-        apply_layer_(adapter, lp, None if stats is None else stats[lp.layer], plan.correction, plan.correction_ridge)
+        apply_layer_(adapter, lp, None if stats is None else stats[lp.layer], plan.correction, plan.correction_ridge,
+                     bool(plan.budget.get("uniform")))
     adapter.record_shapes_in_config_()
 
 

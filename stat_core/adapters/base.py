@@ -39,6 +39,13 @@ class ModelAdapter:
         self.model = model
         self.config = model.config
 
+    def stock_bias_flags(self) -> dict[str, tuple[str, list[str]]]:
+        """Config flags of the stock family that give output projections a bias: ``{"attn" |
+        "mlp": (flag, [projection names the flag governs, relative to a layer])}``. A correction's
+        output biases export stock-loadable when every kind it added has a flag (the other
+        projections the flag governs then get zero biases)."""
+        return {}
+
     # --- where things are -------------------------------------------------------------------
     @property
     def layers(self) -> nn.ModuleList:

@@ -38,8 +38,10 @@ if TYPE_CHECKING:  # pragma: no cover
 #: ``least-squares``: ``W_out ← W_out Tᵀ`` with ``T = G_II⁻¹ G_I:`` (STAT; with a relative ridge
 #: ``plan.correction_ridge`` this is also the OBS update of SlimGPT); ``mean-bias``: kept columns
 #: only, plus ``W_out[:, removed] · mean(z_removed)`` added to the output bias (FLAP);
+#: ``affine``: least-squares with an intercept, ``Z ≈ Z_I T + 1cᵀ`` fitted on the centred statistics,
+#: ``W_out Tᵀ`` plus the bias ``W_out c`` (STAT's default, ``PruneConfig.intercept``);
 #: ``none``: kept columns only.
-CORRECTIONS = ("least-squares", "mean-bias", "none")
+CORRECTIONS = ("affine", "least-squares", "mean-bias", "none")
 
 
 class MethodNotApplicable(ValueError):
@@ -61,6 +63,11 @@ class PruningMethod:
     #: the dense block statistics (Grams, sums), and STAT's sensitivity pass + decompositions
     uses_block_stats: bool = True
     uses_stat_analysis: bool = False
+
+    def adds_output_bias(self, config) -> bool:
+        """Whether the correction gives a pruned block's output projection a bias (the budget
+        charges it where the family has none)."""
+        return self.correction in ("affine", "mean-bias")
 
     def check_applicable(self, model) -> None:
         """Raise :class:`MethodNotApplicable` (one sentence) when the method cannot run on ``model``."""

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..adapters import get_adapter
@@ -17,7 +19,8 @@ from .stat import Stat
 
 
 def _stat_plan(model, calibration, config, model_name, calibration_info):
-    return Stat().plan(model, calibration, config, model_name, calibration_info)
+    """STAT's plan, counts and costs exactly as STAT computes them (its output biases included)."""
+    return Stat().plan(model, calibration, dataclasses.replace(config, method="stat"), model_name, calibration_info)
 
 
 class _StatCounts(PruningMethod):

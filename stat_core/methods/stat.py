@@ -6,7 +6,9 @@ output-aware block selection of attention heads), so each layer has an exact dam
 Allocation: one global budget over all layers' damage curves, each weighted by a gradient second
 moment of the loss at the block's output (``stat_core.prune.calibrate``), Lagrangian + top-up.
 Correction: the least-squares interpolation of the removed units from the kept ones, folded into
-the output projection (``W_out ← W_out Tᵀ``).
+the output projection (``W_out ← W_out Tᵀ``); with ``PruneConfig.intercept`` (the default) the fit
+has an intercept, ``Z ≈ Z_I T + 1cᵀ``, whose part ``W_out c`` becomes an output bias, and the
+decompositions rank units on the centred statistics (the damage left after that affine fit).
 """
 
 from __future__ import annotations
@@ -18,13 +20,18 @@ class Stat(PruningMethod):
     name = "stat"
     label = "STAT"
     summary = "interpolative decompositions, loss-weighted global allocation, least-squares correction"
-    correction = "least-squares"
+    correction = "affine"
     uses_stat_analysis = True
+
+    def adds_output_bias(self, config):
+        return config.intercept
 
     def plan(self, model, calibration, config, model_name="", calibration_info=None):
         from ..adapters import get_adapter
         from ..prune import plan_from_analyses
 
-        plan = plan_from_analyses(get_adapter(model), calibration.analyses, config, model_name, calibration_info or {})
-        plan.method, plan.correction = self.name, self.correction
+        adapter = get_adapter(model)
+        analyses = calibration.analyses_for(adapter, config.intercept)
+        plan = plan_from_analyses(adapter, analyses, config, model_name, calibration_info or {})
+        plan.method, plan.correction = self.name, "affine" if config.intercept else "least-squares"
         return plan
