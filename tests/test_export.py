@@ -109,6 +109,24 @@ def test_uniform_decoder_export_loads_with_stock_transformers(family, windows, t
     torch.testing.assert_close(_logits(stock, inputs), ref, rtol=0, atol=0)
     reloaded, _ = load_pruned(info.path)
     torch.testing.assert_close(_logits(reloaded, inputs), ref, rtol=0, atol=0)
+    # STAT's intercept lives in output biases wherever the stock config can declare them (Llama:
+    # attention_bias + mlp_bias; Gemma-3: attention_bias only; Qwen2: neither, plain least squares).
+    layer = model.model.layers[0]
+    o_bias, down_bias = layer.self_attn.o_proj.bias, layer.mlp.down_proj.bias
+    declarable = {"llama": (True, True), "gemma3": (True, False), "qwen2": (False, False)}[family]
+    pruned = (len(plan.layers[0].kept_heads) < plan.layers[0].num_heads,
+              len(plan.layers[0].kept_neurons) < plan.layers[0].intermediate_size)
+    assert any(pruned)
+    expected = (declarable[0] and pruned[0], declarable[1] and pruned[1])
+    assert (o_bias is not None, down_bias is not None) == expected
+    assert (config.get("attention_bias", False), config.get("mlp_bias", False)) == expected or family == "qwen2"
+    if o_bias is not None:
+        assert o_bias.abs().max() > 0  # a real intercept, not just the zero biases the flag forces
+        torch.testing.assert_close(stock.model.layers[0].self_attn.q_proj.bias, torch.zeros_like(
+            stock.model.layers[0].self_attn.q_proj.bias), rtol=0, atol=0)
+    if family == "llama":  # and the third way: from_pretrained(trust_remote_code=True), no stat_core
+        remote = _load_in_clean_interpreter(info.path, "AutoModelForCausalLM", inputs, tmp_path)
+        torch.testing.assert_close(remote["logits"], ref, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("family", ["bert", "distilbert"])

@@ -281,3 +281,37 @@ def test_calibration_size_warning_scales_with_mlp_width():
     model = tiny_model("llama")  # d_ff 64
     assert calibration_size_warning(model, MIN_TOKENS_PER_NEURON * 64) is None
     assert "64 neurons" in calibration_size_warning(model, 100)
+
+
+def test_affine_correction_is_least_squares_with_an_intercept():
+    """The ``affine`` correction equals an explicit least-squares fit of Z on [Z_I, 1], folded into
+    W_out (weight W Tᵀ, bias W c), and never fits the calibration outputs worse than no intercept."""
+    import numpy as np
+
+    from stat_core.calibrate import BlockStats
+    from stat_core.prune import _correction
+
+    gen = torch.Generator().manual_seed(3)
+    n, units, d_out = 400, 12, 5
+    z = torch.randn(n, units, generator=gen, dtype=torch.float64) + torch.linspace(-2, 3, units, dtype=torch.float64)
+    z[:, 5] = 0.5 * z[:, 1] - 0.2 * z[:, 7] + 1.5 + 0.05 * torch.randn(n, generator=gen, dtype=torch.float64)
+    w = torch.randn(d_out, units, generator=gen, dtype=torch.float64)
+    stats = BlockStats(attn_gram=z.T @ z, mlp_gram=z.T @ z, n_tokens=n, resid_energy=1.0,
+                       attn_sum=z.sum(0), mlp_sum=z.sum(0))
+    kept = torch.tensor([0, 1, 2, 7, 9, 11])
+    new_w, bias = _correction(w, stats, "mlp", kept, "affine", 0.0)
+    design = np.concatenate([z[:, kept].numpy(), np.ones((n, 1))], axis=1)
+    coef = np.linalg.lstsq(design, z.numpy(), rcond=None)[0]  # (k + 1, units): [T; cᵀ]
+    np.testing.assert_allclose(new_w.numpy(), w.numpy() @ coef[:-1].T, rtol=1e-8, atol=1e-9)
+    np.testing.assert_allclose(bias.numpy(), w.numpy() @ coef[-1], rtol=1e-8, atol=1e-9)
+    out = z @ w.T
+    ls_w, ls_bias = _correction(w, stats, "mlp", kept, "least-squares", 0.0)
+    assert ls_bias is None
+    err_affine = float(((z[:, kept] @ new_w.T + bias - out) ** 2).sum())
+    err_ls = float(((z[:, kept] @ ls_w.T - out) ** 2).sum())
+    assert err_affine < 0.9 * err_ls  # the means are far from zero: the intercept carries them (0.85 here)
+    # The centred damage the decompositions use is exactly the affine fit's residual.
+    from stat_core.linalg import output_error
+
+    predicted = output_error(stats.second_moment("mlp", centered=True), w, kept, ridge=0.0)
+    assert abs(predicted - err_affine) <= 1e-8 * err_ls
