@@ -26,7 +26,7 @@ from _common import RESULTS, machine_note  # noqa: E402
 
 from stat_core.adapters import get_adapter  # noqa: E402
 from stat_core.budget import block_parameter_count  # noqa: E402
-from stat_core.prune import PruneConfig, stat_prune_  # noqa: E402
+from stat_core.prune import PruneConfig, calibrate, prune_from_calibration_, stat_prune_  # noqa: E402
 
 log = logging.getLogger("stat_ablation")
 
@@ -37,6 +37,12 @@ VARIANTS = {
     "affine-mix": ("mix", {"intercept": True}, "intercept, the default decoder mix (Wikipedia + self-generated chat)"),
     "ls-mix": ("mix", {"intercept": False}, "no intercept, the default decoder mix"),
     "affine-mix-propagate": ("mix", {"intercept": True, "mode": "propagate"}, "intercept, mix, propagate mode"),
+    "affine-mix-fisher": ("mix", {"intercept": True, "sensitivity_labels": "model"},
+                          "intercept, mix, gradient pass on labels sampled from the dense model (true Fisher)"),
+    "ls-mix-fisher": ("mix", {"intercept": False, "sensitivity_labels": "model"},
+                      "no intercept, mix, true Fisher"),
+    "ls-fisher": ("wikipedia", {"intercept": False, "sensitivity_labels": "model"},
+                  "no intercept, Wikipedia, true Fisher"),
     "affine-propagate": ("wikipedia", {"intercept": True, "mode": "propagate"}, "intercept, Wikipedia, propagate"),
 }
 FIELDS = ("perplexity", "kl_to_dense", "fewshot_accuracy", "fewshot_bias_free", "fewshot_majority_share",
@@ -97,7 +103,7 @@ def main(argv=None) -> int:
     dense = {"variant": "dense", "budget": 0.0, **reference.dense_metrics}
     records = [r for r in records if r["variant"] != "dense"] + [dense]
     calib_config = CalibrationConfig(num_samples=args.num_samples, seq_len=args.seq_len, seed=0)
-    windows = {}
+    windows, calibrations, calib_seconds = {}, {}, {}
     dense_params = block_parameter_count(get_adapter(model))
     for budget in [float(b) for b in args.budgets.split(",")]:
         for name in variants:
@@ -107,9 +113,19 @@ def main(argv=None) -> int:
                 windows[source] = decoder_calibration(model, tokenizer, source, calib_config)
                 log.info("%s calibration windows in %.0f s", source, time.perf_counter() - t)
             pruned = copy.deepcopy(model)
+            config = PruneConfig(sparsity=budget, **fields)
             t = time.perf_counter()
-            stat_prune_(pruned, windows[source].windows, PruneConfig(sparsity=budget, **fields))
-            seconds = time.perf_counter() - t
+            key = (source, config.sensitivity_labels)
+            if config.mode == "propagate":
+                stat_prune_(pruned, windows[source].windows, config)
+                seconds = time.perf_counter() - t
+            else:  # one calibration per source serves every one-shot variant and budget
+                if key not in calibrations:
+                    calibrations[key] = calibrate(model, windows[source].windows, config)
+                    calib_seconds[key] = time.perf_counter() - t
+                    t = time.perf_counter()
+                prune_from_calibration_(pruned, calibrations[key], config)
+                seconds = time.perf_counter() - t + calib_seconds[key]
             metrics = evaluate_suite(pruned, tokenizer, reference)
             rec = {"variant": name, "budget": budget,
                    "removed_fraction": 1 - block_parameter_count(get_adapter(pruned)) / dense_params,

@@ -101,9 +101,10 @@ def build_demo(store: SessionStore | None = None) -> gr.Blocks:
             return (_status(reply), H.architecture_markdown(session.arch), *[gr.update()] * 7)
         defaults = CLASSIFIER_DEFAULTS if session.encoder else DECODER_DEFAULTS
         empty = F.empty_figure()
-        choices = list(BUILTIN_SETS) if session.encoder else ["wikipedia"]
+        choices = list(BUILTIN_SETS) if session.encoder else list(H.DECODER_SOURCES)
+        value = defaults["builtin"] if session.encoder else H.default_source(session.tokenizer)
         return (_status(reply), H.architecture_markdown(session.arch),
-                gr.update(choices=choices, value=defaults["builtin"]),
+                gr.update(choices=choices, value=value),
                 gr.update(value=defaults["num_samples"]), gr.update(value=defaults["seq_len"]),
                 empty, empty, empty, "")
 
@@ -187,8 +188,9 @@ def build_demo(store: SessionStore | None = None) -> gr.Blocks:
         gr.Markdown("## 2 · Calibration text")
         with gr.Row():
             calib_source = gr.Radio(["builtin", "file", "pasted"], value="builtin", label="calibrate on")
-            builtin = gr.Dropdown(["wikipedia"], value="wikipedia", label="built-in text",
-                                  info="decoders: Wikipedia sample (calibration split); classifiers: labelled sets")
+            builtin = gr.Dropdown(list(H.DECODER_SOURCES), value="wikipedia", label="built-in text",
+                                  info="decoders: mix = Wikipedia + the model's own chat answers (generated once, "
+                                       "cached), wikipedia, self-generated; classifiers: labelled sets")
             num_samples = gr.Number(value=64, precision=0, minimum=1, maximum=4096, label="samples", elem_id="num_samples")
             seq_len = gr.Number(value=512, precision=0, minimum=8, maximum=8192, label="sequence length (tokens)",
                                 elem_id="seq_len")

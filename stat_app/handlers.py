@@ -35,7 +35,8 @@ from stat_core.budget import block_geometry
 from stat_core.calibrate import CalibrationSet
 from stat_core.classifier import (CLASSIFIER_MAX_LEN, DEMO_CLASSIFIER, accuracy, demo_classifier_split, encode,
                                   encode_chunks)
-from stat_core.data import CalibrationConfig, DataError, calibration_windows, fingerprint, load_text_file, wikipedia_split
+from stat_core.calibration_mix import SOURCES as CALIBRATION_SOURCES, decoder_calibration, default_source
+from stat_core.data import CalibrationConfig, DataError, calibration_windows, fingerprint, load_text_file
 from stat_core.evaluate import count_parameters, evaluation_windows, perplexity
 from stat_core.labelled import BUILTIN_SETS, load_labelled
 from stat_core.methods import get_method, method_names
@@ -66,7 +67,7 @@ def plan_method_choices() -> list[tuple[str, str]]:
 def method_choices() -> list[tuple[str, str]]:
     """(label, name) of every registered method (Compare says in one sentence if one cannot apply)."""
     return [(get_method(m).label, m) for m in method_names()]
-DECODER_SOURCES = ("wikipedia",)
+DECODER_SOURCES = CALIBRATION_SOURCES  # mix, wikipedia, self-generated (stat_core.calibration_mix)
 ENCODER_SOURCES = tuple(BUILTIN_SETS)
 EXPECTED = (ModelLoadError, UnsupportedModelError, DataError, ValueError, FileExistsError, FileNotFoundError,
             NotADirectoryError, Cancelled)
@@ -233,7 +234,7 @@ def _pasted_documents(text: str) -> list[str]:
 
 
 def build_calibration_data(session: Session, source: str, builtin: str, file_path: str | None, pasted: str,
-                           num_samples: int, seq_len: int, seed: int = 0):
+                           num_samples: int, seq_len: int, seed: int = 0, progress: ProgressFn | None = None):
     """``(data, held_out, info, warning)`` for the session's model (decoder windows or a labelled
     classifier set). Raises DataError / ValueError with a readable message."""
     num_samples, seq_len, seed = int(num_samples), int(seq_len), int(seed)
@@ -251,7 +252,9 @@ def build_calibration_data(session: Session, source: str, builtin: str, file_pat
             if builtin not in DECODER_SOURCES:
                 raise DataError(f"'{builtin}' is a labelled set for classifiers; decoders calibrate on "
                                 f"{', '.join(DECODER_SOURCES)}, a file or pasted text.")
-            docs = wikipedia_split("calibration")
+            cal = decoder_calibration(session.model, tok, builtin, config, progress=progress)
+            info.update({k: v for k, v in cal.info.items() if k not in info}, tokens=int(cal.windows.numel()))
+            return cal.windows, None, info, ""
         elif source == "file":
             docs = load_text_file(file_path)
         else:
@@ -319,8 +322,9 @@ def calibrate(session: Session, source: str = "builtin", builtin: str = "wikiped
     if not force and session.calibration is not None and session.calib_key == key:
         return Reply(True, "Calibration statistics for this text are cached; nothing to recompute.",
                      {"cached": True, "warning": session.calib_warning})
-    data, held, info, warning = build_calibration_data(session, source, builtin, file_path, pasted,
-                                                       num_samples, seq_len, seed)
+    with DEVICE_LOCK:  # a self-generated source runs the model
+        data, held, info, warning = build_calibration_data(session, source, builtin, file_path, pasted,
+                                                           num_samples, seq_len, seed, progress)
     size_warning = core_prune.calibration_size_warning(session.model, info["tokens"])
     if size_warning:
         warning = f"{warning} Warning: {size_warning}".strip()

@@ -254,8 +254,8 @@ def _classifier_fisher_backward(logits: torch.Tensor) -> None:
         (weight[:, c] * log_p[:, c]).sum().backward(retain_graph=c < n_classes - 1)
 
 
-def output_sensitivity(model: nn.Module, adapter: ModelAdapter, windows, batch_size: int = 4
-                       ) -> list[dict[str, torch.Tensor]]:
+def output_sensitivity(model: nn.Module, adapter: ModelAdapter, windows, batch_size: int = 4,
+                       labels: str = "data") -> list[dict[str, torch.Tensor]]:
     """Second moments of the loss gradient at each block's attention and MLP output.
 
     For every block, ``F = Σ_t g_t g_tᵀ / n_tokens`` (``(d, d)`` float64) with ``g_t`` the gradient of
@@ -265,7 +265,15 @@ def output_sensitivity(model: nn.Module, adapter: ModelAdapter, windows, batch_s
     changes the loss by about ``½ Σ_t (g_tᵀ δ_t)²`` (empirical Fisher), so ``F`` turns each block's
     output residual into a loss estimate comparable across blocks: this is how the allocator
     accounts for error propagation through the later layers.
+
+    Decoders, ``labels="model"``: the next tokens are sampled from the model's own predictive
+    distribution instead of read from the text (one sample per position, seeded), which makes ``F``
+    an unbiased estimate of the Fisher information, the curvature of the KL divergence to the dense
+    model, rather than the empirical Fisher of the text's loss.
     """
+    if labels not in ("data", "model"):
+        raise ValueError(f"labels must be 'data' or 'model', got {labels!r}")
+    gen = torch.Generator().manual_seed(0)
     data = CalibrationSet.wrap(windows)
     device = next(model.parameters()).device
     d = adapter.hidden_size
@@ -299,8 +307,14 @@ def output_sensitivity(model: nn.Module, adapter: ModelAdapter, windows, batch_s
                 kwargs["attention_mask"] = batch.attention_mask.to(device)
             if adapter.is_decoder:
                 logits = model(**kwargs, use_cache=False).logits
-                loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                                   ids[:, 1:].reshape(-1), reduction="sum")
+                flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+                target = ids[:, 1:].reshape(-1)
+                if labels == "model":
+                    with torch.no_grad():
+                        target = torch.multinomial(torch.softmax(flat, -1).cpu(), 1, generator=gen).view(-1).to(device)
+                    if batch.attention_mask is not None:  # padding positions stay out of the loss
+                        target = target.masked_fill(batch.attention_mask[:, 1:].reshape(-1).to(device) == 0, -100)
+                loss = nn.functional.cross_entropy(flat, target, reduction="sum", ignore_index=-100)
                 loss.backward()
             else:
                 _classifier_fisher_backward(model(**kwargs).logits)

@@ -39,6 +39,13 @@ SOURCES = ("mix", "wikipedia", "self-generated")
 MIX_SELF_SHARE = 0.5
 
 
+def default_source(tokenizer) -> str:
+    """``mix`` for a tokenizer with a chat template (the model is used through it), else ``wikipedia``."""
+    from .suite import has_chat_template
+
+    return "mix" if has_chat_template(tokenizer) else "wikipedia"
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     """How the dense model answers the seed prompts (sampling, so the text is varied)."""

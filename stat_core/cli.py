@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import UnsupportedModelError
-from .data import CalibrationConfig, DataError, calibration_windows, fingerprint, load_text_file, wikipedia_split
+from .data import CalibrationConfig, DataError, calibration_windows, fingerprint, load_text_file
 from .calibrate import CalibrationSet
 from .classifier import (CLASSIFIER_MAX_LEN, DEMO_CLASSIFIER, accuracy, class_log_probs, demo_classifier_split,
                          encode, encode_chunks, kl_to_reference)
@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True,
                    help="folder for the pruned model (safetensors, config, tokenizer, model card, plan.json, "
                         "pruning_report.json); must not exist or be empty")
+    p.add_argument("--no-intercept", action="store_true",
+                   help="STAT: fit the correction without an intercept (no output biases; the first wave's STAT)")
     p.add_argument("--uniform", action="store_true",
                    help="same head / KV-head / MLP counts in every layer: the folder then loads with stock "
                         "transformers and no custom code (BERT-family models keep all heads in this mode)")
@@ -54,9 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                                         map(get_method, method_names())))
     p.add_argument("--mode", choices=MODES, default="one-shot",
                    help="one-shot: all statistics from the dense model (default); propagate: calibrate each layer on the pruned earlier ones")
-    p.add_argument("--calibration", default="wikipedia",
-                   help="decoders: 'wikipedia' (built-in sample, calibration split) or a text file "
-                        "(.txt/.json/.jsonl/.csv/.parquet)")
+    p.add_argument("--calibration", default=None,
+                   help="decoders: 'mix' (default for chat models: half Wikipedia, half the model's own answers to "
+                        "seed prompts through its chat template, generated once and cached), 'wikipedia' (built-in "
+                        "sample, calibration split; default without a chat template), 'self-generated', or a text "
+                        "file (.txt/.json/.jsonl/.csv/.parquet)")
     p.add_argument("--labelled", default="newsgroups",
                    help="encoders: labelled data, 'newsgroups', 'movie-reviews' or a .csv/.json/.jsonl/.parquet file; "
                         "split in half: calibration on the training half, accuracy on the held-out half")
@@ -121,11 +125,16 @@ def time_forward(model, windows, batch_size: int) -> float:
     return time.perf_counter() - t
 
 
-def _calibration_for_decoder(args, tokenizer):
+def _calibration_for_decoder(args, model, tokenizer):
+    from .calibration_mix import SOURCES, decoder_calibration, default_source
+
     calib_cfg = CalibrationConfig(num_samples=args.num_samples or 64, seq_len=args.seq_len or 512, seed=args.seed)
-    docs = wikipedia_split("calibration") if args.calibration == "wikipedia" else load_text_file(args.calibration)
-    windows = calibration_windows(tokenizer, docs, calib_cfg)
-    info = {"source": args.calibration, "num_samples": calib_cfg.num_samples, "seq_len": calib_cfg.seq_len,
+    source = args.calibration or default_source(tokenizer)
+    if source in SOURCES:
+        cal = decoder_calibration(model, tokenizer, source, calib_cfg, progress=_Progress(not args.quiet))
+        return cal.windows, cal.info
+    windows = calibration_windows(tokenizer, load_text_file(source), calib_cfg)
+    info = {"source": source, "num_samples": calib_cfg.num_samples, "seq_len": calib_cfg.seq_len,
             "seed": calib_cfg.seed}
     return windows, info
 
@@ -152,27 +161,27 @@ def run(args: argparse.Namespace) -> dict:
     check_output_dir(args.out, args.overwrite)  # fail before minutes of work, not after
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     encoder = is_encoder(model)
+    method = get_method(args.method)
+    method.check_applicable(model)  # one sentence before any data, evaluation or calibration
+    if method.whole_model and not args.no_model:
+        raise ValueError(f"{method.label} changes the hidden size and adds rotation matrices to the residual path; "
+                         "its models cannot be exported yet: add --no-model to measure it")
     if encoder:
         calib, held, calib_info = _data_for_encoder(args, tokenizer)
         n_tokens = int(calib.attention_mask.sum())
         flops_seq_len = args.flops_seq_len or max(1, round(n_tokens / len(calib)))
     else:
-        calib, calib_info = _calibration_for_decoder(args, tokenizer)
+        calib, calib_info = _calibration_for_decoder(args, model, tokenizer)
         n_tokens = int(calib.numel())
         flops_seq_len = args.flops_seq_len or 512
     calib_info.update(tokens=n_tokens, fingerprint=fingerprint(args.model, CalibrationSet.wrap(calib).input_ids))
-    method = get_method(args.method)
-    method.check_applicable(model)  # one sentence before any evaluation or calibration
-    if method.whole_model and not args.no_model:
-        raise ValueError(f"{method.label} changes the hidden size and adds rotation matrices to the residual path; "
-                         "its models cannot be exported yet: add --no-model to measure it")
     size_warning = calibration_size_warning(model, n_tokens)
     if size_warning:
         log.warning(size_warning)
     config = PruneConfig(sparsity=args.sparsity, budget_kind=args.budget, flops_seq_len=flops_seq_len,
                          method=args.method, mode=args.mode, prune_heads=not args.no_heads,
                          prune_neurons=not args.no_neurons, sensitivity_samples=args.sensitivity_samples,
-                         batch_size=args.batch_size, uniform=args.uniform)
+                         batch_size=args.batch_size, uniform=args.uniform, intercept=not args.no_intercept)
     check_budget_feasible(model, config)  # fail before the dense evaluation and calibration
     report: dict = {"model": args.model, "kind": "encoder-classifier" if encoder else "decoder",
                     "method": args.method, "mode": args.mode, "budget_kind": args.budget,

@@ -88,6 +88,9 @@ class PruneConfig:
     # STAT's correction with an intercept: Z ≈ Z_I T + 1cᵀ, the mean part folded into an output bias;
     # the decompositions then run on the centred statistics (see BlockStats.second_moment).
     intercept: bool = True
+    # Next-token labels of the gradient pass: "data" (the text: empirical Fisher) or "model" (sampled
+    # from the dense model: the Fisher of its own distribution, i.e. the curvature of KL to dense).
+    sensitivity_labels: str = "data"
 
     def __post_init__(self):
         if not 0.0 <= self.sparsity < 1.0:
@@ -97,6 +100,8 @@ class PruneConfig:
         from .methods import get_method
 
         get_method(self.method)  # ValueError listing the methods for an unknown name
+        if self.sensitivity_labels not in ("data", "model"):
+            raise ValueError(f"sensitivity_labels must be 'data' or 'model', got {self.sensitivity_labels!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not (self.prune_heads or self.prune_neurons):
@@ -349,7 +354,8 @@ def calibrate(model, windows: "torch.Tensor | CalibrationSet", config: PruneConf
     n_sens = sensitivity_windows(data, config.sensitivity_samples)
     if n_sens > 0:
         _notify(progress, "sensitivity", 0, 1)
-        fisher = output_sensitivity(model, adapter, data.spread(n_sens) if data.labels is not None else data.subset(n_sens))
+        fisher = output_sensitivity(model, adapter, data.spread(n_sens) if data.labels is not None else data.subset(n_sens),
+                                    labels=config.sensitivity_labels)
         _notify(progress, "sensitivity", 1, 1)
     timings["sensitivity"] = time.perf_counter() - t0
 
