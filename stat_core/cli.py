@@ -42,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True,
                    help="folder for the pruned model (safetensors, config, tokenizer, model card, plan.json, "
                         "pruning_report.json); must not exist or be empty")
-    p.add_argument("--no-intercept", action="store_true",
-                   help="STAT: fit the correction without an intercept (no output biases; the first wave's STAT)")
+    p.add_argument("--intercept", action="store_true",
+                   help="STAT: fit the correction with an intercept, folded into output biases (measured neutral "
+                        "on SmolLM2, see benchmarks/results/stat_ablation.md)")
     p.add_argument("--uniform", action="store_true",
                    help="same head / KV-head / MLP counts in every layer: the folder then loads with stock "
                         "transformers and no custom code (BERT-family models keep all heads in this mode)")
@@ -57,10 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=MODES, default="one-shot",
                    help="one-shot: all statistics from the dense model (default); propagate: calibrate each layer on the pruned earlier ones")
     p.add_argument("--calibration", default=None,
-                   help="decoders: 'mix' (default for chat models: half Wikipedia, half the model's own answers to "
-                        "seed prompts through its chat template, generated once and cached), 'wikipedia' (built-in "
-                        "sample, calibration split; default without a chat template), 'self-generated', or a text "
-                        "file (.txt/.json/.jsonl/.csv/.parquet)")
+                   help="decoders: 'wikipedia' (default: built-in sample, calibration split), 'mix' (chat models: "
+                        "half Wikipedia, half the model's own answers to seed prompts through its chat template, "
+                        "generated once and cached: better chat agreement, worse Wikipedia perplexity), "
+                        "'self-generated', or a text file (.txt/.json/.jsonl/.csv/.parquet)")
     p.add_argument("--labelled", default="newsgroups",
                    help="encoders: labelled data, 'newsgroups', 'movie-reviews' or a .csv/.json/.jsonl/.parquet file; "
                         "split in half: calibration on the training half, accuracy on the held-out half")
@@ -181,7 +182,7 @@ def run(args: argparse.Namespace) -> dict:
     config = PruneConfig(sparsity=args.sparsity, budget_kind=args.budget, flops_seq_len=flops_seq_len,
                          method=args.method, mode=args.mode, prune_heads=not args.no_heads,
                          prune_neurons=not args.no_neurons, sensitivity_samples=args.sensitivity_samples,
-                         batch_size=args.batch_size, uniform=args.uniform, intercept=not args.no_intercept)
+                         batch_size=args.batch_size, uniform=args.uniform, intercept=args.intercept)
     check_budget_feasible(model, config)  # fail before the dense evaluation and calibration
     report: dict = {"model": args.model, "kind": "encoder-classifier" if encoder else "decoder",
                     "method": args.method, "mode": args.mode, "budget_kind": args.budget,

@@ -86,8 +86,9 @@ class PruneConfig:
     batch_size: int = 8
     uniform: bool = False  # same head / KV-head / neuron counts in every layer (stock-loadable export)
     # STAT's correction with an intercept: Z ≈ Z_I T + 1cᵀ, the mean part folded into an output bias;
-    # the decompositions then run on the centred statistics (see BlockStats.second_moment).
-    intercept: bool = True
+    # the decompositions then run on the centred statistics (see BlockStats.second_moment). Off by
+    # default: on SmolLM2 it measured neutral-to-slightly-worse on the suite (benchmarks/stat_ablation.py).
+    intercept: bool = False
     # Next-token labels of the gradient pass: "data" (the text: empirical Fisher) or "model" (sampled
     # from the dense model: the Fisher of its own distribution, i.e. the curvature of KL to dense).
     sensitivity_labels: str = "data"

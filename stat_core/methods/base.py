@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
 #: ``plan.correction_ridge`` this is also the OBS update of SlimGPT); ``mean-bias``: kept columns
 #: only, plus ``W_out[:, removed] · mean(z_removed)`` added to the output bias (FLAP);
 #: ``affine``: least-squares with an intercept, ``Z ≈ Z_I T + 1cᵀ`` fitted on the centred statistics,
-#: ``W_out Tᵀ`` plus the bias ``W_out c`` (STAT's default, ``PruneConfig.intercept``);
+#: ``W_out Tᵀ`` plus the bias ``W_out c`` (STAT with ``PruneConfig.intercept``);
 #: ``none``: kept columns only.
 CORRECTIONS = ("affine", "least-squares", "mean-bias", "none")
 

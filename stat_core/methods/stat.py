@@ -6,7 +6,8 @@ output-aware block selection of attention heads), so each layer has an exact dam
 Allocation: one global budget over all layers' damage curves, each weighted by a gradient second
 moment of the loss at the block's output (``stat_core.prune.calibrate``), Lagrangian + top-up.
 Correction: the least-squares interpolation of the removed units from the kept ones, folded into
-the output projection (``W_out ← W_out Tᵀ``); with ``PruneConfig.intercept`` (the default) the fit
+the output projection (``W_out ← W_out Tᵀ``); with ``PruneConfig.intercept`` (off by default: neutral on
+the suite, see benchmarks/results/stat_ablation.md) the fit
 has an intercept, ``Z ≈ Z_I T + 1cᵀ``, whose part ``W_out c`` becomes an output bias, and the
 decompositions rank units on the centred statistics (the damage left after that affine fit).
 """
@@ -20,7 +21,7 @@ class Stat(PruningMethod):
     name = "stat"
     label = "STAT"
     summary = "interpolative decompositions, loss-weighted global allocation, least-squares correction"
-    correction = "affine"
+    correction = "least-squares"  # "affine" with PruneConfig.intercept
     uses_stat_analysis = True
 
     def adds_output_bias(self, config):
