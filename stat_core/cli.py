@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True,
                    help="folder for the pruned model (safetensors, config, tokenizer, model card, plan.json, "
                         "pruning_report.json); must not exist or be empty")
+    p.add_argument("--sensitivity-labels", choices=("data", "model"), default="data",
+                   help="next tokens of the gradient pass: 'data' (the text; default) or 'model' (sampled from the dense "
+                        "model: the Fisher of its own distribution). With --calibration mix this kept few-shot and chat "
+                        "behaviour best on SmolLM2 (benchmarks/results/stat_ablation.md)")
     p.add_argument("--intercept", action="store_true",
                    help="STAT: fit the correction with an intercept, folded into output biases (measured neutral "
                         "on SmolLM2, see benchmarks/results/stat_ablation.md)")
@@ -182,7 +186,8 @@ def run(args: argparse.Namespace) -> dict:
     config = PruneConfig(sparsity=args.sparsity, budget_kind=args.budget, flops_seq_len=flops_seq_len,
                          method=args.method, mode=args.mode, prune_heads=not args.no_heads,
                          prune_neurons=not args.no_neurons, sensitivity_samples=args.sensitivity_samples,
-                         batch_size=args.batch_size, uniform=args.uniform, intercept=args.intercept)
+                         batch_size=args.batch_size, uniform=args.uniform, intercept=args.intercept,
+                         sensitivity_labels=args.sensitivity_labels)
     check_budget_feasible(model, config)  # fail before the dense evaluation and calibration
     report: dict = {"model": args.model, "kind": "encoder-classifier" if encoder else "decoder",
                     "method": args.method, "mode": args.mode, "budget_kind": args.budget,

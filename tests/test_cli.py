@@ -215,3 +215,21 @@ def test_cli_no_model_writes_only_the_report(tiny_folder, tmp_path):
     rc = main([str(tiny_folder), "--sparsity", "0.2", "--out", str(out), "--num-samples", "2", "--seq-len", "32",
                "--sensitivity-samples", "0", "--quiet", "--skip-eval", "--no-model"])
     assert rc == 0 and sorted(p.name for p in out.iterdir()) == ["plan.json", "pruning_report.json"]
+
+
+def test_cli_calibrates_on_the_models_own_chat(tiny_folder, tmp_path, monkeypatch):
+    """--calibration mix: half the windows are the model's own chat transcripts (generated once,
+    cached); --sensitivity-labels model reaches the prune config."""
+    from stat_core import calibration_mix
+
+    seeds = calibration_mix.seed_prompts()[:4]  # 4 of the 128: seconds, not minutes, on a tiny model
+    monkeypatch.setattr(calibration_mix, "seed_prompts", lambda path=None: seeds)
+    out = tmp_path / "run"
+    rc = main([str(tiny_folder), "--sparsity", "0.2", "--out", str(out), "--num-samples", "4", "--seq-len", "64",
+               "--sensitivity-samples", "2", "--quiet", "--quick-eval", "--no-model", "--calibration", "mix",
+               "--sensitivity-labels", "model"])
+    assert rc == 0
+    report = json.loads((out / "pruning_report.json").read_text())
+    calib = report["calibration"]
+    assert calib["source"] == "mix" and calib["self_generated_windows"] == 2 and calib["wikipedia_windows"] == 2
+    assert calib["transcripts"] == 4 and calib["seed_prompts"] == 4 and calib["generation_seconds"] >= 0.0
