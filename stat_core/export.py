@@ -121,12 +121,11 @@ def _added_bias_kinds(adapter) -> set[str]:
     """``{"attn", "mlp"}`` subset: output projections a correction gave a bias the family lacks."""
     if not getattr(adapter.config, "stat_added_out_biases", False):
         return set()
-    shapes = getattr(adapter.config, "stat_layer_shapes", None) or []
-    return {kind for kind in ("attn", "mlp") if any(s.get(f"{kind}_out_bias") for s in shapes)}
+    projs = {"attn": adapter.attn_out_proj, "mlp": adapter.mlp_out_proj}
+    return {kind for kind, proj in projs.items() if any(proj(i).bias is not None for i in range(adapter.num_layers))}
 
 
 def _is_uniform(adapter) -> bool:
-    adapter.record_shapes_in_config_()
     if not _added_bias_kinds(adapter) <= set(adapter.stock_bias_flags()):
         return False  # output biases the stock config cannot declare: loads through modeling_stat.py
     shapes = {adapter.layer_shape(i) for i in range(adapter.num_layers)}

@@ -221,6 +221,11 @@ def heads_prunable(adapter: ModelAdapter, config: PruneConfig) -> bool:
     return config.prune_heads and (not config.uniform or adapter.stock_config_can_drop_heads)
 
 
+def stat_correction(config: PruneConfig) -> str:
+    """STAT's correction kind for ``config``: ``affine`` with an intercept, else ``least-squares``."""
+    return "affine" if config.intercept else "least-squares"
+
+
 def new_bias_kinds(adapter: ModelAdapter, uniform: bool) -> set[str]:
     """Block kinds (``"attn"``, ``"mlp"``) whose output projection a correction may give a bias it
     lacks. Any, normally (the export then loads through modeling_stat.py unless the stock config
@@ -447,13 +452,13 @@ def stat_prune_(model, windows: "torch.Tensor | CalibrationSet", config: PruneCo
     timings = {**calib.timings, "allocate": time.perf_counter() - t2}
     t3 = time.perf_counter()
     if config.method == "stat":
-        plan.correction = "affine" if config.intercept else "least-squares"
+        plan.correction = stat_correction(config)
         used_stats = _propagate_(model, adapter, runner, plan, calib.sensitivity, progress)
     else:
         # Baselines use the units STAT would keep (or its counts): run STAT's propagation on a
         # scratch copy, then cut this model by that plan without any correction.
         scratch = copy.deepcopy(model)
-        plan.correction = "affine" if config.intercept else "least-squares"
+        plan.correction = stat_correction(config)
         _propagate_(scratch, get_adapter(scratch), runner, plan, calib.sensitivity, progress)
         del scratch
         plan = method.relabel(model, plan, calib)
@@ -569,7 +574,7 @@ def _correction(weight: torch.Tensor, stats: BlockStats | None, kind: str, kept_
     ``mean-bias`` (FLAP): the kept columns and the bias ``W[:, removed] μ_removed``. ``none``: the
     kept columns. ``None`` for the weight means "keep the kept columns as they are".
     """
-    if correction in ("none",):
+    if correction == "none":
         return None, None
     if correction == "mean-bias":
         return None, removed_mean_contribution(weight, stats.mean(kind), kept_cols)

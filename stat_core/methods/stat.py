@@ -29,10 +29,10 @@ class Stat(PruningMethod):
 
     def plan(self, model, calibration, config, model_name="", calibration_info=None):
         from ..adapters import get_adapter
-        from ..prune import plan_from_analyses
+        from ..prune import plan_from_analyses, stat_correction
 
         adapter = get_adapter(model)
         analyses = calibration.analyses_for(adapter, config.intercept)
         plan = plan_from_analyses(adapter, analyses, config, model_name, calibration_info or {})
-        plan.method, plan.correction = self.name, "affine" if config.intercept else "least-squares"
+        plan.method, plan.correction = self.name, stat_correction(config)
         return plan
