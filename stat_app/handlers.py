@@ -43,7 +43,7 @@ from stat_core.methods import get_method, method_names
 from stat_core.models import DEMO_MODELS, ModelLoadError, is_encoder, load_model
 from stat_core.prune import PruneConfig, budget_summary
 
-from .sessions import Cancelled, Session
+from .sessions import Cancelled, Outcome, Session
 
 log = logging.getLogger("stat_app")
 
@@ -452,24 +452,28 @@ def replan(session: Session, sparsity: float, budget_kind: str = "params", unifo
     seq = config.flops_seq_len
     report = _report(session, config, plan, _size_summary(session.model, seq), plan_sizes(session.model, plan, seq),
                      seconds)
-    session.pruned, session.plan, session.prune_config, session.report = None, plan, config, report
+    session.set_outcome(Outcome(plan, config, report))
     return Reply(True, _removed_message(report, config, "Planned to remove", seconds) +
                  " The pruned copy is built when you measure, generate or export.",
                  {"plan": plan, "report": report, "seconds": seconds})
 
 
-def ensure_pruned(session: Session, cancel_event: threading.Event | None = None):
-    """The pruned copy for the current plan, built (surgery on a deep copy) if the plan is newer."""
+def ensure_pruned(session: Session, cancel_event: threading.Event | None = None) -> Outcome:
+    """The session's current :class:`Outcome` with its pruned copy, built (surgery on a deep copy
+    of the dense model, for *that* outcome's plan) if it has none yet. Callers use the returned
+    outcome's plan, report and model together: a re-budget landing meanwhile installs a new
+    outcome and cannot change this one."""
     _require_pruned(session)
-    if session.pruned is None:
+    outcome = session.outcome
+    if outcome.pruned is None:
         t = time.perf_counter()
-        pruned, _ = prune_copy(session, session.prune_config, None, cancel_event, plan=session.plan)
-        after = _size_summary(pruned, session.prune_config.flops_seq_len)
-        session.report.update(params_after=after["params"], block_params_after=after["block_params"],
+        pruned, _ = prune_copy(session, outcome.config, None, cancel_event, plan=outcome.plan)
+        after = _size_summary(pruned, outcome.config.flops_seq_len)
+        outcome.report.update(params_after=after["params"], block_params_after=after["block_params"],
                               block_macs_per_token_after=after["block_macs_per_token"], bytes_after=after["bytes"],
                               seconds_surgery=time.perf_counter() - t)
-        session.pruned = pruned
-    return session.pruned
+        outcome.pruned = pruned
+    return outcome
 
 
 @guarded
@@ -488,7 +492,7 @@ def prune(session: Session, sparsity: float, budget_kind: str = "params", unifor
         seq = config.flops_seq_len
         report = _report(session, config, plan, _size_summary(session.model, seq), _size_summary(pruned, seq), seconds)
     report["seconds_prune"] = seconds
-    session.pruned, session.plan, session.prune_config, session.report = pruned, plan, config, report
+    session.set_outcome(Outcome(plan, config, report, pruned))
     return Reply(True, _removed_message(report, config, "Removed", seconds), {"plan": plan, "report": report,
                                                                                "seconds": seconds})
 
@@ -566,14 +570,15 @@ def measure(session: Session, eval_tokens: int = QUICK_EVAL_TOKENS, cancel_event
     """Before/after table: quick perplexity (decoders) or held-out accuracy (classifiers), parameters,
     block FLOPs, latency, size."""
     _require_pruned(session)
-    seq = session.prune_config.flops_seq_len
-    key = (int(eval_tokens), seq)
     with DEVICE_LOCK:
         _check_cancel(cancel_event)
+        outcome = ensure_pruned(session, cancel_event)
+        seq = outcome.config.flops_seq_len
+        key = (int(eval_tokens), seq)
         if session.dense_metrics.get("key") != key:
             session.dense_metrics = {"key": key, **_metrics(session, session.model, int(eval_tokens), seq)}
         _check_cancel(cancel_event)
-        after = _metrics(session, ensure_pruned(session, cancel_event), int(eval_tokens), seq)
+        after = _metrics(session, outcome.pruned, int(eval_tokens), seq)
     before = session.dense_metrics
     rows = []
     if "perplexity" in after:
@@ -594,10 +599,10 @@ def measure(session: Session, eval_tokens: int = QUICK_EVAL_TOKENS, cancel_event
          _fmt_change(before["bytes"], after["bytes"])],
     ]
     for k in ("perplexity", "accuracy", "latency_ms"):
-        if k in after:
-            session.report[f"{k}_before"], session.report[f"{k}_after"] = before[k], after[k]
+        if k in after:   # into the measured outcome's own report, even if a re-budget replaced it since
+            outcome.report[f"{k}_before"], outcome.report[f"{k}_after"] = before[k], after[k]
     if "perplexity" in after:
-        session.report["perplexity_eval_tokens"] = int(eval_tokens)
+        outcome.report["perplexity_eval_tokens"] = int(eval_tokens)
     head = (f"Perplexity {before['perplexity']:.2f} → {after['perplexity']:.2f} (quick estimate on "
             f"{int(eval_tokens):,} tokens)." if "perplexity" in after else
             f"Held-out accuracy {before.get('accuracy', 0):.1%} → {after.get('accuracy', 0):.1%}.")
@@ -628,7 +633,7 @@ def generate(session: Session, prompt: str, max_new_tokens: int = 40) -> Reply:
         raise ValueError("Generate between 1 and 512 new tokens.")
     with DEVICE_LOCK:
         before = _generate_text(session.model, session.tokenizer, prompt, max_new_tokens)
-        after = _generate_text(ensure_pruned(session), session.tokenizer, prompt, max_new_tokens)
+        after = _generate_text(ensure_pruned(session).pruned, session.tokenizer, prompt, max_new_tokens)
     return Reply(True, "Generated with greedy decoding.", {"before": before, "after": after})
 
 
@@ -705,21 +710,22 @@ def export(session: Session) -> Reply:
         from stat_core.export import export_pruned
     except ImportError as exc:
         raise ValueError("Export is not available: this version of stat_core has no export module.") from exc
-    pct = round(100 * session.prune_config.sparsity)
-    base = Path(str(session.model_name)).name.replace(" ", "_") or "model"
-    stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{uuid.uuid4().hex[:4]}"
-    name = f"{base}-{session.prune_config.method}-{pct}pct-{stamp}"
-    out_dir = session.workdir / name
-    for old in session.workdir.glob("*.zip"):  # one export per session on disk (Gradio serves its own copy)
-        old.unlink(missing_ok=True)
     with DEVICE_LOCK:
-        info = export_pruned(ensure_pruned(session), session.tokenizer, out_dir, plan=session.plan, report=session.report,
+        outcome = ensure_pruned(session)   # plan, report and weights of one and the same prune
+        pct = round(100 * outcome.config.sparsity)
+        base = Path(str(session.model_name)).name.replace(" ", "_") or "model"
+        stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{uuid.uuid4().hex[:4]}"
+        name = f"{base}-{outcome.config.method}-{pct}pct-{stamp}"
+        out_dir = session.workdir / name
+        for old in session.workdir.glob("*.zip"):  # one export per session on disk (Gradio serves its own copy)
+            old.unlink(missing_ok=True)
+        info = export_pruned(outcome.pruned, session.tokenizer, out_dir, plan=outcome.plan, report=outcome.report,
                              overwrite=False)
         folder = Path(getattr(info, "path", out_dir))
         zip_path = _zip_folder(folder, session.workdir / f"{name}.zip")
     shutil.rmtree(folder, ignore_errors=True)  # the zip is what gets served; keep one copy on disk
     report_path = session.workdir / f"{name}-pruning_report.json"
-    report_path.write_text(json.dumps(session.report, indent=1, default=str))
+    report_path.write_text(json.dumps(outcome.report, indent=1, default=str))
     size = getattr(info, "size_bytes", None)
     size_txt = f"{size / 1e6:.1f} MB model" if size else "model"
     return Reply(True, f"Exported a {size_txt} to {folder.name}.zip ({zip_path.stat().st_size / 1e6:.1f} MB).",

@@ -27,6 +27,22 @@ class Cancelled(Exception):
 
 
 @dataclass
+class Outcome:
+    """One prune: its plan, config and report, and the pruned copy built for exactly that plan.
+
+    A re-budget never edits an outcome; it installs a new one (:meth:`Session.set_outcome`). A job
+    that started on an older outcome (building its pruned copy, measuring, exporting) keeps working
+    on that object, so a plan is never paired with another plan's weights, whatever the
+    interleaving of a re-budget and a long job.
+    """
+
+    plan: Any
+    config: Any
+    report: dict
+    pruned: Any = None
+
+
+@dataclass
 class Session:
     key: str = "local"
     # loaded model
@@ -42,11 +58,8 @@ class Session:
     calib_info: dict = field(default_factory=dict)
     calibration: Any = None        # stat_core.prune.Calibration (dense statistics + analyses)
     calib_warning: str = ""
-    # latest prune
-    pruned: Any = None
-    plan: Any = None
-    prune_config: Any = None
-    report: dict = field(default_factory=dict)
+    # latest prune (plan, config, report and pruned copy replaced together; see Outcome)
+    outcome: Outcome | None = None
     dense_metrics: dict = field(default_factory=dict)   # cached "before" numbers
     # cancellation of the running job (a fresh event per job, see begin_job)
     cancel_event: threading.Event = field(default_factory=threading.Event)
@@ -68,9 +81,27 @@ class Session:
             self._workdir = Path(tempfile.mkdtemp(prefix=f"stat-app-{self.key[:12]}-"))
         return self._workdir
 
+    def set_outcome(self, outcome: Outcome | None) -> None:
+        self.outcome = outcome   # one reference swap: readers see the old pair or the new one
+
+    @property
+    def plan(self):
+        return None if self.outcome is None else self.outcome.plan
+
+    @property
+    def prune_config(self):
+        return None if self.outcome is None else self.outcome.config
+
+    @property
+    def report(self) -> dict:
+        return {} if self.outcome is None else self.outcome.report
+
+    @property
+    def pruned(self):
+        return None if self.outcome is None else self.outcome.pruned
+
     def clear_results(self) -> None:
-        self.pruned = self.plan = self.prune_config = None
-        self.report = {}
+        self.set_outcome(None)
 
     def clear_model(self) -> None:
         self.model = self.tokenizer = None

@@ -324,3 +324,59 @@ def test_sessions_are_isolated_and_cleaned_up(decoder_dir):
     assert a.model is None and not work.exists() and "a" not in store
     store.get("c"), store.get("d")  # LRU eviction beyond max_sessions
     assert len(store) == 2 and "b" not in store
+
+
+def test_rebudget_during_surgery_cannot_pair_a_plan_with_another_plans_weights(calibrated, monkeypatch):
+    """The race of issue 13: a slider re-budget (no device lock) lands while Export builds the
+    pruned copy of the previous plan. Reproduced deterministically: surgery blocks on an event
+    until the re-budget has been installed. The export must ship one prune's plan and weights, and
+    the session must never hold the new plan with the old weights."""
+    import threading
+
+    from safetensors import safe_open
+
+    s = calibrated
+    assert H.replan(s, 0.25).ok
+    plan_a = s.plan
+    in_surgery, rebudgeted = threading.Event(), threading.Event()
+    real_apply = H.core_prune.apply_plan_
+
+    def slow_apply(model, plan, *args, **kwargs):
+        out = real_apply(model, plan, *args, **kwargs)
+        in_surgery.set()
+        assert rebudgeted.wait(30), "the re-budget never ran"
+        return out
+
+    monkeypatch.setattr(H.core_prune, "apply_plan_", slow_apply)
+    replies = {}
+    worker = threading.Thread(target=lambda: replies.setdefault("export", H.export(s)))
+    worker.start()
+    assert in_surgery.wait(60), "export never reached surgery"
+    r = H.replan(s, 0.6)             # lands mid-surgery, as the slider does
+    rebudgeted.set()
+    worker.join(60)
+    monkeypatch.setattr(H.core_prune, "apply_plan_", real_apply)
+    assert r.ok and s.plan is r["plan"] and s.plan is not plan_a
+    exported = replies["export"]
+    assert exported.ok, exported.message
+
+    # the session: the new plan with no model yet (never the old model), built for the new plan on demand
+    assert s.pruned is None
+    built = H.ensure_pruned(s).pruned
+    assert [m.mlp.down_proj.in_features for m in built.model.layers] == [len(lp.kept_neurons) for lp in s.plan.layers]
+
+    # the zip: plan.json, the report and the weights all describe plan A
+    with zipfile.ZipFile(exported["zip"]) as zf:
+        folder = Path(s.workdir) / "unzipped"
+        zf.extractall(folder)
+    root = next(folder.iterdir())
+    plan_json = json.loads((root / "plan.json").read_text())
+    assert [len(lp["kept_neurons"]) for lp in plan_json["layers"]] == [len(lp.kept_neurons) for lp in plan_a.layers]
+    with safe_open(str(root / "model.safetensors"), "pt") as f:
+        widths = [f.get_slice(f"model.layers.{i}.mlp.down_proj.weight").get_shape()[1]
+                  for i in range(len(plan_a.layers))]
+    assert widths == [len(lp.kept_neurons) for lp in plan_a.layers]
+    assert widths != [len(lp.kept_neurons) for lp in s.plan.layers]   # the two budgets really differ
+    report = json.loads((root / "pruning_report.json").read_text())
+    assert report["sparsity_target"] == 0.25
+    shutil.rmtree(folder)
