@@ -65,8 +65,8 @@ def test_load_prune_rebudget_measure_export(server, decoder_dir):  # noqa: F811
     assert status.startswith("✅ Removed") and "Calibrated on 512 tokens" in status, status
     assert abs(removed_percent(status) - 30) < 2
     assert "removed **" in summary
-    for plot in (heads, neurons, decay):
-        assert plot["type"] == "plotly" and "heatmap" in plot["plot"] or "scatter" in plot["plot"]
+    for plot, trace in ((heads, '"heatmap"'), (neurons, '"heatmap"'), (decay, '"scatter"')):
+        assert plot["type"] == "plotly" and trace in plot["plot"], (trace, plot["plot"][:200])
 
     status, *_ = c.predict(50, "params", False, "one-shot", "stat", "all layers", api_name="/rebudget")
     assert status.startswith("✅ Planned to remove") and abs(removed_percent(status) - 50) < 2, status

@@ -100,7 +100,11 @@ def test_app_timings_tiny(tmp_path):
     data = json.loads((tmp_path / "app_timings.json").read_text())
     steps = [r["step"] for r in data["records"]]
     assert steps[0] == "load" and steps[-1] == "export zip" and len(steps) == 7
-    assert all(r["seconds"] >= 0 for r in data["records"])
+    seconds = {r["step"]: r["seconds"] for r in data["records"]}
+    assert all(s > 0 for s in seconds.values()), seconds
+    first = next(s for k, s in seconds.items() if k.startswith("first calibration"))
+    replan = next(s for k, s in seconds.items() if k.endswith("new plan from cached statistics"))
+    assert replan < first, seconds   # the re-budget reuses the statistics instead of re-calibrating
     assert "re-budget to 50%" in (tmp_path / "app_timings.md").read_text()
 
 

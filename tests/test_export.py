@@ -90,7 +90,7 @@ def test_decoder_export_reloads_both_ways_with_same_logits(family, windows, tmp_
     torch.testing.assert_close(remote["logits"], ref, rtol=0, atol=0)
     # The stock loader refuses the non-uniform folder instead of loading wrong shapes silently.
     from transformers import AutoModelForCausalLM
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
         AutoModelForCausalLM.from_pretrained(info.path, trust_remote_code=False)
 
 

@@ -231,12 +231,17 @@ def test_replanning_from_cached_calibration_equals_a_fresh_prune(family, windows
     fresh = copy.deepcopy(dense)
     direct = stat_prune_(fresh, windows, config)
     calib = calibrate(dense, windows, config)
-    for sparsity in (0.2, 0.35):  # a second budget from the same statistics
+    for sparsity in (0.2, 0.35):  # another budget first, then the same one, from the same statistics
         replanned = copy.deepcopy(dense)
         result = prune_from_calibration_(replanned, calib, PruneConfig(sparsity=sparsity, sensitivity_samples=2,
                                                                         batch_size=4))
-    assert result.plan.layers == direct.plan.layers
-    torch.testing.assert_close(_logits(replanned, windows), _logits(fresh, windows))
+        assert abs(result.plan.budget["achieved"] - sparsity) < 0.02, (sparsity, result.plan.budget)
+        if sparsity == 0.35:
+            assert result.plan.layers == direct.plan.layers
+            torch.testing.assert_close(_logits(replanned, windows), _logits(fresh, windows))
+        else:
+            kept = sum(len(lp.kept_neurons) for lp in result.plan.layers)
+            assert kept > sum(len(lp.kept_neurons) for lp in direct.plan.layers)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
