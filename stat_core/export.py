@@ -50,8 +50,9 @@ class ExportError(ValueError):
 class ExportInfo:
     path: Path
     size_bytes: int          # weights on disk (safetensors files)
-    uniform: bool            # loads with stock transformers, no custom code
+    uniform: bool            # safetensors: loads with stock transformers, no custom code
     files: tuple[str, ...]
+    format: str = "safetensors"
 
 
 # --- atomic folders -----------------------------------------------------------------------------
@@ -201,12 +202,12 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def model_card(model, plan: PrunePlan | None, report: dict | None, uniform: bool, size_after: int) -> str:
-    adapter = get_adapter(model)
+def card_head(model, plan: PrunePlan | None, report: dict | None, uniform: bool,
+              library: str = "transformers") -> list[str]:
+    """The model card's front matter, what was removed and the before/after metrics (every format)."""
     report = report or {}
     arch = type(model).__name__
-    auto = _auto_class(arch)
-    lines = ["---", "library_name: transformers", "tags:", "- pruned", "- stat", "- structured-pruning", "---", "",
+    lines = ["---", f"library_name: {library}", "tags:", "- pruned", "- stat", "- structured-pruning", "---", "",
              f"# {report.get('model') or (plan.model if plan else '') or arch} — pruned with STAT", "",
              "Attention heads and MLP neurons were removed with STAT (Shrinking Transformers After Training, "
              "arXiv 2406.00061): units chosen by interpolative decompositions of calibration activations, "
@@ -229,6 +230,14 @@ def model_card(model, plan: PrunePlan | None, report: dict | None, uniform: bool
         lines += ["## Before and after", "", "| metric | before | after |", "|---|---|---|"]
         lines += [f"| {name} | {_fmt(before)} | {_fmt(after)} |" for name, before, after in metrics]
         lines.append("")
+    return lines
+
+
+def model_card(model, plan: PrunePlan | None, report: dict | None, uniform: bool, size_after: int) -> str:
+    adapter = get_adapter(model)
+    report = report or {}
+    auto = _auto_class(type(model).__name__)
+    lines = card_head(model, plan, report, uniform)
     lines += ["## Loading", "", "```python",
               "import stat_core; model, tokenizer = stat_core.load_pruned(PATH)   # no code from the folder runs"]
     if uniform:
@@ -275,6 +284,54 @@ def export_pruned(model, tokenizer, out_dir: str | Path, *, plan: PrunePlan | No
         (tmp / "README.md").write_text(model_card(model, plan, report, uniform, size))
         files = tuple(sorted(p.name for p in tmp.iterdir()))
     return ExportInfo(path=Path(out_dir).expanduser(), size_bytes=size, uniform=uniform, files=files)
+
+
+# --- other formats -----------------------------------------------------------------------------------
+
+EXPORT_FORMATS = ("safetensors", "gguf", "onnx")
+
+
+def format_problem(model, fmt: str, tokenizer=None) -> str | None:
+    """Why ``model`` cannot be exported as ``fmt`` (one sentence, no full stop), or ``None``."""
+    if fmt == "safetensors":
+        return None
+    if fmt == "gguf":
+        from .export_gguf import gguf_problem, tokenizer_problem
+
+        return gguf_problem(model) or tokenizer_problem(tokenizer)
+    if fmt == "onnx":
+        from .export_onnx import onnx_problem
+
+        return onnx_problem(model)
+    return f"unknown export format '{fmt}' (choose from {', '.join(EXPORT_FORMATS)})"
+
+
+def applicable_formats(model, tokenizer=None) -> list[str]:
+    return [f for f in EXPORT_FORMATS if format_problem(model, f, tokenizer) is None]
+
+
+def check_format(model, fmt: str, tokenizer=None) -> None:
+    """Refuse, in one sentence naming the formats that do apply, a format that does not fit ``model``."""
+    problem = format_problem(model, fmt, tokenizer)
+    if problem:
+        raise ExportError(f"Cannot export as {fmt}: {problem}; formats that apply to this model: "
+                          f"{', '.join(applicable_formats(model, tokenizer))}.")
+
+
+def export_model(model, tokenizer, out_dir: str | Path, fmt: str = "safetensors", *, plan: PrunePlan | None = None,
+                 report: dict | None = None, overwrite: bool = False, gguf_type: str = "f16") -> ExportInfo:
+    """Write ``model`` in format ``fmt`` (``safetensors`` folder, ``gguf`` for llama.cpp, ``onnx`` for
+    onnxruntime) with its plan, report and model card; atomic, like :func:`export_pruned`."""
+    check_format(model, fmt, tokenizer)
+    if fmt == "gguf":
+        from .export_gguf import export_gguf
+
+        return export_gguf(model, tokenizer, out_dir, plan=plan, report=report, overwrite=overwrite, qtype=gguf_type)
+    if fmt == "onnx":
+        from .export_onnx import export_onnx
+
+        return export_onnx(model, tokenizer, out_dir, plan=plan, report=report, overwrite=overwrite)
+    return export_pruned(model, tokenizer, out_dir, plan=plan, report=report, overwrite=overwrite)
 
 
 # --- loading (way 1: no code from the folder) ---------------------------------------------------------
