@@ -27,7 +27,8 @@ log = logging.getLogger("stat_app")
 DEFAULT_PORT = 7860
 STAGE_LABELS = {"sensitivity": "Loss-sensitivity pass", "calibrate": "Calibrating layers",
                 "analyse": "Decomposing layers", "propagate": "Propagating (re-calibrating pruned layers)",
-                "compare": "Pruning and scoring each method"}
+                "compare": "Pruning and scoring each method",
+                "spectra": "Singular values of every layer (for the inspect views)"}
 DECODER_DEFAULTS = {"builtin": "wikipedia", "num_samples": 64, "seq_len": 512}
 CLASSIFIER_DEFAULTS = {"builtin": "newsgroups", "num_samples": 100, "seq_len": 128}
 
@@ -58,11 +59,11 @@ def _status(reply: H.Reply) -> str:
 
 
 def _plan_outputs(session, layer_choice: str | None = None):
-    """(heads figure, neurons figure, decay figure, layer dropdown update, kept summary)."""
+    """(heads figure, neurons figure, decay figure, spectrum figure, layer dropdown update, kept summary)."""
     plan = session.plan
     if plan is None:
         empty = F.empty_figure()
-        return empty, empty, empty, gr.update(choices=["all layers"], value="all layers"), ""
+        return empty, empty, empty, empty, gr.update(choices=["all layers"], value="all layers"), ""
     choices = ["all layers"] + [f"layer {lp.layer}" for lp in plan.layers]
     value = layer_choice if layer_choice in choices else "all layers"
     r = session.report
@@ -73,8 +74,14 @@ def _plan_outputs(session, layer_choice: str | None = None):
                f"{r['params_before']:,} → {r['params_after']:,}; planning took {r['seconds_plan']:.2f} s"
                + (f", pruning {r['seconds_prune']:.1f} s." if "seconds_prune" in r else
                   " (from cached statistics; the pruned copy is built when you measure, generate or export)."))
-    return (F.head_heatmap(plan), F.neuron_view(plan), _decay(plan, value),
+    why = H.plan_explanations(session)
+    return (F.head_heatmap(plan), F.neuron_profile(plan, why["importance"], why["massive"]), _decay(plan, value),
+            _spectrum(why, value),
             gr.update(choices=choices, value=value), summary)
+
+
+def _layer_of(choice: str | None) -> int | None:
+    return None if not choice or choice == "all layers" else int(choice.split()[-1])
 
 
 def _decay(plan, choice: str | None):
@@ -82,8 +89,13 @@ def _decay(plan, choice: str | None):
         return F.empty_figure()
     if not any(lp.mlp_damage for lp in plan.layers):  # peers score units without a damage curve
         return F.empty_figure(f"{plan.method} does not compute damage curves; prune with STAT to see them.")
-    layer = None if not choice or choice == "all layers" else int(choice.split()[-1])
-    return F.decay_curves(plan, layer)
+    return F.decay_curves(plan, _layer_of(choice))
+
+
+def _spectrum(why: dict, choice: str | None):
+    if not why:
+        return F.empty_figure()
+    return F.spectrum_figure(why["spectra"], _layer_of(choice))
 
 
 def build_demo(store: SessionStore | None = None) -> gr.Blocks:
@@ -98,7 +110,7 @@ def build_demo(store: SessionStore | None = None) -> gr.Blocks:
         name = demo_name if source == "demo" else path
         reply = H.load(session, source, name, device)
         if not reply.ok:  # the session keeps whatever it had loaded before
-            return (_status(reply), H.architecture_markdown(session.arch), *[gr.update()] * 7)
+            return (_status(reply), H.architecture_markdown(session.arch), *[gr.update()] * 8)
         defaults = CLASSIFIER_DEFAULTS if session.encoder else DECODER_DEFAULTS
         empty = F.empty_figure()
         choices = list(BUILTIN_SETS) if session.encoder else list(H.DECODER_SOURCES)
@@ -106,7 +118,7 @@ def build_demo(store: SessionStore | None = None) -> gr.Blocks:
         return (_status(reply), H.architecture_markdown(session.arch),
                 gr.update(choices=choices, value=value),
                 gr.update(value=defaults["num_samples"]), gr.update(value=defaults["seq_len"]),
-                empty, empty, empty, "")
+                empty, empty, empty, empty, "")
 
     def on_prune(calib_source, builtin, upload, pasted, num_samples, seq_len, sparsity, budget_kind, uniform, mode,
                  method, layer_choice, request: gr.Request, progress=gr.Progress()):
@@ -126,12 +138,19 @@ def build_demo(store: SessionStore | None = None) -> gr.Blocks:
                     *_plan_outputs(session, layer_choice), gr.update())
         if mode != "one-shot":
             return ("Re-budgeting from cached statistics is one-shot only; press Prune to run propagate mode.",
-                    *[gr.update()] * 5, gr.update())
+                    *[gr.update()] * 6, gr.update())
         reply = H.replan(session, sparsity, budget_kind, uniform, method or "stat")
         return (_status(reply), *_plan_outputs(session, layer_choice), None if reply.ok else gr.update())
 
     def on_layer(choice, request: gr.Request):
-        return _decay(session_of(request).plan, choice)
+        session = session_of(request)
+        return _decay(session.plan, choice), _spectrum(H.plan_explanations(session), choice)
+
+    def on_head(layer, head, text, request: gr.Request):
+        reply = H.head_view(session_of(request), layer, head, text)
+        if not reply.ok:
+            return _status(reply), F.empty_figure(reply.message), ""
+        return "✅ Attention pattern drawn.", F.attention_figure(reply["pattern"], reply["details"]), reply.message
 
     def on_measure(eval_tokens, request: gr.Request):
         session = session_of(request)
@@ -214,12 +233,30 @@ def build_demo(store: SessionStore | None = None) -> gr.Blocks:
             cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel_btn")
         summary = gr.Markdown(elem_id="summary")
 
-        gr.Markdown("## 4 · Inspect")
+        gr.Markdown("## 4 · Inspect: what went and why")
         with gr.Row():
-            heads_plot = gr.Plot(label="layers × heads", elem_id="heads_plot")
-            neurons_plot = gr.Plot(label="layers × neurons", elem_id="neurons_plot")
-        layer_pick = gr.Dropdown(["all layers"], value="all layers", label="decay curves for")
+            with gr.Column():
+                heads_plot = gr.Plot(label="layers × heads", elem_id="heads_plot")
+                gr.Markdown(F.HEADS_CAPTION)
+            with gr.Column():
+                neurons_plot = gr.Plot(label="layers × neurons", elem_id="neurons_plot")
+                gr.Markdown(F.NEURON_CAPTION)
+        layer_pick = gr.Dropdown(["all layers"], value="all layers", label="singular values and decay curves for",
+                                 elem_id="layer_pick")
+        spectrum_plot = gr.Plot(label="singular-value decay", elem_id="spectrum_plot")
+        gr.Markdown(F.SPECTRUM_CAPTION + " " + F.SPECTRUM_ALL_CAPTION)
         decay_plot = gr.Plot(label="decay curves", elem_id="decay_plot")
+        gr.Markdown(F.DECAY_CAPTION)
+        gr.Markdown("### Head explorer")
+        with gr.Row():
+            head_layer = gr.Number(value=0, precision=0, minimum=0, label="layer", elem_id="head_layer", scale=1)
+            head_index = gr.Number(value=0, precision=0, minimum=0, label="head", elem_id="head_index", scale=1)
+            head_text = gr.Textbox(value="The cat sat on the mat because it was tired, so the dog slept.",
+                                   label="sample text", scale=4)
+            head_btn = gr.Button("Show this head", elem_id="head_btn", scale=1)
+        head_info = gr.Markdown(elem_id="head_info")
+        head_plot = gr.Plot(label="attention pattern", elem_id="head_plot")
+        gr.Markdown(F.HEAD_CAPTION)
 
         gr.Markdown("## 5 · Before / after")
         with gr.Row():
@@ -252,10 +289,10 @@ def build_demo(store: SessionStore | None = None) -> gr.Blocks:
 
         # --- events -----------------------------------------------------------------------------
         heavy = dict(concurrency_limit=1, concurrency_id="device")
-        plan_outputs = [heads_plot, neurons_plot, decay_plot, layer_pick, summary]
+        plan_outputs = [heads_plot, neurons_plot, decay_plot, spectrum_plot, layer_pick, summary]
         load_evt = load_btn.click(on_load, [source, demo_name, path, device],
                                   [status, arch, builtin, num_samples, seq_len, heads_plot, neurons_plot, decay_plot,
-                                   summary], api_name="load", **heavy)
+                                   spectrum_plot, summary], api_name="load", **heavy)
         prune_evt = prune_btn.click(on_prune, [calib_source, builtin, upload, pasted, num_samples, seq_len, sparsity,
                                                budget_kind, uniform, mode, method, layer_pick],
                                     [status, *plan_outputs, metrics], api_name="prune", **heavy)
@@ -270,7 +307,9 @@ def build_demo(store: SessionStore | None = None) -> gr.Blocks:
         for control in (budget_kind, uniform, method):
             rebudget_evts.append(control.input(on_rebudget, rebudget_inputs, [status, *plan_outputs, metrics],
                                                api_name=False, **light))
-        layer_pick.input(on_layer, [layer_pick], [decay_plot], api_name="decay", show_progress="hidden")
+        layer_pick.input(on_layer, [layer_pick], [decay_plot, spectrum_plot], api_name="decay", show_progress="hidden")
+        head_evt = head_btn.click(on_head, [head_layer, head_index, head_text], [status, head_plot, head_info],
+                                  api_name="head", **heavy)
         measure_evt = measure_btn.click(on_measure, [eval_tokens], [status, metrics], api_name="measure", **heavy)
         gen_evt = gen_btn.click(on_generate, [prompt, max_new], [status, gen_before, gen_after], api_name="generate",
                                 **heavy)
@@ -278,7 +317,7 @@ def build_demo(store: SessionStore | None = None) -> gr.Blocks:
                                         [status, compare_table, compare_plot], api_name="compare", **heavy)
         export_btn.click(on_export, None, [status, export_zip, export_report], api_name="export", **heavy)
         cancel_btn.click(on_cancel, None, [status], api_name="cancel",
-                         cancels=[load_evt, prune_evt, measure_evt, gen_evt, compare_evt, *rebudget_evts])
+                         cancels=[load_evt, prune_evt, measure_evt, gen_evt, compare_evt, head_evt, *rebudget_evts])
         demo.unload(on_unload)
     return demo
 

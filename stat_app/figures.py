@@ -68,41 +68,6 @@ def head_heatmap(plan) -> go.Figure:
     return fig
 
 
-def neuron_view(plan, bins: int = 48) -> go.Figure:
-    """Left: which neurons survive, binned by index (fraction kept per bin); right: kept fraction per layer."""
-    n_layers = len(plan.layers)
-    d_ff = max(lp.intermediate_size for lp in plan.layers)
-    bins = max(1, min(bins, d_ff))
-    z = np.zeros((n_layers, bins))
-    edges = np.linspace(0, d_ff, bins + 1)
-    for lp in plan.layers:
-        mask = np.zeros(lp.intermediate_size)
-        mask[lp.kept_neurons] = 1.0
-        idx = np.minimum((np.arange(lp.intermediate_size) * bins) // lp.intermediate_size, bins - 1)
-        counts = np.bincount(idx, minlength=bins)
-        z[lp.layer] = np.bincount(idx, weights=mask, minlength=bins) / np.maximum(counts, 1)
-    frac = [len(lp.kept_neurons) / lp.intermediate_size for lp in plan.layers]
-    fig = make_subplots(rows=1, cols=2, column_widths=[0.75, 0.25], shared_yaxes=True, horizontal_spacing=0.03,
-                        subplot_titles=("kept fraction per neuron bin (darker = more kept)", "kept per layer"))
-    centers = [f"{int(edges[i])}–{int(edges[i + 1]) - 1}" for i in range(bins)]
-    fig.add_trace(go.Heatmap(z=z, x=list(range(bins)), y=list(range(n_layers)), zmin=0, zmax=1, colorscale="Greens",
-                             customdata=np.array([centers] * n_layers),
-                             hovertemplate="layer %{y}, neurons %{customdata}<br>kept %{z:.0%}<extra></extra>",
-                             showscale=False), row=1, col=1)
-    fig.add_trace(go.Bar(x=frac, y=list(range(n_layers)), orientation="h", marker_color=KEPT,
-                         hovertemplate="layer %{y}: %{x:.1%} of neurons kept<extra></extra>", showlegend=False),
-                  row=1, col=2)
-    kept_total = sum(len(lp.kept_neurons) for lp in plan.layers)
-    total = sum(lp.intermediate_size for lp in plan.layers)
-    fig.update_layout(title=f"MLP neurons: {kept_total:,}/{total:,} kept ({kept_total / total:.0%})",
-                      height=max(320, 18 * n_layers + 120), margin={"l": 60, "r": 20, "t": 70, "b": 50},
-                      title_font_size=13)
-    fig.update_yaxes(autorange="reversed", title_text="layer", row=1, col=1)
-    fig.update_xaxes(title_text=f"neuron index bin ({d_ff // bins}/bin)", row=1, col=1)
-    fig.update_xaxes(range=[0, 1], tickformat=".0%", row=1, col=2)
-    return fig
-
-
 def _positive(values) -> np.ndarray:
     v = np.asarray(values, dtype=float)
     pos = v[v > 0]
@@ -197,4 +162,157 @@ def compare_figure(results: list[dict], dense: dict, metric: str) -> go.Figure:
         fig.update_yaxes(title_text="held-out accuracy (higher is better)", range=[0, 1.1], tickformat=".0%")
     fig.update_layout(title="Same budget, same calibration: STAT, the published peers and simple baselines", height=380,
                       margin={"l": 60, "r": 20, "t": 60, "b": 50}, title_font_size=13)
+    return fig
+
+
+# --- explanation views (numbers from stat_core.explain) -----------------------------------------
+
+HEADS_CAPTION = ("Each square is one attention head: green kept, red removed; the number is its importance rank in "
+                 "its layer (1 = the head whose loss would hurt the output most). Heads sharing a KV group go together.")
+DECAY_CAPTION = ("Predicted damage (the increase in loss STAT's correction cannot undo) against how many units a layer "
+                 "keeps; × marks the chosen cut. Steep curves are layers where every unit counts.")
+SPECTRUM_CAPTION = ("How much of each block's activation energy is lost when keeping k units: the interpolative "
+                    "decomposition keeps whole heads/neurons (solid), the SVD keeps the best k abstract directions "
+                    "(dashed, the floor no method can beat); the gap is the price of removing real units, the "
+                    "dotted line is the cut this plan chose. Top: the singular values themselves.")
+SPECTRUM_ALL_CAPTION = ("Per layer, the activation energy left out at the chosen cut: interpolative decomposition "
+                        "(whole units, what STAT does) beside the SVD optimum for the same count. Pick a layer "
+                        "above to see its whole curve.")
+NEURON_CAPTION = ("Neurons sorted by how much output energy each carries (left = most), binned by percentile; green = "
+                  "kept. A neuron's index means nothing, its energy does. ★ = a massive neuron (alone ≥10% of its "
+                  "layer's MLP output energy).")
+HEAD_CAPTION = ("Where the chosen head looks on the sample text, in the dense model: row = the token reading, column "
+                "= the token read, darker = more attention (rows sum to 1).")
+
+
+def spectrum_figure(spectra: list[dict], layer: int | None = None) -> go.Figure:
+    """One layer: singular values (top) and residual energy vs kept units for the ID and the SVD
+    (bottom), attention and MLP side by side. All layers: both residuals at each layer's cut."""
+    if layer is None:
+        fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.08,
+                            subplot_titles=("attention: energy left out at the cut", "MLP: energy left out at the cut"))
+        for col, kind in ((1, "attn"), (2, "mlp")):
+            layers = [sp[kind].layer for sp in spectra]
+            cut = [sp[kind].kept if sp[kind].kept is not None else sp[kind].n_units for sp in spectra]
+            idr = [sp[kind].id_residual[k] for sp, k in zip(spectra, cut)]
+            svd = [sp[kind].svd_residual[k] for sp, k in zip(spectra, cut)]
+            unit = "heads" if kind == "attn" else "neurons"
+            fig.add_trace(go.Bar(x=layers, y=idr, name="interpolative decomposition (whole units)", marker_color="#1c7ed6",
+                                 legendgroup="id", showlegend=col == 1, customdata=cut,
+                                 hovertemplate=f"layer %{{x}}: keep %{{customdata}} {unit} → %{{y:.2%}} of the energy "
+                                               "left out<extra>ID</extra>"), row=1, col=col)
+            fig.add_trace(go.Bar(x=layers, y=svd, name="SVD optimum (same count)", marker_color="#adb5bd",
+                                 legendgroup="svd", showlegend=col == 1, customdata=cut,
+                                 hovertemplate=f"layer %{{x}}: best rank for %{{customdata}} {unit} → %{{y:.2%}}"
+                                               "<extra>SVD</extra>"), row=1, col=col)
+            fig.update_xaxes(title_text="layer", row=1, col=col)
+            fig.update_yaxes(tickformat=".1%", row=1, col=col)
+        fig.update_layout(barmode="group", title="Singular-value view, all layers: what the cut leaves out",
+                          height=380, margin={"l": 60, "r": 20, "t": 70, "b": 50}, title_font_size=13,
+                          legend={"orientation": "h", "y": -0.2})
+        return fig
+    sp = spectra[int(layer)]
+    fig = make_subplots(rows=2, cols=2, row_heights=[0.38, 0.62], vertical_spacing=0.12, horizontal_spacing=0.09,
+                        subplot_titles=("attention: singular values", "MLP: singular values",
+                                        "attention: energy left out vs kept heads", "MLP: energy left out vs kept neurons"))
+    for col, kind in ((1, "attn"), (2, "mlp")):
+        s = sp[kind]
+        sv = np.asarray(s.singular_values)
+        x_sv = np.arange(1, len(sv) + 1) / s.unit_width
+        unit = "heads" if kind == "attn" else "neurons"
+        fig.add_trace(go.Scatter(x=x_sv, y=_positive(sv), mode="lines", line={"color": "#495057", "width": 1.5},
+                                 showlegend=False, customdata=np.arange(1, len(sv) + 1),
+                                 hovertemplate="σ_%{customdata} = %{y:.3g}<extra></extra>"), row=1, col=col)
+        k = np.arange(s.n_units + 1)
+        fig.add_trace(go.Scatter(x=k, y=_positive(s.id_residual), mode="lines", name="interpolative decomposition",
+                                 legendgroup="id", showlegend=col == 1, line={"color": "#1c7ed6", "width": 2},
+                                 hovertemplate=f"keep %{{x}} {unit} (STAT's order) → %{{y:.3%}} left out<extra>ID</extra>"),
+                      row=2, col=col)
+        fig.add_trace(go.Scatter(x=k, y=_positive(s.svd_residual), mode="lines", name="SVD optimum", legendgroup="svd",
+                                 showlegend=col == 1, line={"color": "#868e96", "width": 2, "dash": "dash"},
+                                 hovertemplate=f"best rank for %{{x}} {unit} → %{{y:.3%}} left out<extra>SVD</extra>"),
+                      row=2, col=col)
+        if s.kept is not None:
+            fig.add_vline(x=s.kept, line_dash="dot", line_color=REMOVED, row=2, col=col)
+            fig.add_vline(x=s.kept, line_dash="dot", line_color=REMOVED, row=1, col=col)
+        fig.update_yaxes(type="log", row=1, col=col)
+        fig.update_yaxes(type="log", tickformat=".1e", row=2, col=col)
+        fig.update_xaxes(title_text=f"kept {unit} (directions ÷ {s.unit_width})" if s.unit_width > 1 else f"kept {unit}",
+                         row=2, col=col)
+    cuts = ", ".join(f"{('heads', 'neurons')[i]} {sp[k].kept}/{sp[k].n_units}" for i, k in enumerate(("attn", "mlp"))
+                     if sp[k].kept is not None)
+    fig.update_layout(title=f"Layer {sp['mlp'].layer}: singular-value decay and what the interpolative decomposition "
+                            f"gives up{' (cut: ' + cuts + ')' if cuts else ''}", height=560,
+                      margin={"l": 60, "r": 20, "t": 70, "b": 50}, title_font_size=13,
+                      legend={"orientation": "h", "y": -0.12})
+    return fig
+
+
+def neuron_profile(plan, importance: list, massive: list[list[int]], bins: int = 40) -> go.Figure:
+    """Layers × importance percentile (most important left): fraction kept per bin, massive
+    neurons starred; the kept fraction per layer on the right."""
+    n_layers = len(plan.layers)
+    z = np.zeros((n_layers, bins))
+    star_x, star_y, star_text = [], [], []
+    for lp, energy in zip(plan.layers, importance):
+        e = np.asarray(energy, dtype=float)
+        order = np.argsort(-e, kind="stable")
+        kept = np.zeros(len(e))
+        kept[lp.kept_neurons] = 1.0
+        pos = np.empty(len(e), dtype=int)
+        pos[order] = np.arange(len(e))
+        idx = np.minimum(pos * bins // len(e), bins - 1)
+        z[lp.layer] = np.bincount(idx, weights=kept, minlength=bins) / np.maximum(np.bincount(idx, minlength=bins), 1)
+        total = e.sum() or 1.0
+        for j in massive[lp.layer]:
+            star_x.append(int(idx[j]))
+            star_y.append(lp.layer)
+            star_text.append(f"layer {lp.layer}, neuron {j}: {e[j] / total:.0%} of the layer's MLP output energy, "
+                             f"{'kept' if kept[j] else 'REMOVED'}")
+    frac = [len(lp.kept_neurons) / lp.intermediate_size for lp in plan.layers]
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.75, 0.25], shared_yaxes=True, horizontal_spacing=0.03,
+                        subplot_titles=("kept fraction by importance percentile (left = most output energy)",
+                                        "kept per layer"))
+    labels = [f"{100 * b / bins:.0f}–{100 * (b + 1) / bins:.0f}%" for b in range(bins)]
+    fig.add_trace(go.Heatmap(z=z, x=list(range(bins)), y=list(range(n_layers)), zmin=0, zmax=1, colorscale="Greens",
+                             customdata=np.array([labels] * n_layers),
+                             hovertemplate="layer %{y}, importance percentile %{customdata}<br>kept %{z:.0%}<extra></extra>",
+                             showscale=False), row=1, col=1)
+    if star_x:
+        fig.add_trace(go.Scatter(x=star_x, y=star_y, mode="markers", marker={"symbol": "star", "size": 12,
+                                                                             "color": "#f08c00",
+                                                                             "line": {"width": 1, "color": "black"}},
+                                 hovertext=star_text, hoverinfo="text", name="massive neuron", showlegend=False),
+                      row=1, col=1)
+    fig.add_trace(go.Bar(x=frac, y=list(range(n_layers)), orientation="h", marker_color=KEPT,
+                         hovertemplate="layer %{y}: %{x:.1%} of neurons kept<extra></extra>", showlegend=False),
+                  row=1, col=2)
+    kept_total = sum(len(lp.kept_neurons) for lp in plan.layers)
+    total = sum(lp.intermediate_size for lp in plan.layers)
+    n_massive = sum(len(m) for m in massive)
+    fig.update_layout(title=f"MLP neurons: {kept_total:,}/{total:,} kept ({kept_total / total:.0%}); "
+                            f"{n_massive} massive neuron{'s' if n_massive != 1 else ''} (★)",
+                      height=max(320, 18 * n_layers + 120), margin={"l": 60, "r": 20, "t": 70, "b": 50},
+                      title_font_size=13)
+    fig.update_yaxes(autorange="reversed", title_text="layer", row=1, col=1)
+    fig.update_xaxes(title_text=f"importance percentile bin ({100 / bins:.1f}% of the neurons each)", showticklabels=False,
+                     row=1, col=1)
+    fig.update_xaxes(range=[0, 1], tickformat=".0%", row=1, col=2)
+    return fig
+
+
+def attention_figure(pattern: dict, details: dict | None = None) -> go.Figure:
+    """Tokens × tokens attention weights of one head (dense model)."""
+    tokens = [t.replace(" ", "·") or "∅" for t in pattern["tokens"]]
+    labels = [f"{i}:{t}" for i, t in enumerate(tokens)]
+    fig = go.Figure(go.Heatmap(z=pattern["weights"], x=labels, y=labels, colorscale="Blues", zmin=0, zmax=1,
+                               hovertemplate="%{y} → %{x}: %{z:.2f}<extra></extra>", colorbar={"title": "weight"}))
+    title = "Attention pattern"
+    if details:
+        title = (f"Layer {details['layer']}, head {details['head']}: "
+                 f"{'kept' if details['kept'] else 'removed'}, rank {details['rank']} of {details['num_heads']}")
+    n = len(labels)
+    fig.update_layout(title=title, height=max(360, 14 * n + 140), margin={"l": 90, "r": 20, "t": 50, "b": 90},
+                      title_font_size=13, xaxis_title="attended token", yaxis_title="reading token")
+    fig.update_yaxes(autorange="reversed")
     return fig

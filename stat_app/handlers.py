@@ -31,6 +31,7 @@ import torch
 
 from stat_core import prune as core_prune
 from stat_core.adapters import UnsupportedModelError, get_adapter
+from stat_core import explain
 from stat_core.budget import block_geometry
 from stat_core.calibrate import CalibrationSet
 from stat_core.classifier import (CLASSIFIER_MAX_LEN, DEMO_CLASSIFIER, accuracy, demo_classifier_split, encode,
@@ -333,6 +334,11 @@ def calibrate(session: Session, source: str = "builtin", builtin: str = "wikiped
         t = time.perf_counter()
         calib = core_prune.calibrate(session.model, data, PruneConfig(sparsity=0.0),
                                      core_progress(progress, cancel_event))
+        # the inspect views' singular values, once per calibration (re-budgets only move the cut)
+        t_sp = time.perf_counter()
+        core_progress(progress, cancel_event)("spectra", 0, 1)
+        explain.calibration_spectra(session.model, calib)
+        calib.timings["spectra"] = time.perf_counter() - t_sp
         seconds = time.perf_counter() - t
     info["fingerprint"] = fingerprint(session.model_name, CalibrationSet.wrap(data).input_ids)
     session.calibration, session.calib_data, session.held_out = calib, data, held
@@ -730,6 +736,49 @@ def export(session: Session) -> Reply:
     size_txt = f"{size / 1e6:.1f} MB model" if size else "model"
     return Reply(True, f"Exported a {size_txt} to {folder.name}.zip ({zip_path.stat().st_size / 1e6:.1f} MB).",
                  {"zip": str(zip_path), "report": str(report_path), "files": list(getattr(info, "files", ()))})
+
+
+# --- explanations ---------------------------------------------------------------------------------
+
+def plan_explanations(session: Session) -> dict:
+    """What the inspect views draw beside the plan: per-layer spectra with the plan's cuts, neuron
+    output energies and massive neurons (computed once per calibration, then only re-marked)."""
+    outcome, calibration = session.outcome, session.calibration
+    if outcome is None or calibration is None:
+        return {}
+    importance = explain.calibration_neuron_importance(session.model, calibration)
+    return {"spectra": explain.plan_spectra(session.model, calibration, outcome.plan),
+            "importance": importance, "massive": [explain.massive_units(e) for e in importance]}
+
+
+@guarded
+def head_view(session: Session, layer, head, text: str) -> Reply:
+    """The head explorer: one head's attention pattern on ``text`` (dense model), its rank, the
+    layer's predicted damage, whether it was kept and, if removed, how much of its output the kept
+    heads reconstruct."""
+    _require_pruned(session)
+    outcome = session.outcome
+    try:
+        layer, head = int(layer), int(head)
+    except (TypeError, ValueError):
+        raise ValueError("Pick a layer and a head by number (e.g. layer 3, head 0).") from None
+    n_layers = len(outcome.plan.layers)
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"The model has layers 0–{n_layers - 1}; pick one of those.")
+    details = explain.head_details(session.model, session.calibration, outcome.plan, layer, head)
+    with DEVICE_LOCK:
+        pattern = explain.attention_pattern(session.model, session.tokenizer, text, layer, head)
+    if details["kept"]:
+        fate = "kept"
+    else:
+        fate = (f"removed; the kept heads of this layer reconstruct {details['reconstructed_share']:.0%} of its "
+                "output (that part is folded into the output projection by the correction)")
+    damage = details["layer_damage"]
+    msg = (f"Layer {layer}, head {head} (KV group {details['kv_group']}): importance rank {details['rank']} of "
+           f"{details['num_heads']}, {details['output_energy_share']:.0%} of the layer's attention output energy; "
+           f"{fate}. The layer keeps {details['kept_heads']}/{details['num_heads']} heads"
+           + (f", predicted damage {damage:.3g}." if damage is not None else "."))
+    return Reply(True, msg, {"pattern": pattern, "details": details})
 
 
 def cancel(session: Session) -> Reply:

@@ -61,17 +61,17 @@ def test_load_prune_rebudget_measure_export(server, decoder_dir):  # noqa: F811
 
     out = c.predict("pasted", "wikipedia", None, LOREM * 40, 8, 64, 30, "params", False, "one-shot", "stat", "all layers",
                     api_name="/prune")
-    status, heads, neurons, decay, layer_pick, summary = out[:6]
+    status, heads, neurons, decay, spectrum, layer_pick, summary = out[:7]
     assert status.startswith("✅ Removed") and "Calibrated on 512 tokens" in status, status
     assert abs(removed_percent(status) - 30) < 2
     assert "removed **" in summary
-    for plot, trace in ((heads, '"heatmap"'), (neurons, '"heatmap"'), (decay, '"scatter"')):
+    for plot, trace in ((heads, '"heatmap"'), (neurons, '"heatmap"'), (decay, '"scatter"'), (spectrum, '"bar"')):
         assert plot["type"] == "plotly" and trace in plot["plot"], (trace, plot["plot"][:200])
 
     status, *_ = c.predict(50, "params", False, "one-shot", "stat", "all layers", api_name="/rebudget")
     assert status.startswith("✅ Planned to remove") and abs(removed_percent(status) - 50) < 2, status
-    decay = c.predict("layer 1", api_name="/decay")
-    assert "Layer 1" in decay["plot"]
+    decay, spectrum = c.predict("layer 1", api_name="/decay")
+    assert "Layer 1" in decay["plot"] and "singular-value decay" in spectrum["plot"]
     # a published peer re-plans from the same cached statistics (its plan has no damage curves)
     status, heads, _neurons, decay_flap, *_ = c.predict(40, "params", False, "one-shot", "flap", "all layers",
                                                         api_name="/rebudget")

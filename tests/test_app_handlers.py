@@ -247,9 +247,27 @@ def test_figures_from_a_plan(calibrated):
     for (layer, h), v in ((lh, heat.data[0].z[lh[0]][lh[1]]) for lh in [(0, 0), (0, 1), (1, 2), (1, 3)]):
         assert (v > 0) == ((layer, h) in kept)
     assert "importance rank" in heat.data[0].hovertext[0][0]
-    neurons = F.neuron_view(plan)
-    assert [t.type for t in neurons.data] == ["heatmap", "bar"]
-    assert neurons.data[1].x[0] == pytest.approx(len(plan.layers[0].kept_neurons) / 64)
+    why = H.plan_explanations(calibrated)
+    neurons = F.neuron_profile(plan, why["importance"], why["massive"])
+    assert [t.type for t in neurons.data][0] == "heatmap" and neurons.data[-1].type == "bar"
+    assert neurons.data[-1].x[0] == pytest.approx(len(plan.layers[0].kept_neurons) / 64)
+    # binned by importance, not index: the most important bin of each layer is its best-kept one here
+    z = neurons.data[0].z
+    for lp, energy in zip(plan.layers, why["importance"]):
+        top = set(torch.argsort(energy, descending=True)[:len(energy) // 40 or 1].tolist())
+        assert z[lp.layer][0] == pytest.approx(len(top & set(lp.kept_neurons)) / len(top))
+    # singular values: computed at calibration, the plan's cuts marked, one layer and all layers
+    assert "spectra" in calibrated.calibration.timings
+    spectra = why["spectra"]
+    assert [(sp["attn"].kept, sp["mlp"].kept) for sp in spectra] == \
+        [(len(lp.kept_heads), len(lp.kept_neurons)) for lp in plan.layers]
+    one_layer = F.spectrum_figure(spectra, 1)
+    lines = [t for t in one_layer.data if t.mode == "lines"]
+    assert len(lines) == 6 and one_layer.layout.title.text.startswith("Layer 1")
+    all_layers = F.spectrum_figure(spectra, None)
+    assert [t.type for t in all_layers.data] == ["bar"] * 4
+    mlp_id = all_layers.data[2]
+    assert list(mlp_id.y) == [sp["mlp"].id_residual[sp["mlp"].kept] for sp in spectra]
     one = F.decay_curves(plan, 1)
     assert one.layout.yaxis.type == "log"
     assert list(one.data[0].x) == list(range(65))   # k = 0..d_ff
@@ -384,3 +402,27 @@ def test_rebudget_during_surgery_cannot_pair_a_plan_with_another_plans_weights(c
     report = json.loads((root / "pruning_report.json").read_text())
     assert report["sparsity_target"] == 0.25
     shutil.rmtree(folder)
+
+
+def test_head_explorer(calibrated):
+    s = calibrated
+    assert H.prune(s, 0.5).ok
+    plan = s.plan
+    removed = [(lp.layer, h) for lp in plan.layers for h in range(lp.num_heads) if h not in lp.kept_heads]
+    kept = [(lp.layer, h) for lp in plan.layers for h in lp.kept_heads]
+    assert removed and kept, "the test needs a removed and a kept head"
+    r = H.head_view(s, *removed[0], LOREM[:120])
+    assert r.ok, r.message
+    assert "removed" in r.message and "reconstruct" in r.message
+    share = r["details"]["reconstructed_share"]
+    assert f"{share:.0%}" in r.message
+    w = torch.tensor(r["pattern"]["weights"])
+    assert w.shape[0] == w.shape[1] == len(r["pattern"]["tokens"]) > 5
+    torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[0]))
+    k = H.head_view(s, *kept[0], "Short text here.")
+    assert k.ok and "; kept." in k.message and k["details"]["reconstructed_share"] is None
+    assert "layers 0–1" in one_sentence(H.head_view(s, 7, 0, "text"))
+    assert "does not exist" in one_sentence(H.head_view(s, 0, 99, "text"))
+    assert "sample text" in one_sentence(H.head_view(s, 0, 0, "   "))
+    assert "by number" in one_sentence(H.head_view(s, "x", 0, "text"))
+    assert "Load a model" in one_sentence(H.head_view(Session(), 0, 0, "text"))

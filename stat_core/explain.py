@@ -1,0 +1,233 @@
+"""Why STAT keeps what it keeps: the numbers behind the app's explanation views.
+
+Everything here reads the calibration statistics already collected (the Grams ``G = ZᵀZ`` of each
+block's per-head attention outputs and MLP activations) and the dense model's weights; nothing
+needs another pass over the data except :func:`attention_pattern`, which runs the dense model on a
+short sample text.
+
+- :func:`layer_spectrum`: the singular values of the activations ``Z`` (from the eigenvalues of
+  ``G``, no SVD of ``Z``), the interpolative decomposition's residual ``‖Z − Z_I T‖²`` at every
+  kept count along the order STAT keeps units in, and the SVD's optimal residual at the same count
+  (``Σ_{j>k} σ_j²``: the best *any* rank-``k`` approximation can do). The gap between the two is
+  what keeping whole units — real heads and neurons, not abstract directions — costs.
+- :func:`head_details`: one head's rank, the predicted damage of its layer's kept set, whether it
+  was kept, and for a removed head the share of its output the kept heads reconstruct (what the
+  correction folded into the output projection recovers).
+- :func:`neuron_importance` / :func:`massive_units`: each neuron's output energy
+  ``E[z_j²]·‖W_out[:, j]‖²`` — the index of a neuron means nothing, its energy does — and the
+  "massive" units that alone carry a large share of a layer's output energy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from .adapters import get_adapter
+from .calibrate import BlockStats
+from .linalg import ridge_of
+from .prune import head_columns
+
+MASSIVE_SHARE = 0.10  # a "massive" unit alone carries ≥ 10% of its layer's output energy
+
+
+@dataclass
+class Spectrum:
+    """One layer's block (``kind`` ``"attn"`` or ``"mlp"``), energies relative to ``‖Z‖²_F``.
+
+    ``singular_values[j]`` = σ_j of the activations ``Z`` (descending, absolute);
+    ``id_residual[k]`` / ``svd_residual[k]``: fraction of the activation energy not captured when
+    keeping ``k`` units (heads or neurons), ``k = 0 … n_units``; ``unit_width`` columns per unit;
+    ``kept`` = the plan's kept count (``None`` without a plan).
+    """
+
+    layer: int
+    kind: str
+    singular_values: list[float]
+    id_residual: list[float]
+    svd_residual: list[float]
+    unit_width: int
+    kept: int | None = None
+
+    @property
+    def n_units(self) -> int:
+        return len(self.id_residual) - 1
+
+    def gap_at(self, k: int) -> float:
+        """ID residual minus the SVD optimum at ``k`` kept units (≥ 0 up to rounding)."""
+        return self.id_residual[k] - self.svd_residual[k]
+
+
+def _captured_along(gram: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """Cumulative energy ``‖P_{Z[:, c_1..c_i]} Z‖²`` captured by the first ``i`` columns of ``columns``:
+    the squared column norms of the Cholesky factor of the Gram permuted to that order (a tiny
+    scale-aware ridge keeps rank-deficient Grams factorable)."""
+    g = gram[columns][:, columns].to(torch.float64)
+    ridge = ridge_of(g)
+    chol = torch.linalg.cholesky(g + ridge * torch.eye(len(columns), dtype=g.dtype, device=g.device))
+    # Z[:, cols] = Q R with R = Lᵀ: the energy of Z along the i-th new direction q_i is ‖R[i, :]‖² = ‖L[:, i]‖²
+    return torch.cumsum((chol ** 2).sum(dim=0), dim=0)
+
+
+def layer_spectrum(stats: BlockStats, kind: str, unit_order, head_dim: int = 1, centered: bool = False,
+                   kept: int | None = None, layer: int = 0) -> Spectrum:
+    """The singular-value view of one block (see the module docstring). ``unit_order``: the units in
+    the order STAT keeps them (``LayerAnalysis.head_order`` or ``.neuron_order``); ``head_dim``: the
+    columns per unit (1 for neurons)."""
+    gram = stats.second_moment(kind, centered).to(torch.float64)
+    order = [int(u) for u in (unit_order.tolist() if torch.is_tensor(unit_order) else unit_order)]
+    width = head_dim if kind == "attn" else 1
+    n_cols = gram.shape[0]
+    if len(order) * width != n_cols:
+        raise ValueError(f"unit order covers {len(order) * width} columns, the statistics have {n_cols}")
+    total = float(torch.trace(gram))
+    if total <= 0:
+        raise ValueError(f"layer {layer} {kind}: the calibration activations are all zero")
+    eig = torch.linalg.eigvalsh(gram).clamp_min(0).flip(0)          # σ_j² descending
+    columns = head_columns(order, width) if width > 1 else torch.tensor(order)
+    captured = _captured_along(gram, columns)                        # along STAT's order
+    captured = torch.cat([captured.new_zeros(1), captured])
+    id_res = (1.0 - captured[::width] / total).clamp_min(0.0)        # after k whole units
+    tail = torch.cat([torch.flip(torch.cumsum(torch.flip(eig, [0]), 0), [0]), eig.new_zeros(1)])
+    svd_res = (tail[::width] / total).clamp_min(0.0)                 # Σ_{j ≥ k·width} σ_j²
+    svd_res = svd_res.clamp_max(1.0)
+    id_res = torch.maximum(id_res, svd_res)                          # the optimum is a floor (ridge rounding)
+    return Spectrum(layer=layer, kind=kind, singular_values=eig.sqrt().tolist(), id_residual=id_res.tolist(),
+                    svd_residual=svd_res.tolist(), unit_width=width, kept=kept)
+
+
+def calibration_spectra(model, calibration, centered: bool | None = None) -> list[dict[str, Spectrum]]:
+    """``[{"attn": Spectrum, "mlp": Spectrum}]`` per layer, computed once per calibration (an
+    eigendecomposition and a Cholesky per block) and kept in ``calibration.extras``."""
+    adapter = get_adapter(model)
+    centered = calibration.centered if centered is None else centered
+    key = f"spectra_centered={centered}"
+    if key not in calibration.extras:
+        analyses = calibration.analyses_for(adapter, centered)
+        calibration.extras[key] = [
+            {"attn": layer_spectrum(stats, "attn", an.head_order, adapter.head_dim, centered, layer=i),
+             "mlp": layer_spectrum(stats, "mlp", an.neuron_order, 1, centered, layer=i)}
+            for i, (stats, an) in enumerate(zip(calibration.dense_stats, analyses))]
+    return calibration.extras[key]
+
+
+def plan_spectra(model, calibration, plan, centered: bool | None = None) -> list[dict[str, Spectrum]]:
+    """:func:`calibration_spectra` with the plan's kept head and neuron counts marked."""
+    spectra = calibration_spectra(model, calibration, centered)
+    return [{"attn": replace(sp["attn"], kept=len(lp.kept_heads)), "mlp": replace(sp["mlp"], kept=len(lp.kept_neurons))}
+            for sp, lp in zip(spectra, plan.layers)]
+
+
+def _reconstructed_share(gram: torch.Tensor, w_out: torch.Tensor, kept_cols: torch.Tensor,
+                         target_cols: torch.Tensor) -> float:
+    """Share of the target columns' output energy ``‖W_t z_t‖²`` that the best linear map from the
+    kept columns reproduces: ``1 − tr(W_t S W_tᵀ) / tr(W_t G_tt W_tᵀ)`` with ``S`` the Schur
+    complement ``G_tt − G_tk G_kk⁻¹ G_kt`` (exactly what the least-squares correction leaves)."""
+    g = gram.to(torch.float64)
+    w = w_out[:, target_cols].to(torch.float64)
+    g_tt = g[target_cols][:, target_cols]
+    full = float(torch.einsum("ij,jk,ik->", w, g_tt, w))
+    if full <= 0:
+        return 0.0
+    if len(kept_cols) == 0:
+        return 0.0
+    g_kk = g[kept_cols][:, kept_cols]
+    g_kt = g[kept_cols][:, target_cols]
+    ridge = ridge_of(g_kk)
+    sol = torch.linalg.solve(g_kk + ridge * torch.eye(len(kept_cols), dtype=g.dtype), g_kt)
+    schur = g_tt - g_kt.T @ sol
+    left = float(torch.einsum("ij,jk,ik->", w, schur, w))
+    return max(0.0, min(1.0, 1.0 - left / full))
+
+
+def head_details(model, calibration, plan, layer: int, head: int) -> dict:
+    """What the app's head explorer shows for one head (dense statistics, the plan's choice)."""
+    adapter = get_adapter(model)
+    lp = plan.layers[layer]
+    if not 0 <= head < lp.num_heads:
+        raise ValueError(f"layer {layer} has heads 0–{lp.num_heads - 1}; head {head} does not exist")
+    order = lp.head_order or calibration.analyses_for(adapter, calibration.centered)[layer].head_order
+    rank = list(order).index(head) + 1 if head in order else None
+    kept = head in lp.kept_heads
+    stats = calibration.dense_stats[layer]
+    gram = stats.second_moment("attn", calibration.centered)
+    w_out = adapter.attn_out_proj(layer).weight.detach().cpu()
+    hd = adapter.head_dim
+    cols = head_columns([head], hd)
+    g_hh = gram[cols][:, cols].to(torch.float64)
+    w_h = w_out[:, cols].to(torch.float64)
+    energy = float(torch.einsum("ij,jk,ik->", w_h, g_hh, w_h)) / max(stats.n_tokens, 1)
+    layer_energy = 0.0
+    for h in range(lp.num_heads):
+        c = head_columns([h], hd)
+        layer_energy += float(torch.einsum("ij,jk,ik->", w_out[:, c].to(torch.float64), gram[c][:, c].to(torch.float64),
+                                           w_out[:, c].to(torch.float64))) / max(stats.n_tokens, 1)
+    damage = None
+    for opt in lp.attn_options:
+        if opt["heads"] == len(lp.kept_heads) and opt["kv_heads"] == len(lp.kept_kv_heads):
+            damage = opt["damage"]
+    share = None
+    if not kept:
+        share = _reconstructed_share(gram, w_out, head_columns(sorted(lp.kept_heads), hd), cols)
+    return {"layer": layer, "head": head, "kv_group": head // max(lp.num_heads // max(lp.num_kv_heads, 1), 1),
+            "rank": rank, "num_heads": lp.num_heads, "kept": kept, "layer_damage": damage,
+            "output_energy": energy, "output_energy_share": energy / layer_energy if layer_energy > 0 else 0.0,
+            "reconstructed_share": share, "kept_heads": len(lp.kept_heads)}
+
+
+def neuron_importance(model, stats: list[BlockStats]) -> list[torch.Tensor]:
+    """Per layer, each MLP neuron's mean output energy ``E[z_j²]·‖W_out[:, j]‖²`` (float64, CPU)."""
+    adapter = get_adapter(model)
+    out = []
+    for i, s in enumerate(stats):
+        w = adapter.mlp_out_proj(i).weight.detach().to("cpu", torch.float64)
+        second = torch.diagonal(s.mlp_gram).to("cpu", torch.float64) / max(s.n_tokens, 1)
+        out.append(second * (w ** 2).sum(dim=0))
+    return out
+
+
+def calibration_neuron_importance(model, calibration) -> list[torch.Tensor]:
+    """:func:`neuron_importance` of the dense statistics, kept in ``calibration.extras``."""
+    if "neuron_importance" not in calibration.extras:
+        calibration.extras["neuron_importance"] = neuron_importance(model, calibration.dense_stats)
+    return calibration.extras["neuron_importance"]
+
+
+def massive_units(energy: torch.Tensor, share: float = MASSIVE_SHARE) -> list[int]:
+    """Units each carrying at least ``share`` of their layer's total output energy (a uniform unit
+    carries ``1/n``: with 1,536 neurons 10% is 150× its fair share), sorted by index."""
+    total = float(energy.sum())
+    if total <= 0:
+        return []
+    return torch.nonzero(energy >= share * total).flatten().tolist()
+
+
+@torch.no_grad()
+def attention_pattern(model, tokenizer, text: str, layer: int, head: int, max_tokens: int = 48) -> dict:
+    """The dense model's attention weights of one head on ``text``: ``{"tokens", "weights"}`` with
+    ``weights[i][j]`` = how much token ``i`` attends to token ``j`` (rows sum to 1). Runs once with
+    the eager attention implementation (the fused kernels do not return weights), then restores it."""
+    if not (text or "").strip():
+        raise ValueError("Type a short sample text to see where the head attends.")
+    adapter = get_adapter(model)
+    n_layers = len(adapter.layers)
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"the model has layers 0–{n_layers - 1}; layer {layer} does not exist")
+    n_heads = adapter.layer_shape(layer).num_heads
+    if not 0 <= head < n_heads:
+        raise ValueError(f"layer {layer} has heads 0–{n_heads - 1}; head {head} does not exist")
+    device = next(model.parameters()).device
+    enc = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_tokens)
+    enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    previous = getattr(model.config, "_attn_implementation", None)
+    model.set_attn_implementation("eager")
+    try:
+        out = model(**enc, output_attentions=True)
+    finally:
+        if previous and previous != "eager":
+            model.set_attn_implementation(previous)
+    weights = out.attentions[layer][0, head].float().cpu()
+    ids = enc["input_ids"][0].tolist()
+    tokens = [tokenizer.decode([t]) for t in ids]
+    return {"tokens": tokens, "weights": weights.tolist()}
