@@ -17,7 +17,9 @@ from .data import CalibrationConfig, DataError, calibration_windows, fingerprint
 from .calibrate import CalibrationSet
 from .classifier import (CLASSIFIER_MAX_LEN, DEMO_CLASSIFIER, accuracy, class_log_probs, demo_classifier_split,
                          encode, encode_chunks, kl_to_reference)
-from .export import ExportError, atomic_output_dir, check_output_dir, export_pruned, state_dict_bytes
+from .export import (EXPORT_FORMATS, ExportError, atomic_output_dir, check_format, check_output_dir, export_model,
+                     state_dict_bytes)
+from .export_gguf import GGUF_TYPES
 from .evaluate import count_parameters
 from .suite import SuiteConfig, build_reference, evaluate_suite
 from .labelled import load_labelled
@@ -40,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help=f"demo model ({', '.join(DEMO_MODELS)}), a local Hugging Face folder, or a hub id")
     p.add_argument("--sparsity", type=float, required=True, help="fraction of block parameters (or FLOPs) to remove, e.g. 0.3")
     p.add_argument("--out", required=True,
-                   help="folder for the pruned model (safetensors, config, tokenizer, model card, plan.json, "
+                   help="folder for the pruned model (in --format's files, with a model card, plan.json and "
                         "pruning_report.json); must not exist or be empty")
     p.add_argument("--sensitivity-labels", choices=("data", "model"), default="data",
                    help="next tokens of the gradient pass: 'data' (the text; default) or 'model' (sampled from the dense "
@@ -92,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time one plain forward pass over the calibration set (the cost floor)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out folder (only once the new folder is complete)")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="safetensors",
+                   help="how the pruned model is written: safetensors (default: a transformers folder), gguf "
+                        "(llama.cpp, Llama-family decoders) or onnx (onnxruntime)")
+    p.add_argument("--gguf-type", choices=GGUF_TYPES, default="f16",
+                   help="GGUF weight type (default f16; q8_0: 8-bit blocks where a row splits into 32s)")
     p.add_argument("--no-model", action="store_true",
                    help="write only pruning_report.json and plan.json, not the model")
     p.add_argument("--quiet", action="store_true")
@@ -168,6 +175,10 @@ def run(args: argparse.Namespace) -> dict:
     encoder = is_encoder(model)
     method = get_method(args.method)
     method.check_applicable(model)  # one sentence before any data, evaluation or calibration
+    if args.no_model and args.format != "safetensors":
+        raise ValueError(f"--format {args.format} writes a model; --no-model writes none: drop one of them")
+    if not args.no_model:
+        check_format(model, args.format, tokenizer)  # a format that does not fit says so before any work
     if method.whole_model and not args.no_model:
         raise ValueError(f"{method.label} changes the hidden size and adds rotation matrices to the residual path; "
                          "its models cannot be exported yet: add --no-model to measure it")
@@ -260,9 +271,10 @@ def run(args: argparse.Namespace) -> dict:
             if result.plan is not None:
                 result.plan.to_json(tmp / "plan.json")
         return report
-    info = export_pruned(model, tokenizer, args.out, plan=result.plan, report=report, overwrite=args.overwrite)
+    info = export_model(model, tokenizer, args.out, args.format, plan=result.plan, report=report,
+                        overwrite=args.overwrite, gguf_type=args.gguf_type)
     report["size_on_disk_after_bytes"] = info.size_bytes
-    report["export"] = {"uniform": info.uniform}
+    report["export"] = {"uniform": info.uniform, "format": info.format, "files": list(info.files)}
     return report
 
 
@@ -308,8 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_model:
         print(f"wrote {Path(args.out) / 'pruning_report.json'} and plan.json")
     else:
-        how = ("stock from_pretrained" if report["export"]["uniform"]
-               else "stat_core.load_pruned or from_pretrained(..., trust_remote_code=True)")
+        how = {"gguf": "llama.cpp; see its README.md", "onnx": "onnxruntime; see its README.md"}.get(
+            report["export"]["format"], "stock from_pretrained" if report["export"]["uniform"]
+            else "stat_core.load_pruned or from_pretrained(..., trust_remote_code=True)")
         print(f"wrote the pruned model to {args.out} (loads with {how})")
     return 0
 
