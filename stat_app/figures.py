@@ -271,7 +271,7 @@ def neuron_profile(plan, importance: list, massive: list[list[int]], bins: int =
                              f"{'kept' if kept[j] else 'REMOVED'}")
     frac = [len(lp.kept_neurons) / lp.intermediate_size for lp in plan.layers]
     fig = make_subplots(rows=1, cols=2, column_widths=[0.75, 0.25], shared_yaxes=True, horizontal_spacing=0.03,
-                        subplot_titles=("kept fraction by importance percentile (left = most output energy)",
+                        subplot_titles=("kept fraction by importance percentile (left = most energy)",
                                         "kept per layer"))
     labels = [f"{100 * b / bins:.0f}–{100 * (b + 1) / bins:.0f}%" for b in range(bins)]
     fig.add_trace(go.Heatmap(z=z, x=list(range(bins)), y=list(range(n_layers)), zmin=0, zmax=1, colorscale="Greens",

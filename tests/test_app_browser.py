@@ -77,6 +77,44 @@ def kept_heads(page) -> int:
     return int(re.search(r"Attention heads: (\d+)/", title).group(1))
 
 
+def pick_layer(page, layer: int):
+    box = page.locator("#layer_pick input")
+    box.click()
+    box.fill(f"layer {layer}")
+    page.locator("ul[role=listbox] li", has_text=f"layer {layer}").first.click()
+
+
+def explain_views(page, name: str, layer: int, head: int):
+    """The singular-value view (all layers, then one), the neuron profile and the head explorer
+    render; screenshots for the README."""
+    spectrum = page.locator("#spectrum_plot .js-plotly-plot")
+    spectrum.wait_for(timeout=30_000)
+    assert page.locator("#spectrum_plot .barlayer .trace").count() == 4   # ID and SVD, attention and MLP
+    spectrum.scroll_into_view_if_needed()
+    page.locator("#spectrum_plot").screenshot(path=str(SCREENSHOTS / f"{name}-spectrum-all-layers.png"))
+    pick_layer(page, layer)
+    page.wait_for_function("l => { const t = document.querySelector('#spectrum_plot .gtitle');"
+                           " return t && t.textContent.startsWith('Layer ' + l + ':'); }", arg=layer, timeout=60_000)
+    assert page.locator("#spectrum_plot .scatterlayer .trace").count() >= 6   # σ, ID, SVD per block type
+    page.locator("#spectrum_plot").screenshot(path=str(SCREENSHOTS / f"{name}-spectrum-layer.png"))
+    page.locator("#neurons_plot").screenshot(path=str(SCREENSHOTS / f"{name}-neurons.png"))
+
+    for elem, value in (("#head_layer", str(layer)), ("#head_index", str(head))):
+        box = page.locator(f"{elem} input")
+        box.fill(value)
+        box.press("Tab")
+    page.locator("#head_btn").click()
+    wait_status(page, r"^✅ Attention pattern drawn", 120_000)
+    info = page.locator("#head_info").inner_text()
+    assert f"Layer {layer}, head {head}" in info and "importance rank" in info, info
+    assert ("kept." in info) != ("removed;" in info), info
+    plot = page.locator("#head_plot .js-plotly-plot")
+    plot.wait_for(timeout=30_000)
+    assert page.locator("#head_plot .heatmaplayer").count() >= 1
+    plot.scroll_into_view_if_needed()
+    page.locator("#head_plot").screenshot(path=str(SCREENSHOTS / f"{name}-head-explorer.png"))
+
+
 def test_load_calibrate_prune_inspect_export(app_url, browser, tmp_path):
     from stat_core.models import demo_model_dir
 
@@ -115,6 +153,7 @@ def test_load_calibrate_prune_inspect_export(app_url, browser, tmp_path):
         page.locator("#neurons_plot").screenshot(path=str(SCREENSHOTS / "neurons.png"))
         decay.scroll_into_view_if_needed()
         page.locator("#decay_plot").screenshot(path=str(SCREENSHOTS / "decay-curves.png"))
+        explain_views(page, "smollm2", layer=15, head=0)
 
         page.locator("#export_btn").click()
         wait_status(page, r"^✅ Exported", 300_000)
@@ -148,6 +187,36 @@ def test_load_calibrate_prune_inspect_export(app_url, browser, tmp_path):
 
     except Exception:
         page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)  # kept in pytest's tmp dir
+        raise
+    finally:
+        page.close()
+
+
+def test_classifier_explain_views(app_url, browser, tmp_path):
+    """The demo classifier: calibrate on a small labelled slice, prune, and the explanation views render."""
+    from stat_core.models import demo_model_dir
+
+    if not (demo_model_dir("minilm-classifier") / "config.json").exists():
+        pytest.fail("the demo classifier is not in the cache; run scripts/setup.sh")
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        page.goto(app_url, wait_until="domcontentloaded")
+        page.locator("#load_btn").wait_for(timeout=60_000)
+        dd = page.get_by_label("demo model")
+        dd.click()
+        page.locator("ul[role=listbox] li", has_text="minilm-classifier").first.click()
+        page.locator("#load_btn").click()
+        wait_status(page, r"^✅ Loaded minilm-classifier", 120_000)
+        for elem, value in (("#num_samples", "40"), ("#seq_len", "64")):
+            box = page.locator(f"{elem} input")
+            box.fill(value)
+            box.press("Tab")
+        page.locator("#prune_btn").click()
+        wait_status(page, r"^✅ Removed", CALIBRATION_TIMEOUT_MS)
+        explain_views(page, "classifier", layer=3, head=5)
+    except Exception:
+        page.screenshot(path=str(tmp_path / "failure-classifier.png"), full_page=True)
         raise
     finally:
         page.close()
