@@ -11,6 +11,11 @@ dense, 10%, 20%, …, dense, 10%, … — medians over ``--repeats`` rounds, bec
   ``logits_to_keep=1`` as ``generate`` does) and the throughput it implies (prompt tokens/s);
 - decode tokens/s at batch 1: 32 greedy single-token steps on the KV cache of a 512-token prompt.
 
+With ``--onnx``, each model is also exported with ``stat_core.export_onnx`` (last position's logits
+only, as ``logits_to_keep=1``; checked against PyTorch at export) and its prefill is timed in
+onnxruntime (CPU, the same threads) in the same alternated rounds: the export has no KV cache, so
+onnxruntime's numbers are prefill only.
+
 Ideal speedup = dense MACs / pruned MACs per token: transformer blocks at a 512 causal context for
 prefill; blocks with 512 tokens of context plus the LM head (which pruning does not touch) for
 decode. "of ideal" = measured speedup / ideal speedup. The pruned models' shapes come from one
@@ -60,6 +65,33 @@ def decode_seconds(model, ids: torch.Tensor, steps: int) -> float:
     return time.perf_counter() - t
 
 
+def onnx_sessions(models: dict, out_dir: str) -> dict:
+    """Each model exported to ONNX (last-position logits, checked against PyTorch) in a temporary
+    folder, as an onnxruntime session with torch's thread count."""
+    import tempfile
+
+    from stat_core.export_onnx import onnx_session, write_onnx
+
+    import atexit
+    import shutil
+
+    sessions, folder = {}, Path(tempfile.mkdtemp(prefix="speed-onnx-"))
+    atexit.register(shutil.rmtree, folder, True)
+    for k, (_, m) in models.items():
+        t = time.perf_counter()
+        info = write_onnx(m, folder / f"{k}.onnx", last_only=True)
+        print(f"onnx export {k}: {time.perf_counter() - t:.0f} s, max |ort - torch| {info.max_abs_diff:.2g}", flush=True)
+        sessions[k] = onnx_session(info.path, threads=torch.get_num_threads())
+    return sessions
+
+
+def ort_prefill_seconds(session, ids: torch.Tensor) -> float:
+    feed = {"input_ids": ids.cpu().numpy(), "attention_mask": torch.ones_like(ids).cpu().numpy()}
+    t = time.perf_counter()
+    session.run(["logits"], feed)
+    return time.perf_counter() - t
+
+
 def macs(model, prompt: int) -> dict:
     adapter = get_adapter(model)
     head = model.config.hidden_size * model.config.vocab_size
@@ -77,14 +109,22 @@ def markdown(records: list[dict], meta: dict) -> str:
              f"{dense['decode_tok_s']:.1f} tok/s. Cells: measured speedup over dense (÷ ideal from MACs).", "",
              "| STAT budget | params removed | MACs removed (prefill) | prefill b1 | prefill b8 | decode b1 | ideal prefill | ideal decode |",
              "|---|---|---|---|---|---|---|---|"]
+    onnx = "ort_prefill_b1_s" in dense
+    if onnx:
+        lines[0] += (f" onnxruntime (same threads, exported graphs): dense prefill {dense['ort_prefill_b1_s'] * 1000:.0f} ms "
+                     f"at batch 1, {dense['ort_prefill_b8_s'] * 1000:.0f} ms at batch 8.")
+        lines[2] = lines[2][:-len(" ideal prefill | ideal decode |")] + " ORT prefill b1 | ORT prefill b8 | ideal prefill | ideal decode |"
+        lines[3] += "---|---|"
     for r in records:
         if r["method"] == "dense":
             continue
+        ort = (f"| {r['ort_speedup_prefill_b1']:.2f}× ({r['ort_speedup_prefill_b1'] / r['ideal_prefill']:.0%}) "
+               f"| {r['ort_speedup_prefill_b8']:.2f}× ({r['ort_speedup_prefill_b8'] / r['ideal_prefill']:.0%}) " if onnx else "")
         lines.append(
             f"| {r['budget']:.0%} | {r['removed_fraction']:.1%} | {1 - 1 / r['ideal_prefill']:.1%} "
             f"| {r['speedup_prefill_b1']:.2f}× ({r['speedup_prefill_b1'] / r['ideal_prefill']:.0%}) "
             f"| {r['speedup_prefill_b8']:.2f}× ({r['speedup_prefill_b8'] / r['ideal_prefill']:.0%}) "
-            f"| {r['speedup_decode']:.2f}× ({r['speedup_decode'] / r['ideal_decode']:.0%}) "
+            f"| {r['speedup_decode']:.2f}× ({r['speedup_decode'] / r['ideal_decode']:.0%}) " + ort +
             f"| {r['ideal_prefill']:.2f}× | {r['ideal_decode']:.2f}× |")
     return "\n".join(lines) + "\n"
 
@@ -101,6 +141,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--tiny", action="store_true")
+    p.add_argument("--onnx", action="store_true", help="also time prefill of each model exported to onnxruntime")
     p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--name", default="speed")
     args = p.parse_args(argv)
@@ -134,14 +175,22 @@ def main(argv=None) -> int:
             "decode_steps": args.decode_steps, "repeats": args.repeats, "calibration_windows": int(windows.shape[0]),
             "machine": machine_note()}
     times = {k: {"b1": [], "b8": [], "dec": []} for k in models}
-    for _, m in models.values():  # warm-up
+    sessions = onnx_sessions(models, args.out_dir) if args.onnx else {}
+    for k in sessions:
+        times[k].update(ort_b1=[], ort_b8=[])
+    for k, (_, m) in models.items():  # warm-up
         prefill_seconds(m, ids1)
         decode_seconds(m, ids1[:, :8], 2)
+        if k in sessions:
+            ort_prefill_seconds(sessions[k], ids1)
     for rnd in range(args.repeats):
         for k, (_, m) in models.items():
             times[k]["b1"].append(prefill_seconds(m, ids1))
             times[k]["b8"].append(prefill_seconds(m, idsb))
             times[k]["dec"].append(decode_seconds(m, ids1, args.decode_steps))
+            if k in sessions:
+                times[k]["ort_b1"].append(ort_prefill_seconds(sessions[k], ids1))
+                times[k]["ort_b8"].append(ort_prefill_seconds(sessions[k], idsb))
         print(f"round {rnd + 1}/{args.repeats}: " + ", ".join(f"{k} {median(v['b1']) * 1000:.0f} ms" for k, v in times.items()),
               flush=True)
     dense_params = budget_summary(dense)["block_params"]
@@ -157,6 +206,11 @@ def main(argv=None) -> int:
                "decode_tok_s": args.decode_steps / t["dec"], "raw_seconds": times[k],
                "ideal_prefill": dm["prefill"] / mm["prefill"], "ideal_decode": dm["decode"] / mm["decode"]}
         d = times["dense"]
+        if sessions:
+            rec.update(ort_prefill_b1_s=t["ort_b1"], ort_prefill_b8_s=t["ort_b8"],
+                       ort_speedup_prefill_b1=median(d["ort_b1"]) / t["ort_b1"],
+                       ort_speedup_prefill_b8=median(d["ort_b8"]) / t["ort_b8"],
+                       ort_over_torch_prefill_b1=t["b1"] / t["ort_b1"])
         rec["speedup_prefill_b1"] = median(d["b1"]) / t["b1"]
         rec["speedup_prefill_b8"] = median(d["b8"]) / t["b8"]
         rec["speedup_decode"] = median(d["dec"]) / t["dec"]

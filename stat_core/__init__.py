@@ -2,7 +2,8 @@
 
 The everyday entry points, importable from the package (loaded on first use, so
 ``import stat_core.paths`` stays light): ``stat_prune_``, ``PruneConfig``, ``calibrate``,
-``prune_from_calibration_``, ``export_pruned``, ``load_pruned``, ``load_model``; the method registry
+``prune_from_calibration_``, ``export_pruned``, ``export_model`` (safetensors / gguf / onnx), ``load_pruned``,
+``load_model``; the method registry
 (``method_names``, ``get_method``) and the evaluation suite (``SuiteConfig``, ``build_reference``,
 ``evaluate_suite``).
 """
@@ -11,7 +12,7 @@ from importlib import import_module
 
 _EXPORTS = {
     "stat_prune_": "prune", "PruneConfig": "prune", "calibrate": "prune", "prune_from_calibration_": "prune",
-    "plan_pruning": "prune", "export_pruned": "export", "load_pruned": "export", "load_model": "models",
+    "plan_pruning": "prune", "export_pruned": "export", "export_model": "export", "load_pruned": "export", "load_model": "models",
     "get_method": "methods", "method_names": "methods", "SuiteConfig": "suite", "build_reference": "suite",
     "evaluate_suite": "suite",
 }

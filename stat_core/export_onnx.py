@@ -84,11 +84,13 @@ def input_names(model) -> tuple[str, ...]:
 class _Graph(nn.Module):
     """The model as a function of ``input_ids`` and ``attention_mask`` returning one tensor (no cache)."""
 
-    def __init__(self, model: nn.Module, output: str):
+    def __init__(self, model: nn.Module, output: str, last_only: bool = False):
         super().__init__()
         self.model = model
         self.output = output
         self.extra = {"use_cache": False} if get_adapter(model).is_decoder else {}
+        if last_only:
+            self.extra["logits_to_keep"] = 1  # generation needs only the last position's logits
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return getattr(self.model(input_ids=input_ids, attention_mask=attention_mask, **self.extra), self.output)
@@ -119,9 +121,11 @@ def _tolerance(dtype: torch.dtype, scale: float) -> float:
     return (1e-4 if dtype == torch.float32 else 2e-2) * max(1.0, scale)
 
 
-def write_onnx(model, path: str | Path, *, opset: int = ONNX_OPSET, check: bool = True) -> ONNXInfo:
+def write_onnx(model, path: str | Path, *, opset: int = ONNX_OPSET, check: bool = True,
+               last_only: bool = False) -> ONNXInfo:
     """Export ``model`` to the ONNX file ``path`` (weights inside it, or in ``<path>.data`` beyond 1.5 GB)
     and, with ``check``, compare onnxruntime's output with PyTorch's on a random batch.
+    ``last_only`` (decoders): logits of the last position only, ``(batch, 1, vocab)``, as generation uses.
 
     Writes into ``path``'s folder; callers that need atomicity pass a path in a temporary folder
     (:func:`export_onnx` does)."""
@@ -134,7 +138,9 @@ def write_onnx(model, path: str | Path, *, opset: int = ONNX_OPSET, check: bool 
     names, output = input_names(model), _output_name(model)
     was_training = model.training
     model.eval()
-    graph = (_GraphWithTypes if "token_type_ids" in names else _Graph)(model, output)
+    if last_only and not get_adapter(model).is_decoder:
+        raise ExportError("last_only applies to decoders (their logits per position); this model is an encoder.")
+    graph = (_GraphWithTypes if "token_type_ids" in names else _Graph)(model, output, last_only)
     example = _check_inputs(model, names, batch=2, seq=16, seed=0)
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
     dynamic = {n: {0: batch, 1: seq} for n in names}
@@ -153,7 +159,7 @@ def write_onnx(model, path: str | Path, *, opset: int = ONNX_OPSET, check: bool 
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - t
-    diff = check_onnx(model, path, names, output) if check else float("nan")
+    diff = check_onnx(model, path, names, output, last_only) if check else float("nan")
     return ONNXInfo(path=path, inputs=names, output=output, max_abs_diff=diff, seconds=seconds)
 
 
@@ -167,18 +173,20 @@ def onnx_session(path: str | Path, threads: int | None = None):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def check_onnx(model, path: Path, names: tuple[str, ...], output: str) -> float:
+def check_onnx(model, path: Path, names: tuple[str, ...], output: str, last_only: bool = False) -> float:
     """Max |onnxruntime − PyTorch| over a random batch of a shape other than the traced one (valid
     positions only); raises :class:`ExportError` beyond float tolerance."""
     inputs = _check_inputs(model, names, batch=3, seq=23, seed=1)
     with torch.no_grad():
         ref = getattr(model(**dict(zip(names, inputs))), output).float().cpu().numpy()
+    if last_only:
+        ref = ref[:, -1:]
     sess = onnx_session(path)
     got = sess.run([output], {n: x.cpu().numpy().astype(np.int64) for n, x in zip(names, inputs)})[0].astype(np.float32)
     if got.shape != ref.shape:
         raise ExportError(f"The ONNX graph returned {output} of shape {got.shape}, PyTorch {ref.shape}.")
     mask = dict(zip(names, inputs))["attention_mask"].cpu().numpy().astype(bool)
-    if ref.ndim == 3 and ref.shape[:2] == mask.shape:
+    if ref.ndim == 3 and ref.shape[:2] == mask.shape and not last_only:
         got, ref = got[mask], ref[mask]  # padded positions carry no meaning
     diff = float(np.abs(got - ref).max())
     dtype = next(model.parameters()).dtype
