@@ -192,31 +192,102 @@ def test_load_calibrate_prune_inspect_export(app_url, browser, tmp_path):
         page.close()
 
 
-def test_classifier_explain_views(app_url, browser, tmp_path):
-    """The demo classifier: calibrate on a small labelled slice, prune, and the explanation views render."""
+def load_demo(page, app_url: str, name: str):
+    page.goto(app_url, wait_until="domcontentloaded")
+    page.locator("#load_btn").wait_for(timeout=60_000)
+    if name != "smollm2-135m":
+        page.get_by_label("demo model").click()
+        page.locator("ul[role=listbox] li", has_text=name).first.click()
+    page.locator("#load_btn").click()
+    wait_status(page, rf"^✅ Loaded {name}", 120_000)
+
+
+def set_sizes(page, samples: int, seq_len: int):
+    for elem, value in (("#num_samples", str(samples)), ("#seq_len", str(seq_len))):
+        box = page.locator(f"{elem} input")
+        box.fill(value)
+        box.press("Tab")
+
+
+def export_and_check(page, tmp_path, name: str) -> dict:
+    """Export, download the zip and check that plan.json matches the weights' shapes."""
+    import json
+
+    from safetensors import safe_open
+
+    page.locator("#export_btn").click()
+    wait_status(page, r"^✅ Exported", 300_000)
+    link = page.locator("#export_zip a").first
+    link.wait_for(timeout=30_000)
+    with page.expect_download(timeout=120_000) as info:
+        link.click()
+    target = tmp_path / f"{name}.zip"
+    info.value.save_as(target)
+    out = tmp_path / name
+    with zipfile.ZipFile(target) as zf:
+        zf.extractall(out)
+    root = next(out.iterdir())
+    plan = json.loads((root / "plan.json").read_text())
+    with safe_open(str(root / "model.safetensors"), "pt") as f:
+        down = sorted(k for k in f.keys() if k.endswith(("mlp.down_proj.weight", "output.dense.weight"))
+                      and "attention" not in k)
+        widths = [f.get_slice(k).get_shape()[1] for k in sorted(down, key=lambda k: int(re.search(r"\.(\d+)\.", k).group(1)))]
+    assert widths == [len(lp["kept_neurons"]) for lp in plan["layers"]], (name, widths)
+    return plan
+
+
+def test_two_sessions_at_once(app_url, browser, tmp_path):
+    """Two users at once: B (the demo classifier) re-budgets while A's SmolLM2 calibration holds
+    the device; each sees only its own results; both exports match their own plans. B also checks
+    the explanation views on an encoder."""
     from stat_core.models import demo_model_dir
 
-    if not (demo_model_dir("minilm-classifier") / "config.json").exists():
-        pytest.fail("the demo classifier is not in the cache; run scripts/setup.sh")
+    for name in ("minilm-classifier", "smollm2-135m"):
+        if not (demo_model_dir(name) / "config.json").exists():
+            pytest.fail(f"the demo model {name} is not in the cache; run scripts/setup.sh")
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    ctx_a, ctx_b = (browser.new_context(accept_downloads=True, viewport={"width": 1400, "height": 1000})
+                    for _ in range(2))
+    a, b = ctx_a.new_page(), ctx_b.new_page()
     try:
-        page.goto(app_url, wait_until="domcontentloaded")
-        page.locator("#load_btn").wait_for(timeout=60_000)
-        dd = page.get_by_label("demo model")
-        dd.click()
-        page.locator("ul[role=listbox] li", has_text="minilm-classifier").first.click()
-        page.locator("#load_btn").click()
-        wait_status(page, r"^✅ Loaded minilm-classifier", 120_000)
-        for elem, value in (("#num_samples", "40"), ("#seq_len", "64")):
-            box = page.locator(f"{elem} input")
-            box.fill(value)
-            box.press("Tab")
-        page.locator("#prune_btn").click()
-        wait_status(page, r"^✅ Removed", CALIBRATION_TIMEOUT_MS)
-        explain_views(page, "classifier", layer=3, head=5)
+        load_demo(b, app_url, "minilm-classifier")
+        set_sizes(b, 40, 64)
+        b.locator("#prune_btn").click()
+        wait_status(b, r"^✅ Removed", CALIBRATION_TIMEOUT_MS)
+        b_heads_30 = kept_heads(b)
+        explain_views(b, "classifier", layer=3, head=5)
+
+        load_demo(a, app_url, "smollm2-135m")
+        assert "9 / 3" in a.locator("#arch").inner_text() and "12" in b.locator("#arch").inner_text()
+        set_sizes(a, 8, 256)
+        a.locator("#prune_btn").click()
+        a.wait_for_timeout(3000)   # A's job is running (calibration takes a minute or more)
+        # B re-budgets while A's calibration holds the device queue
+        box = b.locator("#sparsity input[type=number]")
+        box.fill("50")
+        box.press("Enter")
+        text = wait_status(b, r"^✅ Planned to remove", 60_000)
+        assert abs(float(re.search(r"remove (\d+\.\d)%", text).group(1)) - 50) < 1.0, text
+        assert not status_value(a).startswith("✅ Removed"), "A finished before B's re-budget: nothing was tested"
+        b.wait_for_function("n => !document.querySelector('#heads_plot .gtitle').textContent"
+                            ".includes('heads: ' + n + '/')", arg=b_heads_30, timeout=30_000)
+        assert kept_heads(b) < b_heads_30
+
+        text = wait_status(a, r"^✅ Removed", CALIBRATION_TIMEOUT_MS)
+        assert abs(float(re.search(r"Removed (\d+\.\d)%", text).group(1)) - 30) < 1.0, text
+        # each page shows its own model: 30 layers × 9 heads vs 6 layers × 12 heads
+        assert re.search(r"/270 kept", a.locator("#heads_plot .gtitle").first.text_content())
+        assert re.search(r"/72 kept", b.locator("#heads_plot .gtitle").first.text_content())
+        assert status_value(b).startswith("✅ Planned to remove")   # A's result never reached B
+
+        plan_b = export_and_check(b, tmp_path, "b")
+        plan_a = export_and_check(a, tmp_path, "a")
+        assert len(plan_a["layers"]) == 30 and len(plan_b["layers"]) == 6
+        assert abs(plan_b["budget"]["target"] - 0.5) < 1e-9 and abs(plan_a["budget"]["target"] - 0.3) < 1e-9
     except Exception:
-        page.screenshot(path=str(tmp_path / "failure-classifier.png"), full_page=True)
+        a.screenshot(path=str(tmp_path / "failure-a.png"), full_page=True)
+        b.screenshot(path=str(tmp_path / "failure-b.png"), full_page=True)
         raise
     finally:
-        page.close()
+        ctx_a.close()
+        ctx_b.close()
