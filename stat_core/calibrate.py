@@ -8,8 +8,10 @@ before it, so later blocks can be calibrated on the *pruned and corrected* outpu
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -108,6 +110,141 @@ class BlockStats:
         gram = self.attn_gram if kind == "attn" else self.mlp_gram
         mu = self.mean(kind)
         return (torch.diagonal(gram) / max(self.n_tokens, 1) - mu ** 2).clamp_min(0.0)
+
+    # --- merging and storage: every field is a plain sum, so statistics of disjoint sets of
+    # calibration tokens add up exactly to the statistics of their union ---
+
+    def merge(self, other: "BlockStats") -> "BlockStats":
+        """Statistics of the union of the two token sets (each field summed; on ``self``'s device).
+        Column sums survive only when both sides have them."""
+        if self.attn_gram.shape != other.attn_gram.shape or self.mlp_gram.shape != other.mlp_gram.shape:
+            raise ValueError(f"cannot merge statistics of differently shaped blocks "
+                             f"({tuple(self.attn_gram.shape)}/{tuple(self.mlp_gram.shape)} vs "
+                             f"{tuple(other.attn_gram.shape)}/{tuple(other.mlp_gram.shape)})")
+        dev = self.attn_gram.device
+
+        def add(a, b):
+            return None if a is None or b is None else a + b.to(dev)
+
+        return BlockStats(self.attn_gram + other.attn_gram.to(dev), self.mlp_gram + other.mlp_gram.to(dev),
+                          self.n_tokens + other.n_tokens, self.resid_energy + other.resid_energy,
+                          add(self.attn_sum, other.attn_sum), add(self.mlp_sum, other.mlp_sum))
+
+    __add__ = merge
+
+    def to(self, device) -> "BlockStats":
+        """The same statistics with every tensor on ``device``."""
+        def move(t):
+            return None if t is None else t.to(device)
+
+        return BlockStats(move(self.attn_gram), move(self.mlp_gram), self.n_tokens, self.resid_energy,
+                          move(self.attn_sum), move(self.mlp_sum))
+
+
+def merge_stats(*parts: list[BlockStats]) -> list[BlockStats]:
+    """Per-block merge of several lists of statistics (e.g. one per shard of the calibration windows)."""
+    if len({len(p) for p in parts}) != 1:
+        raise ValueError("cannot merge statistics of models with different numbers of blocks")
+    merged = []
+    for blocks in zip(*parts):
+        total = blocks[0]
+        for b in blocks[1:]:
+            total = total.merge(b)
+        merged.append(total)
+    return merged
+
+
+@dataclass
+class SensitivitySums:
+    """Unnormalised gradient second moments: ``fisher[i][kind] = Σ_t g_t g_tᵀ`` (float64) over
+    ``n_tokens`` real tokens. Sums merge and all-reduce exactly; :meth:`normalised` divides once."""
+
+    fisher: list[dict[str, torch.Tensor]]
+    n_tokens: int
+
+    def merge(self, other: "SensitivitySums") -> "SensitivitySums":
+        if len(self.fisher) != len(other.fisher):
+            raise ValueError("cannot merge sensitivities of models with different numbers of blocks")
+        return SensitivitySums([{k: f[k] + g[k].to(f[k].device) for k in f} for f, g in zip(self.fisher, other.fisher)],
+                               self.n_tokens + other.n_tokens)
+
+    __add__ = merge
+
+    def normalised(self) -> list[dict[str, torch.Tensor]]:
+        """Per-token second moments ``Σ_t g_t g_tᵀ / n_tokens`` (what :func:`output_sensitivity` returns)."""
+        if self.n_tokens <= 0:
+            raise ValueError("the sensitivity pass saw no tokens; give it at least one calibration window")
+        return [{k: v / self.n_tokens for k, v in f.items()} for f in self.fisher]
+
+
+STATS_FORMAT = "stat-calibration-statistics"
+STATS_VERSION = "1"
+
+
+def save_stats(path, stats: list[BlockStats], sensitivity: SensitivitySums | None = None) -> Path:
+    """Write the per-block statistics (and optionally the sensitivity sums) to one safetensors file.
+
+    Tensors ``{i}.attn_gram``, ``{i}.mlp_gram``, ``{i}.attn_sum``, ``{i}.mlp_sum`` (float64, as
+    accumulated), ``n_tokens: (n_blocks,)`` int64 and ``resid_energy: (n_blocks,)`` float64, and with
+    a sensitivity ``{i}.fisher_attn``/``{i}.fisher_mlp`` and ``sensitivity_n_tokens``; the metadata
+    names the format, its version and the block count. Loading gives back the same numbers bit for bit.
+    """
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    with_sums = all(s.attn_sum is not None and s.mlp_sum is not None for s in stats)
+    for i, s in enumerate(stats):
+        tensors[f"{i}.attn_gram"] = s.attn_gram
+        tensors[f"{i}.mlp_gram"] = s.mlp_gram
+        if with_sums:
+            tensors[f"{i}.attn_sum"] = s.attn_sum
+            tensors[f"{i}.mlp_sum"] = s.mlp_sum
+    tensors["n_tokens"] = torch.tensor([s.n_tokens for s in stats], dtype=torch.int64)
+    tensors["resid_energy"] = torch.tensor([s.resid_energy for s in stats], dtype=torch.float64)
+    if sensitivity is not None:
+        if len(sensitivity.fisher) != len(stats):
+            raise ValueError(f"{len(sensitivity.fisher)} sensitivity blocks for {len(stats)} blocks of statistics")
+        for i, f in enumerate(sensitivity.fisher):
+            tensors[f"{i}.fisher_attn"] = f["attn"]
+            tensors[f"{i}.fisher_mlp"] = f["mlp"]
+        tensors["sensitivity_n_tokens"] = torch.tensor([sensitivity.n_tokens], dtype=torch.int64)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    meta = {"format": STATS_FORMAT, "version": STATS_VERSION, "num_blocks": str(len(stats)),
+            "column_sums": json.dumps(with_sums), "sensitivity": json.dumps(sensitivity is not None)}
+    path = Path(path)
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def load_stats(path) -> tuple[list[BlockStats], SensitivitySums | None]:
+    """``(statistics, sensitivity sums or None)`` from a file written by :func:`save_stats` (on CPU)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no statistics file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != STATS_FORMAT:
+                raise ValueError(f"{path} is not a STAT statistics file (written by stat_core.calibrate.save_stats)")
+            if meta.get("version") != STATS_VERSION:
+                raise ValueError(f"{path} has statistics format version {meta.get('version')}, "
+                                 f"this version reads {STATS_VERSION}")
+            t = {k: f.get_tensor(k) for k in f.keys()}
+    except ValueError:
+        raise
+    except Exception as exc:  # safetensors' own errors for a damaged or foreign file
+        raise ValueError(f"{path} could not be read as safetensors ({exc})") from exc
+    n = int(meta["num_blocks"])
+    sums = json.loads(meta["column_sums"])
+    stats = [BlockStats(t[f"{i}.attn_gram"], t[f"{i}.mlp_gram"], int(t["n_tokens"][i]), float(t["resid_energy"][i]),
+                        t[f"{i}.attn_sum"] if sums else None, t[f"{i}.mlp_sum"] if sums else None) for i in range(n)]
+    sensitivity = None
+    if json.loads(meta["sensitivity"]):
+        sensitivity = SensitivitySums([{"attn": t[f"{i}.fisher_attn"], "mlp": t[f"{i}.fisher_mlp"]} for i in range(n)],
+                                      int(t["sensitivity_n_tokens"][0]))
+    return stats, sensitivity
 
 
 class LayerwiseRunner:
@@ -227,7 +364,9 @@ class LayerwiseRunner:
         finally:
             for handle in handles:
                 handle.remove()
-        return BlockStats(attn_acc.gram, mlp_acc.gram, attn_acc.n_rows, energy, attn_acc.col_sum, mlp_acc.col_sum), outs
+        # Statistics leave the model's device once the block is done (they are kept for every block).
+        stats = BlockStats(attn_acc.gram, mlp_acc.gram, attn_acc.n_rows, energy, attn_acc.col_sum, mlp_acc.col_sum)
+        return stats.to("cpu"), outs
 
     def _run_one(self, layer: int, index: int, h: torch.Tensor, adapter: ModelAdapter | None) -> torch.Tensor:
         block = (adapter or self.adapter).layers[layer]
@@ -267,13 +406,24 @@ def output_sensitivity(model: nn.Module, adapter: ModelAdapter, windows, batch_s
     accounts for error propagation through the later layers.
 
     Decoders, ``labels="model"``: the next tokens are sampled from the model's own predictive
-    distribution instead of read from the text (one sample per position, seeded), which makes ``F``
-    an unbiased estimate of the Fisher information, the curvature of the KL divergence to the dense
-    model, rather than the empirical Fisher of the text's loss.
+    distribution instead of read from the text (one sample per position, seeded by the window's
+    index), which makes ``F`` an unbiased estimate of the Fisher information, the curvature of the
+    KL divergence to the dense model, rather than the empirical Fisher of the text's loss.
+
+    The unnormalised sums (to merge or all-reduce before dividing) come from :func:`sensitivity_sums`.
     """
+    return sensitivity_sums(model, adapter, windows, batch_size, labels).normalised()
+
+
+def sensitivity_sums(model: nn.Module, adapter: ModelAdapter, windows, batch_size: int = 4,
+                     labels: str = "data", first_index: int = 0) -> SensitivitySums:
+    """The sums behind :func:`output_sensitivity`, on CPU: ``Σ_t g_t g_tᵀ`` per block and kind, and
+    the number of real tokens. ``first_index``: the global index of ``windows``' first row when they
+    are one shard of a larger set; model-sampled labels are seeded per global window index, so the
+    sums of the shards add up to the sums of the whole set whatever the sharding or batching. An
+    empty ``windows`` gives zero sums over zero tokens."""
     if labels not in ("data", "model"):
         raise ValueError(f"labels must be 'data' or 'model', got {labels!r}")
-    gen = torch.Generator().manual_seed(0)
     data = CalibrationSet.wrap(windows)
     device = next(model.parameters()).device
     d = adapter.hidden_size
@@ -294,6 +444,7 @@ def output_sensitivity(model: nn.Module, adapter: ModelAdapter, windows, batch_s
         handles.append(adapter.attn_out_proj(i).register_forward_hook(make_hook(i, "attn")))
         handles.append(adapter.mlp_out_proj(i).register_forward_hook(make_hook(i, "mlp")))
     requires = [p.requires_grad for p in model.parameters()]
+    offset = first_index
     try:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -310,8 +461,7 @@ def output_sensitivity(model: nn.Module, adapter: ModelAdapter, windows, batch_s
                 flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
                 target = ids[:, 1:].reshape(-1)
                 if labels == "model":
-                    with torch.no_grad():
-                        target = torch.multinomial(torch.softmax(flat, -1).cpu(), 1, generator=gen).view(-1).to(device)
+                    target = _sample_own_labels(flat, len(ids), offset).to(device)
                     if batch.attention_mask is not None:  # padding positions stay out of the loss
                         target = target.masked_fill(batch.attention_mask[:, 1:].reshape(-1).to(device) == 0, -100)
                 loss = nn.functional.cross_entropy(flat, target, reduction="sum", ignore_index=-100)
@@ -319,12 +469,19 @@ def output_sensitivity(model: nn.Module, adapter: ModelAdapter, windows, batch_s
             else:
                 _classifier_fisher_backward(model(**kwargs).logits)
             n_tokens += int(batch.attention_mask.sum()) if batch.attention_mask is not None else ids.numel()
+            offset += len(ids)
     finally:
         for h in handles:
             h.remove()
         for p, r in zip(model.parameters(), requires):
             p.requires_grad_(r)
-    for f in fisher:
-        f["attn"] /= n_tokens
-        f["mlp"] /= n_tokens
-    return fisher
+    return SensitivitySums([{k: v.cpu() for k, v in f.items()} for f in fisher], n_tokens)
+
+
+@torch.no_grad()
+def _sample_own_labels(flat_logits: torch.Tensor, n_windows: int, first_index: int) -> torch.Tensor:
+    """One next token per position sampled from the model's distribution, ``flat_logits: (n_windows ·
+    (T − 1), V)``; window ``j`` of the batch draws from a generator seeded with ``first_index + j``."""
+    probs = torch.softmax(flat_logits, -1).cpu().view(n_windows, -1, flat_logits.shape[-1])
+    return torch.cat([torch.multinomial(probs[j], 1, generator=torch.Generator().manual_seed(first_index + j)).view(-1)
+                      for j in range(n_windows)])

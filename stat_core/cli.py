@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .adapters import UnsupportedModelError
 from .data import CalibrationConfig, DataError, calibration_windows, fingerprint, load_text_file
 from .calibrate import CalibrationSet
@@ -170,7 +171,8 @@ def _data_for_encoder(args, tokenizer):
 
 
 def run(args: argparse.Namespace) -> dict:
-    check_output_dir(args.out, args.overwrite)  # fail before minutes of work, not after
+    if distributed.is_main():  # the output folder is rank 0's (torchrun: see stat_core.distributed)
+        check_output_dir(args.out, args.overwrite)  # fail before minutes of work, not after
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     encoder = is_encoder(model)
     method = get_method(args.method)
@@ -183,14 +185,15 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"{method.label} changes the hidden size and adds rotation matrices to the residual path; "
                          "its models cannot be exported yet: add --no-model to measure it")
     if encoder:
-        calib, held, calib_info = _data_for_encoder(args, tokenizer)
+        calib, held, calib_info = distributed.from_main(_data_for_encoder, args, tokenizer)  # rank 0 builds, all get it
         n_tokens = int(calib.attention_mask.sum())
         flops_seq_len = args.flops_seq_len or max(1, round(n_tokens / len(calib)))
     else:
-        calib, calib_info = _calibration_for_decoder(args, model, tokenizer)
+        calib, calib_info = distributed.from_main(_calibration_for_decoder, args, model, tokenizer)
         n_tokens = int(calib.numel())
         flops_seq_len = args.flops_seq_len or 512
     calib_info.update(tokens=n_tokens, fingerprint=fingerprint(args.model, CalibrationSet.wrap(calib).input_ids))
+    distributed.check_shardable(len(calib))  # more processes than windows: one sentence before any work
     size_warning = calibration_size_warning(model, n_tokens)
     if size_warning:
         log.warning(size_warning)
@@ -205,6 +208,8 @@ def run(args: argparse.Namespace) -> dict:
                     "sparsity_target": args.sparsity, "uniform": args.uniform, "flops_seq_len": flops_seq_len,
                     "device": str(next(model.parameters()).device), "dtype": args.dtype,
                     "calibration_tokens": n_tokens, "calibration": calib_info}
+    if distributed.is_distributed():
+        report["distributed"] = {"processes": distributed.world_size(), "backend": distributed.backend_for(args.device)}
     before = budget_summary(model, flops_seq_len)
     report["params_before"] = count_parameters(model)
     report["block_params_before"] = before["block_params"]
@@ -244,6 +249,8 @@ def run(args: argparse.Namespace) -> dict:
     t = time.perf_counter()
     result = stat_prune_(model, calib, config, model_name=args.model, progress=_Progress(not args.quiet),
                          calibration_info=calib_info)
+    if not distributed.is_main():  # this rank calibrated its shard; rank 0 reports and exports
+        return report
     report["seconds_prune"] = time.perf_counter() - t
     report["seconds_prune_stages"] = result.timings
     if args.measure_floor:
@@ -310,12 +317,31 @@ def _summary(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        report = run(args)
-    except (ModelLoadError, UnsupportedModelError, DataError, ExportError, ValueError) as exc:
+    try:  # under torchrun: join the process group; each rank gets its own device
+        args.device = distributed.init_from_env(args.device)
+    except ValueError as exc:
         print(f"stat-prune: error: {exc}", file=sys.stderr)
         return 2
+    worker = not distributed.is_main()  # only rank 0 prints progress, evaluates and exports
+    if worker:
+        from transformers.utils import logging as hf_logging
+
+        args.quiet, args.skip_eval, args.measure_floor = True, True, False
+        hf_logging.disable_progress_bar()
+    logging.basicConfig(level=logging.ERROR if worker else logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(message)s")
+    try:
+        report = run(args)
+    except distributed.PeerError:  # another rank failed and says why
+        return 2
+    except (ModelLoadError, UnsupportedModelError, DataError, ExportError, ValueError) as exc:
+        where = f" (rank {distributed.rank()})" if worker else ""
+        print(f"stat-prune: error{where}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.shutdown()
+    if worker:
+        return 0
     print(_summary(report))
     if args.no_model:
         print(f"wrote {Path(args.out) / 'pruning_report.json'} and plan.json")

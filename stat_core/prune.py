@@ -20,7 +20,8 @@ import torch
 
 from .adapters import ModelAdapter, get_adapter
 from .budget import BlockOptions, allocate, allocate_uniform, block_geometry, block_macs, block_parameter_count
-from .calibrate import BlockStats, CalibrationSet, LayerwiseRunner, output_sensitivity
+from . import distributed
+from .calibrate import BlockStats, CalibrationSet, LayerwiseRunner, sensitivity_sums
 from .linalg import (ridge_of, cholesky_with_ridge, column_scaled_gram, greedy_block_order, interpolation_matrix, output_error,
                      output_error_curve, pivoted_cholesky_order)
 from .plan import LayerPlan, PrunePlan
@@ -38,6 +39,9 @@ MODES = ("propagate", "one-shot")
 BUDGET_KINDS = ("params", "flops")
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
+
+# Windows per batch of the gradient pass (it keeps every activation of the batch for the backward pass).
+SENSITIVITY_BATCH = 4
 
 # Real tokens the gradient pass sees by default: 8 windows of 512 for decoders; for short
 # classifier inputs that is ~36 windows of 128 (8 short windows gave a visibly worse allocation).
@@ -351,33 +355,44 @@ def calibrate(model, windows: "torch.Tensor | CalibrationSet", config: PruneConf
 
     Only ``config.sensitivity_samples``, ``config.batch_size`` and ``config.intercept`` (which
     statistics the decompositions use) matter here.
+
+    Under ``torch.distributed`` (see :mod:`stat_core.distributed`) every rank passes the *whole*
+    ``windows`` and calibrates on its shard (a given ``runner`` must hold that shard); the sums
+    are all-reduced (each block's as soon as it is done) and normalised once, so every rank ends
+    with the statistics one process would compute. In one-shot mode only rank 0 needs the
+    per-layer analyses: the other ranks leave them out.
     """
     adapter = get_adapter(model)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     fisher = None
     data = CalibrationSet.wrap(windows)
+    distributed.check_shardable(len(data))  # one sentence before any work
     n_sens = sensitivity_windows(data, config.sensitivity_samples)
     if n_sens > 0:
         _notify(progress, "sensitivity", 0, 1)
-        fisher = output_sensitivity(model, adapter, data.spread(n_sens) if data.labels is not None else data.subset(n_sens),
-                                    labels=config.sensitivity_labels)
+        chosen = data.spread(n_sens) if data.labels is not None else data.subset(n_sens)
+        # Plain sums on each rank's share of the chosen windows (a rank may get none), divided once.
+        local, first = distributed.shard(chosen, SENSITIVITY_BATCH, allow_empty=True)
+        sums = sensitivity_sums(model, adapter, local, SENSITIVITY_BATCH, config.sensitivity_labels, first_index=first)
+        fisher = distributed.all_reduce_sensitivity(sums).normalised()
         _notify(progress, "sensitivity", 1, 1)
     timings["sensitivity"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    runner = runner or LayerwiseRunner(model, adapter, windows, config.batch_size)
+    runner = runner or LayerwiseRunner(model, adapter, distributed.shard(data, config.batch_size)[0], config.batch_size)
     dense_stats = []
     hidden = runner.hidden
     for layer in range(adapter.num_layers):
         stats, hidden = runner.collect_block(layer, hidden)
-        dense_stats.append(stats)
+        dense_stats.append(distributed.all_reduce_stats([stats])[0])
         _notify(progress, "calibrate", layer + 1, adapter.num_layers)
     timings["calibrate"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
     analyses = []
-    for i, s in enumerate(dense_stats):
+    to_analyse = dense_stats if distributed.is_main() or config.mode != "one-shot" else []  # one-shot: rank 0 plans
+    for i, s in enumerate(to_analyse):
         analyses.append(analyse_layer(adapter, i, s, None if fisher is None else fisher[i], config.intercept))
         _notify(progress, "analyse", i + 1, adapter.num_layers)
     timings["analyse"] = time.perf_counter() - t2
@@ -425,6 +440,12 @@ def stat_prune_(model, windows: "torch.Tensor | CalibrationSet", config: PruneCo
     Returns the plan and the statistics behind it. With ``mode="propagate"`` each layer is
     re-calibrated on the outputs of the already pruned and corrected layers before it.
     Whole-model methods (SliceGPT) return ``plan=None`` and their summary in ``info``.
+
+    Under ``torch.distributed`` every rank calls this with the same model and the whole ``windows``;
+    the calibration is sharded (:mod:`stat_core.distributed`). One-shot: rank 0 plans and prunes
+    its model; the other ranks return right after the calibration with ``plan=None``, their model
+    dense, and ``info["distributed_rank"]``. Propagate: every rank prunes its model identically
+    (each needs the pruned path's hidden states of its shard). Whole-model methods run in one process.
     """
     from .methods import get_method
 
@@ -432,6 +453,9 @@ def stat_prune_(model, windows: "torch.Tensor | CalibrationSet", config: PruneCo
     method.check_applicable(model)  # one sentence before any calibration
     t0 = time.perf_counter()
     if method.whole_model:
+        if distributed.is_distributed():
+            raise ValueError(f"{method.label} calibrates inside its own rotation pass and cannot be spread over "
+                             "processes; run it in one process")
         if config.mode != "one-shot":
             raise ValueError(f"{method.label} has no propagate mode; use one-shot")
         info = method.prune_(model, CalibrationSet.wrap(windows), config, progress)
@@ -441,9 +465,14 @@ def stat_prune_(model, windows: "torch.Tensor | CalibrationSet", config: PruneCo
     if config.mode == "propagate" and not hasattr(method, "relabel") and method.name != "stat":
         raise ValueError(f"propagate mode re-fits STAT's corrections layer by layer; {method.label} runs one-shot")
     adapter = get_adapter(model)
-    runner = LayerwiseRunner(model, adapter, windows, config.batch_size)
+    # Under torch.distributed each rank runs its shard of the windows (one process: all of them).
+    runner = LayerwiseRunner(model, adapter, distributed.shard(windows, config.batch_size)[0], config.batch_size)
     calib = calibrate(model, windows, config, progress, runner)
     if config.mode == "one-shot":
+        if not distributed.is_main():  # rank 0 plans, applies and exports; this rank's model stays dense
+            return PruneResult(plan=None, stats=calib.dense_stats, dense_stats=calib.dense_stats,
+                               sensitivity=calib.sensitivity, timings=calib.timings,
+                               info={"distributed_rank": distributed.rank(), "world_size": distributed.world_size()})
         result = prune_from_calibration_(model, calib, config, model_name, calibration_info, windows)
         result.timings["total"] = time.perf_counter() - t0
         return result
@@ -512,6 +541,7 @@ def _propagate_(model, adapter: ModelAdapter, runner: LayerwiseRunner, plan: Pru
     centered = plan.correction == "affine"
     for layer in range(adapter.num_layers):
         stats, _ = runner.collect_block(layer, hidden, adapter)
+        stats = distributed.all_reduce_stats([stats])[0]  # every rank: the whole set's statistics
         an = analyse_layer(adapter, layer, stats, None if fisher is None else fisher[layer], centered)
         lp = plan.layers[layer]
         match = next((c for c in an.head_configs if len(c["heads"]) == len(lp.kept_heads)
