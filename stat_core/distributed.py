@@ -104,7 +104,7 @@ def shutdown() -> None:
 def check_shardable(n_windows: int, world: int | None = None) -> None:
     """ValueError (one sentence) when there are fewer calibration windows than ranks."""
     world = world_size() if world is None else world
-    if n_windows < world:
+    if world > 1 and n_windows < world:
         raise ValueError(f"{n_windows} calibration window{'s' if n_windows != 1 else ''} cannot be shared among "
                          f"{world} processes (each needs at least one): start at most {n_windows} "
                          f"process{'es' if n_windows != 1 else ''} or give more calibration windows (--num-samples)")

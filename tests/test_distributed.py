@@ -141,7 +141,9 @@ def _cases():
     llama_cfg = dict(sparsity=0.3, sensitivity_samples=4, batch_size=2)
     return [
         ("llama-one-shot", lambda: tiny_model("llama"), _windows(), PruneConfig(**llama_cfg, sensitivity_labels="model")),
-        ("llama-propagate", lambda: tiny_model("llama"), _windows(), PruneConfig(**llama_cfg, mode="propagate")),
+        # One sensitivity window for two processes: rank 1's gradient pass has nothing to do.
+        ("llama-propagate", lambda: tiny_model("llama"), _windows(),
+         PruneConfig(**{**llama_cfg, "sensitivity_samples": 1}, mode="propagate")),
         ("bert-one-shot", lambda: tiny_classifier("bert"), padded_set(n=8),
          PruneConfig(sparsity=0.3, sensitivity_samples=8, batch_size=2)),
     ]
