@@ -154,6 +154,8 @@ def export_config(model, uniform: bool):
         shape = adapter.layer_shape(0)
         if config.model_type == "distilbert":
             config.hidden_dim = shape.intermediate_size
+        elif getattr(adapter, "ffn_config_field", None):  # families described in remote_modeling.LAYOUTS
+            setattr(config, adapter.ffn_config_field, shape.intermediate_size)
         else:
             config.intermediate_size = shape.intermediate_size
         if adapter.stock_config_can_drop_heads:

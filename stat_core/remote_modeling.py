@@ -24,12 +24,18 @@ _BERT = {"layers": "encoder.layer", "attn": "attention.self", "q": "attention.se
 _DISTILBERT = {"layers": "transformer.layer", "attn": "attention", "q": "attention.q_lin", "k": "attention.k_lin",
                "v": "attention.v_lin", "o": "attention.out_lin", "mlp": "ffn", "w_in": ("ffn.lin1",),
                "w_out": "ffn.lin2"}
+# Families described only here: ``stat_core.adapters.declarative.LayoutAdapter`` reads the same entry
+# (no adapter class of their own). Extra keys: ``config`` names the stock config fields (``heads``,
+# ``ffn``: the MLP width); ``bias_flag`` is the stock flag that gives every projection a bias.
+_OPT = {"layers": "decoder.layers", "attn": "self_attn", "q": "self_attn.q_proj", "k": "self_attn.k_proj",
+        "v": "self_attn.v_proj", "o": "self_attn.out_proj", "mlp": "", "w_in": ("fc1",), "w_out": "fc2",
+        "config": {"heads": "num_attention_heads", "ffn": "ffn_dim"}, "bias_flag": "enable_bias"}
 LAYOUTS = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gemma3_text": _LLAMA,
-           "bert": _BERT, "roberta": _BERT, "distilbert": _DISTILBERT}
+           "bert": _BERT, "roberta": _BERT, "distilbert": _DISTILBERT, "opt": _OPT}
 
 
 def _get(module: nn.Module, path: str) -> nn.Module:
-    for part in path.split("."):
+    for part in filter(None, path.split(".")):  # "" is the module itself
         module = getattr(module, part)
     return module
 

@@ -6,6 +6,7 @@ from torch import nn
 
 from .base import ModelAdapter
 from .bert import BertLikeAdapter, DistilBertAdapter
+from .declarative import LayoutAdapter
 from .llama import LlamaLikeAdapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
@@ -17,6 +18,7 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
     "bert": BertLikeAdapter,
     "roberta": BertLikeAdapter,
     "distilbert": DistilBertAdapter,
+    "opt": LayoutAdapter,
 }
 
 
