@@ -25,6 +25,7 @@ from .sessions import MAX_SESSIONS, SessionStore
 log = logging.getLogger("stat_app")
 
 DEFAULT_PORT = 7860
+MAX_UPLOAD = "200mb"   # the same cap as stat_core.data.MAX_INPUT_BYTES
 STAGE_LABELS = {"sensitivity": "Loss-sensitivity pass", "calibrate": "Calibrating layers",
                 "analyse": "Decomposing layers", "propagate": "Propagating (re-calibrating pruned layers)",
                 "compare": "Pruning and scoring each method",
@@ -335,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = DEFAULT_PORT, **kwargs):
     demo.queue(default_concurrency_limit=4)
+    kwargs.setdefault("max_file_size", MAX_UPLOAD)   # Gradio refuses bigger uploads with its own message
     return demo.launch(server_name=host, server_port=port, theme=gr.themes.Soft(), css=CSS, **kwargs)
 
 

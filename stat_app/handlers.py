@@ -37,7 +37,8 @@ from stat_core.calibrate import CalibrationSet
 from stat_core.classifier import (CLASSIFIER_MAX_LEN, DEMO_CLASSIFIER, accuracy, demo_classifier_split, encode,
                                   encode_chunks)
 from stat_core.calibration_mix import SOURCES as CALIBRATION_SOURCES, decoder_calibration, default_source
-from stat_core.data import CalibrationConfig, DataError, calibration_windows, fingerprint, load_text_file
+from stat_core.data import (CalibrationConfig, DataError, calibration_windows, check_calibration_sizes,
+                             fingerprint, load_text_file)
 from stat_core.evaluate import count_parameters, evaluation_windows, perplexity
 from stat_core.labelled import BUILTIN_SETS, load_labelled
 from stat_core.methods import get_method, method_names
@@ -238,7 +239,8 @@ def build_calibration_data(session: Session, source: str, builtin: str, file_pat
                            num_samples: int, seq_len: int, seed: int = 0, progress: ProgressFn | None = None):
     """``(data, held_out, info, warning)`` for the session's model (decoder windows or a labelled
     classifier set). Raises DataError / ValueError with a readable message."""
-    num_samples, seq_len, seed = int(num_samples), int(seq_len), int(seed)
+    num_samples, seq_len = check_calibration_sizes(session.model, num_samples, seq_len)
+    seed = int(seed)
     tok = session.tokenizer
     info = {"source": {"builtin": builtin, "file": Path(file_path).name if file_path else None,
                        "pasted": "pasted text"}.get(source, source), "num_samples": num_samples,
@@ -319,6 +321,7 @@ def calibrate(session: Session, source: str = "builtin", builtin: str = "wikiped
               force: bool = False) -> Reply:
     """Collect dense statistics once (the expensive step); re-budgeting later reuses them."""
     _require_model(session)
+    num_samples, seq_len = check_calibration_sizes(session.model, num_samples, seq_len)
     key = _calibration_key(session, source, builtin, file_path, pasted, num_samples, seq_len, seed)
     if not force and session.calibration is not None and session.calib_key == key:
         return Reply(True, "Calibration statistics for this text are cached; nothing to recompute.",
@@ -375,7 +378,10 @@ def model_bytes(model) -> int:
 
 def make_config(session: Session, sparsity: float, budget_kind: str = "params", uniform: bool = False,
                 mode: str = "one-shot", method: str = "stat") -> PruneConfig:
-    sparsity = float(sparsity)
+    try:
+        sparsity = float(sparsity)
+    except (TypeError, ValueError):
+        raise ValueError(f"The sparsity must be a number such as 0.3 (or 30 for percent), got {sparsity!r}.") from None
     if sparsity > 1.0:  # accept percentages
         sparsity /= 100.0
     return PruneConfig(sparsity=sparsity, budget_kind=budget_kind, flops_seq_len=_flops_seq_len(session),

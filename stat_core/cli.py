@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .adapters import UnsupportedModelError
-from .data import CalibrationConfig, DataError, calibration_windows, fingerprint, load_text_file
+from .data import (CalibrationConfig, DataError, calibration_windows, check_calibration_sizes, fingerprint,
+                   load_text_file)
 from .calibrate import CalibrationSet
 from .classifier import (CLASSIFIER_MAX_LEN, DEMO_CLASSIFIER, accuracy, class_log_probs, demo_classifier_split,
                          encode, encode_chunks, kl_to_reference)
@@ -141,7 +142,9 @@ def time_forward(model, windows, batch_size: int) -> float:
 def _calibration_for_decoder(args, model, tokenizer):
     from .calibration_mix import SOURCES, decoder_calibration, default_source
 
-    calib_cfg = CalibrationConfig(num_samples=args.num_samples or 64, seq_len=args.seq_len or 512, seed=args.seed)
+    num_samples, seq_len = check_calibration_sizes(model, 64 if args.num_samples is None else args.num_samples,
+                                                   512 if args.seq_len is None else args.seq_len)
+    calib_cfg = CalibrationConfig(num_samples=num_samples, seq_len=seq_len, seed=args.seed)
     source = args.calibration or default_source(tokenizer)
     if source in SOURCES:
         cal = decoder_calibration(model, tokenizer, source, calib_cfg, progress=_Progress(not args.quiet))
@@ -152,8 +155,10 @@ def _calibration_for_decoder(args, model, tokenizer):
     return windows, info
 
 
-def _data_for_encoder(args, tokenizer):
+def _data_for_encoder(args, tokenizer, model):
     """(calibration set from the training half, held-out evaluation set, info)."""
+    check_calibration_sizes(model, 1 if args.num_samples is None else args.num_samples,
+                            CLASSIFIER_MAX_LEN if args.seq_len is None else args.seq_len)
     if args.labelled == "newsgroups" and args.model == DEMO_CLASSIFIER:
         train, held = demo_classifier_split()  # exactly the split the demo classifier was trained on
     else:
@@ -185,7 +190,7 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"{method.label} changes the hidden size and adds rotation matrices to the residual path; "
                          "its models cannot be exported yet: add --no-model to measure it")
     if encoder:
-        calib, held, calib_info = distributed.from_main(_data_for_encoder, args, tokenizer)  # rank 0 builds, all get it
+        calib, held, calib_info = distributed.from_main(_data_for_encoder, args, tokenizer, model)  # rank 0 builds, all get it
         n_tokens = int(calib.attention_mask.sum())
         flops_seq_len = args.flops_seq_len or max(1, round(n_tokens / len(calib)))
     else:

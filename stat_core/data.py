@@ -30,6 +30,41 @@ class DataError(ValueError):
     """Text that cannot serve the request (missing, empty, too short)."""
 
 
+MAX_INPUT_BYTES = 200 * 1024 * 1024   # calibration uses at most a few hundred thousand tokens
+ARCHIVE_SUFFIXES = (".zip", ".gz", ".tgz", ".bz2", ".xz", ".zst", ".7z", ".tar", ".rar")
+TEXT_SUFFIXES = ("", ".txt", ".md", ".csv", ".json", ".jsonl")
+
+
+def check_input_file(path: str | Path, what: str = "Text file") -> Path:
+    """One clear sentence for a file that cannot be calibration text, before anything reads it:
+    missing, a folder, over :data:`MAX_INPUT_BYTES`, a compressed archive, binary, or not UTF-8."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{what} '{path}' does not exist; give the path of a .txt, .json, .jsonl, .csv or "
+                        ".parquet file.")
+    if path.is_dir():
+        raise DataError(f"'{path}' is a folder; give a .txt, .json, .jsonl, .csv or .parquet file.")
+    size = path.stat().st_size
+    if size > MAX_INPUT_BYTES:
+        raise DataError(f"'{path.name}' is {size / 2**20:,.0f} MB; files over {MAX_INPUT_BYTES // 2**20} MB are not "
+                        "read (calibration uses a few hundred thousand tokens at most): give a sample of it.")
+    name = path.name.lower()
+    if name.endswith(ARCHIVE_SUFFIXES):
+        raise DataError(f"'{path.name}' is a compressed archive; unpack it and give the text file inside.")
+    if path.suffix.lower() in TEXT_SUFFIXES:
+        with open(path, "rb") as f:
+            head = f.read(1 << 20)
+        if b"\x00" in head:
+            raise DataError(f"'{path.name}' looks binary (it contains NUL bytes), not text; give a UTF-8 text file.")
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if exc.start < len(head) - 4:  # not merely a character cut at the 1 MB boundary
+                raise DataError(f"'{path.name}' is not UTF-8 text (byte 0x{head[exc.start]:02x} at offset "
+                                f"{exc.start:,}); re-save it as UTF-8.") from None
+    return path
+
+
 def _gensim_dir() -> Path:
     spec = importlib.util.find_spec("gensim")
     if spec is None or spec.origin is None:
@@ -77,13 +112,15 @@ def wikipedia_split(split: str) -> list[str]:
 
 def load_text_file(path: str | Path) -> list[str]:
     """Documents from a .txt (blank-line separated), .json/.jsonl/.csv/.parquet (a ``text`` column)."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"Text file '{path}' does not exist; give the path of a .txt, .json, .jsonl, "
-                        ".csv or .parquet file.")
+    path = check_input_file(path)
     suffix = path.suffix.lower()
     if suffix in (".txt", ".md", ""):
-        docs = [d.strip() for d in path.read_text(encoding="utf-8", errors="replace").split("\n\n")]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"'{path.name}' is not UTF-8 text (at byte offset {exc.start:,}); re-save it as UTF-8.") \
+                from None
+        docs = [d.strip() for d in text.split("\n\n")]
     elif suffix in (".json", ".jsonl", ".csv", ".parquet"):
         import datasets
 
@@ -133,9 +170,36 @@ class CalibrationConfig:
 
     def __post_init__(self):
         if self.num_samples < 1:
-            raise ValueError("num_samples must be at least 1")
+            raise DataError(f"The number of calibration samples must be at least 1, got {self.num_samples}.")
         if self.seq_len < 8:
-            raise ValueError("seq_len must be at least 8 tokens")
+            raise DataError(f"The sequence length must be at least 8 tokens, got {self.seq_len}.")
+
+
+def check_calibration_sizes(model, num_samples, seq_len) -> tuple[int, int]:
+    """Validated ``(num_samples, seq_len)`` for ``model`` (CLI, app and API alike): whole numbers,
+    at least 1 sample and 8 tokens, and windows that fit the model's position embeddings."""
+    out = []
+    for what, value in (("number of calibration samples", num_samples), ("sequence length", seq_len)):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise DataError(f"The {what} must be a whole number, got {value!r}.") from None
+        if number != int(number):
+            raise DataError(f"The {what} must be a whole number, got {value!r}.")
+        out.append(int(number))
+    num_samples, seq_len = out
+    if num_samples < 1:
+        raise DataError(f"The number of calibration samples must be at least 1, got {num_samples}.")
+    if seq_len < 8:
+        raise DataError(f"The sequence length must be at least 8 tokens, got {seq_len}.")
+    positions = getattr(model.config, "max_position_embeddings", None)
+    decoder = not getattr(model.config, "is_encoder_decoder", False) and \
+        getattr(model.config, "model_type", "") not in ("bert", "roberta", "distilbert")
+    limit = None if not positions else positions - 1 if decoder else positions
+    if limit and seq_len > limit:
+        raise DataError(f"A sequence length of {seq_len:,} tokens is beyond the model's {positions:,} positions; "
+                        f"use at most {limit:,}.")
+    return num_samples, seq_len
 
 
 def calibration_windows(tokenizer, documents: list[str], config: CalibrationConfig) -> torch.Tensor:

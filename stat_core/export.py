@@ -81,7 +81,16 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False):
         raise ExportError(f"Cannot write to '{out.parent}': {exc.strerror or exc}.") from exc
     old = None
     try:
-        yield tmp
+        try:
+            yield tmp
+        except ExportError:
+            raise
+        except Exception as exc:   # disk full, permissions, a file-size limit: safetensors wraps OSError
+            if not isinstance(exc, OSError) and "I/O error" not in str(exc):
+                raise
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).split("I/O error: ")[-1]
+            raise ExportError(f"Could not write the export to '{out}': {detail}; nothing was written "
+                              "(free some space or choose another folder).") from exc
         if out.exists():
             old = out.with_name(f".{out.name}-old-{os.getpid()}")
             os.replace(out, old)
@@ -267,10 +276,7 @@ def export_pruned(model, tokenizer, out_dir: str | Path, *, plan: PrunePlan | No
     config = export_config(model, uniform)
     report = dict(report or {})
     with atomic_output_dir(out_dir, overwrite) as tmp:
-        try:
-            model.save_pretrained(tmp, safe_serialization=True, state_dict=_state_dict_for(model, uniform))
-        except OSError as exc:
-            raise ExportError(f"Could not write the weights to '{out_dir}': {exc.strerror or exc}.") from exc
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=_state_dict_for(model, uniform))
         config.to_json_file(tmp / "config.json")  # our config: per-layer shapes, auto_map or stock fields
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

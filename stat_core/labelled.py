@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import DataError, _gensim_dir
+from .data import DataError, _gensim_dir, check_input_file
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,7 @@ def load_labelled(source: str, text_columns: tuple[str, ...] = ("text",), label_
     if not path.exists():
         raise DataError(f"Labelled data '{source}' is neither a built-in set ({', '.join(BUILTIN_SETS)}) "
                         "nor an existing file.")
+    check_input_file(path, "Labelled file")
     suffix = path.suffix.lower()
     kinds = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
     if suffix not in kinds:

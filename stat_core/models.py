@@ -120,24 +120,50 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str = "float
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     path = resolve_model_path(name_or_path)
+    raw_config = Path(path) / "config.json"
+    if raw_config.is_file():
+        import json
+
+        try:
+            raw = json.loads(raw_config.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ModelLoadError(f"The config.json of '{name_or_path}' is not valid JSON ({exc.__class__.__name__}).") \
+                from None
+        if raw.get("auto_map") and raw.get("model_type") not in supported_model_types() and not trust_remote_code:
+            raise UnsupportedModelError(f"'{name_or_path}' needs its own code (model type '{raw.get('model_type')}', "
+                                        "trust_remote_code), which is never run unless you ask; supported types "
+                                        f"are: {', '.join(supported_model_types())}.")
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise ModelLoadError(f"Could not load '{name_or_path}': not a local model folder and the model hub "
                              "is unreachable or has no such model.") from exc
     except ValueError as exc:
-        raise ModelLoadError(f"Could not read the config of '{name_or_path}': {exc}") from exc
+        raise ModelLoadError(f"Could not read the config of '{name_or_path}': {str(exc).splitlines()[0]}") from exc
     model_type = getattr(config, "model_type", None)
     if model_type not in supported_model_types():
         raise UnsupportedModelError(f"Model type '{model_type}' is not supported; supported types are: "
                                     f"{', '.join(supported_model_types())}.")
+    folder = Path(path)
+    if folder.is_dir() and not any(folder.glob("*.safetensors")):
+        if any(any(folder.glob(pattern)) for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt")):
+            raise ModelLoadError(f"'{name_or_path}' has only pickled weights (.bin/.pt); pickles can run code, so "
+                                 "they are never loaded: convert them to .safetensors first.")
+        raise ModelLoadError(f"'{name_or_path}' has a config.json but no weights (*.safetensors); copy the "
+                             "weights into the folder.")
     dev = pick_device(device)
     try:
         auto = AutoModelForSequenceClassification if model_type in ENCODER_TYPES else AutoModelForCausalLM
         model = auto.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"Could not load the weights or tokenizer of '{name_or_path}': {exc}") from exc
+        raise ModelLoadError(f"Could not load the weights or tokenizer of '{name_or_path}': "
+                             f"{str(exc).splitlines()[0]}") from exc
+    except RuntimeError as exc:
+        if "mismatched" in str(exc) or "size mismatch" in str(exc):
+            raise ModelLoadError(f"The weights in '{name_or_path}' do not match its config.json (tensor shapes "
+                                 "differ); use the config the weights were saved with.") from exc
+        raise
     model.to(dev).eval()
     return model, tokenizer
 

@@ -98,8 +98,10 @@ class PruneConfig:
     sensitivity_labels: str = "data"
 
     def __post_init__(self):
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or self.sparsity != self.sparsity:
+            raise ValueError(f"The sparsity must be a number in [0, 1) (0.3 removes 30%), got {self.sparsity!r}.")
         if not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+            raise ValueError(f"The sparsity must be a fraction in [0, 1) (0.3 removes 30%), got {self.sparsity}.")
         if self.budget_kind not in BUDGET_KINDS:
             raise ValueError(f"budget kind must be one of {BUDGET_KINDS}, got {self.budget_kind!r}")
         from .methods import get_method
@@ -110,7 +112,8 @@ class PruneConfig:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not (self.prune_heads or self.prune_neurons):
-            raise ValueError("at least one of heads or neurons must be prunable")
+            raise ValueError("With every head and every neuron kept nothing can be removed; allow heads or neurons "
+                             "to be pruned.")
         if self.batch_size < 1 or (self.sensitivity_samples is not None and self.sensitivity_samples < 0):
             raise ValueError("batch_size must be ≥ 1 and sensitivity_samples ≥ 0")
 

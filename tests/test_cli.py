@@ -108,11 +108,11 @@ def test_folder_without_config(tmp_path, capsys):
 
 
 def test_unsupported_architecture(tmp_path, capsys):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import BloomConfig, BloomForCausalLM  # (GPT-2, the earlier example, is supported now)
 
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
-    err = _error_of([str(tmp_path / "gpt2"), "--sparsity", "0.2", "--out", str(tmp_path / "x")], capsys)
-    assert "'gpt2' is not supported" in err and "llama" in err
+    BloomForCausalLM(BloomConfig(n_layer=1, hidden_size=16, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "bloom")
+    err = _error_of([str(tmp_path / "bloom"), "--sparsity", "0.2", "--out", str(tmp_path / "x")], capsys)
+    assert "'bloom' is not supported" in err and "llama" in err
 
 
 def test_existing_output_is_not_overwritten(tiny_folder, tmp_path, capsys):
@@ -141,6 +141,9 @@ def test_too_short_calibration_text(tiny_folder, tmp_path, capsys):
     text.write_text("Only a few words here.")
     err = _error_of([str(tiny_folder), "--sparsity", "0.2", "--out", str(tmp_path / "x"), "--calibration", str(text),
                      "--skip-eval"], capsys)
+    assert "beyond the model's 128 positions" in err   # the default 512-token windows do not fit this model
+    err = _error_of([str(tiny_folder), "--sparsity", "0.2", "--out", str(tmp_path / "x"), "--calibration", str(text),
+                     "--skip-eval", "--seq-len", "64"], capsys)
     assert "fewer than one window" in err
     assert not (tmp_path / "x").exists()
 

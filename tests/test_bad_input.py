@@ -1,0 +1,297 @@
+"""Bad input, one sentence each, nothing lost: every row of the README's table through the CLI, the
+Python API and the app's handlers (where the row applies to them). Tiny random models, real files."""
+
+import contextlib
+import gzip
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from stat_app import handlers as H
+from stat_app.sessions import Session, SessionStore
+from stat_core.cli import main as cli_main
+from stat_core.data import check_calibration_sizes, load_text_file
+from stat_core.labelled import load_labelled
+from stat_core.models import load_model
+from stat_core.prune import PruneConfig
+
+from conftest import tiny_model
+
+TEXT = "The history of the river valley begins with small farming villages along the banks. " * 300
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    from stat_core.models import demo_model_dir
+
+    d = tmp_path_factory.mktemp("bad")
+    dec = d / "decoder"
+    tiny_model("llama", vocab_size=49152, max_position_embeddings=512).save_pretrained(dec)
+    for n in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(demo_model_dir("smollm2-135m") / n, dec / n)
+    f = {"decoder": dec, "good": d / "good.txt"}
+    f["good"].write_text(TEXT)
+    (f.setdefault("empty", d / "empty.txt")).write_text("  \n\n ")
+    (f.setdefault("binary", d / "binary.txt")).write_bytes(b"\x00\x01" + os.urandom(4000))
+    (f.setdefault("latin1", d / "latin1.txt")).write_bytes(("Café crème brûlée. " * 200).encode("latin-1"))
+    with zipfile.ZipFile(f.setdefault("zip", d / "text.zip"), "w") as zf:
+        zf.writestr("text.txt", TEXT)
+    with gzip.open(f.setdefault("gz", d / "text.txt.gz"), "wt") as g:
+        g.write(TEXT)
+    with open(f.setdefault("huge", d / "huge.txt"), "wb") as h:   # sparse: 210 MB on paper, nothing on disk
+        h.truncate(210 * 2**20)
+    (f.setdefault("short", d / "short.txt")).write_text("Too short.")
+    (f.setdefault("nocol", d / "nocol.csv")).write_text("body,label\nhello there,1\nbye now,0\n")
+    (f.setdefault("oneclass", d / "oneclass.csv")).write_text("text,label\n" + "".join(f"post {i},3\n" for i in range(20)))
+    (f.setdefault("named", d / "named.csv")).write_text("text,label\n" + "".join(
+        f"review {i},{'pos' if i % 2 else 'neg'}\n" for i in range(20)))
+    nowts = f.setdefault("noweights", d / "noweights")
+    nowts.mkdir()
+    shutil.copy(dec / "config.json", nowts / "config.json")
+    pk = f.setdefault("pickled", d / "pickled")
+    pk.mkdir()
+    shutil.copy(dec / "config.json", pk / "config.json")
+    torch.save({"w": torch.zeros(2)}, pk / "pytorch_model.bin")
+    mism = f.setdefault("mismatch", d / "mismatch")
+    shutil.copytree(dec, mism)
+    cfg = json.loads((mism / "config.json").read_text())
+    cfg.update(hidden_size=64, intermediate_size=128)
+    (mism / "config.json").write_text(json.dumps(cfg))
+    uns = f.setdefault("unsupported", d / "unsupported")
+    uns.mkdir()
+    (uns / "config.json").write_text(json.dumps({"model_type": "xlnet", "architectures": ["XLNetLMHeadModel"]}))
+    rem = f.setdefault("remote", d / "remote")
+    rem.mkdir()
+    (rem / "config.json").write_text(json.dumps({"model_type": "my_custom", "architectures": ["MyModel"],
+                                                 "auto_map": {"AutoModelForCausalLM": "modeling_my.MyModel"}}))
+    (f.setdefault("afile", d / "afile")).write_text("x")
+    exists = f.setdefault("exists", d / "exists")
+    exists.mkdir()
+    (exists / "keep.txt").write_text("the user's file")
+    f["out"] = d / "out"
+    return f
+
+
+def cli(files, *extra, sparsity="0.3", model=None, out=None) -> str:
+    argv = [str(model or files["decoder"]), "--sparsity", sparsity, "--out", str(out or files["out"]), "--skip-eval",
+            "--quiet", "--sensitivity-samples", "0", "--num-samples", "4", "--seq-len", "64", *map(str, extra)]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            rc = cli_main(argv)
+        except SystemExit as exc:   # argparse's own errors
+            rc = exc.code
+    lines = [ln for ln in err.getvalue().splitlines() if ln.strip() and "Warning" not in ln and "warn" not in ln]
+    assert rc == 2, (rc, err.getvalue()[-500:])
+    assert "Traceback" not in err.getvalue()
+    assert not Path(files["out"]).exists(), "a failed run left an output folder"
+    return lines[-1]
+
+
+def sentence(reply) -> str:
+    assert not reply.ok
+    assert reply.message and "\n" not in reply.message and "Traceback" not in reply.message
+    return reply.message
+
+
+@pytest.fixture(scope="module")
+def session(files):
+    s = Session(key="bad-input")
+    assert H.load(s, "folder", str(files["decoder"])).ok
+    yield s
+    s.close()
+
+
+# rows: (name, file key, expected fragment) — calibration files, through all three
+FILE_ROWS = [
+    ("missing file", None, "does not exist"),
+    ("empty file", "empty", "contains no text"),
+    ("binary file", "binary", "looks binary"),
+    ("huge file (> 200 MB)", "huge", "files over 200 MB are not read"),
+    ("wrong encoding", "latin1", "is not UTF-8 text"),
+    ("zipped file", "zip", "compressed archive"),
+    ("gzipped file", "gz", "compressed archive"),
+    ("CSV without a text column", "nocol", "no 'text' column"),
+    ("text shorter than one window", "short", "fewer than one window"),
+]
+
+
+@pytest.mark.parametrize("name,key,fragment", FILE_ROWS, ids=[r[0] for r in FILE_ROWS])
+def test_calibration_file_rows(files, session, name, key, fragment):
+    path = str(files[key]) if key else str(files["good"].parent / "no-such-file.txt")
+    assert fragment in cli(files, "--calibration", path)
+    if key != "short":  # "short" only fails once tokenized into windows
+        with pytest.raises(ValueError, match=fragment):
+            load_text_file(path)
+    assert fragment in sentence(H.calibrate(session, "file", file_path=path, num_samples=4, seq_len=64))
+
+
+SIZE_ROWS = [
+    ("sequence length beyond the model's positions", 4, 4096, "beyond the model's 512 positions"),
+    ("zero samples", 0, 64, "at least 1, got 0"),
+    ("negative samples", -3, 64, "at least 1, got -3"),
+    ("sequence length under 8", 4, 3, "at least 8 tokens"),
+]
+
+
+@pytest.mark.parametrize("name,samples,seq,fragment", SIZE_ROWS, ids=[r[0] for r in SIZE_ROWS])
+def test_calibration_size_rows(files, session, name, samples, seq, fragment):
+    assert fragment in cli(files, "--calibration", files["good"], "--num-samples", samples, "--seq-len", seq)
+    with pytest.raises(ValueError, match=fragment):
+        check_calibration_sizes(session.model, samples, seq)
+    assert fragment in sentence(H.calibrate(session, "file", file_path=str(files["good"]), num_samples=samples,
+                                            seq_len=seq))
+    assert "whole number" in sentence(H.calibrate(session, "file", file_path=str(files["good"]),
+                                                  num_samples="many", seq_len=64))
+
+
+def test_labelled_file_rows(files, tmp_path):
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    from stat_core.models import demo_model_dir
+
+    # one class: refused; labels that are names: accepted, mapped in sorted order
+    with pytest.raises(ValueError, match="fewer than two distinct labels"):
+        load_labelled(str(files["oneclass"]))
+    named = load_labelled(str(files["named"]))
+    assert named.label_names == ["neg", "pos"] and sorted(set(named.labels)) == [0, 1]
+    with pytest.raises(ValueError, match="lacks column"):
+        load_labelled(str(files["nocol"]), ("text",), "label")
+    clf = tmp_path / "clf"
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=30522,
+        max_position_embeddings=128, num_labels=2)).save_pretrained(clf)
+    for n in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        src = demo_model_dir("minilm-classifier") / n
+        if src.exists():
+            shutil.copy(src, clf / n)
+    assert "fewer than two distinct labels" in cli(files, "--labelled", files["oneclass"], model=clf)
+    assert "lacks column" in cli(files, "--labelled", files["nocol"], model=clf)
+    assert "beyond the model's 128 positions" in cli(files, "--labelled", files["named"], "--seq-len", 512, model=clf)
+    s = Session()
+    assert H.load(s, "folder", str(clf)).ok
+    assert "fewer than two distinct labels" in sentence(H.calibrate(s, "file", file_path=str(files["oneclass"]),
+                                                                    num_samples=10, seq_len=64))
+    assert "labelled examples" in sentence(H.calibrate(s, "pasted", pasted=TEXT, num_samples=10, seq_len=64))
+    s.close()
+
+
+SPARSITY_ROWS = [("1.5", 1.5, "fraction in [0, 1)"), ("-0.1", -0.1, "fraction in [0, 1)"),
+                 ("1", 1.0, "fraction in [0, 1)"), ("abc", "abc", "number")]
+
+
+@pytest.mark.parametrize("text,value,fragment", SPARSITY_ROWS, ids=[f"sparsity {r[0]}" for r in SPARSITY_ROWS])
+def test_sparsity_rows(files, session, text, value, fragment):
+    line = cli(files, "--calibration", files["good"], sparsity=text)
+    assert (fragment if text != "abc" else "invalid float value: 'abc'") in line
+    with pytest.raises(ValueError, match=fragment.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        PruneConfig(sparsity=value)
+    assert H.calibrate(session, "file", file_path=str(files["good"]), num_samples=4, seq_len=64).ok
+    if text != "1.5":   # the app reads 1.5 as 1.5% (its slider is in percent)
+        assert fragment.split()[0] in sentence(H.prune(session, value)) or "number" in sentence(H.prune(session, value))
+
+
+def test_budget_rows(files, session):
+    assert "nothing can be removed" in cli(files, "--calibration", files["good"], "--no-heads", "--no-neurons")
+    assert "allows at most" in cli(files, "--calibration", files["good"], "--no-neurons", sparsity="0.9")
+    with pytest.raises(ValueError, match="nothing can be removed"):
+        PruneConfig(sparsity=0.3, prune_heads=False, prune_neurons=False)
+    assert H.calibrate(session, "file", file_path=str(files["good"]), num_samples=4, seq_len=64).ok
+    assert "allows at most" in sentence(H.calibrate_and_prune(
+        session, dict(source="file", file_path=str(files["good"]), num_samples=4, seq_len=64), dict(sparsity=0.97)))
+
+
+MODEL_ROWS = [
+    ("config but no weights", "noweights", "no weights"),
+    ("weights that do not match the config", "mismatch", "do not match its config.json"),
+    ("pickled weights only", "pickled", "pickled weights"),
+    ("unsupported architecture", "unsupported", "is not supported; supported types are: "),
+    ("needs trust_remote_code", "remote", "needs its own code"),
+    ("a file, not a folder", "afile", "is a file, not a model folder"),
+]
+
+
+@pytest.mark.parametrize("name,key,fragment", MODEL_ROWS, ids=[r[0] for r in MODEL_ROWS])
+def test_model_folder_rows(files, name, key, fragment):
+    assert fragment in cli(files, model=files[key])
+    with pytest.raises(ValueError, match=fragment.split(";")[0]):
+        load_model(str(files[key]))
+    s = Session()
+    assert fragment in sentence(H.load(s, "folder", str(files[key])))
+    assert s.model is None
+    if key == "unsupported":
+        assert "llama" in fragment or "llama" in sentence(H.load(s, "folder", str(files[key])))
+
+
+def test_export_destination_rows(files, session):
+    # exists (and the user's file in it survives), is a file, cannot be created
+    assert "already exists and is not empty" in cli(files, "--calibration", files["good"], out=files["exists"])
+    assert (files["exists"] / "keep.txt").read_text() == "the user's file"
+    assert "is a file" in cli(files, "--calibration", files["good"], out=files["afile"])
+    assert "Cannot write" in cli(files, "--calibration", files["good"], out="/proc/stat-export/out")
+    from stat_core.export import export_pruned
+
+    with pytest.raises(ValueError, match="already exists and is not empty"):
+        export_pruned(session.model, session.tokenizer, files["exists"])
+    with pytest.raises(ValueError, match="Cannot write"):
+        export_pruned(session.model, session.tokenizer, "/proc/stat-export/out")
+
+
+def test_export_out_of_space_leaves_nothing(files, tmp_path):
+    """A real ENOSPC-like failure: the export runs in a child process whose file-size limit (RLIMIT_FSIZE)
+    is far below the weights' size, so the kernel refuses the write; the error is one sentence and
+    neither the folder nor a temporary one is left behind."""
+    out = tmp_path / "full" / "export"
+    out.parent.mkdir()
+    code = f"""
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+from stat_core.models import load_model
+from stat_core.export import export_pruned, ExportError
+model, tok = load_model({str(files['decoder'])!r})
+try:
+    export_pruned(model, tok, {str(out)!r})
+except ExportError as exc:
+    print("ERROR", exc)
+    sys.exit(3)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 3, r.stdout + r.stderr[-2000:]
+    line = r.stdout.strip().splitlines()[-1]
+    assert line.startswith("ERROR Could not write the export") and "File too large" in line, line
+    assert list(out.parent.iterdir()) == []   # no export, no temporary folder
+
+
+def test_cancel_during_surgery_and_a_request_after_eviction(files):
+    import threading
+
+    s = Session()
+    assert H.load(s, "folder", str(files["decoder"])).ok
+    assert H.calibrate(s, "file", file_path=str(files["good"]), num_samples=4, seq_len=64).ok
+    dense = {k: v.clone() for k, v in s.model.state_dict().items()}
+    # surgery: cancel set before the pruned copy is built → nothing installed, dense intact
+    assert H.replan(s, 0.4).ok
+    ev = threading.Event()
+    ev.set()
+    r = H.measure(s, cancel_event=ev)
+    assert "Cancelled" in sentence(r) and s.pruned is None
+    assert all(torch.equal(v, dense[k]) for k, v in s.model.state_dict().items())
+    # a request after the session was evicted: says what to do
+    store = SessionStore(max_sessions=1)
+    a = store.get("a")
+    assert H.load(a, "folder", str(files["decoder"])).ok
+    store.get("b")            # evicts a, freeing its model
+    assert a.model is None
+    assert "Load a model" in sentence(H.calibrate(a, "file", file_path=str(files["good"])))
+    s.close()
