@@ -155,21 +155,10 @@ def test_load_calibrate_prune_inspect_export(app_url, browser, tmp_path):
         page.locator("#decay_plot").screenshot(path=str(SCREENSHOTS / "decay-curves.png"))
         explain_views(page, "smollm2", layer=15, head=0)
 
-        page.locator("#export_btn").click()
-        wait_status(page, r"^✅ Exported", 300_000)
-        link = page.locator("#export_zip a").first
-        link.wait_for(timeout=30_000)
-        with page.expect_download(timeout=120_000) as info:
-            link.click()
-        target = tmp_path / info.value.suggested_filename
-        info.value.save_as(target)
-        assert target.suffix == ".zip"
-        with zipfile.ZipFile(target) as zf:
-            names = zf.namelist()
-            assert zf.testzip() is None
-        assert any(n.endswith("/config.json") for n in names), names
-        assert any(n.endswith("/model.safetensors") for n in names), names
-        assert any(n.endswith("/pruning_report.json") for n in names), names
+        plan, root = export_and_check(page, tmp_path, "smollm2")
+        names = {f.name for f in root.iterdir()}
+        assert {"config.json", "model.safetensors", "pruning_report.json"} <= names, names
+        assert len(plan["layers"]) == 30
         page.locator("#export_btn").scroll_into_view_if_needed()
         page.screenshot(path=str(SCREENSHOTS / "export.png"))
 
@@ -210,7 +199,8 @@ def set_sizes(page, samples: int, seq_len: int):
 
 
 def export_and_check(page, tmp_path, name: str) -> dict:
-    """Export, download the zip and check that plan.json matches the weights' shapes."""
+    """Export, download the zip (a valid archive) and check that plan.json matches the weights' shapes;
+    ``(plan, unpacked folder)``."""
     import json
 
     from safetensors import safe_open
@@ -223,8 +213,10 @@ def export_and_check(page, tmp_path, name: str) -> dict:
         link.click()
     target = tmp_path / f"{name}.zip"
     info.value.save_as(target)
+    assert info.value.suggested_filename.endswith(".zip")
     out = tmp_path / name
     with zipfile.ZipFile(target) as zf:
+        assert zf.testzip() is None
         zf.extractall(out)
     root = next(out.iterdir())
     plan = json.loads((root / "plan.json").read_text())
@@ -233,7 +225,7 @@ def export_and_check(page, tmp_path, name: str) -> dict:
                       and "attention" not in k)
         widths = [f.get_slice(k).get_shape()[1] for k in sorted(down, key=lambda k: int(re.search(r"\.(\d+)\.", k).group(1)))]
     assert widths == [len(lp["kept_neurons"]) for lp in plan["layers"]], (name, widths)
-    return plan
+    return plan, root
 
 
 def test_two_sessions_at_once(app_url, browser, tmp_path):
@@ -280,8 +272,8 @@ def test_two_sessions_at_once(app_url, browser, tmp_path):
         assert re.search(r"/72 kept", b.locator("#heads_plot .gtitle").first.text_content())
         assert status_value(b).startswith("✅ Planned to remove")   # A's result never reached B
 
-        plan_b = export_and_check(b, tmp_path, "b")
-        plan_a = export_and_check(a, tmp_path, "a")
+        plan_b, _ = export_and_check(b, tmp_path, "b")
+        plan_a, _ = export_and_check(a, tmp_path, "a")
         assert len(plan_a["layers"]) == 30 and len(plan_b["layers"]) == 6
         assert abs(plan_b["budget"]["target"] - 0.5) < 1e-9 and abs(plan_a["budget"]["target"] - 0.3) < 1e-9
     except Exception:
