@@ -35,6 +35,7 @@ from . import remote_modeling
 MODELING_FILE = "modeling_stat.py"
 # Stock auto class for each head type the export knows how to name in ``auto_map``.
 _AUTO_CLASSES = (("ForCausalLM", "AutoModelForCausalLM"),
+                 ("LMHeadModel", "AutoModelForCausalLM"),  # GPT2LMHeadModel
                  ("ForSequenceClassification", "AutoModelForSequenceClassification"),
                  ("ForTokenClassification", "AutoModelForTokenClassification"),
                  ("ForQuestionAnswering", "AutoModelForQuestionAnswering"),

@@ -30,8 +30,13 @@ _DISTILBERT = {"layers": "transformer.layer", "attn": "attention", "q": "attenti
 _OPT = {"layers": "decoder.layers", "attn": "self_attn", "q": "self_attn.q_proj", "k": "self_attn.k_proj",
         "v": "self_attn.v_proj", "o": "self_attn.out_proj", "mlp": "", "w_in": ("fc1",), "w_out": "fc2",
         "config": {"heads": "num_attention_heads", "ffn": "ffn_dim"}, "bias_flag": "enable_bias"}
+# GPT-2: ``transformers`` ``Conv1D`` projections (weight stored ``(in, out)``, the transpose of
+# nn.Linear's) and one fused ``c_attn`` whose output is ``[q | k | v]``, each ``heads·head_dim`` wide
+# (``qkv`` replaces the q/k/v keys; ``split_size`` is the attention's record of that width).
+_GPT2 = {"layers": "h", "attn": "attn", "qkv": "attn.c_attn", "o": "attn.c_proj", "mlp": "mlp",
+         "w_in": ("mlp.c_fc",), "w_out": "mlp.c_proj", "config": {"heads": "n_head", "ffn": "n_inner"}}
 LAYOUTS = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gemma3_text": _LLAMA,
-           "bert": _BERT, "roberta": _BERT, "distilbert": _DISTILBERT, "opt": _OPT}
+           "bert": _BERT, "roberta": _BERT, "distilbert": _DISTILBERT, "opt": _OPT, "gpt2": _GPT2}
 
 
 def _get(module: nn.Module, path: str) -> nn.Module:
@@ -47,10 +52,19 @@ def _set(module: nn.Module, path: str, value: nn.Module) -> None:
     setattr(module, name, value)
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """``transformers``' ``Conv1D`` (GPT-2): a linear layer whose weight is stored ``(in, out)``."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
 def _resized(linear: nn.Linear, in_features: int | None = None, out_features: int | None = None,
              bias: bool | None = None) -> nn.Linear:
-    """A fresh Linear of the new size, same dtype/device (and bias-ness unless ``bias`` says);
-    its values are loaded later."""
+    """A fresh Linear (or Conv1D, for a Conv1D) of the new size, same dtype/device (and bias-ness
+    unless ``bias`` says); its values are loaded later."""
+    if is_conv1d(linear):  # always has a bias
+        nx, nf = linear.weight.shape
+        new = type(linear)(out_features or nf, in_features or nx)
+        return new.to(device=linear.weight.device, dtype=linear.weight.dtype)
     new = nn.Linear(in_features or linear.in_features, out_features or linear.out_features,
                     bias=(linear.bias is not None) if bias is None else bias, device=linear.weight.device,
                     dtype=linear.weight.dtype)
@@ -89,9 +103,13 @@ def resize_to_layer_shapes_(model: nn.Module, shapes: list[dict]) -> None:
         head_dim = int(getattr(attn, "head_dim", None) or attn.attention_head_size)
         n_heads, n_kv = int(shape["num_attention_heads"]), int(shape["num_key_value_heads"])
         n_ff = int(shape["intermediate_size"])
-        _set(layer, layout["q"], _resized(_get(layer, layout["q"]), out_features=n_heads * head_dim))
-        for key in ("k", "v"):
-            _set(layer, layout[key], _resized(_get(layer, layout[key]), out_features=n_kv * head_dim))
+        if "qkv" in layout:  # fused [q | k | v]; these families have no GQA (n_kv == n_heads)
+            _set(layer, layout["qkv"], _resized(_get(layer, layout["qkv"]), out_features=3 * n_heads * head_dim))
+            attn.split_size = n_heads * head_dim
+        else:
+            _set(layer, layout["q"], _resized(_get(layer, layout["q"]), out_features=n_heads * head_dim))
+            for key in ("k", "v"):
+                _set(layer, layout[key], _resized(_get(layer, layout[key]), out_features=n_kv * head_dim))
         # A correction may have given output projections a bias the stock family lacks.
         _set(layer, layout["o"], _resized(_get(layer, layout["o"]), in_features=n_heads * head_dim,
                                           bias=shape.get("attn_out_bias")))

@@ -87,16 +87,16 @@ def test_load_tiny_decoder_shows_architecture(decoder_dir):
 
 
 def test_load_bad_inputs_give_one_sentence(tmp_path):
-    from transformers import GPT2Config
+    from transformers import BloomConfig  # (GPT-2, the earlier example, is supported now)
 
     s = Session()
     msg = one_sentence(H.load(s, "folder", str(tmp_path / "missing")))
     assert "does not exist" in msg
     (tmp_path / "empty").mkdir()
     assert "config.json" in one_sentence(H.load(s, "folder", str(tmp_path / "empty")))
-    GPT2Config(n_embd=32, n_layer=1, n_head=2).save_pretrained(tmp_path / "gpt2")
-    msg = one_sentence(H.load(s, "folder", str(tmp_path / "gpt2")))
-    assert "gpt2" in msg and "not supported" in msg and "llama" in msg
+    BloomConfig(hidden_size=32, n_layer=1, n_head=2).save_pretrained(tmp_path / "bloom")
+    msg = one_sentence(H.load(s, "folder", str(tmp_path / "bloom")))
+    assert "bloom" in msg and "not supported" in msg and "llama" in msg
     assert "demo models" in one_sentence(H.load(s, "demo", "no-such-demo"))
     assert one_sentence(H.load(s, "hub", ""))
     assert s.model is None  # nothing half-loaded

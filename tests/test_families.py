@@ -16,19 +16,23 @@ from stat_core.export import export_pruned, load_pruned
 from stat_core.prune import PruneConfig, apply_plan_, stat_prune_
 from test_export import _decoder_inputs, _load_in_clean_interpreter
 
-NEW_FAMILIES = ["opt"]
+NEW_FAMILIES = ["opt", "gpt2"]
 
 
 def tiny_family_model(family: str = "opt", seed: int = 0, **overrides):
-    from transformers import AutoModelForCausalLM, OPTConfig
+    from transformers import AutoModelForCausalLM, GPT2Config, OPTConfig
 
-    if family != "opt":
+    if family == "opt":
+        config = OPTConfig(**{**dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+                                     vocab_size=128, max_position_embeddings=128, word_embed_proj_dim=32),
+                              **overrides})
+    elif family == "gpt2":  # Conv1D projections, fused c_attn
+        config = GPT2Config(**{**dict(n_embd=32, n_layer=2, n_head=4, n_inner=64, vocab_size=128, n_positions=128,
+                                      bos_token_id=0, eos_token_id=0), **overrides})
+    else:
         raise ValueError(family)
-    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, vocab_size=128,
-                  max_position_embeddings=128, word_embed_proj_dim=32)
-    common.update(overrides)
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(OPTConfig(**common)).eval()
+    return AutoModelForCausalLM.from_config(config).eval()
 
 
 def _logits(model, ids):
@@ -37,7 +41,11 @@ def _logits(model, ids):
 
 
 def _final_norm(model):
-    return model.model.decoder.final_layer_norm
+    return model.model.decoder.final_layer_norm if model.config.model_type == "opt" else model.transformer.ln_f
+
+
+def _base(model):
+    return model.model if model.config.model_type == "opt" else model.transformer
 
 
 @pytest.mark.parametrize("family", NEW_FAMILIES)
@@ -54,7 +62,7 @@ def test_adapter_reads_the_layout(family, windows):
         hidden = runner.run_block(layer, hidden)
     with torch.no_grad():
         torch.testing.assert_close(_final_norm(model)(torch.cat(hidden)),
-                                   model.model(input_ids=windows).last_hidden_state, rtol=1e-4, atol=1e-5)
+                                   _base(model)(input_ids=windows).last_hidden_state, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", NEW_FAMILIES)
@@ -160,15 +168,16 @@ def test_non_uniform_export_reloads_both_ways_with_same_logits(family, windows, 
         AutoModelForCausalLM.from_pretrained(info.path, trust_remote_code=False)
 
 
-@pytest.mark.parametrize("family", NEW_FAMILIES)
-@pytest.mark.parametrize("enable_bias", [True, False])
-def test_uniform_export_keeps_heads_and_loads_stock(family, enable_bias, windows, tmp_path):
+@pytest.mark.parametrize("family, overrides", [("opt", {}), ("opt", {"enable_bias": False}), ("gpt2", {})])
+def test_uniform_export_keeps_heads_and_loads_stock(family, overrides, windows, tmp_path):
     """The stock config derives the head size from hidden_size / heads: uniform plans prune
-    neurons only, and the width goes into the family's own field (OPT: ``ffn_dim``). Without
-    biases (``enable_bias=False``) the intercept turns the stock flag on; the other biases are zeros."""
+    neurons only, and the width goes into the family's own field (OPT: ``ffn_dim``, GPT-2:
+    ``n_inner``). OPT without biases (``enable_bias=False``): the intercept turns the stock flag on;
+    the other biases are zeros."""
     from transformers import AutoModelForCausalLM
 
-    model = tiny_family_model(family, enable_bias=enable_bias)
+    model = tiny_family_model(family, **overrides)
+    enable_bias = overrides.get("enable_bias", True)
     plan = stat_prune_(model, windows, PruneConfig(sparsity=0.3, uniform=True, sensitivity_samples=2, batch_size=4,
                                                    intercept=True)).plan
     assert all(len(lp.kept_heads) == lp.num_heads for lp in plan.layers)
@@ -179,8 +188,9 @@ def test_uniform_export_keeps_heads_and_loads_stock(family, enable_bias, windows
     info = export_pruned(model, None, tmp_path / "out", plan=plan)
     assert info.uniform and "modeling_stat.py" not in info.files
     config = json.loads((info.path / "config.json").read_text())
-    assert "auto_map" not in config and config["ffn_dim"] == len(plan.layers[0].kept_neurons)
-    assert config["enable_bias"] is True
+    ffn_field = {"opt": "ffn_dim", "gpt2": "n_inner"}[family]
+    assert "auto_map" not in config and config[ffn_field] == len(plan.layers[0].kept_neurons)
+    assert family != "opt" or config["enable_bias"] is True
     down = get_adapter(model).mlp_out_proj(0)
     assert down.bias is not None and down.bias.abs().max() > 0
     stock = AutoModelForCausalLM.from_pretrained(info.path).eval()
@@ -196,14 +206,55 @@ def test_uniform_export_keeps_heads_and_loads_stock(family, enable_bias, windows
 
 
 def test_unsupported_architecture_lists_every_supported_family(windows):
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers import BloomConfig, BloomForCausalLM
 
-    assert {"opt", "llama", "bert"} <= set(supported_model_types())
-    model = GPTNeoXForCausalLM(GPTNeoXConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2,
-                                             intermediate_size=32, vocab_size=64))
+    assert {"opt", "gpt2", "llama", "bert"} <= set(supported_model_types())
+    model = BloomForCausalLM(BloomConfig(n_layer=1, hidden_size=16, n_head=2, vocab_size=64))
     with pytest.raises(UnsupportedModelError) as err:
         stat_prune_(model, windows % 64, PruneConfig(sparsity=0.2))
     message = str(err.value)
-    assert "gpt_neox" in message
+    assert "'bloom'" in message
     assert message.endswith(", ".join(supported_model_types()) + ".")
-    assert "opt" in message.split("supported types are:")[1]
+    listed = message.split("supported types are:")[1]
+    assert "opt" in listed and "gpt2" in listed
+
+
+def test_conv1d_views_share_storage_and_read_as_linear():
+    """GPT-2's Conv1D weights are (in, out): the adapter's views are (out, in), write through, and
+    the fused c_attn splits into q, k, v of heads·head_dim rows each."""
+    model = tiny_family_model("gpt2")
+    adapter = get_adapter(model)
+    c_attn = model.transformer.h[0].attn.c_attn
+    q, (k, v) = adapter.query_proj(0), adapter.key_value_projs(0)
+    assert q.weight.shape == k.weight.shape == v.weight.shape == (32, 32)
+    torch.testing.assert_close(v.weight, c_attn.weight[:, 64:].T, rtol=0, atol=0)
+    torch.testing.assert_close(v.bias, c_attn.bias[64:], rtol=0, atol=0)
+    down = adapter.mlp_out_proj(0)
+    assert (down.out_features, down.in_features) == (32, 64)
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(model.transformer.h[0].mlp.c_proj(x), x @ down.weight.T + down.bias)
+    with torch.no_grad():
+        k.weight[3, 7] = 11.0
+    assert c_attn.weight[7, 32 + 3] == 11.0
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_every_method_runs_or_refuses_by_name(family, windows):
+    """The peers and baselines read projections through the adapter (GPT-2: Conv1D views; LLM-Pruner's
+    gradients land on the stored Conv1D weights); SliceGPT refuses families it does not rotate."""
+    from stat_core.methods import MethodNotApplicable, method_names
+
+    for name in method_names():
+        model = tiny_family_model(family)
+        config = PruneConfig(sparsity=0.3, method=name, sensitivity_samples=2, batch_size=4)
+        if name == "slicegpt":
+            with pytest.raises(MethodNotApplicable, match=family):
+                stat_prune_(model, windows, config)
+            continue
+        plan = stat_prune_(model, windows, config).plan
+        adapter = get_adapter(model)
+        assert sum(len(lp.kept_neurons) for lp in plan.layers) < sum(lp.intermediate_size for lp in plan.layers), name
+        for lp in plan.layers:
+            shape = adapter.layer_shape(lp.layer)
+            assert (shape.num_heads, shape.intermediate_size) == (len(lp.kept_heads), len(lp.kept_neurons)), name
+        assert torch.isfinite(_logits(model, windows)).all(), name

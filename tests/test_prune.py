@@ -167,10 +167,10 @@ def test_cuda_device_preserved(windows):
 
 
 def test_unsupported_architecture_is_named(windows):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import BloomConfig, BloomForCausalLM  # (GPT-2, the earlier example, is supported now)
 
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64))
-    with pytest.raises(UnsupportedModelError, match="gpt2.*supported types are: .*llama"):
+    model = BloomForCausalLM(BloomConfig(n_layer=1, hidden_size=16, n_head=2, vocab_size=64))
+    with pytest.raises(UnsupportedModelError, match="bloom.*supported types are: .*llama"):
         stat_prune_(model, windows % 64, PruneConfig(sparsity=0.2))
 
 

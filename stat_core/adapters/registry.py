@@ -19,6 +19,7 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
     "roberta": BertLikeAdapter,
     "distilbert": DistilBertAdapter,
     "opt": LayoutAdapter,
+    "gpt2": LayoutAdapter,
 }
 
 

@@ -81,6 +81,11 @@ def _block_linears(adapter, layer: int) -> list[nn.Linear]:
             *adapter.mlp_in_projs(layer), adapter.mlp_out_proj(layer)]
 
 
+def _parameter(linear) -> torch.Tensor:
+    """The leaf weight behind ``linear`` (an adapter's LinearView: the Conv1D / fused weight it views)."""
+    return getattr(linear, "parameter", linear.weight)
+
+
 def _salience(linear: nn.Linear, grad: torch.Tensor, dim: int) -> torch.Tensor:
     """``Σ |w ⊙ g|`` over ``dim`` (1: per output row, 0: per input column), float64 on the CPU."""
     return (linear.weight.detach().float() * grad.float()).abs().sum(dim).double().cpu()
@@ -119,7 +124,7 @@ def taylor_scores(model, data) -> dict:
     ``Σ |w · ∂L/∂w|`` over those weights, float64 on the CPU.
     """
     adapter = get_adapter(model)
-    weights = list({id(lin.weight): lin.weight for layer in range(adapter.num_layers)
+    weights = list({id(_parameter(lin)): _parameter(lin) for layer in range(adapter.num_layers)
                     for lin in _block_linears(adapter, layer)}.values())
     target_ids = {id(w) for w in weights}
     params = list(model.parameters())
@@ -149,8 +154,10 @@ def taylor_scores(model, data) -> dict:
             shape = adapter.layer_shape(layer)
 
             def grad(lin):
-                g = grads[id(lin.weight)]
-                return torch.zeros_like(lin.weight, dtype=torch.float32) if g is None else g
+                g = grads[id(_parameter(lin))]
+                if g is None:
+                    return torch.zeros_like(lin.weight, dtype=torch.float32)
+                return lin.as_linear(g) if hasattr(lin, "as_linear") else g
 
             q, o = adapter.query_proj(layer), adapter.attn_out_proj(layer)
             q_o.append((_salience(q, grad(q), 1) + _salience(o, grad(o), 0)).reshape(shape.num_heads, hd).sum(1))
