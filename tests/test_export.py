@@ -174,9 +174,10 @@ def test_export_never_overwrites_silently_and_failures_leave_nothing(windows, tm
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(export, "model_card", broken_card)
-    with pytest.raises(OSError):
+    # a write error becomes one sentence for the user (ExportError), nothing written
+    with pytest.raises(ExportError, match="No space left on device; nothing was written"):
         export_pruned(model, None, tmp_path / "fresh", plan=plan)
-    with pytest.raises(OSError):
+    with pytest.raises(ExportError, match="No space left on device"):
         export_pruned(model, None, out, plan=plan, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert (out / "keep.txt").read_text() == "user data"
