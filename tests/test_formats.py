@@ -322,3 +322,16 @@ def test_speed_benchmark_times_onnxruntime_next_to_pytorch(tmp_path):
     assert dense["ort_prefill_b1_s"] > 0 and pruned["ort_prefill_b8_s"] > 0
     assert pruned["ort_speedup_prefill_b1"] == dense["ort_prefill_b1_s"] / pruned["ort_prefill_b1_s"]
     assert "ORT prefill b1" in (tmp_path / "speed.md").read_text()
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen2"])
+def test_onnx_other_decoder_families_match_pytorch(family, windows, tmp_path):
+    """Gemma-3 (q/k norms, sliding-window layers, checked past the window) and Qwen2 (q/k/v biases), pruned."""
+    model = tiny_model(family)
+    stat_prune_(model, windows, PruneConfig(sparsity=0.4, sensitivity_samples=2, batch_size=4))
+    info = export_model(model, None, tmp_path / "o", "onnx")
+    ids = torch.randint(0, 128, (2, 29), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits.numpy()
+    np.testing.assert_allclose(_ort_run(info.path, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}), ref,
+                               atol=1e-5, rtol=0)
