@@ -193,9 +193,7 @@ def check_calibration_sizes(model, num_samples, seq_len) -> tuple[int, int]:
     if seq_len < 8:
         raise DataError(f"The sequence length must be at least 8 tokens, got {seq_len}.")
     positions = getattr(model.config, "max_position_embeddings", None)
-    decoder = not getattr(model.config, "is_encoder_decoder", False) and \
-        getattr(model.config, "model_type", "") not in ("bert", "roberta", "distilbert")
-    limit = None if not positions else positions - 1 if decoder else positions
+    limit = positions
     if limit and seq_len > limit:
         raise DataError(f"A sequence length of {seq_len:,} tokens is beyond the model's {positions:,} positions; "
                         f"use at most {limit:,}.")

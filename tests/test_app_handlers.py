@@ -304,7 +304,7 @@ def test_classifier_session(classifier_dir):
     s = Session()
     r = H.load(s, "folder", str(classifier_dir))
     assert r.ok and r["arch"]["kind"] == "classifier"
-    assert "labelled" in one_sentence(H.calibrate(s, "pasted", pasted=LOREM * 20))
+    assert "labelled" in one_sentence(H.calibrate(s, "pasted", pasted=LOREM * 20, seq_len=64))
     r = H.calibrate(s, "builtin", builtin="movie-reviews", num_samples=40, seq_len=64)
     assert r.ok, r.message
     p = H.prune(s, 0.3)
