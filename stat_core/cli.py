@@ -300,11 +300,11 @@ def _summary(report: dict) -> str:
                      f"({report['perplexity_after'] / report['perplexity_before']:.2f}x)")
     if "kl_to_dense_after" in report:
         lines.append(f"KL to dense      {report['kl_to_dense_after']:.4f} nats per prediction")
-    for key, label in (("fewshot_accuracy", "few-shot reviews acc"), ("fewshot_bias_free", "few-shot reviews AUC"),
+    for key, label in (("fewshot_accuracy", "few-shot acc"), ("fewshot_bias_free", "few-shot AUC"),
                        ("analogy_accuracy", "analogies"), ("accuracy", "accuracy (held-out)")):
         if f"{key}_before" in report and f"{key}_after" in report:
             fmt = "{:.3f}" if key == "fewshot_bias_free" else "{:.1%}"
-            lines.append(f"{label:<17}{fmt.format(report[key + '_before'])} -> {fmt.format(report[key + '_after'])}")
+            lines.append(f"{label:<16} {fmt.format(report[key + '_before'])} -> {fmt.format(report[key + '_after'])}")
     if "fewshot_majority_share_after" in report:
         lines.append(f"few-shot answers {report['fewshot_majority_share_after']:.0%} give the more frequent label "
                      f"(dense {report['fewshot_majority_share_before']:.0%})")
