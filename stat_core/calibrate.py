@@ -8,6 +8,7 @@ before it, so later blocks can be calibrated on the *pruned and corrected* outpu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -415,6 +416,35 @@ def output_sensitivity(model: nn.Module, adapter: ModelAdapter, windows, batch_s
     return sensitivity_sums(model, adapter, windows, batch_size, labels).normalised()
 
 
+@contextlib.contextmanager
+def recomputed_blocks(layers: nn.ModuleList):
+    """Inside the ``with``, each transformer block keeps only its inputs for the backward pass and
+    recomputes its activations there (non-reentrant ``torch.utils.checkpoint``): the gradient pass
+    then holds one block's activations instead of every block's (on SmolLM2 at 4 × 512 tokens,
+    about 3.5 GB of attention probabilities and MLP intermediates). The gradients are the same; the
+    forward hooks of the sensitivity pass fire on the first forward, whose outputs are the ones the
+    backward pass runs through (tested: ``test_recomputed_blocks_give_the_same_sensitivity``)."""
+    from torch.utils.checkpoint import checkpoint
+
+    saved = []
+    for block in layers:
+        saved.append((block, block.__dict__.get("forward")))
+        plain = block.forward
+
+        def forward(*args, _plain=plain, **kwargs):
+            return checkpoint(_plain, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward
+    try:
+        yield
+    finally:
+        for block, own in saved:
+            if own is None:
+                del block.forward
+            else:
+                block.forward = own
+
+
 def sensitivity_sums(model: nn.Module, adapter: ModelAdapter, windows, batch_size: int = 4,
                      labels: str = "data", first_index: int = 0) -> SensitivitySums:
     """The sums behind :func:`output_sensitivity`, on CPU: ``Σ_t g_t g_tᵀ`` per block and kind, and
@@ -448,34 +478,60 @@ def sensitivity_sums(model: nn.Module, adapter: ModelAdapter, windows, batch_siz
     try:
         for p in model.parameters():
             p.requires_grad_(False)
-        for batch in data.batches(batch_size):
-            ids = batch.input_ids.to(device)
-            # Gradients flow from the loss to the hooked activations; weights stay frozen. (Gemma's
-            # embedding module applies its scale itself, so inputs_embeds equals input_ids.)
-            emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-            kwargs = {"inputs_embeds": emb}
-            if batch.attention_mask is not None:
-                kwargs["attention_mask"] = batch.attention_mask.to(device)
-            if adapter.is_decoder:
-                logits = model(**kwargs, use_cache=False).logits
-                flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-                target = ids[:, 1:].reshape(-1)
-                if labels == "model":
-                    target = _sample_own_labels(flat, len(ids), offset).to(device)
-                    if batch.attention_mask is not None:  # padding positions stay out of the loss
-                        target = target.masked_fill(batch.attention_mask[:, 1:].reshape(-1).to(device) == 0, -100)
-                loss = nn.functional.cross_entropy(flat, target, reduction="sum", ignore_index=-100)
-                loss.backward()
-            else:
-                _classifier_fisher_backward(model(**kwargs).logits)
-            n_tokens += int(batch.attention_mask.sum()) if batch.attention_mask is not None else ids.numel()
-            offset += len(ids)
+        with recomputed_blocks(adapter.layers):
+            offset, n_tokens = _sensitivity_batches(model, adapter, data, batch_size, labels, device, offset)
     finally:
         for h in handles:
             h.remove()
         for p, r in zip(model.parameters(), requires):
             p.requires_grad_(r)
     return SensitivitySums([{k: v.cpu() for k, v in f.items()} for f in fisher], n_tokens)
+
+
+def _sensitivity_batches(model, adapter, data, batch_size, labels, device, offset):
+    """The backward passes of :func:`sensitivity_sums` (its hooks collect the sums); returns the
+    next window index and the number of real tokens seen."""
+    n_tokens = 0
+    for batch in data.batches(batch_size):
+        ids = batch.input_ids.to(device)
+        # Gradients flow from the loss to the hooked activations; weights stay frozen. (Gemma's
+        # embedding module applies its scale itself, so inputs_embeds equals input_ids.)
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        kwargs = {"inputs_embeds": emb}
+        if batch.attention_mask is not None:
+            kwargs["attention_mask"] = batch.attention_mask.to(device)
+        if adapter.is_decoder:
+            logits = model(**kwargs, use_cache=False).logits
+            n, t, vocab = logits.shape
+            target = ids[:, 1:]
+            if labels == "model":
+                target = _sample_own_labels(logits[:, :-1].reshape(-1, vocab), n, offset).to(device).view(n, t - 1)
+                if batch.attention_mask is not None:  # padding positions stay out of the loss
+                    target = target.masked_fill(batch.attention_mask[:, 1:].to(device) == 0, -100)
+            # The last position predicts nothing; the logits are read in place (no shifted copy).
+            target = torch.cat([target, target.new_full((n, 1), -100)], 1).reshape(-1)
+            chunked_cross_entropy(logits.view(-1, vocab), target).backward()
+        else:
+            _classifier_fisher_backward(model(**kwargs).logits)
+        n_tokens += int(batch.attention_mask.sum()) if batch.attention_mask is not None else ids.numel()
+        offset += len(ids)
+    return offset, n_tokens
+
+
+def chunked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Summed cross-entropy of ``logits: (N, V)`` against ``target: (N,)`` (−100: ignored), in row
+    chunks whose float32 log-probabilities are recomputed in the backward pass instead of kept: the
+    peak holds one chunk's ``chunk × V`` instead of three ``N × V`` tensors (49k-token vocabulary ×
+    2,048 positions: 400 MB each)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def part(x, y):
+        return nn.functional.cross_entropy(x.float(), y, reduction="sum", ignore_index=-100)
+
+    total = logits.new_zeros((), dtype=torch.float32)
+    for s in range(0, logits.shape[0], chunk):
+        total = total + checkpoint(part, logits[s:s + chunk], target[s:s + chunk], use_reentrant=False)
+    return total
 
 
 @torch.no_grad()
