@@ -32,18 +32,17 @@ import torch
 from stat_core import prune as core_prune
 from stat_core.adapters import UnsupportedModelError, get_adapter
 from stat_core import explain
-from stat_core.budget import block_geometry
 from stat_core.calibrate import CalibrationSet
-from stat_core.classifier import (CLASSIFIER_MAX_LEN, DEMO_CLASSIFIER, accuracy, demo_classifier_split, encode,
-                                  encode_chunks)
-from stat_core.calibration_mix import SOURCES as CALIBRATION_SOURCES, decoder_calibration, default_source
-from stat_core.data import (CalibrationConfig, DataError, calibration_windows, check_calibration_sizes,
-                             fingerprint, load_text_file)
+from stat_core.classifier import accuracy
+from stat_core.calibration_mix import SOURCES as CALIBRATION_SOURCES, default_source
+from stat_core.data import DataError, check_calibration_sizes, fingerprint
 from stat_core.evaluate import count_parameters, evaluation_windows, perplexity
-from stat_core.labelled import BUILTIN_SETS, load_labelled
+from stat_core.labelled import BUILTIN_SETS
 from stat_core.methods import get_method, method_names
 from stat_core.models import DEMO_MODELS, ModelLoadError, is_encoder, load_model
-from stat_core.prune import PruneConfig, budget_summary
+from stat_core.pipeline import calibration_data
+from stat_core.prune import PruneConfig
+from stat_core.report import plan_sizes, prune_report, set_after_sizes, size_summary
 
 from .sessions import Cancelled, Outcome, Session
 
@@ -212,15 +211,6 @@ def architecture_markdown(arch: dict) -> str:
 
 # --- calibration data ----------------------------------------------------------------------------
 
-class _WarningCatcher(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 def _file_identity(path: str | None) -> tuple:
     if not path:
         return ()
@@ -228,84 +218,14 @@ def _file_identity(path: str | None) -> tuple:
     return (str(p), p.stat().st_size, p.stat().st_mtime) if p.exists() else (str(p),)
 
 
-def _pasted_documents(text: str) -> list[str]:
-    docs = [d.strip() for d in (text or "").split("\n\n") if d.strip()]
-    if not docs:
-        raise DataError("The pasted text is empty; paste some text or pick the built-in sample.")
-    return docs
-
-
 def build_calibration_data(session: Session, source: str, builtin: str, file_path: str | None, pasted: str,
                            num_samples: int, seq_len: int, seed: int = 0, progress: ProgressFn | None = None):
-    """``(data, held_out, info, warning)`` for the session's model (decoder windows or a labelled
-    classifier set). Raises DataError / ValueError with a readable message."""
-    num_samples, seq_len = check_calibration_sizes(session.model, num_samples, seq_len)
-    seed = int(seed)
-    tok = session.tokenizer
-    info = {"source": {"builtin": builtin, "file": Path(file_path).name if file_path else None,
-                       "pasted": "pasted text"}.get(source, source), "num_samples": num_samples,
-            "seq_len": seq_len, "seed": seed}
-    if source not in ("builtin", "file", "pasted"):
-        raise ValueError(f"Unknown calibration source '{source}'.")
-    if source == "file" and not file_path:
-        raise DataError("Upload a calibration file first (.txt, .json, .jsonl, .csv or .parquet).")
-    if not session.encoder:
-        config = CalibrationConfig(num_samples=num_samples, seq_len=seq_len, seed=seed)
-        if source == "builtin":
-            if builtin not in DECODER_SOURCES:
-                raise DataError(f"'{builtin}' is a labelled set for classifiers; decoders calibrate on "
-                                f"{', '.join(DECODER_SOURCES)}, a file or pasted text.")
-            cal = decoder_calibration(session.model, tok, builtin, config, progress=progress)
-            info.update({k: v for k, v in cal.info.items() if k not in info}, tokens=int(cal.windows.numel()))
-            return cal.windows, None, info, ""
-        elif source == "file":
-            docs = load_text_file(file_path)
-        else:
-            docs = _pasted_documents(pasted)
-        catcher = _WarningCatcher()
-        data_log = logging.getLogger("stat_core.data")
-        data_log.addHandler(catcher)
-        try:
-            windows = calibration_windows(tok, docs, config)
-        finally:
-            data_log.removeHandler(catcher)
-        warning = ""
-        if catcher.messages:
-            warning = (f"Warning: the calibration text is shorter than {num_samples} × {seq_len} tokens, so the "
-                       "windows overlap; statistics from repeated text are less reliable — give more text or "
-                       "ask for fewer samples.")
-        info["tokens"] = int(windows.numel())
-        return windows, None, info, warning
-    # classifiers: labelled examples, split in half (calibration on one half, accuracy on the other)
-    if source == "pasted":
-        raise DataError("A classifier calibrates on labelled examples; pick a built-in labelled set or upload "
-                        "a .csv/.json/.jsonl/.parquet file with 'text' and 'label' columns.")
-    if source == "builtin":
-        if builtin not in BUILTIN_SETS:
-            raise DataError(f"'{builtin}' is not a labelled set; classifiers calibrate on "
-                            f"{', '.join(BUILTIN_SETS)} or an uploaded labelled file.")
-        if builtin == "newsgroups" and session.model_name == DEMO_CLASSIFIER:
-            train, held = demo_classifier_split()  # the split the demo classifier was trained on
-        else:
-            train, held = load_labelled(builtin).split(seed=seed)
-    else:
-        train, held = load_labelled(file_path).split(seed=seed)
-    if len(train) == 0 or len(held) == 0:
-        raise DataError("The labelled set is too small to split into calibration and held-out halves.")
-    if num_samples < 1:
-        raise ValueError("The number of samples must be at least 1.")
-    if seq_len < 8:
-        raise ValueError("The sequence length must be at least 8 tokens.")
-    warning = ""
-    if num_samples > len(train):
-        warning = (f"Warning: only {len(train)} labelled examples are available for calibration "
-                   f"({num_samples} requested); using all of them.")
-    train = train.take(range(min(num_samples, len(train))))
-    max_len = min(seq_len, CLASSIFIER_MAX_LEN * 4)
-    data, held_set = encode_chunks(tok, train, max_len), encode(tok, held, max_len)
-    info.update(num_samples=len(train), seq_len=max_len, held_out_examples=len(held),
-                tokens=int(data.attention_mask.sum()))
-    return data, held_set, info, warning
+    """``(data, held_out, info, warning)`` for the session's model, by the pipeline the CLI uses
+    (:func:`stat_core.pipeline.calibration_data`). Raises DataError / ValueError with a readable message."""
+    prepared = calibration_data(session.model, session.tokenizer, session.model_name, source, builtin, file_path,
+                                pasted, num_samples, seq_len, seed, progress=progress)
+    warning = " ".join(f"Warning: {w}" for w in prepared.warnings)
+    return prepared.data, prepared.held_out, prepared.info, warning
 
 
 def _calibration_key(session, source, builtin, file_path, pasted, num_samples, seq_len, seed) -> tuple:
@@ -361,21 +281,6 @@ def _flops_seq_len(session: Session) -> int:
     return 512
 
 
-def _size_summary(model, seq_len: int) -> dict:
-    s = budget_summary(model, seq_len)
-    return {"params": count_parameters(model), "block_params": s["block_params"],
-            "block_macs_per_token": s["block_macs_per_token"], "bytes": model_bytes(model)}
-
-
-def model_bytes(model) -> int:
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel() * p.element_size()
-    return total
-
-
 def make_config(session: Session, sparsity: float, budget_kind: str = "params", uniform: bool = False,
                 mode: str = "one-shot", method: str = "stat") -> PruneConfig:
     try:
@@ -408,40 +313,11 @@ def prune_copy(session: Session, config: PruneConfig, progress: ProgressFn | Non
     return pruned, result.plan
 
 
-def plan_sizes(model, plan, seq_len: int) -> dict:
-    """Parameters, block parameters, block MACs per token and bytes the dense ``model`` will have
-    once cut to ``plan`` (computed from the layers' geometry, no surgery needed)."""
-    adapter = get_adapter(model)
-    block_params, macs = 0, 0.0
-    for lp in plan.layers:
-        geo = block_geometry(adapter, lp.layer)
-        n_h, n_kv, k = len(lp.kept_heads), len(lp.kept_kv_heads), len(lp.kept_neurons)
-        block_params += geo.attn_params(n_h, n_kv) + geo.mlp_params(k)
-        macs += geo.attn_macs(n_h, n_kv, seq_len, adapter.is_decoder) + geo.mlp_macs(k)
-    dense = _size_summary(model, seq_len)
-    params = dense["params"] - (dense["block_params"] - block_params)
-    item = next(model.parameters()).element_size()
-    return {"params": params, "block_params": block_params, "block_macs_per_token": macs,
-            "bytes": dense["bytes"] - (dense["params"] - params) * item}
-
-
-def _report(session: Session, config: PruneConfig, plan, before: dict, after: dict, seconds: float) -> dict:
-    return {
-        "model": session.model_name, "kind": "classifier" if session.encoder else "decoder",
-        "method": config.method, "mode": config.mode, "budget_kind": config.budget_kind,
-        "sparsity_target": config.sparsity, "uniform": config.uniform, "flops_seq_len": config.flops_seq_len,
-        "device": session.arch.get("device"), "calibration": session.calib_info,
-        "params_before": before["params"], "params_after": after["params"],
-        "block_params_before": before["block_params"], "block_params_after": after["block_params"],
-        "block_macs_per_token_before": before["block_macs_per_token"],
-        "block_macs_per_token_after": after["block_macs_per_token"],
-        "bytes_before": before["bytes"], "bytes_after": after["bytes"],
-        "block_params_removed_fraction": 1 - after["block_params"] / before["block_params"],
-        "block_flops_removed_fraction": 1 - after["block_macs_per_token"] / before["block_macs_per_token"],
-        "predicted_damage": plan.budget.get("predicted_damage"),
-        "seconds_plan": seconds, "calibration_timings": getattr(session.calibration, "timings", {}),
-        "layers": plan.kept_summary(),
-    }
+def _report(session: Session, config: PruneConfig, plan, after: dict, seconds: float) -> dict:
+    """The shared report (:func:`stat_core.report.prune_report`) plus what only the app shows."""
+    return prune_report(session.model_name, session.model, config, session.calib_info,
+                        size_summary(session.model, config.flops_seq_len), after, plan=plan, seconds_plan=seconds,
+                        calibration_timings=getattr(session.calibration, "timings", {}))
 
 
 def _removed_message(report: dict, config: PruneConfig, verb: str, seconds: float) -> str:
@@ -462,8 +338,7 @@ def replan(session: Session, sparsity: float, budget_kind: str = "params", unifo
     plan = core_prune.plan_pruning(session.model, session.calibration, config, session.model_name, session.calib_info)
     seconds = time.perf_counter() - t
     seq = config.flops_seq_len
-    report = _report(session, config, plan, _size_summary(session.model, seq), plan_sizes(session.model, plan, seq),
-                     seconds)
+    report = _report(session, config, plan, plan_sizes(session.model, plan, seq), seconds)
     session.set_outcome(Outcome(plan, config, report))
     return Reply(True, _removed_message(report, config, "Planned to remove", seconds) +
                  " The pruned copy is built when you measure, generate or export.",
@@ -480,10 +355,8 @@ def ensure_pruned(session: Session, cancel_event: threading.Event | None = None)
     if outcome.pruned is None:
         t = time.perf_counter()
         pruned, _ = prune_copy(session, outcome.config, None, cancel_event, plan=outcome.plan)
-        after = _size_summary(pruned, outcome.config.flops_seq_len)
-        outcome.report.update(params_after=after["params"], block_params_after=after["block_params"],
-                              block_macs_per_token_after=after["block_macs_per_token"], bytes_after=after["bytes"],
-                              seconds_surgery=time.perf_counter() - t)
+        set_after_sizes(outcome.report, size_summary(pruned, outcome.config.flops_seq_len))
+        outcome.report["seconds_surgery"] = time.perf_counter() - t
         outcome.pruned = pruned
     return outcome
 
@@ -502,7 +375,7 @@ def prune(session: Session, sparsity: float, budget_kind: str = "params", unifor
         pruned, plan = prune_copy(session, config, progress, cancel_event)
         seconds = time.perf_counter() - t
         seq = config.flops_seq_len
-        report = _report(session, config, plan, _size_summary(session.model, seq), _size_summary(pruned, seq), seconds)
+        report = _report(session, config, plan, size_summary(pruned, seq), seconds)
     report["seconds_prune"] = seconds
     session.set_outcome(Outcome(plan, config, report, pruned))
     return Reply(True, _removed_message(report, config, "Removed", seconds), {"plan": plan, "report": report,
@@ -566,7 +439,7 @@ def _quality(session: Session, model, eval_tokens: int) -> dict:
 
 def _metrics(session: Session, model, eval_tokens: int, seq: int) -> dict:
     m = _quality(session, model, eval_tokens)
-    m.update(_size_summary(model, seq))
+    m.update(size_summary(model, seq))
     m["latency_ms"] = latency_ms(model, session.tokenizer)
     return m
 
@@ -678,7 +551,7 @@ def compare(session: Session, sparsity: float, budget_kind: str = "params", unif
                 achieved, block_params = info["removed_fraction"], info["block_params_after"]
             else:
                 pruned, plan = prune_copy(session, config, None, cancel_event)
-                achieved, block_params = plan.budget["achieved"], _size_summary(pruned, seq)["block_params"]
+                achieved, block_params = plan.budget["achieved"], size_summary(pruned, seq)["block_params"]
             q = _quality(session, pruned, int(eval_tokens))
             results.append({"method": name, **q, "achieved": achieved, "block_params": block_params})
             del pruned

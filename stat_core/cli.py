@@ -14,20 +14,19 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .adapters import UnsupportedModelError
-from .data import (CalibrationConfig, DataError, calibration_windows, check_calibration_sizes, fingerprint,
-                   load_text_file)
+from .data import DataError, fingerprint
 from .calibrate import CalibrationSet
-from .classifier import (CLASSIFIER_MAX_LEN, DEMO_CLASSIFIER, accuracy, class_log_probs, demo_classifier_split,
-                         encode, encode_chunks, kl_to_reference)
+from .classifier import accuracy, class_log_probs, kl_to_reference
 from .export import (EXPORT_FORMATS, ExportError, atomic_output_dir, check_format, check_output_dir, export_model,
                      state_dict_bytes)
 from .export_gguf import GGUF_TYPES
 from .evaluate import count_parameters
 from .suite import SuiteConfig, build_reference, evaluate_suite
-from .labelled import load_labelled
 from .methods import get_method
 from .models import DEMO_MODELS, ModelLoadError, is_encoder, load_model
-from .prune import (BUDGET_KINDS, MODES, method_names, PruneConfig, budget_summary, calibration_size_warning,
+from .pipeline import calibration_data, resolve_source
+from .report import prune_report, set_after_sizes, size_summary
+from .prune import (BUDGET_KINDS, MODES, method_names, PruneConfig, calibration_size_warning,
                     check_budget_feasible, stat_prune_)
 
 log = logging.getLogger("stat_core")
@@ -139,40 +138,17 @@ def time_forward(model, windows, batch_size: int) -> float:
     return time.perf_counter() - t
 
 
-def _calibration_for_decoder(args, model, tokenizer):
-    from .calibration_mix import SOURCES, decoder_calibration, default_source
-
-    num_samples, seq_len = check_calibration_sizes(model, 64 if args.num_samples is None else args.num_samples,
-                                                   512 if args.seq_len is None else args.seq_len)
-    calib_cfg = CalibrationConfig(num_samples=num_samples, seq_len=seq_len, seed=args.seed)
-    source = args.calibration or default_source(tokenizer)
-    if source in SOURCES:
-        cal = decoder_calibration(model, tokenizer, source, calib_cfg, progress=_Progress(not args.quiet))
-        return cal.windows, cal.info
-    windows = calibration_windows(tokenizer, load_text_file(source), calib_cfg)
-    info = {"source": source, "num_samples": calib_cfg.num_samples, "seq_len": calib_cfg.seq_len,
-            "seed": calib_cfg.seed}
-    return windows, info
-
-
-def _data_for_encoder(args, tokenizer, model):
-    """(calibration set from the training half, held-out evaluation set, info)."""
-    check_calibration_sizes(model, 1 if args.num_samples is None else args.num_samples,
-                            CLASSIFIER_MAX_LEN if args.seq_len is None else args.seq_len)
-    if args.labelled == "newsgroups" and args.model == DEMO_CLASSIFIER:
-        train, held = demo_classifier_split()  # exactly the split the demo classifier was trained on
-    else:
-        data = load_labelled(args.labelled, tuple(args.text_column or ["text"]), args.label_column)
-        train, held = data.split(seed=args.seed)
-    if args.num_samples:
-        train = train.take(range(min(args.num_samples, len(train))))
-    max_len = args.seq_len or CLASSIFIER_MAX_LEN
-    # All the training side's text feeds the statistics (long posts give several windows);
-    # accuracy reads each held-out example once, as the classifier is used.
-    calib, held_set = encode_chunks(tokenizer, train, max_len), encode(tokenizer, held, max_len)
-    info = {"source": args.labelled, "num_samples": len(train), "seq_len": max_len, "seed": args.seed,
-            "held_out_examples": len(held)}
-    return calib, held_set, info
+def _calibration(args, model, tokenizer):
+    """The calibration data (and a classifier's held-out half) from ``--calibration`` / ``--labelled``,
+    by the pipeline the app uses too; its warnings go to the log."""
+    encoder = is_encoder(model)
+    kind, builtin, path = resolve_source(model, tokenizer, args.labelled if encoder else args.calibration)
+    prepared = calibration_data(model, tokenizer, args.model, kind, builtin, path, num_samples=args.num_samples,
+                                seq_len=args.seq_len, seed=args.seed, text_columns=tuple(args.text_column or ["text"]),
+                                label_column=args.label_column, progress=_Progress(not args.quiet))
+    for warning in prepared.warnings:
+        log.warning(warning)
+    return prepared
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -189,12 +165,12 @@ def run(args: argparse.Namespace) -> dict:
     if method.whole_model and not args.no_model:
         raise ValueError(f"{method.label} changes the hidden size and adds rotation matrices to the residual path; "
                          "its models cannot be exported yet: add --no-model to measure it")
+    prepared = distributed.from_main(_calibration, args, model, tokenizer)  # rank 0 builds, all get it
+    calib, held, calib_info = prepared.data, prepared.held_out, prepared.info
     if encoder:
-        calib, held, calib_info = distributed.from_main(_data_for_encoder, args, tokenizer, model)  # rank 0 builds, all get it
         n_tokens = int(calib.attention_mask.sum())
         flops_seq_len = args.flops_seq_len or max(1, round(n_tokens / len(calib)))
     else:
-        calib, calib_info = distributed.from_main(_calibration_for_decoder, args, model, tokenizer)
         n_tokens = int(calib.numel())
         flops_seq_len = args.flops_seq_len or 512
     calib_info.update(tokens=n_tokens, fingerprint=fingerprint(args.model, CalibrationSet.wrap(calib).input_ids))
@@ -208,18 +184,10 @@ def run(args: argparse.Namespace) -> dict:
                          batch_size=args.batch_size, uniform=args.uniform, intercept=args.intercept,
                          sensitivity_labels=args.sensitivity_labels)
     check_budget_feasible(model, config)  # fail before the dense evaluation and calibration
-    report: dict = {"model": args.model, "kind": "encoder-classifier" if encoder else "decoder",
-                    "method": args.method, "mode": args.mode, "budget_kind": args.budget,
-                    "sparsity_target": args.sparsity, "uniform": args.uniform, "flops_seq_len": flops_seq_len,
-                    "device": str(next(model.parameters()).device), "dtype": args.dtype,
-                    "calibration_tokens": n_tokens, "calibration": calib_info}
+    before = size_summary(model, flops_seq_len)
+    report = prune_report(args.model, model, config, calib_info, before)  # the schema every export shares
     if distributed.is_distributed():
         report["distributed"] = {"processes": distributed.world_size(), "backend": distributed.backend_for(args.device)}
-    before = budget_summary(model, flops_seq_len)
-    report["params_before"] = count_parameters(model)
-    report["block_params_before"] = before["block_params"]
-    report["block_macs_per_token_before"] = before["block_macs_per_token"]
-    report["size_on_disk_before_bytes"] = state_dict_bytes(model)  # dense weights in this dtype
 
     # Decoders: the evaluation suite (perplexity, KL to dense, few-shot, analogies, chat agreement),
     # its dense side computed once before pruning; encoders: held-out accuracy and KL to dense.
@@ -261,22 +229,17 @@ def run(args: argparse.Namespace) -> dict:
     if args.measure_floor:
         report["prune_time_over_forward"] = report["seconds_prune"] / report["seconds_forward_calibration"]
 
-    report["params_after"] = count_parameters(model)
     if result.plan is not None:
-        after = budget_summary(model, flops_seq_len)
-        report["block_params_after"] = after["block_params"]
-        report["block_macs_per_token_after"] = after["block_macs_per_token"]
-        report["block_params_removed_fraction"] = 1 - after["block_params"] / before["block_params"]
-        report["block_flops_removed_fraction"] = 1 - after["block_macs_per_token"] / before["block_macs_per_token"]
+        set_after_sizes(report, size_summary(model, flops_seq_len))
+        report["predicted_damage"] = result.plan.budget.get("predicted_damage")
+        report["layers"] = result.plan.kept_summary()
     else:  # a whole-model method counts its own blocks (SliceGPT: sliced linears + shortcut matrices)
-        report["block_params_after"] = result.info["block_params_after"]
+        set_after_sizes(report, {"params": count_parameters(model), "block_params": result.info["block_params_after"],
+                                 "bytes": state_dict_bytes(model)})
         report["block_params_removed_fraction"] = result.info["removed_fraction"]
         report["block_flops_removed_fraction"] = result.info.get("removed_fraction")
-    measure("after")
-    if result.plan is not None:
-        report["layers"] = result.plan.kept_summary()
-    else:
         report["method_info"] = result.info
+    measure("after")
     if args.no_model:
         with atomic_output_dir(args.out, args.overwrite) as tmp:
             (tmp / "pruning_report.json").write_text(json.dumps(report, indent=1))

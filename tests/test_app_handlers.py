@@ -426,3 +426,32 @@ def test_head_explorer(calibrated):
     assert "sample text" in one_sentence(H.head_view(s, 0, 0, "   "))
     assert "by number" in one_sentence(H.head_view(s, "x", 0, "text"))
     assert "Load a model" in one_sentence(H.head_view(Session(), 0, 0, "text"))
+
+
+def test_cli_and_app_exports_carry_the_same_report_fields(calibrated, decoder_dir, tmp_path):
+    """One pipeline: the same model, calibration text and budget through the app and through the CLI
+    give reports with the same fields (sizes before and after included) and the same numbers."""
+    from stat_core.cli import main as cli_main
+
+    s = calibrated
+    assert H.prune(s, 0.3).ok
+    r = H.export(s)
+    assert r.ok, r.message
+    app_report = json.loads(open(r["report"]).read())
+    text = tmp_path / "lorem.txt"
+    text.write_text("\n\n".join([LOREM * 40]))
+    out = tmp_path / "cli-out"
+    assert cli_main([str(decoder_dir), "--sparsity", "0.3", "--calibration", str(text), "--num-samples", "8",
+                     "--seq-len", "64", "--skip-eval", "--quiet", "--out", str(out)]) == 0
+    cli_report = json.loads((out / "pruning_report.json").read_text())
+    shared = {"model", "kind", "method", "mode", "budget_kind", "sparsity_target", "uniform", "flops_seq_len",
+              "device", "dtype", "calibration_tokens", "calibration", "params_before", "params_after",
+              "block_params_before", "block_params_after", "block_macs_per_token_before",
+              "block_macs_per_token_after", "size_on_disk_before_bytes", "size_on_disk_after_bytes",
+              "block_params_removed_fraction", "block_flops_removed_fraction", "predicted_damage", "layers"}
+    assert shared <= set(app_report) and shared <= set(cli_report)
+    for key in ("params_before", "block_params_before", "size_on_disk_before_bytes", "calibration_tokens"):
+        assert app_report[key] == cli_report[key], key
+    # The written weights' size replaced the planned one in both.
+    assert app_report["size_on_disk_after_bytes"] < app_report["size_on_disk_before_bytes"]
+    assert cli_report["size_on_disk_after_bytes"] < cli_report["size_on_disk_before_bytes"]

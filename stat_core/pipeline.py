@@ -1,0 +1,158 @@
+"""What the CLI and the app both do before a prune: turn a calibration source into the data the
+model calibrates on (and, for classifiers, the held-out half it is measured on). One function, so
+the two shells cannot drift apart; warnings come back as sentences instead of being caught from a
+logger. The report every prune writes is :mod:`stat_core.report`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .calibrate import CalibrationSet
+from .calibration_mix import SOURCES as DECODER_SOURCES, decoder_calibration, default_source
+from .classifier import CLASSIFIER_MAX_LEN, DEMO_CLASSIFIER, demo_classifier_split, encode, encode_chunks
+from .data import CalibrationConfig, DataError, calibration_windows, check_calibration_sizes, load_text_file
+from .labelled import BUILTIN_SETS, load_labelled
+from .models import is_encoder
+
+#: Calibration windows (decoders) and tokens per window / example when the caller gives none.
+DEFAULT_DECODER_SAMPLES, DEFAULT_DECODER_SEQ_LEN = 64, 512
+
+SOURCE_KINDS = ("builtin", "file", "pasted")
+
+
+@dataclass
+class CalibrationData:
+    """``data``: decoder windows ``(n, T)`` or a classifier :class:`CalibrationSet`; ``held_out``:
+    the classifier's evaluation half (None for decoders); ``info``: what went into the report;
+    ``warnings``: sentences for the user (the run goes on)."""
+
+    data: object
+    held_out: object | None
+    info: dict
+    warnings: list[str] = field(default_factory=list)
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def pasted_documents(text: str) -> list[str]:
+    docs = [d.strip() for d in (text or "").split("\n\n") if d.strip()]
+    if not docs:
+        raise DataError("The pasted text is empty; paste some text or pick the built-in sample.")
+    return docs
+
+
+def resolve_source(model, tokenizer, name: str | None) -> tuple[str, str | None, str | None]:
+    """A CLI-style source (a built-in name, or a file path; None: the default) as ``(kind, builtin,
+    file_path)`` for :func:`calibration_data`."""
+    builtin_names = BUILTIN_SETS if is_encoder(model) else DECODER_SOURCES
+    if name is None:
+        name = "newsgroups" if is_encoder(model) else default_source(tokenizer)
+    if name in builtin_names:
+        return "builtin", name, None
+    return "file", None, name
+
+
+def calibration_data(model, tokenizer, model_name: str, source: str = "builtin", builtin: str | None = None,
+                     file_path: str | None = None, pasted: str = "", num_samples: int | None = None,
+                     seq_len: int | None = None, seed: int = 0, text_columns: tuple[str, ...] = ("text",),
+                     label_column: str = "label",
+                     progress: Callable[[str, int, int], None] | None = None) -> CalibrationData:
+    """The calibration data for ``model`` from ``source`` (``"builtin"`` with ``builtin`` a name,
+    ``"file"`` with ``file_path``, or ``"pasted"`` text split at blank lines).
+
+    Decoders: ``num_samples`` windows of ``seq_len`` tokens (default 64 × 512); a built-in source is
+    one of ``calibration_mix.SOURCES``. Classifiers: labelled examples split in half — calibration on
+    one half (``num_samples`` of it; default all), accuracy on the other; the demo classifier's
+    newsgroups split is exactly the one it was trained on. Raises :class:`DataError` /
+    ``ValueError`` with one readable sentence.
+    """
+    encoder = is_encoder(model)
+    if source not in SOURCE_KINDS:
+        raise ValueError(f"Unknown calibration source '{source}'; use one of {', '.join(SOURCE_KINDS)}.")
+    if source == "file" and not file_path:
+        raise DataError("Upload a calibration file first (.txt, .json, .jsonl, .csv or .parquet).")
+    if source == "builtin" and builtin is None:
+        builtin = "newsgroups" if encoder else default_source(tokenizer)
+    if encoder:  # num_samples None: the whole training half
+        checked, seq_len = check_calibration_sizes(model, 1 if num_samples is None else num_samples,
+                                                   CLASSIFIER_MAX_LEN if seq_len is None else seq_len)
+        num_samples = None if num_samples is None else checked
+    else:
+        num_samples, seq_len = check_calibration_sizes(
+            model, DEFAULT_DECODER_SAMPLES if num_samples is None else num_samples,
+            DEFAULT_DECODER_SEQ_LEN if seq_len is None else seq_len)
+    seed = int(seed)
+    info = {"source": {"builtin": builtin, "file": Path(file_path).name if file_path else None,
+                       "pasted": "pasted text"}[source], "num_samples": num_samples, "seq_len": seq_len, "seed": seed}
+    if not encoder:
+        return _decoder_data(model, tokenizer, source, builtin, file_path, pasted, num_samples, seq_len, seed, info,
+                             progress)
+    return _classifier_data(tokenizer, model_name, source, builtin, file_path, num_samples, seq_len, seed, info,
+                            text_columns, label_column)
+
+
+def _decoder_data(model, tokenizer, source, builtin, file_path, pasted, num_samples, seq_len, seed, info, progress):
+    config = CalibrationConfig(num_samples=num_samples, seq_len=seq_len, seed=seed)
+    if source == "builtin":
+        if builtin not in DECODER_SOURCES:
+            raise DataError(f"'{builtin}' is a labelled set for classifiers; decoders calibrate on "
+                            f"{', '.join(DECODER_SOURCES)}, a file or pasted text.")
+        cal = decoder_calibration(model, tokenizer, builtin, config, progress=progress)
+        info.update({k: v for k, v in cal.info.items() if k not in info}, tokens=int(cal.windows.numel()))
+        return CalibrationData(cal.windows, None, info)
+    docs = load_text_file(file_path) if source == "file" else pasted_documents(pasted)
+    catcher = _Collect()
+    data_log = logging.getLogger("stat_core.data")
+    data_log.addHandler(catcher)
+    try:
+        windows = calibration_windows(tokenizer, docs, config)
+    finally:
+        data_log.removeHandler(catcher)
+    warnings = []
+    if catcher.messages:
+        warnings.append(f"The calibration text is shorter than {num_samples} × {seq_len} tokens, so the windows "
+                        "overlap; statistics from repeated text are less reliable — give more text or ask for "
+                        "fewer samples.")
+    info["tokens"] = int(windows.numel())
+    return CalibrationData(windows, None, info, warnings)
+
+
+def _classifier_data(tokenizer, model_name, source, builtin, file_path, num_samples, seq_len, seed, info,
+                     text_columns, label_column):
+    if source == "pasted":
+        raise DataError("A classifier calibrates on labelled examples; pick a built-in labelled set or upload "
+                        "a .csv/.json/.jsonl/.parquet file with 'text' and 'label' columns.")
+    if source == "builtin":
+        if builtin not in BUILTIN_SETS:
+            raise DataError(f"'{builtin}' is not a labelled set; classifiers calibrate on "
+                            f"{', '.join(BUILTIN_SETS)} or an uploaded labelled file.")
+        if builtin == "newsgroups" and model_name == DEMO_CLASSIFIER:
+            train, held = demo_classifier_split()  # exactly the split the demo classifier was trained on
+        else:
+            train, held = load_labelled(builtin).split(seed=seed)
+    else:
+        train, held = load_labelled(file_path, tuple(text_columns), label_column).split(seed=seed)
+    if len(train) == 0 or len(held) == 0:
+        raise DataError("The labelled set is too small to split into calibration and held-out halves.")
+    warnings = []
+    if num_samples is not None and num_samples > len(train):
+        warnings.append(f"Only {len(train)} labelled examples are available for calibration "
+                        f"({num_samples} requested); using all of them.")
+    train = train.take(range(min(num_samples or len(train), len(train))))
+    # All the training side's text feeds the statistics (long posts give several windows);
+    # accuracy reads each held-out example once, as the classifier is used.
+    data, held_set = encode_chunks(tokenizer, train, seq_len), encode(tokenizer, held, seq_len)
+    info.update(num_samples=len(train), seq_len=seq_len, held_out_examples=len(held),
+                tokens=int(CalibrationSet.wrap(data).attention_mask.sum()))
+    return CalibrationData(data, held_set, info, warnings)
