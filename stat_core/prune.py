@@ -40,8 +40,10 @@ BUDGET_KINDS = ("params", "flops")
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
 
-# Windows per batch of the gradient pass (it keeps every activation of the batch for the backward pass).
-SENSITIVITY_BATCH = 4
+# Windows per batch of the gradient pass. One: its logits and their gradient (vocabulary × tokens,
+# float32) are the largest tensors of a prune, and on SmolLM2 one window per batch took the same
+# time as four (benchmarks/memory.py: 31.0 vs 31.8 s) at a third of the memory.
+SENSITIVITY_BATCH = 1
 
 # Real tokens the gradient pass sees by default: 8 windows of 512 for decoders; for short
 # classifier inputs that is ~36 windows of 128 (8 short windows gave a visibly worse allocation).
