@@ -175,7 +175,7 @@ def build_demo(store: SessionStore | None = None) -> gr.Blocks:
 
     def on_export(request: gr.Request, progress=gr.Progress()):
         progress(None, desc="Writing the model folder and zipping it")
-        reply = H.export(session_of(request))
+        reply = H.export(session_of(request), cancel_event=session_of(request).begin_job())
         if not reply.ok:
             return _status(reply), None, None
         return _status(reply), reply["zip"], reply["report"]
@@ -316,9 +316,9 @@ def build_demo(store: SessionStore | None = None) -> gr.Blocks:
                                 **heavy)
         compare_evt = compare_btn.click(on_compare, [sparsity, budget_kind, uniform, eval_tokens, compare_methods],
                                         [status, compare_table, compare_plot], api_name="compare", **heavy)
-        export_btn.click(on_export, None, [status, export_zip, export_report], api_name="export", **heavy)
+        export_evt = export_btn.click(on_export, None, [status, export_zip, export_report], api_name="export", **heavy)
         cancel_btn.click(on_cancel, None, [status], api_name="cancel",
-                         cancels=[load_evt, prune_evt, measure_evt, gen_evt, compare_evt, head_evt, *rebudget_evts])
+                         cancels=[load_evt, prune_evt, measure_evt, gen_evt, compare_evt, head_evt, export_evt, *rebudget_evts])
         demo.unload(on_unload)
     return demo
 

@@ -573,21 +573,27 @@ def compare(session: Session, sparsity: float, budget_kind: str = "params", unif
 
 # --- export --------------------------------------------------------------------------------------
 
-def _zip_folder(folder: Path, zip_path: Path) -> Path:
-    """Zip ``folder`` (weights stored as is: they barely compress and deflating them is slow)."""
+def _zip_folder(folder: Path, zip_path: Path, cancel_event: threading.Event | None = None) -> Path:
+    """Zip ``folder`` (weights stored as is: they barely compress and deflating them is slow); a
+    cancel between files leaves no partial zip behind."""
     tmp = zip_path.with_suffix(".zip.part")
-    with zipfile.ZipFile(tmp, "w") as zf:
-        for f in sorted(folder.rglob("*")):
-            if f.is_file():
-                method = zipfile.ZIP_STORED if f.suffix in (".safetensors", ".bin") else zipfile.ZIP_DEFLATED
-                zf.write(f, f"{folder.name}/{f.relative_to(folder)}", compress_type=method)
-    tmp.replace(zip_path)
+    try:
+        with zipfile.ZipFile(tmp, "w") as zf:
+            for f in sorted(folder.rglob("*")):
+                _check_cancel(cancel_event)
+                if f.is_file():
+                    method = zipfile.ZIP_STORED if f.suffix in (".safetensors", ".bin") else zipfile.ZIP_DEFLATED
+                    zf.write(f, f"{folder.name}/{f.relative_to(folder)}", compress_type=method)
+        tmp.replace(zip_path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return zip_path
 
 
 @guarded
-def export(session: Session) -> Reply:
-    """Write the pruned model folder (``stat_core.export``), zip it, and write its report."""
+def export(session: Session, cancel_event: threading.Event | None = None) -> Reply:
+    """Write the pruned model folder (``stat_core.export``), zip it, and write its report. Cancel
+    stops it between steps (and between files of the zip) and leaves nothing half-written."""
     import json
 
     _require_pruned(session)
@@ -596,19 +602,25 @@ def export(session: Session) -> Reply:
     except ImportError as exc:
         raise ValueError("Export is not available: this version of stat_core has no export module.") from exc
     with DEVICE_LOCK:
-        outcome = ensure_pruned(session)   # plan, report and weights of one and the same prune
+        _check_cancel(cancel_event)
+        outcome = ensure_pruned(session, cancel_event)   # plan, report and weights of one and the same prune
+        _check_cancel(cancel_event)
         pct = round(100 * outcome.config.sparsity)
         base = Path(str(session.model_name)).name.replace(" ", "_") or "model"
         stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{uuid.uuid4().hex[:4]}"
         name = f"{base}-{outcome.config.method}-{pct}pct-{stamp}"
         out_dir = session.workdir / name
-        for old in session.workdir.glob("*.zip"):  # one export per session on disk (Gradio serves its own copy)
-            old.unlink(missing_ok=True)
-        info = export_pruned(outcome.pruned, session.tokenizer, out_dir, plan=outcome.plan, report=outcome.report,
-                             overwrite=False)
-        folder = Path(getattr(info, "path", out_dir))
-        zip_path = _zip_folder(folder, session.workdir / f"{name}.zip")
-    shutil.rmtree(folder, ignore_errors=True)  # the zip is what gets served; keep one copy on disk
+        try:
+            info = export_pruned(outcome.pruned, session.tokenizer, out_dir, plan=outcome.plan,
+                                 report=outcome.report, overwrite=False)
+            folder = Path(getattr(info, "path", out_dir))
+            _check_cancel(cancel_event)
+            zip_path = _zip_folder(folder, session.workdir / f"{name}.zip", cancel_event)
+        finally:
+            shutil.rmtree(out_dir, ignore_errors=True)  # the zip is what gets served; keep one copy on disk
+        for old in session.workdir.glob("*.zip"):  # one export per session on disk (Gradio serves its own copy),
+            if old != zip_path:                    # the previous one removed only once this one is complete
+                old.unlink(missing_ok=True)
     report_path = session.workdir / f"{name}-pruning_report.json"
     report_path.write_text(json.dumps(outcome.report, indent=1, default=str))
     size = getattr(info, "size_bytes", None)

@@ -455,3 +455,30 @@ def test_cli_and_app_exports_carry_the_same_report_fields(calibrated, decoder_di
     # The written weights' size replaced the planned one in both.
     assert app_report["size_on_disk_after_bytes"] < app_report["size_on_disk_before_bytes"]
     assert cli_report["size_on_disk_after_bytes"] < cli_report["size_on_disk_before_bytes"]
+
+
+def test_cancel_during_export_leaves_nothing_half_written(calibrated, monkeypatch):
+    """Cancel while the folder is written (before zipping): no folder, no partial zip, and the
+    previous export's zip is still there."""
+    import threading
+
+    import stat_core.export as core_export
+
+    s = calibrated
+    assert H.prune(s, 0.3).ok
+    first = H.export(s)
+    assert first.ok
+    event = threading.Event()
+    real = core_export.export_pruned
+
+    def export_then_cancel(*args, **kwargs):
+        info = real(*args, **kwargs)
+        event.set()  # the user presses Cancel while the folder is being written
+        return info
+
+    monkeypatch.setattr(core_export, "export_pruned", export_then_cancel)
+    r = H.export(s, cancel_event=event)
+    assert not r.ok and "Cancelled" in r.message
+    left = sorted(p.name for p in s.workdir.iterdir())
+    assert [n for n in left if n.endswith(".zip")] == [Path(first["zip"]).name]
+    assert not any(n.endswith(".part") or (s.workdir / n).is_dir() for n in left), left
