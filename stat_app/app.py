@@ -173,9 +173,9 @@ def build_demo(store: SessionStore | None = None) -> gr.Blocks:
         return (_status(reply), pd.DataFrame(reply["rows"], columns=reply["headers"]),
                 F.compare_figure(reply["results"], reply["dense"], reply["metric"]))
 
-    def on_export(request: gr.Request, progress=gr.Progress()):
+    def on_export(fmt, request: gr.Request, progress=gr.Progress()):
         progress(None, desc="Writing the model folder and zipping it")
-        reply = H.export(session_of(request), cancel_event=session_of(request).begin_job())
+        reply = H.export(session_of(request), fmt, cancel_event=session_of(request).begin_job())
         if not reply.ok:
             return _status(reply), None, None
         return _status(reply), reply["zip"], reply["report"]
@@ -283,7 +283,11 @@ def build_demo(store: SessionStore | None = None) -> gr.Blocks:
         compare_plot = gr.Plot(label="comparison")
 
         gr.Markdown("## 7 · Export")
-        export_btn = gr.Button("Export pruned model (zip)", elem_id="export_btn")
+        with gr.Row():
+            export_format = gr.Dropdown(list(H.EXPORT_CHOICES), value=next(iter(H.EXPORT_CHOICES)),
+                                        label="format (GGUF: Llama-family decoders; ONNX: logits only)",
+                                        elem_id="export_format")
+            export_btn = gr.Button("Export pruned model (zip)", elem_id="export_btn")
         with gr.Row():
             export_zip = gr.File(label="pruned model folder (zip)", interactive=False, elem_id="export_zip")
             export_report = gr.File(label="pruning report (JSON)", interactive=False, elem_id="export_report")
@@ -316,7 +320,8 @@ def build_demo(store: SessionStore | None = None) -> gr.Blocks:
                                 **heavy)
         compare_evt = compare_btn.click(on_compare, [sparsity, budget_kind, uniform, eval_tokens, compare_methods],
                                         [status, compare_table, compare_plot], api_name="compare", **heavy)
-        export_evt = export_btn.click(on_export, None, [status, export_zip, export_report], api_name="export", **heavy)
+        export_evt = export_btn.click(on_export, [export_format], [status, export_zip, export_report], api_name="export",
+                                      **heavy)
         cancel_btn.click(on_cancel, None, [status], api_name="cancel",
                          cancels=[load_evt, prune_evt, measure_evt, gen_evt, compare_evt, head_evt, export_evt, *rebudget_evts])
         demo.unload(on_unload)

@@ -590,17 +590,31 @@ def _zip_folder(folder: Path, zip_path: Path, cancel_event: threading.Event | No
     return zip_path
 
 
+#: The app's export formats: label → (stat_core.export format, GGUF weight type).
+EXPORT_CHOICES = {
+    "safetensors (transformers)": ("safetensors", None),
+    "GGUF float16 (llama.cpp)": ("gguf", "f16"),
+    "GGUF Q8_0 (llama.cpp, 8-bit)": ("gguf", "q8_0"),
+    "ONNX (onnxruntime)": ("onnx", None),
+}
+
+
 @guarded
-def export(session: Session, cancel_event: threading.Event | None = None) -> Reply:
-    """Write the pruned model folder (``stat_core.export``), zip it, and write its report. Cancel
-    stops it between steps (and between files of the zip) and leaves nothing half-written."""
+def export(session: Session, fmt: str = "safetensors (transformers)",
+           cancel_event: threading.Event | None = None) -> Reply:
+    """Write the pruned model in ``fmt`` (a key of :data:`EXPORT_CHOICES` or a plain format name) with
+    ``stat_core.export.export_model``, zip the folder, and write its report. Cancel stops it between
+    steps (and between files of the zip) and leaves nothing half-written."""
     import json
 
+    from stat_core.export import check_format, export_model
+
     _require_pruned(session)
-    try:
-        from stat_core.export import export_pruned
-    except ImportError as exc:
-        raise ValueError("Export is not available: this version of stat_core has no export module.") from exc
+    if fmt in EXPORT_CHOICES:
+        fmt, gguf_type = EXPORT_CHOICES[fmt]
+    else:
+        gguf_type = None
+    check_format(session.model, fmt, session.tokenizer)  # one sentence before the surgery, not after
     with DEVICE_LOCK:
         _check_cancel(cancel_event)
         outcome = ensure_pruned(session, cancel_event)   # plan, report and weights of one and the same prune
@@ -608,11 +622,11 @@ def export(session: Session, cancel_event: threading.Event | None = None) -> Rep
         pct = round(100 * outcome.config.sparsity)
         base = Path(str(session.model_name)).name.replace(" ", "_") or "model"
         stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{uuid.uuid4().hex[:4]}"
-        name = f"{base}-{outcome.config.method}-{pct}pct-{stamp}"
+        name = f"{base}-{outcome.config.method}-{pct}pct-{fmt}{'-' + gguf_type if gguf_type else ''}-{stamp}"
         out_dir = session.workdir / name
         try:
-            info = export_pruned(outcome.pruned, session.tokenizer, out_dir, plan=outcome.plan,
-                                 report=outcome.report, overwrite=False)
+            info = export_model(outcome.pruned, session.tokenizer, out_dir, fmt, plan=outcome.plan,
+                                report=outcome.report, overwrite=False, gguf_type=gguf_type or "f16")
             folder = Path(getattr(info, "path", out_dir))
             _check_cancel(cancel_event)
             zip_path = _zip_folder(folder, session.workdir / f"{name}.zip", cancel_event)

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -317,6 +318,32 @@ def test_classifier_session(classifier_dir):
     assert m["before"]["accuracy"] == accuracy(s.model, s.held_out)
     assert m["rows"][0][2] == f"{m['after']['accuracy']:.1%}"
     assert one_sentence(H.generate(s, "hello"))
+    # a format that does not apply to a classifier: one sentence naming the ones that do, nothing written
+    msg = one_sentence(H.export(s, "GGUF float16 (llama.cpp)"))
+    assert "gguf" in msg and "safetensors" in msg
+    assert not list(s.workdir.glob("*.zip"))
+
+
+def test_export_gguf_and_onnx_downloads(calibrated):
+    """The app's other formats: a zip with the .gguf file (read back with the gguf reader: per-layer
+    head counts) or the .onnx file, each with its report."""
+    from gguf import GGUFReader
+
+    s = calibrated
+    assert H.prune(s, 0.3).ok
+    r = H.export(s, "GGUF float16 (llama.cpp)")
+    assert r.ok, r.message
+    with zipfile.ZipFile(r["zip"]) as zf, tempfile.TemporaryDirectory() as tmp:
+        ggufs = [n for n in zf.namelist() if n.endswith(".gguf")]
+        assert len(ggufs) == 1
+        reader = GGUFReader(zf.extract(ggufs[0], tmp))
+        heads = [int(v) for v in reader.fields[next(k for k in reader.fields if k.endswith(".attention.head_count"))]
+                 .contents()]
+        assert heads == [len(lp.kept_heads) for lp in s.plan.layers]
+    r = H.export(s, "ONNX (onnxruntime)")
+    assert r.ok, r.message
+    with zipfile.ZipFile(r["zip"]) as zf:
+        assert any(n.endswith(".onnx") for n in zf.namelist())
 
 
 def test_export_zip(calibrated):
