@@ -268,7 +268,7 @@ def main(argv=None) -> int:
     p.add_argument("--classifier", default="minilm-classifier", help="'' to skip the classifier")
     p.add_argument("--budgets", default="0.1,0.2,0.3,0.4,0.5")
     p.add_argument("--classifier-budgets", default="0.2,0.3,0.4,0.5")
-    p.add_argument("--methods", default=",".join(method_names()))
+    p.add_argument("--methods", default=",".join(m for m in method_names() if not get_method(m).needs_training))
     p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--quick", action="store_true", help="the quick suite (fewer evaluation tokens and prompts)")

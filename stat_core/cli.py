@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import sys
@@ -25,6 +26,8 @@ from .suite import SuiteConfig, build_reference, evaluate_suite
 from .methods import get_method
 from .models import DEMO_MODELS, ModelLoadError, is_encoder, load_model
 from .pipeline import calibration_data, resolve_source
+from .plan import PrunePlan
+from .recover import RecoveryConfig, recover_
 from .report import prune_report, set_after_sizes, size_summary
 from .prune import (BUDGET_KINDS, MODES, method_names, PruneConfig, calibration_size_warning,
                     check_budget_feasible, stat_prune_)
@@ -102,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GGUF weight type (default f16; q8_0: 8-bit blocks where a row splits into 32s)")
     p.add_argument("--no-model", action="store_true",
                    help="write only pruning_report.json and plan.json, not the model")
+    p.add_argument("--recover", type=int, default=0, metavar="STEPS",
+                   help="after pruning, distil the pruned model towards the dense one for STEPS steps on the "
+                        "calibration data (KL on the output distributions + block-output MSE; shapes unchanged; "
+                        "default 0: off; needs memory for a dense copy and AdamW's state)")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -162,7 +169,9 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"--format {args.format} writes a model; --no-model writes none: drop one of them")
     if not args.no_model:
         check_format(model, args.format, tokenizer)  # a format that does not fit says so before any work
-    if method.whole_model and not args.no_model:
+    if args.recover < 0:
+        raise ValueError(f"--recover takes a number of steps ≥ 0, got {args.recover}")
+    if method.whole_model and not method.returns_plan and not args.no_model:
         raise ValueError(f"{method.label} changes the hidden size and adds rotation matrices to the residual path; "
                          "its models cannot be exported yet: add --no-model to measure it")
     prepared = distributed.from_main(_calibration, args, model, tokenizer)  # rank 0 builds, all get it
@@ -219,6 +228,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.measure_floor:
         report["seconds_forward_calibration"] = time_forward(model, calib, args.batch_size)
 
+    dense_copy = copy.deepcopy(model) if args.recover else None  # recovery's teacher, never modified
     t = time.perf_counter()
     result = stat_prune_(model, calib, config, model_name=args.model, progress=_Progress(not args.quiet),
                          calibration_info=calib_info)
@@ -226,6 +236,8 @@ def run(args: argparse.Namespace) -> dict:
         return report
     report["seconds_prune"] = time.perf_counter() - t
     report["seconds_prune_stages"] = result.timings
+    if result.plan is None and "plan" in result.info:  # a trained method's final plan (block movement)
+        result.plan = PrunePlan.from_dict(result.info.pop("plan"))
     if args.measure_floor:
         report["prune_time_over_forward"] = report["seconds_prune"] / report["seconds_forward_calibration"]
 
@@ -239,6 +251,11 @@ def run(args: argparse.Namespace) -> dict:
         report["block_params_removed_fraction"] = result.info["removed_fraction"]
         report["block_flops_removed_fraction"] = result.info.get("removed_fraction")
         report["method_info"] = result.info
+    if args.recover:
+        report["recover"] = recover_(model, dense_copy, calib, RecoveryConfig(steps=args.recover, seed=args.seed),
+                                     progress=_Progress(not args.quiet))
+        report["seconds_recover"] = report["recover"]["seconds"]
+        del dense_copy
     measure("after")
     if args.no_model:
         with atomic_output_dir(args.out, args.overwrite) as tmp:
@@ -277,6 +294,8 @@ def _summary(report: dict) -> str:
     if "size_on_disk_after_bytes" in report:
         lines.append(f"weights on disk  {report['size_on_disk_before_bytes'] / 1e6:.1f} MB -> "
                      f"{report['size_on_disk_after_bytes'] / 1e6:.1f} MB")
+    if "recover" in report:
+        lines.append(f"recovery         {report['recover']['steps']} steps in {report['seconds_recover']:.1f} s")
     lines.append(f"pruning time     {report['seconds_prune']:.1f} s"
                  + (f" ({report['prune_time_over_forward']:.2f}x one forward pass over the calibration set)"
                     if "prune_time_over_forward" in report else ""))

@@ -59,6 +59,11 @@ class PruningMethod:
     whole_model: bool = False    # True: implements prune_ (changes more than heads and neurons)
     decoder_only: bool = False
     needs_data: bool = False     # prepare() must see the calibration windows (e.g. a gradient pass)
+    #: trains the model (minutes, not seconds): the app and benchmarks run it only when asked by name
+    needs_training: bool = False
+    #: a whole-model method whose ``prune_`` ends in a head/neuron plan (``info["plan"]``, a dict):
+    #: its model exports like any plan-based method's
+    returns_plan: bool = False
     #: which parts of the shared calibration the method uses (the benchmarks charge their time):
     #: the dense block statistics (Grams, sums), and STAT's sensitivity pass + decompositions
     uses_block_stats: bool = True

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .base import PruningMethod
 from .baselines import ActivationNorm, Magnitude, NoCorrection
+from .block_movement import BlockMovement
 from .flap import Flap
 from .llm_pruner import LLMPruner
 from .slicegpt import SliceGPT
@@ -17,12 +18,14 @@ from .wanda_sp import WandaSP
 
 _METHODS: dict[str, PruningMethod] = {m.name: m for m in (
     Stat(), NoCorrection(), Magnitude(), ActivationNorm(),
-    Flap(), WandaSP(), SlimGPT(), LLMPruner(), SliceGPT(),
+    Flap(), WandaSP(), SlimGPT(), LLMPruner(), SliceGPT(), BlockMovement(),
 )}
 
 #: STAT first, then the published peers, then the simple baselines.
 PEERS = ("flap", "wanda-sp", "slimgpt", "llm-pruner", "slicegpt")
 BASELINES = ("no-correction", "magnitude", "activation-norm")
+#: Methods that fine-tune (minutes): run only when asked for by name.
+TRAINED = ("block-movement",)
 
 
 def method_names() -> tuple[str, ...]:
