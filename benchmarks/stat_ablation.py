@@ -44,6 +44,12 @@ VARIANTS = {
     "ls-fisher": ("wikipedia", {"intercept": False, "sensitivity_labels": "model"},
                   "no intercept, Wikipedia, true Fisher"),
     "affine-propagate": ("wikipedia", {"intercept": True, "mode": "propagate"}, "intercept, Wikipedia, propagate"),
+    "ls-propagate": ("wikipedia", {"mode": "propagate"}, "no intercept, Wikipedia, propagate (the paper's variant)"),
+    "ls-seq": ("wikipedia", {"mode": "sequential"},
+               "no intercept, Wikipedia, sequential: corrections fitted to the dense model's activations"),
+    "affine-seq": ("wikipedia", {"intercept": True, "mode": "sequential"}, "intercept, Wikipedia, sequential"),
+    "ls-mix-fisher-seq": ("mix", {"sensitivity_labels": "model", "mode": "sequential"},
+                          "no intercept, mix, true Fisher, sequential"),
 }
 FIELDS = ("perplexity", "kl_to_dense", "fewshot_accuracy", "fewshot_bias_free", "fewshot_majority_share",
           "analogy_accuracy", "instruction_agreement", "instruction_kl")
@@ -116,7 +122,7 @@ def main(argv=None) -> int:
             config = PruneConfig(sparsity=budget, **fields)
             t = time.perf_counter()
             key = (source, config.sensitivity_labels)
-            if config.mode == "propagate":
+            if config.mode != "one-shot":
                 stat_prune_(pruned, windows[source].windows, config)
                 seconds = time.perf_counter() - t
             else:  # one calibration per source serves every one-shot variant and budget

@@ -142,6 +142,36 @@ class BlockStats:
                           move(self.attn_sum), move(self.mlp_sum))
 
 
+@dataclass
+class PairedStats:
+    """Cross products of one block's activations on the pruned path (``Z``) with the same block's
+    on the dense path (``Z_d``), token for token: ``cross[kind] = Zᵀ Z_d`` ``(n_units, n_units)`` and
+    ``dense_sum[kind] = Σ_t z_d`` (float64 sums over ``n_tokens``). With the pruned path's Gram they
+    give the least-squares map from the kept units of the pruned model to the dense model's
+    activations (:func:`stat_core.prune.dense_target_correction`)."""
+
+    cross: dict[str, torch.Tensor]
+    dense_sum: dict[str, torch.Tensor]
+    n_tokens: int
+
+    def to(self, device) -> "PairedStats":
+        return PairedStats({k: v.to(device) for k, v in self.cross.items()},
+                           {k: v.to(device) for k, v in self.dense_sum.items()}, self.n_tokens)
+
+
+def _module_of(proj) -> nn.Module:
+    """The real module behind an adapter's projection (a ``LinearView`` wraps one)."""
+    return getattr(proj, "module", proj)
+
+
+def _same_submodule(block: nn.Module, twin: nn.Module, module: nn.Module) -> nn.Module:
+    """``module`` (inside ``block``) found at the same path in ``twin`` (a copy of ``block``)."""
+    for name, m in block.named_modules():
+        if m is module:
+            return twin.get_submodule(name)
+    raise ValueError("projection not found in its block")
+
+
 def merge_stats(*parts: list[BlockStats]) -> list[BlockStats]:
     """Per-block merge of several lists of statistics (e.g. one per shard of the calibration windows)."""
     if len({len(p) for p in parts}) != 1:
@@ -368,6 +398,72 @@ class LayerwiseRunner:
         # Statistics leave the model's device once the block is done (they are kept for every block).
         stats = BlockStats(attn_acc.gram, mlp_acc.gram, attn_acc.n_rows, energy, attn_acc.col_sum, mlp_acc.col_sum)
         return stats.to("cpu"), outs
+
+    @torch.no_grad()
+    def collect_paired(self, layer: int, hidden: list[torch.Tensor], dense_hidden: list[torch.Tensor],
+                       dense_block: nn.Module, kinds: tuple[str, ...] = ("attn", "mlp")
+                       ) -> tuple[BlockStats, "PairedStats", list[torch.Tensor]]:
+        """Block ``layer`` as it is now (perhaps partly pruned) on the pruned path's ``hidden`` and the
+        untouched ``dense_block`` on the dense path's ``dense_hidden``, batch by batch side by side.
+
+        Returns the pruned path's statistics, the cross products with the dense path
+        (:class:`PairedStats`, for the block ``kinds`` only: the others may already be cut) and the
+        dense block's outputs (the dense path's next hidden states).
+        """
+        adapter = self.adapter
+        projs = {"attn": adapter.attn_out_proj(layer), "mlp": adapter.mlp_out_proj(layer)}
+        accs = {k: GramAccumulator(p.in_features, self.device) for k, p in projs.items()}
+        cross = {k: torch.zeros(projs[k].in_features, projs[k].in_features, dtype=torch.float64) for k in kinds}
+        dense_sum = {k: torch.zeros(projs[k].in_features, dtype=torch.float64) for k in kinds}
+        block = adapter.layers[layer]
+        dense_projs = {k: _same_submodule(block, dense_block, _module_of(projs[k])) for k in kinds}
+        seen: dict[str, torch.Tensor] = {}
+        current = {"mask": None}
+
+        def keep_dense(kind):
+            return lambda _m, args: seen.__setitem__(kind, args[0].detach())
+
+        def add_pruned(kind):
+            def hook(_m, args):
+                z = args[0].detach()
+                accs[kind].add(z, current["mask"])
+                if kind not in kinds:
+                    return
+                zp, zd = z.reshape(-1, z.shape[-1]), seen.pop(kind).reshape(-1, z.shape[-1])
+                if current["mask"] is not None:
+                    rows = current["mask"].reshape(-1)
+                    zp, zd = zp[rows], zd[rows]
+                cross[kind] += (zp.float().T @ zd.float()).to("cpu", torch.float64)
+                dense_sum[kind] += zd.to(torch.float64).sum(0).cpu()
+            return hook
+
+        handles = [dense_projs[k].register_forward_pre_hook(keep_dense(k)) for k in kinds]
+        handles += [_module_of(projs[k]).register_forward_pre_hook(add_pruned(k)) for k in projs]
+        dense_outs = []
+        energy = 0.0
+        try:
+            for i, (h, hd) in enumerate(zip(hidden, dense_hidden)):
+                current["mask"] = self.token_mask(i)
+                dense_outs.append(self._run_module(dense_block, layer, i, hd))
+                self._run_one(layer, i, h, None)
+                rows = h.reshape(-1, h.shape[-1])
+                if current["mask"] is not None:
+                    rows = rows[current["mask"].reshape(-1)]
+                energy += float((rows.float() ** 2).sum())
+        finally:
+            for handle in handles:
+                handle.remove()
+        a, m = accs["attn"], accs["mlp"]
+        stats = BlockStats(a.gram, m.gram, a.n_rows, energy, a.col_sum, m.col_sum).to("cpu")
+        return stats, PairedStats(cross, dense_sum, a.n_rows), dense_outs
+
+    def _run_module(self, block: nn.Module, layer: int, index: int, h: torch.Tensor) -> torch.Tensor:
+        if self.per_batch_args:
+            args, kwargs = self.batch_args[index]
+            o = block(h, *args, **kwargs)
+        else:
+            o = block(h, **self.layer_kwargs[layer])
+        return o[0] if isinstance(o, tuple) else o
 
     def _run_one(self, layer: int, index: int, h: torch.Tensor, adapter: ModelAdapter | None) -> torch.Tensor:
         block = (adapter or self.adapter).layers[layer]

@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pruning method (default: stat): " + "; ".join(f"{m.name}: {m.summary}" for m in
                                                                         map(get_method, method_names())))
     p.add_argument("--mode", choices=MODES, default="one-shot",
-                   help="one-shot: all statistics from the dense model (default); propagate: calibrate each layer on the pruned earlier ones")
+                   help="one-shot: all statistics from the dense model (default); propagate: calibrate each layer on the pruned "
+                        "earlier ones; sequential: like propagate, with each correction fitted to the dense model's "
+                        "activations (about 3.5x the time; measured worse than one-shot on SmolLM2: README)")
     p.add_argument("--calibration", default=None,
                    help="decoders: 'wikipedia' (default: built-in sample, calibration split), 'mix' (chat models: "
                         "half Wikipedia, half the model's own answers to seed prompts through its chat template, "

@@ -175,6 +175,18 @@ def all_reduce_stats(stats: list[BlockStats]) -> list[BlockStats]:
     return out
 
 
+def all_reduce_paired(paired):
+    """Cross products of the pruned and dense paths (:class:`~stat_core.calibrate.PairedStats`)
+    summed over ranks (exact sums; on the CPU)."""
+    if not is_distributed():
+        return paired
+    kinds = sorted(paired.cross)
+    tensors = [paired.cross[k] for k in kinds] + [paired.dense_sum[k] for k in kinds]
+    reduced = _sum_(tensors + [torch.tensor([float(paired.n_tokens)], dtype=torch.float64)])
+    return type(paired)(dict(zip(kinds, reduced[:len(kinds)])), dict(zip(kinds, reduced[len(kinds):-1])),
+                        int(round(float(reduced[-1][0]))))
+
+
 def all_reduce_sensitivity(sums: SensitivitySums) -> SensitivitySums:
     """The gradient second-moment sums and their token count summed over ranks (on the CPU)."""
     if not is_distributed():

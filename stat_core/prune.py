@@ -35,7 +35,13 @@ def method_names() -> tuple[str, ...]:
     return names()
 
 
-MODES = ("propagate", "one-shot")
+# one-shot: every statistic from the dense model (the app re-budgets from them instantly).
+# propagate: each layer re-selected and corrected on the pruned path, reproducing the pruned path's
+#   own activations (the paper's layer-by-layer variant).
+# sequential: like propagate, but each correction maps the pruned path's kept units onto the *dense*
+#   model's activations (cross products of the two paths), so it also undoes the error the earlier
+#   pruned layers let through; attention is cut before the MLP's statistics are taken.
+MODES = ("propagate", "one-shot", "sequential")
 BUDGET_KINDS = ("params", "flops")
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
@@ -476,8 +482,8 @@ def stat_prune_(model, windows: "torch.Tensor | CalibrationSet", config: PruneCo
         return PruneResult(plan=None, stats=[], dense_stats=[], sensitivity=None,
                            timings={"total": time.perf_counter() - t0}, info=info)
     check_budget_feasible(model, config)  # before minutes of calibration, not after
-    if config.mode == "propagate" and not hasattr(method, "relabel") and method.name != "stat":
-        raise ValueError(f"propagate mode re-fits STAT's corrections layer by layer; {method.label} runs one-shot")
+    if config.mode != "one-shot" and not hasattr(method, "relabel") and method.name != "stat":
+        raise ValueError(f"{config.mode} mode re-fits STAT's corrections layer by layer; {method.label} runs one-shot")
     adapter = get_adapter(model)
     # Under torch.distributed each rank runs its shard of the windows (one process: all of them).
     runner = LayerwiseRunner(model, adapter, distributed.shard(windows, config.batch_size)[0], config.batch_size)
@@ -496,13 +502,17 @@ def stat_prune_(model, windows: "torch.Tensor | CalibrationSet", config: PruneCo
     t3 = time.perf_counter()
     if config.method == "stat":
         plan.correction = stat_correction(config)
-        used_stats = _propagate_(model, adapter, runner, plan, calib.sensitivity, progress)
+        propagate = _sequential_ if config.mode == "sequential" else _propagate_
+        used_stats = propagate(model, adapter, runner, plan, calib.sensitivity, progress)
     else:
         # Baselines use the units STAT would keep (or its counts): run STAT's propagation on a
         # scratch copy, then cut this model by that plan without any correction.
         scratch = copy.deepcopy(model)
         plan.correction = stat_correction(config)
-        _propagate_(scratch, get_adapter(scratch), runner, plan, calib.sensitivity, progress)
+        scratch_runner = copy.copy(runner)
+        scratch_runner.model, scratch_runner.adapter = scratch, get_adapter(scratch)
+        propagate = _sequential_ if config.mode == "sequential" else _propagate_
+        propagate(scratch, scratch_runner.adapter, scratch_runner, plan, calib.sensitivity, progress)
         del scratch
         plan = method.relabel(model, plan, calib)
         apply_plan_(model, plan, None)
@@ -572,6 +582,80 @@ def _propagate_(model, adapter: ModelAdapter, runner: LayerwiseRunner, plan: Pru
     return used
 
 
+def _sequential_(model, adapter: ModelAdapter, runner: LayerwiseRunner, plan: PrunePlan, fisher,
+                 progress: ProgressFn | None) -> list[BlockStats]:
+    """Like :func:`_propagate_`, but every correction reproduces the *dense* model's activations.
+
+    Two paths run side by side: the pruned model on its own hidden states and an untouched copy of
+    each block on the dense hidden states. Per layer: attention heads are chosen on the pruned path
+    and their output projection is fitted so that ``W' z_kept ≈ W z_dense``; then, with the pruned
+    attention in place, the same for the MLP's neurons. A layer thus also corrects what the earlier
+    pruned layers got wrong, as far as its kept units can express it.
+    """
+    hidden = runner.hidden
+    dense_hidden = [h.clone() for h in hidden]
+    used = []
+    centered = plan.correction == "affine"
+    uniform = bool(plan.budget.get("uniform"))
+    for layer in range(adapter.num_layers):
+        dense_block = copy.deepcopy(adapter.layers[layer])
+        lp = plan.layers[layer]
+        shape = adapter.layer_shape(layer)
+        fisher_l = None if fisher is None else fisher[layer]
+        for kind in ("attn", "mlp"):
+            if kind == "attn" and len(lp.kept_heads) == shape.num_heads:
+                continue  # nothing to cut: the MLP's pass below also advances the dense path
+            stats, paired, dense_out = runner.collect_paired(layer, hidden, dense_hidden, dense_block, (kind,))
+            stats, paired = distributed.all_reduce_stats([stats])[0], distributed.all_reduce_paired(paired)
+            if kind == "attn":
+                an = analyse_layer(adapter, layer, stats, fisher_l, centered)
+                match = next((c for c in an.head_configs if len(c["heads"]) == len(lp.kept_heads)
+                              and len(c["kv_heads"]) == len(lp.kept_kv_heads)), None)
+                if match is not None:
+                    lp.kept_heads, lp.kept_kv_heads = match["heads"], match["kv_heads"]
+                lp.head_order = an.head_order
+            else:
+                dense_hidden = dense_out
+                used.append(stats)
+                if len(lp.kept_neurons) == shape.intermediate_size:
+                    continue
+                an = analyse_layer(adapter, layer, stats, fisher_l, centered)
+                lp.kept_neurons = sorted(an.neuron_order[: len(lp.kept_neurons)].tolist())
+            _apply_kind_(adapter, lp, kind, stats, plan.correction, uniform, paired)
+        del dense_block
+        hidden = runner.run_block(layer, hidden)
+        _notify(progress, "propagate", layer + 1, adapter.num_layers)
+    adapter.record_shapes_in_config_()
+    return used
+
+
+def dense_target_correction(weight: torch.Tensor, stats: BlockStats, paired, kind: str, kept_cols: torch.Tensor,
+                            affine: bool, ridge_rel: float | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(new output weight, bias or None)`` mapping the pruned path's kept units onto the dense
+    path's activations: ``Z_d ≈ Z[:, I] T (+ 1cᵀ)``, ``T = G[I, I]⁻¹ X[I, :]`` with the pruned
+    path's Gram ``G = ZᵀZ`` and the cross products ``X = ZᵀZ_d`` (centred for ``affine``), so the
+    new weight is ``W Tᵀ`` and the bias ``W c`` with ``c = μ_d − Tᵀ μ_I``."""
+    gram = stats.second_moment(kind).to(torch.float64)
+    cross = paired.cross[kind].to(gram.device, torch.float64)
+    n = max(paired.n_tokens, 1)
+    if affine:
+        mu = stats.mean(kind).to(gram.device, torch.float64)
+        mu_d = paired.dense_sum[kind].to(gram.device, torch.float64) / n
+        gram = gram - n * torch.outer(mu, mu)
+        cross = cross - n * torch.outer(mu, mu_d)
+    kept = kept_cols.to(gram.device)
+    ridge = ridge_of(gram) if ridge_rel is None else ridge_of(gram, ridge_rel)
+    factor = cholesky_with_ridge(gram[kept][:, kept], ridge)
+    interp = torch.cholesky_solve(cross[kept], factor)  # (k, n)
+    w64 = weight.to(interp.device, torch.float64)
+    new_w = (w64 @ interp.T).to(weight.dtype)
+    if not affine:
+        return new_w, None
+    c = mu_d - interp.T @ mu[kept]
+    return new_w, (w64 @ c).cpu()
+
+
 _WITHOUT_BIAS = {"affine": "least-squares", "mean-bias": "none"}
 
 
@@ -580,34 +664,44 @@ def apply_layer_(adapter: ModelAdapter, lp: LayerPlan, stats: BlockStats | None,
     """Cut one layer to ``lp`` and compensate the removed units as ``correction`` says (see
     ``stat_core.methods.CORRECTIONS``); ``stats=None`` means no correction. ``uniform``: create
     output biases only where a stock config can declare them (see :func:`new_bias_kinds`)."""
+    for kind in ("attn", "mlp"):
+        _apply_kind_(adapter, lp, kind, stats, correction, uniform, None, ridge_rel)
+
+
+def _apply_kind_(adapter: ModelAdapter, lp: LayerPlan, kind: str, stats: BlockStats | None, correction: str,
+                 uniform: bool, paired=None, ridge_rel: float | None = None) -> None:
+    """Cut the ``kind`` block (``"attn"`` or ``"mlp"``) of one layer to ``lp`` with its correction;
+    with ``paired`` (:class:`~stat_core.calibrate.PairedStats`) least-squares and affine corrections
+    reproduce the dense path's activations (:func:`dense_target_correction`)."""
     layer = lp.layer
     shape = adapter.layer_shape(layer)
     if stats is None:
         correction = "none"
     stats = _on_compute_device(adapter, layer, stats)
-    allowed = new_bias_kinds(adapter, uniform)
-
-    def kind_correction(kind: str, proj) -> str:
-        if proj.bias is None and kind not in allowed:
-            return _WITHOUT_BIAS.get(correction, correction)
-        return correction
-
-    if len(lp.kept_heads) < shape.num_heads:
+    if paired is not None and stats is not None and stats.attn_gram.device.type == "cuda":
+        paired = paired.to(stats.attn_gram.device)
+    proj = adapter.attn_out_proj(layer) if kind == "attn" else adapter.mlp_out_proj(layer)
+    if proj.bias is None and kind not in new_bias_kinds(adapter, uniform):
+        correction = _WITHOUT_BIAS.get(correction, correction)
+    if kind == "attn":
+        if len(lp.kept_heads) == shape.num_heads:
+            return
         cols = head_columns(lp.kept_heads, adapter.head_dim)
-        dense_w = adapter.attn_out_proj(layer).weight.detach()
-        new_o, bias = _correction(dense_w, stats, "attn", cols, kind_correction("attn", adapter.attn_out_proj(layer)),
-                                  ridge_rel)
-        adapter.prune_heads_(layer, lp.kept_heads, lp.kept_kv_heads, new_o)
-        if bias is not None:
-            adapter.add_out_bias_(layer, "attn", bias)
-    if len(lp.kept_neurons) < shape.intermediate_size:
+    else:
+        if len(lp.kept_neurons) == shape.intermediate_size:
+            return
         cols = torch.tensor(lp.kept_neurons, dtype=torch.long)
-        dense_w = adapter.mlp_out_proj(layer).weight.detach()
-        new_down, bias = _correction(dense_w, stats, "mlp", cols, kind_correction("mlp", adapter.mlp_out_proj(layer)),
-                                     ridge_rel)
-        adapter.prune_neurons_(layer, lp.kept_neurons, new_down)
-        if bias is not None:
-            adapter.add_out_bias_(layer, "mlp", bias)
+    dense_w = proj.weight.detach()
+    if paired is not None and correction in ("least-squares", "affine"):
+        new_w, bias = dense_target_correction(dense_w, stats, paired, kind, cols, correction == "affine", ridge_rel)
+    else:
+        new_w, bias = _correction(dense_w, stats, kind, cols, correction, ridge_rel)
+    if kind == "attn":
+        adapter.prune_heads_(layer, lp.kept_heads, lp.kept_kv_heads, new_w)
+    else:
+        adapter.prune_neurons_(layer, lp.kept_neurons, new_w)
+    if bias is not None:
+        adapter.add_out_bias_(layer, kind, bias)
 
 
 def _correction(weight: torch.Tensor, stats: BlockStats | None, kind: str, kept_cols: torch.Tensor,

@@ -43,7 +43,7 @@ def test_keep_all_is_identity(family, windows):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("mode", ["one-shot", "propagate"])
+@pytest.mark.parametrize("mode", ["one-shot", "propagate", "sequential"])
 def test_prune_forward_generate_and_budget(family, mode, windows):
     model = tiny_model(family)
     before = block_parameter_count(get_adapter(model))
@@ -106,7 +106,7 @@ def _duplicate_units(model):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
-@pytest.mark.parametrize("mode", ["one-shot", "propagate"])
+@pytest.mark.parametrize("mode", ["one-shot", "propagate", "sequential"])
 def test_exactly_low_rank_activations_are_reproduced(family, mode, windows):
     model = _duplicate_units(tiny_model(family))
     ref = _logits(model, windows)
@@ -135,6 +135,46 @@ def test_plan_json_round_trip_reapplies_identically(mode, windows):
     assert plan.to_dict() == result.plan.to_dict()
     apply_plan_(fresh, plan, result.stats)
     torch.testing.assert_close(_logits(fresh, windows), _logits(model, windows), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_dense_target_correction_is_the_least_squares_fit(affine):
+    """Sequential mode's correction from sums alone equals a direct least-squares solve on the
+    activations: the kept units of the pruned path (plus a constant with ``affine``) mapped onto
+    the dense path's outputs ``W z_dense``."""
+    from stat_core.calibrate import BlockStats, PairedStats
+    from stat_core.prune import dense_target_correction
+
+    gen = torch.Generator().manual_seed(0)
+    n, units, d = 400, 12, 6
+    zd = torch.randn(n, units, generator=gen, dtype=torch.float64) + 0.5
+    zp = 0.8 * zd + 0.3 * torch.randn(n, units, generator=gen, dtype=torch.float64)  # a perturbed path
+    w = torch.randn(d, units, generator=gen, dtype=torch.float64)
+    kept = torch.tensor([0, 2, 3, 7, 9, 11])
+    stats = BlockStats(zp.T @ zp, zp.T @ zp, n, 1.0, zp.sum(0), zp.sum(0))
+    paired = PairedStats({"mlp": zp.T @ zd}, {"mlp": zd.sum(0)}, n)
+    new_w, bias = dense_target_correction(w, stats, paired, "mlp", kept, affine, ridge_rel=1e-12)
+    design = torch.cat([zp[:, kept], torch.ones(n, 1, dtype=torch.float64)], 1) if affine else zp[:, kept]
+    sol = torch.linalg.lstsq(design, zd @ w.T).solution  # (k [+1], d)
+    torch.testing.assert_close(new_w, sol[: len(kept)].T, rtol=1e-7, atol=1e-9)
+    if affine:
+        torch.testing.assert_close(bias, sol[-1], rtol=1e-7, atol=1e-9)
+    else:
+        assert bias is None
+
+
+def test_sequential_mode_on_the_first_layer_equals_one_shot(windows):
+    """Before any layer is cut the pruned and dense paths coincide, so the first layer's correction
+    is plain STAT; a plan that cuts only attention of layer 0 gives one-shot's model."""
+    model = tiny_model("llama", num_hidden_layers=1)
+    cfg = dict(sparsity=0.2, prune_neurons=False, sensitivity_samples=0, batch_size=4)
+    one = stat_prune_(copy.deepcopy(model), windows, PruneConfig(**cfg))
+    seq_model = copy.deepcopy(model)
+    seq = stat_prune_(seq_model, windows, PruneConfig(**cfg, mode="sequential"))
+    assert seq.plan.layers[0].kept_heads == one.plan.layers[0].kept_heads
+    one_model = copy.deepcopy(model)
+    apply_plan_(one_model, one.plan, one.stats)
+    torch.testing.assert_close(_logits(seq_model, windows), _logits(one_model, windows), rtol=1e-4, atol=1e-5)
 
 
 def test_stat_beats_baselines_on_structured_activations(windows):
