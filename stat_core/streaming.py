@@ -1,0 +1,497 @@
+"""Layer streaming: prune a model that does not fit in memory, one transformer block at a time.
+
+:func:`streamed_prune` never holds more than one block's weights. The model is built as a
+skeleton on the ``meta`` device (no storage) from its ``config.json``; the weights are read by
+tensor name from the checkpoint's safetensors (``model.safetensors`` or the shards named in
+``model.safetensors.index.json``) only when needed:
+
+1. the embeddings, to turn the calibration windows into block 0's inputs (then freed);
+2. first pass, per block: load its weights, run the calibration hidden states through it
+   collecting its statistics (:meth:`LayerwiseRunner.collect_block`), analyse it
+   (:func:`stat_core.prune.analyse_layer`), write its statistics to a scratch file, free it;
+3. allocation over every layer's analysis (:func:`stat_core.prune.plan_from_analyses`, the same
+   code the in-memory prune runs);
+4. second pass, per block: load it again with its statistics, cut and correct it
+   (:func:`stat_core.prune.apply_layer_`), write its tensors as one shard of the output, free it;
+5. the rest (embeddings, final norm, head) copied into a last shard, the shard index, the config
+   with every layer's pruned widths, ``plan.json``, ``pruning_report.json``, the model card and
+   (per-layer widths) ``modeling_stat.py``: the folder loads the three ways an ordinary export does
+   (:mod:`stat_core.export`). Everything is written to a hidden sibling folder renamed into place
+   at the end, so a failed or interrupted run leaves no half-written output.
+
+Peak memory ≈ the interpreter + one block's weights + the calibration hidden states + one block's
+float64 statistics and decompositions (``d_ff²`` doubles: the largest term for 7B shapes).
+
+What streaming does not do: the gradient-based sensitivity pass (which weights each layer's
+damage by its effect on the loss) needs a backward pass through every block; streaming skips it
+and the allocator falls back to the residual-energy weighting (``fisher=None``, the same as
+``PruneConfig(sensitivity_samples=0)`` in memory). Only STAT one-shot is streamed: propagate and
+sequential modes and the other methods refuse ``--offload`` in one sentence.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import distributed
+from .adapters import get_adapter, supported_model_types
+from .calibrate import CalibrationSet, LayerwiseRunner, _StopForward, load_stats, save_stats
+from .export import (MODELING_FILE, ExportError, ExportInfo, _is_uniform, _state_dict_for, atomic_output_dir,
+                     check_output_dir, export_config, model_card, modeling_file_text)
+from .plan import PrunePlan
+from .prune import (PruneConfig, ProgressFn, analyse_layer, apply_layer_, check_budget_feasible, plan_from_analyses,
+                    stat_correction)
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Files besides the weights that describe the model and travel with the export unchanged.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+ENCODER_TYPES = ("bert", "roberta", "distilbert")
+
+
+class StreamingError(ValueError):
+    """The checkpoint cannot be streamed, or the configuration cannot run streamed (one sentence)."""
+
+
+# --- the checkpoint --------------------------------------------------------------------------------
+
+class SafetensorsCheckpoint:
+    """Tensor names → files of a safetensors checkpoint folder; reads tensors by name on demand.
+
+    Each read opens the files it needs and closes them again, so no mapping of the whole
+    checkpoint stays in the process.
+    """
+
+    def __init__(self, folder: str | Path):
+        folder = Path(folder).expanduser()
+        if not folder.is_dir():
+            raise StreamingError(f"'{folder}' is not a folder; streaming reads a local model folder "
+                                 "(config.json and .safetensors weights).")
+        if not (folder / "config.json").is_file():
+            raise StreamingError(f"'{folder}' has no config.json; it is not a model folder.")
+        self.folder = folder
+        index = folder / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (ValueError, KeyError, UnicodeDecodeError) as exc:
+                raise StreamingError(f"'{index}' is not a valid safetensors index (no readable weight_map).") from exc
+            missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
+            if missing:
+                raise StreamingError(f"The shard '{missing[0]}' named in '{index.name}' is missing from '{folder}'"
+                                     + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                                     + "; copy every shard into the folder.")
+            self.files = dict(weight_map)
+        else:
+            files = sorted(folder.glob("*.safetensors"))
+            if not files:
+                if any(any(folder.glob(p)) for p in ("*.bin", "*.pt", "*.pth", "*.ckpt")):
+                    raise StreamingError(
+                        f"'{folder}' has only pickled weights (e.g. pytorch_model.bin); streaming reads safetensors: "
+                        "convert them once (load the model and save_pretrained(..., safe_serialization=True)).")
+                raise StreamingError(f"'{folder}' has no .safetensors weights to stream.")
+            self.files = {}
+            from safetensors import safe_open
+
+            for f in files:
+                with safe_open(str(f), framework="pt") as handle:
+                    for name in handle.keys():
+                        self.files[name] = f.name
+
+    def names(self) -> set[str]:
+        return set(self.files)
+
+    def size_on_disk(self) -> int:
+        return sum((self.folder / f).stat().st_size for f in set(self.files.values()))
+
+    def dtype(self) -> torch.dtype | None:
+        """The dtype of the checkpoint's first floating-point tensor (None if it has none)."""
+        from safetensors import safe_open
+
+        for f in sorted(set(self.files.values())):
+            with safe_open(str(self.folder / f), framework="pt") as handle:
+                for name in handle.keys():
+                    sl = handle.get_slice(name)
+                    dt = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                          "F64": torch.float64}.get(sl.get_dtype())
+                    if dt is not None:
+                        return dt
+        return None
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """``{name: tensor}`` (on CPU) for checkpoint tensor ``names``."""
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.files[n], []).append(n)
+        out = {}
+        for f, group in by_file.items():
+            with safe_open(str(self.folder / f), framework="pt") as handle:
+                for n in group:
+                    out[n] = handle.get_tensor(n)
+        return out
+
+
+# --- the skeleton ----------------------------------------------------------------------------------
+
+def _auto_class(config):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if config.model_type in ENCODER_TYPES else AutoModelForCausalLM
+
+
+def build_skeleton(folder: str | Path, dtype: torch.dtype):
+    """The model of ``folder``'s config with every parameter on ``meta`` (no storage); buffers that
+    are no checkpoint's business (rotary frequencies, position ids) are real, on the CPU. The same
+    class the CLI loads in memory: a causal LM, or a sequence classifier for encoder families."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise StreamingError(f"The config.json in '{folder}' cannot be read: {str(exc).splitlines()[0]}") from exc
+    if config.model_type not in supported_model_types():
+        raise StreamingError(f"Model type '{config.model_type}' is not supported; supported types are: "
+                             f"{', '.join(supported_model_types())}.")
+    with init_empty_weights(include_buffers=False):
+        model = _auto_class(config).from_config(config, dtype=dtype)
+    model.tie_weights()  # under init_empty_weights tied parameters start as two meta tensors
+    return model.eval()
+
+
+def _layers_prefix(model, adapter) -> str:
+    for name, module in model.named_modules():
+        if module is adapter.layers:
+            return name
+    raise StreamingError("could not find the transformer blocks in the model")
+
+
+def _tensor_names(module: nn.Module) -> list[str]:
+    """Names of ``module``'s parameters and persistent buffers (what a state dict holds), tied
+    parameters once."""
+    names = [n for n, _ in module.named_parameters()]
+    persistent = set(module.state_dict(keep_vars=True))
+    names += [n for n, _ in module.named_buffers() if n in persistent]
+    return names
+
+
+class _NameMap:
+    """Model tensor name → checkpoint tensor name (the same, or with/without the base model prefix)."""
+
+    def __init__(self, model, checkpoint: SafetensorsCheckpoint):
+        self.available = checkpoint.names()
+        self.prefix = getattr(model, "base_model_prefix", "") or ""
+
+    def __call__(self, name: str) -> str | None:
+        if name in self.available:
+            return name
+        p = self.prefix + "."
+        alt = name[len(p):] if name.startswith(p) else p + name
+        return alt if alt in self.available else None
+
+
+def _load_module_(module: nn.Module, prefix: str, checkpoint: SafetensorsCheckpoint, names: _NameMap,
+                  dtype: torch.dtype, skip: set[str] = frozenset()) -> None:
+    """Give ``module``'s meta parameters (and persistent buffers found in the checkpoint) their
+    values from the checkpoint, floating-point ones cast to ``dtype``."""
+    wanted = {}
+    params = dict(module.named_parameters())
+    for local in _tensor_names(module):
+        full = prefix + local
+        if full in skip:
+            continue
+        source = names(full)
+        if source is None:
+            if local in params:
+                raise StreamingError(f"The checkpoint in '{checkpoint.folder}' has no tensor '{full}'; its weights "
+                                     "do not match its config.json.")
+            continue  # a buffer the checkpoint does not carry keeps its constructed value
+        wanted[local] = source
+    values = checkpoint.read(list(wanted.values()))
+    for local, source in wanted.items():
+        t = values.pop(source)
+        if t.is_floating_point():
+            t = t.to(dtype)
+        owner_name, _, attr = local.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        if attr in owner._parameters:
+            expected = owner._parameters[attr].shape
+            if t.shape != expected:
+                raise StreamingError(f"The checkpoint's '{source}' has shape {tuple(t.shape)}, the config says "
+                                     f"{tuple(expected)}; its weights do not match its config.json.")
+            owner._parameters[attr] = nn.Parameter(t, requires_grad=False)
+        else:
+            owner._buffers[attr] = t
+
+
+def _free_(module: nn.Module) -> None:
+    """Back to ``meta``: the module keeps its (possibly pruned) shapes and no storage."""
+    module.to("meta")
+
+
+# --- the runner ------------------------------------------------------------------------------------
+
+class _StreamedRunner(LayerwiseRunner):
+    """A :class:`LayerwiseRunner` over a skeleton whose blocks are on ``meta``: the per-block call
+    arguments are captured with every block replaced by the identity (the real runner runs the
+    whole model once for them)."""
+
+    def __init__(self, model, adapter, windows, batch_size, device):
+        self._device = device
+        super().__init__(model, adapter, windows, batch_size)
+        self.device = device
+
+    @torch.no_grad()
+    def _capture_layer_kwargs(self, one_window: torch.Tensor) -> list[dict]:
+        layers = self.adapter.layers
+        captured: list[dict | None] = [None] * len(layers)
+
+        def make_hook(idx):
+            def hook(_module, args, kwargs):
+                captured[idx] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            return hook
+
+        def identity(hidden_states=None, *args, **kwargs):
+            return hidden_states
+
+        def stop(*_args, **_kwargs):
+            raise _StopForward
+
+        handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+        handles.append(layers[len(layers) - 1].register_forward_hook(stop))
+        for layer in layers:
+            layer.forward = identity
+        try:
+            self.model(input_ids=one_window.to(self._device), use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+            for layer in layers:
+                del layer.forward
+        for kw in captured:
+            kw["use_cache"] = False
+            kw.pop("past_key_values", None)
+            kw.pop("past_key_value", None)
+        return captured
+
+
+# --- the pipeline -----------------------------------------------------------------------------------
+
+@dataclass
+class StreamedResult:
+    plan: PrunePlan
+    export: ExportInfo
+    timings: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+
+def check_streamable(config: PruneConfig) -> None:
+    """One sentence when ``config`` asks for something streaming does not do."""
+    if config.method != "stat" or config.mode != "one-shot":
+        raise StreamingError(f"Streaming (--offload) runs STAT one-shot only; got method '{config.method}', mode "
+                             f"'{config.mode}': drop --offload or use --method stat --mode one-shot.")
+    if distributed.is_distributed():
+        raise StreamingError("Streaming (--offload) runs in one process; start it without torchrun.")
+
+
+def _notify(progress, stage, done, total):
+    if progress is not None:
+        progress(stage, done, total)
+
+
+def streamed_prune(model_dir: str | Path, windows, config: PruneConfig, out_dir: str | Path,
+                   progress: ProgressFn | None = None, *, dtype: torch.dtype | None = None, model_name: str = "",
+                   calibration_info: dict | None = None, report: dict | None = None, overwrite: bool = False,
+                   work_dir: str | Path | None = None) -> StreamedResult:
+    """Prune the model in ``model_dir`` (a local folder with safetensors weights) with STAT one-shot
+    on calibration ``windows: (n, T)`` (or a :class:`CalibrationSet`), block by block, and write the
+    pruned model to ``out_dir`` like :func:`stat_core.export.export_pruned` does.
+
+    ``dtype``: the compute and output dtype (default: the checkpoint's). The gradient sensitivity
+    pass is skipped (``fisher=None``, residual-energy weighting): the plan and weights equal an
+    in-memory ``stat_prune_`` with ``sensitivity_samples=0``. ``work_dir``: where the per-block
+    statistics wait between the passes (default: a temporary folder, removed at the end).
+    """
+    t0 = time.perf_counter()
+    check_streamable(config)
+    checkpoint = SafetensorsCheckpoint(model_dir)
+    check_output_dir(out_dir, overwrite)  # before minutes of work
+    dtype = dtype or checkpoint.dtype() or torch.float32
+    model = build_skeleton(checkpoint.folder, dtype)
+    adapter = get_adapter(model)
+    from .methods import get_method
+
+    get_method(config.method).check_applicable(model)
+    check_budget_feasible(model, config)
+    names = _NameMap(model, checkpoint)
+    layers_prefix = _layers_prefix(model, adapter) + "."
+    # What the export writes outside the blocks, named now while tied parameters are still one
+    # object (loading gives the embeddings their own storage and unties them in the skeleton).
+    rest_names = [n for n in _tensor_names(model) if not n.startswith(layers_prefix)]
+    n_layers = adapter.num_layers
+    block_prefix = [f"{layers_prefix}{i}." for i in range(n_layers)]
+    data = CalibrationSet.wrap(windows)
+    if config.sensitivity_samples not in (None, 0):
+        log.warning("streaming skips the gradient sensitivity pass; layers are weighted by residual energy")
+    timings: dict[str, float] = {}
+    info = {"streamed": True, "sensitivity": "skipped (streaming): residual-energy weighting",
+            "checkpoint_bytes": checkpoint.size_on_disk(), "dtype": str(dtype).replace("torch.", "")}
+
+    # Everything outside the blocks except an untied output head (only the embeddings run here).
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_names = set()
+    if head is not None:
+        head_names = {n for n, m in model.named_modules() if m is head}
+    _notify(progress, "embed", 0, 1)
+    t = time.perf_counter()
+    skip_blocks = set()
+    for i, _ in enumerate(adapter.layers):
+        skip_blocks.update(block_prefix[i] + n for n in _tensor_names(adapter.layers[i]))
+    skip_head = {f"{h}.{n}" for h in head_names for n in _tensor_names(head)}
+    _load_module_(model, "", checkpoint, names, dtype, skip=skip_blocks | skip_head)
+    device = torch.device("cpu")
+    runner = _StreamedRunner(model, adapter, data, config.batch_size, device)
+    _free_outside_blocks_(model, adapter)  # the embeddings are done: their storage goes
+    timings["embed"] = time.perf_counter() - t
+    _notify(progress, "embed", 1, 1)
+
+    scratch = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="stat-stream-"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    try:
+        # First pass: statistics and analysis, block by block.
+        t = time.perf_counter()
+        analyses, hidden = [], runner.hidden
+        runner.hidden = None
+        t_analyse = 0.0
+        for i in range(n_layers):
+            block = adapter.layers[i]
+            _load_module_(block, block_prefix[i], checkpoint, names, dtype)
+            stats, hidden = runner.collect_block(i, hidden)
+            ta = time.perf_counter()
+            analyses.append(analyse_layer(adapter, i, stats, None, config.intercept))
+            t_analyse += time.perf_counter() - ta
+            save_stats(scratch / f"block-{i:05d}.safetensors", [stats])
+            del stats
+            _free_(block)
+            _notify(progress, "calibrate", i + 1, n_layers)
+        del hidden
+        runner.batches = []
+        timings["calibrate"] = time.perf_counter() - t - t_analyse
+        timings["analyse"] = t_analyse
+
+        t = time.perf_counter()
+        plan = plan_from_analyses(adapter, analyses, config, model_name, calibration_info or {})
+        plan.method, plan.correction = "stat", stat_correction(config)
+        del analyses
+        timings["allocate"] = time.perf_counter() - t
+
+        # Second pass: cut, correct and write each block; then the rest of the model.
+        t = time.perf_counter()
+        uniform_plan = bool(plan.budget.get("uniform"))
+        n_files = n_layers + 1
+        weight_map: dict[str, str] = {}
+        total = 0
+        report = dict(report or {})
+        from safetensors.torch import save_file
+
+        with atomic_output_dir(out_dir, overwrite) as tmp:
+            for i in range(n_layers):
+                block = adapter.layers[i]
+                _load_module_(block, block_prefix[i], checkpoint, names, dtype)
+                stats = load_stats(scratch / f"block-{i:05d}.safetensors")[0][0]
+                apply_layer_(adapter, plan.layers[i], stats, plan.correction, plan.correction_ridge, uniform_plan)
+                del stats
+                tensors = {block_prefix[i] + k: v.detach().contiguous() for k, v in block.state_dict().items()}
+                fname = f"model-{i + 1:05d}-of-{n_files:05d}.safetensors"
+                save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(tensors, fname))
+                total += sum(v.numel() * v.element_size() for v in tensors.values())
+                del tensors
+                _free_(block)
+                _notify(progress, "apply", i + 1, n_layers)
+            adapter.record_shapes_in_config_()
+            timings["apply"] = time.perf_counter() - t
+
+            t = time.perf_counter()
+            uniform = _is_uniform(adapter)
+            rest = _rest_tensors(model, rest_names, checkpoint, names, dtype, set(weight_map), uniform, layers_prefix)
+            fname = f"model-{n_files:05d}-of-{n_files:05d}.safetensors"
+            save_file(rest, str(tmp / fname), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(rest, fname))
+            total += sum(v.numel() * v.element_size() for v in rest.values())
+            del rest
+            (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
+                                                      "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+            export_config(model, uniform).to_json_file(tmp / "config.json")
+            for f in TOKENIZER_FILES:
+                if (checkpoint.folder / f).is_file():
+                    shutil.copyfile(checkpoint.folder / f, tmp / f)
+            if not uniform:
+                (tmp / MODELING_FILE).write_text(modeling_file_text(model))
+            size = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
+            report["size_on_disk_after_bytes"] = size
+            report.setdefault("size_on_disk_before_bytes", info["checkpoint_bytes"])
+            report["export"] = {"uniform": uniform, "streamed": True, "loads_with": ["stat_core.load_pruned"]
+                                + (["stock from_pretrained"] if uniform else ["from_pretrained(trust_remote_code=True)"])}
+            report["streaming"] = info
+            plan.to_json(tmp / "plan.json")
+            (tmp / "pruning_report.json").write_text(json.dumps(report, indent=1))
+            (tmp / "README.md").write_text(model_card(model, plan, report, uniform, size))
+            files = tuple(sorted(p.name for p in tmp.iterdir()))
+            timings["export"] = time.perf_counter() - t
+    finally:
+        if work_dir is None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    timings["total"] = time.perf_counter() - t0
+    export = ExportInfo(path=Path(out_dir).expanduser(), size_bytes=size, uniform=uniform, files=files)
+    return StreamedResult(plan=plan, export=export, timings=timings, info=info)
+
+
+def _free_outside_blocks_(model, adapter) -> None:
+    """Every parameter outside the blocks back to ``meta`` (buffers stay: they are small and the
+    runner's captured arguments may refer to them)."""
+    in_blocks = {id(p) for p in adapter.layers.parameters()}
+    for module in model.modules():
+        for attr, p in list(module._parameters.items()):
+            if p is not None and id(p) not in in_blocks and p.device.type != "meta":
+                module._parameters[attr] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+
+
+def _rest_tensors(model, rest_names: list[str], checkpoint, names, dtype, written: set[str], uniform: bool,
+                  layers_prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors outside the blocks, read from the checkpoint in ``dtype`` (tied parameters once),
+    plus the zero biases a uniform export declares through a stock flag (see export._state_dict_for)."""
+    out = {}
+    for name in rest_names:
+        source = names(name)
+        if source is None:
+            buf = dict(model.named_buffers()).get(name)
+            if buf is not None and buf.device.type != "meta":
+                out[name] = buf.detach().contiguous()
+                continue
+            raise StreamingError(f"The checkpoint in '{checkpoint.folder}' has no tensor '{name}'; its weights do "
+                                 "not match its config.json.")
+        t = checkpoint.read([source])[source]
+        out[name] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
+    if uniform:
+        for key, t in _state_dict_for(model, uniform).items():
+            if key not in written and key not in out and key.startswith(layers_prefix):
+                out[key] = torch.zeros(t.shape, dtype=t.dtype)
+    return out

@@ -1,0 +1,199 @@
+"""Layer streaming (stat_core.streaming): a streamed prune equals the in-memory one and its export
+reloads; bad checkpoints are refused in one sentence with nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig,
+                          BertForSequenceClassification, LlamaConfig, LlamaForCausalLM)
+
+from stat_core.calibrate import CalibrationSet
+from stat_core.export import load_pruned
+from stat_core.prune import PruneConfig, stat_prune_
+from stat_core.streaming import StreamingError, streamed_prune
+
+
+def _llama_dir(tmp_path, shard: str | None = "40KB"):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=64, vocab_size=128, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    path = tmp_path / "llama"
+    kwargs = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(path, safe_serialization=True, **kwargs)
+    return path
+
+
+def _bert_dir(tmp_path):
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                     vocab_size=128, max_position_embeddings=64, num_labels=2)
+    model = BertForSequenceClassification(cfg).eval()
+    path = tmp_path / "bert"
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def _windows(n=12, t=16, vocab=128):
+    return torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(1))
+
+
+def _same_plan(a, b):
+    assert len(a.layers) == len(b.layers)
+    for la, lb in zip(a.layers, b.layers):
+        assert la.kept_heads == lb.kept_heads
+        assert la.kept_kv_heads == lb.kept_kv_heads
+        assert la.kept_neurons == lb.kept_neurons
+    assert a.correction == b.correction
+    assert a.budget["achieved"] == pytest.approx(b.budget["achieved"])
+
+
+def _same_weights(reference, loaded):
+    ref, got = reference.state_dict(), loaded.state_dict()
+    for k, v in ref.items():
+        assert k in got, k
+        assert got[k].shape == v.shape, k
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("uniform,intercept,shard", [(False, False, "40KB"), (True, True, None)])
+def test_streamed_llama_equals_in_memory(tmp_path, uniform, intercept, shard):
+    src = _llama_dir(tmp_path, shard)
+    if shard:
+        assert (src / "model.safetensors.index.json").exists()  # really sharded
+    windows = _windows()
+    cfg = PruneConfig(sparsity=0.3, sensitivity_samples=0, batch_size=4, uniform=uniform, intercept=intercept)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    dense_logits = model(windows[:2]).logits
+    expected = stat_prune_(model, windows, cfg)
+    seen = []
+    out = tmp_path / "out"
+    result = streamed_prune(src, windows, cfg, out, progress=lambda s, d, t: seen.append(s))
+    _same_plan(expected.plan, result.plan)
+    assert {"embed", "calibrate", "apply"} <= set(seen)
+    assert json.loads((out / "plan.json").read_text())["layers"][0]["kept_neurons"] == \
+        expected.plan.layers[0].kept_neurons
+    report = json.loads((out / "pruning_report.json").read_text())
+    assert report["streaming"]["sensitivity"].startswith("skipped")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary folder left
+
+    # way 1: our loader; same weights and logits as the in-memory prune
+    loaded, _ = load_pruned(out, with_tokenizer=False)
+    _same_weights(model, loaded)
+    with torch.no_grad():
+        want = model(windows[:2]).logits
+        torch.testing.assert_close(loaded(windows[:2]).logits, want, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(want, dense_logits)  # something was really removed
+    # way 2 / 3: transformers, through modeling_stat.py or (uniform) stock
+    kwargs = {} if uniform else {"trust_remote_code": True}
+    assert result.export.uniform == uniform
+    assert (out / "modeling_stat.py").exists() != uniform
+    hf = AutoModelForCausalLM.from_pretrained(out, **kwargs).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(windows[:2]).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_streamed_bert_classifier_equals_in_memory(tmp_path):
+    src = _bert_dir(tmp_path)
+    ids = _windows(10, 16)
+    mask = torch.ones_like(ids)
+    mask[::2, 11:] = 0  # padded examples: padding never enters a statistic
+    data = CalibrationSet(ids, mask, torch.randint(0, 2, (10,), generator=torch.Generator().manual_seed(2)))
+    cfg = PruneConfig(sparsity=0.3, sensitivity_samples=0, batch_size=4)
+    model = AutoModelForSequenceClassification.from_pretrained(src, dtype=torch.float32).eval()
+    expected = stat_prune_(model, data, cfg)
+    result = streamed_prune(src, data, cfg, tmp_path / "out")
+    _same_plan(expected.plan, result.plan)
+    loaded, _ = load_pruned(tmp_path / "out", with_tokenizer=False)
+    _same_weights(model, loaded)
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids, attention_mask=mask).logits,
+                                   model(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_streamed_bfloat16_checkpoint_keeps_its_dtype(tmp_path):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=64, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=True)
+    src = tmp_path / "bf16"
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(src, safe_serialization=True)
+    result = streamed_prune(src, _windows(), PruneConfig(sparsity=0.3, sensitivity_samples=0), tmp_path / "out")
+    loaded, _ = load_pruned(tmp_path / "out", with_tokenizer=False)
+    assert loaded.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    assert result.plan.budget["achieved"] > 0.2
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # still tied
+
+
+# --- bad input: one sentence, nothing written --------------------------------------------------------
+
+def _refused(tmp_path, src, cfg=None, match=""):
+    out = tmp_path / "out"
+    with pytest.raises(StreamingError, match=match) as info:
+        streamed_prune(src, _windows(), cfg or PruneConfig(sparsity=0.3, sensitivity_samples=0), out)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_refuses_a_path_that_is_not_a_folder(tmp_path):
+    (tmp_path / "file.txt").write_text("x")
+    _refused(tmp_path, tmp_path / "file.txt", match="is not a folder")
+    _refused(tmp_path, tmp_path / "nowhere", match="is not a folder")
+
+
+def test_refuses_pickled_weights(tmp_path):
+    src = _llama_dir(tmp_path, None)
+    (src / "model.safetensors").unlink()
+    (src / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    msg = _refused(tmp_path, src, match="pickled weights")
+    assert "convert" in msg and "safe_serialization=True" in msg
+
+
+def test_refuses_a_missing_shard(tmp_path):
+    src = _llama_dir(tmp_path, "40KB")
+    shards = sorted(src.glob("model-*.safetensors"))
+    shards[1].unlink()
+    msg = _refused(tmp_path, src, match="is missing")
+    assert shards[1].name in msg
+
+
+def test_refuses_other_methods_and_modes(tmp_path):
+    src = _llama_dir(tmp_path, None)
+    _refused(tmp_path, src, PruneConfig(sparsity=0.3, method="flap"), match="STAT one-shot only")
+    _refused(tmp_path, src, PruneConfig(sparsity=0.3, mode="propagate"), match="STAT one-shot only")
+
+
+def test_refuses_weights_that_do_not_match_the_config(tmp_path):
+    src = _llama_dir(tmp_path, None)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["intermediate_size"] = 48
+    (src / "config.json").write_text(json.dumps(cfg))
+    _refused(tmp_path, src, match="do not match its config.json")
+
+
+def test_a_failure_half_way_leaves_nothing(tmp_path, monkeypatch):
+    src = _llama_dir(tmp_path, "40KB")
+    import stat_core.streaming as streaming
+
+    calls = {"n": 0}
+    real = streaming.apply_layer_
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(streaming, "apply_layer_", failing)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="nothing was written"):
+        streamed_prune(src, _windows(), PruneConfig(sparsity=0.3, sensitivity_samples=0), out)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
