@@ -90,7 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-heads", action="store_true", help="keep every attention head")
     p.add_argument("--no-neurons", action="store_true", help="keep every MLP neuron")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights' dtype while pruning and in the export (default: float32; with --offload, the "
+                        "checkpoint's own)")
+    p.add_argument("--offload", action="store_true",
+                   help="stream a local safetensors folder block by block (for models larger than memory: about "
+                        "one block + the calibration hidden states in memory); STAT one-shot on the CPU, no "
+                        "gradient sensitivity pass and no quality evaluation (stat_core.streaming)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--skip-eval", action="store_true", help="do not measure quality before/after")
     p.add_argument("--quick-eval", action="store_true",
@@ -161,6 +167,11 @@ def _calibration(args, model, tokenizer):
 
 
 def run(args: argparse.Namespace) -> dict:
+    if getattr(args, "offload", False):  # the checkpoint streamed block by block (stat_core.streaming)
+        from .streaming import run_offload
+
+        return run_offload(args)
+    args.dtype = args.dtype or "float32"
     if distributed.is_main():  # the output folder is rank 0's (torchrun: see stat_core.distributed)
         check_output_dir(args.out, args.overwrite)  # fail before minutes of work, not after
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)

@@ -48,6 +48,7 @@ from .calibrate import CalibrationSet, LayerwiseRunner, _StopForward, load_stats
 from .export import (MODELING_FILE, ExportError, ExportInfo, _is_uniform, _state_dict_for, atomic_output_dir,
                      check_output_dir, export_config, model_card, modeling_file_text)
 from .plan import PrunePlan
+from .report import set_after_sizes
 from .prune import (PruneConfig, ProgressFn, analyse_layer, apply_layer_, check_budget_feasible, plan_from_analyses,
                     stat_correction)
 
@@ -345,6 +346,7 @@ def streamed_prune(model_dir: str | Path, windows, config: PruneConfig, out_dir:
     # What the export writes outside the blocks, named now while tied parameters are still one
     # object (loading gives the embeddings their own storage and unties them in the skeleton).
     rest_names = [n for n in _tensor_names(model) if not n.startswith(layers_prefix)]
+    before = model_sizes(model, config.flops_seq_len)
     n_layers = adapter.num_layers
     block_prefix = [f"{layers_prefix}{i}." for i in range(n_layers)]
     data = CalibrationSet.wrap(windows)
@@ -428,6 +430,14 @@ def streamed_prune(model_dir: str | Path, windows, config: PruneConfig, out_dir:
                 _notify(progress, "apply", i + 1, n_layers)
             adapter.record_shapes_in_config_()
             timings["apply"] = time.perf_counter() - t
+            after = model_sizes(model, config.flops_seq_len)
+            info.update(sizes_before=before, sizes_after=after)
+            if "block_params_before" in report:  # a report from stat_core.report.prune_report
+                set_after_sizes(report, after)
+                report["predicted_damage"] = plan.budget.get("predicted_damage")
+                report["layers"] = plan.kept_summary()
+                report["seconds_prune"] = time.perf_counter() - t0
+                report["seconds_prune_stages"] = dict(timings)
 
             t = time.perf_counter()
             uniform = _is_uniform(adapter)
@@ -464,6 +474,18 @@ def streamed_prune(model_dir: str | Path, windows, config: PruneConfig, out_dir:
     return StreamedResult(plan=plan, export=export, timings=timings, info=info)
 
 
+def model_sizes(model, seq_len: int) -> dict:
+    """:func:`stat_core.report.size_summary` for a skeleton (parameters on ``meta`` have no storage
+    to tell tied ones apart by: ``named_parameters`` names each tensor once)."""
+    from .prune import budget_summary
+
+    params = dict(model.named_parameters())
+    s = budget_summary(model, seq_len)
+    return {"params": sum(p.numel() for p in params.values()), "block_params": s["block_params"],
+            "block_macs_per_token": s["block_macs_per_token"],
+            "bytes": sum(p.numel() * p.element_size() for p in params.values())}
+
+
 def _free_outside_blocks_(model, adapter) -> None:
     """Every parameter outside the blocks back to ``meta`` (buffers stay: they are small and the
     runner's captured arguments may refer to them)."""
@@ -495,3 +517,65 @@ def _rest_tensors(model, rest_names: list[str], checkpoint, names, dtype, writte
             if key not in written and key not in out and key.startswith(layers_prefix):
                 out[key] = torch.zeros(t.shape, dtype=t.dtype)
     return out
+
+
+# --- the command line (stat-prune --offload) ----------------------------------------------------------
+
+def run_offload(args) -> dict:
+    """``stat-prune MODEL --offload ...``: the streamed prune of a local safetensors folder, with the
+    CLI's calibration sources and report. No quality evaluation (it needs the whole model in memory:
+    evaluate the exported folder afterwards)."""
+    from .models import DTYPES, is_encoder, load_tokenizer_only, resolve_model_path
+    from .pipeline import calibration_data, resolve_source
+    from .report import prune_report
+
+    if args.no_model or args.format != "safetensors":
+        raise StreamingError("--offload writes the pruned model block by block as a safetensors folder; drop "
+                             "--no-model / --format with --offload.")
+    if args.recover:
+        raise StreamingError("--recover trains the whole model in memory, which --offload avoids; drop one of them.")
+    if args.method != "stat" or args.mode != "one-shot":
+        raise StreamingError(f"Streaming (--offload) runs STAT one-shot only; got method '{args.method}', mode "
+                             f"'{args.mode}': drop --offload or use --method stat --mode one-shot.")
+    if args.device not in ("auto", "cpu"):
+        raise StreamingError(f"--offload runs on the CPU for now; drop --device {args.device} (or --offload).")
+    path = resolve_model_path(args.model)
+    checkpoint = SafetensorsCheckpoint(path)
+    check_output_dir(args.out, args.overwrite)
+    dtype = DTYPES[args.dtype] if args.dtype else (checkpoint.dtype() or torch.float32)
+    skeleton = build_skeleton(checkpoint.folder, dtype)
+    tokenizer = load_tokenizer_only(str(checkpoint.folder))
+    encoder = is_encoder(skeleton)
+    source = args.labelled if encoder else (args.calibration or "wikipedia")
+    if not encoder and source in ("mix", "self-generated"):
+        raise StreamingError(f"--calibration {source} generates text with the whole model, which --offload never "
+                             "holds in memory; use --calibration wikipedia or a text file.")
+    kind, builtin, file_path = resolve_source(skeleton, tokenizer, source)
+    prepared = calibration_data(skeleton, tokenizer, args.model, kind, builtin, file_path,
+                                num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed,
+                                text_columns=tuple(args.text_column or ["text"]), label_column=args.label_column)
+    for warning in prepared.warnings:
+        log.warning(warning)
+    data = CalibrationSet.wrap(prepared.data)
+    info = prepared.info
+    n_tokens = int(data.attention_mask.sum()) if data.attention_mask is not None else int(data.input_ids.numel())
+    info.setdefault("tokens", n_tokens)
+    flops_seq_len = args.flops_seq_len or (max(1, round(n_tokens / len(data))) if encoder else 512)
+    config = PruneConfig(sparsity=args.sparsity, budget_kind=args.budget, flops_seq_len=flops_seq_len,
+                         method="stat", mode="one-shot", prune_heads=not args.no_heads,
+                         prune_neurons=not args.no_neurons, sensitivity_samples=0, batch_size=args.batch_size,
+                         uniform=args.uniform, intercept=args.intercept)
+    report = prune_report(args.model, skeleton, config, info, model_sizes(skeleton, flops_seq_len))
+    report.update(device="cpu (streamed block by block)", dtype=str(dtype).removeprefix("torch."),
+                  evaluation="skipped: --offload never holds the whole model; evaluate the exported folder")
+    del skeleton
+    progress = None
+    if not args.quiet:
+        from .cli import _Progress
+
+        progress = _Progress(True)
+    result = streamed_prune(checkpoint.folder, data, config, args.out, progress, dtype=dtype, model_name=args.model,
+                            calibration_info=info, report=report, overwrite=args.overwrite)
+    report = json.loads((Path(args.out) / "pruning_report.json").read_text())
+    report["export"] = {"uniform": result.export.uniform, "format": "safetensors", "files": list(result.export.files)}
+    return report

@@ -197,3 +197,78 @@ def test_a_failure_half_way_leaves_nothing(tmp_path, monkeypatch):
         streamed_prune(src, _windows(), PruneConfig(sparsity=0.3, sensitivity_samples=0), out)
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+# --- the command line: stat-prune --offload -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny random Llama with the demo model's real tokenizer, saved in three shards."""
+    from transformers import AutoTokenizer
+
+    from conftest import tiny_model
+    from stat_core.models import prepare_demo_model
+
+    tok = AutoTokenizer.from_pretrained(prepare_demo_model("smollm2-135m"))
+    model = tiny_model("llama", vocab_size=len(tok))
+    path = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(path, safe_serialization=True, max_shard_size="1MB")
+    tok.save_pretrained(path)
+    return path
+
+
+CLI_ARGS = ["--sparsity", "0.3", "--num-samples", "4", "--seq-len", "64", "--quiet"]
+
+
+def test_cli_offload_streams_the_in_memory_plan(tiny_folder, tmp_path, capsys):
+    from stat_core.cli import main
+
+    assert (tiny_folder / "model.safetensors.index.json").exists()
+    streamed, in_memory = tmp_path / "streamed", tmp_path / "in-memory"
+    assert main([str(tiny_folder), "--out", str(streamed), "--offload", *CLI_ARGS]) == 0
+    assert "wrote the pruned model" in capsys.readouterr().out
+    assert main([str(tiny_folder), "--out", str(in_memory), "--sensitivity-samples", "0", "--skip-eval",
+                 *CLI_ARGS]) == 0
+    plan_s = json.loads((streamed / "plan.json").read_text())
+    plan_m = json.loads((in_memory / "plan.json").read_text())
+    assert [l["kept_neurons"] for l in plan_s["layers"]] == [l["kept_neurons"] for l in plan_m["layers"]]
+    assert [l["kept_heads"] for l in plan_s["layers"]] == [l["kept_heads"] for l in plan_m["layers"]]
+    report = json.loads((streamed / "pruning_report.json").read_text())
+    report_m = json.loads((in_memory / "pruning_report.json").read_text())
+    for key in ("block_params_before", "block_params_after", "params_before", "params_after", "calibration_tokens"):
+        assert report[key] == report_m[key], key
+    assert report["streaming"]["sensitivity"].startswith("skipped")
+    model, tokenizer = load_pruned(streamed)
+    assert tokenizer is not None
+    with torch.no_grad():
+        model(**tokenizer("The cat sat on", return_tensors="pt"))
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("not-a-folder", "not a model folder"), ("pickles", "pickled weights"), ("missing-shard", "is missing"),
+    ("method", "STAT one-shot only"), ("mix", "whole model")])
+def test_cli_offload_refusals(tiny_folder, tmp_path, capsys, case, needle):
+    import shutil
+
+    from stat_core.cli import main
+
+    src = tmp_path / "model"
+    shutil.copytree(tiny_folder, src)
+    extra = []
+    if case == "not-a-folder":
+        src = tmp_path / "model" / "config.json"
+    elif case == "pickles":
+        for f in list(src.glob("*.safetensors")) + [src / "model.safetensors.index.json"]:
+            f.unlink()
+        (src / "pytorch_model.bin").write_bytes(b"x")
+    elif case == "missing-shard":
+        sorted(src.glob("model-*.safetensors"))[0].unlink()
+    elif case == "method":
+        extra = ["--method", "flap"]
+    elif case == "mix":
+        extra = ["--calibration", "mix"]
+    out = tmp_path / "out"
+    assert main([str(src), "--out", str(out), "--offload", *CLI_ARGS, *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("stat-prune: error:") and needle in err[0], err
+    assert not out.exists()
