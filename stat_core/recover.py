@@ -49,8 +49,10 @@ class RecoveryConfig:
     1 for decoders, 16 for classifiers), drawn without replacement, epoch after epoch (seeded)."""
 
     steps: int
-    lr: float = 2e-5
+    lr: float = 1e-5
     batch_size: int | None = None
+    warmup: float = 0.1      # fraction of the steps over which the lr rises linearly from 0 (Adam's first
+                             # steps move every weight by about ±lr, gradient or not)
     hidden_weight: float = 1.0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -142,6 +144,8 @@ def recover_(model, dense, data, config: RecoveryConfig | int, progress: Progres
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        warm = max(1, int(config.warmup * config.steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
         for step in range(config.steps):
             if cancel_event is not None and cancel_event.is_set():
                 raise RecoveryCancelled("recovery cancelled; the pruned model is as it was before recovery")
@@ -163,6 +167,7 @@ def recover_(model, dense, data, config: RecoveryConfig | int, progress: Progres
             if config.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             opt.step()
+            sched.step()
             losses.append(float(loss.detach()))
             kls.append(float(kl.detach()))
             info["hidden_mse"] = mse is not None
@@ -171,7 +176,7 @@ def recover_(model, dense, data, config: RecoveryConfig | int, progress: Progres
                 progress("recover", step + 1, config.steps)
         finished = True
     finally:
-        opt = None
+        opt = sched = None
         for p, r in zip(params, requires):
             p.grad = None
             p.requires_grad_(r)

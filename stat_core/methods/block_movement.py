@@ -211,9 +211,10 @@ def train_block_movement_(model, data, config, settings: MovementSettings = Move
     device = next(model.parameters()).device
     if teacher is None:
         teacher = copy.deepcopy(model)
+    teacher_state = (teacher.training, [(p, p.requires_grad) for p in teacher.parameters()])
     teacher.eval()
     for p in teacher.parameters():
-        p.requires_grad_(False)
+        p.requires_grad_(False)  # restored below: the teacher is only read
     has_labels = data.labels is not None
     alpha = settings.alpha_distil if has_labels else 1.0
     head_scores = [torch.zeros(adapter.layer_shape(i).num_heads, device=device, requires_grad=True)
@@ -274,6 +275,9 @@ def train_block_movement_(model, data, config, settings: MovementSettings = Move
         finished = True
     finally:
         masks.clear()
+        teacher.train(teacher_state[0])
+        for p, r in teacher_state[1]:
+            p.requires_grad_(r)
         for p, r in zip(params, requires):
             p.grad = None
             p.requires_grad_(r)
