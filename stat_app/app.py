@@ -28,7 +28,7 @@ DEFAULT_PORT = 7860
 MAX_UPLOAD = "200mb"   # the same cap as stat_core.data.MAX_INPUT_BYTES
 STAGE_LABELS = {"sensitivity": "Loss-sensitivity pass", "calibrate": "Calibrating layers",
                 "analyse": "Decomposing layers", "propagate": "Propagating (re-calibrating pruned layers)",
-                "compare": "Pruning and scoring each method",
+                "compare": "Pruning and scoring each method", "surgery": "Cutting the pruned copy",
                 "spectra": "Singular values of every layer (for the inspect views)"}
 DECODER_DEFAULTS = {"builtin": "wikipedia", "num_samples": 64, "seq_len": 512}
 CLASSIFIER_DEFAULTS = {"builtin": "newsgroups", "num_samples": 100, "seq_len": 128}

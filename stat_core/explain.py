@@ -180,6 +180,22 @@ def head_details(model, calibration, plan, layer: int, head: int) -> dict:
             "reconstructed_share": share, "kept_heads": len(lp.kept_heads)}
 
 
+def head_sentence(details: dict) -> str:
+    """:func:`head_details` in plain words: rank, energy share, kept or removed (and then how much of
+    its output the kept heads reconstruct), the layer's head count and predicted damage."""
+    d = details
+    if d["kept"]:
+        fate = "kept"
+    else:
+        fate = (f"removed; the kept heads of this layer reconstruct {d['reconstructed_share']:.0%} of its "
+                "output (that part is folded into the output projection by the correction)")
+    damage = d["layer_damage"]
+    return (f"Layer {d['layer']}, head {d['head']} (KV group {d['kv_group']}): importance rank {d['rank']} of "
+            f"{d['num_heads']}, {d['output_energy_share']:.0%} of the layer's attention output energy; "
+            f"{fate}. The layer keeps {d['kept_heads']}/{d['num_heads']} heads"
+            + (f", predicted damage {damage:.3g}." if damage is not None else "."))
+
+
 def neuron_importance(model, stats: list[BlockStats]) -> list[torch.Tensor]:
     """Per layer, each MLP neuron's mean output energy ``E[z_j²]·‖W_out[:, j]‖²`` (float64, CPU)."""
     adapter = get_adapter(model)

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -389,3 +390,50 @@ def load_pruned(path: str | Path, device: str | torch.device | None = None, dtyp
     if with_tokenizer and any((folder / n).exists() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
         tokenizer = AutoTokenizer.from_pretrained(folder)
     return model, tokenizer
+
+
+def export_name(model_name: str | None, method: str, sparsity: float, fmt: str, gguf_type: str | None = None) -> str:
+    """A folder name that says what it holds and cannot collide: ``<model>-<method>-<pct>pct-<format>[-<type>]-<time>-<rand>``."""
+    import time
+    import uuid
+
+    base = Path(str(model_name)).name.replace(" ", "_") or "model"
+    return (f"{base}-{method}-{round(100 * sparsity)}pct-{fmt}{'-' + gguf_type if gguf_type else ''}"
+            f"-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}")
+
+
+def zip_folder(folder: str | Path, zip_path: str | Path, check=None) -> Path:
+    """Zip ``folder`` as ``<folder name>/...`` (weights stored as they are: they barely compress and
+    deflating them is slow). ``check()`` runs before each file; if it raises, no partial zip is left."""
+    folder, zip_path = Path(folder), Path(zip_path)
+    tmp = zip_path.with_suffix(".zip.part")
+    try:
+        with zipfile.ZipFile(tmp, "w") as zf:
+            for f in sorted(folder.rglob("*")):
+                if check is not None:
+                    check()
+                if f.is_file():
+                    method = zipfile.ZIP_STORED if f.suffix in (".safetensors", ".bin") else zipfile.ZIP_DEFLATED
+                    zf.write(f, f"{folder.name}/{f.relative_to(folder)}", compress_type=method)
+        tmp.replace(zip_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return zip_path
+
+
+def export_zip(model, tokenizer, workdir: str | Path, name: str, fmt: str = "safetensors", *,
+               plan: PrunePlan | None = None, report: dict | None = None, gguf_type: str = "f16",
+               check=None) -> tuple[ExportInfo, Path]:
+    """:func:`export_model` into ``workdir/name``, zipped to ``workdir/name.zip``; the folder is removed
+    (the zip is the one copy kept). ``check()`` runs between the steps and the zip's files; if it
+    (or anything) raises, neither the folder nor a partial zip is left."""
+    out_dir = Path(workdir) / name
+    try:
+        info = export_model(model, tokenizer, out_dir, fmt, plan=plan, report=report, overwrite=False,
+                            gguf_type=gguf_type)
+        if check is not None:
+            check()
+        zip_path = zip_folder(Path(getattr(info, "path", out_dir)), Path(workdir) / f"{name}.zip", check)
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    return info, zip_path

@@ -1,22 +1,31 @@
-"""What the CLI and the app both do before a prune: turn a calibration source into the data the
-model calibrates on (and, for classifiers, the held-out half it is measured on). One function, so
-the two shells cannot drift apart; warnings come back as sentences instead of being caught from a
-logger. The report every prune writes is :mod:`stat_core.report`.
+"""What the CLI and the app both do around a prune: name the model to load, turn a calibration
+source into the data the model calibrates on (and, for classifiers, the held-out half it is
+measured on), read a sparsity, build the prune's config, and cut a pruned copy from cached
+statistics. One set of functions, so the two shells cannot drift apart; warnings come back as
+sentences instead of being caught from a logger. The report every prune writes is
+:mod:`stat_core.report`; before/after measurements are :mod:`stat_core.measure`.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from . import prune as core_prune
 from .calibrate import CalibrationSet
 from .calibration_mix import SOURCES as DECODER_SOURCES, decoder_calibration, default_source
 from .classifier import CLASSIFIER_MAX_LEN, DEMO_CLASSIFIER, demo_classifier_split, encode, encode_chunks
-from .data import CalibrationConfig, DataError, calibration_windows, check_calibration_sizes, load_text_file
+from .data import (CalibrationConfig, DataError, calibration_windows, check_calibration_sizes, fingerprint,
+                   load_text_file)
 from .labelled import BUILTIN_SETS, load_labelled
-from .models import is_encoder
+from .models import DEMO_MODELS, ModelLoadError, is_encoder
+from .prune import PruneConfig
+
+ProgressFn = Callable[[str, int, int], None]
 
 #: Calibration windows (decoders) and tokens per window / example when the caller gives none.
 DEFAULT_DECODER_SAMPLES, DEFAULT_DECODER_SEQ_LEN = 64, 512
@@ -28,7 +37,8 @@ SOURCE_KINDS = ("builtin", "file", "pasted")
 class CalibrationData:
     """``data``: decoder windows ``(n, T)`` or a classifier :class:`CalibrationSet`; ``held_out``:
     the classifier's evaluation half (None for decoders); ``info``: what went into the report;
-    ``warnings``: sentences for the user (the run goes on)."""
+    ``warnings``: sentences for the user (the run goes on). ``info`` holds the real ``tokens`` and
+    a ``fingerprint`` of the model name and token ids."""
 
     data: object
     held_out: object | None
@@ -52,6 +62,30 @@ def pasted_documents(text: str) -> list[str]:
     return docs
 
 
+def model_reference(source: str, name: str | None) -> str:
+    """What :func:`stat_core.models.load_model` should load for a ``source`` (``"demo"``, ``"folder"``
+    or ``"hub"``) and a ``name``; ModelLoadError / ValueError with one sentence if it cannot be."""
+    name = (name or "").strip()
+    if source == "demo":
+        if name not in DEMO_MODELS:
+            raise ModelLoadError(f"Unknown demo model '{name}'; demo models: {', '.join(DEMO_MODELS)}.")
+    elif source == "folder":
+        if not name:
+            raise ModelLoadError("Give the path of a local model folder.")
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise ModelLoadError(f"Folder '{name}' does not exist.")
+        if not path.is_dir():
+            raise ModelLoadError(f"'{name}' is a file, not a model folder.")
+        name = str(path)
+    elif source == "hub":
+        if not name or name.count("/") > 1 or name.startswith((".", "/", "~")):
+            raise ModelLoadError("Give a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'.")
+    else:
+        raise ValueError(f"Unknown model source '{source}'; use demo, folder or hub.")
+    return name
+
+
 def resolve_source(model, tokenizer, name: str | None) -> tuple[str, str | None, str | None]:
     """A CLI-style source (a built-in name, or a file path; None: the default) as ``(kind, builtin,
     file_path)`` for :func:`calibration_data`."""
@@ -71,7 +105,8 @@ def calibration_data(model, tokenizer, model_name: str, source: str = "builtin",
     """The calibration data for ``model`` from ``source`` (``"builtin"`` with ``builtin`` a name,
     ``"file"`` with ``file_path``, or ``"pasted"`` text split at blank lines).
 
-    Decoders: ``num_samples`` windows of ``seq_len`` tokens (default 64 × 512); a built-in source is
+    Warnings (overlapping windows, fewer examples than asked, too few tokens for the model's MLP
+    width) come back in ``warnings``. Decoders: ``num_samples`` windows of ``seq_len`` tokens (default 64 × 512); a built-in source is
     one of ``calibration_mix.SOURCES``. Classifiers: labelled examples split in half — calibration on
     one half (``num_samples`` of it; default all), accuracy on the other; the demo classifier's
     newsgroups split is exactly the one it was trained on. Raises :class:`DataError` /
@@ -96,10 +131,16 @@ def calibration_data(model, tokenizer, model_name: str, source: str = "builtin",
     info = {"source": {"builtin": builtin, "file": Path(file_path).name if file_path else None,
                        "pasted": "pasted text"}[source], "num_samples": num_samples, "seq_len": seq_len, "seed": seed}
     if not encoder:
-        return _decoder_data(model, tokenizer, source, builtin, file_path, pasted, num_samples, seq_len, seed, info,
-                             progress)
-    return _classifier_data(tokenizer, model_name, source, builtin, file_path, num_samples, seq_len, seed, info,
-                            text_columns, label_column)
+        prepared = _decoder_data(model, tokenizer, source, builtin, file_path, pasted, num_samples, seq_len, seed,
+                                 info, progress)
+    else:
+        prepared = _classifier_data(tokenizer, model_name, source, builtin, file_path, num_samples, seq_len, seed,
+                                    info, text_columns, label_column)
+    prepared.info["fingerprint"] = fingerprint(model_name, CalibrationSet.wrap(prepared.data).input_ids)
+    size_warning = core_prune.calibration_size_warning(model, prepared.info["tokens"])
+    if size_warning:
+        prepared.warnings.append(size_warning)
+    return prepared
 
 
 def _decoder_data(model, tokenizer, source, builtin, file_path, pasted, num_samples, seq_len, seed, info, progress):
@@ -156,3 +197,71 @@ def _classifier_data(tokenizer, model_name, source, builtin, file_path, num_samp
     info.update(num_samples=len(train), seq_len=seq_len, held_out_examples=len(held),
                 tokens=int(CalibrationSet.wrap(data).attention_mask.sum()))
     return CalibrationData(data, held_set, info, warnings)
+
+
+# --- from calibration to a pruned copy ---------------------------------------------------------------
+
+def default_flops_seq_len(model, data) -> int:
+    """Sequence length for FLOP budgets: a classifier's average real tokens per calibration example,
+    512 for decoders."""
+    if data is not None and is_encoder(model):
+        cal = CalibrationSet.wrap(data)
+        if cal.attention_mask is not None:
+            return max(1, round(float(cal.attention_mask.sum()) / len(cal)))
+    return 512
+
+
+def parse_sparsity(value) -> float:
+    """A sparsity as a fraction: a number such as 0.3, or a percentage above 1 (30 → 0.3); the
+    range is checked by the budget."""
+    try:
+        sparsity = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"The sparsity must be a number such as 0.3 (or 30 for percent), got {value!r}.") from None
+    return sparsity / 100.0 if sparsity > 1.0 else sparsity
+
+
+def prune_config(model, data, sparsity, budget_kind: str = "params", uniform: bool = False,
+                 mode: str = "one-shot", method: str = "stat", flops_seq_len: int | None = None) -> PruneConfig:
+    """The :class:`~stat_core.prune.PruneConfig` of a prune of ``model`` calibrated on ``data``
+    (FLOPs counted at :func:`default_flops_seq_len` unless ``flops_seq_len`` is given)."""
+    return PruneConfig(sparsity=parse_sparsity(sparsity), budget_kind=budget_kind,
+                       flops_seq_len=flops_seq_len or default_flops_seq_len(model, data), method=method, mode=mode,
+                       uniform=bool(uniform))
+
+
+def calibrate_statistics(model, data, progress: ProgressFn | None = None):
+    """Dense statistics of ``model`` on ``data`` (:func:`stat_core.prune.calibrate`: every later
+    one-shot budget is cut from them) and the inspect views' singular values, timed in
+    ``calibration.timings["spectra"]``."""
+    from . import explain
+
+    calibration = core_prune.calibrate(model, data, PruneConfig(sparsity=0.0), progress)
+    t = time.perf_counter()
+    if progress is not None:
+        progress("spectra", 0, 1)
+    explain.calibration_spectra(model, calibration)
+    calibration.timings["spectra"] = time.perf_counter() - t
+    return calibration
+
+
+def prune_copy(model, calibration, data, config: PruneConfig, model_name: str | None = None,
+               calib_info: dict | None = None, plan=None, progress: ProgressFn | None = None):
+    """``(pruned, plan)``: a pruned deep copy of the dense ``model``, which is never touched.
+    One-shot cuts ``plan`` (or a new plan from the cached ``calibration``: an impossible budget fails
+    before any copying) with the dense statistics' corrections; propagate / sequential re-calibrate
+    every layer of the copy on ``data``. ``progress`` is called before the copy (and by the
+    layer-wise modes per layer): a callback that raises stops the work with the dense model intact."""
+    if config.mode == "one-shot":
+        if plan is None:
+            plan = core_prune.plan_pruning(model, calibration, config, model_name or "", calib_info or {}, data=data)
+        if progress is not None:
+            progress("surgery", 0, 1)
+        pruned = copy.deepcopy(model)
+        core_prune.apply_plan_(pruned, plan, calibration.dense_stats)
+        if progress is not None:
+            progress("surgery", 1, 1)
+        return pruned, plan
+    pruned = copy.deepcopy(model)
+    result = core_prune.stat_prune_(pruned, data, config, model_name or "", progress, calib_info or {})
+    return pruned, result.plan

@@ -24,6 +24,18 @@ def size_summary(model, seq_len: int) -> dict:
             "block_macs_per_token": s["block_macs_per_token"], "bytes": state_dict_bytes(model)}
 
 
+def architecture_summary(model) -> dict:
+    """What a loaded model is: family, kind, layers, widths (first layer), parameters, device, dtype."""
+    adapter = get_adapter(model)
+    first = adapter.layer_shape(0)
+    p = next(model.parameters())
+    return {"family": str(model.config.model_type), "kind": "decoder" if adapter.is_decoder else "classifier",
+            "layers": adapter.num_layers, "hidden": adapter.hidden_size,
+            "heads": first.num_heads, "kv_heads": first.num_kv_heads, "head_dim": adapter.head_dim,
+            "mlp_width": first.intermediate_size, "parameters": count_parameters(model),
+            "device": str(p.device), "dtype": str(p.dtype).replace("torch.", "")}
+
+
 def plan_sizes(model, plan, seq_len: int) -> dict:
     """The same numbers for the dense ``model`` once cut to ``plan`` (from the layers' geometry; no
     surgery needed, so a re-budget can show them at once)."""
@@ -78,3 +90,12 @@ def set_after_sizes(report: dict, after: dict) -> dict:
     if after.get("bytes") is not None:
         report["size_on_disk_after_bytes"] = after["bytes"]
     return report
+
+
+def removed_sentence(report: dict, verb: str = "Removed", seconds: float | None = None) -> str:
+    """One sentence: how much of the block parameters (or FLOPs, for a FLOPs budget) a prune removes."""
+    flops = report["budget_kind"] != "params"
+    removed = report["block_flops_removed_fraction" if flops else "block_params_removed_fraction"]
+    return (f"{verb} {removed:.1%} of the block {'FLOPs' if flops else 'parameters'} ({report['method']}, "
+            f"{report['mode']}{', uniform' if report['uniform'] else ''})"
+            + (f" in {seconds:.1f} s." if seconds is not None else "."))

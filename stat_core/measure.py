@@ -1,0 +1,263 @@
+"""Before / after measurements that the app and the CLI share: quick quality (perplexity and KL to
+the dense model for decoders, held-out accuracy and KL for classifiers), sizes and latency, the
+before/after table, greedy continuations of a prompt, and several methods compared at one budget
+from one cached calibration.
+
+The dense side is measured once (:func:`baseline`) and every pruned model is compared with it
+(:func:`quality`); nothing here keeps a model alive beyond the call that received it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from . import prune as core_prune
+from .classifier import accuracy, class_log_probs, kl_to_reference
+from .evaluate import evaluation_windows
+from .models import is_encoder
+from .report import size_summary
+
+#: Quick perplexity: 4 windows of 512 tokens (the full protocol, ``stat_core.evaluate``, uses 16,384).
+QUICK_EVAL_TOKENS = 2048
+#: Quality keys that compare with the dense model and so exist only after pruning.
+AFTER_ONLY = ("kl_to_dense",)
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+# --- quality ---------------------------------------------------------------------------------------
+
+def quick_windows(tokenizer, eval_tokens: int = QUICK_EVAL_TOKENS) -> torch.Tensor:
+    """The first ``eval_tokens`` evaluation tokens in windows of ``min(512, eval_tokens // 2)`` (at least 16)."""
+    window = min(512, max(16, int(eval_tokens) // 2))
+    return evaluation_windows(tokenizer, n_tokens=int(eval_tokens), window=window)
+
+
+@torch.no_grad()
+def perplexity_and_kl(model, windows: torch.Tensor, dense=None, batch_size: int = 1) -> tuple[float, float | None]:
+    """``(perplexity, KL)`` of ``model`` on ``windows (n, T)``: ``exp`` of the mean next-token NLL
+    (the first position is never a target) and, if ``dense`` is given, the mean
+    KL(dense ‖ model) per predicted position in nats (None otherwise). One window batch of each
+    model's logits is alive at a time; no dense log-probabilities are stored."""
+    device = next(model.parameters()).device
+    nll, kl, count = 0.0, 0.0, 0
+    for start in range(0, len(windows), batch_size):
+        ids = windows[start:start + batch_size].to(device)
+        logp = model(input_ids=ids, use_cache=False).logits[:, :-1].float().log_softmax(-1)
+        targets = ids[:, 1:]
+        nll -= float(logp.gather(-1, targets[..., None]).sum())
+        count += targets.numel()
+        if dense is not None:
+            d_ids = ids.to(next(dense.parameters()).device)
+            d = dense(input_ids=d_ids, use_cache=False).logits[:, :-1].float().log_softmax(-1).to(device)
+            p = d.exp()
+            kl += float(torch.where(p > 0, p * (d - logp), torch.zeros((), device=device)).sum())
+        del logp
+    return math.exp(nll / count), (kl / count if dense is not None else None)
+
+
+@dataclass
+class Baseline:
+    """The dense model's side of a comparison, measured once: its ``quality`` and what a pruned
+    model is compared on (decoders: the evaluation ``windows``; classifiers: the ``held_out`` set
+    and the dense class log-probabilities on it)."""
+
+    quality: dict
+    eval_tokens: int
+    windows: torch.Tensor | None = None
+    held_out: object | None = None
+    class_logprobs: torch.Tensor | None = None
+
+
+def baseline(dense, tokenizer=None, held_out=None, eval_tokens: int = QUICK_EVAL_TOKENS) -> Baseline:
+    """Measure the dense model: quick perplexity on ``eval_tokens`` evaluation tokens (decoders) or
+    accuracy on ``held_out`` (classifiers; without a held-out set there is nothing to measure)."""
+    if is_encoder(dense):
+        if held_out is None:
+            return Baseline({}, int(eval_tokens))
+        return Baseline({"accuracy": accuracy(dense, held_out)}, int(eval_tokens), held_out=held_out,
+                        class_logprobs=class_log_probs(dense, held_out))
+    windows = quick_windows(tokenizer, eval_tokens)
+    ppl, _ = perplexity_and_kl(dense, windows)
+    return Baseline({"perplexity": ppl}, int(eval_tokens), windows=windows)
+
+
+def quality(model, base: Baseline, dense=None) -> dict:
+    """The same quality numbers for ``model`` as ``base`` holds for the dense one, plus
+    ``kl_to_dense`` (classifiers: always; decoders: when the ``dense`` model is given)."""
+    if base.held_out is not None:
+        return {"accuracy": accuracy(model, base.held_out),
+                "kl_to_dense": kl_to_reference(base.class_logprobs, model, base.held_out)}
+    if base.windows is None:
+        return {}
+    ppl, kl = perplexity_and_kl(model, base.windows, dense)
+    return {"perplexity": ppl} if kl is None else {"perplexity": ppl, "kl_to_dense": kl}
+
+
+@torch.no_grad()
+def latency_ms(model, n_tokens: int = 128, repeats: int = 3) -> float:
+    """Median wall time in ms of one forward pass over ``n_tokens`` tokens (batch 1, after a warm-up)."""
+    device = next(model.parameters()).device
+    vocab = min(getattr(model.config, "vocab_size", 1000), 1000)
+    ids = torch.randint(3, max(vocab, 4), (1, n_tokens), generator=torch.Generator().manual_seed(0)).to(device)
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if not is_encoder(model):
+        kwargs["use_cache"] = False
+    model(**kwargs)  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        model(**kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
+def model_metrics(model, seq_len: int) -> dict:
+    """Sizes (:func:`stat_core.report.size_summary` at ``seq_len``) and ``latency_ms`` of ``model``."""
+    return {**size_summary(model, seq_len), "latency_ms": latency_ms(model)}
+
+
+def record(report: dict, before: dict, after: dict, eval_tokens: int | None = None) -> dict:
+    """Write measured quality and latency into a prune report as ``<metric>_before`` / ``_after``
+    (``kl_to_dense`` only after)."""
+    for k in ("perplexity", "accuracy", "latency_ms", "kl_to_dense"):
+        if k in after:
+            if k not in AFTER_ONLY:
+                report[f"{k}_before"] = before[k]
+            report[f"{k}_after"] = after[k]
+    if "perplexity" in after and eval_tokens is not None:
+        report["perplexity_eval_tokens"] = int(eval_tokens)
+    return report
+
+
+# --- tables ----------------------------------------------------------------------------------------
+
+METRIC_HEADERS = ["metric", "before", "after", "after ÷ before"]
+
+
+def _ratio(before, after) -> str:
+    if before in (None, 0) or after is None:
+        return ""
+    return f"{after / before:.2f}×"
+
+
+def before_after_rows(before: dict, after: dict, eval_tokens: int, seq_len: int,
+                      held_out_examples: int | None = None) -> list[list[str]]:
+    """The before/after table (:data:`METRIC_HEADERS`) from :func:`quality` + :func:`model_metrics` dicts."""
+    rows = []
+    if "perplexity" in after:
+        rows.append([f"perplexity (quick: {int(eval_tokens):,} eval tokens)", f"{before['perplexity']:.2f}",
+                     f"{after['perplexity']:.2f}", _ratio(before["perplexity"], after["perplexity"])])
+    if "accuracy" in after:
+        rows.append([f"held-out accuracy ({held_out_examples} examples)", f"{before['accuracy']:.1%}",
+                     f"{after['accuracy']:.1%}", f"{100 * (after['accuracy'] - before['accuracy']):+.1f} pt"])
+    if "kl_to_dense" in after:
+        rows.append(["KL to dense (nats per prediction)", "0", f"{after['kl_to_dense']:.4f}", ""])
+    for label, key, fmt in (("parameters (all)", "params", "{:,}"), ("block parameters", "block_params", "{:,}"),
+                            (f"block FLOPs / token (MACs, seq {seq_len})", "block_macs_per_token", "{:,}"),
+                            ("latency, 1×128 tokens (ms)", "latency_ms", "{:.1f}"),
+                            ("size (MB, weights in memory)", "bytes", None)):
+        b, a = before[key], after[key]
+        text = (lambda v: f"{v / 1e6:.1f}") if fmt is None else fmt.format
+        rows.append([label, text(b), text(a), _ratio(b, a)])
+    return rows
+
+
+def headline(before: dict, after: dict, eval_tokens: int) -> str:
+    """One sentence: the quality change."""
+    if "perplexity" in after:
+        return (f"Perplexity {before['perplexity']:.2f} → {after['perplexity']:.2f} (quick estimate on "
+                f"{int(eval_tokens):,} tokens).")
+    return f"Held-out accuracy {before.get('accuracy', 0):.1%} → {after.get('accuracy', 0):.1%}."
+
+
+# --- generation --------------------------------------------------------------------------------------
+
+def check_generation(model, prompt: str, max_new_tokens) -> int:
+    """``max_new_tokens`` as an int, or ValueError with one sentence (classifier, empty prompt, count)."""
+    if is_encoder(model):
+        raise ValueError("Generation is for decoders; a classifier is compared by accuracy.")
+    if not (prompt or "").strip():
+        raise ValueError("Type a prompt first.")
+    try:
+        n = int(max_new_tokens)
+    except (TypeError, ValueError):
+        raise ValueError(f"Generate between 1 and 512 new tokens, got {max_new_tokens!r}.") from None
+    if not 1 <= n <= 512:
+        raise ValueError("Generate between 1 and 512 new tokens.")
+    return n
+
+
+@torch.no_grad()
+def greedy_continuation(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """``prompt`` continued by greedy decoding: the new text only, special tokens dropped."""
+    device = next(model.parameters()).device
+    enc = tokenizer(prompt, return_tensors="pt").to(device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = model.generate(**enc, max_new_tokens=int(max_new_tokens), do_sample=False, pad_token_id=pad)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+# --- several methods at one budget ----------------------------------------------------------------------
+
+def compare_methods(model, calibration, data, configs: Sequence, base: Baseline, model_name: str | None = None,
+                    calib_info: dict | None = None, progress: ProgressFn | None = None) -> list[dict]:
+    """Each config's method applied to a copy of the dense ``model`` from one cached ``calibration``
+    (whole-model methods run on ``data``), measured against ``base``: ``[{"method", <quality>,
+    "achieved", "block_params"}]``. ``progress("compare", i, n)`` is called before each method (a
+    callback that raises stops the comparison there); the dense model is never modified."""
+    from .methods import get_method
+    from .pipeline import prune_copy
+
+    results = []
+    for i, config in enumerate(configs):
+        if progress is not None:
+            progress("compare", i, len(configs))
+        if get_method(config.method).whole_model:
+            pruned = copy.deepcopy(model)
+            info = core_prune.stat_prune_(pruned, data, config, model_name).info
+            achieved, block_params = info["removed_fraction"], info["block_params_after"]
+        else:
+            step = None if progress is None else (lambda *_: progress("compare", i, len(configs)))  # noqa: B023
+            pruned, plan = prune_copy(model, calibration, data, config, model_name, calib_info, progress=step)
+            achieved, block_params = plan.budget["achieved"], size_summary(pruned, config.flops_seq_len)["block_params"]
+        results.append({"method": config.method, **quality(pruned, base), "achieved": achieved,
+                        "block_params": block_params})
+        del pruned
+    if progress is not None:
+        progress("compare", len(configs), len(configs))
+    return results
+
+
+def compare_rows(results: list[dict], dense: dict, metric: str, label: Callable[[str], str] = str) -> list[list[str]]:
+    """Rows of a comparison table (method, removed, ``metric``: ``perplexity`` or ``accuracy``, vs
+    dense); ``label`` names a method."""
+    rows = []
+    for r in results:
+        value = r.get(metric)
+        if value is None:
+            shown, rel = "n/a", ""
+        elif metric == "perplexity":
+            shown, rel = f"{value:.2f}", (f"{value / dense[metric]:.2f}× dense" if dense else "")
+        else:
+            shown, rel = f"{value:.1%}", (f"{100 * (value - dense[metric]):+.1f} pt" if dense else "")
+        rows.append([label(r["method"]), f"{r['achieved']:.1%}", shown, rel])
+    return rows
+
+
+def compare_summary(dense: dict, metric: str, eval_tokens: int, n_methods: int) -> tuple[str, str]:
+    """``(column label, sentence)`` for a comparison of ``n_methods`` against the ``dense`` quality."""
+    label = f"quick perplexity ({int(eval_tokens):,} tokens)" if metric == "perplexity" else "held-out accuracy"
+    dense_txt = (f"{dense[metric]:.2f}" if metric == "perplexity" else f"{dense[metric]:.1%}") if dense else "n/a"
+    return label, f"Dense {label}: {dense_txt}. Same budget, same calibration, {n_methods} methods."
