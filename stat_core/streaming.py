@@ -320,14 +320,16 @@ def _notify(progress, stage, done, total):
 def streamed_prune(model_dir: str | Path, windows, config: PruneConfig, out_dir: str | Path,
                    progress: ProgressFn | None = None, *, dtype: torch.dtype | None = None, model_name: str = "",
                    calibration_info: dict | None = None, report: dict | None = None, overwrite: bool = False,
-                   work_dir: str | Path | None = None) -> StreamedResult:
+                   work_dir: str | Path | None = None, save_dtype: torch.dtype | None = None) -> StreamedResult:
     """Prune the model in ``model_dir`` (a local folder with safetensors weights) with STAT one-shot
     on calibration ``windows: (n, T)`` (or a :class:`CalibrationSet`), block by block, and write the
     pruned model to ``out_dir`` like :func:`stat_core.export.export_pruned` does.
 
     ``dtype``: the compute and output dtype (default: the checkpoint's). The gradient sensitivity
     pass is skipped (``fisher=None``, residual-energy weighting): the plan and weights equal an
-    in-memory ``stat_prune_`` with ``sensitivity_samples=0``. ``work_dir``: where the per-block
+    in-memory ``stat_prune_`` with ``sensitivity_samples=0``. ``save_dtype``: the exported weights'
+    dtype when it should differ from ``dtype`` (e.g. compute in float32 on a CPU, whose bfloat16
+    matrix products are slow, and write bfloat16 like the checkpoint). ``work_dir``: where the per-block
     statistics wait between the passes (default: a temporary folder, removed at the end).
     """
     t0 = time.perf_counter()
@@ -335,6 +337,10 @@ def streamed_prune(model_dir: str | Path, windows, config: PruneConfig, out_dir:
     checkpoint = SafetensorsCheckpoint(model_dir)
     check_output_dir(out_dir, overwrite)  # before minutes of work
     dtype = dtype or checkpoint.dtype() or torch.float32
+    save_dtype = save_dtype or dtype
+
+    def saved(t: torch.Tensor) -> torch.Tensor:
+        return (t.to(save_dtype) if t.is_floating_point() else t).detach().contiguous()
     model = build_skeleton(checkpoint.folder, dtype)
     adapter = get_adapter(model)
     from .methods import get_method
@@ -420,7 +426,7 @@ def streamed_prune(model_dir: str | Path, windows, config: PruneConfig, out_dir:
                 stats = load_stats(scratch / f"block-{i:05d}.safetensors")[0][0]
                 apply_layer_(adapter, plan.layers[i], stats, plan.correction, plan.correction_ridge, uniform_plan)
                 del stats
-                tensors = {block_prefix[i] + k: v.detach().contiguous() for k, v in block.state_dict().items()}
+                tensors = {block_prefix[i] + k: saved(v) for k, v in block.state_dict().items()}
                 fname = f"model-{i + 1:05d}-of-{n_files:05d}.safetensors"
                 save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
                 weight_map.update(dict.fromkeys(tensors, fname))
@@ -441,7 +447,9 @@ def streamed_prune(model_dir: str | Path, windows, config: PruneConfig, out_dir:
 
             t = time.perf_counter()
             uniform = _is_uniform(adapter)
-            rest = _rest_tensors(model, rest_names, checkpoint, names, dtype, set(weight_map), uniform, layers_prefix)
+            rest = _rest_tensors(model, rest_names, checkpoint, names, save_dtype, set(weight_map), uniform,
+                                 layers_prefix)
+            rest = {k: saved(v) for k, v in rest.items()}
             fname = f"model-{n_files:05d}-of-{n_files:05d}.safetensors"
             save_file(rest, str(tmp / fname), metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(rest, fname))
@@ -449,7 +457,9 @@ def streamed_prune(model_dir: str | Path, windows, config: PruneConfig, out_dir:
             del rest
             (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
                                                       "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-            export_config(model, uniform).to_json_file(tmp / "config.json")
+            out_config = export_config(model, uniform)
+            out_config.dtype = str(save_dtype).removeprefix("torch.")
+            out_config.to_json_file(tmp / "config.json")
             for f in TOKENIZER_FILES:
                 if (checkpoint.folder / f).is_file():
                     shutil.copyfile(checkpoint.folder / f, tmp / f)
@@ -542,7 +552,9 @@ def run_offload(args) -> dict:
     path = resolve_model_path(args.model)
     checkpoint = SafetensorsCheckpoint(path)
     check_output_dir(args.out, args.overwrite)
-    dtype = DTYPES[args.dtype] if args.dtype else (checkpoint.dtype() or torch.float32)
+    # Default: compute in float32 (CPUs multiply bfloat16 slowly), export in the checkpoint's dtype.
+    stored = checkpoint.dtype() or torch.float32
+    dtype = DTYPES[args.dtype] if args.dtype else torch.float32
     skeleton = build_skeleton(checkpoint.folder, dtype)
     tokenizer = load_tokenizer_only(str(checkpoint.folder))
     encoder = is_encoder(skeleton)
@@ -575,7 +587,8 @@ def run_offload(args) -> dict:
 
         progress = _Progress(True)
     result = streamed_prune(checkpoint.folder, data, config, args.out, progress, dtype=dtype, model_name=args.model,
-                            calibration_info=info, report=report, overwrite=args.overwrite)
+                            calibration_info=info, report=report, overwrite=args.overwrite,
+                            save_dtype=None if args.dtype else stored)
     report = json.loads((Path(args.out) / "pruning_report.json").read_text())
     report["export"] = {"uniform": result.export.uniform, "format": "safetensors", "files": list(result.export.files)}
     return report

@@ -129,6 +129,28 @@ def test_streamed_bfloat16_checkpoint_keeps_its_dtype(tmp_path):
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # still tied
 
 
+def test_float32_compute_bfloat16_export(tmp_path):
+    """Compute in float32 (fast on CPUs), write the checkpoint's bfloat16: the in-memory float32
+    prune of the same (bfloat16-valued) weights, cast to bfloat16."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=64, vocab_size=128, max_position_embeddings=64)
+    src = tmp_path / "bf16"
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(src, safe_serialization=True)
+    prune_cfg = PruneConfig(sparsity=0.3, sensitivity_samples=0)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    expected = stat_prune_(model, _windows(), prune_cfg)
+    result = streamed_prune(src, _windows(), prune_cfg, tmp_path / "out", dtype=torch.float32,
+                            save_dtype=torch.bfloat16)
+    _same_plan(expected.plan, result.plan)
+    loaded, _ = load_pruned(tmp_path / "out", with_tokenizer=False)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    got = loaded.state_dict()
+    for k, v in model.state_dict().items():
+        assert got[k].dtype == torch.bfloat16, k
+        torch.testing.assert_close(got[k], v.to(torch.bfloat16), rtol=0, atol=0, msg=k)
+
+
 # --- bad input: one sentence, nothing written --------------------------------------------------------
 
 def _refused(tmp_path, src, cfg=None, match=""):
