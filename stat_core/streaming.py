@@ -392,6 +392,8 @@ def streamed_prune(model_dir: str | Path, windows, config: PruneConfig, out_dir:
             block = adapter.layers[i]
             _load_module_(block, block_prefix[i], checkpoint, names, dtype)
             stats, hidden = runner.collect_block(i, hidden)
+            # The analysis reads only the two output projections: the rest of the block goes now.
+            _free_except_(block, [adapter.attn_out_proj(i), adapter.mlp_out_proj(i)])
             ta = time.perf_counter()
             analyses.append(analyse_layer(adapter, i, stats, None, config.intercept))
             t_analyse += time.perf_counter() - ta
@@ -494,6 +496,15 @@ def model_sizes(model, seq_len: int) -> dict:
     return {"params": sum(p.numel() for p in params.values()), "block_params": s["block_params"],
             "block_macs_per_token": s["block_macs_per_token"],
             "bytes": sum(p.numel() * p.element_size() for p in params.values())}
+
+
+def _free_except_(block: nn.Module, keep: list) -> None:
+    """Every parameter of ``block`` back to ``meta`` except those of the ``keep`` projections."""
+    kept = {id(p) for proj in keep for p in getattr(proj, "module", proj).parameters()}
+    for module in block.modules():
+        for attr, p in list(module._parameters.items()):
+            if p is not None and id(p) not in kept and p.device.type != "meta":
+                module._parameters[attr] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
 
 
 def _free_outside_blocks_(model, adapter) -> None:
