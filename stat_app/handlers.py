@@ -13,6 +13,7 @@ with ``concurrency_limit=1``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -75,8 +76,10 @@ def guarded(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs) -> Reply:
+        session = args[0] if args and isinstance(args[0], Session) else None
         try:
-            return fn(*args, **kwargs)
+            with session.in_use() if session is not None else contextlib.nullcontext():  # not evicted meanwhile
+                return fn(*args, **kwargs)
         except EXPECTED as exc:
             log.info("%s: %s", fn.__name__, exc)
             return _fail(exc)

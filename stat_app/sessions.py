@@ -3,12 +3,19 @@
 Models are not deep-copyable inside ``gr.State`` and must not live in module globals shared by all
 users, so the app keeps them here, keyed by Gradio's ``request.session_hash``. A session holds the
 dense model it loaded (never modified), the cached calibration and the latest pruned copy.
-Sessions are dropped when the page unloads, and the least recently used ones are evicted when
-there are too many (each holds a model and its statistics in memory).
+Sessions are dropped when the page unloads, and the least recently used *idle* ones are evicted
+when there are more than ``max_sessions`` or they have been idle for ``idle_seconds``: each holds
+at most its dense model, the calibration statistics and one pruned copy, so memory is bounded by
+``max_sessions`` of those. An evicted session lets go of its models (and the GPU cache is emptied);
+a session with a handler running on it is never evicted (its job keeps the models alive until it
+ends, so evicting it would free nothing and lose the user's work); it is considered again on the
+next request once the job is done.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import shutil
 import tempfile
 import threading
@@ -64,7 +71,21 @@ class Session:
     # cancellation of the running job (a fresh event per job, see begin_job)
     cancel_event: threading.Event = field(default_factory=threading.Event)
     last_used: float = field(default_factory=time.monotonic)
+    active: int = 0                # handler calls running on this session right now (see in_use)
     _workdir: Path | None = None
+    _active_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @contextlib.contextmanager
+    def in_use(self):
+        """Mark the session busy while a handler runs on it: the store does not evict a busy session."""
+        with self._active_lock:
+            self.active += 1
+        try:
+            yield self
+        finally:
+            with self._active_lock:
+                self.active -= 1
+            self.last_used = time.monotonic()
 
     def begin_job(self) -> threading.Event:
         """A new cancellation flag for the job about to run; ``cancel()`` sets the current one."""
@@ -121,8 +142,18 @@ class Session:
             self._workdir = None
 
 
+def free_memory() -> None:
+    """Collect what evicted sessions let go of and hand cached GPU memory back to the device."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class SessionStore:
-    """``session_hash → Session`` with LRU eviction and idle expiry."""
+    """``session_hash → Session`` with LRU eviction of idle sessions beyond ``max_sessions`` and
+    expiry of sessions idle for ``idle_seconds``; busy sessions (:meth:`Session.in_use`) are kept."""
 
     def __init__(self, max_sessions: int = MAX_SESSIONS, idle_seconds: float = IDLE_SECONDS):
         self.max_sessions = max_sessions
@@ -140,14 +171,17 @@ class SessionStore:
                 session = self._sessions[key] = Session(key=key)
             self._sessions.move_to_end(key)
             session.last_used = now
-            for other_key, other in list(self._sessions.items()):
-                if other_key != key and now - other.last_used > self.idle_seconds:
+            idle = [k for k, s in self._sessions.items() if k != key and s.active == 0]  # oldest first
+            for other_key in idle:
+                if now - self._sessions[other_key].last_used > self.idle_seconds:
                     evicted.append(self._sessions.pop(other_key))
-            while len(self._sessions) > self.max_sessions:
-                _, oldest = self._sessions.popitem(last=False)
-                evicted.append(oldest)
+            idle = [k for k in idle if k in self._sessions]
+            while len(self._sessions) > self.max_sessions and idle:
+                evicted.append(self._sessions.pop(idle.pop(0)))
         for s in evicted:
             s.close()
+        if evicted:
+            free_memory()
         return session
 
     def drop(self, key: str | None) -> None:
@@ -155,6 +189,7 @@ class SessionStore:
             session = self._sessions.pop(key or "local", None)
         if session is not None:
             session.close()
+            free_memory()
 
     def __contains__(self, key: str) -> bool:
         return key in self._sessions
