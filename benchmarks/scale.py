@@ -16,6 +16,16 @@ Then the fitted exponents: seconds ∝ tokens^a (one shape, growing calibration)
 
     python benchmarks/scale.py --device cuda --dtype bfloat16 --shapes llama-2-7b --num-samples 512
     python benchmarks/scale.py --device cpu --shapes smollm2-135m,width-1024 --num-samples 8 --seq-len 256
+
+``--offload``: the layer-streaming prune (:mod:`stat_core.streaming`). The random model is first
+written once as bf16 safetensors shards (``--checkpoint-dir``, reused by later runs; written
+tensor by tensor, never whole in memory), then a child process prunes it block by block and
+exports the pruned model (to a temporary folder, deleted after); ``model_bytes`` is then the
+checkpoint's size on disk and ``peak_rss_bytes`` the child's measured peak (``ru_maxrss``), which
+includes the interpreter, the calibration hidden states, one block and its float64 statistics.
+No gradient sensitivity pass in streaming mode.
+
+    nice -n 19 python benchmarks/scale.py --offload --shapes llama-3.2-1b,llama-2-7b --num-samples 8 --seq-len 256
 """
 
 from __future__ import annotations
@@ -31,6 +41,8 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "scale.json"
+CHECKPOINTS = Path(os.environ.get("TMPDIR", "/tmp")) / "stat-scale-checkpoints"
+SHARD_BYTES = 2 * 2**30
 
 SHAPES = {
     # Llama-2-7B (meta-llama/Llama-2-7b-hf config.json)
@@ -102,6 +114,109 @@ def run_one(shape: str, device: str, dtype: str, num_samples: int, seq_len: int,
     return record
 
 
+def write_checkpoint(shape: str, dtype: str, root: Path) -> Path:
+    """The random-weight model of ``shape`` as ``dtype`` safetensors shards under ``root`` (written
+    once; an existing complete folder is reused). Tensor by tensor from a ``meta`` skeleton: norms
+    are ones, everything else N(0, 0.02²), seeded per tensor; at most one shard in memory."""
+    import torch
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    folder = root / f"{shape}-{dtype}"
+    if (folder / "model.safetensors.index.json").exists():
+        return folder
+    tmp = root / f".{shape}-{dtype}-partial"
+    tmp.mkdir(parents=True, exist_ok=True)
+    dt = getattr(torch, dtype)
+    config = LlamaConfig(**SHAPES[shape])
+    with init_empty_weights(include_buffers=False):
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=dt)
+    skeleton.tie_weights()
+    params = list(skeleton.named_parameters())  # tied ones once, as save_pretrained writes them
+    shards: list[dict] = [{}]
+    size = 0
+    for name, p in params:
+        if size + p.numel() * p.element_size() > SHARD_BYTES and shards[-1]:
+            shards.append({})
+            size = 0
+        shards[-1][name] = p
+        size += p.numel() * p.element_size()
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for j, (name, p) in enumerate(shard.items()):
+            if p.dim() == 1:
+                tensors[name] = torch.ones(p.shape, dtype=dt)
+            else:
+                g = torch.Generator().manual_seed(hash((i, j)) % 2**31)
+                tensors[name] = (torch.randn(p.shape, generator=g) * 0.02).to(dt)
+        save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update(dict.fromkeys(tensors, fname))
+        del tensors
+    config.dtype = dtype
+    config.save_pretrained(tmp)
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                  "weight_map": weight_map}))
+    os.replace(tmp, folder)
+    return folder
+
+
+def run_offload(shape: str, checkpoint: Path, num_samples: int, seq_len: int, sparsity: float,
+                batch_size: int, compute_dtype: str = "float32") -> dict:
+    """Streamed prune + export of the checkpoint, in this process; the record (this process's peak)."""
+    import shutil
+    import tempfile
+
+    import torch
+
+    from stat_core.prune import PruneConfig
+    from stat_core.streaming import streamed_prune
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    g = torch.Generator().manual_seed(0)
+    windows = torch.randint(0, config["vocab_size"], (num_samples, seq_len), generator=g)
+    model_bytes = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
+    params = None
+
+    def progress(stage, done, total):
+        if done >= total or stage == "calibrate":
+            print(f"  {shape}: {stage} {done}/{total} (peak RSS so far "
+                  f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB)", file=sys.stderr, flush=True)
+
+    cfg = PruneConfig(sparsity=sparsity, batch_size=batch_size, sensitivity_samples=0)
+    out = Path(tempfile.mkdtemp(prefix="stat-scale-out-")) / "pruned"
+    # Compute in float32 (a bfloat16 2048x2048x8192 product did not finish in 10 minutes on this
+    # 2-core CPU; float32 runs at ~40 GFLOPS), write the export in the checkpoint's dtype.
+    compute = getattr(torch, compute_dtype)
+    stored = getattr(torch, config.get("dtype", "bfloat16"))
+    try:
+        t = time.perf_counter()
+        result = streamed_prune(checkpoint, windows, cfg, out, progress=progress, model_name=shape, dtype=compute,
+                                save_dtype=stored)
+        seconds = time.perf_counter() - t
+        out_bytes = result.export.size_bytes
+        params = result.info["sizes_before"]["params"]
+    finally:
+        shutil.rmtree(out.parent, ignore_errors=True)
+    stages = {k: round(v, 3) for k, v in result.timings.items()}
+    return {
+        "shape": shape, "params": params, "model_bytes": model_bytes,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "calibration_tokens": num_samples * seq_len, "num_samples": num_samples, "seq_len": seq_len,
+        "seconds": round(seconds, 3),
+        "seconds_per_block": round((stages["calibrate"] + stages["analyse"] + stages["apply"])
+                                   / config["num_hidden_layers"], 3),
+        "stages": stages, "sparsity": sparsity, "pruned_bytes": out_bytes,
+        "device": f"cpu ({os.cpu_count()} cores)", "dtype": config.get("dtype", "bfloat16"),
+        "compute_dtype": compute_dtype,
+        "torch": torch.__version__, "offload": True,
+        "sensitivity": "skipped (streaming: residual-energy weighting)",
+    }
+
+
 def fit_exponent(xs, ys) -> float | None:
     """Least-squares slope of log y on log x (None with fewer than two distinct x)."""
     pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x > 0 and y > 0]
@@ -128,9 +243,19 @@ def main(argv=None) -> int:
     p.add_argument("--sensitivity-samples", type=int, default=None)
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--append", action="store_true", help="add to the records already in --out")
+    p.add_argument("--offload", action="store_true",
+                   help="layer streaming (stat_core.streaming) from a bf16 safetensors checkpoint written once; CPU")
+    p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="--offload: dtype the blocks run in (the export keeps the checkpoint's dtype)")
+    p.add_argument("--checkpoint-dir", default=str(CHECKPOINTS), help="where --offload's random checkpoints live")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child process: one record as JSON
     args = p.parse_args(argv)
 
+    if args.one and args.offload:
+        rec = run_offload(args.shapes, write_checkpoint(args.shapes, args.dtype, Path(args.checkpoint_dir)),
+                          int(args.num_samples), args.seq_len, args.sparsity, args.batch_size, args.compute_dtype)
+        print("RECORD " + json.dumps(rec), flush=True)
+        return 0
     if args.one:
         rec = run_one(args.shapes, args.device, args.dtype, int(args.num_samples), args.seq_len, args.sparsity,
                       args.batch_size, args.sensitivity_samples)
@@ -150,6 +275,10 @@ def main(argv=None) -> int:
                    "--batch-size", str(args.batch_size)]
             if args.sensitivity_samples is not None:
                 cmd += ["--sensitivity-samples", str(args.sensitivity_samples)]
+            if args.offload:  # the checkpoint is written here, so the child's peak is the prune's alone
+                print(f"{shape}: writing the random {args.dtype} checkpoint (once) ...", file=sys.stderr, flush=True)
+                write_checkpoint(shape, args.dtype, Path(args.checkpoint_dir))
+                cmd += ["--offload", "--checkpoint-dir", args.checkpoint_dir, "--compute-dtype", args.compute_dtype]
             print(f"{shape} × {n} windows of {args.seq_len} on {args.device} ...", file=sys.stderr, flush=True)
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RECORD ")]
