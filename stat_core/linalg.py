@@ -95,9 +95,15 @@ def pivoted_cholesky_order(gram: torch.Tensor, ridge: float | None = None) -> to
 
 def cholesky_with_ridge(gram: torch.Tensor, ridge: float) -> torch.Tensor:
     """Lower Cholesky factor of ``G + ridge·I``, raising the ridge until it factors."""
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    # The ridge goes onto a copy's diagonal: no n×n identity and no second n×n sum (on a 7B MLP's
+    # 11,008² float64 Gram each is ~1 GB).
+    shifted = gram.clone()
+    diag = shifted.diagonal()
+    added = 0.0
     for _ in range(8):
-        factor, info = torch.linalg.cholesky_ex(gram + ridge * eye)
+        diag += ridge - added
+        added = ridge
+        factor, info = torch.linalg.cholesky_ex(shifted)
         if int(info) == 0:
             return factor
         ridge *= 100.0
