@@ -15,9 +15,8 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .adapters import UnsupportedModelError
-from .data import DataError, fingerprint
+from .data import DataError
 from .calibrate import CalibrationSet
-from .classifier import accuracy, class_log_probs, kl_to_reference
 from .export import (EXPORT_FORMATS, ExportError, atomic_output_dir, check_format, check_output_dir, export_model,
                      state_dict_bytes)
 from .export_gguf import GGUF_TYPES
@@ -25,12 +24,12 @@ from .evaluate import count_parameters
 from .suite import SuiteConfig, build_reference, evaluate_suite
 from .methods import get_method
 from .models import DEMO_MODELS, ModelLoadError, is_encoder, load_model
-from .pipeline import calibration_data, resolve_source
+from .measure import baseline, quality
+from .pipeline import calibration_data, default_flops_seq_len, resolve_source
 from .plan import PrunePlan
 from .recover import RecoveryConfig, recover_
 from .report import prune_report, set_after_sizes, size_summary
-from .prune import (BUDGET_KINDS, MODES, method_names, PruneConfig, calibration_size_warning,
-                    check_budget_feasible, stat_prune_)
+from .prune import BUDGET_KINDS, MODES, method_names, PruneConfig, check_budget_feasible, stat_prune_
 
 log = logging.getLogger("stat_core")
 
@@ -188,18 +187,9 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"{method.label} changes the hidden size and adds rotation matrices to the residual path; "
                          "its models cannot be exported yet: add --no-model to measure it")
     prepared = distributed.from_main(_calibration, args, model, tokenizer)  # rank 0 builds, all get it
-    calib, held, calib_info = prepared.data, prepared.held_out, prepared.info
-    if encoder:
-        n_tokens = int(calib.attention_mask.sum())
-        flops_seq_len = args.flops_seq_len or max(1, round(n_tokens / len(calib)))
-    else:
-        n_tokens = int(calib.numel())
-        flops_seq_len = args.flops_seq_len or 512
-    calib_info.update(tokens=n_tokens, fingerprint=fingerprint(args.model, CalibrationSet.wrap(calib).input_ids))
+    calib, held, calib_info = prepared.data, prepared.held_out, prepared.info  # info: tokens, fingerprint
+    flops_seq_len = args.flops_seq_len or default_flops_seq_len(model, calib)
     distributed.check_shardable(len(calib))  # more processes than windows: one sentence before any work
-    size_warning = calibration_size_warning(model, n_tokens)
-    if size_warning:
-        log.warning(size_warning)
     config = PruneConfig(sparsity=args.sparsity, budget_kind=args.budget, flops_seq_len=flops_seq_len,
                          method=args.method, mode=args.mode, prune_heads=not args.no_heads,
                          prune_neurons=not args.no_neurons, sensitivity_samples=args.sensitivity_samples,
@@ -212,21 +202,20 @@ def run(args: argparse.Namespace) -> dict:
         report["distributed"] = {"processes": distributed.world_size(), "backend": distributed.backend_for(args.device)}
 
     # Decoders: the evaluation suite (perplexity, KL to dense, few-shot, analogies, chat agreement),
-    # its dense side computed once before pruning; encoders: held-out accuracy and KL to dense.
+    # its dense side computed once before pruning; encoders: held-out accuracy and KL to dense
+    # (stat_core.measure, as the app measures them).
     reference = None
 
     def measure(suffix: str) -> None:
         nonlocal reference
         if args.skip_eval:
             return
-        if encoder:
-            if reference is None:
-                reference = class_log_probs(model, held)
-            report[f"accuracy_{suffix}"] = accuracy(model, held)
-            if suffix == "after":
-                report["kl_to_dense_after"] = kl_to_reference(reference, model, held)
-            return
-        if reference is None:
+        if encoder and reference is None:
+            reference = baseline(model, held_out=held)
+            values = reference.quality
+        elif encoder:
+            values = quality(model, reference)
+        elif reference is None:
             config_ = SuiteConfig.quick() if args.quick_eval else SuiteConfig()
             reference = build_reference(model, tokenizer, config_, progress=_Progress(not args.quiet))
             values = reference.dense_metrics
