@@ -159,6 +159,14 @@ class PairedStats:
                            {k: v.to(device) for k, v in self.dense_sum.items()}, self.n_tokens)
 
 
+def _energy(h: torch.Tensor, mask: torch.Tensor | None) -> float:
+    """Σ‖x‖² over the real (unpadded) rows of hidden states ``h``."""
+    rows = h.reshape(-1, h.shape[-1])
+    if mask is not None:
+        rows = rows[mask.reshape(-1)]
+    return float((rows.float() ** 2).sum())
+
+
 def _module_of(proj) -> nn.Module:
     """The real module behind an adapter's projection (a ``LinearView`` wraps one)."""
     return getattr(proj, "module", proj)
@@ -388,10 +396,7 @@ class LayerwiseRunner:
             for i, h in enumerate(hidden):
                 current["mask"] = self.token_mask(i)
                 outs.append(self._run_one(layer, i, h, adapter))
-                rows = h.reshape(-1, h.shape[-1])
-                if current["mask"] is not None:
-                    rows = rows[current["mask"].reshape(-1)]
-                energy += float((rows.float() ** 2).sum())
+                energy += _energy(h, current["mask"])
         finally:
             for handle in handles:
                 handle.remove()
@@ -446,10 +451,7 @@ class LayerwiseRunner:
                 current["mask"] = self.token_mask(i)
                 dense_outs.append(self._run_module(dense_block, layer, i, hd))
                 self._run_one(layer, i, h, None)
-                rows = h.reshape(-1, h.shape[-1])
-                if current["mask"] is not None:
-                    rows = rows[current["mask"].reshape(-1)]
-                energy += float((rows.float() ** 2).sum())
+                energy += _energy(h, current["mask"])
         finally:
             for handle in handles:
                 handle.remove()
