@@ -35,8 +35,25 @@ _OPT = {"layers": "decoder.layers", "attn": "self_attn", "q": "self_attn.q_proj"
 # (``qkv`` replaces the q/k/v keys; ``split_size`` is the attention's record of that width).
 _GPT2 = {"layers": "h", "attn": "attn", "qkv": "attn.c_attn", "o": "attn.c_proj", "mlp": "mlp",
          "w_in": ("mlp.c_fc",), "w_out": "mlp.c_proj", "config": {"heads": "n_head", "ffn": "n_inner"}}
+# GPT-NeoX / Pythia: ``query_key_value`` is fused *per head*: its output rows are
+# ``[q_h0; k_h0; v_h0; q_h1; k_h1; v_h1; ...]`` (``qkv_layout: "interleaved"``; the attention views
+# them as ``(..., heads, 3·head_size)`` and chunks the last axis), so it works for any head count.
+# ``attention_bias`` governs the two attention projections only (the MLP always has biases).
+_GPT_NEOX = {"layers": "layers", "attn": "attention", "qkv": "attention.query_key_value",
+             "qkv_layout": "interleaved", "o": "attention.dense", "mlp": "mlp", "w_in": ("mlp.dense_h_to_4h",),
+             "w_out": "mlp.dense_4h_to_h", "config": {"heads": "num_attention_heads", "ffn": "intermediate_size"},
+             "bias_flag": "attention_bias", "bias_flag_kinds": ("attn",)}
+# Phi-3: ``qkv_proj`` fused ``[q | k | v]`` with grouped-query attention (q ``heads·head_dim`` rows,
+# k and v ``kv_heads·head_dim`` each) and ``gate_up_proj`` fused ``[gate | up]`` (``w_in_parts``: the
+# one in-projection holds that many stacked copies of the neuron axis). Its attention finds the
+# query width from ``config.num_attention_heads`` (``attn_config_heads``): a pruned layer's
+# attention gets a :class:`LayerConfig` stating its own count. No biases.
+_PHI3 = {"layers": "layers", "attn": "self_attn", "qkv": "self_attn.qkv_proj", "o": "self_attn.o_proj", "mlp": "mlp",
+         "w_in": ("mlp.gate_up_proj",), "w_in_parts": 2, "w_out": "mlp.down_proj",
+         "config": {"heads": "num_attention_heads", "ffn": "intermediate_size"}, "attn_config_heads": True}
 LAYOUTS = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gemma3_text": _LLAMA,
-           "bert": _BERT, "roberta": _BERT, "distilbert": _DISTILBERT, "opt": _OPT, "gpt2": _GPT2}
+           "bert": _BERT, "roberta": _BERT, "distilbert": _DISTILBERT, "opt": _OPT, "gpt2": _GPT2,
+           "gpt_neox": _GPT_NEOX, "phi3": _PHI3}
 
 
 def _get(module: nn.Module, path: str) -> nn.Module:
@@ -78,8 +95,42 @@ def _layers(model: nn.Module, layout: dict) -> nn.ModuleList:
     return _get(base, layout["layers"])
 
 
-def set_attention_counts(attn, n_heads: int, n_kv: int, head_dim: int) -> None:
-    """Attention code reads these counts (GQA repeat factor, BERT's all_head_size); keep them true."""
+class LayerConfig:
+    """The model's config as one layer's attention should see it: ``overrides`` (its own head
+    count) on top of the shared config, which every other read and every write goes to (so a later
+    ``set_attn_implementation`` still reaches this layer)."""
+
+    def __init__(self, base, **overrides):
+        object.__setattr__(self, "_stat_base", base)
+        object.__setattr__(self, "_stat_overrides", overrides)
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name in ("_stat_base", "_stat_overrides"):
+            raise AttributeError(name)  # copy / pickle look these up before __dict__ is filled
+        if name in self._stat_overrides:
+            return self._stat_overrides[name]
+        return getattr(self._stat_base, name)
+
+    def __setattr__(self, name, value):
+        if name in self._stat_overrides:
+            self._stat_overrides[name] = value
+        else:
+            setattr(self._stat_base, name, value)
+
+
+def head_dim_of(attn: nn.Module) -> int:
+    """The head size an attention module records (``head_dim``; GPT-NeoX ``head_size``; BERT
+    ``attention_head_size``)."""
+    for name in ("head_dim", "head_size", "attention_head_size"):
+        value = getattr(attn, name, None)
+        if value:
+            return int(value)
+    raise AttributeError(f"{type(attn).__name__} records no head size")
+
+
+def set_attention_counts(attn, n_heads: int, n_kv: int, head_dim: int, layout: dict | None = None) -> None:
+    """Attention code reads these counts (GQA repeat factor, BERT's all_head_size, GPT-2's
+    split_size, Phi-3's config); keep them true."""
     for name in ("num_heads", "num_attention_heads", "n_heads"):
         if hasattr(attn, name):
             setattr(attn, name, n_heads)
@@ -89,6 +140,11 @@ def set_attention_counts(attn, n_heads: int, n_kv: int, head_dim: int) -> None:
         attn.num_key_value_groups = n_heads // n_kv
     if hasattr(attn, "all_head_size"):
         attn.all_head_size = n_heads * head_dim
+    if hasattr(attn, "split_size"):  # GPT-2: the width of each of q, k, v in c_attn
+        attn.split_size = n_heads * head_dim
+    if layout is not None and layout.get("attn_config_heads"):
+        base = getattr(attn.config, "_stat_base", attn.config)
+        attn.config = LayerConfig(base, num_attention_heads=n_heads)
 
 
 def resize_to_layer_shapes_(model: nn.Module, shapes: list[dict]) -> None:
@@ -100,12 +156,12 @@ def resize_to_layer_shapes_(model: nn.Module, shapes: list[dict]) -> None:
         raise ValueError(f"config lists {len(shapes)} layer shapes for a model with {len(layers)} layers")
     for layer, shape in zip(layers, shapes):
         attn = _get(layer, layout["attn"])
-        head_dim = int(getattr(attn, "head_dim", None) or attn.attention_head_size)
+        head_dim = head_dim_of(attn)
         n_heads, n_kv = int(shape["num_attention_heads"]), int(shape["num_key_value_heads"])
         n_ff = int(shape["intermediate_size"])
-        if "qkv" in layout:  # fused [q | k | v]; these families have no GQA (n_kv == n_heads)
-            _set(layer, layout["qkv"], _resized(_get(layer, layout["qkv"]), out_features=3 * n_heads * head_dim))
-            attn.split_size = n_heads * head_dim
+        if "qkv" in layout:  # fused: q, k and v rows in one projection, in whichever order
+            _set(layer, layout["qkv"], _resized(_get(layer, layout["qkv"]),
+                                                out_features=(n_heads + 2 * n_kv) * head_dim))
         else:
             _set(layer, layout["q"], _resized(_get(layer, layout["q"]), out_features=n_heads * head_dim))
             for key in ("k", "v"):
@@ -114,10 +170,10 @@ def resize_to_layer_shapes_(model: nn.Module, shapes: list[dict]) -> None:
         _set(layer, layout["o"], _resized(_get(layer, layout["o"]), in_features=n_heads * head_dim,
                                           bias=shape.get("attn_out_bias")))
         for path in layout["w_in"]:
-            _set(layer, path, _resized(_get(layer, path), out_features=n_ff))
+            _set(layer, path, _resized(_get(layer, path), out_features=layout.get("w_in_parts", 1) * n_ff))
         _set(layer, layout["w_out"], _resized(_get(layer, layout["w_out"]), in_features=n_ff,
                                               bias=shape.get("mlp_out_bias")))
-        set_attention_counts(attn, n_heads, n_kv, head_dim)
+        set_attention_counts(attn, n_heads, n_kv, head_dim, layout)
         mlp = _get(layer, layout["mlp"])
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = n_ff
@@ -134,4 +190,20 @@ def pruned_class(base: type) -> type:
                 resize_to_layer_shapes_(self, shapes)
 
     StatPruned.__name__ = StatPruned.__qualname__ = f"StatPruned{base.__name__}"
+    _share_checkpoint_renaming(base, StatPruned)
     return StatPruned
+
+
+def _share_checkpoint_renaming(base: type, cls: type) -> None:
+    """transformers >= 5 renames some checkpoint keys per class on load, and back on save (GPT-NeoX
+    saves ``lm_head`` as ``embed_out``). It looks them up by class name and skips classes defined
+    outside transformers, so the subclass is registered under its own name with the base's renaming."""
+    try:
+        from transformers import conversion_mapping as cm
+        get, register = cm.get_checkpoint_conversion_mapping, cm.register_checkpoint_conversion_mapping
+    except (ImportError, AttributeError):  # older transformers: no renaming on load or save
+        return
+    config_class = getattr(base, "config_class", None)
+    mapping = get(base.__name__) or get(getattr(config_class, "model_type", None))
+    if mapping:
+        register(cls.__name__, mapping, overwrite=True)

@@ -10,17 +10,18 @@ import torch
 
 from conftest import mask_units
 from stat_core.adapters import UnsupportedModelError, get_adapter, supported_model_types
+from stat_core.adapters.declarative import LinearView
 from stat_core.budget import block_geometry, block_parameter_count
 from stat_core.calibrate import LayerwiseRunner
 from stat_core.export import export_pruned, load_pruned
 from stat_core.prune import PruneConfig, apply_plan_, stat_prune_
 from test_export import _decoder_inputs, _load_in_clean_interpreter
 
-NEW_FAMILIES = ["opt", "gpt2"]
+NEW_FAMILIES = ["opt", "gpt2", "gpt_neox", "phi3"]
 
 
 def tiny_family_model(family: str = "opt", seed: int = 0, **overrides):
-    from transformers import AutoModelForCausalLM, GPT2Config, OPTConfig
+    from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, OPTConfig, Phi3Config
 
     if family == "opt":
         config = OPTConfig(**{**dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
@@ -29,6 +30,14 @@ def tiny_family_model(family: str = "opt", seed: int = 0, **overrides):
     elif family == "gpt2":  # Conv1D projections, fused c_attn
         config = GPT2Config(**{**dict(n_embd=32, n_layer=2, n_head=4, n_inner=64, vocab_size=128, n_positions=128,
                                       bos_token_id=0, eos_token_id=0), **overrides})
+    elif family == "gpt_neox":  # Pythia's layout: per-head interleaved query_key_value, rotary on 1/4 of each head
+        config = GPTNeoXConfig(**{**dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=64, vocab_size=128, max_position_embeddings=128,
+                                         bos_token_id=0, eos_token_id=0), **overrides})
+    elif family == "phi3":  # fused qkv_proj with grouped-query attention, fused gate_up_proj
+        config = Phi3Config(**{**dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=64, vocab_size=128, max_position_embeddings=128,
+                                      bos_token_id=0, eos_token_id=0, pad_token_id=0), **overrides})
     else:
         raise ValueError(family)
     torch.manual_seed(seed)
@@ -40,12 +49,18 @@ def _logits(model, ids):
         return model(input_ids=ids, use_cache=False).logits
 
 
-def _final_norm(model):
-    return model.model.decoder.final_layer_norm if model.config.model_type == "opt" else model.transformer.ln_f
+_KV_HEADS = {"phi3": 2}  # the tiny configs' KV heads where they differ from the 4 query heads
 
 
 def _base(model):
-    return model.model if model.config.model_type == "opt" else model.transformer
+    return getattr(model, {"opt": "model", "gpt2": "transformer", "gpt_neox": "gpt_neox",
+                           "phi3": "model"}[model.config.model_type])
+
+
+def _final_norm(model):
+    if model.config.model_type == "opt":
+        return model.model.decoder.final_layer_norm
+    return getattr(_base(model), {"gpt2": "ln_f", "gpt_neox": "final_layer_norm", "phi3": "norm"}[model.config.model_type])
 
 
 @pytest.mark.parametrize("family", NEW_FAMILIES)
@@ -54,7 +69,7 @@ def test_adapter_reads_the_layout(family, windows):
     adapter = get_adapter(model)
     assert adapter.family == family and adapter.num_layers == 2 and adapter.head_dim == 8
     shape = adapter.layer_shape(1)
-    assert (shape.num_heads, shape.num_kv_heads, shape.intermediate_size) == (4, 4, 64)
+    assert (shape.num_heads, shape.num_kv_heads, shape.intermediate_size) == (4, _KV_HEADS.get(family, 4), 64)
     # Block-by-block outputs, through the final norm, equal the model's own last hidden state.
     runner = LayerwiseRunner(model, adapter, windows, batch_size=4)
     hidden = runner.hidden
@@ -89,7 +104,13 @@ def test_prune_forward_generate_and_budget(family, mode, windows):
         shape = adapter.layer_shape(lp.layer)
         assert (shape.num_heads, shape.num_kv_heads, shape.intermediate_size) == (
             len(lp.kept_heads), len(lp.kept_kv_heads), len(lp.kept_neurons))
-        assert adapter.attention(lp.layer).num_heads == shape.num_heads
+        attn = adapter.attention(lp.layer)
+        if family == "phi3":  # the query width its forward reads from (its own view of) the config
+            assert attn.config.num_attention_heads == shape.num_heads
+            assert attn.num_key_value_heads == shape.num_kv_heads
+            assert attn.num_key_value_groups == shape.num_heads // shape.num_kv_heads
+        elif family != "gpt_neox":  # GPT-NeoX's attention derives the count from query_key_value's width
+            assert attn.num_heads == shape.num_heads
     assert torch.isfinite(_logits(model, windows)).all()
     out = model.generate(windows[:2, :5], max_new_tokens=6, do_sample=False, use_cache=True)
     out_nocache = model.generate(windows[:2, :5], max_new_tokens=6, do_sample=False, use_cache=False)
@@ -106,21 +127,32 @@ def test_uncorrected_pruning_equals_masked_dense(family, windows):
     torch.testing.assert_close(_logits(model, windows), _logits(masked, windows), rtol=1e-4, atol=1e-5)
 
 
+def _copy_rows(proj, dst: slice, src: slice) -> None:
+    """Rows ``src`` of a Linear-shaped projection (weight and bias) over its rows ``dst``."""
+    if isinstance(proj, LinearView):  # Conv1D or part of a fused projection: written through the view
+        proj.copy_rows_(dst, src)
+        return
+    proj.weight[dst] = proj.weight[src]
+    if proj.bias is not None:
+        proj.bias[dst] = proj.bias[src]
+
+
 def _duplicate_units(model):
-    """Second half of the neurons and of the heads exact copies of the first (weights and biases):
-    both activations become exactly low rank."""
+    """Second half of the neurons, of the query heads and of the KV heads exact copies of the first
+    (weights and biases): both activations become exactly low rank."""
     adapter = get_adapter(model)
     hd = adapter.head_dim
     with torch.no_grad():
         for i in range(adapter.num_layers):
             for proj in adapter.mlp_in_projs(i):
-                half = proj.weight.shape[0] // 2
-                proj.weight[half:] = proj.weight[:half]
-                proj.bias[half:] = proj.bias[:half]
-            half = adapter.layer_shape(i).num_heads // 2 * hd
-            for proj in [adapter.query_proj(i)] + adapter.key_value_projs(i):
-                proj.weight[half:2 * half] = proj.weight[:half]
-                proj.bias[half:2 * half] = proj.bias[:half]
+                half = proj.out_features // 2
+                _copy_rows(proj, slice(half, 2 * half), slice(0, half))
+            shape = adapter.layer_shape(i)
+            half = shape.num_heads // 2 * hd
+            _copy_rows(adapter.query_proj(i), slice(half, 2 * half), slice(0, half))
+            half = shape.num_kv_heads // 2 * hd
+            for proj in adapter.key_value_projs(i):
+                _copy_rows(proj, slice(half, 2 * half), slice(0, half))
     return model
 
 
@@ -134,7 +166,8 @@ def test_exactly_low_rank_activations_are_reproduced(family, mode, windows):
     shape = adapter.layer_shape(0)
     redundant = adapter.num_layers * (
         geo.mlp_params_per_neuron * (shape.intermediate_size // 2)
-        + (geo.q_params_per_head + geo.kv_params_per_head + geo.o_params_per_head) * (shape.num_heads // 2))
+        + (geo.q_params_per_head + geo.o_params_per_head) * (shape.num_heads // 2)
+        + geo.kv_params_per_head * (shape.num_kv_heads // 2))
     sparsity = 0.95 * redundant / block_parameter_count(adapter)  # slack: any subset of copies is free
     uncorrected = copy.deepcopy(model)
     result = stat_prune_(model, windows, PruneConfig(sparsity=sparsity, mode=mode, sensitivity_samples=2, batch_size=4))
@@ -168,7 +201,8 @@ def test_non_uniform_export_reloads_both_ways_with_same_logits(family, windows, 
         AutoModelForCausalLM.from_pretrained(info.path, trust_remote_code=False)
 
 
-@pytest.mark.parametrize("family, overrides", [("opt", {}), ("opt", {"enable_bias": False}), ("gpt2", {})])
+@pytest.mark.parametrize("family, overrides", [("opt", {}), ("opt", {"enable_bias": False}), ("gpt2", {}),
+                                               ("gpt_neox", {}), ("phi3", {})])
 def test_uniform_export_keeps_heads_and_loads_stock(family, overrides, windows, tmp_path):
     """The stock config derives the head size from hidden_size / heads: uniform plans prune
     neurons only, and the width goes into the family's own field (OPT: ``ffn_dim``, GPT-2:
@@ -188,11 +222,14 @@ def test_uniform_export_keeps_heads_and_loads_stock(family, overrides, windows, 
     info = export_pruned(model, None, tmp_path / "out", plan=plan)
     assert info.uniform and "modeling_stat.py" not in info.files
     config = json.loads((info.path / "config.json").read_text())
-    ffn_field = {"opt": "ffn_dim", "gpt2": "n_inner"}[family]
+    ffn_field = {"opt": "ffn_dim", "gpt2": "n_inner", "gpt_neox": "intermediate_size", "phi3": "intermediate_size"}[family]
     assert "auto_map" not in config and config[ffn_field] == len(plan.layers[0].kept_neurons)
     assert family != "opt" or config["enable_bias"] is True
     down = get_adapter(model).mlp_out_proj(0)
-    assert down.bias is not None and down.bias.abs().max() > 0
+    if family == "phi3":  # no stock flag declares an MLP bias: the uniform plan's intercept falls back
+        assert down.bias is None
+    else:
+        assert down.bias is not None and down.bias.abs().max() > 0
     stock = AutoModelForCausalLM.from_pretrained(info.path).eval()
     assert type(stock).__name__ == type(model).__name__
     torch.testing.assert_close(_logits(stock, inputs["input_ids"]), ref, rtol=0, atol=0)
@@ -258,3 +295,86 @@ def test_every_method_runs_or_refuses_by_name(family, windows):
             shape = adapter.layer_shape(lp.layer)
             assert (shape.num_heads, shape.intermediate_size) == (len(lp.kept_heads), len(lp.kept_neurons)), name
         assert torch.isfinite(_logits(model, windows)).all(), name
+
+
+def test_gpt_neox_interleaved_views_match_the_attention_split():
+    """GPT-NeoX's query_key_value rows are per head [q_h; k_h; v_h]: the adapter's q, k, v views give
+    exactly what the stock attention splits out (its view to (heads, 3·head_size) and chunk), and
+    copy_rows_ writes through the gathered views."""
+    model = tiny_family_model("gpt_neox")
+    adapter = get_adapter(model)
+    fused = model.gpt_neox.layers[0].attention.query_key_value
+    x = torch.randn(3, 5, 32)
+    with torch.no_grad():
+        stock = fused(x).view(3, 5, 4, 3 * 8).chunk(3, dim=-1)  # each (3, 5, heads, head_size)
+        for part, view in zip(stock, [adapter.query_proj(0), *adapter.key_value_projs(0)]):
+            torch.testing.assert_close((x @ view.weight.T + view.bias).view(3, 5, 4, 8), part)
+        k = adapter.key_value_projs(0)[0]
+        k.copy_rows_(slice(8, 16), slice(0, 8))  # key head 1 := key head 0
+    torch.testing.assert_close(fused.weight[3 * 8 + 8:3 * 8 + 16], fused.weight[8:16], rtol=0, atol=0)
+    torch.testing.assert_close(fused.bias[3 * 8 + 8:3 * 8 + 16], fused.bias[8:16], rtol=0, atol=0)
+
+
+def test_phi3_fused_views_match_the_stock_split():
+    """Phi-3: qkv_proj is [q (4 heads) | k (2) | v (2)] and gate_up_proj [gate | up]; the views are
+    slices of the stored weights (writes land there)."""
+    model = tiny_family_model("phi3")
+    adapter = get_adapter(model)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    q, (k, v) = adapter.query_proj(0), adapter.key_value_projs(0)
+    assert (q.out_features, k.out_features, v.out_features) == (32, 16, 16)
+    torch.testing.assert_close(v.weight, attn.qkv_proj.weight[48:], rtol=0, atol=0)
+    gate, up = adapter.mlp_in_projs(0)
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        stock_gate, stock_up = mlp.gate_up_proj(x).chunk(2, dim=-1)
+        torch.testing.assert_close(x @ gate.weight.T, stock_gate)
+        torch.testing.assert_close(x @ up.weight.T, stock_up)
+        up.weight[3, 5] = 7.0
+    assert mlp.gate_up_proj.weight[64 + 3, 5] == 7.0
+
+
+def _hand_plan(family, heads, kv_heads, neurons):
+    """The same heads and neurons kept in both layers of a tiny model, no correction."""
+    from stat_core.plan import LayerPlan, PrunePlan
+
+    return PrunePlan(model=family, method="stat", mode="one-shot", budget={}, calibration={}, layers=[
+        LayerPlan(layer=i, num_heads=4, num_kv_heads=_KV_HEADS.get(family, 4), intermediate_size=64,
+                  kept_heads=heads, kept_kv_heads=kv_heads, kept_neurons=neurons) for i in range(2)])
+
+
+@pytest.mark.parametrize("family, heads, kv_heads", [
+    ("gpt_neox", [1, 3], [1, 3]),
+    ("phi3", [2, 3], [1]),      # one whole KV group and both its query heads
+    ("phi3", [0, 3], [0, 1]),   # one query head in each group
+])
+def test_hand_picked_heads_and_neurons_equal_masked_dense(family, heads, kv_heads, windows):
+    """The fused slicing by hand: pruned model == dense model with the removed heads' and neurons'
+    output columns zeroed (GPT-NeoX: whole interleaved 3·head_size blocks; Phi-3: q rows, the kept
+    groups' k and v rows, and the same neurons out of both halves of gate_up_proj)."""
+    model = tiny_family_model(family)
+    neurons = list(range(0, 64, 3))
+    plan = _hand_plan(family, heads, kv_heads, neurons)
+    masked = mask_units(model, plan)
+    apply_plan_(model, plan, stats=None)
+    adapter = get_adapter(model)
+    assert adapter.layer_shape(0) == adapter.layer_shape(1)
+    shape = adapter.layer_shape(0)
+    assert (shape.num_heads, shape.num_kv_heads, shape.intermediate_size) == (2, len(kv_heads), len(neurons))
+    torch.testing.assert_close(_logits(model, windows), _logits(masked, windows), rtol=1e-4, atol=1e-5)
+    if family == "phi3":  # the per-layer config view: shared fields still shared, the model's own count untouched
+        assert model.config.num_attention_heads == 4
+        assert adapter.attention(0).config.sliding_window is model.config.sliding_window
+        clone = copy.deepcopy(model)
+        assert clone.model.layers[0].self_attn.config._stat_base is clone.config
+        torch.testing.assert_close(_logits(clone, windows), _logits(masked, windows), rtol=1e-4, atol=1e-5)
+        model.set_attn_implementation("eager")
+        assert adapter.attention(0).config._attn_implementation == "eager"
+        torch.testing.assert_close(_logits(model, windows), _logits(masked, windows), rtol=1e-4, atol=1e-5)
+
+
+def test_phi3_refuses_heads_that_break_the_kv_groups():
+    model = tiny_family_model("phi3")
+    bad = _hand_plan("phi3", [0, 1, 2], [0, 1], list(range(64)))
+    with pytest.raises(ValueError, match="same, non-zero number of query heads"):
+        apply_plan_(model, bad, stats=None)

@@ -20,6 +20,8 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
     "distilbert": DistilBertAdapter,
     "opt": LayoutAdapter,
     "gpt2": LayoutAdapter,
+    "gpt_neox": LayoutAdapter,
+    "phi3": LayoutAdapter,
 }
 
 
