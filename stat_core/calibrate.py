@@ -9,6 +9,7 @@ before it, so later blocks can be calibrated on the *pruned and corrected* outpu
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 from dataclasses import dataclass
@@ -167,6 +168,20 @@ def _energy(h: torch.Tensor, mask: torch.Tensor | None) -> float:
     return float((rows.float() ** 2).sum())
 
 
+def _call_by_name(module: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """A block's call arguments, except its first (the hidden states), as keywords of its forward."""
+    if len(args) <= 1:  # the usual call: hidden states alone positionally
+        return {k: v for k, v in kwargs.items() if k != "hidden_states"}
+    params = inspect.signature(module.forward).parameters
+    names = [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(args) > len(names) or any(params[n].kind is params[n].POSITIONAL_ONLY for n in names[1:len(args)]):
+        raise TypeError(f"{type(module).__name__}: cannot replay its positional arguments by name")
+    named = dict(zip(names, args))
+    named.update(kwargs)
+    named.pop(names[0])
+    return named
+
+
 def _module_of(proj) -> nn.Module:
     """The real module behind an adapter's projection (a ``LinearView`` wraps one)."""
     return getattr(proj, "module", proj)
@@ -318,7 +333,9 @@ class LayerwiseRunner:
 
     @torch.no_grad()
     def _capture_layer_kwargs(self, one_window: torch.Tensor) -> list[dict]:
-        """Keyword arguments (masks, rotary embeddings) each block receives, from one window.
+        """Arguments (masks, rotary embeddings) each block receives besides its hidden states, from
+        one window, all by name: positional ones too (GPT-2 passes its causal mask positionally,
+        which under ``eager`` attention is the only causality there is).
 
         They depend on the sequence length, not on the content, and broadcast over the batch, so a
         one-window forward serves every batch. Gemma-3 gives sliding and global blocks different
@@ -327,8 +344,8 @@ class LayerwiseRunner:
         captured: list[dict | None] = [None] * self.adapter.num_layers
 
         def make_hook(idx):
-            def hook(_module, args, kwargs):
-                captured[idx] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            def hook(module, args, kwargs):
+                captured[idx] = _call_by_name(module, args, kwargs)
             return hook
 
         handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True)

@@ -378,3 +378,27 @@ def test_phi3_refuses_heads_that_break_the_kv_groups():
     bad = _hand_plan("phi3", [0, 1, 2], [0, 1], list(range(64)))
     with pytest.raises(ValueError, match="same, non-zero number of query heads"):
         apply_plan_(model, bad, stats=None)
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_eager_and_sdpa_calibration_agree(family, windows):
+    """Layer-by-layer calibration replays every argument a block got, positional ones too: GPT-2
+    hands its blocks the causal mask positionally, and under ``eager`` attention that mask is the
+    only causality (``sdpa`` gets None and is causal by itself). Both give the same statistics, and
+    the eager blocks run one by one reproduce the eager model's own hidden states."""
+    stats = {}
+    for impl in ("sdpa", "eager"):
+        model = tiny_family_model(family, attn_implementation=impl)
+        assert model.config._attn_implementation == impl
+        adapter = get_adapter(model)
+        runner = LayerwiseRunner(model, adapter, windows, batch_size=4)
+        hidden, stats[impl] = runner.hidden, []
+        for layer in range(adapter.num_layers):
+            block_stats, hidden = runner.collect_block(layer, hidden)
+            stats[impl].append(block_stats)
+        with torch.no_grad():
+            torch.testing.assert_close(_final_norm(model)(torch.cat(hidden)),
+                                       _base(model)(input_ids=windows).last_hidden_state, rtol=1e-4, atol=1e-5)
+    for sdpa, eager in zip(stats["sdpa"], stats["eager"]):
+        torch.testing.assert_close(eager.attn_gram, sdpa.attn_gram, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(eager.mlp_gram, sdpa.mlp_gram, rtol=1e-5, atol=1e-5)

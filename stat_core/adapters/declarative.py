@@ -31,10 +31,9 @@ writes go to the real weights, except GPT-NeoX's interleaved q/k/v, which are ga
 :meth:`LinearView.copy_rows_` writes through every kind); the surgery itself works on the real
 modules.
 
-GPT-2 with ``attn_implementation="eager"``: ``GPT2Model`` hands each block its causal mask as a
-positional argument, which ``calibrate.LayerwiseRunner`` (keyword arguments only, for unpadded
-windows) does not replay; with the default ``sdpa`` the mask is ``None`` and causality is implied,
-which ``tests/test_families.py`` checks block by block.
+GPT-2 hands each block its causal mask as a positional argument (``None`` under the default
+``sdpa``, which is causal by itself; a mask tensor under ``eager``); ``calibrate.LayerwiseRunner``
+replays positional arguments by name, so both calibrate alike (``tests/test_families.py``).
 """
 
 from __future__ import annotations
