@@ -84,7 +84,7 @@ def gguf_problem(model) -> str | None:
     config = model.config
     model_type = getattr(config, "model_type", "?")
     adapter = get_adapter(model)
-    if not adapter.is_decoder or not type(model).__name__.endswith("ForCausalLM"):
+    if not adapter.is_decoder or not type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
         return (f"GGUF (llama.cpp) holds causal language models; '{type(model).__name__}' is "
                 f"{'an encoder' if not adapter.is_decoder else 'not a causal LM'}")
     if model_type not in GGUF_MODEL_TYPES:

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 ONNX_FILE = "model.onnx"
 ONNX_OPSET = 18
 # Heads whose forward returns one tensor the graph can expose.
-_LOGIT_HEADS = ("ForCausalLM", "ForSequenceClassification", "ForTokenClassification", "ForMaskedLM")
+# GPT2LMHeadModel is a causal LM whose name ends in "Model": checked before the bare-model rule.
+_LOGIT_HEADS = ("ForCausalLM", "LMHeadModel", "ForSequenceClassification", "ForTokenClassification", "ForMaskedLM")
 # Protobuf files stop at 2 GB; larger models keep their weights next to the graph.
 _EXTERNAL_DATA_BYTES = 1_500_000_000
 

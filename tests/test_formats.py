@@ -335,3 +335,55 @@ def test_onnx_other_decoder_families_match_pytorch(family, windows, tmp_path):
         ref = model(input_ids=ids).logits.numpy()
     np.testing.assert_allclose(_ort_run(info.path, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}), ref,
                                atol=1e-5, rtol=0)
+
+
+# --- the declaratively described families (GPT-2, OPT, GPT-NeoX, Phi-3) --------------------------------
+
+DECLARATIVE = ["gpt2", "opt", "gpt_neox", "phi3"]
+
+
+@pytest.mark.parametrize("family", DECLARATIVE)
+def test_gguf_refuses_declarative_families_in_one_sentence(family, smol_tokenizer, tmp_path):
+    """Their layers are not llama.cpp's llama layer: one sentence naming the family and the formats
+    that do apply, before any work (GPT2LMHeadModel is a causal LM too, not 'not a causal LM')."""
+    from test_families import tiny_family_model
+
+    model = tiny_family_model(family)
+    assert applicable_formats(model) == ["safetensors", "onnx"]
+    with pytest.raises(ExportError) as exc:
+        export_model(model, smol_tokenizer, tmp_path / "x", "gguf")
+    msg = str(exc.value)
+    assert f"not '{family}'" in msg and "not a causal LM" not in msg
+    assert msg.endswith("formats that apply to this model: safetensors, onnx.") and msg.count(". ") == 0
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("family", DECLARATIVE)
+def test_onnx_declarative_families_match_pytorch(family, windows, tmp_path):
+    """Pruned per layer (GPT-2's Conv1D and fused c_attn, GPT-NeoX's interleaved query_key_value,
+    Phi-3's fused qkv/gate_up with fewer KV heads), exported with `logits` (GPT2LMHeadModel's name
+    ends in "Model" but it is a causal LM) and run in onnxruntime at a shape other than the traced one."""
+    from test_families import tiny_family_model
+
+    model = tiny_family_model(family)
+    plan = stat_prune_(model, windows, PruneConfig(sparsity=0.4, sensitivity_samples=2, batch_size=4)).plan
+    assert any(len(lp.kept_heads) < lp.num_heads for lp in plan.layers)
+    info = export_model(model, None, tmp_path / "o", "onnx", plan=plan)
+    assert json.loads((info.path / "pruning_report.json").read_text())["export"]["output"] == "logits"
+    ids = torch.randint(0, 128, (2, 29), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits.numpy()
+    np.testing.assert_allclose(_ort_run(info.path, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}), ref,
+                               atol=1e-5, rtol=0)
+
+
+def test_onnx_bare_gpt2_model_writes_last_hidden_state(tmp_path):
+    from transformers import GPT2Config, GPT2Model
+
+    from stat_core.export_onnx import write_onnx
+
+    torch.manual_seed(0)
+    model = GPT2Model(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_inner=64, vocab_size=128, n_positions=128)).eval()
+    get_adapter(model).prune_heads_(1, [0, 2], [0, 2], None)
+    info = write_onnx(model, tmp_path / "model.onnx")
+    assert info.output == "last_hidden_state" and info.max_abs_diff < 1e-5
