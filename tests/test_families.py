@@ -202,12 +202,14 @@ def test_non_uniform_export_reloads_both_ways_with_same_logits(family, windows, 
 
 
 @pytest.mark.parametrize("family, overrides", [("opt", {}), ("opt", {"enable_bias": False}), ("gpt2", {}),
-                                               ("gpt_neox", {}), ("phi3", {})])
+                                               ("gpt_neox", {}), ("phi3", {}),
+                                               ("gpt_neox", {"attention_bias": False, "use_parallel_residual": False})])
 def test_uniform_export_keeps_heads_and_loads_stock(family, overrides, windows, tmp_path):
     """The stock config derives the head size from hidden_size / heads: uniform plans prune
     neurons only, and the width goes into the family's own field (OPT: ``ffn_dim``, GPT-2:
     ``n_inner``). OPT without biases (``enable_bias=False``): the intercept turns the stock flag on;
-    the other biases are zeros."""
+    the other biases are zeros. GPT-NeoX's MLP always has biases (``attention_bias`` covers only
+    the attention), and its sequential-residual variant loads the same way."""
     from transformers import AutoModelForCausalLM
 
     model = tiny_family_model(family, **overrides)
