@@ -485,13 +485,7 @@ class LayerwiseRunner:
         return o[0] if isinstance(o, tuple) else o
 
     def _run_one(self, layer: int, index: int, h: torch.Tensor, adapter: ModelAdapter | None) -> torch.Tensor:
-        block = (adapter or self.adapter).layers[layer]
-        if self.per_batch_args:
-            args, kwargs = self.batch_args[index]
-            o = block(h, *args, **kwargs)
-        else:
-            o = block(h, **self.layer_kwargs[layer])
-        return o[0] if isinstance(o, tuple) else o
+        return self._run_module((adapter or self.adapter).layers[layer], layer, index, h)
 
 
 def _classifier_fisher_backward(logits: torch.Tensor) -> None:
