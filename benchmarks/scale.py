@@ -26,6 +26,13 @@ includes the interpreter, the calibration hidden states, one block and its float
 No gradient sensitivity pass in streaming mode.
 
     nice -n 19 python benchmarks/scale.py --offload --shapes llama-3.2-1b,llama-2-7b --num-samples 8 --seq-len 256
+
+``--blocks N`` (with ``--offload``): a partial run where a whole one takes too long (a 7B shape on
+two cores is hours): the full checkpoint is still written, and the prune streams a view of it cut
+to its first N blocks (same config otherwise; shards linked, not copied), end to end (both passes
+and the export). The record says ``"partial": "N of L blocks"``; ``model_bytes`` and ``params``
+stay the full model's (the full checkpoint on disk), ``seconds`` is the N-block run's. The
+streamed peak does not grow with depth (one block at a time), but it is measured on N blocks.
 """
 
 from __future__ import annotations
@@ -164,9 +171,45 @@ def write_checkpoint(shape: str, dtype: str, root: Path) -> Path:
     return folder
 
 
+def partial_view(full: Path, n_blocks: int) -> Path:
+    """A checkpoint folder that is ``full`` cut to its first ``n_blocks`` blocks: its config says
+    ``num_hidden_layers = n_blocks``, its index names only the tensors outside the blocks and those
+    of the first blocks, and its shards are links to ``full``'s (nothing copied)."""
+    import re
+
+    folder = full.parent / f"{full.name}-first{n_blocks}"
+    if (folder / "model.safetensors.index.json").exists():
+        return folder
+    folder.mkdir(exist_ok=True)
+    config = json.loads((full / "config.json").read_text())
+    config["num_hidden_layers"] = n_blocks
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    index = json.loads((full / "model.safetensors.index.json").read_text())
+    block = re.compile(r"\.layers\.(\d+)\.")
+    weight_map = {k: f for k, f in index["weight_map"].items()
+                  if (m := block.search(k)) is None or int(m.group(1)) < n_blocks}
+    for f in set(weight_map.values()):
+        if not (folder / f).exists():
+            os.symlink(full / f, folder / f)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def full_params(shape: str) -> int:
+    """Parameters of the whole ``shape`` (tied ones once), counted on a ``meta`` skeleton."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES[shape]))
+    model.tie_weights()
+    return sum(p.numel() for p in model.parameters())
+
+
 def run_offload(shape: str, checkpoint: Path, num_samples: int, seq_len: int, sparsity: float,
-                batch_size: int, compute_dtype: str = "float32") -> dict:
-    """Streamed prune + export of the checkpoint, in this process; the record (this process's peak)."""
+                batch_size: int, compute_dtype: str = "float32", blocks: int | None = None) -> dict:
+    """Streamed prune + export of the checkpoint (or of its first ``blocks`` blocks), in this
+    process; the record (this process's peak)."""
     import shutil
     import tempfile
 
@@ -175,16 +218,27 @@ def run_offload(shape: str, checkpoint: Path, num_samples: int, seq_len: int, sp
     from stat_core.prune import PruneConfig
     from stat_core.streaming import streamed_prune
 
+    full = checkpoint
+    model_bytes = sum(p.stat().st_size for p in full.glob("*.safetensors"))
+    n_layers = json.loads((full / "config.json").read_text())["num_hidden_layers"]
+    if blocks is not None and blocks < n_layers:
+        checkpoint = partial_view(full, blocks)
+    else:
+        blocks = None
     config = json.loads((checkpoint / "config.json").read_text())
     g = torch.Generator().manual_seed(0)
     windows = torch.randint(0, config["vocab_size"], (num_samples, seq_len), generator=g)
-    model_bytes = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
     params = None
+    t_start = time.perf_counter()
+    events: list[dict] = []
 
     def progress(stage, done, total):
-        if done >= total or stage == "calibrate":
-            print(f"  {shape}: {stage} {done}/{total} (peak RSS so far "
-                  f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB)", file=sys.stderr, flush=True)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        events.append({"stage": stage, "done": done, "total": total,
+                       "t": round(time.perf_counter() - t_start, 1), "peak_rss_bytes": peak})
+        if done >= total or stage in ("calibrate", "apply"):
+            print(f"  {shape}: {stage} {done}/{total} at {events[-1]['t']:.0f} s (peak RSS so far "
+                  f"{peak / 2**30:.2f} GiB)", file=sys.stderr, flush=True)
 
     cfg = PruneConfig(sparsity=sparsity, batch_size=batch_size, sensitivity_samples=0)
     out = Path(tempfile.mkdtemp(prefix="stat-scale-out-")) / "pruned"
@@ -198,11 +252,11 @@ def run_offload(shape: str, checkpoint: Path, num_samples: int, seq_len: int, sp
                                 save_dtype=stored)
         seconds = time.perf_counter() - t
         out_bytes = result.export.size_bytes
-        params = result.info["sizes_before"]["params"]
+        params = result.info["sizes_before"]["params"] if blocks is None else full_params(shape)
     finally:
         shutil.rmtree(out.parent, ignore_errors=True)
     stages = {k: round(v, 3) for k, v in result.timings.items()}
-    return {
+    record = {
         "shape": shape, "params": params, "model_bytes": model_bytes,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "calibration_tokens": num_samples * seq_len, "num_samples": num_samples, "seq_len": seq_len,
@@ -214,7 +268,22 @@ def run_offload(shape: str, checkpoint: Path, num_samples: int, seq_len: int, sp
         "compute_dtype": compute_dtype,
         "torch": torch.__version__, "offload": True,
         "sensitivity": "skipped (streaming: residual-energy weighting)",
+        "progress": events,
     }
+    try:
+        record["load_average"] = [round(x, 2) for x in os.getloadavg()]  # at the end: the CPU was shared
+    except OSError:
+        pass
+    if blocks is not None:
+        record.update(partial=f"{blocks} of {n_layers} blocks", blocks_run=blocks, num_hidden_layers=n_layers,
+                      params_run=result.info["sizes_before"]["params"],
+                      model_bytes_run=sum(p.stat().st_size for p in set((checkpoint / f).resolve()
+                                          for f in json.loads((checkpoint / "model.safetensors.index.json")
+                                                              .read_text())["weight_map"].values())),
+                      note=f"partial run: the prune streamed the first {blocks} of {n_layers} blocks (both passes "
+                           "and the export); model_bytes and params are the full checkpoint's; seconds are "
+                           f"the {blocks}-block run's")
+    return record
 
 
 def fit_exponent(xs, ys) -> float | None:
@@ -248,12 +317,15 @@ def main(argv=None) -> int:
     p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="--offload: dtype the blocks run in (the export keeps the checkpoint's dtype)")
     p.add_argument("--checkpoint-dir", default=str(CHECKPOINTS), help="where --offload's random checkpoints live")
+    p.add_argument("--blocks", type=int, default=None,
+                   help="--offload: a partial run streaming only the first N blocks (labelled partial in the record)")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child process: one record as JSON
     args = p.parse_args(argv)
 
     if args.one and args.offload:
         rec = run_offload(args.shapes, write_checkpoint(args.shapes, args.dtype, Path(args.checkpoint_dir)),
-                          int(args.num_samples), args.seq_len, args.sparsity, args.batch_size, args.compute_dtype)
+                          int(args.num_samples), args.seq_len, args.sparsity, args.batch_size, args.compute_dtype,
+                          args.blocks)
         print("RECORD " + json.dumps(rec), flush=True)
         return 0
     if args.one:
@@ -279,6 +351,8 @@ def main(argv=None) -> int:
                 print(f"{shape}: writing the random {args.dtype} checkpoint (once) ...", file=sys.stderr, flush=True)
                 write_checkpoint(shape, args.dtype, Path(args.checkpoint_dir))
                 cmd += ["--offload", "--checkpoint-dir", args.checkpoint_dir, "--compute-dtype", args.compute_dtype]
+                if args.blocks is not None:
+                    cmd += ["--blocks", str(args.blocks)]
             print(f"{shape} × {n} windows of {args.seq_len} on {args.device} ...", file=sys.stderr, flush=True)
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RECORD ")]

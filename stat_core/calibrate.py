@@ -105,7 +105,9 @@ class BlockStats:
         if total is None:
             raise ValueError("these statistics were collected without column sums; re-run the calibration")
         total = total.to(gram.device, torch.float64)
-        return gram - torch.outer(total, total) / max(self.n_tokens, 1)
+        # gram − outer(total, total) / n with one n×n temporary (the result), the same numbers.
+        centered = torch.outer(total, total).div_(max(self.n_tokens, 1))
+        return torch.sub(gram, centered, out=centered)
 
     def variance(self, kind: str) -> torch.Tensor:
         """Per-column variance ``E[z²] − E[z]²`` over the calibration tokens: ``(n_units,)``."""

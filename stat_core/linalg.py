@@ -16,6 +16,7 @@ which is what the budget allocator compares across layers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -48,12 +49,15 @@ class GramAccumulator:
             z = z[row_mask.reshape(-1).to(z.device)]
         if z.shape[0] == 0:
             return
-        self.col_sum += z.to(torch.float64).sum(0).to(self.col_sum.device)
+        # Summed in float64 without a float64 copy of the batch (the same sums, bit for bit).
+        self.col_sum += z.sum(0, dtype=torch.float64).to(self.col_sum.device)
         if z.device.type == "cpu":
             a = z.to(torch.float32).numpy()
             # a.T is Fortran-ordered (n_units, rows): syrk forms a.T @ a without a copy.
             upper = blas.ssyrk(1.0, a.T, trans=0, lower=0)
-            self._sum += torch.from_numpy(upper).to(torch.float64)
+            # Added in place, each float32 promoted on the fly: no float64 n_units² temporary.
+            self._sum.add_(torch.from_numpy(upper))
+            del upper
             self._upper_only = True
         else:
             z64 = z.to(torch.float64)
@@ -64,10 +68,21 @@ class GramAccumulator:
     def gram(self) -> torch.Tensor:
         """``(n_units, n_units)`` float64, symmetric."""
         if self._upper_only:
-            upper = torch.triu(self._sum)
-            self._sum = upper + torch.triu(upper, 1).T
+            _mirror_upper_(self._sum)
             self._upper_only = False
         return self._sum
+
+
+def _mirror_upper_(s: torch.Tensor, rows: int = 1024) -> None:
+    """Copy the strict upper triangle of ``s: (n, n)`` onto its lower one, in place, a band of
+    ``rows`` rows at a time (no n² temporary: on a 7B MLP's float64 Gram each is ~1 GB)."""
+    n = s.shape[0]
+    for i0 in range(0, n, rows):
+        i1 = min(i0 + rows, n)
+        if i0:
+            s[i0:i1, :i0] = s[:i0, i0:i1].T
+        d = s[i0:i1, i0:i1]
+        d.copy_(torch.triu(d) + torch.triu(d, 1).T)
 
 
 def ridge_of(gram: torch.Tensor, rel: float = DEFAULT_RIDGE) -> float:
@@ -77,37 +92,79 @@ def ridge_of(gram: torch.Tensor, rel: float = DEFAULT_RIDGE) -> float:
     return rel * scale if scale > 0 else rel
 
 
-def pivoted_cholesky_order(gram: torch.Tensor, ridge: float | None = None) -> torch.Tensor:
+def pivoted_cholesky_order(gram: torch.Tensor, ridge: float | None = None, scale: torch.Tensor | None = None,
+                           overwrite: bool = False) -> torch.Tensor:
     """Greedy pivot order of ``G: (n, n)`` by LAPACK's pivoted Cholesky (``dpstrf``).
 
     Identical, in exact arithmetic, to the column order of a pivoted QR of ``Z``: each step takes
     the unit with the largest residual energy. Returns ``order: (n,)`` long, a permutation.
+
+    ``scale: (n,)``: order the Gram of ``Z diag(scale)`` instead (:func:`column_scaled_gram`, the
+    same numbers bit for bit), scaled on the one working copy. ``overwrite``: the working copy is
+    ``gram`` itself (a C-contiguous, exactly symmetric float64 CPU tensor, as the calibration
+    accumulates them; it is destroyed): the same order without any n×n copy.
     """
-    g = gram.detach().to("cpu", torch.float64).numpy().copy()
-    ridge = ridge_of(gram) if ridge is None else ridge
+    if overwrite and gram.device.type == "cpu" and gram.dtype == torch.float64 and gram.is_contiguous():
+        g = gram.detach().numpy().T  # column-major view of the transpose: equal to gram when symmetric
+    else:
+        g = np.array(gram.detach().to("cpu", torch.float64).numpy(), order="F")  # the one working copy
+    if scale is not None:
+        s = scale.detach().to("cpu", torch.float64).numpy()
+        g *= s[:, None]  # (g_ij · s_i) · s_j, exactly as column_scaled_gram computes it
+        g *= s[None, :]
+    if ridge is None:
+        ridge = ridge_of(torch.from_numpy(g) if scale is not None or overwrite else gram)
     g[np.diag_indices_from(g)] += ridge
-    _, piv, rank, info = lapack.dpstrf(g, tol=-1.0, lower=1)
+    _, piv, rank, info = lapack.dpstrf(g, tol=-1.0, lower=1, overwrite_a=1)
     if info < 0:
         raise ValueError(f"dpstrf rejected argument {-info}")
     order = piv.astype(np.int64) - 1
     return torch.from_numpy(order)
 
 
-def cholesky_with_ridge(gram: torch.Tensor, ridge: float) -> torch.Tensor:
-    """Lower Cholesky factor of ``G + ridge·I``, raising the ridge until it factors."""
-    # The ridge goes onto a copy's diagonal: no n×n identity and no second n×n sum (on a 7B MLP's
+def cholesky_with_ridge(gram: torch.Tensor, ridge: float, *, overwrite: bool = False,
+                        rebuild: "Callable[[], torch.Tensor] | None" = None) -> torch.Tensor:
+    """Lower Cholesky factor of ``G + ridge·I``, raising the ridge until it factors.
+
+    ``overwrite``: factor ``gram`` in its own storage when it is a column-major CPU matrix (as
+    :func:`permuted_gram` makes them): no n×n copy and no separate n×n factor, the same numbers bit
+    for bit (the same LAPACK call on the same column-major data). A failed attempt has then
+    destroyed the matrix: ``rebuild()`` must give it again (else the error is raised at once).
+    """
+    n = gram.shape[-1]
+    in_place = (overwrite and gram.device.type == "cpu" and gram.dim() == 2 and n > 1
+                and gram.stride() == (1, n))
+    # The ridge goes onto the diagonal: no n×n identity and no second n×n sum (on a 7B MLP's
     # 11,008² float64 Gram each is ~1 GB).
-    shifted = gram.clone()
-    diag = shifted.diagonal()
+    shifted = gram if in_place else gram.clone()
+    steps: list[float] = []  # the diagonal increments so far, replayed on a rebuilt matrix
     added = 0.0
-    for _ in range(8):
-        diag += ridge - added
+    for attempt in range(8):
+        if attempt and in_place:
+            if rebuild is None:
+                break
+            shifted = rebuild()
+            for step in steps:
+                shifted.diagonal().add_(step)
+        steps.append(ridge - added)
+        shifted.diagonal().add_(steps[-1])
         added = ridge
-        factor, info = torch.linalg.cholesky_ex(shifted)
+        if in_place:
+            info = torch.empty((), dtype=torch.int32)
+            factor, info = torch.linalg.cholesky_ex(shifted, out=(shifted, info))
+        else:
+            factor, info = torch.linalg.cholesky_ex(shifted)
         if int(info) == 0:
             return factor
         ridge *= 100.0
     raise torch.linalg.LinAlgError("Gram matrix is not positive semi-definite (NaN/Inf activations?)")
+
+
+def permuted_gram(gram: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``gram[index][:, index]`` gathered once (no intermediate ``gram[index]``), laid out
+    column-major: the layout :func:`cholesky_with_ridge` factors in place."""
+    index = index.to(gram.device)
+    return gram.T[index[:, None], index[None, :]].T
 
 
 def output_error_curve(gram: torch.Tensor, out_weight: torch.Tensor, order: torch.Tensor,
@@ -121,10 +178,19 @@ def output_error_curve(gram: torch.Tensor, out_weight: torch.Tensor, order: torc
     """
     g = gram.to(torch.float64)
     ridge = ridge_of(g) if ridge is None else ridge
-    gp = g[order][:, order]
-    factor = cholesky_with_ridge(gp, ridge)
     wp = out_weight.detach().to(g.device, torch.float64)[:, order]
-    contrib = ((wp @ factor) ** 2).sum(0)  # energy each pivot adds, in order
+    return error_curve_of_permuted(permuted_gram(g, order), wp, ridge, rebuild=lambda: permuted_gram(g, order))
+
+
+def error_curve_of_permuted(gp: torch.Tensor, wp: torch.Tensor, ridge: float,
+                            rebuild: "Callable[[], torch.Tensor] | None" = None) -> torch.Tensor:
+    """:func:`output_error_curve` from the already permuted ``gp = G[order][:, order]`` (factored in
+    place when column-major: it is consumed; ``rebuild`` gives it again if a ridge must grow) and
+    ``wp = W[:, order]``."""
+    factor = cholesky_with_ridge(gp, ridge, overwrite=True, rebuild=rebuild)
+    del gp
+    contrib = (wp @ factor).square_().sum(0)  # energy each pivot adds, in order
+    del factor
     tail = torch.flip(torch.cumsum(torch.flip(contrib, [0]), 0), [0])
     return torch.cat([tail, tail.new_zeros(1)]).cpu()
 
@@ -138,18 +204,37 @@ def interpolation_matrix(gram: torch.Tensor, kept: torch.Tensor, ridge: float | 
     g = gram.to(torch.float64)
     ridge = ridge_of(g) if ridge is None else ridge
     kept = kept.to(g.device)
-    factor = cholesky_with_ridge(g[kept][:, kept], ridge)
-    interp = torch.cholesky_solve(g[kept], factor)
-    interp[:, kept] = torch.eye(len(kept), dtype=interp.dtype, device=interp.device)
+    return interpolation_from_rows(g[kept], kept, ridge)
+
+
+def interpolation_from_rows(rows: torch.Tensor, kept: torch.Tensor, ridge: float) -> torch.Tensor:
+    """:func:`interpolation_matrix` from the kept rows ``G[kept, :]: (k, n)`` alone (the caller may
+    free the n×n Gram first): ``G[kept, kept]`` is gathered column-major and factored in place."""
+    kept = kept.to(rows.device)
+    factor = cholesky_with_ridge(rows.T[kept].T, ridge, overwrite=True, rebuild=lambda: rows.T[kept].T)
+    interp = torch.cholesky_solve(rows, factor)
+    del factor
+    interp[:, kept] = 0.0  # a kept unit reproduces itself: identity columns, without a k×k eye
+    interp[torch.arange(len(kept), device=interp.device), kept] = 1.0
     return interp
 
 
-def output_error(gram: torch.Tensor, out_weight: torch.Tensor, kept: torch.Tensor,
-                 ridge: float | None = None) -> float:
-    """``tr(W (G − G[:, I] G[I, I]⁻¹ G[I, :]) Wᵀ)`` for one kept set ``I``; see module docstring."""
+def output_energy(gram: torch.Tensor, out_weight: torch.Tensor) -> float:
+    """``tr(W G Wᵀ)``: the block's whole output energy (what :func:`output_error` subtracts from)."""
     g = gram.to(torch.float64)
     w = out_weight.detach().to(g.device, torch.float64)
-    total = float(torch.einsum("ij,jk,ik->", w, g, w))
+    return float(torch.einsum("ij,jk,ik->", w, g, w))
+
+
+def output_error(gram: torch.Tensor, out_weight: torch.Tensor, kept: torch.Tensor,
+                 ridge: float | None = None, total: float | None = None) -> float:
+    """``tr(W (G − G[:, I] G[I, I]⁻¹ G[I, :]) Wᵀ)`` for one kept set ``I``; see module docstring.
+    ``total``: :func:`output_energy` of the same ``gram`` and ``out_weight`` when the caller has it
+    (it does not depend on ``I``; many calls on one layer need it once)."""
+    g = gram.to(torch.float64)
+    w = out_weight.detach().to(g.device, torch.float64)
+    if total is None:
+        total = output_energy(g, w)
     if len(kept) == 0:
         return total
     ridge = ridge_of(g) if ridge is None else ridge

@@ -22,8 +22,9 @@ from .adapters import ModelAdapter, get_adapter
 from .budget import BlockOptions, allocate, allocate_uniform, block_geometry, block_macs, block_parameter_count
 from . import distributed
 from .calibrate import BlockStats, CalibrationSet, LayerwiseRunner, sensitivity_sums
-from .linalg import (ridge_of, cholesky_with_ridge, column_scaled_gram, greedy_block_order, interpolation_matrix, output_error,
-                     output_error_curve, pivoted_cholesky_order)
+from .linalg import (ridge_of, cholesky_with_ridge, column_scaled_gram, error_curve_of_permuted, greedy_block_order,
+                     interpolation_from_rows, interpolation_matrix, output_energy, output_error, output_error_curve,
+                     permuted_gram, pivoted_cholesky_order)
 from .plan import LayerPlan, PrunePlan
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,7 @@ def head_configurations(gram: torch.Tensor, w_eff: torch.Tensor, n_heads: int, n
             kept = sorted(order[:m])
             configs.append({"heads": kept, "kv_heads": kept, "damage": float(curve[m])})
         return configs, order
+    total = output_energy(gram, w_eff)  # the same for every kept set: once per layer
     for r in range(1, group + 1):
         best_in_group = {g: sorted(range(g * group, (g + 1) * group), key=rank.get)[:r] for g in range(n_kv)}
         chosen: list[int] = []
@@ -192,7 +194,7 @@ def head_configurations(gram: torch.Tensor, w_eff: torch.Tensor, n_heads: int, n
                 if g in chosen:
                     continue
                 heads = sorted(h for c in chosen + [g] for h in best_in_group[c])
-                scored.append((output_error(gram, w_eff, head_columns(heads, head_dim)), g, heads))
+                scored.append((output_error(gram, w_eff, head_columns(heads, head_dim), total=total), g, heads))
             damage, g, heads = min(scored)
             chosen.append(g)
             configs.append({"heads": heads, "kv_heads": sorted(chosen), "damage": damage})
@@ -212,22 +214,51 @@ class LayerAnalysis:
 
 
 def analyse_layer(adapter: ModelAdapter, layer: int, stats: BlockStats, fisher: dict | None,
-                  centered: bool = False) -> LayerAnalysis:
+                  centered: bool = False, *, reload: Callable[[], BlockStats] | None = None,
+                  drop_weights: Callable[[], None] | None = None) -> LayerAnalysis:
     """Head configurations and the neuron order of one layer with their damage curves; with
-    ``centered`` on the scatter matrices (the damage left after an affine correction)."""
+    ``centered`` on the scatter matrices (the damage left after an affine correction).
+
+    Memory (layer streaming, where the d_ff² float64 matrices are the peak): ``reload`` is a callable
+    giving ``stats`` again (e.g. from the file they were just saved to); with it the analysis
+    consumes ``stats`` (its Grams are freed or overwritten: do not use it afterwards), runs the
+    pivoted Cholesky in the MLP Gram's own storage and reads the Gram once more for the damage
+    curve, so at most two d_ff² matrices are alive at once. ``drop_weights`` is called once the two
+    output projections are read (streaming frees the block there). The results are the same."""
     shape = adapter.layer_shape(layer)
     stats = _on_compute_device(adapter, layer, stats)
-    attn_gram, mlp_gram = stats.second_moment("attn", centered), stats.second_moment("mlp", centered)
     w_attn = effective_out_weight(adapter.attn_out_proj(layer).weight, None if fisher is None else fisher["attn"],
                                   stats.resid_energy, stats.n_tokens)
     w_mlp = effective_out_weight(adapter.mlp_out_proj(layer).weight, None if fisher is None else fisher["mlp"],
                                  stats.resid_energy, stats.n_tokens)
+    if drop_weights is not None:
+        drop_weights()
+    attn_gram = stats.second_moment("attn", centered)
     configs, head_order = head_configurations(attn_gram, w_attn, shape.num_heads, shape.num_kv_heads,
                                               adapter.head_dim)
+    del attn_gram, w_attn
     # Neurons: pivoted Cholesky with each column weighted by its (loss-weighted) outgoing norm,
     # as the authors do; the damage curve is exact along that order.
-    neuron_order = pivoted_cholesky_order(column_scaled_gram(mlp_gram, w_mlp.norm(dim=0)))
-    mlp_damage = output_error_curve(mlp_gram, w_mlp, neuron_order)
+    mlp_gram = stats.second_moment("mlp", centered)
+    scale = w_mlp.norm(dim=0)
+    if reload is None or mlp_gram.device.type != "cpu":
+        neuron_order = pivoted_cholesky_order(mlp_gram, scale=scale)
+        mlp_damage = output_error_curve(mlp_gram, w_mlp, neuron_order)
+        return LayerAnalysis(configs, head_order, neuron_order, mlp_damage)
+    stats.attn_gram = stats.mlp_gram = None
+    neuron_order = pivoted_cholesky_order(mlp_gram, scale=scale, overwrite=True)  # mlp_gram is spent
+    del mlp_gram
+    wp = w_mlp.to(torch.float64)[:, neuron_order]
+    del w_mlp
+
+    def permuted() -> torch.Tensor:
+        return permuted_gram(reload().second_moment("mlp", centered).to(torch.float64), neuron_order)
+
+    gram = reload().second_moment("mlp", centered).to(torch.float64)
+    ridge = ridge_of(gram)
+    gp = permuted_gram(gram, neuron_order)
+    del gram
+    mlp_damage = error_curve_of_permuted(gp, wp, ridge, rebuild=permuted)
     return LayerAnalysis(configs, head_order, neuron_order, mlp_damage)
 
 
@@ -660,16 +691,18 @@ _WITHOUT_BIAS = {"affine": "least-squares", "mean-bias": "none"}
 
 
 def apply_layer_(adapter: ModelAdapter, lp: LayerPlan, stats: BlockStats | None, correction: str = "least-squares",
-                 ridge_rel: float | None = None, uniform: bool = False) -> None:
+                 ridge_rel: float | None = None, uniform: bool = False, release: bool = False) -> None:
     """Cut one layer to ``lp`` and compensate the removed units as ``correction`` says (see
     ``stat_core.methods.CORRECTIONS``); ``stats=None`` means no correction. ``uniform``: create
-    output biases only where a stock config can declare them (see :func:`new_bias_kinds`)."""
+    output biases only where a stock config can declare them (see :func:`new_bias_kinds`).
+    ``release``: each Gram of ``stats`` is freed as soon as its correction has read the rows it
+    needs (layer streaming: do not use ``stats`` afterwards); the same results."""
     for kind in ("attn", "mlp"):
-        _apply_kind_(adapter, lp, kind, stats, correction, uniform, None, ridge_rel)
+        _apply_kind_(adapter, lp, kind, stats, correction, uniform, None, ridge_rel, release)
 
 
 def _apply_kind_(adapter: ModelAdapter, lp: LayerPlan, kind: str, stats: BlockStats | None, correction: str,
-                 uniform: bool, paired=None, ridge_rel: float | None = None) -> None:
+                 uniform: bool, paired=None, ridge_rel: float | None = None, release: bool = False) -> None:
     """Cut the ``kind`` block (``"attn"`` or ``"mlp"``) of one layer to ``lp`` with its correction;
     with ``paired`` (:class:`~stat_core.calibrate.PairedStats`) least-squares and affine corrections
     reproduce the dense path's activations (:func:`dense_target_correction`)."""
@@ -695,7 +728,7 @@ def _apply_kind_(adapter: ModelAdapter, lp: LayerPlan, kind: str, stats: BlockSt
     if paired is not None and correction in ("least-squares", "affine"):
         new_w, bias = dense_target_correction(dense_w, stats, paired, kind, cols, correction == "affine", ridge_rel)
     else:
-        new_w, bias = _correction(dense_w, stats, kind, cols, correction, ridge_rel)
+        new_w, bias = _correction(dense_w, stats, kind, cols, correction, ridge_rel, release)
     if kind == "attn":
         adapter.prune_heads_(layer, lp.kept_heads, lp.kept_kv_heads, new_w)
     else:
@@ -705,7 +738,8 @@ def _apply_kind_(adapter: ModelAdapter, lp: LayerPlan, kind: str, stats: BlockSt
 
 
 def _correction(weight: torch.Tensor, stats: BlockStats | None, kind: str, kept_cols: torch.Tensor,
-                correction: str, ridge_rel: float | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                correction: str, ridge_rel: float | None, release: bool = False
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(new output weight, bias to add)`` for one block, from the dense ``W: (d_out, n_units)``.
 
     ``least-squares``: ``W Tᵀ`` with ``Z ≈ Z_I T`` (no bias). ``affine``: ``Z ≈ Z_I T + 1cᵀ``, ``T``
@@ -720,9 +754,15 @@ def _correction(weight: torch.Tensor, stats: BlockStats | None, kind: str, kept_
     if correction not in ("least-squares", "affine"):
         raise ValueError(f"unknown correction {correction!r}")
     centered = correction == "affine"
-    gram = stats.second_moment(kind, centered)
-    ridge = None if ridge_rel is None else ridge_of(gram, ridge_rel)
-    interp = interpolation_matrix(gram, kept_cols, ridge)
+    gram = stats.second_moment(kind, centered).to(torch.float64)
+    ridge = ridge_of(gram) if ridge_rel is None else ridge_of(gram, ridge_rel)
+    kept = kept_cols.to(gram.device)
+    rows = gram[kept]  # all interpolation_matrix reads: with release the n×n Gram goes now
+    del gram
+    if release:
+        setattr(stats, f"{kind}_gram", None)
+    interp = interpolation_from_rows(rows, kept, ridge)
+    del rows
     w64 = weight.to(interp.device, torch.float64)
     new_w = (w64 @ interp.T).to(weight.dtype)
     if not centered:

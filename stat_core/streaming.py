@@ -31,6 +31,7 @@ sequential modes and the other methods refuse ``--offload`` in one sentence.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import shutil
@@ -38,13 +39,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
 from . import distributed
 from .adapters import get_adapter, supported_model_types
-from .calibrate import CalibrationSet, LayerwiseRunner, _StopForward, load_stats, save_stats
+from .calibrate import BlockStats, CalibrationSet, LayerwiseRunner, _StopForward
 from .export import (MODELING_FILE, ExportError, ExportInfo, _is_uniform, _state_dict_for, atomic_output_dir,
                      check_output_dir, export_config, model_card, modeling_file_text)
 from .plan import PrunePlan
@@ -207,9 +209,11 @@ class _NameMap:
 
 
 def _load_module_(module: nn.Module, prefix: str, checkpoint: SafetensorsCheckpoint, names: _NameMap,
-                  dtype: torch.dtype, skip: set[str] = frozenset()) -> None:
+                  dtype: torch.dtype, skip: set[str] = frozenset(),
+                  keep_stored: "Callable[[str, torch.dtype], bool] | None" = None) -> None:
     """Give ``module``'s meta parameters (and persistent buffers found in the checkpoint) their
-    values from the checkpoint, floating-point ones cast to ``dtype``."""
+    values from the checkpoint, floating-point ones cast to ``dtype`` unless
+    ``keep_stored(local name, stored dtype)`` says to keep the checkpoint's dtype."""
     wanted = {}
     params = dict(module.named_parameters())
     for local in _tensor_names(module):
@@ -226,7 +230,7 @@ def _load_module_(module: nn.Module, prefix: str, checkpoint: SafetensorsCheckpo
     values = checkpoint.read(list(wanted.values()))
     for local, source in wanted.items():
         t = values.pop(source)
-        if t.is_floating_point():
+        if t.is_floating_point() and not (keep_stored is not None and keep_stored(local, t.dtype)):
             t = t.to(dtype)
         owner_name, _, attr = local.rpartition(".")
         owner = module.get_submodule(owner_name) if owner_name else module
@@ -392,14 +396,21 @@ def streamed_prune(model_dir: str | Path, windows, config: PruneConfig, out_dir:
             block = adapter.layers[i]
             _load_module_(block, block_prefix[i], checkpoint, names, dtype)
             stats, hidden = runner.collect_block(i, hidden)
-            # The analysis reads only the two output projections: the rest of the block goes now.
+            # The analysis reads only the two output projections: the rest of the block goes now,
+            # and those two once the analysis has its float64 copies of them (drop_weights).
             _free_except_(block, [adapter.attn_out_proj(i), adapter.mlp_out_proj(i)])
+            # The statistics wait on disk from now on; the analysis consumes the in-memory copy
+            # and reads the MLP Gram back once (at most two d_ff² float64 matrices alive).
+            stats_file = scratch / f"block-{i:05d}"
+            _save_block_stats(stats_file, stats)
             ta = time.perf_counter()
-            analyses.append(analyse_layer(adapter, i, stats, None, config.intercept))
+            analyses.append(analyse_layer(adapter, i, stats, None, config.intercept,
+                                          reload=lambda f=stats_file: _load_block_stats(f),
+                                          drop_weights=lambda b=block: _free_(b)))
             t_analyse += time.perf_counter() - ta
-            save_stats(scratch / f"block-{i:05d}.safetensors", [stats])
             del stats
             _free_(block)
+            gc.collect()
             _notify(progress, "calibrate", i + 1, n_layers)
         del hidden
         runner.batches = []
@@ -421,12 +432,26 @@ def streamed_prune(model_dir: str | Path, windows, config: PruneConfig, out_dir:
         report = dict(report or {})
         from safetensors.torch import save_file
 
+        # The second pass only slices the tensors other than the two output projections (which the
+        # correction recomputes in ``dtype``): where the checkpoint already stores them in the
+        # export's dtype and ``dtype`` is at least as precise, they stay as stored (half the
+        # memory of a float32 block; the same exported bits, since the cast would round-trip).
+        out_projs = {n for n, m in adapter.layers[0].named_modules()
+                     if m is getattr(adapter.attn_out_proj(0), "module", adapter.attn_out_proj(0))
+                     or m is getattr(adapter.mlp_out_proj(0), "module", adapter.mlp_out_proj(0))}
+
+        def keep_stored(local: str, stored: torch.dtype) -> bool:
+            return (stored == save_dtype and _widens(stored, dtype)
+                    and local.rpartition(".")[0] not in out_projs)
+
         with atomic_output_dir(out_dir, overwrite) as tmp:
             for i in range(n_layers):
                 block = adapter.layers[i]
-                _load_module_(block, block_prefix[i], checkpoint, names, dtype)
-                stats = load_stats(scratch / f"block-{i:05d}.safetensors")[0][0]
-                apply_layer_(adapter, plan.layers[i], stats, plan.correction, plan.correction_ridge, uniform_plan)
+                _load_module_(block, block_prefix[i], checkpoint, names, dtype, keep_stored=keep_stored)
+                stats = _load_block_stats(scratch / f"block-{i:05d}")
+                # release: each Gram goes as soon as its correction has the kept rows
+                apply_layer_(adapter, plan.layers[i], stats, plan.correction, plan.correction_ridge, uniform_plan,
+                             release=True)
                 del stats
                 tensors = {block_prefix[i] + k: saved(v) for k, v in block.state_dict().items()}
                 fname = f"model-{i + 1:05d}-of-{n_files:05d}.safetensors"
@@ -435,6 +460,7 @@ def streamed_prune(model_dir: str | Path, windows, config: PruneConfig, out_dir:
                 total += sum(v.numel() * v.element_size() for v in tensors.values())
                 del tensors
                 _free_(block)
+                gc.collect()
                 _notify(progress, "apply", i + 1, n_layers)
             adapter.record_shapes_in_config_()
             timings["apply"] = time.perf_counter() - t
@@ -484,6 +510,41 @@ def streamed_prune(model_dir: str | Path, windows, config: PruneConfig, out_dir:
     timings["total"] = time.perf_counter() - t0
     export = ExportInfo(path=Path(out_dir).expanduser(), size_bytes=size, uniform=uniform, files=files)
     return StreamedResult(plan=plan, export=export, timings=timings, info=info)
+
+
+def _widens(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Whether every ``src`` value survives a cast to ``dst`` and back unchanged."""
+    if src == dst:
+        return True
+    return dst in (torch.float32, torch.float64) and src in (torch.bfloat16, torch.float16, torch.float32) \
+        and torch.finfo(dst).bits > torch.finfo(src).bits
+
+
+def _save_block_stats(path: Path, stats: BlockStats) -> None:
+    """One block's statistics as raw ``.npy`` files in the folder ``path`` (written straight from the
+    tensors' memory and read back into fresh ones: no copy in between, no mapping of the file, so a
+    d_ff² float64 Gram costs its own bytes only; the same numbers bit for bit)."""
+    import numpy as np
+
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("attn_gram", "mlp_gram", "attn_sum", "mlp_sum"):
+        t = getattr(stats, name)
+        if t is not None:
+            np.save(path / f"{name}.npy", t.detach().cpu().contiguous().numpy())
+    (path / "scalars.json").write_text(json.dumps({"n_tokens": stats.n_tokens,
+                                                   "resid_energy": float(stats.resid_energy)}))
+
+
+def _load_block_stats(path: Path) -> BlockStats:
+    import numpy as np
+
+    def read(name):
+        f = path / f"{name}.npy"
+        return torch.from_numpy(np.load(f)) if f.is_file() else None
+
+    scalars = json.loads((path / "scalars.json").read_text())
+    return BlockStats(read("attn_gram"), read("mlp_gram"), int(scalars["n_tokens"]), float(scalars["resid_energy"]),
+                      read("attn_sum"), read("mlp_sum"))
 
 
 def model_sizes(model, seq_len: int) -> dict:

@@ -101,3 +101,59 @@ def test_greedy_block_order_errors_are_exact():
     # Greedy's first pick is the single best block.
     singles = [output_error(gram, w, torch.arange(b * 3, b * 3 + 3), ridge=1e-12) for b in range(4)]
     assert order[0].item() == int(np.argmin(singles))
+
+
+def _reference_gram(n_rows=300, n=40, seed=3):
+    """A float32-accumulated Gram as calibration makes them (exactly symmetric, rank-deficient)."""
+    z = _z(n_rows, n, rank=25, seed=seed).float()
+    acc = GramAccumulator(n)
+    for chunk in z.split(64):
+        acc.add(chunk)
+    return acc.gram
+
+
+def test_memory_lean_kernels_give_the_same_bits():
+    """The in-place variants the layer streaming relies on (one working copy scaled in place and
+    factored by LAPACK in its own storage, the Gram's own storage destroyed by dpstrf, the permuted
+    Gram gathered once column-major and factored in place, the interpolation from the kept rows
+    alone) give exactly the numbers of the plain formulas."""
+    from stat_core.linalg import (column_scaled_gram, cholesky_with_ridge, error_curve_of_permuted,
+                                  interpolation_from_rows, permuted_gram, ridge_of)
+
+    gram = _reference_gram()
+    assert torch.equal(gram, gram.T)
+    w = _z(7, 40, seed=4)
+    scale = w.norm(dim=0)
+    order = pivoted_cholesky_order(column_scaled_gram(gram, scale))
+    assert torch.equal(pivoted_cholesky_order(gram, scale=scale), order)
+    spent = gram.clone()
+    assert torch.equal(pivoted_cholesky_order(spent, scale=scale, overwrite=True), order)
+    assert not torch.equal(spent, gram)  # really overwritten
+    gp = permuted_gram(gram, order)
+    assert torch.equal(gp, gram[order][:, order]) and gp.stride() == (1, 40)
+    ridge = ridge_of(gram)
+    want = cholesky_with_ridge(gram[order][:, order], ridge)
+    assert torch.equal(cholesky_with_ridge(gp, ridge, overwrite=True), want)
+    curve = output_error_curve(gram, w, order)
+    assert torch.equal(error_curve_of_permuted(permuted_gram(gram, order), w[:, order], ridge), curve)
+    kept = torch.sort(order[:20]).values
+    assert torch.equal(interpolation_from_rows(gram[kept], kept, ridge), interpolation_matrix(gram, kept))
+
+
+def test_in_place_cholesky_rebuilds_to_grow_the_ridge():
+    """A matrix that needs a larger ridge: the in-place factorization starts again from ``rebuild``
+    and ends exactly where the copying one does; without ``rebuild`` it says so."""
+    from stat_core.linalg import cholesky_with_ridge, permuted_gram
+
+    gram = _reference_gram()
+    bad = gram - 1e-3 * gram.diagonal().mean() * torch.eye(40, dtype=torch.float64)  # indefinite
+    order = torch.arange(40)
+    want = cholesky_with_ridge(bad, 1e-9)
+    got = cholesky_with_ridge(permuted_gram(bad, order), 1e-9, overwrite=True, rebuild=lambda: permuted_gram(bad, order))
+    assert torch.equal(got, want)
+    try:
+        cholesky_with_ridge(permuted_gram(bad, order), 1e-9, overwrite=True)
+    except torch.linalg.LinAlgError:
+        pass
+    else:
+        raise AssertionError("an in-place factorization without rebuild cannot grow the ridge")

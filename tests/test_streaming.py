@@ -294,3 +294,47 @@ def test_cli_offload_refusals(tiny_folder, tmp_path, capsys, case, needle):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("stat-prune: error:") and needle in err[0], err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_analysis_consuming_its_statistics_is_the_same(tmp_path, centered):
+    """The memory-lean analysis streaming runs (statistics saved first, the in-memory Grams freed or
+    overwritten, the MLP Gram read back once; the block dropped once its output projections are
+    read) gives exactly the in-memory analysis; so does the correction that frees each Gram."""
+    from stat_core.adapters import get_adapter
+    from stat_core.calibrate import BlockStats, GramAccumulator
+    from stat_core.plan import LayerPlan
+    from stat_core.prune import _correction, analyse_layer
+    from stat_core.streaming import _load_block_stats, _save_block_stats
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                         num_key_value_heads=2, intermediate_size=64, vocab_size=128)).eval()
+    adapter = get_adapter(model)
+    accs = {}
+    for name, n in (("attn", 32), ("mlp", 64)):
+        accs[name] = GramAccumulator(n)
+        z = torch.randn(50, 20) @ torch.randn(20, n) + 0.3  # rank-deficient, with a mean
+        for chunk in z.split(16):
+            accs[name].add(chunk)
+    stats = BlockStats(accs["attn"].gram, accs["mlp"].gram, 50, 12.5, accs["attn"].col_sum, accs["mlp"].col_sum)
+    want = analyse_layer(adapter, 0, stats, None, centered)
+    path = tmp_path / "block-00000"
+    _save_block_stats(path, stats)
+    again = _load_block_stats(path)
+    assert all(torch.equal(getattr(again, k), getattr(stats, k)) for k in ("attn_gram", "mlp_gram", "attn_sum", "mlp_sum"))
+    dropped = []
+    got = analyse_layer(adapter, 0, _load_block_stats(path), None, centered, reload=lambda: _load_block_stats(path),
+                        drop_weights=lambda: dropped.append(True))
+    assert dropped == [True]
+    assert got.head_configs == want.head_configs and got.head_order == want.head_order
+    assert torch.equal(got.neuron_order, want.neuron_order) and torch.equal(got.mlp_damage, want.mlp_damage)
+    kept = torch.sort(want.neuron_order[:40]).values
+    w = adapter.mlp_out_proj(0).weight.detach()
+    kind = "affine" if centered else "least-squares"
+    consumed = _load_block_stats(path)
+    new_w, bias = _correction(w, consumed, "mlp", kept, kind, None, release=True)
+    assert consumed.mlp_gram is None
+    want_w, want_bias = _correction(w, stats, "mlp", kept, kind, None)
+    assert torch.equal(new_w, want_w) and (bias is None) == (want_bias is None)
+    assert bias is None or torch.equal(bias, want_bias)
