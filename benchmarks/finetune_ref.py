@@ -2,6 +2,8 @@
 
     nice -n 19 .venv/bin/python benchmarks/finetune_ref.py                # 30/40/50%, ~30 min on 2 idle cores
     .venv/bin/python benchmarks/finetune_ref.py --quick                   # 30% only, a handful of steps
+    nice -n 19 .venv/bin/python benchmarks/finetune_ref.py --sparsities 0.5 --methods stat+recovery --append
+                                                                          # redo one cell, keep the others
 
 At each budget (fraction of encoder block parameters removed, STAT's accounting):
 
@@ -14,7 +16,11 @@ At each budget (fraction of encoder block parameters removed, STAT's accounting)
 
 All three see only the training half; accuracy on the 100 held-out posts (first 128 tokens) and on
 all their 128-token windows, KL(dense ‖ pruned) over those windows. Wall-clock on the shared CPU box.
-Writes ``benchmarks/results/finetune_ref.{json,md}`` (after every record, so a cut run keeps its rows).
+Writes ``benchmarks/results/finetune_ref.{json,md}`` (after every record, so a cut run keeps its rows;
+``--append`` keeps the records of the methods and budgets not rerun).
+
+The same comparison on SmolLM2 with the evaluation suite (STAT and a peer, each with and without
+recovery) is ``benchmarks/suite.py --recover STEPS`` (results in ``finetune_ref_smollm2.{json,md}``).
 """
 
 from __future__ import annotations
@@ -54,9 +60,14 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--bm-lr", type=float, default=1e-4)
     p.add_argument("--bm-batch", type=int, default=16)
+    p.add_argument("--methods", default=",".join(METHODS), help="a subset of " + ", ".join(METHODS))
+    p.add_argument("--append", action="store_true", help="keep the other records already in the results file")
     p.add_argument("--quick", action="store_true", help="30%% only, 5 recovery steps, 6 block movement steps")
     p.add_argument("--out", default=str(RESULTS / "finetune_ref"))
     args = p.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods or set(methods) - set(METHODS):
+        p.error(f"--methods: a subset of {', '.join(METHODS)}")
     torch.manual_seed(0)
     sparsities = [0.3] if args.quick else [float(s) for s in args.sparsities.split(",")]
     rec_cfg = RecoveryConfig(steps=5 if args.quick else args.recover_steps, lr=args.recover_lr,
@@ -75,6 +86,12 @@ def main(argv=None) -> int:
     records = [{"method": "dense", "budget": 0.0, "removed_fraction": 0.0, "accuracy": accuracy(dense, ev),
                 "accuracy_windows": accuracy(dense, ev_chunks), "kl_to_dense": 0.0, "seconds": 0.0}]
     out = Path(args.out)
+    kept: list[dict] = []
+    if args.append and out.with_suffix(".json").exists():
+        old = json.loads(out.with_suffix(".json").read_text())
+        redo = {(m, s) for m in methods for s in sparsities}
+        kept = [r for r in old["records"][1:] if (r["method"], r["budget"]) not in redo]
+        meta = {**old["meta"], "appended": {k: meta[k] for k in ("recovery", "machine")} | {"methods": methods}}
 
     def add(method, budget, model, seconds, **extra):
         r = {"method": method, "budget": budget,
@@ -83,7 +100,7 @@ def main(argv=None) -> int:
              "kl_to_dense": kl(ref, log_probs(model, ev_chunks)), "seconds": seconds, **extra}
         records.append(r)
         print(json.dumps(r), flush=True)
-        write(out, meta, records)
+        write(out, meta, records[:1] + sorted(kept + records[1:], key=lambda r: (r["budget"], METHODS.index(r["method"]))))
 
     t = time.perf_counter()
     stat_calibration = calibrate(dense, calib, PruneConfig(sparsity=sparsities[0]))  # budget-independent, once
@@ -94,21 +111,24 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         prune_from_calibration_(m, stat_calibration, PruneConfig(sparsity=s), model_name=args.model, data=calib)
         t_stat = t_calib + time.perf_counter() - t  # every budget is charged the whole calibration
-        add("stat", s, m, t_stat)
-        bm_model = copy.deepcopy(dense)
-        t = time.perf_counter()
-        info = block_movement_prune_(bm_model, calib, PruneConfig(sparsity=s, method="block-movement"), bm,
-                                     model_name=args.model, teacher=dense)
-        add("block-movement", s, bm_model, time.perf_counter() - t, train_steps=info["train_steps"],
-            train_loss=[info["loss_first"], info["loss_last"]],
-            kept=[{"heads": len(lp["kept_heads"]), "neurons": len(lp["kept_neurons"])} for lp in info["plan"]["layers"]])
-        del bm_model
-        t = time.perf_counter()
-        info = recover_(m, dense, calib, rec_cfg)
-        add("stat+recovery", s, m, t_stat + time.perf_counter() - t, recovery_seconds=info["seconds"],
-            recovery_loss=[info["loss_first"], info["loss_last"]])
+        if "stat" in methods:
+            add("stat", s, m, t_stat)
+        if "block-movement" in methods:
+            bm_model = copy.deepcopy(dense)
+            t = time.perf_counter()
+            info = block_movement_prune_(bm_model, calib, PruneConfig(sparsity=s, method="block-movement"), bm,
+                                         model_name=args.model, teacher=dense)
+            add("block-movement", s, bm_model, time.perf_counter() - t, train_steps=info["train_steps"],
+                train_loss=[info["loss_first"], info["loss_last"]],
+                kept=[{"heads": len(lp["kept_heads"]), "neurons": len(lp["kept_neurons"])} for lp in info["plan"]["layers"]])
+            del bm_model
+        if "stat+recovery" in methods:
+            t = time.perf_counter()
+            info = recover_(m, dense, calib, rec_cfg)
+            add("stat+recovery", s, m, t_stat + time.perf_counter() - t, recovery_seconds=info["seconds"],
+                recovery_loss=[info["loss_first"], info["loss_last"]])
         del m
-    print(markdown(meta, records))
+    print(out.with_suffix(".md").read_text() if records[1:] else markdown(meta, records))
     return 0
 
 

@@ -7,6 +7,8 @@ evaluation suite (``stat_core.suite``): what perplexity sees and what it hides.
                                                     #   fewer analogies, shorter chat answers)
     .venv/bin/python benchmarks/suite.py --tiny     # random tiny models, seconds (CI)
     .venv/bin/python benchmarks/suite.py --methods slicegpt --append   # add or redo methods in suite.json
+    .venv/bin/python benchmarks/suite.py --quick --classifier '' --budgets 0.3,0.5 --methods stat,slimgpt \
+        --recover 50 --name finetune_ref_smollm2   # each method also + recovery (its own records, own files)
 
 One ``calibrate()`` of the dense model (the protocol's 64 × 512 Wikipedia windows, seed 0) serves
 every plan-based method and budget; each cell is a fresh copy of the dense model cut by the method's
@@ -15,7 +17,12 @@ same windows. ``seconds_prune`` charges each method the parts of the shared cali
 (the block statistics pass; STAT's gradient pass and decompositions only for STAT and the
 baselines that reuse its counts; LLM-Pruner's gradient pass) plus its own planning and surgery.
 
-Writes ``benchmarks/results/suite.{json,md}``: a list of records, one per model × method × budget
+``--recover STEPS``: after a method's cell is measured, the same pruned model is distilled towards
+the dense one (:func:`stat_core.recover.recover_`, on the calibration windows only, never the
+evaluation text) and measured again as method ``<name>+recovery``; its ``seconds_prune`` adds the
+recovery's wall-clock to the method's, ``seconds_recover`` is the recovery alone.
+
+Writes ``benchmarks/results/suite.{json,md}`` (``--name`` for another file name): a list of records, one per model × method × budget
 (the dense model as method ``dense``, budget 0), written after every cell so a stopped run keeps
 what it measured.
 """
@@ -64,11 +71,12 @@ def _seconds_for(method, calib_timings: dict, prepare_seconds: float) -> float:
 class Recorder:
     """Records written to JSON + markdown after every cell; ``append`` keeps other methods' records."""
 
-    def __init__(self, out_dir: Path, meta: dict, append: bool):
+    def __init__(self, out_dir: Path, meta: dict, append: bool, name: str = "suite"):
         self.out_dir = Path(out_dir)
+        self.name = name
         self.meta = meta
         self.records: list[dict] = []
-        path = self.out_dir / "suite.json"
+        path = self.out_dir / f"{name}.json"
         if append and path.exists():
             old = json.loads(path.read_text())
             self.records = old["records"]
@@ -83,14 +91,17 @@ class Recorder:
 
     def write(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "suite.json").write_text(json.dumps({"meta": self.meta, "records": self.records}, indent=1))
-        (self.out_dir / "suite.md").write_text(markdown(self.records, self.meta))
+        (self.out_dir / f"{self.name}.json").write_text(json.dumps({"meta": self.meta, "records": self.records}, indent=1))
+        (self.out_dir / f"{self.name}.md").write_text(markdown(self.records, self.meta))
 
 
 # --- decoders ---------------------------------------------------------------------------------------
 
 def run_decoder(model, tokenizer, windows, model_name: str, methods: list[str], budgets: list[float],
-                suite_config, rec: Recorder, sensitivity_samples: int | None = None) -> None:
+                suite_config, rec: Recorder, sensitivity_samples: int | None = None,
+                recovery=None) -> None:
+    """``recovery``: a :class:`stat_core.recover.RecoveryConfig` (or ``None``): each cell is then also
+    measured after recovery on ``windows``, as method ``<name>+recovery``."""
     from stat_core.suite import build_reference, evaluate_suite
 
     t = time.perf_counter()
@@ -129,6 +140,17 @@ def run_decoder(model, tokenizer, windows, model_name: str, methods: list[str], 
             metrics = evaluate_suite(pruned, tokenizer, reference)
             rec.add({"model": model_name, "method": name, "budget": budget, "removed_fraction": removed,
                      **metrics, "seconds_prune": seconds, **extra})
+            if recovery is not None and recovery.steps > 0:
+                from stat_core.recover import recover_
+
+                info = recover_(pruned, model, windows, recovery)
+                log.info("%s at %.0f%%: recovery %s", name, 100 * budget,
+                         {k: (round(v, 4) if isinstance(v, float) else v) for k, v in info.items()})
+                metrics = evaluate_suite(pruned, tokenizer, reference)
+                rec.add({"model": model_name, "method": f"{name}+recovery", "budget": budget,
+                         "removed_fraction": 1 - block_parameter_count(get_adapter(pruned)) / dense_params,
+                         **metrics, "seconds_prune": seconds + info["seconds"], "seconds_recover": info["seconds"],
+                         "recover": info, **extra})
             del pruned
 
 
@@ -176,7 +198,7 @@ def _fmt(field: str, value) -> str:
         return f"{value:.3g}" if value >= 1000 else f"{value:.2f}"
     if field in ("kl_to_dense", "instruction_kl"):
         return f"{value:.4f}" if value < 1 else f"{value:.3g}"
-    if field in ("seconds_prune",):
+    if field in ("seconds_prune", "seconds_recover"):
         return f"{value:.0f}"
     return f"{value:.1%}" if field != "fewshot_bias_free" else f"{value:.3f}"
 
@@ -184,7 +206,8 @@ def _fmt(field: str, value) -> str:
 HEADERS = {"perplexity": "ppl (×dense)", "kl_to_dense": "KL", "fewshot_accuracy": "few-shot acc",
            "fewshot_bias_free": "few-shot AUC", "fewshot_majority_share": "majority share",
            "analogy_accuracy": "analogies", "instruction_agreement": "chat agree", "instruction_kl": "chat KL",
-           "accuracy": "post acc", "accuracy_windows": "window acc", "seconds_prune": "prune s"}
+           "accuracy": "post acc", "accuracy_windows": "window acc", "seconds_prune": "prune s",
+           "seconds_recover": "of which recovery s"}
 
 
 def best_methods(rows: list[dict], field: str) -> set[str]:
@@ -201,11 +224,14 @@ def markdown(records: list[dict], meta: dict) -> str:
     lines = []
     models = list(dict.fromkeys(r["model"] for r in records))
     order = {m: i for i, m in enumerate(method_names())}
+    order.update({f"{m}+recovery": i + 0.5 for m, i in list(order.items())})
     for model in models:
         rs = [r for r in records if r["model"] == model]
         dense = next((r for r in rs if r["method"] == "dense"), None)
         fields = DECODER_FIELDS if "perplexity" in (dense or {}) else CLASSIFIER_FIELDS
         fields = [f for f in fields if any(r.get(f) is not None for r in rs)] + ["seconds_prune"]
+        if any(r.get("seconds_recover") is not None for r in rs):
+            fields.append("seconds_recover")
         lines += [f"**{model}**" + (f" — {meta.get('protocol', {}).get(model, '')}" if meta.get("protocol") else ""),
                   "", "| budget | method | removed | " + " | ".join(HEADERS[f] for f in fields) + " |",
                   "|---|---|---|" + "---|" * len(fields)]
@@ -215,7 +241,7 @@ def markdown(records: list[dict], meta: dict) -> str:
         for budget in sorted({r["budget"] for r in rs if r["method"] != "dense"}):
             row = sorted((r for r in rs if r["budget"] == budget and r["method"] != "dense"),
                          key=lambda r: order.get(r["method"], 99))
-            best = {f: best_methods(row, f) for f in fields if f != "seconds_prune"}
+            best = {f: best_methods(row, f) for f in fields if not f.startswith("seconds")}
             summary.append((budget, best))
             for r in row:
                 cells = []
@@ -227,7 +253,7 @@ def markdown(records: list[dict], meta: dict) -> str:
                 removed = r.get("removed_fraction")
                 lines.append(f"| {budget:.0%} | {r['method']} | {_fmt('fraction', removed)} | " + " | ".join(cells) + " |")
         lines.append("")
-        shown = [f for f in fields if f not in ("seconds_prune", "fewshot_majority_share")]
+        shown = [f for f in fields if not f.startswith("seconds") and f != "fewshot_majority_share"]
         lines += [f"Best per budget on **{model}** (ties listed):", "",
                   "| budget | " + " | ".join(HEADERS[f] for f in shown) + " |", "|---|" + "---|" * len(shown)]
         for budget, best in summary:
@@ -274,6 +300,11 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="the quick suite (fewer evaluation tokens and prompts)")
     p.add_argument("--tiny", action="store_true", help="random tiny models (seconds; what CI runs)")
     p.add_argument("--append", action="store_true", help="keep the other records already in suite.json")
+    p.add_argument("--recover", type=int, default=0, metavar="STEPS",
+                   help="also measure every cell after STEPS steps of recovery (distillation towards the dense "
+                        "model on the calibration windows); 0: off")
+    p.add_argument("--recover-lr", type=float, default=1e-5)
+    p.add_argument("--name", default="suite", help="results file name (<out-dir>/<name>.json and .md)")
     p.add_argument("--out-dir", default=str(RESULTS))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
@@ -285,7 +316,15 @@ def main(argv=None) -> int:
     budgets = [float(b) for b in args.budgets.split(",")]
     protocol = {}
     meta = {"machine": machine_note(), "methods": methods, "protocol": protocol}
-    rec = Recorder(Path(args.out_dir), meta, args.append)
+    recovery = None
+    if args.recover:
+        from dataclasses import asdict
+
+        from stat_core.recover import RecoveryConfig
+
+        recovery = RecoveryConfig(steps=args.recover, lr=args.recover_lr)
+        meta["recovery"] = asdict(recovery)
+    rec = Recorder(Path(args.out_dir), meta, args.append, name=args.name)
     if args.tiny:
         from stat_core.data import CalibrationConfig, calibration_windows, wikipedia_split
 
@@ -295,7 +334,7 @@ def main(argv=None) -> int:
         protocol["tiny-llama"] = "random tiny Llama, 8 × 64 calibration tokens, tiny suite"
         rec.meta["protocol"] = protocol
         run_decoder(model, tokenizer, windows, "tiny-llama", methods, [0.2, 0.4], suite_config, rec,
-                    sensitivity_samples=2)
+                    sensitivity_samples=2, recovery=recovery)
         return 0
 
     from stat_core.data import CalibrationConfig, calibration_windows, wikipedia_split
@@ -311,7 +350,7 @@ def main(argv=None) -> int:
                                 f"{suite_config.analogies_per_category} analogies per category, chat answers of "
                                 f"{suite_config.instruction_new_tokens} tokens")
         rec.meta.setdefault("protocol", {}).update(protocol)
-        run_decoder(model, tokenizer, windows, args.model, methods, budgets, suite_config, rec)
+        run_decoder(model, tokenizer, windows, args.model, methods, budgets, suite_config, rec, recovery=recovery)
         del model
     if args.classifier:
         from stat_core.classifier import demo_classifier_split, encode, encode_chunks

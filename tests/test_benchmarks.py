@@ -154,3 +154,18 @@ def test_suite_tiny(tmp_path):
     dense = next(r for r in records if r["method"] == "dense")
     assert dense["kl_to_dense"] == 0.0 and dense["instruction_agreement"] == 1.0
     assert "Best per budget" in (tmp_path / "suite.md").read_text()
+
+
+def test_suite_tiny_recover(tmp_path):
+    """suite.py --recover: every cell also measured after recovery, as '<method>+recovery', with the
+    recovery's time added to the method's and recorded apart; the pruned shapes are unchanged."""
+    assert bench("suite").main(["--tiny", "--methods", "stat", "--recover", "2", "--name", "rec",
+                                "--out-dir", str(tmp_path)]) == 0
+    records = json.loads((tmp_path / "rec.json").read_text())["records"]
+    assert [r["method"] for r in records] == ["dense", "stat", "stat+recovery", "stat", "stat+recovery"]
+    for plain, rec in zip(records[1::2], records[2::2]):
+        assert rec["budget"] == plain["budget"] and rec["removed_fraction"] == plain["removed_fraction"]
+        assert rec["recover"]["steps"] == 2 and rec["seconds_recover"] > 0
+        assert rec["seconds_prune"] == pytest.approx(plain["seconds_prune"] + rec["seconds_recover"])
+    md = (tmp_path / "rec.md").read_text()
+    assert "| stat+recovery |" in md and "of which recovery s" in md
