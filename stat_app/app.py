@@ -29,7 +29,8 @@ MAX_UPLOAD = "200mb"   # the same cap as stat_core.data.MAX_INPUT_BYTES
 STAGE_LABELS = {"sensitivity": "Loss-sensitivity pass", "calibrate": "Calibrating layers",
                 "analyse": "Decomposing layers", "propagate": "Propagating (re-calibrating pruned layers)",
                 "compare": "Pruning and scoring each method", "surgery": "Cutting the pruned copy",
-                "spectra": "Singular values of every layer (for the inspect views)"}
+                "spectra": "Singular values of every layer (for the inspect views)",
+                "recover": "Recovery: distilling the pruned copy towards the dense model"}
 DECODER_DEFAULTS = {"builtin": "wikipedia", "num_samples": 64, "seq_len": 512}
 CLASSIFIER_DEFAULTS = {"builtin": "newsgroups", "num_samples": 100, "seq_len": 128}
 
@@ -43,6 +44,40 @@ Once calibrated, moving the sparsity slider re-plans from the cached statistics 
 CSS = """
 #status textarea {font-weight: 600}
 .stat-section h2 {margin-top: 0.4em}
+#heads_plot .nsewdrag {cursor: pointer}
+"""
+
+# Click-to-select in the heads heatmap. gr.Plot has no select event (Gradio 6: only .change), so a
+# page script listens to plotly's own click event on the rendered figure (the graph div Gradio
+# draws it into), writes the clicked cell's layer and head into the head explorer's two number
+# boxes and presses its button: the same handler and the same queue as typing them in.
+HEATMAP_CLICK_JS = """
+() => {
+  if (window.__statHeadClick) return;
+  window.__statHeadClick = true;
+  const setNumber = (id, value) => {
+    const box = document.querySelector('#' + id + ' input');
+    if (!box) return;
+    box.value = String(value);
+    box.dispatchEvent(new Event('input', {bubbles: true}));
+    box.dispatchEvent(new Event('change', {bubbles: true}));
+  };
+  const hook = () => document.querySelectorAll('#heads_plot .js-plotly-plot').forEach(gd => {
+    if (gd.__statHooked || typeof gd.on !== 'function') return;
+    gd.__statHooked = true;
+    gd.on('plotly_click', ev => {
+      const pt = ev && ev.points && ev.points[0];
+      if (!pt || pt.z === null || pt.z === undefined || Number.isNaN(pt.z)) return;  // no head there
+      const layer = Number(pt.y), head = parseInt(String(pt.x).replace(/^h/, ''), 10);
+      if (!Number.isInteger(layer) || !Number.isInteger(head)) return;
+      setNumber('head_layer', layer);
+      setNumber('head_index', head);
+      setTimeout(() => { const b = document.querySelector('#head_btn'); if (b) b.click(); }, 150);
+    });
+  });
+  new MutationObserver(hook).observe(document.body, {childList: true, subtree: true});
+  hook();
+}
 """
 
 
@@ -51,7 +86,8 @@ def _gradio_progress(progress: gr.Progress | None):
         return None
 
     def fn(stage: str, done: int, total: int) -> None:
-        progress((done, total), desc=STAGE_LABELS.get(stage, stage), unit="layers" if total > 1 else "steps")
+        unit = "steps" if stage == "recover" or total <= 1 else "layers"
+        progress((done, total), desc=STAGE_LABELS.get(stage, stage), unit=unit)
     return fn
 
 
@@ -74,7 +110,8 @@ def _plan_outputs(session, layer_choice: str | None = None):
                f"parameters and **{r['block_flops_removed_fraction']:.1%}** of block FLOPs; parameters "
                f"{r['params_before']:,} → {r['params_after']:,}; planning took {r['seconds_plan']:.2f} s"
                + (f", pruning {r['seconds_prune']:.1f} s." if "seconds_prune" in r else
-                  " (from cached statistics; the pruned copy is built when you measure, generate or export)."))
+                  " (from cached statistics; the pruned copy is built when you measure, generate or export).")
+               + (f" Recovered for {r['recover']['steps']} steps ({r['seconds_recover']:.1f} s)." if "recover" in r else ""))
     why = H.plan_explanations(session)
     return (F.head_heatmap(plan), F.neuron_profile(plan, why["importance"], why["massive"]), _decay(plan, value),
             _spectrum(why, value),
@@ -122,17 +159,19 @@ def build_demo(store: SessionStore | None = None) -> gr.Blocks:
                 empty, empty, empty, empty, "")
 
     def on_prune(calib_source, builtin, upload, pasted, num_samples, seq_len, sparsity, budget_kind, uniform, mode,
-                 method, layer_choice, request: gr.Request, progress=gr.Progress()):
+                 method, layer_choice, recover_on, recover_steps, request: gr.Request, progress=gr.Progress()):
         session = session_of(request)
         event = session.begin_job()
         reply = H.calibrate_and_prune(
             session, dict(source=calib_source, builtin=builtin, file_path=upload, pasted=pasted,
                           num_samples=num_samples, seq_len=seq_len),
-            dict(sparsity=sparsity, budget_kind=budget_kind, uniform=uniform, mode=mode, method=method or "stat"),
+            dict(sparsity=sparsity, budget_kind=budget_kind, uniform=uniform, mode=mode, method=method or "stat",
+                 recover_steps=recover_steps if recover_on else 0),
             progress=_gradio_progress(progress), cancel_event=event)
-        return (_status(reply), *_plan_outputs(session, layer_choice), None if reply.ok else gr.update())
+        installed = reply.ok or reply.data.get("plan") is not None   # (a cancelled recovery keeps its prune)
+        return (_status(reply), *_plan_outputs(session, layer_choice), None if installed else gr.update())
 
-    def on_rebudget(sparsity, budget_kind, uniform, mode, method, layer_choice, request: gr.Request):
+    def on_rebudget(sparsity, budget_kind, uniform, mode, method, layer_choice, recover_on, request: gr.Request):
         session = session_of(request)
         if session.calibration is None:
             return ("Calibrate and prune once; after that the slider re-plans instantly.",
@@ -141,7 +180,8 @@ def build_demo(store: SessionStore | None = None) -> gr.Blocks:
             return ("Re-budgeting from cached statistics is one-shot only; press Prune to run propagate mode.",
                     *[gr.update()] * 6, gr.update())
         reply = H.replan(session, sparsity, budget_kind, uniform, method or "stat")
-        return (_status(reply), *_plan_outputs(session, layer_choice), None if reply.ok else gr.update())
+        note = " Recovery runs with Calibrate & prune, not on a re-budget." if reply.ok and recover_on else ""
+        return (_status(reply) + note, *_plan_outputs(session, layer_choice), None if reply.ok else gr.update())
 
     def on_layer(choice, request: gr.Request):
         session = session_of(request)
@@ -230,6 +270,13 @@ def build_demo(store: SessionStore | None = None) -> gr.Blocks:
             method = gr.Dropdown(H.plan_method_choices(), value="stat", label="method", elem_id="method",
                                  info="STAT, a published peer or a baseline (SliceGPT: in Compare only)")
         with gr.Row():
+            recover_on = gr.Checkbox(False, label="recover after pruning (short distillation towards the dense model)",
+                                     info="KL on the output distributions + block-output MSE on the calibration "
+                                          "text; shapes unchanged; as stat-prune --recover STEPS",
+                                     elem_id="recover_on")
+            recover_steps = gr.Number(value=100, precision=0, minimum=1, maximum=100000, label="recovery steps",
+                                      elem_id="recover_steps")
+        with gr.Row():
             prune_btn = gr.Button("Calibrate & prune", variant="primary", elem_id="prune_btn")
             cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel_btn")
         summary = gr.Markdown(elem_id="summary")
@@ -238,7 +285,7 @@ def build_demo(store: SessionStore | None = None) -> gr.Blocks:
         with gr.Row():
             with gr.Column():
                 heads_plot = gr.Plot(label="layers × heads", elem_id="heads_plot")
-                gr.Markdown(F.HEADS_CAPTION)
+                gr.Markdown(F.HEADS_CAPTION + " Click a square to open that head in the head explorer below.")
             with gr.Column():
                 neurons_plot = gr.Plot(label="layers × neurons", elem_id="neurons_plot")
                 gr.Markdown(F.NEURON_CAPTION)
@@ -248,7 +295,7 @@ def build_demo(store: SessionStore | None = None) -> gr.Blocks:
         gr.Markdown(F.SPECTRUM_CAPTION + " " + F.SPECTRUM_ALL_CAPTION)
         decay_plot = gr.Plot(label="decay curves", elem_id="decay_plot")
         gr.Markdown(F.DECAY_CAPTION)
-        gr.Markdown("### Head explorer")
+        gr.Markdown("### Head explorer (click a head in the heatmap, or type its layer and number)")
         with gr.Row():
             head_layer = gr.Number(value=0, precision=0, minimum=0, label="layer", elem_id="head_layer", scale=1)
             head_index = gr.Number(value=0, precision=0, minimum=0, label="head", elem_id="head_index", scale=1)
@@ -281,6 +328,7 @@ def build_demo(store: SessionStore | None = None) -> gr.Blocks:
         compare_btn = gr.Button("Compare the chosen methods at this budget", elem_id="compare_btn")
         compare_table = gr.Dataframe(headers=["method", "removed", "quality", "vs dense"], interactive=False)
         compare_plot = gr.Plot(label="comparison")
+        gr.Markdown(F.COMPARE_CAPTION)
 
         gr.Markdown("## 7 · Export")
         with gr.Row():
@@ -299,9 +347,10 @@ def build_demo(store: SessionStore | None = None) -> gr.Blocks:
                                   [status, arch, builtin, num_samples, seq_len, heads_plot, neurons_plot, decay_plot,
                                    spectrum_plot, summary], api_name="load", **heavy)
         prune_evt = prune_btn.click(on_prune, [calib_source, builtin, upload, pasted, num_samples, seq_len, sparsity,
-                                               budget_kind, uniform, mode, method, layer_pick],
+                                               budget_kind, uniform, mode, method, layer_pick, recover_on,
+                                               recover_steps],
                                     [status, *plan_outputs, metrics], api_name="prune", **heavy)
-        rebudget_inputs = [sparsity, budget_kind, uniform, mode, method, layer_pick]
+        rebudget_inputs = [sparsity, budget_kind, uniform, mode, method, layer_pick, recover_on]
         # re-planning reads cached statistics only (well under a second): it stays out of the device
         # queue, so the slider responds while another user's job holds the device
         light = dict(concurrency_limit=2, concurrency_id="plans")
@@ -324,6 +373,7 @@ def build_demo(store: SessionStore | None = None) -> gr.Blocks:
                                       **heavy)
         cancel_btn.click(on_cancel, None, [status], api_name="cancel",
                          cancels=[load_evt, prune_evt, measure_evt, gen_evt, compare_evt, head_evt, export_evt, *rebudget_evts])
+        demo.load(None, js=HEATMAP_CLICK_JS)
         demo.unload(on_unload)
     return demo
 

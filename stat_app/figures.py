@@ -181,6 +181,9 @@ SPECTRUM_ALL_CAPTION = ("Per layer, the activation energy left out at the chosen
 NEURON_CAPTION = ("Neurons sorted by how much output energy each carries (left = most), binned by percentile; green = "
                   "kept. A neuron's index means nothing, its energy does. ★ = a massive neuron (alone ≥10% of its "
                   "layer's MLP output energy).")
+COMPARE_CAPTION = ("One bar per method at the same budget from the same calibration (STAT green): quick perplexity "
+                   "on a log scale (lower is better) or held-out accuracy (higher is better); the dashed line is "
+                   "the dense model.")
 HEAD_CAPTION = ("Where the chosen head looks on the sample text, in the dense model: row = the token reading, column "
                 "= the token read, darker = more attention (rows sum to 1).")
 

@@ -25,9 +25,8 @@ from .suite import SuiteConfig, build_reference, evaluate_suite
 from .methods import get_method
 from .models import DEMO_MODELS, ModelLoadError, is_encoder, load_model
 from .measure import baseline, quality
-from .pipeline import calibration_data, default_flops_seq_len, resolve_source
+from .pipeline import calibration_data, default_flops_seq_len, recover, resolve_source
 from .plan import PrunePlan
-from .recover import RecoveryConfig, recover_
 from .report import prune_report, set_after_sizes, size_summary
 from .prune import BUDGET_KINDS, MODES, method_names, PruneConfig, check_budget_feasible, stat_prune_
 
@@ -254,9 +253,8 @@ def run(args: argparse.Namespace) -> dict:
         report["block_flops_removed_fraction"] = result.info.get("removed_fraction")
         report["method_info"] = result.info
     if args.recover:
-        report["recover"] = recover_(model, dense_copy, calib, RecoveryConfig(steps=args.recover, seed=args.seed),
-                                     progress=_Progress(not args.quiet))
-        report["seconds_recover"] = report["recover"]["seconds"]
+        # the app's recovery checkbox runs the same function (report keys recover, seconds_recover)
+        recover(model, dense_copy, calib, args.recover, report, seed=args.seed, progress=_Progress(not args.quiet))
         del dense_copy
     measure("after")
     if args.no_model:

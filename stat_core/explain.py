@@ -251,3 +251,27 @@ def attention_pattern(model, tokenizer, text: str, layer: int, head: int, max_to
     ids = enc["input_ids"][0].tolist()
     tokens = [tokenizer.decode([t]) for t in ids]
     return {"tokens": tokens, "weights": weights.tolist()}
+
+
+def plan_explanations(model, calibration, plan) -> dict:
+    """What the inspect views draw beside a plan: per-layer spectra with the plan's cuts
+    (``spectra``), neuron output energies (``importance``) and the massive neurons of each layer
+    (``massive``); computed once per calibration, after that only the cuts move."""
+    importance = calibration_neuron_importance(model, calibration)
+    return {"spectra": plan_spectra(model, calibration, plan),
+            "importance": importance, "massive": [massive_units(e) for e in importance]}
+
+
+def head_view(model, tokenizer, calibration, plan, layer, head, text: str) -> tuple[dict, dict]:
+    """``(pattern, details)`` of the head explorer: :func:`attention_pattern` on ``text`` and
+    :func:`head_details`; ``layer`` and ``head`` may be strings or floats from a form (ValueError
+    with one sentence if they are not numbers in range)."""
+    try:
+        layer, head = int(layer), int(head)
+    except (TypeError, ValueError):
+        raise ValueError("Pick a layer and a head by number (e.g. layer 3, head 0).") from None
+    n_layers = len(plan.layers)
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"The model has layers 0–{n_layers - 1}; pick one of those.")
+    details = head_details(model, calibration, plan, layer, head)
+    return attention_pattern(model, tokenizer, text, layer, head), details

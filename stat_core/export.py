@@ -437,3 +437,17 @@ def export_zip(model, tokenizer, workdir: str | Path, name: str, fmt: str = "saf
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
     return info, zip_path
+
+
+def export_zip_with_report(model, tokenizer, workdir: str | Path, model_name: str | None, method: str,
+                           sparsity: float, fmt: str = "safetensors", *, plan: PrunePlan | None = None,
+                           report: dict | None = None, gguf_type: str | None = None,
+                           check=None) -> tuple[ExportInfo, Path, Path]:
+    """``(info, zip_path, report_path)``: :func:`export_zip` under :func:`export_name`'s name, and the
+    prune's report beside the zip as ``<name>-pruning_report.json`` (the same report the folder holds)."""
+    name = export_name(model_name, method, sparsity, fmt, gguf_type)
+    info, zip_path = export_zip(model, tokenizer, workdir, name, fmt, plan=plan, report=report,
+                                gguf_type=gguf_type or "f16", check=check)
+    report_path = Path(workdir) / f"{name}-pruning_report.json"
+    report_path.write_text(json.dumps(report or {}, indent=1, default=str))
+    return info, zip_path, report_path

@@ -261,3 +261,33 @@ def compare_summary(dense: dict, metric: str, eval_tokens: int, n_methods: int) 
     label = f"quick perplexity ({int(eval_tokens):,} tokens)" if metric == "perplexity" else "held-out accuracy"
     dense_txt = (f"{dense[metric]:.2f}" if metric == "perplexity" else f"{dense[metric]:.1%}") if dense else "n/a"
     return label, f"Dense {label}: {dense_txt}. Same budget, same calibration, {n_methods} methods."
+
+
+# --- a before/after measurement, put together ----------------------------------------------------------
+
+def dense_side(dense, tokenizer, held_out, eval_tokens: int, seq_len: int) -> tuple[Baseline, dict]:
+    """``(baseline, before)``: the dense model's :func:`baseline` (what pruned models are compared
+    with) and its quality, sizes and latency, measured once per evaluation size."""
+    base = baseline(dense, tokenizer, held_out, eval_tokens)
+    return base, {**base.quality, **model_metrics(dense, seq_len)}
+
+
+def pruned_side(pruned, base: Baseline, dense, seq_len: int) -> dict:
+    """The pruned model's quality against ``base`` (with KL to ``dense``), sizes and latency."""
+    return {**quality(pruned, base, dense=dense), **model_metrics(pruned, seq_len)}
+
+
+def before_after(report: dict, before: dict, after: dict, eval_tokens: int, seq_len: int,
+                 held_out_examples: int | None = None) -> tuple[list[list[str]], str]:
+    """``(rows, sentence)``: the measurement :func:`record`-ed into the prune's ``report``, the
+    before/after table (:data:`METRIC_HEADERS`) and its :func:`headline`."""
+    record(report, before, after, eval_tokens)
+    return (before_after_rows(before, after, eval_tokens, seq_len, held_out_examples),
+            headline(before, after, eval_tokens))
+
+
+def compare_table(results: list[dict], dense: dict, metric: str, eval_tokens: int,
+                  label: Callable[[str], str] = str) -> tuple[list[list[str]], list[str], str]:
+    """``(rows, headers, sentence)`` of a :func:`compare_methods` result."""
+    column, sentence = compare_summary(dense, metric, eval_tokens, len(results))
+    return compare_rows(results, dense, metric, label), ["method", "removed", column, "vs dense"], sentence

@@ -9,6 +9,7 @@ sentences instead of being caught from a logger. The report every prune writes i
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from .data import (CalibrationConfig, DataError, calibration_windows, check_cali
 from .labelled import BUILTIN_SETS, load_labelled
 from .models import DEMO_MODELS, ModelLoadError, is_encoder
 from .prune import PruneConfig
+from .report import plan_sizes, prune_report, set_after_sizes, size_summary
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -265,3 +267,109 @@ def prune_copy(model, calibration, data, config: PruneConfig, model_name: str | 
     pruned = copy.deepcopy(model)
     result = core_prune.stat_prune_(pruned, data, config, model_name or "", progress, calib_info or {})
     return pruned, result.plan
+
+
+# --- a prune and its report, recovery, a comparison's configs ---------------------------------------
+
+def _report(model, calibration, config: PruneConfig, plan, model_name: str | None, calib_info: dict | None,
+            after: dict, **extra) -> dict:
+    return prune_report(model_name or "", model, config, calib_info or {}, size_summary(model, config.flops_seq_len),
+                        after, plan=plan, calibration_timings=getattr(calibration, "timings", {}), **extra)
+
+
+def plan_with_report(model, calibration, config: PruneConfig, model_name: str | None = None,
+                     calib_info: dict | None = None) -> tuple:
+    """``(plan, report)``: a one-shot plan cut from the cached ``calibration`` (well under a second,
+    no surgery) and its :func:`stat_core.report.prune_report` with the sizes the plan will have
+    (:func:`stat_core.report.plan_sizes`) and ``seconds_plan``."""
+    t = time.perf_counter()
+    plan = core_prune.plan_pruning(model, calibration, config, model_name or "", calib_info or {})
+    seconds = time.perf_counter() - t
+    report = _report(model, calibration, config, plan, model_name, calib_info,
+                     plan_sizes(model, plan, config.flops_seq_len), seconds_plan=seconds)
+    return plan, report
+
+
+def prune_with_report(model, calibration, data, config: PruneConfig, model_name: str | None = None,
+                      calib_info: dict | None = None, progress: ProgressFn | None = None) -> tuple:
+    """``(pruned, plan, report)``: :func:`prune_copy` and its report with the pruned copy's measured
+    sizes, ``seconds_plan`` and ``seconds_prune`` (plan + surgery, or the layer-wise pass)."""
+    t = time.perf_counter()
+    pruned, plan = prune_copy(model, calibration, data, config, model_name, calib_info, progress=progress)
+    seconds = time.perf_counter() - t
+    report = _report(model, calibration, config, plan, model_name, calib_info,
+                     size_summary(pruned, config.flops_seq_len), seconds_plan=seconds, seconds_prune=seconds)
+    return pruned, plan, report
+
+
+def cut_planned(model, calibration, data, config: PruneConfig, plan, report: dict, model_name: str | None = None,
+                calib_info: dict | None = None, progress: ProgressFn | None = None):
+    """The pruned copy for a ``plan`` made by :func:`plan_with_report` (surgery on a deep copy of the
+    dense ``model``); its measured sizes and ``seconds_surgery`` go into that plan's ``report``."""
+    t = time.perf_counter()
+    pruned, _ = prune_copy(model, calibration, data, config, model_name, calib_info, plan=plan, progress=progress)
+    set_after_sizes(report, size_summary(pruned, config.flops_seq_len))
+    report["seconds_surgery"] = time.perf_counter() - t
+    return pruned
+
+
+def check_budget_early(model, sparsity, budget_kind: str = "params", uniform: bool = False) -> None:
+    """Refuse a parameter budget that no plan can meet (heads kept ≥ 1 per layer, ...) with one
+    sentence, before minutes of calibration (FLOPs bounds of encoders need the text's length, so a
+    FLOPs budget is checked once the data is there)."""
+    if budget_kind == "params":
+        core_prune.check_budget_feasible(model, prune_config(model, None, sparsity, "params", uniform,
+                                                             flops_seq_len=512))
+
+
+def recovery_steps(value) -> int:
+    """A number of recovery steps (0: off) as an int, or ValueError with one sentence."""
+    try:
+        steps = float(value or 0)
+    except (TypeError, ValueError):
+        raise ValueError(f"Recovery steps must be a whole number (0: no recovery), got {value!r}.") from None
+    if steps < 0 or steps != int(steps):
+        raise ValueError(f"Recovery steps must be a whole number ≥ 0 (0: no recovery), got {value!r}.")
+    return int(steps)
+
+
+def recover(pruned, dense, data, steps, report: dict | None = None, seed: int = 0,
+            progress: ProgressFn | None = None, cancel_event=None) -> dict:
+    """Recovery after pruning, one mechanism for the CLI (``--recover STEPS``) and the app (its
+    checkbox): ``steps`` of distillation of ``pruned`` towards ``dense`` (never modified) on the
+    calibration ``data`` (:func:`stat_core.recover.recover_`; progress ``("recover", step, steps)``),
+    recorded in ``report`` as ``recover`` and ``seconds_recover``. A cancel (``cancel_event`` set,
+    or a ``progress`` callback that raises) leaves ``pruned`` exactly as it was before recovery and
+    the report without those keys."""
+    from .recover import RecoveryConfig, recover_
+
+    info = recover_(pruned, dense, data, RecoveryConfig(steps=recovery_steps(steps), seed=int(seed)),
+                    progress=progress, cancel_event=cancel_event)
+    if report is not None:
+        report["recover"] = info
+        report["seconds_recover"] = info["seconds"]
+    return info
+
+
+def compare_configs(model, data, sparsity, methods, budget_kind: str = "params", uniform: bool = False) -> list:
+    """One one-shot :class:`PruneConfig` per method in ``methods`` at the same budget; ValueError
+    with one sentence if none is chosen or one cannot apply to ``model`` (before any work)."""
+    from .methods import get_method
+
+    methods = list(methods or ())
+    if not methods:
+        raise ValueError("Pick at least one method to compare.")
+    for name in methods:
+        get_method(name).check_applicable(model)
+    return [prune_config(model, data, sparsity, budget_kind, uniform, "one-shot", name) for name in methods]
+
+
+def calibration_request_key(model_name: str | None, source: str, builtin: str | None, file_path: str | None,
+                            pasted: str, num_samples: int, seq_len: int, seed: int) -> tuple:
+    """What identifies a calibration request (the same key, the same data), for callers that cache
+    statistics between requests: pasted text by its hash, a file by path, size and modification time."""
+    text_hash = hashlib.sha256((pasted or "").encode()).hexdigest()[:16] if source == "pasted" else ""
+    p = Path(file_path) if source == "file" and file_path else None
+    file_id = () if p is None else (str(p), p.stat().st_size, p.stat().st_mtime) if p.exists() else (str(p),)
+    return (model_name, source, builtin if source == "builtin" else "", file_id, text_hash,
+            int(num_samples), int(seq_len), int(seed))

@@ -99,3 +99,12 @@ def removed_sentence(report: dict, verb: str = "Removed", seconds: float | None 
     return (f"{verb} {removed:.1%} of the block {'FLOPs' if flops else 'parameters'} ({report['method']}, "
             f"{report['mode']}{', uniform' if report['uniform'] else ''})"
             + (f" in {seconds:.1f} s." if seconds is not None else "."))
+
+
+def recovery_sentence(report: dict) -> str:
+    """One sentence on the recovery recorded in ``report`` (empty if none ran)."""
+    r = report.get("recover")
+    if not r or not r.get("steps"):
+        return ""
+    return (f"Recovered for {r['steps']} steps in {r['seconds']:.1f} s (KL to dense during distillation "
+            f"{r['kl_first']:.3g} → {r['kl_last']:.3g}).")

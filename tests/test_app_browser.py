@@ -283,3 +283,67 @@ def test_two_sessions_at_once(app_url, browser, tmp_path):
     finally:
         ctx_a.close()
         ctx_b.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_decoder_dir(tmp_path_factory):
+    """A tiny random Llama (2 layers × 4 heads) with the SmolLM2 tokenizer: the page's wiring in seconds."""
+    import shutil
+
+    from conftest import tiny_model
+    from stat_core.models import demo_model_dir
+
+    src = demo_model_dir("smollm2-135m")
+    if not (src / "tokenizer.json").exists():
+        pytest.fail(f"the demo model cache {src} has no tokenizer; run scripts/setup.sh")
+    path = tmp_path_factory.mktemp("tiny-llama-browser")
+    tiny_model("llama", vocab_size=49152, max_position_embeddings=512).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, path / name)
+    return path
+
+
+def test_click_a_head_in_the_heatmap_and_recover(app_url, browser, tiny_decoder_dir, tmp_path):
+    """Click-to-select: clicking a square of the heads heatmap opens that head in the head explorer
+    (plotly's click event, hooked by the page script). The recovery checkbox runs recovery after the
+    prune and says so in the status line."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        page.goto(app_url, wait_until="domcontentloaded")
+        page.locator("#load_btn").wait_for(timeout=60_000)
+        page.get_by_role("radio", name="folder").check()
+        page.get_by_label("local folder or hub id").fill(str(tiny_decoder_dir))
+        page.locator("#load_btn").click()
+        wait_status(page, r"^✅ Loaded", 60_000)
+        page.get_by_role("radio", name="pasted").check()
+        page.get_by_label("or paste text").fill("The history of the river valley begins with small farming villages. "
+                                                 "Trade routes crossed the region and towns grew around markets. " * 30)
+        set_sizes(page, 8, 64)
+        page.locator("#recover_on input[type=checkbox]").check()
+        box = page.locator("#recover_steps input")
+        box.fill("3")
+        box.press("Tab")
+        page.locator("#prune_btn").click()
+        text = wait_status(page, r"Recovered for 3 steps", 180_000)
+        assert "Removed" in text, text
+        page.locator("#heads_plot .js-plotly-plot").wait_for(timeout=30_000)
+
+        # click layer 1, head 2: the plot area spans heads -0.5..3.5 and layers -0.5..1.5 (layer 0 on top)
+        area = page.locator("#heads_plot .nsewdrag").first.bounding_box()
+        page.mouse.click(area["x"] + area["width"] * 2.5 / 4, area["y"] + area["height"] * 1.5 / 2)
+        wait_status(page, r"^✅ Attention pattern drawn", 60_000)
+        info = page.locator("#head_info").inner_text()
+        assert "Layer 1, head 2" in info, info
+        assert page.locator("#head_layer input").input_value() == "1"
+        assert page.locator("#head_index input").input_value() == "2"
+        page.locator("#head_plot .js-plotly-plot").wait_for(timeout=30_000)
+        # a second click picks another head
+        page.mouse.click(area["x"] + area["width"] * 0.5 / 4, area["y"] + area["height"] * 0.5 / 2)
+        page.wait_for_function("() => document.querySelector('#head_info').innerText.includes('Layer 0, head 0')",
+                               timeout=60_000)
+    except Exception:
+        page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
+        raise
+    finally:
+        page.close()

@@ -509,3 +509,82 @@ def test_cancel_during_export_leaves_nothing_half_written(calibrated, monkeypatc
     left = sorted(p.name for p in s.workdir.iterdir())
     assert [n for n in left if n.endswith(".zip")] == [Path(first["zip"]).name]
     assert not any(n.endswith(".part") or (s.workdir / n).is_dir() for n in left), left
+
+
+# --- recovery after pruning (issue 16: the app's checkbox, the CLI's --recover) -------------------
+
+def _kl_on_calibration(s, model):
+    from stat_core.measure import perplexity_and_kl
+
+    return perplexity_and_kl(model, s.calib_data, dense=s.model)[1]
+
+
+def test_prune_with_recovery_lowers_kl_and_cancel_keeps_the_pruned_copy(calibrated):
+    import threading
+
+    s = calibrated
+    dense_state = {k: v.clone() for k, v in s.model.state_dict().items()}
+    plain = H.prune(s, 0.5)
+    assert plain.ok and "recover" not in plain["report"]
+    plain_state = {k: v.clone() for k, v in s.pruned.state_dict().items()}
+    kl_plain = _kl_on_calibration(s, s.pruned)
+
+    seen = []
+    r = H.prune(s, 0.5, recover_steps=25, progress=lambda *a: seen.append(a))
+    assert r.ok, r.message
+    assert "Recovered for 25 steps" in r.message and ("recover", 25, 25) in seen
+    assert r["report"]["recover"]["steps"] == 25 and r["report"]["seconds_recover"] > 0
+    assert r["plan"].kept_summary() == plain["plan"].kept_summary()          # the same prune, then recovery
+    recovered = s.pruned.state_dict()
+    assert {k: v.shape for k, v in recovered.items()} == {k: v.shape for k, v in plain_state.items()}
+    assert any(not torch.equal(recovered[k], plain_state[k]) for k in plain_state)
+    assert _kl_on_calibration(s, s.pruned) < kl_plain                         # closer to the dense model
+    assert all(torch.equal(v, dense_state[k]) for k, v in s.model.state_dict().items())   # dense untouched
+    assert all(p.grad is None for p in s.pruned.parameters())
+
+    # Cancel during recovery: the prune is kept, exactly as it was before recovery, and says so
+    ev = threading.Event()
+    c = H.prune(s, 0.5, recover_steps=40, cancel_event=ev,
+                progress=lambda st, d, t: ev.set() if st == "recover" and d == 3 else None)
+    assert not c.ok and "recovery cancelled" in c.message and "\n" not in c.message
+    assert s.plan is c["plan"] and "recover" not in s.report
+    assert all(torch.equal(v, plain_state[k]) for k, v in s.pruned.state_dict().items())
+    assert all(torch.equal(v, dense_state[k]) for k, v in s.model.state_dict().items())
+
+    # bad step counts: one sentence, before any calibration
+    fresh = Session(model=s.model, tokenizer=s.tokenizer, model_name=s.model_name)
+    for bad in (-5, 2.5, "many"):
+        msg = one_sentence(H.calibrate_and_prune(fresh, {"source": "pasted", "pasted": LOREM * 20},
+                                                 {"sparsity": 0.3, "recover_steps": bad}))
+        assert "Recovery steps must be a whole number" in msg and fresh.calibration is None
+
+
+def test_recovery_for_a_classifier_and_the_same_report_as_the_cli(classifier_dir, calibrated, decoder_dir, tmp_path):
+    """Encoders recover too; the CLI's --recover and the app's checkbox write the same report keys
+    (one function, stat_core.pipeline.recover)."""
+    from stat_core.cli import main as cli_main
+
+    c = Session()
+    assert H.load(c, "folder", str(classifier_dir)).ok
+    assert H.calibrate(c, "builtin", builtin="movie-reviews", num_samples=40, seq_len=64).ok
+    plain = H.prune(c, 0.3)
+    shapes = {k: v.shape for k, v in c.pruned.state_dict().items()}
+    r = H.prune(c, 0.3, recover_steps=4)
+    assert r.ok and r["report"]["recover"]["steps"] == 4 and r["report"]["recover"]["batch_size"] == 16, r.message
+    assert r["plan"].kept_summary() == plain["plan"].kept_summary()
+    assert {k: v.shape for k, v in c.pruned.state_dict().items()} == shapes
+    c.close()
+
+    s = calibrated
+    app = H.prune(s, 0.3, recover_steps=3)
+    assert app.ok, app.message
+    text = tmp_path / "lorem.txt"
+    text.write_text(LOREM * 40)
+    out = tmp_path / "cli-recover"
+    assert cli_main([str(decoder_dir), "--sparsity", "0.3", "--calibration", str(text), "--num-samples", "8",
+                     "--seq-len", "64", "--skip-eval", "--quiet", "--no-model", "--recover", "3",
+                     "--out", str(out)]) == 0
+    cli_report = json.loads((out / "pruning_report.json").read_text())
+    assert set(cli_report["recover"]) == set(app["report"]["recover"])
+    assert cli_report["recover"]["steps"] == app["report"]["recover"]["steps"] == 3
+    assert cli_report["seconds_recover"] > 0 and app["report"]["seconds_recover"] > 0
