@@ -21,8 +21,10 @@ Then the fitted exponents: seconds ∝ tokens^a (one shape, growing calibration)
 written once as bf16 safetensors shards (``--checkpoint-dir``, reused by later runs; written
 tensor by tensor, never whole in memory), then a child process prunes it block by block and
 exports the pruned model (to a temporary folder, deleted after); ``model_bytes`` is then the
-checkpoint's size on disk and ``peak_rss_bytes`` the child's measured peak (``ru_maxrss``), which
-includes the interpreter, the calibration hidden states, one block and its float64 statistics.
+checkpoint's size on disk and ``peak_rss_bytes`` the child's measured peak (its VmHWM; a child's
+``ru_maxrss`` would also count the parent's memory at fork), which includes the interpreter, the
+calibration hidden states, one block and its float64 statistics; ``peak_rss_after_embed_bytes`` is
+the peak from the first block on (VmHWM reset once the embeddings are made and dropped).
 No gradient sensitivity pass in streaming mode.
 
     nice -n 19 python benchmarks/scale.py --offload --shapes llama-3.2-1b,llama-2-7b --num-samples 8 --seq-len 256
@@ -195,6 +197,24 @@ def partial_view(full: Path, n_blocks: int) -> Path:
     return folder
 
 
+def _vm_hwm() -> int | None:
+    """This process's peak resident memory since the last :func:`_reset_hwm` (Linux VmHWM), bytes."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_hwm() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux ≥ 4.0)
+    except OSError:
+        pass
+
+
 def full_params(shape: str) -> int:
     """Parameters of the whole ``shape`` (tied ones once), counted on a ``meta`` skeleton."""
     from accelerate import init_empty_weights
@@ -231,11 +251,18 @@ def run_offload(shape: str, checkpoint: Path, num_samples: int, seq_len: int, sp
     params = None
     t_start = time.perf_counter()
     events: list[dict] = []
+    hwm_embed: list[int] = []  # VmHWM up to the embeddings (before its reset)
 
     def progress(stage, done, total):
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        hwm = _vm_hwm()
+        peak = max(hwm_embed + [hwm]) if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         events.append({"stage": stage, "done": done, "total": total,
                        "t": round(time.perf_counter() - t_start, 1), "peak_rss_bytes": peak})
+        if hwm is not None and hwm_embed:
+            events[-1]["peak_rss_since_embed_bytes"] = hwm
+        if stage == "embed" and done >= total and hwm is not None:
+            hwm_embed.append(hwm)
+            _reset_hwm()  # from here VmHWM is the blocks' own peak
         if done >= total or stage in ("calibrate", "apply"):
             print(f"  {shape}: {stage} {done}/{total} at {events[-1]['t']:.0f} s (peak RSS so far "
                   f"{peak / 2**30:.2f} GiB)", file=sys.stderr, flush=True)
@@ -251,14 +278,21 @@ def run_offload(shape: str, checkpoint: Path, num_samples: int, seq_len: int, sp
         result = streamed_prune(checkpoint, windows, cfg, out, progress=progress, model_name=shape, dtype=compute,
                                 save_dtype=stored)
         seconds = time.perf_counter() - t
+        hwm_end = _vm_hwm()
         out_bytes = result.export.size_bytes
         params = result.info["sizes_before"]["params"] if blocks is None else full_params(shape)
     finally:
         shutil.rmtree(out.parent, ignore_errors=True)
     stages = {k: round(v, 3) for k, v in result.timings.items()}
+    # The peak is this process's VmHWM (its own address space since exec), not ru_maxrss: on Linux a
+    # child's ru_maxrss also counts the parent's resident memory at fork (here: the parent that wrote
+    # the checkpoint), which is not the prune's.
+    ru_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = max(hwm_embed + [hwm_end]) if hwm_end is not None else ru_maxrss
     record = {
         "shape": shape, "params": params, "model_bytes": model_bytes,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak, "peak_rss_measure": "VmHWM" if hwm_end is not None else "ru_maxrss",
+        "ru_maxrss_bytes": ru_maxrss,
         "calibration_tokens": num_samples * seq_len, "num_samples": num_samples, "seq_len": seq_len,
         "seconds": round(seconds, 3),
         "seconds_per_block": round((stages["calibrate"] + stages["analyse"] + stages["apply"])
@@ -274,10 +308,13 @@ def run_offload(shape: str, checkpoint: Path, num_samples: int, seq_len: int, sp
         record["load_average"] = [round(x, 2) for x in os.getloadavg()]  # at the end: the CPU was shared
     except OSError:
         pass
+    if hwm_end is not None:
+        # the peak from the first block to the end (VmHWM reset once the embeddings were made and dropped)
+        record["peak_rss_after_embed_bytes"] = hwm_end
     if blocks is not None:
         record.update(partial=f"{blocks} of {n_layers} blocks", blocks_run=blocks, num_hidden_layers=n_layers,
                       params_run=result.info["sizes_before"]["params"],
-                      model_bytes_run=sum(p.stat().st_size for p in set((checkpoint / f).resolve()
+                      linked_shard_bytes=sum(p.stat().st_size for p in set((checkpoint / f).resolve()
                                           for f in json.loads((checkpoint / "model.safetensors.index.json")
                                                               .read_text())["weight_map"].values())),
                       note=f"partial run: the prune streamed the first {blocks} of {n_layers} blocks (both passes "
