@@ -210,6 +210,24 @@ def test_budget_rows(files, session):
         session, dict(source="file", file_path=str(files["good"]), num_samples=4, seq_len=64), dict(sparsity=0.97)))
 
 
+def test_recovery_steps_row(files, session):
+    """Recovery steps below 0 or not a whole number: one sentence before any work (the CLI's
+    --recover, the API's RecoveryConfig / pipeline.recover, the app's recovery box)."""
+    from stat_core.pipeline import recovery_steps
+    from stat_core.recover import RecoveryConfig
+
+    assert "--recover takes a number of steps ≥ 0, got -3" in cli(files, "--calibration", files["good"], "--recover", -3)
+    assert "invalid int value: '2.5'" in cli(files, "--calibration", files["good"], "--recover", "2.5")
+    with pytest.raises(ValueError, match="whole number ≥ 0"):
+        RecoveryConfig(steps=-3)
+    with pytest.raises(ValueError, match="Recovery steps must be a whole number"):
+        recovery_steps(2.5)
+    fresh = Session(model=session.model, tokenizer=session.tokenizer, model_name=session.model_name)
+    msg = sentence(H.calibrate_and_prune(fresh, dict(source="file", file_path=str(files["good"]), num_samples=4,
+                                                     seq_len=64), dict(sparsity=0.3, recover_steps=-3)))
+    assert "Recovery steps must be a whole number ≥ 0" in msg and fresh.calibration is None
+
+
 MODEL_ROWS = [
     ("config but no weights", "noweights", "no weights"),
     ("weights that do not match the config", "mismatch", "do not match its config.json"),
