@@ -99,9 +99,10 @@ class Recorder:
 
 def run_decoder(model, tokenizer, windows, model_name: str, methods: list[str], budgets: list[float],
                 suite_config, rec: Recorder, sensitivity_samples: int | None = None,
-                recovery=None) -> None:
+                recovery=None, recovery_only: bool = False) -> None:
     """``recovery``: a :class:`stat_core.recover.RecoveryConfig` (or ``None``): each cell is then also
-    measured after recovery on ``windows``, as method ``<name>+recovery``."""
+    measured after recovery on ``windows``, as method ``<name>+recovery`` (``recovery_only``: only then,
+    the plain cell is not measured)."""
     from stat_core.suite import build_reference, evaluate_suite
 
     t = time.perf_counter()
@@ -137,9 +138,10 @@ def run_decoder(model, tokenizer, windows, model_name: str, methods: list[str], 
                 seconds = time.perf_counter() - t + _seconds_for(method, calib.timings, prepare_seconds[name])
                 removed = 1 - block_parameter_count(get_adapter(pruned)) / dense_params
                 extra = {"kept": plan.kept_summary()}
-            metrics = evaluate_suite(pruned, tokenizer, reference)
-            rec.add({"model": model_name, "method": name, "budget": budget, "removed_fraction": removed,
-                     **metrics, "seconds_prune": seconds, **extra})
+            if not (recovery_only and recovery is not None):
+                metrics = evaluate_suite(pruned, tokenizer, reference)
+                rec.add({"model": model_name, "method": name, "budget": budget, "removed_fraction": removed,
+                         **metrics, "seconds_prune": seconds, **extra})
             if recovery is not None and recovery.steps > 0:
                 from stat_core.recover import recover_
 
@@ -304,6 +306,8 @@ def main(argv=None) -> int:
                    help="also measure every cell after STEPS steps of recovery (distillation towards the dense "
                         "model on the calibration windows); 0: off")
     p.add_argument("--recover-lr", type=float, default=1e-5)
+    p.add_argument("--recover-only", action="store_true",
+                   help="with --recover: measure only the recovered models (the plain cells cost a suite each)")
     p.add_argument("--name", default="suite", help="results file name (<out-dir>/<name>.json and .md)")
     p.add_argument("--out-dir", default=str(RESULTS))
     args = p.parse_args(argv)
@@ -323,7 +327,7 @@ def main(argv=None) -> int:
         from stat_core.recover import RecoveryConfig
 
         recovery = RecoveryConfig(steps=args.recover, lr=args.recover_lr)
-        meta["recovery"] = asdict(recovery)
+        meta["recovery"] = {**asdict(recovery), "only": args.recover_only}
     rec = Recorder(Path(args.out_dir), meta, args.append, name=args.name)
     if args.tiny:
         from stat_core.data import CalibrationConfig, calibration_windows, wikipedia_split
@@ -350,7 +354,8 @@ def main(argv=None) -> int:
                                 f"{suite_config.analogies_per_category} analogies per category, chat answers of "
                                 f"{suite_config.instruction_new_tokens} tokens")
         rec.meta.setdefault("protocol", {}).update(protocol)
-        run_decoder(model, tokenizer, windows, args.model, methods, budgets, suite_config, rec, recovery=recovery)
+        run_decoder(model, tokenizer, windows, args.model, methods, budgets, suite_config, rec, recovery=recovery,
+                    recovery_only=args.recover_only)
         del model
     if args.classifier:
         from stat_core.classifier import demo_classifier_split, encode, encode_chunks
