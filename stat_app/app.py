@@ -273,9 +273,9 @@ def build_demo(store: SessionStore | None = None) -> gr.Blocks:
             recover_on = gr.Checkbox(False, label="recover after pruning (short distillation towards the dense model)",
                                      info="KL on the output distributions + block-output MSE on the calibration "
                                           "text; shapes unchanged; as stat-prune --recover STEPS",
-                                     elem_id="recover_on")
+                                     elem_id="recover_on", scale=3)
             recover_steps = gr.Number(value=100, precision=0, minimum=1, maximum=100000, label="recovery steps",
-                                      elem_id="recover_steps")
+                                      elem_id="recover_steps", scale=1)
         with gr.Row():
             prune_btn = gr.Button("Calibrate & prune", variant="primary", elem_id="prune_btn")
             cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel_btn")

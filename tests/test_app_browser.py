@@ -342,6 +342,16 @@ def test_click_a_head_in_the_heatmap_and_recover(app_url, browser, tiny_decoder_
         page.mouse.click(area["x"] + area["width"] * 0.5 / 4, area["y"] + area["height"] * 0.5 / 2)
         page.wait_for_function("() => document.querySelector('#head_info').innerText.includes('Layer 0, head 0')",
                                timeout=60_000)
+        # after a re-budget redraws the heatmap, a click still opens the head it lands on
+        box = page.locator("#sparsity input[type=number]")
+        box.fill("50")
+        box.press("Enter")
+        text = wait_status(page, r"^✅ Planned to remove", 60_000)
+        assert "Recovery runs with Calibrate & prune" in text, text
+        area = page.locator("#heads_plot .nsewdrag").first.bounding_box()
+        page.mouse.click(area["x"] + area["width"] * 3.5 / 4, area["y"] + area["height"] * 1.5 / 2)
+        page.wait_for_function("() => document.querySelector('#head_info').innerText.includes('Layer 1, head 3')",
+                               timeout=60_000)
     except Exception:
         page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
         raise
