@@ -55,8 +55,11 @@ class GramAccumulator:
             a = z.to(torch.float32).numpy()
             # a.T is Fortran-ordered (n_units, rows): syrk forms a.T @ a without a copy.
             upper = blas.ssyrk(1.0, a.T, trans=0, lower=0)
-            # Added in place, each float32 promoted on the fly: no float64 n_units² temporary.
-            self._sum.add_(torch.from_numpy(upper))
+            # Added a band of rows at a time: the float32 → float64 promotion makes a temporary
+            # of the band only, not of the whole n_units² (the same sums, bit for bit).
+            upper = torch.from_numpy(upper)
+            for i0 in range(0, upper.shape[0], 1024):
+                self._sum[i0:i0 + 1024].add_(upper[i0:i0 + 1024])
             del upper
             self._upper_only = True
         else:

@@ -394,8 +394,17 @@ def streamed_prune(model_dir: str | Path, windows, config: PruneConfig, out_dir:
         t_analyse = 0.0
         for i in range(n_layers):
             block = adapter.layers[i]
-            _load_module_(block, block_prefix[i], checkpoint, names, dtype)
+            linears = {n for n, m in block.named_modules() if type(m) is nn.Linear}
+
+            def keep_linear(local: str, stored: torch.dtype) -> bool:
+                return stored != dtype and _widens(stored, dtype) and local.rpartition(".")[0] in linears
+
+            # Linear weights stay as stored (e.g. bfloat16: half a float32 block) and are widened to
+            # ``dtype`` one matrix at a time as each runs: the same products as a float32 block.
+            _load_module_(block, block_prefix[i], checkpoint, names, dtype, keep_stored=keep_linear)
+            restore = _widen_linears_on_the_fly_(block, dtype)
             stats, hidden = runner.collect_block(i, hidden)
+            restore()
             # The analysis reads only the two output projections: the rest of the block goes now,
             # and those two once the analysis has its float64 copies of them (drop_weights).
             _free_except_(block, [adapter.attn_out_proj(i), adapter.mlp_out_proj(i)])
@@ -518,6 +527,24 @@ def _widens(src: torch.dtype, dst: torch.dtype) -> bool:
         return True
     return dst in (torch.float32, torch.float64) and src in (torch.bfloat16, torch.float16, torch.float32) \
         and torch.finfo(dst).bits > torch.finfo(src).bits
+
+
+def _widen_linears_on_the_fly_(block: nn.Module, dtype: torch.dtype) -> Callable[[], None]:
+    """Make every ``nn.Linear`` of ``block`` whose weight is not ``dtype`` compute in ``dtype`` (its
+    weight and bias cast for each call, then dropped); returns the undo."""
+    from torch.nn import functional as F
+
+    patched = []
+    for m in block.modules():
+        if type(m) is nn.Linear and m.weight.dtype != dtype:
+            m.forward = (lambda x, m=m: F.linear(x, m.weight.to(dtype), None if m.bias is None else m.bias.to(dtype)))
+            patched.append(m)
+
+    def restore() -> None:
+        for m in patched:
+            del m.forward
+
+    return restore
 
 
 def _save_block_stats(path: Path, stats: BlockStats) -> None:
