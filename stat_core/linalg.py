@@ -163,6 +163,32 @@ def cholesky_with_ridge(gram: torch.Tensor, ridge: float, *, overwrite: bool = F
     raise torch.linalg.LinAlgError("Gram matrix is not positive semi-definite (NaN/Inf activations?)")
 
 
+def permute_symmetric_(a: torch.Tensor, order: torch.Tensor, band: int = 256) -> torch.Tensor:
+    """``a[order][:, order]`` in ``a``'s own storage (a C-contiguous square CPU tensor): the columns
+    a band of rows at a time, then the rows along the permutation's cycles with one row of
+    scratch. Pure data movement: the same numbers as the gather, without its n² copy."""
+    x = a.numpy()
+    o = order.cpu().numpy()
+    n = x.shape[0]
+    for i0 in range(0, n, band):
+        x[i0:i0 + band] = x[i0:i0 + band][:, o]
+    done = np.zeros(n, dtype=bool)
+    for start in range(n):
+        if done[start]:
+            continue
+        scratch = x[start].copy()
+        i = start
+        while True:  # new row i is old row o[i]
+            done[i] = True
+            j = int(o[i])
+            if j == start:
+                x[i] = scratch
+                break
+            x[i] = x[j]
+            i = j
+    return a
+
+
 def permuted_gram(gram: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``gram[index][:, index]`` gathered once (no intermediate ``gram[index]``), laid out
     column-major: the layout :func:`cholesky_with_ridge` factors in place."""
@@ -207,7 +233,13 @@ def interpolation_matrix(gram: torch.Tensor, kept: torch.Tensor, ridge: float | 
     g = gram.to(torch.float64)
     ridge = ridge_of(g) if ridge is None else ridge
     kept = kept.to(g.device)
-    return interpolation_from_rows(g[kept], kept, ridge)
+    return interpolation_from_rows(kept_rows(g, kept), kept, ridge)
+
+
+def kept_rows(gram: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``gram[kept]: (k, n)`` gathered in column-major layout (what interpolation_from_rows solves
+    in place)."""
+    return gram.T[:, kept.to(gram.device)].T
 
 
 def interpolation_from_rows(rows: torch.Tensor, kept: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -215,7 +247,13 @@ def interpolation_from_rows(rows: torch.Tensor, kept: torch.Tensor, ridge: float
     free the n×n Gram first): ``G[kept, kept]`` is gathered column-major and factored in place."""
     kept = kept.to(rows.device)
     factor = cholesky_with_ridge(rows.T[kept].T, ridge, overwrite=True, rebuild=lambda: rows.T[kept].T)
-    interp = torch.cholesky_solve(rows, factor)
+    if rows.device.type == "cpu" and rows.dim() == 2 and rows.stride() == (1, rows.shape[0]):
+        # Column-major rows (as kept_rows gives them): the two triangular solves of cholesky_solve
+        # run in the rows' own storage (no k×n result beside them; the same numbers).
+        interp = torch.linalg.solve_triangular(factor, rows, upper=False, out=rows)
+        interp = torch.linalg.solve_triangular(factor.mH, interp, upper=True, out=interp)
+    else:
+        interp = torch.cholesky_solve(rows, factor)
     del factor
     interp[:, kept] = 0.0  # a kept unit reproduces itself: identity columns, without a k×k eye
     interp[torch.arange(len(kept), device=interp.device), kept] = 1.0

@@ -23,8 +23,8 @@ from .budget import BlockOptions, allocate, allocate_uniform, block_geometry, bl
 from . import distributed
 from .calibrate import BlockStats, CalibrationSet, LayerwiseRunner, sensitivity_sums
 from .linalg import (ridge_of, cholesky_with_ridge, column_scaled_gram, error_curve_of_permuted, greedy_block_order,
-                     interpolation_from_rows, interpolation_matrix, output_energy, output_error, output_error_curve,
-                     permuted_gram, pivoted_cholesky_order)
+                     interpolation_from_rows, interpolation_matrix, kept_rows, output_energy, output_error,
+                     output_error_curve, permute_symmetric_, pivoted_cholesky_order)
 from .plan import LayerPlan, PrunePlan
 
 log = logging.getLogger(__name__)
@@ -252,11 +252,13 @@ def analyse_layer(adapter: ModelAdapter, layer: int, stats: BlockStats, fisher: 
     del w_mlp
 
     def permuted() -> torch.Tensor:
-        return permuted_gram(reload().second_moment("mlp", centered).to(torch.float64), neuron_order)
+        # The Gram read back, permuted in its own storage; its transpose is the column-major
+        # G[order][:, order] (the Gram is exactly symmetric), which the curve factors in place.
+        return permute_symmetric_(reload().second_moment("mlp", centered).to(torch.float64), neuron_order).T
 
     gram = reload().second_moment("mlp", centered).to(torch.float64)
     ridge = ridge_of(gram)
-    gp = permuted_gram(gram, neuron_order)
+    gp = permute_symmetric_(gram, neuron_order).T
     del gram
     mlp_damage = error_curve_of_permuted(gp, wp, ridge, rebuild=permuted)
     return LayerAnalysis(configs, head_order, neuron_order, mlp_damage)
@@ -757,7 +759,7 @@ def _correction(weight: torch.Tensor, stats: BlockStats | None, kind: str, kept_
     gram = stats.second_moment(kind, centered).to(torch.float64)
     ridge = ridge_of(gram) if ridge_rel is None else ridge_of(gram, ridge_rel)
     kept = kept_cols.to(gram.device)
-    rows = gram[kept]  # all interpolation_matrix reads: with release the n×n Gram goes now
+    rows = kept_rows(gram, kept)  # all interpolation_matrix reads: with release the n×n Gram goes now
     del gram
     if release:
         setattr(stats, f"{kind}_gram", None)
