@@ -156,6 +156,21 @@ def run_decoder(model, tokenizer, windows, model_name: str, methods: list[str], 
             del pruned
 
 
+def copy_plain_records(rec: Recorder, path: Path, model_name: str, methods: list[str], budgets: list[float]) -> int:
+    """Copy the plain cells of ``methods`` × ``budgets`` measured earlier (``path``: a suite.json) into
+    ``rec``, marked ``"from": path`` (with ``--recover-only``: the same protocol's cells, not re-measured;
+    compare their ``kept`` with the recovered records' to check the plans are the same)."""
+    old = json.loads(Path(path).read_text())["records"]
+    rows = [r for r in old if r["model"] == model_name and (r["method"] == "dense" or
+                                                           (r["method"] in methods and r["budget"] in budgets))]
+    for r in rows:
+        if r["method"] != "dense":
+            rec.records = [x for x in rec.records if (x["model"], x["method"], x["budget"]) != (r["model"], r["method"], r["budget"])]
+            rec.records.append({**r, "from": Path(path).name})
+    rec.write()
+    return len(rows)
+
+
 # --- encoders ---------------------------------------------------------------------------------------
 
 def run_classifier(model, calib_set, held, held_windows, model_name: str, methods: list[str],
@@ -308,6 +323,8 @@ def main(argv=None) -> int:
     p.add_argument("--recover-lr", type=float, default=1e-5)
     p.add_argument("--recover-only", action="store_true",
                    help="with --recover: measure only the recovered models (the plain cells cost a suite each)")
+    p.add_argument("--plain-from", default=None, metavar="SUITE_JSON",
+                   help="copy the plain cells of these methods and budgets from an earlier suite.json")
     p.add_argument("--name", default="suite", help="results file name (<out-dir>/<name>.json and .md)")
     p.add_argument("--out-dir", default=str(RESULTS))
     args = p.parse_args(argv)
@@ -338,7 +355,7 @@ def main(argv=None) -> int:
         protocol["tiny-llama"] = "random tiny Llama, 8 × 64 calibration tokens, tiny suite"
         rec.meta["protocol"] = protocol
         run_decoder(model, tokenizer, windows, "tiny-llama", methods, [0.2, 0.4], suite_config, rec,
-                    sensitivity_samples=2, recovery=recovery)
+                    sensitivity_samples=2, recovery=recovery, recovery_only=args.recover_only)
         return 0
 
     from stat_core.data import CalibrationConfig, calibration_windows, wikipedia_split
@@ -356,6 +373,8 @@ def main(argv=None) -> int:
         rec.meta.setdefault("protocol", {}).update(protocol)
         run_decoder(model, tokenizer, windows, args.model, methods, budgets, suite_config, rec, recovery=recovery,
                     recovery_only=args.recover_only)
+        if args.plain_from:
+            copy_plain_records(rec, Path(args.plain_from), args.model, methods, budgets)
         del model
     if args.classifier:
         from stat_core.classifier import demo_classifier_split, encode, encode_chunks

@@ -169,3 +169,19 @@ def test_suite_tiny_recover(tmp_path):
         assert rec["seconds_prune"] == pytest.approx(plain["seconds_prune"] + rec["seconds_recover"])
     md = (tmp_path / "rec.md").read_text()
     assert "| stat+recovery |" in md and "of which recovery s" in md
+
+
+def test_suite_tiny_recover_only(tmp_path):
+    """--recover-only measures only the recovered cells; --plain-from copies the plain ones of an earlier
+    run (marked with their file), and their plans match the recovered records'."""
+    s = bench("suite")
+    assert s.main(["--tiny", "--methods", "stat", "--name", "plain", "--out-dir", str(tmp_path)]) == 0
+    assert s.main(["--tiny", "--methods", "stat", "--recover", "1", "--recover-only", "--name", "rec",
+                   "--out-dir", str(tmp_path)]) == 0
+    records = json.loads((tmp_path / "rec.json").read_text())["records"]
+    assert [r["method"] for r in records] == ["dense", "stat+recovery", "stat+recovery"]
+    rec = s.Recorder(tmp_path, {}, append=True, name="rec")
+    assert s.copy_plain_records(rec, tmp_path / "plain.json", "tiny-llama", ["stat"], [0.2, 0.4]) == 3
+    by = {(r["method"], r["budget"]): r for r in json.loads((tmp_path / "rec.json").read_text())["records"]}
+    for b in (0.2, 0.4):
+        assert by["stat", b]["from"] == "plain.json" and by["stat", b]["kept"] == by["stat+recovery", b]["kept"]
