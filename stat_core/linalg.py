@@ -125,7 +125,7 @@ def pivoted_cholesky_order(gram: torch.Tensor, ridge: float | None = None, scale
     return torch.from_numpy(order)
 
 
-def cholesky_with_ridge(gram: torch.Tensor, ridge: float, *, overwrite: bool = False,
+def cholesky_with_ridge(gram: torch.Tensor | None, ridge: float, *, overwrite: bool = False,
                         rebuild: "Callable[[], torch.Tensor] | None" = None) -> torch.Tensor:
     """Lower Cholesky factor of ``G + ridge·I``, raising the ridge until it factors.
 
@@ -133,7 +133,12 @@ def cholesky_with_ridge(gram: torch.Tensor, ridge: float, *, overwrite: bool = F
     :func:`permuted_gram` makes them): no n×n copy and no separate n×n factor, the same numbers bit
     for bit (the same LAPACK call on the same column-major data). A failed attempt has then
     destroyed the matrix: ``rebuild()`` must give it again (else the error is raised at once).
+    With ``gram=None`` the matrix is ``rebuild()``'s from the start: holding no reference to it, the
+    caller lets a failed attempt's matrix be freed before the next is built (on float32-accumulated,
+    rank-deficient Grams the first ridge does fail at times).
     """
+    if gram is None:
+        gram = rebuild()
     n = gram.shape[-1]
     in_place = (overwrite and gram.device.type == "cpu" and gram.dim() == 2 and n > 1
                 and gram.stride() == (1, n))
@@ -146,6 +151,7 @@ def cholesky_with_ridge(gram: torch.Tensor, ridge: float, *, overwrite: bool = F
         if attempt and in_place:
             if rebuild is None:
                 break
+            gram = shifted = factor = None  # the spent matrix goes before the next is built
             shifted = rebuild()
             for step in steps:
                 shifted.diagonal().add_(step)
@@ -208,14 +214,14 @@ def output_error_curve(gram: torch.Tensor, out_weight: torch.Tensor, order: torc
     g = gram.to(torch.float64)
     ridge = ridge_of(g) if ridge is None else ridge
     wp = out_weight.detach().to(g.device, torch.float64)[:, order]
-    return error_curve_of_permuted(permuted_gram(g, order), wp, ridge, rebuild=lambda: permuted_gram(g, order))
+    return error_curve_of_permuted(None, wp, ridge, rebuild=lambda: permuted_gram(g, order))
 
 
-def error_curve_of_permuted(gp: torch.Tensor, wp: torch.Tensor, ridge: float,
+def error_curve_of_permuted(gp: torch.Tensor | None, wp: torch.Tensor, ridge: float,
                             rebuild: "Callable[[], torch.Tensor] | None" = None) -> torch.Tensor:
     """:func:`output_error_curve` from the already permuted ``gp = G[order][:, order]`` (factored in
-    place when column-major: it is consumed; ``rebuild`` gives it again if a ridge must grow) and
-    ``wp = W[:, order]``."""
+    place when column-major: it is consumed; ``rebuild`` gives it again if a ridge must grow; with
+    ``gp=None`` it is ``rebuild()``'s) and ``wp = W[:, order]``."""
     factor = cholesky_with_ridge(gp, ridge, overwrite=True, rebuild=rebuild)
     del gp
     contrib = (wp @ factor).square_().sum(0)  # energy each pivot adds, in order
@@ -246,7 +252,7 @@ def interpolation_from_rows(rows: torch.Tensor, kept: torch.Tensor, ridge: float
     """:func:`interpolation_matrix` from the kept rows ``G[kept, :]: (k, n)`` alone (the caller may
     free the n×n Gram first): ``G[kept, kept]`` is gathered column-major and factored in place."""
     kept = kept.to(rows.device)
-    factor = cholesky_with_ridge(rows.T[kept].T, ridge, overwrite=True, rebuild=lambda: rows.T[kept].T)
+    factor = cholesky_with_ridge(None, ridge, overwrite=True, rebuild=lambda: rows.T[kept].T)
     if rows.device.type == "cpu" and rows.dim() == 2 and rows.stride() == (1, rows.shape[0]):
         # Column-major rows (as kept_rows gives them): the two triangular solves of cholesky_solve
         # run in the rows' own storage (no k×n result beside them; the same numbers).

@@ -246,6 +246,7 @@ def analyse_layer(adapter: ModelAdapter, layer: int, stats: BlockStats, fisher: 
         mlp_damage = output_error_curve(mlp_gram, w_mlp, neuron_order)
         return LayerAnalysis(configs, head_order, neuron_order, mlp_damage)
     stats.attn_gram = stats.mlp_gram = None
+    ridge = ridge_of(mlp_gram.to(torch.float64))  # the curve's ridge, before dpstrf spends the Gram
     neuron_order = pivoted_cholesky_order(mlp_gram, scale=scale, overwrite=True)  # mlp_gram is spent
     del mlp_gram
     wp = w_mlp.to(torch.float64)[:, neuron_order]
@@ -256,11 +257,7 @@ def analyse_layer(adapter: ModelAdapter, layer: int, stats: BlockStats, fisher: 
         # G[order][:, order] (the Gram is exactly symmetric), which the curve factors in place.
         return permute_symmetric_(reload().second_moment("mlp", centered).to(torch.float64), neuron_order).T
 
-    gram = reload().second_moment("mlp", centered).to(torch.float64)
-    ridge = ridge_of(gram)
-    gp = permute_symmetric_(gram, neuron_order).T
-    del gram
-    mlp_damage = error_curve_of_permuted(gp, wp, ridge, rebuild=permuted)
+    mlp_damage = error_curve_of_permuted(None, wp, ridge, rebuild=permuted)
     return LayerAnalysis(configs, head_order, neuron_order, mlp_damage)
 
 
