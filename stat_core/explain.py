@@ -27,7 +27,7 @@ import torch
 
 from .adapters import get_adapter
 from .calibrate import BlockStats
-from .linalg import ridge_of
+from .linalg import cholesky_with_ridge, ridge_of
 from .prune import head_columns
 
 MASSIVE_SHARE = 0.10  # a "massive" unit alone carries ≥ 10% of its layer's output energy
@@ -63,10 +63,10 @@ class Spectrum:
 def _captured_along(gram: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     """Cumulative energy ``‖P_{Z[:, c_1..c_i]} Z‖²`` captured by the first ``i`` columns of ``columns``:
     the squared column norms of the Cholesky factor of the Gram permuted to that order (a tiny
-    scale-aware ridge keeps rank-deficient Grams factorable)."""
+    scale-aware ridge keeps rank-deficient Grams factorable, raised until it factors: a Gram summed in
+    float32 from fewer tokens than columns can have eigenvalues slightly below zero)."""
     g = gram[columns][:, columns].to(torch.float64)
-    ridge = ridge_of(g)
-    chol = torch.linalg.cholesky(g + ridge * torch.eye(len(columns), dtype=g.dtype, device=g.device))
+    chol = cholesky_with_ridge(g, ridge_of(g))
     # Z[:, cols] = Q R with R = Lᵀ: the energy of Z along the i-th new direction q_i is ‖R[i, :]‖² = ‖L[:, i]‖²
     return torch.cumsum((chol ** 2).sum(dim=0), dim=0)
 

@@ -113,3 +113,20 @@ def test_attention_pattern_is_causal_rows_sum_to_one_and_restores_the_kernel():
             assert "does not exist" in str(exc)
         else:
             raise AssertionError(bad)
+
+
+def test_captured_energy_of_a_gram_with_slightly_negative_eigenvalues():
+    """Fewer calibration tokens than columns and float32 sums leave a Gram with eigenvalues a little
+    below zero (seen on SmolLM2's MLPs at 4 × 256 tokens); the singular-value view still factors it
+    (the ridge is raised until it does) instead of failing the calibration."""
+    from stat_core.explain import _captured_along
+
+    torch.manual_seed(0)
+    z = torch.randn(10, 40, dtype=torch.float64)            # rank 10 < 40 columns
+    g = z.T @ z
+    g -= 1e-5 * float(torch.trace(g)) / 40 * torch.eye(40, dtype=torch.float64)   # 10× the default ridge below 0
+    assert float(torch.linalg.eigvalsh(g).min()) < 0
+    captured = _captured_along(g, torch.arange(40))
+    assert torch.isfinite(captured).all() and (captured.diff() >= -1e-9).all()
+    total = float(torch.trace(z.T @ z))
+    assert abs(float(captured[9]) - total) < 1e-2 * total   # 10 columns span Z
