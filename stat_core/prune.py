@@ -22,7 +22,7 @@ from .adapters import ModelAdapter, get_adapter
 from .budget import BlockOptions, allocate, allocate_uniform, block_geometry, block_macs, block_parameter_count
 from . import distributed
 from .calibrate import BlockStats, CalibrationSet, LayerwiseRunner, sensitivity_sums
-from .linalg import (ridge_of, cholesky_with_ridge, column_scaled_gram, error_curve_of_permuted, greedy_block_order,
+from .linalg import (ridge_of, cholesky_with_ridge, error_curve_of_permuted, greedy_block_order,
                      interpolation_from_rows, interpolation_matrix, kept_rows, output_energy, output_error,
                      output_error_curve, permute_symmetric_, pivoted_cholesky_order)
 from .plan import LayerPlan, PrunePlan
