@@ -42,6 +42,23 @@ def windows():
     return torch.randint(0, 128, (8, 24), generator=gen)
 
 
+def save_tiny_llama_with_demo_tokenizer(path):
+    """A tiny random Llama (2 layers × 4 heads) saved to ``path`` with the SmolLM2 tokenizer: a real
+    tokenizer for the app's text paths, a model that runs in seconds. Fails if setup has not run."""
+    import shutil
+
+    from stat_core.models import demo_model_dir
+
+    src = demo_model_dir("smollm2-135m")
+    if not (src / "tokenizer.json").exists():
+        pytest.fail(f"the demo model cache {src} has no tokenizer; run scripts/setup.sh")
+    tiny_model("llama", vocab_size=49152, max_position_embeddings=512).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, path / name)
+    return path
+
+
 def mask_units(model, plan):
     """A copy of the dense ``model`` with the plan's removed heads' and neurons' output columns zeroed."""
     import copy

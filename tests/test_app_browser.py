@@ -288,20 +288,9 @@ def test_two_sessions_at_once(app_url, browser, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_decoder_dir(tmp_path_factory):
     """A tiny random Llama (2 layers × 4 heads) with the SmolLM2 tokenizer: the page's wiring in seconds."""
-    import shutil
+    from conftest import save_tiny_llama_with_demo_tokenizer
 
-    from conftest import tiny_model
-    from stat_core.models import demo_model_dir
-
-    src = demo_model_dir("smollm2-135m")
-    if not (src / "tokenizer.json").exists():
-        pytest.fail(f"the demo model cache {src} has no tokenizer; run scripts/setup.sh")
-    path = tmp_path_factory.mktemp("tiny-llama-browser")
-    tiny_model("llama", vocab_size=49152, max_position_embeddings=512).save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        if (src / name).exists():
-            shutil.copy(src / name, path / name)
-    return path
+    return save_tiny_llama_with_demo_tokenizer(tmp_path_factory.mktemp("tiny-llama-browser"))
 
 
 def test_click_a_head_in_the_heatmap_and_recover(app_url, browser, tiny_decoder_dir, tmp_path):

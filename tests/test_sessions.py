@@ -2,7 +2,6 @@
 session's models are really freed, and a session with a handler running is never evicted."""
 
 import gc
-import shutil
 import weakref
 
 import pytest
@@ -18,17 +17,9 @@ TEXT = ("The history of the river valley begins with small farming villages alon
 
 @pytest.fixture(scope="module")
 def decoder_dir(tmp_path_factory):
-    from stat_core.models import demo_model_dir
+    from conftest import save_tiny_llama_with_demo_tokenizer
 
-    src = demo_model_dir("smollm2-135m")
-    if not (src / "tokenizer.json").exists():
-        pytest.fail(f"the demo model cache {src} has no tokenizer; run scripts/setup.sh")
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama", vocab_size=49152, max_position_embeddings=512).save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        if (src / name).exists():
-            shutil.copy(src / name, path / name)
-    return path
+    return save_tiny_llama_with_demo_tokenizer(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def test_an_evicted_session_frees_its_models(decoder_dir):
