@@ -7,8 +7,9 @@ evaluation suite (``stat_core.suite``): what perplexity sees and what it hides.
                                                     #   fewer analogies, shorter chat answers)
     .venv/bin/python benchmarks/suite.py --tiny     # random tiny models, seconds (CI)
     .venv/bin/python benchmarks/suite.py --methods slicegpt --append   # add or redo methods in suite.json
-    .venv/bin/python benchmarks/suite.py --quick --classifier '' --budgets 0.3,0.5 --methods stat,slimgpt \
-        --recover 50 --name finetune_ref_smollm2   # each method also + recovery (its own records, own files)
+    .venv/bin/python benchmarks/suite.py --quick --classifier '' --budgets 0.5 --methods stat,slimgpt \
+        --recover 10 --recover-lr 5e-5 --recover-only --plain-from benchmarks/results/suite.json \
+        --name finetune_ref_smollm2   # each method + recovery, next to its plain cell of suite.json
 
 One ``calibrate()`` of the dense model (the protocol's 64 × 512 Wikipedia windows, seed 0) serves
 every plan-based method and budget; each cell is a fresh copy of the dense model cut by the method's
