@@ -83,7 +83,10 @@ def main(argv=None) -> int:
         out = subprocess.run([sys.executable, __file__, "--child", variant, "--windows", str(args.windows)],
                              stdout=subprocess.PIPE, text=True, check=True).stdout
         rows.append(json.loads([ln for ln in out.splitlines() if ln.startswith("RECORD ")][-1][7:]))
-    RESULTS.write_text(json.dumps(rows, indent=1) + "\n")
+    # Merged by variant: a run of some variants keeps the others' records.
+    ran = {r["variant"] for r in rows}
+    kept = [r for r in json.loads(RESULTS.read_text()) if r["variant"] not in ran] if RESULTS.exists() else []
+    RESULTS.write_text(json.dumps(rows + kept, indent=1) + "\n")
     print(f"{'gradient pass':22} {'forward MB':>10} {'sensitivity MB':>14} {'prune MB':>9} {'prune ÷ forward':>15} "
           f"{'sensitivity s':>13}")
     for r in rows:

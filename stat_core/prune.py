@@ -21,7 +21,7 @@ import torch
 from .adapters import ModelAdapter, get_adapter
 from .budget import BlockOptions, allocate, allocate_uniform, block_geometry, block_macs, block_parameter_count
 from . import distributed
-from .calibrate import BlockStats, CalibrationSet, LayerwiseRunner, sensitivity_sums
+from .calibrate import BlockStats, CalibrationSet, LayerwiseRunner, release_memory, sensitivity_sums
 from .linalg import (ridge_of, cholesky_with_ridge, error_curve_of_permuted, greedy_block_order,
                      interpolation_from_rows, interpolation_matrix, kept_rows, output_energy, output_error,
                      output_error_curve, permute_symmetric_, pivoted_cholesky_order)
@@ -426,6 +426,8 @@ def calibrate(model, windows: "torch.Tensor | CalibrationSet", config: PruneConf
         local, first = distributed.shard(chosen, SENSITIVITY_BATCH, allow_empty=True)
         sums = sensitivity_sums(model, adapter, local, SENSITIVITY_BATCH, config.sensitivity_labels, first_index=first)
         fisher = distributed.all_reduce_sensitivity(sums).normalised()
+        del sums
+        release_memory()  # the backward pass's freed blocks, before the statistics stack on them
         _notify(progress, "sensitivity", 1, 1)
     timings["sensitivity"] = time.perf_counter() - t0
 
@@ -437,6 +439,8 @@ def calibrate(model, windows: "torch.Tensor | CalibrationSet", config: PruneConf
         stats, hidden = runner.collect_block(layer, hidden)
         dense_stats.append(distributed.all_reduce_stats([stats])[0])
         _notify(progress, "calibrate", layer + 1, adapter.num_layers)
+    del hidden  # the last block's outputs: nothing reads them
+    release_memory()
     timings["calibrate"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()

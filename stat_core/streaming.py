@@ -35,7 +35,6 @@ sequential modes and the other methods refuse ``--offload`` in one sentence.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import shutil
@@ -50,7 +49,7 @@ from torch import nn
 
 from . import distributed
 from .adapters import get_adapter, supported_model_types
-from .calibrate import BlockStats, CalibrationSet, LayerwiseRunner, _StopForward
+from .calibrate import BlockStats, CalibrationSet, LayerwiseRunner, _StopForward, release_memory
 from .export import (MODELING_FILE, ExportError, ExportInfo, _is_uniform, _state_dict_for, atomic_output_dir,
                      check_output_dir, export_config, model_card, modeling_file_text)
 from .plan import PrunePlan
@@ -409,7 +408,7 @@ def streamed_prune(model_dir: str | Path, windows, config: PruneConfig, out_dir:
             restore = _widen_linears_on_the_fly_(block, dtype)
             stats, hidden = runner.collect_block(i, hidden)
             restore()
-            _release_memory()
+            release_memory()
             # The analysis reads only the two output projections: the rest of the block goes now,
             # and those two once the analysis has its float64 copies of them (drop_weights).
             _free_except_(block, [adapter.attn_out_proj(i), adapter.mlp_out_proj(i)])
@@ -424,7 +423,7 @@ def streamed_prune(model_dir: str | Path, windows, config: PruneConfig, out_dir:
             t_analyse += time.perf_counter() - ta
             del stats
             _free_(block)
-            _release_memory()
+            release_memory()
             _notify(progress, "calibrate", i + 1, n_layers)
         del hidden
         runner.batches = []
@@ -474,7 +473,7 @@ def streamed_prune(model_dir: str | Path, windows, config: PruneConfig, out_dir:
                 total += sum(v.numel() * v.element_size() for v in tensors.values())
                 del tensors
                 _free_(block)
-                _release_memory()
+                release_memory()
                 _notify(progress, "apply", i + 1, n_layers)
             adapter.record_shapes_in_config_()
             timings["apply"] = time.perf_counter() - t
@@ -532,18 +531,6 @@ def _widens(src: torch.dtype, dst: torch.dtype) -> bool:
         return True
     return dst in (torch.float32, torch.float64) and src in (torch.bfloat16, torch.float16, torch.float32) \
         and torch.finfo(dst).bits > torch.finfo(src).bits
-
-
-def _release_memory() -> None:
-    """Collect garbage and hand freed heap memory back to the OS (glibc ``malloc_trim``: the forward
-    pass leaves many mid-sized blocks in malloc's arenas); a no-op elsewhere."""
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _widen_linears_on_the_fly_(block: nn.Module, dtype: torch.dtype) -> Callable[[], None]:
