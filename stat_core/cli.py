@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stream a local safetensors folder block by block (for models larger than memory: about "
                         "one block + the calibration hidden states in memory); STAT one-shot on the CPU, no "
                         "gradient sensitivity pass and no quality evaluation (stat_core.streaming)")
+    p.add_argument("--work-dir", default=None,
+                   help="with --offload: where the per-block statistics wait between the two passes (default: the "
+                        "system's temporary folder; several GB for 7B models, removed at the end)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--skip-eval", action="store_true", help="do not measure quality before/after")
     p.add_argument("--quick-eval", action="store_true",

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -387,6 +388,7 @@ def streamed_prune(model_dir: str | Path, windows, config: PruneConfig, out_dir:
     timings["embed"] = time.perf_counter() - t
     _notify(progress, "embed", 1, 1)
 
+    check_disk_space(model, config, save_dtype, out_dir, work_dir)  # before hours of work, one sentence
     scratch = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="stat-stream-"))
     scratch.mkdir(parents=True, exist_ok=True)
     try:
@@ -551,6 +553,51 @@ def _widen_linears_on_the_fly_(block: nn.Module, dtype: torch.dtype) -> Callable
     return restore
 
 
+def disk_needs(model: nn.Module, config: PruneConfig, save_dtype: torch.dtype) -> tuple[int, int]:
+    """``(scratch_bytes, output_bytes)`` a streamed prune of ``model`` (a skeleton: shapes only) writes:
+    every block's float64 statistics (two Grams and two sums) wait on disk between the passes, and the
+    output holds the model without the removed share of its block parameters, in ``save_dtype``
+    (a FLOPs budget is counted as that share of parameters: an estimate, within a few percent)."""
+    adapter = get_adapter(model)
+    scratch = 0
+    for i in range(adapter.num_layers):
+        for proj in (adapter.attn_out_proj(i), adapter.mlp_out_proj(i)):
+            n = proj.in_features
+            scratch += 8 * (n * n + n)
+    total = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    block = sum(p.numel() for layer in adapter.layers for p in layer.parameters())
+    bytes_per = torch.finfo(save_dtype).bits // 8 if save_dtype.is_floating_point else 4
+    return scratch, int((total - config.sparsity * block) * bytes_per)
+
+
+def check_disk_space(model: nn.Module, config: PruneConfig, save_dtype: torch.dtype, out_dir: str | Path,
+                     work_dir: str | Path | None) -> None:
+    """StreamingError (one sentence) when the disks holding the scratch statistics and the output
+    have less free space than the streamed prune will write (10% margin), before any of it starts."""
+    scratch_bytes, out_bytes = disk_needs(model, config, save_dtype)
+
+    def existing(path: Path) -> Path:
+        path = path.resolve()
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        return path
+
+    scratch_at = existing(Path(work_dir) if work_dir is not None else Path(tempfile.gettempdir()))
+    out_at = existing(Path(out_dir).parent)
+    needs: dict[int, list] = {}  # device id -> [bytes, path, free]
+    for at, nbytes in ((scratch_at, scratch_bytes), (out_at, out_bytes)):
+        dev = os.stat(at).st_dev
+        entry = needs.setdefault(dev, [0, at, shutil.disk_usage(at).free])
+        entry[0] += nbytes
+    for nbytes, at, free in needs.values():
+        if free < 1.1 * nbytes:
+            gb = 1024 ** 3
+            raise StreamingError(
+                f"Not enough free disk space: the streamed prune writes about {scratch_bytes / gb:.1f} GiB of "
+                f"statistics to '{scratch_at}' and a {out_bytes / gb:.1f} GiB pruned model next to '{out_dir}', "
+                f"but '{at}' has {free / gb:.1f} GiB free; free some space or choose another --out or --work-dir.")
+
+
 def _save_block_stats(path: Path, stats: BlockStats) -> None:
     """One block's statistics as raw ``.npy`` files in the folder ``path`` (written straight from the
     tensors' memory and read back into fresh ones: no copy in between, no mapping of the file, so a
@@ -691,7 +738,7 @@ def run_offload(args) -> dict:
         progress = _Progress(True)
     result = streamed_prune(checkpoint.folder, data, config, args.out, progress, dtype=dtype, model_name=args.model,
                             calibration_info=info, report=report, overwrite=args.overwrite,
-                            save_dtype=None if args.dtype else stored)
+                            save_dtype=None if args.dtype else stored, work_dir=getattr(args, "work_dir", None))
     report = json.loads((Path(args.out) / "pruning_report.json").read_text())
     report["export"] = {"uniform": result.export.uniform, "format": "safetensors", "files": list(result.export.files)}
     return report

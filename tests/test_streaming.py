@@ -221,6 +221,45 @@ def test_a_failure_half_way_leaves_nothing(tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
+def test_disk_needs_match_what_is_written(tmp_path, monkeypatch):
+    """The pre-check's estimate: the scratch statistics exactly, the output within 10% of the files."""
+    import stat_core.streaming as streaming
+
+    src = _llama_dir(tmp_path, None)
+    model = streaming.build_skeleton(src, torch.float32)
+    config = PruneConfig(sparsity=0.3, sensitivity_samples=0)
+    scratch_bytes, out_bytes = streaming.disk_needs(model, config, torch.float32)
+    work = tmp_path / "work"
+    seen = {}
+    real_load = streaming._load_block_stats
+
+    def measuring(path):  # the scratch folder holds every block's statistics after the first pass
+        seen["scratch"] = max(seen.get("scratch", 0), sum(f.stat().st_size for f in work.rglob("*.npy")))
+        return real_load(path)
+
+    monkeypatch.setattr(streaming, "_load_block_stats", measuring)
+    streamed_prune(src, _windows(), config, tmp_path / "out", work_dir=work)
+    written = sum(f.stat().st_size for f in (tmp_path / "out").glob("*.safetensors"))
+    assert out_bytes == pytest.approx(written, rel=0.1)
+    # the statistics are exactly the estimate, besides the 128-byte header of each of the 4 .npy files per block
+    assert seen["scratch"] - 3 * 4 * 128 == scratch_bytes
+
+
+def test_refuses_when_the_disk_is_too_small(tmp_path, monkeypatch):
+    import shutil as _shutil
+
+    src = _llama_dir(tmp_path, None)
+    real = _shutil.disk_usage
+    monkeypatch.setattr(_shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    out = tmp_path / "out"
+    with pytest.raises(StreamingError, match="Not enough free disk space") as err:
+        streamed_prune(src, _windows(), PruneConfig(sparsity=0.3, sensitivity_samples=0), out,
+                       work_dir=tmp_path / "work")
+    assert "\n" not in str(err.value) and "0.0 GiB free" in str(err.value)
+    assert not out.exists() and not (tmp_path / "work").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
 # --- the command line: stat-prune --offload -------------------------------------------------------------
 
 @pytest.fixture(scope="module")
