@@ -43,6 +43,10 @@ VARIANTS = {
                       "no intercept, mix, true Fisher"),
     "ls-fisher": ("wikipedia", {"intercept": False, "sensitivity_labels": "model"},
                   "no intercept, Wikipedia, true Fisher"),
+    "ls-fisher-16": ("wikipedia", {"sensitivity_labels": "model", "sensitivity_samples": 16},
+                     "no intercept, Wikipedia, true Fisher from 16 windows (twice the default gradient pass)"),
+    "ls-16": ("wikipedia", {"sensitivity_samples": 16},
+              "no intercept, Wikipedia, empirical Fisher from 16 windows (twice the default gradient pass)"),
     "affine-propagate": ("wikipedia", {"intercept": True, "mode": "propagate"}, "intercept, Wikipedia, propagate"),
     "ls-propagate": ("wikipedia", {"mode": "propagate"}, "no intercept, Wikipedia, propagate (the paper's variant)"),
     "ls-seq": ("wikipedia", {"mode": "sequential"},
@@ -121,7 +125,7 @@ def main(argv=None) -> int:
             pruned = copy.deepcopy(model)
             config = PruneConfig(sparsity=budget, **fields)
             t = time.perf_counter()
-            key = (source, config.sensitivity_labels)
+            key = (source, config.sensitivity_labels, config.sensitivity_samples)
             if config.mode != "one-shot":
                 stat_prune_(pruned, windows[source].windows, config)
                 seconds = time.perf_counter() - t
