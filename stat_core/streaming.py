@@ -361,6 +361,7 @@ def streamed_prune(model_dir: str | Path, windows, config: PruneConfig, out_dir:
     # object (loading gives the embeddings their own storage and unties them in the skeleton).
     rest_names = [n for n in _tensor_names(model) if not n.startswith(layers_prefix)]
     before = model_sizes(model, config.flops_seq_len)
+    check_disk_space(model, before, config.sparsity, save_dtype, out_dir, work_dir)  # before any work, one sentence
     n_layers = adapter.num_layers
     block_prefix = [f"{layers_prefix}{i}." for i in range(n_layers)]
     data = CalibrationSet.wrap(windows)
@@ -388,7 +389,6 @@ def streamed_prune(model_dir: str | Path, windows, config: PruneConfig, out_dir:
     timings["embed"] = time.perf_counter() - t
     _notify(progress, "embed", 1, 1)
 
-    check_disk_space(model, config, save_dtype, out_dir, work_dir)  # before hours of work, one sentence
     scratch = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="stat-stream-"))
     scratch.mkdir(parents=True, exist_ok=True)
     try:
@@ -553,28 +553,23 @@ def _widen_linears_on_the_fly_(block: nn.Module, dtype: torch.dtype) -> Callable
     return restore
 
 
-def disk_needs(model: nn.Module, config: PruneConfig, save_dtype: torch.dtype) -> tuple[int, int]:
-    """``(scratch_bytes, output_bytes)`` a streamed prune of ``model`` (a skeleton: shapes only) writes:
-    every block's float64 statistics (two Grams and two sums) wait on disk between the passes, and the
-    output holds the model without the removed share of its block parameters, in ``save_dtype``
-    (a FLOPs budget is counted as that share of parameters: an estimate, within a few percent)."""
+def disk_needs(model: nn.Module, sizes: dict, sparsity: float, save_dtype: torch.dtype) -> tuple[int, int]:
+    """``(scratch_bytes, output_bytes)`` a streamed prune of ``model`` (a skeleton: shapes only; ``sizes``
+    its :func:`model_sizes`) writes: every block's float64 statistics (two Grams and two sums) wait on
+    disk between the passes, and the output holds the model without ``sparsity`` of its block
+    parameters, in ``save_dtype`` (a FLOPs budget is counted as that share of parameters: an estimate)."""
     adapter = get_adapter(model)
-    scratch = 0
-    for i in range(adapter.num_layers):
-        for proj in (adapter.attn_out_proj(i), adapter.mlp_out_proj(i)):
-            n = proj.in_features
-            scratch += 8 * (n * n + n)
-    total = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
-    block = sum(p.numel() for layer in adapter.layers for p in layer.parameters())
-    bytes_per = torch.finfo(save_dtype).bits // 8 if save_dtype.is_floating_point else 4
-    return scratch, int((total - config.sparsity * block) * bytes_per)
+    widths = [proj.in_features for i in range(adapter.num_layers)
+              for proj in (adapter.attn_out_proj(i), adapter.mlp_out_proj(i))]
+    scratch = sum(8 * (n * n + n) for n in widths)
+    return scratch, int((sizes["params"] - sparsity * sizes["block_params"]) * save_dtype.itemsize)
 
 
-def check_disk_space(model: nn.Module, config: PruneConfig, save_dtype: torch.dtype, out_dir: str | Path,
-                     work_dir: str | Path | None) -> None:
+def check_disk_space(model: nn.Module, sizes: dict, sparsity: float, save_dtype: torch.dtype,
+                     out_dir: str | Path, work_dir: str | Path | None) -> None:
     """StreamingError (one sentence) when the disks holding the scratch statistics and the output
     have less free space than the streamed prune will write (10% margin), before any of it starts."""
-    scratch_bytes, out_bytes = disk_needs(model, config, save_dtype)
+    scratch_bytes, out_bytes = disk_needs(model, sizes, sparsity, save_dtype)
 
     def existing(path: Path) -> Path:
         path = path.resolve()
@@ -738,7 +733,7 @@ def run_offload(args) -> dict:
         progress = _Progress(True)
     result = streamed_prune(checkpoint.folder, data, config, args.out, progress, dtype=dtype, model_name=args.model,
                             calibration_info=info, report=report, overwrite=args.overwrite,
-                            save_dtype=None if args.dtype else stored, work_dir=getattr(args, "work_dir", None))
+                            save_dtype=None if args.dtype else stored, work_dir=args.work_dir)
     report = json.loads((Path(args.out) / "pruning_report.json").read_text())
     report["export"] = {"uniform": result.export.uniform, "format": "safetensors", "files": list(result.export.files)}
     return report

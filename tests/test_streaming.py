@@ -228,7 +228,8 @@ def test_disk_needs_match_what_is_written(tmp_path, monkeypatch):
     src = _llama_dir(tmp_path, None)
     model = streaming.build_skeleton(src, torch.float32)
     config = PruneConfig(sparsity=0.3, sensitivity_samples=0)
-    scratch_bytes, out_bytes = streaming.disk_needs(model, config, torch.float32)
+    sizes = streaming.model_sizes(model, config.flops_seq_len)
+    scratch_bytes, out_bytes = streaming.disk_needs(model, sizes, config.sparsity, torch.float32)
     work = tmp_path / "work"
     seen = {}
     real_load = streaming._load_block_stats
