@@ -30,7 +30,12 @@ STAGE_LABELS = {"sensitivity": "Loss-sensitivity pass", "calibrate": "Calibratin
                 "analyse": "Decomposing layers", "propagate": "Propagating (re-calibrating pruned layers)",
                 "compare": "Pruning and scoring each method", "surgery": "Cutting the pruned copy",
                 "spectra": "Singular values of every layer (for the inspect views)",
-                "recover": "Recovery: distilling the pruned copy towards the dense model"}
+                "recover": "Recovery: distilling the pruned copy towards the dense model",
+                "dense windows": "Suite reference: dense model on the evaluation text",
+                "dense few-shot": "Suite reference: dense few-shot prompts",
+                "dense analogies": "Suite reference: dense analogies",
+                "dense answers": "Suite reference: dense chat answers",
+                "dense instructions": "Suite reference: dense chat log-probabilities"}
 DECODER_DEFAULTS = {"builtin": "wikipedia", "num_samples": 64, "seq_len": 512}
 CLASSIFIER_DEFAULTS = {"builtin": "newsgroups", "num_samples": 100, "seq_len": 128}
 
@@ -204,10 +209,11 @@ def build_demo(store: SessionStore | None = None) -> gr.Blocks:
         reply = H.generate(session_of(request), prompt, int(max_new_tokens))
         return _status(reply), reply.data.get("before", ""), reply.data.get("after", "")
 
-    def on_compare(sparsity, budget_kind, uniform, eval_tokens, methods, request: gr.Request, progress=gr.Progress()):
+    def on_compare(sparsity, budget_kind, uniform, eval_tokens, methods, suite, request: gr.Request,
+                   progress=gr.Progress()):
         session = session_of(request)
         reply = H.compare(session, sparsity, budget_kind, uniform, int(eval_tokens), methods=methods,
-                          progress=_gradio_progress(progress), cancel_event=session.begin_job())
+                          suite=bool(suite), progress=_gradio_progress(progress), cancel_event=session.begin_job())
         if not reply.ok:
             return _status(reply), None, F.empty_figure(reply.message)
         return (_status(reply), pd.DataFrame(reply["rows"], columns=reply["headers"]),
@@ -325,8 +331,13 @@ def build_demo(store: SessionStore | None = None) -> gr.Blocks:
                                            label="methods (STAT, the published peers, simple baselines; "
                                                  "SliceGPT runs its own pass over the calibration text)",
                                            elem_id="compare_methods")
+        compare_suite = gr.Checkbox(value=False, elem_id="compare_suite",
+                                    label="also run the evaluation suite on each (decoders: few-shot sentiment, "
+                                          "analogies, chat agreement with the dense model; SmolLM2 on 2 CPU cores: "
+                                          "about 2 min once for the dense reference, then about 1 min per method)")
         compare_btn = gr.Button("Compare the chosen methods at this budget", elem_id="compare_btn")
-        compare_table = gr.Dataframe(headers=["method", "removed", "quality", "vs dense"], interactive=False)
+        compare_table = gr.Dataframe(headers=["method", "removed", "quality", "vs dense", "KL to dense"],
+                                     interactive=False)
         compare_plot = gr.Plot(label="comparison")
         gr.Markdown(F.COMPARE_CAPTION)
 
@@ -367,7 +378,7 @@ def build_demo(store: SessionStore | None = None) -> gr.Blocks:
         measure_evt = measure_btn.click(on_measure, [eval_tokens], [status, metrics], api_name="measure", **heavy)
         gen_evt = gen_btn.click(on_generate, [prompt, max_new], [status, gen_before, gen_after], api_name="generate",
                                 **heavy)
-        compare_evt = compare_btn.click(on_compare, [sparsity, budget_kind, uniform, eval_tokens, compare_methods],
+        compare_evt = compare_btn.click(on_compare, [sparsity, budget_kind, uniform, eval_tokens, compare_methods, compare_suite],
                                         [status, compare_table, compare_plot], api_name="compare", **heavy)
         export_evt = export_btn.click(on_export, [export_format], [status, export_zip, export_report], api_name="export",
                                       **heavy)

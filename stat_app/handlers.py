@@ -214,21 +214,46 @@ def generate(session: Session, prompt: str, max_new_tokens: int = 40) -> Reply:
 
 @guarded
 def compare(session: Session, sparsity: float, budget_kind: str = "params", uniform: bool = False,
-            eval_tokens: int = QUICK_EVAL_TOKENS, methods=COMPARE_METHODS,
-            progress: ProgressFn | None = None, cancel_event: threading.Event | None = None) -> Reply:
+            eval_tokens: int = QUICK_EVAL_TOKENS, methods=COMPARE_METHODS, suite: bool = False,
+            suite_config=None, progress: ProgressFn | None = None,
+            cancel_event: threading.Event | None = None) -> Reply:
     """Every chosen method (STAT, the published peers, the simple baselines; see
-    ``stat_core.methods``) at the same budget from the same cached calibration."""
+    ``stat_core.methods``) at the same budget from the same cached calibration: quick perplexity
+    (or held-out accuracy) and KL to dense; with ``suite`` (decoders) also the evaluation suite
+    (``stat_core.suite``: few-shot, analogies, chat agreement; ``suite_config`` defaults to
+    ``SuiteConfig.quick()``), whose dense reference is built once per model and kept in the session."""
     require_calibration(session)
+    if suite and session.encoder:
+        raise ValueError("The evaluation suite (few-shot, analogies, chat) is for decoders; a classifier is compared "
+                         "on held-out accuracy and KL. Untick the suite.")
     configs = pipeline.compare_configs(session.model, session.calib_data, sparsity, methods, budget_kind, uniform)
+    report = core_progress(progress, cancel_event)
     with DEVICE_LOCK:
+        reference = suite_reference(session, suite_config, report) if suite else None
         base = core_measure.baseline(session.model, session.tokenizer, session.held_out, int(eval_tokens))
         results = core_measure.compare_methods(session.model, session.calibration, session.calib_data, configs, base,
-                                               session.model_name, session.calib_info,
-                                               core_progress(progress, cancel_event))
+                                               session.model_name, session.calib_info, report,
+                                               suite_reference=reference, tokenizer=session.tokenizer)
     dense, metric = base.quality, ("accuracy" if session.encoder else "perplexity")
-    rows, headers, sentence = core_measure.compare_table(results, dense, metric, int(eval_tokens), method_label)
+    rows, headers, sentence = core_measure.compare_table(results, dense, metric, int(eval_tokens), method_label,
+                                                         None if reference is None else reference.dense_metrics)
     return Reply(True, sentence, {"rows": rows, "headers": headers, "results": results, "dense": dense,
-                                  "metric": metric})
+                                  "metric": metric,
+                                  "suite_dense": None if reference is None else reference.dense_metrics})
+
+
+def suite_reference(session: Session, config=None, progress: ProgressFn | None = None):
+    """The evaluation suite's dense reference for the session's model (built on first use with
+    ``config``, default ``SuiteConfig.quick()``, then kept until another model is loaded)."""
+    from stat_core.suite import SuiteConfig, build_reference
+
+    config = config or SuiteConfig.quick()
+    key = (session.model_name, config)
+    if session.suite_reference is None or session.suite_key != key:
+        session.suite_reference = None  # the old one goes before the new one is built
+        session.suite_reference = build_reference(session.model, session.tokenizer, config, progress=progress)
+        session.suite_key = key
+    return session.suite_reference
 
 
 # --- export --------------------------------------------------------------------------------------

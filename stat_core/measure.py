@@ -212,11 +212,16 @@ def greedy_continuation(model, tokenizer, prompt: str, max_new_tokens: int) -> s
 # --- several methods at one budget ----------------------------------------------------------------------
 
 def compare_methods(model, calibration, data, configs: Sequence, base: Baseline, model_name: str | None = None,
-                    calib_info: dict | None = None, progress: ProgressFn | None = None) -> list[dict]:
+                    calib_info: dict | None = None, progress: ProgressFn | None = None,
+                    suite_reference=None, tokenizer=None) -> list[dict]:
     """Each config's method applied to a copy of the dense ``model`` from one cached ``calibration``
     (whole-model methods run on ``data``), measured against ``base``: ``[{"method", <quality>,
-    "achieved", "block_params"}]``. ``progress("compare", i, n)`` is called before each method (a
-    callback that raises stops the comparison there); the dense model is never modified."""
+    "kl_to_dense", "achieved", "block_params"}]`` (decoders: KL on the same quick windows, the dense
+    ``model`` run beside each copy). With a ``suite_reference`` (:func:`stat_core.suite.build_reference`
+    of the dense ``model`` with ``tokenizer``) each result also holds ``"suite"``: the evaluation
+    suite's fields (few-shot, analogies, chat agreement, ...) for that copy.
+    ``progress("compare", i, n)`` is called before each method (a callback that raises stops the
+    comparison there); the dense model is never modified."""
     from .methods import get_method
     from .pipeline import prune_copy
 
@@ -232,18 +237,41 @@ def compare_methods(model, calibration, data, configs: Sequence, base: Baseline,
             step = None if progress is None else (lambda *_: progress("compare", i, len(configs)))  # noqa: B023
             pruned, plan = prune_copy(model, calibration, data, config, model_name, calib_info, progress=step)
             achieved, block_params = plan.budget["achieved"], size_summary(pruned, config.flops_seq_len)["block_params"]
-        results.append({"method": config.method, **quality(pruned, base), "achieved": achieved,
-                        "block_params": block_params})
+        row = {"method": config.method, **quality(pruned, base, dense=model), "achieved": achieved,
+               "block_params": block_params}
+        if suite_reference is not None:
+            from .suite import evaluate_suite
+
+            tick = None if progress is None else (lambda *_: progress("compare", i, len(configs)))  # noqa: B023
+            row["suite"] = evaluate_suite(pruned, tokenizer, suite_reference, progress=tick)  # Cancel between batches
+        results.append(row)
         del pruned
     if progress is not None:
         progress("compare", len(configs), len(configs))
     return results
 
 
-def compare_rows(results: list[dict], dense: dict, metric: str, label: Callable[[str], str] = str) -> list[list[str]]:
+#: The evaluation suite's columns in a comparison: (suite field, header, higher is better).
+SUITE_COLUMNS = (("fewshot_accuracy", "few-shot acc", True), ("fewshot_bias_free", "few-shot AUC", True),
+                 ("fewshot_majority_share", "one-label share", None), ("analogy_accuracy", "analogies", True),
+                 ("instruction_agreement", "chat agreement", True), ("instruction_kl", "chat KL", False))
+
+
+def _suite_columns(results: list[dict]) -> list[tuple[str, str, bool | None]]:
+    """The suite columns every result has (none without a suite run)."""
+    return [c for c in SUITE_COLUMNS if results and all(c[0] in r.get("suite", {}) for r in results)]
+
+
+def compare_rows(results: list[dict], dense: dict, metric: str, label: Callable[[str], str] = str,
+                 suite_dense: dict | None = None) -> list[list[str]]:
     """Rows of a comparison table (method, removed, ``metric``: ``perplexity`` or ``accuracy``, vs
-    dense); ``label`` names a method."""
+    dense, KL to dense, then the suite's columns when the results have them); ``label`` names a
+    method. With ``suite_dense`` (the reference's dense metrics) a first row shows the dense model."""
     rows = []
+    suite_cols = _suite_columns(results)
+    if suite_cols and suite_dense:
+        shown = f"{dense[metric]:.2f}" if dense and metric == "perplexity" else ""
+        rows.append(["dense", "0.0%", shown, "", "0"] + [_suite_value(suite_dense.get(k), k) for k, _, _ in suite_cols])
     for r in results:
         value = r.get(metric)
         if value is None:
@@ -252,8 +280,34 @@ def compare_rows(results: list[dict], dense: dict, metric: str, label: Callable[
             shown, rel = f"{value:.2f}", (f"{value / dense[metric]:.2f}× dense" if dense else "")
         else:
             shown, rel = f"{value:.1%}", (f"{100 * (value - dense[metric]):+.1f} pt" if dense else "")
-        rows.append([label(r["method"]), f"{r['achieved']:.1%}", shown, rel])
+        kl = r.get("kl_to_dense")
+        row = [label(r["method"]), f"{r['achieved']:.1%}", shown, rel, "n/a" if kl is None else f"{kl:.4f}"]
+        rows.append(row + [_suite_value(r["suite"].get(k), k) for k, _, _ in suite_cols])
     return rows
+
+
+def _suite_value(v, key: str) -> str:
+    if v is None or v != v:
+        return "n/a"
+    return f"{v:.3f}" if key in ("fewshot_bias_free", "instruction_kl") else f"{v:.1%}"
+
+
+def compare_best(results: list[dict], metric: str, label: Callable[[str], str] = str) -> str:
+    """One sentence naming the best method per column (ties listed); the one-label share is not
+    ranked (lower is not better by itself: dense answers one label for part of the prompts too)."""
+    columns = [(metric, metric if metric == "accuracy" else "perplexity", metric == "accuracy"),
+               ("kl_to_dense", "KL", False)]
+    columns += [(k, h, up) for k, h, up in _suite_columns(results) if up is not None]
+    parts = []
+    for key, header, higher in columns:
+        values = [(r.get("suite", {}).get(key, r.get(key)), r["method"]) for r in results]
+        values = [(v, m) for v, m in values if v is not None and v == v]
+        if not values:
+            continue
+        best = max(v for v, _ in values) if higher else min(v for v, _ in values)
+        winners = [label(m) for v, m in values if abs(v - best) <= 1e-12 * max(1.0, abs(best))]
+        parts.append(f"{header} {', '.join(winners)}")
+    return ("Best: " + "; ".join(parts) + ".") if parts else ""
 
 
 def compare_summary(dense: dict, metric: str, eval_tokens: int, n_methods: int) -> tuple[str, str]:
@@ -287,7 +341,12 @@ def before_after(report: dict, before: dict, after: dict, eval_tokens: int, seq_
 
 
 def compare_table(results: list[dict], dense: dict, metric: str, eval_tokens: int,
-                  label: Callable[[str], str] = str) -> tuple[list[list[str]], list[str], str]:
-    """``(rows, headers, sentence)`` of a :func:`compare_methods` result."""
+                  label: Callable[[str], str] = str, suite_dense: dict | None = None
+                  ) -> tuple[list[list[str]], list[str], str]:
+    """``(rows, headers, sentence)`` of a :func:`compare_methods` result (with the suite's columns
+    when it ran; ``suite_dense``: the dense model's suite metrics, shown as a first row)."""
     column, sentence = compare_summary(dense, metric, eval_tokens, len(results))
-    return compare_rows(results, dense, metric, label), ["method", "removed", column, "vs dense"], sentence
+    headers = ["method", "removed", column, "vs dense", "KL to dense"] + [h for _, h, _ in _suite_columns(results)]
+    best = compare_best(results, metric, label)
+    return (compare_rows(results, dense, metric, label, suite_dense), headers,
+            f"{sentence} {best}".strip())

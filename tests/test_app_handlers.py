@@ -24,7 +24,7 @@ def smollm2_tokenizer_files():
     src = demo_model_dir("smollm2-135m")
     if not (src / "tokenizer.json").exists():
         pytest.fail(f"the demo model cache {src} has no tokenizer; run scripts/setup.sh")
-    return [src / n for n in ("tokenizer.json", "tokenizer_config.json") if (src / n).exists()]
+    return [src / n for n in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja") if (src / n).exists()]
 
 
 @pytest.fixture(scope="module")
@@ -301,6 +301,44 @@ def test_measure_generate_compare(calibrated):
     assert len(fig.data[0].x) == len(H.COMPARE_METHODS)
 
 
+def test_compare_with_the_evaluation_suite(calibrated):
+    """Compare's suite columns are the suite of each method's own pruned copy, against one dense
+    reference built once per model and kept; KL is the quick windows' KL of that copy."""
+    from stat_core import measure as M, pipeline as P
+    from stat_core.suite import SuiteConfig, evaluate_suite
+
+    s = calibrated
+    tiny = SuiteConfig.tiny()
+    stages = []
+    c = H.compare(s, 0.3, eval_tokens=256, methods=("stat", "magnitude"), suite=True, suite_config=tiny,
+                  progress=lambda stage, done, total: stages.append(stage))
+    assert c.ok, c.message
+    assert {"dense windows", "dense few-shot", "compare"} <= set(stages)
+    ref = s.suite_reference
+    assert ref is not None and c["suite_dense"] == ref.dense_metrics
+    assert c["headers"][:5] == ["method", "removed", "quick perplexity (256 tokens)", "vs dense", "KL to dense"]
+    assert c["headers"][5:] == [h for _, h, _ in M.SUITE_COLUMNS]
+    assert c["rows"][0][0] == "dense" and c["rows"][0][4] == "0"
+    assert [row[0] for row in c["rows"][1:]] == [H.method_label("stat"), H.method_label("magnitude")]
+    base = M.baseline(s.model, s.tokenizer, None, 256)
+    for r in c["results"]:
+        config = P.prune_config(s.model, s.calib_data, 0.3, method=r["method"])
+        pruned, _ = P.prune_copy(s.model, s.calibration, s.calib_data, config, s.model_name)
+        assert r["suite"] == evaluate_suite(pruned, s.tokenizer, ref)
+        ppl, kl = M.perplexity_and_kl(pruned, base.windows, s.model)
+        assert r["perplexity"] == pytest.approx(ppl, rel=1e-6) and r["kl_to_dense"] == pytest.approx(kl, rel=1e-6)
+        assert r["kl_to_dense"] > 0
+    # the best method per column is named (perplexity: the lower of the two)
+    best = min(c["results"], key=lambda r: r["perplexity"])["method"]
+    assert f"perplexity {H.method_label(best)}" in c.message
+    # the reference is kept: a second comparison does not rebuild it
+    again = H.compare(s, 0.2, eval_tokens=256, methods=("stat",), suite=True, suite_config=tiny)
+    assert again.ok and s.suite_reference is ref
+    # without the suite: the quick columns only
+    plain = H.compare(s, 0.3, eval_tokens=256, methods=("stat",))
+    assert plain.ok and len(plain["headers"]) == 5 and "suite" not in plain["results"][0]
+
+
 def test_classifier_session(classifier_dir):
     s = Session()
     r = H.load(s, "folder", str(classifier_dir))
@@ -318,6 +356,8 @@ def test_classifier_session(classifier_dir):
     assert m["before"]["accuracy"] == accuracy(s.model, s.held_out)
     assert m["rows"][0][2] == f"{m['after']['accuracy']:.1%}"
     assert one_sentence(H.generate(s, "hello"))
+    assert "decoders" in one_sentence(H.compare(s, 0.3, methods=("stat",), suite=True))
+    assert s.suite_reference is None
     # a format that does not apply to a classifier: one sentence naming the ones that do, nothing written
     msg = one_sentence(H.export(s, "GGUF float16 (llama.cpp)"))
     assert "gguf" in msg and "safetensors" in msg
