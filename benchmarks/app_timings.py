@@ -7,6 +7,8 @@ generating or exporting triggers), the quick before/after measurement, and the e
 
     .venv/bin/python benchmarks/app_timings.py            # both demo models, app defaults
     .venv/bin/python benchmarks/app_timings.py --quick    # 8 × 256 windows, decoder only
+    .venv/bin/python benchmarks/app_timings.py --no-classifier --compare-suite stat,flap,slimgpt \
+        --name app_compare_suite                          # + Compare with the evaluation suite ticked
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ def _timed(step: str, fn, *args, **kwargs) -> tuple[dict, object]:
 
 
 def time_model(name: str, builtin: str, num_samples: int, seq_len: int, first: float, second: float,
-               source: str = "demo") -> list[dict]:
-    """One user's session from load to export, each step timed as the handler runs it."""
+               source: str = "demo", compare_suite: tuple[str, ...] = ()) -> list[dict]:
+    """One user's session from load to export, each step timed as the handler runs it; with
+    ``compare_suite`` also Compare at the first budget with the evaluation suite ticked (its table kept)."""
     session = Session(key=f"bench-{Path(name).name}")
     rows = []
     try:
@@ -50,6 +53,12 @@ def time_model(name: str, builtin: str, num_samples: int, seq_len: int, first: f
         rows.append(row)
         row, _ = _timed(f"quick measure at {first:.0%} (dense + pruned)", H.measure, session)
         rows.append(row)
+        if compare_suite:
+            row, reply = _timed(f"compare at {first:.0%} with the suite: {', '.join(compare_suite)} "
+                                "(dense reference built first)", H.compare, session, first,
+                                methods=compare_suite, suite=True)
+            row["table"] = {"headers": reply["headers"], "rows": reply["rows"]}
+            rows.append(row)
         row, _ = _timed(f"re-budget to {second:.0%}: new plan from cached statistics", H.replan, session, second)
         rows.append(row)
         t = time.perf_counter()
@@ -76,7 +85,7 @@ def tiny_decoder_folder(path: Path) -> Path:
 
     tiny_llama(vocab=49152).save_pretrained(path)
     src = demo_model_dir("smollm2-135m")
-    for f in ("tokenizer.json", "tokenizer_config.json"):
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (src / f).exists():
             shutil.copy(src / f, path / f)
     return path
@@ -90,6 +99,13 @@ def markdown(records: list[dict], meta: dict) -> str:
              "| model | step | seconds | what the app said |", "|---|---|---|---|"]
     for r in records:
         lines.append(f"| {r['model']} | {r['step']} | {r['seconds']:.1f} | {r['message'].replace('|', '/')[:160]} |")
+    for r in records:
+        if "table" in r:
+            t = r["table"]
+            lines += ["", f"The app's Compare table ({r['model']}, {r['step']}):", "",
+                      "| " + " | ".join(t["headers"]) + " |", "|" + "---|" * len(t["headers"])]
+            lines += ["| " + " | ".join(row) + " |" for row in t["rows"]]
+            lines += ["", r["message"]]
     return "\n".join(lines) + "\n"
 
 
@@ -102,6 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="a random 2-layer Llama, 2 × 32 tokens (smoke test)")
     p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--name", default="app_timings")
+    p.add_argument("--compare-suite", default="", help="comma-separated methods: also time Compare with the suite")
     args = p.parse_args(argv)
     if args.quick:
         args.num_samples, args.seq_len, args.no_classifier = 8, 256, True
@@ -110,7 +127,9 @@ def main(argv=None) -> int:
     meta = {"device": "cpu", "machine": machine_note(), "num_samples": args.num_samples, "seq_len": args.seq_len}
     with tempfile.TemporaryDirectory() as tmp:
         model, source = ((str(tiny_decoder_folder(Path(tmp))), "folder") if args.tiny else ("smollm2-135m", "demo"))
-        records = time_model(model, DECODER_DEFAULTS["builtin"], args.num_samples, args.seq_len, 0.3, 0.5, source)
+        methods = tuple(m.strip() for m in args.compare_suite.split(",") if m.strip())
+        records = time_model(model, DECODER_DEFAULTS["builtin"], args.num_samples, args.seq_len, 0.3, 0.5, source,
+                             compare_suite=methods)
     if not args.no_classifier:
         c = CLASSIFIER_DEFAULTS
         records += time_model("minilm-classifier", c["builtin"], c["num_samples"], c["seq_len"], 0.3, 0.5)

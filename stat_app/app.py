@@ -91,7 +91,8 @@ def _gradio_progress(progress: gr.Progress | None):
         return None
 
     def fn(stage: str, done: int, total: int) -> None:
-        unit = "steps" if stage == "recover" or total <= 1 else "layers"
+        unit = ("steps" if stage == "recover" or total <= 1 else "methods" if stage == "compare"
+                else "batches" if stage.startswith("dense ") else "layers")
         progress((done, total), desc=STAGE_LABELS.get(stage, stage), unit=unit)
     return fn
 
@@ -378,7 +379,8 @@ def build_demo(store: SessionStore | None = None) -> gr.Blocks:
         measure_evt = measure_btn.click(on_measure, [eval_tokens], [status, metrics], api_name="measure", **heavy)
         gen_evt = gen_btn.click(on_generate, [prompt, max_new], [status, gen_before, gen_after], api_name="generate",
                                 **heavy)
-        compare_evt = compare_btn.click(on_compare, [sparsity, budget_kind, uniform, eval_tokens, compare_methods, compare_suite],
+        compare_evt = compare_btn.click(on_compare,
+                                        [sparsity, budget_kind, uniform, eval_tokens, compare_methods, compare_suite],
                                         [status, compare_table, compare_plot], api_name="compare", **heavy)
         export_evt = export_btn.click(on_export, [export_format], [status, export_zip, export_report], api_name="export",
                                       **heavy)

@@ -26,6 +26,7 @@ from stat_core.calibration_mix import default_source  # noqa: F401 (the app's de
 from stat_core.data import check_calibration_sizes
 from stat_core.export import check_format, export_zip_with_report
 from stat_core.measure import METRIC_HEADERS, QUICK_EVAL_TOKENS  # noqa: F401 (the app's table, default)
+from stat_core.methods import get_method
 from stat_core.models import is_encoder, load_model
 from stat_core.prune import PruneConfig
 from stat_core.recover import RecoveryCancelled
@@ -236,7 +237,8 @@ def compare(session: Session, sparsity: float, budget_kind: str = "params", unif
                                                suite_reference=reference, tokenizer=session.tokenizer)
     dense, metric = base.quality, ("accuracy" if session.encoder else "perplexity")
     rows, headers, sentence = core_measure.compare_table(results, dense, metric, int(eval_tokens), method_label,
-                                                         None if reference is None else reference.dense_metrics)
+                                                         None if reference is None else reference.dense_metrics,
+                                                         short_label=lambda m: get_method(m).label)
     return Reply(True, sentence, {"rows": rows, "headers": headers, "results": results, "dense": dense,
                                   "metric": metric,
                                   "suite_dense": None if reference is None else reference.dense_metrics})

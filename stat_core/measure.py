@@ -341,12 +341,13 @@ def before_after(report: dict, before: dict, after: dict, eval_tokens: int, seq_
 
 
 def compare_table(results: list[dict], dense: dict, metric: str, eval_tokens: int,
-                  label: Callable[[str], str] = str, suite_dense: dict | None = None
-                  ) -> tuple[list[list[str]], list[str], str]:
+                  label: Callable[[str], str] = str, suite_dense: dict | None = None,
+                  short_label: Callable[[str], str] | None = None) -> tuple[list[list[str]], list[str], str]:
     """``(rows, headers, sentence)`` of a :func:`compare_methods` result (with the suite's columns
-    when it ran; ``suite_dense``: the dense model's suite metrics, shown as a first row)."""
+    when it ran; ``suite_dense``: the dense model's suite metrics, shown as a first row). The
+    sentence names the best method per column with ``short_label`` (default ``label``)."""
     column, sentence = compare_summary(dense, metric, eval_tokens, len(results))
     headers = ["method", "removed", column, "vs dense", "KL to dense"] + [h for _, h, _ in _suite_columns(results)]
-    best = compare_best(results, metric, label)
+    best = compare_best(results, metric, short_label or label)
     return (compare_rows(results, dense, metric, label, suite_dense), headers,
             f"{sentence} {best}".strip())

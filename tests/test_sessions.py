@@ -28,8 +28,11 @@ def test_an_evicted_session_frees_its_models(decoder_dir):
     assert H.load(a, "folder", str(decoder_dir)).ok
     assert H.calibrate(a, "pasted", pasted=TEXT, num_samples=4, seq_len=64).ok
     assert H.prune(a, 0.3).ok and H.measure(a, eval_tokens=256).ok and H.export(a).ok
+    from stat_core.suite import SuiteConfig
+
+    assert H.compare(a, 0.3, eval_tokens=256, methods=("stat",), suite=True, suite_config=SuiteConfig.tiny()).ok
     held = {"dense": weakref.ref(a.model), "pruned": weakref.ref(a.pruned), "statistics": weakref.ref(a.calibration),
-            "baseline": weakref.ref(a.dense_metrics["baseline"])}
+            "baseline": weakref.ref(a.dense_metrics["baseline"]), "suite reference": weakref.ref(a.suite_reference)}
     work = a.workdir
     store.get("b")                                   # one session too many: the idle "a" goes
     gc.collect()
