@@ -104,7 +104,7 @@ def markdown(records: list[dict], meta: dict) -> str:
             t = r["table"]
             lines += ["", f"The app's Compare table ({r['model']}, {r['step']}):", "",
                       "| " + " | ".join(t["headers"]) + " |", "|" + "---|" * len(t["headers"])]
-            lines += ["| " + " | ".join(row) + " |" for row in t["rows"]]
+            lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in t["rows"]]
             lines += ["", r["message"]]
     return "\n".join(lines) + "\n"
 
