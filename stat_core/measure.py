@@ -295,12 +295,11 @@ def _suite_value(v, key: str) -> str:
 def compare_best(results: list[dict], metric: str, label: Callable[[str], str] = str) -> str:
     """One sentence naming the best method per column (ties listed); the one-label share is not
     ranked (lower is not better by itself: dense answers one label for part of the prompts too)."""
-    columns = [(metric, metric if metric == "accuracy" else "perplexity", metric == "accuracy"),
-               ("kl_to_dense", "KL", False)]
-    columns += [(k, h, up) for k, h, up in _suite_columns(results) if up is not None]
+    columns = [(metric, metric, metric == "accuracy", False), ("kl_to_dense", "KL", False, False)]
+    columns += [(k, h, up, True) for k, h, up in _suite_columns(results) if up is not None]
     parts = []
-    for key, header, higher in columns:
-        values = [(r.get("suite", {}).get(key, r.get(key)), r["method"]) for r in results]
+    for key, header, higher, in_suite in columns:  # (the suite has its own perplexity and KL: not these columns)
+        values = [((r["suite"] if in_suite else r).get(key), r["method"]) for r in results]
         values = [(v, m) for v, m in values if v is not None and v == v]
         if not values:
             continue

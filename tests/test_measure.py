@@ -293,3 +293,28 @@ def test_zip_folder_and_a_check_that_raises(tmp_path):
     with pytest.raises(RuntimeError):
         zip_folder(folder, tmp_path / "other.zip", check)
     assert not (tmp_path / "other.zip").exists() and not list(tmp_path.glob("*.part"))
+
+
+def test_compare_best_reads_each_column_from_where_it_is_shown():
+    """The quick columns come from the quick windows, the suite's from the suite (which has its own
+    perplexity and KL); ties are listed; the one-label share is not ranked."""
+    suite_a = {"perplexity": 50.0, "kl_to_dense": 0.9, "fewshot_accuracy": 0.6, "fewshot_bias_free": 0.8,
+               "fewshot_majority_share": 0.5, "analogy_accuracy": 0.3, "instruction_agreement": 0.5,
+               "instruction_kl": 1.0}
+    suite_b = {**suite_a, "perplexity": 5.0, "kl_to_dense": 0.1, "fewshot_accuracy": 0.7,
+               "fewshot_majority_share": 1.0, "instruction_kl": 2.0}
+    results = [{"method": "a", "perplexity": 10.0, "kl_to_dense": 0.3, "achieved": 0.3, "suite": suite_a},
+               {"method": "b", "perplexity": 12.0, "kl_to_dense": 0.2, "achieved": 0.3, "suite": suite_b}]
+    assert M.compare_best(results, "perplexity", str.upper) == (
+        "Best: perplexity A; KL B; few-shot acc B; few-shot AUC A, B; analogies A, B; chat agreement A, B; "
+        "chat KL A.")
+    rows, headers, sentence = M.compare_table(results, {"perplexity": 8.0}, "perplexity", 256, str.upper,
+                                              suite_dense={**suite_a, "fewshot_majority_share": 0.59})
+    assert headers[4:] == ["KL to dense", "few-shot acc", "few-shot AUC", "one-label share", "analogies",
+                           "chat agreement", "chat KL"]
+    assert rows[0][:5] == ["dense", "0.0%", "8.00", "", "0"] and rows[0][7] == "59.0%"
+    assert rows[1][:5] == ["A", "30.0%", "10.00", "1.25× dense", "0.3000"] and rows[2][7] == "100.0%"
+    assert sentence.endswith("chat KL A.")
+    plain = [{k: v for k, v in r.items() if k != "suite"} for r in results]
+    assert M.compare_best(plain, "perplexity", str.upper) == "Best: perplexity A; KL B."
+    assert len(M.compare_table(plain, {"perplexity": 8.0}, "perplexity", 256)[1]) == 5

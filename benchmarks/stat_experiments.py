@@ -1,0 +1,215 @@
+"""Hypotheses about STAT's allocation, measured on the evaluation suite without changing the library.
+
+Issue 12 asks whether head removal, specific layers or the allocator drive the few-shot loss and
+what else could close the gap to dense. Each experiment here changes one thing *around* the library
+(a re-weighting of the allocator's damage, a re-calibration between stages, another shrinkage of
+the loss-sensitivity matrix) over one cached calibration of the protocol's 64 × 512 Wikipedia
+windows, and measures the quick suite against the same dense reference as
+``benchmarks/stat_ablation.py``. Nothing here became a default; the README says why.
+
+    .venv/bin/python benchmarks/stat_experiments.py alloc  --budgets 0.2,0.3 --variants base,attn:3,cap:2
+    .venv/bin/python benchmarks/stat_experiments.py stages --budgets 0.2,0.3      # 10% first, then each
+    .venv/bin/python benchmarks/stat_experiments.py shrink --budgets 0.2,0.3 --variants 0.01,0.5,0.9
+    .venv/bin/python benchmarks/stat_experiments.py mix --budgets 0.2,0.3 --variants 0.125,0.25
+
+Allocation variants (``alloc``): ``base`` (the library's), ``attn:G`` (attention options' damage × G),
+``cap:C`` (no block loses more than C × the target of its cost), ``depth:A`` (layer l's damage ×
+1 + A·(L−1−l)/(L−1): early layers protected), ``late:A`` (× 1 + A·l/(L−1): late layers protected),
+``keep-last:K`` (the last K layers not pruned at all, as LLM-Pruner skips the last layers).
+``stages``: prune the first budget from the dense calibration, then re-calibrate the pruned model
+(gradient pass, statistics, decompositions) before each next budget. ``shrink``: the loss-sensitivity matrix shrunk as ``(1−λ)F + λ·tr(F)/d·I``
+(the library uses λ = 0.1) before the decompositions. ``mix``: the ``mix`` calibration source with
+another share of self-generated chat windows than the library's half (its own calibration; the
+generated text comes from the cache of ``stat_core.calibration_mix``). The first run caches the calibration and the
+dense reference in ``--cache`` (about 1 GB; our own statistics, not a model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import RESULTS, machine_note  # noqa: E402
+
+import stat_core.prune as P  # noqa: E402
+from stat_core.adapters import get_adapter  # noqa: E402
+from stat_core.budget import block_parameter_count  # noqa: E402
+
+FIELDS = ("perplexity", "kl_to_dense", "fewshot_accuracy", "fewshot_bias_free", "fewshot_majority_share",
+          "analogy_accuracy", "instruction_agreement", "instruction_kl")
+
+
+def reweighted(build, variant: str):
+    """``build_block_options`` with the damage of each block re-weighted by ``variant``."""
+    kind, _, arg = variant.partition(":")
+    if kind not in ("attn", "cap", "depth", "late", "keep-last"):
+        raise SystemExit(f"unknown allocation variant {variant!r}: base, attn:G, cap:C, depth:A, late:A or keep-last:K")
+    value = float(arg)
+
+    def build_options(adapter, analyses, config):
+        blocks = build(adapter, analyses, config)
+        n_layers = len(blocks) // 2
+        for i, b in enumerate(blocks):
+            layer, attention = i // 2, i % 2 == 0
+            if kind == "attn" and attention:
+                b.damage = b.damage * value
+            elif kind == "cap":
+                full = b.cost.max()
+                b.damage = np.where(full - b.cost > value * config.sparsity * full + 1e-9, np.inf, b.damage)
+            elif kind == "depth":
+                b.damage = b.damage * (1 + value * (n_layers - 1 - layer) / max(n_layers - 1, 1))
+            elif kind == "late":
+                b.damage = b.damage * (1 + value * layer / max(n_layers - 1, 1))
+            elif kind == "keep-last" and layer >= n_layers - value:
+                b.damage = np.where(b.cost < b.cost.max(), np.inf, b.damage)
+        return blocks
+    return build_options
+
+
+def shrunk_analyses(adapter, calibration, lam: float):
+    """The per-layer analyses with the sensitivity matrix shrunk by ``lam`` instead of the library's 0.1."""
+    from stat_core.linalg import cholesky_with_ridge
+
+    def effective(weight, fisher, resid_energy, n_tokens):
+        w = weight.detach().to(torch.float64)
+        if fisher is None:
+            return w / np.sqrt(max(resid_energy, 1e-30))
+        f = fisher.to(w.device, torch.float64)
+        d = f.shape[0]
+        f = (1 - lam) * f + lam * torch.trace(f) / d * torch.eye(d, dtype=f.dtype, device=f.device)
+        factor = cholesky_with_ridge(f, 1e-12 * float(torch.trace(f)) / d + 1e-30)
+        return factor.T @ w / np.sqrt(max(n_tokens, 1))
+
+    original, P.effective_out_weight = P.effective_out_weight, effective
+    try:
+        return [P.analyse_layer(adapter, i, s, calibration.sensitivity[i], False)
+                for i, s in enumerate(calibration.dense_stats)]
+    finally:
+        P.effective_out_weight = original
+
+
+def markdown(records: list[dict], meta: dict) -> str:
+    lines = ["# STAT experiments on the evaluation suite (not defaults)", "", f"Protocol: {meta['protocol']}", "",
+             "| experiment | variant | budget | " + " | ".join(FIELDS) + " | heads kept | neurons kept | seconds |",
+             "|" + "---|" * (len(FIELDS) + 6)]
+    for r in sorted(records, key=lambda r: (r["experiment"], r["budget"], r["variant"])):
+        cells = [f"{r[f]:.4g}" if isinstance(r.get(f), float) else "–" for f in FIELDS]
+        lines.append(f"| {r['experiment']} | {r['variant']} | {r['budget']:.0%} | " + " | ".join(cells)
+                     + f" | {r.get('heads', '–')} | {r.get('neurons', '–')} | {r.get('seconds', 0):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("experiment", choices=("alloc", "stages", "shrink", "mix"))
+    p.add_argument("--budgets", default="0.2,0.3")
+    p.add_argument("--variants", default="", help="alloc: base,attn:3,...; shrink: lambdas; stages: first budget "
+                                                  "(default 0.1)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--cache", default="/tmp/stat-experiments-cache.pt")
+    p.add_argument("--out-dir", default=str(RESULTS))
+    args = p.parse_args(argv)
+    from stat_core.calibration_mix import decoder_calibration
+    from stat_core.data import CalibrationConfig
+    from stat_core.models import load_model
+    from stat_core.suite import SuiteConfig, build_reference, evaluate_suite
+
+    model, tokenizer = load_model(args.model)
+    adapter = get_adapter(model)
+    dense_params = block_parameter_count(adapter)
+    windows = decoder_calibration(model, tokenizer, "wikipedia",
+                                  CalibrationConfig(num_samples=64, seq_len=512, seed=0)).windows
+    cache = Path(args.cache)
+    if cache.exists():
+        calibration, reference = torch.load(cache, weights_only=False)  # our own statistics, written below
+    else:
+        reference = build_reference(model, tokenizer, SuiteConfig.quick())
+        calibration = P.calibrate(model, windows, P.PruneConfig(sparsity=0.2))
+        torch.save((calibration, reference), cache)
+    out = Path(args.out_dir)
+    path = out / "stat_experiments.json"
+    records = json.loads(path.read_text())["records"] if path.exists() else []
+    meta = {"machine": machine_note(), "protocol": f"{args.model}, 64 × 512 Wikipedia calibration windows (seed 0), "
+                                                   "quick suite, one cached calibration"}
+
+    def measure(experiment, variant, budget, pruned, seconds, plan=None):
+        nonlocal records
+        metrics = evaluate_suite(pruned, tokenizer, reference)
+        rec = {"experiment": experiment, "variant": variant, "budget": budget,
+               "removed_fraction": 1 - block_parameter_count(get_adapter(pruned)) / dense_params,
+               **metrics, "seconds": seconds}
+        if plan is not None:
+            rec["heads"] = sum(len(lp.kept_heads) for lp in plan.layers)
+            rec["neurons"] = sum(len(lp.kept_neurons) for lp in plan.layers)
+            rec["neurons_per_layer"] = [len(lp.kept_neurons) for lp in plan.layers]
+        records = [r for r in records if (r["experiment"], r["variant"], r["budget"]) != (experiment, variant, budget)]
+        records.append(rec)
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+        (out / "stat_experiments.md").write_text(markdown(records, meta))
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()
+                          if k != "neurons_per_layer"}), flush=True)
+
+    budgets = [float(b) for b in args.budgets.split(",")]
+    if args.experiment == "alloc":
+        build = P.build_block_options
+        for budget in budgets:
+            for variant in (args.variants or "base").split(","):
+                P.build_block_options = build if variant == "base" else reweighted(build, variant)
+                try:
+                    pruned, t = copy.deepcopy(model), time.perf_counter()
+                    result = P.prune_from_calibration_(pruned, calibration, P.PruneConfig(sparsity=budget))
+                finally:
+                    P.build_block_options = build
+                measure("alloc", variant, budget, pruned, time.perf_counter() - t, result.plan)
+    elif args.experiment == "shrink":
+        for lam in (args.variants or "0.5").split(","):
+            shrunk = copy.copy(calibration)
+            shrunk.analyses = shrunk_analyses(adapter, calibration, float(lam))
+            for budget in budgets:
+                pruned, t = copy.deepcopy(model), time.perf_counter()
+                result = P.prune_from_calibration_(pruned, shrunk, P.PruneConfig(sparsity=budget))
+                measure("shrink", f"lambda={lam}", budget, pruned, time.perf_counter() - t, result.plan)
+    elif args.experiment == "mix":
+        import stat_core.calibration_mix as mix
+
+        for share in (args.variants or "0.25").split(","):
+            original, mix.MIX_SELF_SHARE = mix.MIX_SELF_SHARE, float(share)
+            try:
+                mixed = decoder_calibration(model, tokenizer, "mix",
+                                            CalibrationConfig(num_samples=64, seq_len=512, seed=0)).windows
+            finally:
+                mix.MIX_SELF_SHARE = original
+            t = time.perf_counter()
+            own = P.calibrate(model, mixed, P.PruneConfig(sparsity=0.2))
+            seconds = time.perf_counter() - t
+            for budget in budgets:
+                pruned, t = copy.deepcopy(model), time.perf_counter()
+                result = P.prune_from_calibration_(pruned, own, P.PruneConfig(sparsity=budget))
+                measure("mix", f"self share {share}", budget, pruned, seconds + time.perf_counter() - t, result.plan)
+    else:  # stages: the first budget from the dense calibration, each next one after re-calibrating
+        first = float(args.variants or 0.1)
+        current, name = copy.deepcopy(model), f"{first:g}"
+        P.prune_from_calibration_(current, calibration, P.PruneConfig(sparsity=first))
+        for budget in budgets:
+            t = time.perf_counter()
+            again = P.calibrate(current, windows, P.PruneConfig(sparsity=0.1))
+            relative = 1 - (1 - budget) * dense_params / block_parameter_count(get_adapter(current))
+            nxt = copy.deepcopy(current)
+            result = P.prune_from_calibration_(nxt, again, P.PruneConfig(sparsity=relative))
+            name += f"→{budget:g}"
+            measure("stages", name, budget, nxt, time.perf_counter() - t, result.plan)
+            current = nxt
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
