@@ -108,6 +108,53 @@ def test_app_timings_tiny(tmp_path):
     assert "re-budget to 50%" in (tmp_path / "app_timings.md").read_text()
 
 
+def test_app_timings_compare_with_the_suite_tiny(tmp_path):
+    """``--compare-suite``: the Compare step with the suite ticked is timed and its table kept."""
+    assert bench("app_timings").main(["--tiny", "--compare-suite", "stat,magnitude", "--out-dir", str(tmp_path),
+                                      "--name", "with_suite"]) == 0
+    data = json.loads((tmp_path / "with_suite.json").read_text())
+    step = next(r for r in data["records"] if r["step"].startswith("compare at 30% with the suite"))
+    assert step["table"]["headers"][4:6] == ["KL to dense", "few-shot acc"]
+    assert [row[0].split(" ")[0] for row in step["table"]["rows"]] == ["dense", "STAT", "magnitude"]
+    assert "few-shot AUC" in (tmp_path / "with_suite.md").read_text()
+
+
+def test_stat_experiments_hooks_change_only_what_they_say(windows):
+    """The experiments' hooks on a tiny model: ``shrunk_analyses`` at the library's λ = 0.1 gives the
+    library's analyses; ``keep-last:1`` leaves the last layer whole at the same budget; a huge attention weight keeps
+    every head."""
+    import stat_core.prune as P
+    from stat_core.adapters import get_adapter
+
+    exp = bench("stat_experiments")
+    model = tiny_model(num_hidden_layers=3)
+    config = P.PruneConfig(sparsity=0.3)
+    calibration = P.calibrate(model, windows, config)
+    adapter = get_adapter(model)
+    same = exp.shrunk_analyses(adapter, calibration, 0.1)
+    for a, b in zip(same, calibration.analyses):
+        assert a.head_order == b.head_order and torch.equal(a.neuron_order, b.neuron_order)
+        assert torch.allclose(a.mlp_damage, b.mlp_damage, rtol=1e-9, atol=0)
+    assert P.effective_out_weight.__module__ == "stat_core.prune"  # restored
+
+    def plan(variant):
+        return _plan_with(P, exp.reweighted(P.build_block_options, variant), adapter, calibration, config)
+
+    kept = plan("keep-last:1").layers[-1]
+    assert len(kept.kept_heads) == kept.num_heads and len(kept.kept_neurons) == kept.intermediate_size
+    assert all(len(lp.kept_heads) == lp.num_heads for lp in plan("attn:1e12").layers)
+    with pytest.raises(SystemExit):
+        exp.reweighted(P.build_block_options, "nonsense:1")
+
+
+def _plan_with(P, build, adapter, calibration, config):
+    original, P.build_block_options = P.build_block_options, build
+    try:
+        return P.plan_from_analyses(adapter, calibration.analyses, config, "tiny", {})
+    finally:
+        P.build_block_options = original
+
+
 @pytest.mark.parametrize("kind", ["magnitude", "activation"])
 def test_torch_pruning_matches_hand_built_encoder(kind):
     """Same check on a BERT classifier (multi-head attention: q, k, v rows and o columns per head)."""
