@@ -83,6 +83,12 @@ def test_load_prune_rebudget_measure_export(server, decoder_dir):  # noqa: F811
     assert status.startswith("✅ Perplexity"), status
     assert table["data"][0][0].startswith("perplexity (quick")
 
+    # Compare with the suite ticked: the page's checkbox reaches the handler (the dense row first)
+    status, table, _plot = c.predict(50, "params", False, 512, ["stat", "magnitude"], True, api_name="/compare")
+    assert status.startswith("✅ Dense quick perplexity") and "Best: perplexity" in status, status
+    assert "few-shot AUC" in table["headers"] and "KL to dense" in table["headers"]
+    assert [row[0].split(" ")[0] for row in table["data"]] == ["dense", "STAT", "magnitude"]
+
     # another user's session sees none of this
     assert "Load a model" in other.predict(512, api_name="/measure")[0]
     assert len(store) >= 2
