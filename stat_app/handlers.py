@@ -236,12 +236,11 @@ def compare(session: Session, sparsity: float, budget_kind: str = "params", unif
                                                session.model_name, session.calib_info, report,
                                                suite_reference=reference, tokenizer=session.tokenizer)
     dense, metric = base.quality, ("accuracy" if session.encoder else "perplexity")
+    suite_dense = None if reference is None else reference.dense_metrics
     rows, headers, sentence = core_measure.compare_table(results, dense, metric, int(eval_tokens), method_label,
-                                                         None if reference is None else reference.dense_metrics,
-                                                         short_label=lambda m: get_method(m).label)
+                                                         suite_dense, short_label=lambda m: get_method(m).label)
     return Reply(True, sentence, {"rows": rows, "headers": headers, "results": results, "dense": dense,
-                                  "metric": metric,
-                                  "suite_dense": None if reference is None else reference.dense_metrics})
+                                  "metric": metric, "suite_dense": suite_dense})
 
 
 def suite_reference(session: Session, config=None, progress: ProgressFn | None = None):

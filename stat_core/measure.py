@@ -229,12 +229,12 @@ def compare_methods(model, calibration, data, configs: Sequence, base: Baseline,
     for i, config in enumerate(configs):
         if progress is not None:
             progress("compare", i, len(configs))
+        step = None if progress is None else (lambda *_: progress("compare", i, len(configs)))  # noqa: B023
         if get_method(config.method).whole_model:
             pruned = copy.deepcopy(model)
             info = core_prune.stat_prune_(pruned, data, config, model_name).info
             achieved, block_params = info["removed_fraction"], info["block_params_after"]
         else:
-            step = None if progress is None else (lambda *_: progress("compare", i, len(configs)))  # noqa: B023
             pruned, plan = prune_copy(model, calibration, data, config, model_name, calib_info, progress=step)
             achieved, block_params = plan.budget["achieved"], size_summary(pruned, config.flops_seq_len)["block_params"]
         row = {"method": config.method, **quality(pruned, base, dense=model), "achieved": achieved,
@@ -242,8 +242,7 @@ def compare_methods(model, calibration, data, configs: Sequence, base: Baseline,
         if suite_reference is not None:
             from .suite import evaluate_suite
 
-            tick = None if progress is None else (lambda *_: progress("compare", i, len(configs)))  # noqa: B023
-            row["suite"] = evaluate_suite(pruned, tokenizer, suite_reference, progress=tick)  # Cancel between batches
+            row["suite"] = evaluate_suite(pruned, tokenizer, suite_reference, progress=step)  # Cancel between batches
         results.append(row)
         del pruned
     if progress is not None:
