@@ -65,7 +65,7 @@ def sync(device) -> None:
 def forward_seconds(model, windows: torch.Tensor, batch_size: int = 8) -> float:
     """One plain forward pass (with the LM head) over ``windows``: the floor any data-driven pruning pays."""
     from stat_core.adapters import get_adapter
-    from stat_core.calibrate import CalibrationSet
+    from stat_core.calibration.statistics import CalibrationSet
 
     device = next(model.parameters()).device
     extra = {"use_cache": False} if get_adapter(model).is_decoder else {}

@@ -18,11 +18,14 @@ from pathlib import Path
 
 import torch
 
-from stat_core.adapters import get_adapter
-from stat_core.classifier import accuracy, demo_classifier_split, encode, encode_chunks
+from stat_core.evaluation.classifier import accuracy, encode, encode_chunks
+from stat_core.models import demo_classifier_split
 from stat_core.models import load_model
 from stat_core.methods.baselines import magnitude_plan
-from stat_core.prune import PruneConfig, apply_plan_, budget_summary, stat_prune_
+from stat_core.config import PruneConfig
+from stat_core.surgery.apply import apply_plan_
+from stat_core.surgery.budget import budget_summary
+from stat_core.prune import stat_prune_
 
 RESULTS = Path(__file__).parent / "results"
 

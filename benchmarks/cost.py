@@ -33,7 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, forward_seconds, load_at_start, machine_note, median, random_windows, sync, tiny_llama, write_results  # noqa: E402
 
-from stat_core.prune import PruneConfig, stat_prune_  # noqa: E402
+from stat_core.config import PruneConfig
+from stat_core.prune import stat_prune_
 
 
 def _malloc_trim() -> None:
@@ -236,7 +237,7 @@ def main(argv=None) -> int:
     save()
     # 3. the real model
     if args.smollm2_windows:
-        from stat_core.data import CalibrationConfig, calibration_windows, wikipedia_split
+        from stat_core.data.sources import CalibrationConfig, calibration_windows, wikipedia_split
         from stat_core.models import load_model
 
         dense, tok = load_model("smollm2-135m")

@@ -39,13 +39,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, machine_note  # noqa: E402
 from classifier_sweep import kl, log_probs  # noqa: E402
 
-from stat_core.budget import block_parameter_count  # noqa: E402
-from stat_core.adapters import get_adapter  # noqa: E402
-from stat_core.classifier import accuracy, demo_classifier_split, encode, encode_chunks  # noqa: E402
-from stat_core.methods.block_movement import MovementSettings, block_movement_prune_  # noqa: E402
-from stat_core.models import load_model  # noqa: E402
-from stat_core.prune import PruneConfig, calibrate, prune_from_calibration_  # noqa: E402
-from stat_core.recover import RecoveryConfig, recover_  # noqa: E402
+from stat_core.surgery.budget import block_parameter_count
+from stat_core.adapters import get_adapter
+from stat_core.evaluation.classifier import accuracy, encode, encode_chunks
+from stat_core.models import demo_classifier_split
+from stat_core.methods.block_movement import MovementSettings, block_movement_prune_
+from stat_core.models import load_model
+from stat_core.config import PruneConfig
+from stat_core.prune import calibrate, prune_from_calibration_
+from stat_core.recover import RecoveryConfig, recover_
 
 METHODS = ("stat", "stat+recovery", "block-movement")
 

@@ -40,9 +40,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, machine_note, median, write_results  # noqa: E402
 
-from stat_core.adapters import get_adapter  # noqa: E402
-from stat_core.export_gguf import _write, write_gguf  # noqa: E402
-from stat_core.prune import PruneConfig, budget_summary, calibrate, prune_from_calibration_  # noqa: E402
+from stat_core.adapters import get_adapter
+from stat_core.export.gguf import _write, write_gguf
+from stat_core.config import PruneConfig
+from stat_core.surgery.budget import budget_summary
+from stat_core.prune import calibrate, prune_from_calibration_
 
 PROMPTS_CHAT = ["What is the capital of France?", "Give me three tips for sleeping better.",
                 "Write a haiku about the sea.", "Explain what a prime number is."]
@@ -202,7 +204,7 @@ def main(argv=None) -> int:
     import llama_cpp
     from llama_cpp import Llama
 
-    from stat_core.data import CalibrationConfig, calibration_windows, wikipedia_split
+    from stat_core.data.sources import CalibrationConfig, calibration_windows, wikipedia_split
     from stat_core.models import load_model
 
     torch.manual_seed(0)

@@ -28,11 +28,12 @@ def child(variant: str, windows: int) -> dict:
 
     sys.path.insert(0, str(Path(__file__).parent))
     from cost import PeakMemory, forward_seconds
-    from stat_core import calibrate
+    from stat_core.calibration import statistics as calibrate
     from stat_core.adapters import get_adapter
-    from stat_core.data import CalibrationConfig, calibration_windows, wikipedia_split
+    from stat_core.data.sources import CalibrationConfig, calibration_windows, wikipedia_split
     from stat_core.models import load_model
-    from stat_core.prune import PruneConfig, stat_prune_
+    from stat_core.config import PruneConfig
+    from stat_core.prune import stat_prune_
 
     torch.set_num_threads(2)
     if variant.startswith("batch-"):  # the default savers with another gradient-pass batch

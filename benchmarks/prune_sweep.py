@@ -1,4 +1,4 @@
-"""Perplexity and pruning time of STAT vs its baselines over a range of budgets (DESIGN §6 protocol).
+"""Perplexity and pruning time of STAT vs its baselines over a range of budgets (the fixed protocol of docs/evaluation.md).
 
     .venv/bin/python benchmarks/prune_sweep.py                     # S = 0.1 .. 0.5 on SmolLM2-135M
     .venv/bin/python benchmarks/prune_sweep.py --quick             # S = 0.2 on 16 windows (minutes)
@@ -22,12 +22,14 @@ from pathlib import Path
 import torch
 
 from stat_core.cli import time_forward
-from stat_core.data import CalibrationConfig, calibration_windows, wikipedia_split
-from stat_core.evaluate import evaluation_windows, perplexity
+from stat_core.data.sources import CalibrationConfig, calibration_windows, wikipedia_split
+from stat_core.evaluation.perplexity import evaluation_windows, perplexity
 from stat_core.models import load_model
 from stat_core.methods.baselines import magnitude_plan
-from stat_core.prune import PruneConfig, apply_plan_, budget_summary, stat_prune_
-from stat_core.adapters import get_adapter
+from stat_core.config import PruneConfig
+from stat_core.surgery.apply import apply_plan_
+from stat_core.surgery.budget import budget_summary
+from stat_core.prune import stat_prune_
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/quality.py --quick    # 20%/40%, 16 calibration windows, 4096 eval tokens (minutes)
     .venv/bin/python benchmarks/quality.py --tiny --out-dir /tmp/q   # random tiny Llama, seconds (the test)
 
-Fixed protocol (DESIGN §6). ONE ``calibrate()`` of the dense model (64 × 512 tokens, sensitivity
+Fixed protocol (docs/evaluation.md). ONE ``calibrate()`` of the dense model (64 × 512 tokens, sensitivity
 on 4096 tokens) serves every budget and method; each point is a fresh copy of the dense model cut by
 ``prune_from_calibration_`` (seconds). Methods, all at the same per-layer head / KV-head / neuron
 counts (the ones STAT's allocator chose for that budget), so only *which* units go and whether a
@@ -42,7 +42,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import tp_peer  # noqa: E402
 from _common import RESULTS, machine_note, random_windows, svg_line_plot, tiny_llama, write_results  # noqa: E402
 
-from stat_core.prune import PruneConfig, budget_summary, calibrate, plan_pruning, prune_from_calibration_  # noqa: E402
+from stat_core.config import PruneConfig
+from stat_core.surgery.budget import budget_summary
+from stat_core.prune import calibrate, plan_pruning, prune_from_calibration_
 
 STAT_METHODS = ("stat", "no-correction", "magnitude", "activation-norm")
 TP_METHODS = ("tp-magnitude", "tp-activation")
@@ -71,15 +73,15 @@ def tp_units_equal(tp_kept: list[dict], units: list[dict]) -> bool:
 
 
 def run_decoder(args, records: list, meta: dict, save) -> None:
-    from stat_core.evaluate import fewshot_accuracy, perplexity
+    from stat_core.evaluation.perplexity import fewshot_accuracy, perplexity
 
     if args.tiny:
         dense, tok = tiny_llama(hidden=64, heads=4, kv_heads=2, d_ff=128), None
         windows, ev = random_windows(16, 64, 128, seed=1), random_windows(4, 64, 128, seed=2)
         name = "tiny-llama"
     else:
-        from stat_core.data import CalibrationConfig, calibration_windows, wikipedia_split
-        from stat_core.evaluate import evaluation_windows
+        from stat_core.data.sources import CalibrationConfig, calibration_windows, wikipedia_split
+        from stat_core.evaluation.perplexity import evaluation_windows
         from stat_core.models import load_model
 
         dense, tok = load_model(args.model)
@@ -133,7 +135,8 @@ def run_decoder(args, records: list, meta: dict, save) -> None:
 def run_classifier(args, records: list, meta: dict, save) -> None:
     from classifier_sweep import kl, log_probs
 
-    from stat_core.classifier import accuracy, demo_classifier_split, encode, encode_chunks
+    from stat_core.evaluation.classifier import accuracy, encode, encode_chunks
+    from stat_core.models import demo_classifier_split
     from stat_core.models import load_model
 
     name = "minilm-classifier"

@@ -79,7 +79,8 @@ def run_one(shape: str, device: str, dtype: str, num_samples: int, seq_len: int,
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from stat_core.prune import PruneConfig, stat_prune_
+    from stat_core.config import PruneConfig
+    from stat_core.prune import stat_prune_
 
     torch.manual_seed(0)
     dt = getattr(torch, dtype)
@@ -235,7 +236,7 @@ def run_offload(shape: str, checkpoint: Path, num_samples: int, seq_len: int, sp
 
     import torch
 
-    from stat_core.prune import PruneConfig
+    from stat_core.config import PruneConfig
     from stat_core.streaming import streamed_prune
 
     full = checkpoint

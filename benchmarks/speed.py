@@ -11,7 +11,7 @@ dense, 10%, 20%, …, dense, 10%, … — medians over ``--repeats`` rounds, bec
   ``logits_to_keep=1`` as ``generate`` does) and the throughput it implies (prompt tokens/s);
 - decode tokens/s at batch 1: 32 greedy single-token steps on the KV cache of a 512-token prompt.
 
-With ``--onnx``, each model is also exported with ``stat_core.export_onnx`` (last position's logits
+With ``--onnx``, each model is also exported with ``stat_core.export.onnx`` (last position's logits
 only, as ``logits_to_keep=1``; checked against PyTorch at export) and its prefill is timed in
 onnxruntime (CPU, the same threads) in the same alternated rounds: the export has no KV cache, so
 onnxruntime's numbers are prefill only.
@@ -37,9 +37,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, load_at_start, machine_note, median, random_windows, sync, tiny_llama, write_results  # noqa: E402
 
-from stat_core.adapters import get_adapter  # noqa: E402
-from stat_core.budget import block_macs  # noqa: E402
-from stat_core.prune import PruneConfig, budget_summary, calibrate, prune_from_calibration_  # noqa: E402
+from stat_core.adapters import get_adapter
+from stat_core.surgery.budget import block_macs
+from stat_core.config import PruneConfig
+from stat_core.surgery.budget import budget_summary
+from stat_core.prune import calibrate, prune_from_calibration_
 
 
 @torch.no_grad()
@@ -70,7 +72,7 @@ def onnx_sessions(models: dict, out_dir: str) -> dict:
     folder, as an onnxruntime session with torch's thread count."""
     import tempfile
 
-    from stat_core.export_onnx import onnx_session, write_onnx
+    from stat_core.export.onnx import onnx_session, write_onnx
 
     import atexit
     import shutil
@@ -155,7 +157,7 @@ def main(argv=None) -> int:
         args.prompt, args.batch, args.decode_steps, args.repeats, budgets = 32, 2, 4, 2, [0.3]
         name = "tiny-llama"
     else:
-        from stat_core.data import CalibrationConfig, calibration_windows, wikipedia_split
+        from stat_core.data.sources import CalibrationConfig, calibration_windows, wikipedia_split
         from stat_core.models import load_model
 
         dense, tok = load_model(args.model)

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/stat_ablation.py --quick --variants affine,affine-mix --append
 
 Each variant is a calibration source (``wikipedia``: the protocol's 64 × 512 windows; ``mix``: the
-default decoder mix of ``stat_core.calibration_mix``, same number of windows) and a ``PruneConfig``
+default decoder mix of ``stat_core.data.mix``, same number of windows) and a ``PruneConfig``
 (correction with or without an intercept, one-shot or propagate). Every variant is measured with the
 same suite and the same dense reference as ``benchmarks/suite.py``; the evaluation text and the
 suite's prompts never enter any calibration. Writes ``benchmarks/results/stat_ablation.{json,md}``
@@ -24,9 +24,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, machine_note  # noqa: E402
 
-from stat_core.adapters import get_adapter  # noqa: E402
-from stat_core.budget import block_parameter_count  # noqa: E402
-from stat_core.prune import PruneConfig, calibrate, prune_from_calibration_, stat_prune_  # noqa: E402
+from stat_core.adapters import get_adapter
+from stat_core.surgery.budget import block_parameter_count
+from stat_core.config import PruneConfig
+from stat_core.prune import calibrate, prune_from_calibration_, stat_prune_
 
 log = logging.getLogger("stat_ablation")
 
@@ -91,10 +92,10 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", default=str(RESULTS))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
-    from stat_core.calibration_mix import decoder_calibration
-    from stat_core.data import CalibrationConfig
+    from stat_core.data.mix import decoder_calibration
+    from stat_core.data.sources import CalibrationConfig
     from stat_core.models import load_model
-    from stat_core.suite import SuiteConfig, build_reference, evaluate_suite
+    from stat_core.evaluation.suite import SuiteConfig, build_reference, evaluate_suite
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]

@@ -1,6 +1,6 @@
 """Hypotheses about STAT's allocation, measured on the evaluation suite without changing the library.
 
-Issue 12 asks whether head removal, specific layers or the allocator drive the few-shot loss and
+These experiments ask whether head removal, specific layers or the allocator drive the few-shot loss and
 what else could close the gap to dense. Each experiment here changes one thing *around* the library
 (a re-weighting of the allocator's damage, a re-calibration between stages, another shrinkage of
 the loss-sensitivity matrix) over one cached calibration of the protocol's 64 × 512 Wikipedia
@@ -20,7 +20,7 @@ Allocation variants (``alloc``): ``base`` (the library's), ``attn:G`` (attention
 (gradient pass, statistics, decompositions) before each next budget. ``shrink``: the loss-sensitivity matrix shrunk as ``(1−λ)F + λ·tr(F)/d·I``
 (the library uses λ = 0.1) before the decompositions. ``mix``: the ``mix`` calibration source with
 another share of self-generated chat windows than the library's half (its own calibration; the
-generated text comes from the cache of ``stat_core.calibration_mix``). The first run caches the calibration and the
+generated text comes from the cache of ``stat_core.data.mix``). The first run caches the calibration and the
 dense reference in ``--cache`` (about 1 GB; our own statistics, not a model).
 """
 
@@ -40,8 +40,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, machine_note  # noqa: E402
 
 import stat_core.prune as P  # noqa: E402
-from stat_core.adapters import get_adapter  # noqa: E402
-from stat_core.budget import block_parameter_count  # noqa: E402
+from stat_core.methods.stat import analysis as A  # noqa: E402
+from stat_core.adapters import get_adapter
+from stat_core.surgery.budget import block_parameter_count
 
 FIELDS = ("perplexity", "kl_to_dense", "fewshot_accuracy", "fewshot_bias_free", "fewshot_majority_share",
           "analogy_accuracy", "instruction_agreement", "instruction_kl")
@@ -88,12 +89,12 @@ def shrunk_analyses(adapter, calibration, lam: float):
         factor = cholesky_with_ridge(f, 1e-12 * float(torch.trace(f)) / d + 1e-30)
         return factor.T @ w / np.sqrt(max(n_tokens, 1))
 
-    original, P.effective_out_weight = P.effective_out_weight, effective
+    original, A.effective_out_weight = A.effective_out_weight, effective
     try:
-        return [P.analyse_layer(adapter, i, s, calibration.sensitivity[i], False)
+        return [A.analyse_layer(adapter, i, s, calibration.sensitivity[i], False)
                 for i, s in enumerate(calibration.dense_stats)]
     finally:
-        P.effective_out_weight = original
+        A.effective_out_weight = original
 
 
 def markdown(records: list[dict], meta: dict) -> str:
@@ -117,10 +118,10 @@ def main(argv=None) -> int:
     p.add_argument("--cache", default="/tmp/stat-experiments-cache.pt")
     p.add_argument("--out-dir", default=str(RESULTS))
     args = p.parse_args(argv)
-    from stat_core.calibration_mix import decoder_calibration
-    from stat_core.data import CalibrationConfig
+    from stat_core.data.mix import decoder_calibration
+    from stat_core.data.sources import CalibrationConfig
     from stat_core.models import load_model
-    from stat_core.suite import SuiteConfig, build_reference, evaluate_suite
+    from stat_core.evaluation.suite import SuiteConfig, build_reference, evaluate_suite
 
     model, tokenizer = load_model(args.model)
     adapter = get_adapter(model)
@@ -160,15 +161,15 @@ def main(argv=None) -> int:
 
     budgets = [float(b) for b in args.budgets.split(",")]
     if args.experiment == "alloc":
-        build = P.build_block_options
+        build = A.build_block_options
         for budget in budgets:
             for variant in (args.variants or "base").split(","):
-                P.build_block_options = build if variant == "base" else reweighted(build, variant)
+                A.build_block_options = build if variant == "base" else reweighted(build, variant)
                 try:
                     pruned, t = copy.deepcopy(model), time.perf_counter()
                     result = P.prune_from_calibration_(pruned, calibration, P.PruneConfig(sparsity=budget))
                 finally:
-                    P.build_block_options = build
+                    A.build_block_options = build
                 measure("alloc", variant, budget, pruned, time.perf_counter() - t, result.plan)
     elif args.experiment == "shrink":
         for lam in (args.variants or "0.5").split(","):
@@ -179,7 +180,7 @@ def main(argv=None) -> int:
                 result = P.prune_from_calibration_(pruned, shrunk, P.PruneConfig(sparsity=budget))
                 measure("shrink", f"lambda={lam}", budget, pruned, time.perf_counter() - t, result.plan)
     elif args.experiment == "mix":
-        import stat_core.calibration_mix as mix
+        from stat_core.data import mix
 
         for share in (args.variants or "0.25").split(","):
             original, mix.MIX_SELF_SHARE = mix.MIX_SELF_SHARE, float(share)

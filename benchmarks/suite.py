@@ -1,5 +1,5 @@
 """Every pruning method in the registry, at equal budget, from one shared calibration, on the whole
-evaluation suite (``stat_core.suite``): what perplexity sees and what it hides.
+evaluation suite (``stat_core.evaluation.suite``): what perplexity sees and what it hides.
 
     .venv/bin/python benchmarks/suite.py            # SmolLM2 at 10..50% (64 × 512 calibration, full suite)
                                                     #   + the demo classifier at 20..50%
@@ -44,11 +44,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, load_at_start, machine_note  # noqa: E402
 
-from stat_core.adapters import get_adapter  # noqa: E402
-from stat_core.budget import block_parameter_count  # noqa: E402
-from stat_core.calibrate import CalibrationSet  # noqa: E402
-from stat_core.methods import get_method, method_names  # noqa: E402
-from stat_core.prune import PruneConfig, apply_plan_, calibrate, plan_pruning, stat_prune_  # noqa: E402
+from stat_core.adapters import get_adapter
+from stat_core.surgery.budget import block_parameter_count
+from stat_core.calibration.statistics import CalibrationSet
+from stat_core.methods.registry import get_method, method_names
+from stat_core.config import PruneConfig
+from stat_core.surgery.apply import apply_plan_
+from stat_core.prune import calibrate, plan_pruning, stat_prune_
 
 log = logging.getLogger("suite")
 
@@ -104,7 +106,7 @@ def run_decoder(model, tokenizer, windows, model_name: str, methods: list[str], 
     """``recovery``: a :class:`stat_core.recover.RecoveryConfig` (or ``None``): each cell is then also
     measured after recovery on ``windows``, as method ``<name>+recovery`` (``recovery_only``: only then,
     the plain cell is not measured)."""
-    from stat_core.suite import build_reference, evaluate_suite
+    from stat_core.evaluation.suite import build_reference, evaluate_suite
 
     t = time.perf_counter()
     reference = build_reference(model, tokenizer, suite_config)
@@ -176,7 +178,7 @@ def copy_plain_records(rec: Recorder, path: Path, model_name: str, methods: list
 
 def run_classifier(model, calib_set, held, held_windows, model_name: str, methods: list[str],
                    budgets: list[float], rec: Recorder) -> None:
-    from stat_core.classifier import accuracy, class_log_probs, kl_to_reference
+    from stat_core.evaluation.classifier import accuracy, class_log_probs, kl_to_reference
 
     ref = class_log_probs(model, held_windows)
     rec.add({"model": model_name, "method": "dense", "budget": 0.0, "removed_fraction": 0.0,
@@ -330,7 +332,7 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", default=str(RESULTS))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
-    from stat_core.suite import SuiteConfig
+    from stat_core.evaluation.suite import SuiteConfig
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
@@ -348,7 +350,7 @@ def main(argv=None) -> int:
         meta["recovery"] = {**asdict(recovery), "only": args.recover_only}
     rec = Recorder(Path(args.out_dir), meta, args.append, name=args.name)
     if args.tiny:
-        from stat_core.data import CalibrationConfig, calibration_windows, wikipedia_split
+        from stat_core.data.sources import CalibrationConfig, calibration_windows, wikipedia_split
 
         model, tokenizer = _tiny_decoder()
         windows = calibration_windows(tokenizer, wikipedia_split("calibration"), CalibrationConfig(num_samples=8, seq_len=64))
@@ -359,7 +361,7 @@ def main(argv=None) -> int:
                     sensitivity_samples=2, recovery=recovery, recovery_only=args.recover_only)
         return 0
 
-    from stat_core.data import CalibrationConfig, calibration_windows, wikipedia_split
+    from stat_core.data.sources import CalibrationConfig, calibration_windows, wikipedia_split
     from stat_core.models import load_model
 
     if args.model:
@@ -378,7 +380,8 @@ def main(argv=None) -> int:
             copy_plain_records(rec, Path(args.plain_from), args.model, methods, budgets)
         del model
     if args.classifier:
-        from stat_core.classifier import demo_classifier_split, encode, encode_chunks
+        from stat_core.models import demo_classifier_split
+        from stat_core.evaluation.classifier import encode, encode_chunks
 
         model, tokenizer = load_model(args.classifier)
         train, held = demo_classifier_split()

@@ -36,8 +36,8 @@ from torch_pruning.dependency.group import Group
 from torch_pruning.dependency.node import Node
 
 from stat_core.adapters import get_adapter
-from stat_core.calibrate import CalibrationSet
-from stat_core.remote_modeling import set_attention_counts
+from stat_core.calibration.statistics import CalibrationSet
+from stat_core.adapters.modeling_stat import set_attention_counts
 
 IMPORTANCES = ("magnitude", "activation")
 OUT, IN = tp.prune_linear_out_channels, tp.prune_linear_in_channels

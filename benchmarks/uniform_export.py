@@ -1,6 +1,6 @@
 """What the portable (uniform) export costs: perplexity and size of per-layer vs uniform STAT.
 
-    .venv/bin/python benchmarks/uniform_export.py            # S = 0.1 .. 0.5, SmolLM2-135M, DESIGN §6
+    .venv/bin/python benchmarks/uniform_export.py            # S = 0.1 .. 0.5, SmolLM2-135M, the fixed protocol
     .venv/bin/python benchmarks/uniform_export.py --quick    # S = 0.3, 16 windows, 4096 eval tokens
 
 One calibration of the dense model; for every budget the per-layer plan and the uniform plan (same
@@ -19,11 +19,14 @@ from pathlib import Path
 
 import torch
 
-from stat_core.data import CalibrationConfig, calibration_windows, wikipedia_split
-from stat_core.evaluate import evaluation_windows, perplexity
-from stat_core.export import export_pruned, state_dict_bytes
+from stat_core.data.sources import CalibrationConfig, calibration_windows, wikipedia_split
+from stat_core.evaluation.perplexity import evaluation_windows, perplexity
+from stat_core.export.hf import export_pruned
+from stat_core.export.common import state_dict_bytes
 from stat_core.models import load_model
-from stat_core.prune import PruneConfig, budget_summary, calibrate, prune_from_calibration_
+from stat_core.config import PruneConfig
+from stat_core.surgery.budget import budget_summary
+from stat_core.prune import calibrate, prune_from_calibration_
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -15,17 +15,16 @@ import logging
 import gradio as gr
 import pandas as pd
 
-from stat_core.labelled import BUILTIN_SETS
+from stat_app import figures as F
+from stat_app import handlers as H
+from stat_app.sessions import MAX_SESSIONS, SessionStore
+from stat_core.data.labelled import BUILTIN_SETS
 from stat_core.models import DEMO_MODELS
-
-from . import figures as F
-from . import handlers as H
-from .sessions import MAX_SESSIONS, SessionStore
 
 log = logging.getLogger("stat_app")
 
 DEFAULT_PORT = 7860
-MAX_UPLOAD = "200mb"   # the same cap as stat_core.data.MAX_INPUT_BYTES
+MAX_UPLOAD = "200mb"   # the same cap as stat_core.data.sources.MAX_INPUT_BYTES
 STAGE_LABELS = {"sensitivity": "Loss-sensitivity pass", "calibrate": "Calibrating layers",
                 "analyse": "Decomposing layers", "propagate": "Propagating (re-calibrating pruned layers)",
                 "compare": "Pruning and scoring each method", "surgery": "Cutting the pruned copy",

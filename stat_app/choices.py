@@ -4,17 +4,17 @@ all of it (``H.EXPORT_CHOICES``, ``H.method_choices()``, ...)."""
 
 from __future__ import annotations
 
-from stat_core.calibration_mix import SOURCES as CALIBRATION_SOURCES
-from stat_core.labelled import BUILTIN_SETS
-from stat_core.methods import get_method, method_names
+from stat_core.data.labelled import BUILTIN_SETS
+from stat_core.data.mix import SOURCES as CALIBRATION_SOURCES
+from stat_core.methods.registry import get_method, method_names
 
-DECODER_SOURCES = CALIBRATION_SOURCES  # mix, wikipedia, self-generated (stat_core.calibration_mix)
+DECODER_SOURCES = CALIBRATION_SOURCES  # mix, wikipedia, self-generated (stat_core.data.mix)
 ENCODER_SOURCES = tuple(BUILTIN_SETS)
 # Every method comes from the registry; Compare runs these by default (the plan-based ones: each
 # is cut from the cached calibration in seconds; SliceGPT needs its own pass and is opt-in).
 COMPARE_METHODS = tuple(m for m in method_names() if not get_method(m).whole_model)
 
-#: The app's export formats: label → (stat_core.export format, GGUF weight type).
+#: The app's export formats: label → (stat_core.export.hf format, GGUF weight type).
 EXPORT_CHOICES = {
     "safetensors (transformers)": ("safetensors", None),
     "GGUF float16 (llama.cpp)": ("gguf", "f16"),
@@ -39,7 +39,7 @@ def method_choices() -> list[tuple[str, str]]:
 
 
 def architecture_markdown(arch: dict) -> str:
-    """The loaded model's :func:`stat_core.report.architecture_summary` as a markdown table."""
+    """The loaded model's :func:`stat_core.evaluation.report.architecture_summary` as a markdown table."""
     if not arch:
         return "*No model loaded.*"
     rows = [("family", arch["family"]), ("kind", arch["kind"]), ("layers", arch["layers"]),

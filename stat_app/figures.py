@@ -1,4 +1,4 @@
-"""Plotly figures from a :class:`~stat_core.plan.PrunePlan` (plain data in, figures out)."""
+"""Plotly figures from a :class:`~stat_core.surgery.plan.PrunePlan` (plain data in, figures out)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import math
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+
+from stat_core.methods.registry import get_method
 
 KEPT = "#2b8a3e"
 REMOVED = "#e03131"
@@ -141,7 +143,6 @@ def decay_curves(plan, layer: int | None = None) -> go.Figure:
 
 def compare_figure(results: list[dict], dense: dict, metric: str) -> go.Figure:
     """One bar per method (log scale for perplexity), the dense model as a dashed line."""
-    from stat_core.methods import get_method
 
     x = [get_method(r["method"]).label for r in results]
     y = [r.get(metric) for r in results]
@@ -165,7 +166,7 @@ def compare_figure(results: list[dict], dense: dict, metric: str) -> go.Figure:
     return fig
 
 
-# --- explanation views (numbers from stat_core.explain) -----------------------------------------
+# --- explanation views (numbers from stat_core.methods.stat.explain) -----------------------------------------
 
 HEADS_CAPTION = ("Each square is one attention head: green kept, red removed; the number is its importance rank in "
                  "its layer (1 = the head whose loss would hurt the output most). Heads sharing a KV group go together.")

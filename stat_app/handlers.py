@@ -7,8 +7,8 @@ cancellation) come back as ``Reply(ok=False, message=...)`` with one readable se
 ``stat_core``; anything unexpected is logged with its traceback on the server and reported as one line.
 
 The work itself is ``stat_core``'s, the same functions the CLI calls (:mod:`stat_core.pipeline` for
-data, configs, pruned copies, recovery and reports, :mod:`stat_core.measure`, :mod:`stat_core.explain`,
-:mod:`stat_core.export`); a handler reads its arguments, keeps the session's state, reports progress
+data, configs, pruned copies, recovery and reports, :mod:`stat_core.evaluation.measure`, :mod:`stat_core.methods.stat.explain`,
+:mod:`stat_core.export.hf`); a handler reads its arguments, keeps the session's state, reports progress
 and honours Cancel. Heavy work (loading, calibration, pruning, measuring, export) holds
 :data:`DEVICE_LOCK`, so one job at a time uses the device whatever the number of users; Gradio's
 queue also runs those events with ``concurrency_limit=1``.
@@ -20,24 +20,45 @@ import threading
 import time
 from pathlib import Path
 
-from stat_core import explain, measure as core_measure, pipeline
+from stat_app.choices import (  # noqa: F401 (re-exported)
+    COMPARE_METHODS,
+    DECODER_SOURCES,
+    ENCODER_SOURCES,
+    EXPORT_CHOICES,
+    architecture_markdown,
+    method_choices,
+    method_label,
+    plan_method_choices,
+)
+from stat_app.replies import (  # noqa: F401
+    DEVICE_LOCK,
+    EXPECTED,
+    ProgressFn,
+    Reply,
+    check_cancel,
+    core_progress,
+    guarded,
+    require_calibration,
+    require_model,
+    require_pruned,
+)
+from stat_app.sessions import Cancelled, Outcome, Session
+from stat_core import pipeline
 from stat_core import prune as core_prune  # noqa: F401 (tests patch the core's steps through it)
-from stat_core.calibration_mix import default_source  # noqa: F401 (the app's default source)
-from stat_core.data import check_calibration_sizes
-from stat_core.export import check_format, export_zip_with_report
-from stat_core.measure import METRIC_HEADERS, QUICK_EVAL_TOKENS  # noqa: F401 (the app's table, default)
-from stat_core.methods import get_method
-from stat_core.models import is_encoder, load_model
-from stat_core.prune import PruneConfig
+from stat_core.adapters.registry import is_encoder
+from stat_core.config import PruneConfig
+from stat_core.data.sources import check_calibration_sizes
+from stat_core.evaluation import measure as core_measure
+from stat_core.data.mix import default_source  # noqa: F401 (the app's default source)
+from stat_core.evaluation.measure import METRIC_HEADERS, QUICK_EVAL_TOKENS  # noqa: F401 (the app's table, default)
+from stat_core.evaluation.report import architecture_summary as architecture
+from stat_core.evaluation.report import recovery_sentence, removed_sentence
+from stat_core.evaluation.suite import SuiteConfig, build_reference
+from stat_core.export.api import check_format, export_zip_with_report
+from stat_core.methods.registry import get_method
+from stat_core.methods.stat import explain
+from stat_core.models import load_model
 from stat_core.recover import RecoveryCancelled
-from stat_core.report import architecture_summary as architecture, recovery_sentence, removed_sentence
-
-from .choices import (COMPARE_METHODS, DECODER_SOURCES, ENCODER_SOURCES, EXPORT_CHOICES,  # noqa: F401 (re-exported)
-                      architecture_markdown, method_choices, method_label, plan_method_choices)
-from .replies import (DEVICE_LOCK, EXPECTED, ProgressFn, Reply, check_cancel, core_progress,  # noqa: F401
-                      guarded, require_calibration, require_model, require_pruned)
-from .sessions import Cancelled, Outcome, Session
-
 
 # --- load ----------------------------------------------------------------------------------------
 
@@ -178,7 +199,7 @@ def calibrate_and_prune(session: Session, calib_kwargs: dict, prune_kwargs: dict
     return Reply(True, msg, {**p.data, "calibration": c.data})
 
 
-# --- measurements (stat_core.measure) --------------------------------------------------------------
+# --- measurements (stat_core.evaluation.measure) --------------------------------------------------------------
 
 @guarded
 def measure(session: Session, eval_tokens: int = QUICK_EVAL_TOKENS, cancel_event: threading.Event | None = None) -> Reply:
@@ -221,7 +242,7 @@ def compare(session: Session, sparsity: float, budget_kind: str = "params", unif
     """Every chosen method (STAT, the published peers, the simple baselines; see
     ``stat_core.methods``) at the same budget from the same cached calibration: quick perplexity
     (or held-out accuracy) and KL to dense; with ``suite`` (decoders) also the evaluation suite
-    (``stat_core.suite``: few-shot, analogies, chat agreement; ``suite_config`` defaults to
+    (``stat_core.evaluation.suite``: few-shot, analogies, chat agreement; ``suite_config`` defaults to
     ``SuiteConfig.quick()``), whose dense reference is built once per model and kept in the session."""
     require_calibration(session)
     if suite and session.encoder:
@@ -232,7 +253,7 @@ def compare(session: Session, sparsity: float, budget_kind: str = "params", unif
     with DEVICE_LOCK:
         reference = suite_reference(session, suite_config, report) if suite else None
         base = core_measure.baseline(session.model, session.tokenizer, session.held_out, int(eval_tokens))
-        results = core_measure.compare_methods(session.model, session.calibration, session.calib_data, configs, base,
+        results = pipeline.compare_methods(session.model, session.calibration, session.calib_data, configs, base,
                                                session.model_name, session.calib_info, report,
                                                suite_reference=reference, tokenizer=session.tokenizer)
     dense, metric = base.quality, ("accuracy" if session.encoder else "perplexity")
@@ -246,7 +267,6 @@ def compare(session: Session, sparsity: float, budget_kind: str = "params", unif
 def suite_reference(session: Session, config=None, progress: ProgressFn | None = None):
     """The evaluation suite's dense reference for the session's model (built on first use with
     ``config``, default ``SuiteConfig.quick()``, then kept until another model is loaded)."""
-    from stat_core.suite import SuiteConfig, build_reference
 
     config = config or SuiteConfig.quick()
     key = (session.model_name, config)
@@ -263,7 +283,7 @@ def suite_reference(session: Session, config=None, progress: ProgressFn | None =
 def export(session: Session, fmt: str = "safetensors (transformers)",
            cancel_event: threading.Event | None = None) -> Reply:
     """Write the pruned model in ``fmt`` (a key of :data:`EXPORT_CHOICES` or a plain format name) as a
-    zip with its report beside it (``stat_core.export.export_zip_with_report``). Cancel stops it
+    zip with its report beside it (``stat_core.export.api.export_zip_with_report``). Cancel stops it
     between steps (and between files of the zip) and leaves nothing half-written."""
     require_pruned(session)
     fmt, gguf_type = EXPORT_CHOICES.get(fmt, (fmt, None))
@@ -289,7 +309,7 @@ def export(session: Session, fmt: str = "safetensors (transformers)",
 # --- explanations ---------------------------------------------------------------------------------
 
 def plan_explanations(session: Session) -> dict:
-    """:func:`stat_core.explain.plan_explanations` for the session's plan (``{}`` before a prune)."""
+    """:func:`stat_core.methods.stat.explain.plan_explanations` for the session's plan (``{}`` before a prune)."""
     if session.outcome is None or session.calibration is None:
         return {}
     return explain.plan_explanations(session.model, session.calibration, session.outcome.plan)

@@ -17,11 +17,10 @@ from typing import Callable
 
 import torch
 
+from stat_app.sessions import Cancelled, Session
 from stat_core.adapters import UnsupportedModelError
-from stat_core.data import DataError
+from stat_core.data.sources import DataError
 from stat_core.models import ModelLoadError
-
-from .sessions import Cancelled, Session
 
 log = logging.getLogger("stat_app")
 

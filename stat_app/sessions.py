@@ -68,7 +68,7 @@ class Session:
     # latest prune (plan, config, report and pruned copy replaced together; see Outcome)
     outcome: Outcome | None = None
     dense_metrics: dict = field(default_factory=dict)   # cached "before" numbers
-    suite_reference: Any = None    # stat_core.suite.DenseReference of the dense model (Compare's suite)
+    suite_reference: Any = None    # stat_core.evaluation.suite.DenseReference of the dense model (Compare's suite)
     suite_key: tuple | None = None
     # cancellation of the running job (a fresh event per job, see begin_job)
     cancel_event: threading.Event = field(default_factory=threading.Event)

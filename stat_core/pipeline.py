@@ -3,7 +3,7 @@ source into the data the model calibrates on (and, for classifiers, the held-out
 measured on), read a sparsity, build the prune's config, and cut a pruned copy from cached
 statistics. One set of functions, so the two shells cannot drift apart; warnings come back as
 sentences instead of being caught from a logger. The report every prune writes is
-:mod:`stat_core.report`; before/after measurements are :mod:`stat_core.measure`.
+:mod:`stat_core.evaluation.report`; before/after measurements are :mod:`stat_core.evaluation.measure`.
 """
 
 from __future__ import annotations
@@ -14,18 +14,42 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
-from . import prune as core_prune
-from .calibrate import CalibrationSet
-from .calibration_mix import SOURCES as DECODER_SOURCES, decoder_calibration, default_source
-from .classifier import CLASSIFIER_MAX_LEN, DEMO_CLASSIFIER, demo_classifier_split, encode, encode_chunks
-from .data import (CalibrationConfig, DataError, calibration_windows, check_calibration_sizes, fingerprint,
-                   load_text_file)
-from .labelled import BUILTIN_SETS, load_labelled
-from .models import DEMO_MODELS, ModelLoadError, is_encoder
-from .prune import PruneConfig
-from .report import plan_sizes, prune_report, set_after_sizes, size_summary
+from stat_core import prune as core_prune
+from stat_core.calibration.sizes import calibration_size_warning
+from stat_core.adapters.registry import is_encoder
+from stat_core.calibration.statistics import CalibrationSet
+from stat_core.config import PruneConfig
+from stat_core.data.labelled import BUILTIN_SETS, load_labelled
+from stat_core.data.mix import SOURCES as DECODER_SOURCES
+from stat_core.data.mix import decoder_calibration, default_source
+from stat_core.data.sources import (
+    CalibrationConfig,
+    DataError,
+    calibration_windows,
+    check_calibration_sizes,
+    fingerprint,
+    load_text_file,
+)
+from stat_core.evaluation.classifier import CLASSIFIER_MAX_LEN, encode, encode_chunks
+from stat_core.evaluation.measure import Baseline, quality
+from stat_core.evaluation.report import (
+    plan_sizes,
+    prune_report,
+    set_after_sizes,
+    size_summary,
+)
+from stat_core.evaluation.suite import evaluate_suite
+from stat_core.methods.registry import get_method
+from stat_core.methods.stat import explain
+from stat_core.models import (
+    DEMO_CLASSIFIER,
+    DEMO_MODELS,
+    ModelLoadError,
+    demo_classifier_split,
+)
+from stat_core.recover import RecoveryConfig, recover_
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -139,7 +163,7 @@ def calibration_data(model, tokenizer, model_name: str, source: str = "builtin",
         prepared = _classifier_data(tokenizer, model_name, source, builtin, file_path, num_samples, seq_len, seed,
                                     info, text_columns, label_column)
     prepared.info["fingerprint"] = fingerprint(model_name, CalibrationSet.wrap(prepared.data).input_ids)
-    size_warning = core_prune.calibration_size_warning(model, prepared.info["tokens"])
+    size_warning = calibration_size_warning(model, prepared.info["tokens"])
     if size_warning:
         prepared.warnings.append(size_warning)
     return prepared
@@ -156,7 +180,7 @@ def _decoder_data(model, tokenizer, source, builtin, file_path, pasted, num_samp
         return CalibrationData(cal.windows, None, info)
     docs = load_text_file(file_path) if source == "file" else pasted_documents(pasted)
     catcher = _Collect()
-    data_log = logging.getLogger("stat_core.data")
+    data_log = logging.getLogger("stat_core.data.sources")
     data_log.addHandler(catcher)
     try:
         windows = calibration_windows(tokenizer, docs, config)
@@ -225,7 +249,7 @@ def parse_sparsity(value) -> float:
 
 def prune_config(model, data, sparsity, budget_kind: str = "params", uniform: bool = False,
                  mode: str = "one-shot", method: str = "stat", flops_seq_len: int | None = None) -> PruneConfig:
-    """The :class:`~stat_core.prune.PruneConfig` of a prune of ``model`` calibrated on ``data``
+    """The :class:`~stat_core.config.PruneConfig` of a prune of ``model`` calibrated on ``data``
     (FLOPs counted at :func:`default_flops_seq_len` unless ``flops_seq_len`` is given)."""
     return PruneConfig(sparsity=parse_sparsity(sparsity), budget_kind=budget_kind,
                        flops_seq_len=flops_seq_len or default_flops_seq_len(model, data), method=method, mode=mode,
@@ -236,7 +260,6 @@ def calibrate_statistics(model, data, progress: ProgressFn | None = None):
     """Dense statistics of ``model`` on ``data`` (:func:`stat_core.prune.calibrate`: every later
     one-shot budget is cut from them) and the inspect views' singular values, timed in
     ``calibration.timings["spectra"]``."""
-    from . import explain
 
     calibration = core_prune.calibrate(model, data, PruneConfig(sparsity=0.0), progress)
     t = time.perf_counter()
@@ -280,8 +303,8 @@ def _report(model, calibration, config: PruneConfig, plan, model_name: str | Non
 def plan_with_report(model, calibration, config: PruneConfig, model_name: str | None = None,
                      calib_info: dict | None = None) -> tuple:
     """``(plan, report)``: a one-shot plan cut from the cached ``calibration`` (well under a second,
-    no surgery) and its :func:`stat_core.report.prune_report` with the sizes the plan will have
-    (:func:`stat_core.report.plan_sizes`) and ``seconds_plan``."""
+    no surgery) and its :func:`stat_core.evaluation.report.prune_report` with the sizes the plan will have
+    (:func:`stat_core.evaluation.report.plan_sizes`) and ``seconds_plan``."""
     t = time.perf_counter()
     plan = core_prune.plan_pruning(model, calibration, config, model_name or "", calib_info or {})
     seconds = time.perf_counter() - t
@@ -341,7 +364,6 @@ def recover(pruned, dense, data, steps, report: dict | None = None, seed: int = 
     recorded in ``report`` as ``recover`` and ``seconds_recover``. A cancel (``cancel_event`` set,
     or a ``progress`` callback that raises) leaves ``pruned`` exactly as it was before recovery and
     the report without those keys."""
-    from .recover import RecoveryConfig, recover_
 
     info = recover_(pruned, dense, data, RecoveryConfig(steps=recovery_steps(steps), seed=int(seed)),
                     progress=progress, cancel_event=cancel_event)
@@ -354,7 +376,6 @@ def recover(pruned, dense, data, steps, report: dict | None = None, seed: int = 
 def compare_configs(model, data, sparsity, methods, budget_kind: str = "params", uniform: bool = False) -> list:
     """One one-shot :class:`PruneConfig` per method in ``methods`` at the same budget; ValueError
     with one sentence if none is chosen or one cannot apply to ``model`` (before any work)."""
-    from .methods import get_method
 
     methods = list(methods or ())
     if not methods:
@@ -373,3 +394,39 @@ def calibration_request_key(model_name: str | None, source: str, builtin: str | 
     file_id = () if p is None else (str(p), p.stat().st_size, p.stat().st_mtime) if p.exists() else (str(p),)
     return (model_name, source, builtin if source == "builtin" else "", file_id, text_hash,
             int(num_samples), int(seq_len), int(seed))
+
+
+def compare_methods(model, calibration, data, configs: Sequence, base: Baseline, model_name: str | None = None,
+                    calib_info: dict | None = None, progress: ProgressFn | None = None,
+                    suite_reference=None, tokenizer=None) -> list[dict]:
+    """Each config's method applied to a copy of the dense ``model`` from one cached ``calibration``
+    (whole-model methods run on ``data``), measured against ``base``: ``[{"method", <quality>,
+    "kl_to_dense", "achieved", "block_params"}]`` (decoders: KL on the same quick windows, the dense
+    ``model`` run beside each copy). With a ``suite_reference`` (:func:`stat_core.evaluation.suite.build_reference`
+    of the dense ``model`` with ``tokenizer``) each result also holds ``"suite"``: the evaluation
+    suite's fields (few-shot, analogies, chat agreement, ...) for that copy.
+    ``progress("compare", i, n)`` is called before each method (a callback that raises stops the
+    comparison there); the dense model is never modified."""
+
+    results = []
+    for i, config in enumerate(configs):
+        if progress is not None:
+            progress("compare", i, len(configs))
+        step = None if progress is None else (lambda *_: progress("compare", i, len(configs)))  # noqa: B023
+        if get_method(config.method).whole_model:
+            pruned = copy.deepcopy(model)
+            info = core_prune.stat_prune_(pruned, data, config, model_name).info
+            achieved, block_params = info["removed_fraction"], info["block_params_after"]
+        else:
+            pruned, plan = prune_copy(model, calibration, data, config, model_name, calib_info, progress=step)
+            achieved, block_params = plan.budget["achieved"], size_summary(pruned, config.flops_seq_len)["block_params"]
+        row = {"method": config.method, **quality(pruned, base, dense=model), "achieved": achieved,
+               "block_params": block_params}
+        if suite_reference is not None:
+
+            row["suite"] = evaluate_suite(pruned, tokenizer, suite_reference, progress=step)  # Cancel between batches
+        results.append(row)
+        del pruned
+    if progress is not None:
+        progress("compare", len(configs), len(configs))
+    return results

@@ -29,10 +29,9 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from .adapters import get_adapter
-from .calibrate import CalibrationSet
+from stat_core.adapters import get_adapter
+from stat_core.calibration.statistics import CalibrationSet
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from .data import wikipedia_articles
-from .models import DEMO_MODELS, prepare_demo_model
+from stat_core.data.sources import wikipedia_articles
+from stat_core.models import DEMO_MODELS, prepare_demo_model
 
 
 def main() -> None:

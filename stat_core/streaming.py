@@ -8,15 +8,15 @@ tensor name from the checkpoint's safetensors (``model.safetensors`` or the shar
 1. the embeddings, to turn the calibration windows into block 0's inputs (then freed);
 2. first pass, per block: load its weights, run the calibration hidden states through it
    collecting its statistics (:meth:`LayerwiseRunner.collect_block`), analyse it
-   (:func:`stat_core.prune.analyse_layer`), write its statistics to a scratch file, free it;
-3. allocation over every layer's analysis (:func:`stat_core.prune.plan_from_analyses`, the same
+   (:func:`stat_core.methods.stat.analysis.analyse_layer`), write its statistics to a scratch file, free it;
+3. allocation over every layer's analysis (:func:`stat_core.methods.stat.analysis.plan_from_analyses`, the same
    code the in-memory prune runs);
 4. second pass, per block: load it again with its statistics, cut and correct it
-   (:func:`stat_core.prune.apply_layer_`), write its tensors as one shard of the output, free it;
+   (:func:`stat_core.surgery.apply.apply_layer_`), write its tensors as one shard of the output, free it;
 5. the rest (embeddings, final norm, head) copied into a last shard, the shard index, the config
    with every layer's pruned widths, ``plan.json``, ``pruning_report.json``, the model card and
    (per-layer widths) ``modeling_stat.py``: the folder loads the three ways an ordinary export does
-   (:mod:`stat_core.export`). Everything is written to a hidden sibling folder renamed into place
+   (:mod:`stat_core.export.hf`). Everything is written to a hidden sibling folder renamed into place
    at the end, so a failed or interrupted run leaves no half-written output.
 
 Peak memory ≈ the interpreter + one block's weights + the calibration hidden states + one block's
@@ -48,15 +48,40 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import distributed
-from .adapters import get_adapter, supported_model_types
-from .calibrate import BlockStats, CalibrationSet, LayerwiseRunner, _StopForward, release_memory
-from .export import (MODELING_FILE, ExportError, ExportInfo, _is_uniform, _state_dict_for, atomic_output_dir,
-                     check_output_dir, export_config, model_card, modeling_file_text)
-from .plan import PrunePlan
-from .report import set_after_sizes
-from .prune import (PruneConfig, ProgressFn, analyse_layer, apply_layer_, check_budget_feasible, plan_from_analyses,
-                    stat_correction)
+from stat_core.adapters import get_adapter, supported_model_types
+from stat_core.adapters.registry import ENCODER_TYPES, is_encoder
+from stat_core.calibration import distributed
+from stat_core.calibration.statistics import (
+    BlockStats,
+    CalibrationSet,
+    LayerwiseRunner,
+    _StopForward,
+    release_memory,
+)
+from stat_core.config import PruneConfig
+from stat_core.evaluation.report import prune_report, set_after_sizes
+from stat_core.export.common import (
+    MODELING_FILE,
+    ExportInfo,
+    _is_uniform,
+    atomic_output_dir,
+    check_output_dir,
+    export_config,
+)
+from stat_core.export.hf import _state_dict_for, model_card, modeling_file_text
+from stat_core.methods.base import check_budget_feasible
+from stat_core.methods.registry import get_method
+from stat_core.methods.stat.analysis import (
+    analyse_layer,
+    plan_from_analyses,
+    stat_correction,
+)
+from stat_core.models import DTYPES, load_tokenizer_only, resolve_model_path
+from stat_core.pipeline import calibration_data, resolve_source
+from stat_core.progress import ProgressFn, TqdmProgress, notify
+from stat_core.surgery.apply import apply_layer_
+from stat_core.surgery.budget import budget_summary
+from stat_core.surgery.plan import PrunePlan
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +91,7 @@ SINGLE_FILE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json",
                    "generation_config.json")
-ENCODER_TYPES = ("bert", "roberta", "distilbert")
+
 
 
 class StreamingError(ValueError):
@@ -320,9 +345,6 @@ def check_streamable(config: PruneConfig) -> None:
         raise StreamingError("Streaming (--offload) runs in one process; start it without torchrun.")
 
 
-def _notify(progress, stage, done, total):
-    if progress is not None:
-        progress(stage, done, total)
 
 
 def streamed_prune(model_dir: str | Path, windows, config: PruneConfig, out_dir: str | Path,
@@ -331,7 +353,7 @@ def streamed_prune(model_dir: str | Path, windows, config: PruneConfig, out_dir:
                    work_dir: str | Path | None = None, save_dtype: torch.dtype | None = None) -> StreamedResult:
     """Prune the model in ``model_dir`` (a local folder with safetensors weights) with STAT one-shot
     on calibration ``windows: (n, T)`` (or a :class:`CalibrationSet`), block by block, and write the
-    pruned model to ``out_dir`` like :func:`stat_core.export.export_pruned` does.
+    pruned model to ``out_dir`` like :func:`stat_core.export.hf.export_pruned` does.
 
     ``dtype``: the compute and output dtype (default: the checkpoint's). The gradient sensitivity
     pass is skipped (``fisher=None``, residual-energy weighting): the plan and weights equal an
@@ -351,7 +373,6 @@ def streamed_prune(model_dir: str | Path, windows, config: PruneConfig, out_dir:
         return (t.to(save_dtype) if t.is_floating_point() else t).detach().contiguous()
     model = build_skeleton(checkpoint.folder, dtype)
     adapter = get_adapter(model)
-    from .methods import get_method
 
     get_method(config.method).check_applicable(model)
     check_budget_feasible(model, config)
@@ -376,7 +397,7 @@ def streamed_prune(model_dir: str | Path, windows, config: PruneConfig, out_dir:
     head_names = set()
     if head is not None:
         head_names = {n for n, m in model.named_modules() if m is head}
-    _notify(progress, "embed", 0, 1)
+    notify(progress, "embed", 0, 1)
     t = time.perf_counter()
     skip_blocks = set()
     for i, _ in enumerate(adapter.layers):
@@ -387,7 +408,7 @@ def streamed_prune(model_dir: str | Path, windows, config: PruneConfig, out_dir:
     runner = _StreamedRunner(model, adapter, data, config.batch_size, device)
     _free_outside_blocks_(model, adapter)  # the embeddings are done: their storage goes
     timings["embed"] = time.perf_counter() - t
-    _notify(progress, "embed", 1, 1)
+    notify(progress, "embed", 1, 1)
 
     scratch = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="stat-stream-"))
     scratch.mkdir(parents=True, exist_ok=True)
@@ -426,7 +447,7 @@ def streamed_prune(model_dir: str | Path, windows, config: PruneConfig, out_dir:
             del stats
             _free_(block)
             release_memory()
-            _notify(progress, "calibrate", i + 1, n_layers)
+            notify(progress, "calibrate", i + 1, n_layers)
         del hidden
         runner.batches = []
         timings["calibrate"] = time.perf_counter() - t - t_analyse
@@ -476,12 +497,12 @@ def streamed_prune(model_dir: str | Path, windows, config: PruneConfig, out_dir:
                 del tensors
                 _free_(block)
                 release_memory()
-                _notify(progress, "apply", i + 1, n_layers)
+                notify(progress, "apply", i + 1, n_layers)
             adapter.record_shapes_in_config_()
             timings["apply"] = time.perf_counter() - t
             after = model_sizes(model, config.flops_seq_len)
             info.update(sizes_before=before, sizes_after=after)
-            if "block_params_before" in report:  # a report from stat_core.report.prune_report
+            if "block_params_before" in report:  # a report from stat_core.evaluation.report.prune_report
                 set_after_sizes(report, after)
                 report["predicted_damage"] = plan.budget.get("predicted_damage")
                 report["layers"] = plan.kept_summary()
@@ -621,9 +642,8 @@ def _load_block_stats(path: Path) -> BlockStats:
 
 
 def model_sizes(model, seq_len: int) -> dict:
-    """:func:`stat_core.report.size_summary` for a skeleton (parameters on ``meta`` have no storage
+    """:func:`stat_core.evaluation.report.size_summary` for a skeleton (parameters on ``meta`` have no storage
     to tell tied ones apart by: ``named_parameters`` names each tensor once)."""
-    from .prune import budget_summary
 
     params = dict(model.named_parameters())
     s = budget_summary(model, seq_len)
@@ -680,9 +700,6 @@ def run_offload(args) -> dict:
     """``stat-prune MODEL --offload ...``: the streamed prune of a local safetensors folder, with the
     CLI's calibration sources and report. No quality evaluation (it needs the whole model in memory:
     evaluate the exported folder afterwards)."""
-    from .models import DTYPES, is_encoder, load_tokenizer_only, resolve_model_path
-    from .pipeline import calibration_data, resolve_source
-    from .report import prune_report
 
     if args.no_model or args.format != "safetensors":
         raise StreamingError("--offload writes the pruned model block by block as a safetensors folder; drop "
@@ -728,9 +745,8 @@ def run_offload(args) -> dict:
     del skeleton
     progress = None
     if not args.quiet:
-        from .cli import _Progress
 
-        progress = _Progress(True)
+        progress = TqdmProgress(True)
     result = streamed_prune(checkpoint.folder, data, config, args.out, progress, dtype=dtype, model_name=args.model,
                             calibration_info=info, report=report, overwrite=args.overwrite,
                             save_dtype=None if args.dtype else stored, work_dir=args.work_dir)

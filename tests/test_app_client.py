@@ -93,7 +93,7 @@ def test_load_prune_rebudget_measure_export(server, decoder_dir):  # noqa: F811
     assert "Load a model" in other.predict(512, api_name="/measure")[0]
     assert len(store) >= 2
 
-    pytest.importorskip("stat_core.export", reason="stat_core.export not merged yet")
+    pytest.importorskip("stat_core.export.hf", reason="stat_core.export.hf not merged yet")
     status, zip_path, report_path = c.predict("safetensors (transformers)", api_name="/export")
     assert status.startswith("✅ Exported"), status
     with zipfile.ZipFile(zip_path) as zf:

@@ -304,9 +304,10 @@ def test_measure_generate_compare(calibrated):
 def test_compare_with_the_evaluation_suite(calibrated):
     """Compare's suite columns are the suite of each method's own pruned copy, against one dense
     reference built once per model and kept; KL is the quick windows' KL of that copy."""
-    from stat_core import measure as M, pipeline as P
-    from stat_core.methods import get_method
-    from stat_core.suite import SuiteConfig, evaluate_suite
+    from stat_core.evaluation import measure as M
+    from stat_core import pipeline as P
+    from stat_core.methods.registry import get_method
+    from stat_core.evaluation.suite import SuiteConfig, evaluate_suite
 
     s = calibrated
     tiny = SuiteConfig.tiny()
@@ -351,7 +352,7 @@ def test_classifier_session(classifier_dir):
     assert p.ok, p.message
     m = H.measure(s)
     assert m.ok and m["rows"][0][0].startswith("held-out accuracy")
-    from stat_core.classifier import accuracy
+    from stat_core.evaluation.classifier import accuracy
     # the table's number is the pruned copy's accuracy on the held-out half, recomputed here
     assert m["after"]["accuracy"] == accuracy(s.pruned, s.held_out)
     assert m["before"]["accuracy"] == accuracy(s.model, s.held_out)
@@ -388,7 +389,7 @@ def test_export_gguf_and_onnx_downloads(calibrated):
 
 
 def test_export_zip(calibrated):
-    pytest.importorskip("stat_core.export", reason="stat_core.export not merged yet")
+    pytest.importorskip("stat_core.export.hf", reason="stat_core.export.hf not merged yet")
     s = calibrated
     assert H.prune(s, 0.3).ok
     r = H.export(s)
@@ -417,7 +418,7 @@ def test_sessions_are_isolated_and_cleaned_up(decoder_dir):
 
 
 def test_rebudget_during_surgery_cannot_pair_a_plan_with_another_plans_weights(calibrated, monkeypatch):
-    """The race of issue 13: a slider re-budget (no device lock) lands while Export builds the
+    """The race of slider re-budget (no device lock) lands while Export builds the
     pruned copy of the previous plan. Reproduced deterministically: surgery blocks on an event
     until the re-budget has been installed. The export must ship one prune's plan and weights, and
     the session must never hold the new plan with the old weights."""
@@ -530,7 +531,7 @@ def test_cancel_during_export_leaves_nothing_half_written(calibrated, monkeypatc
     previous export's zip is still there."""
     import threading
 
-    import stat_core.export as core_export
+    from stat_core.export import hf as core_export
 
     s = calibrated
     assert H.prune(s, 0.3).ok
@@ -552,10 +553,10 @@ def test_cancel_during_export_leaves_nothing_half_written(calibrated, monkeypatc
     assert not any(n.endswith(".part") or (s.workdir / n).is_dir() for n in left), left
 
 
-# --- recovery after pruning (issue 16: the app's checkbox, the CLI's --recover) -------------------
+# --- recovery after pruning (the app's checkbox, the CLI's --recover) -------------------
 
 def _kl_on_calibration(s, model):
-    from stat_core.measure import perplexity_and_kl
+    from stat_core.evaluation.measure import perplexity_and_kl
 
     return perplexity_and_kl(model, s.calib_data, dense=s.model)[1]
 

@@ -18,10 +18,10 @@ import torch
 from stat_app import handlers as H
 from stat_app.sessions import Session, SessionStore
 from stat_core.cli import main as cli_main
-from stat_core.data import check_calibration_sizes, load_text_file
-from stat_core.labelled import load_labelled
+from stat_core.data.sources import check_calibration_sizes, load_text_file
+from stat_core.data.labelled import load_labelled
 from stat_core.models import load_model
-from stat_core.prune import PruneConfig
+from stat_core.config import PruneConfig
 
 from conftest import tiny_model
 
@@ -256,7 +256,7 @@ def test_export_destination_rows(files, session):
     assert (files["exists"] / "keep.txt").read_text() == "the user's file"
     assert "is a file" in cli(files, "--calibration", files["good"], out=files["afile"])
     assert "Cannot write" in cli(files, "--calibration", files["good"], out="/proc/stat-export/out")
-    from stat_core.export import export_pruned
+    from stat_core.export.hf import export_pruned
 
     with pytest.raises(ValueError, match="already exists and is not empty"):
         export_pruned(session.model, session.tokenizer, files["exists"])
@@ -275,7 +275,7 @@ import resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
 from stat_core.models import load_model
-from stat_core.export import export_pruned, ExportError
+from stat_core.export.hf import export_pruned, ExportError
 model, tok = load_model({str(files['decoder'])!r})
 try:
     export_pruned(model, tok, {str(out)!r})

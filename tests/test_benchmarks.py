@@ -26,8 +26,10 @@ def test_torch_pruning_matches_hand_built_model(family, kind, windows):
     project's own surgery applied to the same kept indices: same shapes, same logits."""
     pytest.importorskip("torch_pruning")
     tp_peer = bench("tp_peer")
-    from stat_core.plan import LayerPlan, PrunePlan
-    from stat_core.prune import PruneConfig, apply_plan_, calibrate, plan_pruning
+    from stat_core.surgery.plan import LayerPlan, PrunePlan
+    from stat_core.config import PruneConfig
+    from stat_core.surgery.apply import apply_plan_
+    from stat_core.prune import calibrate, plan_pruning
 
     dense = tiny_model(family, num_attention_heads=4, num_key_value_heads=2)
     calib = calibrate(dense, windows, PruneConfig(sparsity=0.0, sensitivity_samples=2))
@@ -124,6 +126,7 @@ def test_stat_experiments_hooks_change_only_what_they_say(windows):
     library's analyses; ``keep-last:1`` leaves the last layer whole at the same budget; a huge attention weight keeps
     every head."""
     import stat_core.prune as P
+    from stat_core.methods.stat import analysis as A
     from stat_core.adapters import get_adapter
 
     exp = bench("stat_experiments")
@@ -135,24 +138,24 @@ def test_stat_experiments_hooks_change_only_what_they_say(windows):
     for a, b in zip(same, calibration.analyses):
         assert a.head_order == b.head_order and torch.equal(a.neuron_order, b.neuron_order)
         assert torch.allclose(a.mlp_damage, b.mlp_damage, rtol=1e-9, atol=0)
-    assert P.effective_out_weight.__module__ == "stat_core.prune"  # restored
+    assert A.effective_out_weight.__module__ == "stat_core.methods.stat.analysis"  # restored
 
     def plan(variant):
-        return _plan_with(P, exp.reweighted(P.build_block_options, variant), adapter, calibration, config)
+        return _plan_with(A, exp.reweighted(A.build_block_options, variant), adapter, calibration, config)
 
     kept = plan("keep-last:1").layers[-1]
     assert len(kept.kept_heads) == kept.num_heads and len(kept.kept_neurons) == kept.intermediate_size
     assert all(len(lp.kept_heads) == lp.num_heads for lp in plan("attn:1e12").layers)
     with pytest.raises(SystemExit):
-        exp.reweighted(P.build_block_options, "nonsense:1")
+        exp.reweighted(A.build_block_options, "nonsense:1")
 
 
-def _plan_with(P, build, adapter, calibration, config):
-    original, P.build_block_options = P.build_block_options, build
+def _plan_with(A, build, adapter, calibration, config):
+    original, A.build_block_options = A.build_block_options, build
     try:
-        return P.plan_from_analyses(adapter, calibration.analyses, config, "tiny", {})
+        return A.plan_from_analyses(adapter, calibration.analyses, config, "tiny", {})
     finally:
-        P.build_block_options = original
+        A.build_block_options = original
 
 
 @pytest.mark.parametrize("kind", ["magnitude", "activation"])
@@ -162,8 +165,10 @@ def test_torch_pruning_matches_hand_built_encoder(kind):
     from test_encoders import padded_set, tiny_classifier
 
     tp_peer = bench("tp_peer")
-    from stat_core.plan import LayerPlan, PrunePlan
-    from stat_core.prune import PruneConfig, apply_plan_, calibrate, plan_pruning
+    from stat_core.surgery.plan import LayerPlan, PrunePlan
+    from stat_core.config import PruneConfig
+    from stat_core.surgery.apply import apply_plan_
+    from stat_core.prune import calibrate, plan_pruning
 
     dense = tiny_classifier("bert")
     data = padded_set()
@@ -186,8 +191,8 @@ def test_suite_tiny(tmp_path):
     one record each plus dense, with every suite field, and a markdown table naming the best."""
     import json
 
-    from stat_core.methods import get_method, method_names
-    from stat_core.suite import SUITE_FIELDS
+    from stat_core.methods.registry import get_method, method_names
+    from stat_core.evaluation.suite import SUITE_FIELDS
 
     assert bench("suite").main(["--tiny", "--out-dir", str(tmp_path)]) == 0
     records = json.loads((tmp_path / "suite.json").read_text())["records"]

@@ -8,9 +8,10 @@ import torch
 
 from conftest import tiny_model
 from test_suite import _byte_tokenizer
-from stat_core import calibration_mix as cm
-from stat_core.data import CalibrationConfig, DataError, calibration_windows, wikipedia_split
-from stat_core.suite import analogy_questions, chat_prompt_ids, instruction_prompts
+from stat_core.data import mix as cm
+from stat_core.data.sources import CalibrationConfig, DataError, calibration_windows, wikipedia_split
+from stat_core.evaluation.suite import analogy_questions, instruction_prompts
+from stat_core.data.chat import chat_prompt_ids
 
 
 def test_seed_prompts_never_overlap_the_evaluation_suite():
@@ -21,7 +22,7 @@ def test_seed_prompts_never_overlap_the_evaluation_suite():
     assert " is to " not in lowered  # not the analogy format at all, let alone its lines
     for q in analogy_questions(per_category=25):
         assert q.line(q.words).lower() not in lowered
-    from stat_core.labelled import movie_reviews
+    from stat_core.data.labelled import movie_reviews
 
     assert not any(t[:60].lower() in lowered for t in movie_reviews().texts if len(t) >= 60)
 

@@ -159,7 +159,7 @@ def test_impossible_budget(tiny_folder, tmp_path, capsys):
 def tiny_bert_folder(tmp_path_factory):
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from stat_core.classifier import _minilm_source
+    from stat_core.models import _minilm_source
 
     tok = AutoTokenizer.from_pretrained(_minilm_source())
     torch.manual_seed(0)
@@ -175,7 +175,7 @@ def test_cli_encoder_reports_accuracy(tiny_bert_folder, tmp_path):
     data = tmp_path / "reviews.jsonl"
     import json as _json
 
-    from stat_core.labelled import movie_reviews
+    from stat_core.data.labelled import movie_reviews
 
     mr = movie_reviews()
     data.write_text("\n".join(_json.dumps({"text": t, "label": ["neg", "pos"][y]}) for t, y in zip(mr.texts, mr.labels)))
@@ -194,7 +194,7 @@ def test_cli_encoder_reports_accuracy(tiny_bert_folder, tmp_path):
 def test_cli_out_folder_is_a_loadable_model(tiny_folder, tmp_path, uniform):
     from transformers import AutoModelForCausalLM
 
-    from stat_core.export import load_pruned
+    from stat_core.export.hf import load_pruned
 
     out = tmp_path / "model"
     rc = main([str(tiny_folder), "--sparsity", "0.3", "--out", str(out), "--num-samples", "4", "--seq-len", "64",
@@ -223,7 +223,7 @@ def test_cli_no_model_writes_only_the_report(tiny_folder, tmp_path):
 def test_cli_calibrates_on_the_models_own_chat(tiny_folder, tmp_path, monkeypatch):
     """--calibration mix: half the windows are the model's own chat transcripts (generated once,
     cached); --sensitivity-labels model reaches the prune config."""
-    from stat_core import calibration_mix
+    from stat_core.data import mix as calibration_mix
 
     seeds = calibration_mix.seed_prompts()[:4]  # 4 of the 128: seconds, not minutes, on a tiny model
     monkeypatch.setattr(calibration_mix, "seed_prompts", lambda path=None: seeds)

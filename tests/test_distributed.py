@@ -10,11 +10,11 @@ import torch.multiprocessing as mp
 
 from conftest import tiny_model
 from test_encoders import padded_set, tiny_classifier
-from stat_core import distributed
+from stat_core.calibration import distributed
 from stat_core.adapters import get_adapter
-from stat_core.calibrate import (BlockStats, LayerwiseRunner, load_stats, merge_stats, save_stats,
-                                 sensitivity_sums)
-from stat_core.prune import PruneConfig, stat_prune_
+from stat_core.calibration.statistics import (BlockStats, LayerwiseRunner, load_stats, merge_stats, save_stats, sensitivity_sums)
+from stat_core.config import PruneConfig
+from stat_core.prune import stat_prune_
 
 WORLD = 2
 

@@ -7,9 +7,11 @@ import torch
 
 from conftest import mask_units
 from stat_core.adapters import get_adapter
-from stat_core.budget import block_geometry, block_parameter_count
-from stat_core.calibrate import CalibrationSet, LayerwiseRunner
-from stat_core.prune import PruneConfig, apply_plan_, stat_prune_
+from stat_core.surgery.budget import block_geometry, block_parameter_count
+from stat_core.calibration.statistics import CalibrationSet, LayerwiseRunner
+from stat_core.config import PruneConfig
+from stat_core.surgery.apply import apply_plan_
+from stat_core.prune import stat_prune_
 
 ENCODERS = ["bert", "roberta", "distilbert"]
 

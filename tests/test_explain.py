@@ -2,8 +2,8 @@
 
 import torch
 
-from stat_core import explain as E
-from stat_core.calibrate import BlockStats
+from stat_core.methods.stat import explain as E
+from stat_core.calibration.statistics import BlockStats
 
 from conftest import tiny_model
 
@@ -119,7 +119,7 @@ def test_captured_energy_of_a_gram_with_slightly_negative_eigenvalues():
     """Fewer calibration tokens than columns and float32 sums leave a Gram with eigenvalues a little
     below zero (seen on SmolLM2's MLPs at 4 × 256 tokens); the singular-value view still factors it
     (the ridge is raised until it does) instead of failing the calibration."""
-    from stat_core.explain import _captured_along
+    from stat_core.methods.stat.explain import _captured_along
 
     torch.manual_seed(0)
     z = torch.randn(10, 40, dtype=torch.float64)            # rank 10 < 40 columns

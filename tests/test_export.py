@@ -11,8 +11,10 @@ import torch
 
 from conftest import tiny_model
 from test_encoders import padded_set, tiny_classifier
-from stat_core.export import ExportError, export_pruned, load_pruned
-from stat_core.prune import PruneConfig, stat_prune_
+from stat_core.export.common import ExportError
+from stat_core.export.hf import export_pruned, load_pruned
+from stat_core.config import PruneConfig
+from stat_core.prune import stat_prune_
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -168,7 +170,7 @@ def test_export_never_overwrites_silently_and_failures_leave_nothing(windows, tm
     assert (out / "keep.txt").read_text() == "user data"
 
     # A failure half-way (here: the model card) leaves neither a new folder nor a partial one.
-    import stat_core.export as export
+    from stat_core.export import hf as export
 
     def broken_card(*args, **kwargs):
         raise OSError(28, "No space left on device")

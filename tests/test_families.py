@@ -11,10 +11,12 @@ import torch
 from conftest import mask_units
 from stat_core.adapters import UnsupportedModelError, get_adapter, supported_model_types
 from stat_core.adapters.declarative import LinearView
-from stat_core.budget import block_geometry, block_parameter_count
-from stat_core.calibrate import LayerwiseRunner
-from stat_core.export import export_pruned, load_pruned
-from stat_core.prune import PruneConfig, apply_plan_, stat_prune_
+from stat_core.surgery.budget import block_geometry, block_parameter_count
+from stat_core.calibration.statistics import LayerwiseRunner
+from stat_core.export.hf import export_pruned, load_pruned
+from stat_core.config import PruneConfig
+from stat_core.surgery.apply import apply_plan_
+from stat_core.prune import stat_prune_
 from test_export import _decoder_inputs, _load_in_clean_interpreter
 
 NEW_FAMILIES = ["opt", "gpt2", "gpt_neox", "phi3"]
@@ -281,7 +283,8 @@ def test_conv1d_views_share_storage_and_read_as_linear():
 def test_every_method_runs_or_refuses_by_name(family, windows):
     """The peers and baselines read projections through the adapter (GPT-2: Conv1D views; LLM-Pruner's
     gradients land on the stored Conv1D weights); SliceGPT refuses families it does not rotate."""
-    from stat_core.methods import MethodNotApplicable, method_names
+    from stat_core.methods.base import MethodNotApplicable
+    from stat_core.methods.registry import method_names
 
     for name in method_names():
         model = tiny_family_model(family)
@@ -338,7 +341,7 @@ def test_phi3_fused_views_match_the_stock_split():
 
 def _hand_plan(family, heads, kv_heads, neurons):
     """The same heads and neurons kept in both layers of a tiny model, no correction."""
-    from stat_core.plan import LayerPlan, PrunePlan
+    from stat_core.surgery.plan import LayerPlan, PrunePlan
 
     return PrunePlan(model=family, method="stat", mode="one-shot", budget={}, calibration={}, layers=[
         LayerPlan(layer=i, num_heads=4, num_kv_heads=_KV_HEADS.get(family, 4), intermediate_size=64,

@@ -11,11 +11,13 @@ from test_cli import tiny_bert_folder, tiny_folder  # noqa: F401  (fixtures)
 from test_encoders import padded_set, tiny_classifier
 from stat_core.adapters import get_adapter
 from stat_core.cli import main
-from stat_core.export import ExportError, applicable_formats, export_model
-from stat_core.export_gguf import permute_rope, write_gguf
-from stat_core.export_onnx import onnx_session
+from stat_core.export.common import ExportError
+from stat_core.export.api import applicable_formats, export_model
+from stat_core.export.gguf import permute_rope, write_gguf
+from stat_core.export.onnx import onnx_session
 from stat_core.models import prepare_demo_model
-from stat_core.prune import PruneConfig, stat_prune_
+from stat_core.config import PruneConfig
+from stat_core.prune import stat_prune_
 
 # Per layer: kept query heads (of 8, in 2 KV groups of 4), kept MLP neurons (of 64). Every layer differs
 # in heads, KV heads and width; 2 and 1 heads leave a Q8_0-unfriendly MLP width (37 is not a multiple of 32).
@@ -256,7 +258,7 @@ def test_onnx_encoder_classifier_matches_pytorch_with_padding(tmp_path):
 
 def test_onnx_export_that_does_not_match_is_not_kept(tmp_path, monkeypatch):
     """The export checks onnxruntime against PyTorch; a graph that disagrees leaves nothing behind."""
-    import stat_core.export_onnx as export_onnx
+    from stat_core.export import onnx as export_onnx
 
     model = tiny_model("llama")
     real = export_onnx.onnx_session
@@ -380,7 +382,7 @@ def test_onnx_declarative_families_match_pytorch(family, windows, tmp_path):
 def test_onnx_bare_gpt2_model_writes_last_hidden_state(tmp_path):
     from transformers import GPT2Config, GPT2Model
 
-    from stat_core.export_onnx import write_onnx
+    from stat_core.export.onnx import write_onnx
 
     torch.manual_seed(0)
     model = GPT2Model(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_inner=64, vocab_size=128, n_positions=128)).eval()

@@ -5,8 +5,8 @@ import pickle
 
 import pytest
 
-from stat_core.data import DataError
-from stat_core.labelled import _RestrictedUnpickler, load_labelled, movie_reviews, newsgroups
+from stat_core.data.sources import DataError
+from stat_core.data.labelled import _RestrictedUnpickler, load_labelled, movie_reviews, newsgroups
 
 
 def test_newsgroups_sample_loads_without_label_leaks():

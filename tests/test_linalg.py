@@ -4,9 +4,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from stat_core.linalg import (GramAccumulator, greedy_block_order, interpolation_matrix,
-                              interpolative_decomposition, output_error, output_error_curve,
-                              pivoted_cholesky_order)
+from stat_core.linalg import (GramAccumulator, greedy_block_order, interpolation_matrix, interpolative_decomposition, output_error, output_error_curve, pivoted_cholesky_order)
 
 
 def _z(n=200, m=12, rank=None, seed=0):
@@ -117,8 +115,7 @@ def test_memory_lean_kernels_give_the_same_bits():
     factored by LAPACK in its own storage, the Gram's own storage destroyed by dpstrf, the permuted
     Gram gathered once column-major and factored in place, the interpolation from the kept rows
     alone) give exactly the numbers of the plain formulas."""
-    from stat_core.linalg import (column_scaled_gram, cholesky_with_ridge, error_curve_of_permuted,
-                                  interpolation_from_rows, permuted_gram, ridge_of)
+    from stat_core.linalg import (column_scaled_gram, cholesky_with_ridge, error_curve_of_permuted, interpolation_from_rows, permuted_gram, ridge_of)
 
     gram = _reference_gram()
     assert torch.equal(gram, gram.T)

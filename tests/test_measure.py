@@ -1,4 +1,4 @@
-"""stat_core.measure and the orchestration in stat_core.pipeline that the app and the CLI share:
+"""stat_core.evaluation.measure and the orchestration in stat_core.pipeline that the app and the CLI share:
 numbers checked against hand computations on tiny random models."""
 
 import copy
@@ -9,9 +9,9 @@ import zipfile
 import pytest
 import torch
 
-from stat_core import measure as M
+from stat_core.evaluation import measure as M
 from stat_core import pipeline as P
-from stat_core.calibrate import CalibrationSet
+from stat_core.calibration.statistics import CalibrationSet
 
 from conftest import tiny_model
 
@@ -52,8 +52,8 @@ def test_perplexity_and_kl_equal_hand_computations(windows):
     assert hand_kl > 1e-3      # the two random models do differ
     ppl3, kl3 = M.perplexity_and_kl(other, windows, dense, batch_size=3)   # batching changes nothing
     assert ppl3 == pytest.approx(ppl, rel=1e-6) and kl3 == pytest.approx(kl, rel=1e-5)
-    # the same model: zero KL, and the perplexity of stat_core.evaluate
-    from stat_core.evaluate import perplexity
+    # the same model: zero KL, and the perplexity of stat_core.evaluation.perplexity
+    from stat_core.evaluation.perplexity import perplexity
 
     ppl_d, kl_d = M.perplexity_and_kl(dense, windows, dense)
     assert kl_d == 0.0 and ppl_d == pytest.approx(perplexity(dense, windows), rel=1e-6)
@@ -71,7 +71,7 @@ def test_quality_against_a_decoder_baseline(windows):
 
 
 def test_decoder_baseline_reads_the_evaluation_split():
-    from stat_core.data import bos_prefix
+    from stat_core.data.sources import bos_prefix
 
     tok = smollm2_tokenizer()
     model = tiny_model(vocab_size=49152, max_position_embeddings=512)
@@ -229,7 +229,7 @@ def test_compare_methods_measures_each_pruned_copy(calibrated_tiny, windows):
     base = M.Baseline({"perplexity": M.perplexity_and_kl(model, windows)[0]}, windows.numel(), windows=windows)
     configs = [P.prune_config(model, data, 0.3, method=m) for m in ("stat", "magnitude")]
     seen = []
-    results = M.compare_methods(model, calibration, data, configs, base, "tiny", progress=lambda *a: seen.append(a))
+    results = P.compare_methods(model, calibration, data, configs, base, "tiny", progress=lambda *a: seen.append(a))
     assert [r["method"] for r in results] == ["stat", "magnitude"]
     assert seen[0] == ("compare", 0, 2) and seen[-1] == ("compare", 2, 2)
     assert all(torch.equal(v, dense[k]) for k, v in model.state_dict().items())
@@ -255,8 +255,8 @@ def smollm2_tokenizer():
 
 
 def test_calibration_data_reports_fingerprint_and_too_few_tokens():
-    from stat_core.data import fingerprint
-    from stat_core.prune import MIN_TOKENS_PER_NEURON
+    from stat_core.data.sources import fingerprint
+    from stat_core.calibration.sizes import MIN_TOKENS_PER_NEURON
 
     model = tiny_model(vocab_size=49152)
     pasted = ("a river runs through the valley. " * 20 + "\n\n") * 3
@@ -270,7 +270,7 @@ def test_calibration_data_reports_fingerprint_and_too_few_tokens():
 # --- export: zip ---------------------------------------------------------------------------------------
 
 def test_zip_folder_and_a_check_that_raises(tmp_path):
-    from stat_core.export import zip_folder
+    from stat_core.export.api import zip_folder
 
     folder = tmp_path / "model"
     (folder / "sub").mkdir(parents=True)

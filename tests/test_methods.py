@@ -9,14 +9,14 @@ import torch
 from conftest import tiny_model
 from test_encoders import padded_set, tiny_classifier
 from stat_core.adapters import get_adapter
-from stat_core.budget import block_parameter_count
-from stat_core.calibrate import CalibrationSet, LayerwiseRunner
-from stat_core.export import export_pruned, load_pruned
-from stat_core.methods import PEERS, get_method, method_names
+from stat_core.surgery.budget import block_parameter_count
+from stat_core.export.hf import export_pruned, load_pruned
+from stat_core.methods.registry import PEERS, get_method, method_names
 from stat_core.methods.base import attention_options, select_heads
 from stat_core.methods.flap import flap_scores
 from stat_core.methods.wanda_sp import wanda_scores
-from stat_core.prune import PruneConfig, calibrate, plan_pruning, stat_prune_
+from stat_core.config import PruneConfig
+from stat_core.prune import calibrate, stat_prune_
 
 
 def _calibration(model, windows):

@@ -8,12 +8,13 @@ from torch import nn
 
 from conftest import tiny_model
 from stat_core.adapters import get_adapter
-from stat_core.budget import block_parameter_count
-from stat_core.calibrate import CalibrationSet
-from stat_core.methods import get_method
+from stat_core.surgery.budget import block_parameter_count
+from stat_core.calibration.statistics import CalibrationSet
+from stat_core.methods.registry import get_method
 from stat_core.methods.base import layer_costs
 from stat_core.methods.llm_pruner import pruned_layer_range, taylor_scores
-from stat_core.prune import Calibration, PruneConfig, plan_pruning, stat_prune_
+from stat_core.prune import Calibration, plan_pruning, stat_prune_
+from stat_core.config import PruneConfig
 from test_encoders import padded_set, tiny_classifier
 
 

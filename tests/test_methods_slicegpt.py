@@ -7,12 +7,13 @@ import torch
 
 from conftest import tiny_model
 from stat_core.adapters import get_adapter
-from stat_core.budget import block_parameter_count
-from stat_core.calibrate import CalibrationSet
-from stat_core.methods import MethodNotApplicable, get_method
-from stat_core.methods.slicegpt import (FixedWidthRMSNorm, SliceGPT, fold_norms_, rotate_and_slice_,
-                                        sliced_block_params)
-from stat_core.prune import PruneConfig, stat_prune_
+from stat_core.surgery.budget import block_parameter_count
+from stat_core.calibration.statistics import CalibrationSet
+from stat_core.methods.base import MethodNotApplicable
+from stat_core.methods.registry import get_method
+from stat_core.methods.slicegpt import (FixedWidthRMSNorm, SliceGPT, fold_norms_, rotate_and_slice_, sliced_block_params)
+from stat_core.config import PruneConfig
+from stat_core.prune import stat_prune_
 
 SUPPORTED = ["llama", "mistral", "qwen2", "qwen3"]
 

@@ -10,11 +10,13 @@ import torch
 from conftest import tiny_model
 from test_encoders import padded_set, tiny_classifier
 from stat_core.adapters import get_adapter
-from stat_core.budget import block_geometry, block_parameter_count
+from stat_core.surgery.budget import block_geometry, block_parameter_count
 from stat_core.linalg import interpolation_matrix, output_error, ridge_of
-from stat_core.methods.slimgpt import (PERCDAMP, SlimGPT, dynamic_group_sizes, log_schedule, log_schedule_shape,
-                                       prune_channels_obs, prune_heads_obs)
-from stat_core.prune import PruneConfig, apply_plan_, head_columns, stat_prune_
+from stat_core.methods.slimgpt import (PERCDAMP, SlimGPT, dynamic_group_sizes, log_schedule, log_schedule_shape, prune_channels_obs, prune_heads_obs)
+from stat_core.config import PruneConfig
+from stat_core.surgery.apply import apply_plan_
+from stat_core.surgery.apply import head_columns
+from stat_core.prune import stat_prune_
 
 
 def _gram(z: torch.Tensor) -> torch.Tensor:
@@ -215,7 +217,7 @@ def test_uniform_keeps_one_shape(windows):
 
 
 def test_flops_budget_uses_layer_costs(windows):
-    from stat_core.budget import block_macs
+    from stat_core.surgery.budget import block_macs
 
     model = tiny_model("llama", num_hidden_layers=3)
     before = block_macs(get_adapter(model), 512)
@@ -225,7 +227,7 @@ def test_flops_budget_uses_layer_costs(windows):
 
 
 def test_registered_with_its_correction():
-    from stat_core.methods import get_method
+    from stat_core.methods.registry import get_method
 
     m = get_method("slimgpt")
     assert isinstance(m, SlimGPT) and m.label == "SlimGPT" and m.correction == "least-squares"

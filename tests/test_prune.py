@@ -7,10 +7,12 @@ import torch
 
 from conftest import FAMILIES, mask_units, tiny_model
 from stat_core.adapters import UnsupportedModelError, get_adapter
-from stat_core.budget import block_geometry, block_parameter_count
-from stat_core.calibrate import LayerwiseRunner
-from stat_core.plan import PrunePlan
-from stat_core.prune import PruneConfig, apply_plan_, stat_prune_
+from stat_core.surgery.budget import block_geometry, block_parameter_count
+from stat_core.calibration.statistics import LayerwiseRunner
+from stat_core.surgery.plan import PrunePlan
+from stat_core.config import PruneConfig
+from stat_core.surgery.apply import apply_plan_
+from stat_core.prune import stat_prune_
 
 
 def _logits(model, ids):
@@ -142,8 +144,8 @@ def test_dense_target_correction_is_the_least_squares_fit(affine):
     """Sequential mode's correction from sums alone equals a direct least-squares solve on the
     activations: the kept units of the pruned path (plus a constant with ``affine``) mapped onto
     the dense path's outputs ``W z_dense``."""
-    from stat_core.calibrate import BlockStats, PairedStats
-    from stat_core.prune import dense_target_correction
+    from stat_core.calibration.statistics import BlockStats, PairedStats
+    from stat_core.surgery.apply import dense_target_correction
 
     gen = torch.Generator().manual_seed(0)
     n, units, d = 400, 12, 6
@@ -246,7 +248,7 @@ def test_impossible_budget_is_refused(windows):
 @pytest.mark.parametrize("heads,neurons", [(True, True), (False, True), (True, False)])
 def test_impossible_budget_is_refused_before_calibration(family, heads, neurons, windows):
     """The geometric bound is the allocator's: just under it plans, just over it is refused at once."""
-    from stat_core.prune import max_removable_fraction
+    from stat_core.methods.base import max_removable_fraction
 
     model = tiny_model(family)
     config = dict(sensitivity_samples=0, batch_size=4, prune_heads=heads, prune_neurons=neurons)
@@ -261,7 +263,7 @@ def test_impossible_budget_is_refused_before_calibration(family, heads, neurons,
 
 
 def test_flops_budget_is_met(windows):
-    from stat_core.budget import block_macs
+    from stat_core.surgery.budget import block_macs
 
     model = tiny_model("llama")
     before = block_macs(get_adapter(model), 512)
@@ -341,7 +343,7 @@ def test_activation_norm_baseline_keeps_stat_counts_and_largest_activations(wind
 
 
 def test_calibration_size_warning_scales_with_mlp_width():
-    from stat_core.prune import MIN_TOKENS_PER_NEURON, calibration_size_warning
+    from stat_core.calibration.sizes import MIN_TOKENS_PER_NEURON, calibration_size_warning
 
     model = tiny_model("llama")  # d_ff 64
     assert calibration_size_warning(model, MIN_TOKENS_PER_NEURON * 64) is None
@@ -353,8 +355,8 @@ def test_affine_correction_is_least_squares_with_an_intercept():
     W_out (weight W Tᵀ, bias W c), and never fits the calibration outputs worse than no intercept."""
     import numpy as np
 
-    from stat_core.calibrate import BlockStats
-    from stat_core.prune import _correction
+    from stat_core.calibration.statistics import BlockStats
+    from stat_core.surgery.apply import _correction
 
     gen = torch.Generator().manual_seed(3)
     n, units, d_out = 400, 12, 5
@@ -387,7 +389,7 @@ def test_model_labelled_sensitivity_is_the_fisher_of_the_models_own_distribution
     window it converges to the exact Fisher Σ_s Σ_c p_s(c) ∇log p_s(c) ∇log p_s(c)ᵀ at every block
     output, computed here by one backward pass per (position, class)."""
     from stat_core.adapters import get_adapter
-    from stat_core.calibrate import output_sensitivity
+    from stat_core.calibration.statistics import output_sensitivity
 
     model = tiny_model("llama", vocab_size=12, hidden_size=16, intermediate_size=32)
     adapter = get_adapter(model)

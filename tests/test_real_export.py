@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from test_export import _load_in_clean_interpreter
-from stat_core.data import CalibrationConfig, calibration_windows, wikipedia_split
-from stat_core.export import export_pruned, load_pruned
+from stat_core.data.sources import CalibrationConfig, calibration_windows, wikipedia_split
+from stat_core.export.hf import export_pruned, load_pruned
 from stat_core.models import load_model
-from stat_core.prune import PruneConfig, calibrate, prune_from_calibration_
+from stat_core.config import PruneConfig
+from stat_core.prune import calibrate, prune_from_calibration_
 
 pytestmark = pytest.mark.slow
 

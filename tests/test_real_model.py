@@ -1,12 +1,15 @@
-"""SmolLM2-135M on real Wikipedia text with the fixed protocol (DESIGN §6). Minutes on 2 CPU cores."""
+"""SmolLM2-135M on real Wikipedia text with the fixed protocol (docs/evaluation.md). Minutes on 2 CPU cores."""
 
 import pytest
 import torch
 
-from stat_core.data import CalibrationConfig, calibration_windows, wikipedia_split
-from stat_core.evaluate import evaluation_windows, perplexity
+from stat_core.data.sources import CalibrationConfig, calibration_windows, wikipedia_split
+from stat_core.evaluation.perplexity import evaluation_windows, perplexity
 from stat_core.models import load_model
-from stat_core.prune import PruneConfig, apply_plan_, budget_summary, stat_prune_
+from stat_core.config import PruneConfig
+from stat_core.surgery.apply import apply_plan_
+from stat_core.surgery.budget import budget_summary
+from stat_core.prune import stat_prune_
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +25,7 @@ def smollm2():
 def test_dense_perplexity_matches_protocol(smollm2):
     model, _, _, ev = smollm2
     assert ev.shape == (32, 512)
-    assert 15 < perplexity(model, ev) < 30  # DESIGN §6: "about 23"
+    assert 15 < perplexity(model, ev) < 30  # docs/evaluation.md: about 23
 
 
 def test_stat_at_20_percent_meets_the_quality_floor(smollm2):

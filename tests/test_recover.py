@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from stat_core.calibrate import CalibrationSet
-from stat_core.prune import PruneConfig, stat_prune_
+from stat_core.calibration.statistics import CalibrationSet
+from stat_core.config import PruneConfig
+from stat_core.prune import stat_prune_
 from stat_core.recover import RecoveryCancelled, RecoveryConfig, distillation_loss, recover_
 from test_encoders import padded_set
 
@@ -93,11 +94,11 @@ def test_zero_steps_and_bad_settings():
 
 # --- block movement pruning -------------------------------------------------------------------------
 
-from stat_core.adapters import get_adapter  # noqa: E402
-from stat_core.methods import MethodNotApplicable, get_method  # noqa: E402
-from stat_core.methods.block_movement import (MovementSettings, block_movement_prune_, cubic_sparsity,  # noqa: E402
-                                              hard_masks, masked, plan_from_masks, train_block_movement_)
-from stat_core.prune import apply_plan_  # noqa: E402
+from stat_core.adapters import get_adapter
+from stat_core.methods.base import MethodNotApplicable
+from stat_core.methods.registry import get_method
+from stat_core.methods.block_movement import (MovementSettings, block_movement_prune_, cubic_sparsity, hard_masks, masked, plan_from_masks, train_block_movement_)
+from stat_core.surgery.apply import apply_plan_
 
 
 def _labelled(n=32, seed=3):
@@ -168,7 +169,7 @@ def test_final_masks_become_physical_removals_with_identical_logits():
 
 
 def test_block_movement_through_the_registry_meets_the_budget():
-    from stat_core.budget import block_parameter_count
+    from stat_core.surgery.budget import block_parameter_count
 
     model, data = sharp_classifier(), _labelled()
     method = get_method("block-movement")
@@ -188,9 +189,9 @@ def test_cli_block_movement_and_recovery(tmp_path):
 
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from stat_core.classifier import _minilm_source
+    from stat_core.models import _minilm_source
     from stat_core.cli import main
-    from stat_core.export import load_pruned
+    from stat_core.export.hf import load_pruned
 
     tok = AutoTokenizer.from_pretrained(_minilm_source())
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ from torch import nn
 from conftest import tiny_model
 from test_encoders import padded_set, tiny_classifier
 from test_families import tiny_family_model
-from stat_core import calibrate
+from stat_core.calibration import statistics as calibrate
 from stat_core.adapters import get_adapter
 
 

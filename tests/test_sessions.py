@@ -28,7 +28,7 @@ def test_an_evicted_session_frees_its_models(decoder_dir):
     assert H.load(a, "folder", str(decoder_dir)).ok
     assert H.calibrate(a, "pasted", pasted=TEXT, num_samples=4, seq_len=64).ok
     assert H.prune(a, 0.3).ok and H.measure(a, eval_tokens=256).ok and H.export(a).ok
-    from stat_core.suite import SuiteConfig
+    from stat_core.evaluation.suite import SuiteConfig
 
     assert H.compare(a, 0.3, eval_tokens=256, methods=("stat",), suite=True, suite_config=SuiteConfig.tiny()).ok
     held = {"dense": weakref.ref(a.model), "pruned": weakref.ref(a.pruned), "statistics": weakref.ref(a.calibration),

@@ -4,16 +4,16 @@ reloads; bad checkpoints are refused in one sentence with nothing written."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig,
                           BertForSequenceClassification, LlamaConfig, LlamaForCausalLM)
 
-from stat_core.calibrate import CalibrationSet
-from stat_core.export import load_pruned
-from stat_core.prune import PruneConfig, stat_prune_
+from stat_core.calibration.statistics import CalibrationSet
+from stat_core.export.hf import load_pruned
+from stat_core.config import PruneConfig
+from stat_core.prune import stat_prune_
 from stat_core.streaming import StreamingError, streamed_prune
 
 
@@ -342,9 +342,9 @@ def test_analysis_consuming_its_statistics_is_the_same(tmp_path, centered):
     overwritten, the MLP Gram read back once; the block dropped once its output projections are
     read) gives exactly the in-memory analysis; so does the correction that frees each Gram."""
     from stat_core.adapters import get_adapter
-    from stat_core.calibrate import BlockStats, GramAccumulator
-    from stat_core.plan import LayerPlan
-    from stat_core.prune import _correction, analyse_layer
+    from stat_core.calibration.statistics import BlockStats, GramAccumulator
+    from stat_core.surgery.apply import _correction
+    from stat_core.methods.stat.analysis import analyse_layer
     from stat_core.streaming import _load_block_stats, _save_block_stats
 
     torch.manual_seed(0)

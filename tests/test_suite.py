@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from stat_core import suite
-from stat_core.evaluate import perplexity
+from stat_core.evaluation import suite
+from stat_core.evaluation.perplexity import perplexity
 
 
 def _perturbed(model, scale: float = 0.05, seed: int = 1):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import LayerShape, ModelAdapter, slice_linear_
+from stat_core.adapters.base import LayerShape, ModelAdapter, slice_linear_
 
 
 class _EncoderAdapter(ModelAdapter):

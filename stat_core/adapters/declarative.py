@@ -1,4 +1,4 @@
-"""Families described by data alone: one entry in ``stat_core.remote_modeling.LAYOUTS``.
+"""Families described by data alone: one entry in ``stat_core.adapters.modeling_stat.LAYOUTS``.
 
 The entry says where the layers and each projection live and which stock config fields hold the
 head count and the MLP width. The same entry drives the surgery here and the resizing in the
@@ -41,8 +41,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import remote_modeling
-from .base import LayerShape, ModelAdapter, slice_linear_
+from stat_core.adapters import modeling_stat as remote_modeling
+from stat_core.adapters.base import LayerShape, ModelAdapter, slice_linear_
 
 
 class LinearView:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import ModelAdapter
-from .bert import BertLikeAdapter, DistilBertAdapter
-from .declarative import LayoutAdapter
-from .llama import LlamaLikeAdapter
+from stat_core.adapters.base import ModelAdapter
+from stat_core.adapters.bert import BertLikeAdapter, DistilBertAdapter
+from stat_core.adapters.declarative import LayoutAdapter
+from stat_core.adapters.llama import LlamaLikeAdapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
     "llama": LlamaLikeAdapter,
@@ -40,3 +40,10 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
             f"Model type '{model_type}' is not supported; supported types are: "
             f"{', '.join(supported_model_types())}.")
     return ADAPTERS[model_type](model)
+
+
+ENCODER_TYPES = ("bert", "roberta", "distilbert")
+
+
+def is_encoder(model) -> bool:
+    return getattr(model.config, "model_type", None) in ENCODER_TYPES

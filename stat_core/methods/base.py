@@ -6,7 +6,7 @@ registered in :mod:`stat_core.methods.registry`. It supplies two things:
 - *which units to keep per layer*: :meth:`PruningMethod.plan` returns a :class:`PrunePlan`
   (kept heads, KV heads and neurons per layer) from the dense model's cached calibration;
 - *what correction to fold in*: the plan's ``correction`` field, one of :data:`CORRECTIONS`,
-  which :func:`stat_core.prune.apply_plan_` applies from the calibration statistics.
+  which :func:`stat_core.surgery.apply.apply_plan_` applies from the calibration statistics.
 
 A method that needs statistics beyond the Grams and column sums (e.g. weight gradients) computes
 them in :meth:`PruningMethod.prepare` and keeps them in ``calibration.extras``. A method that does
@@ -25,16 +25,18 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from ..adapters import ModelAdapter, get_adapter
-from ..budget import block_geometry
-from ..plan import LayerPlan, PrunePlan
-from ..prune import _unit_costs
+from stat_core.adapters import ModelAdapter, get_adapter
+from stat_core.calibration.statistics import CalibrationSet
+from stat_core.methods.registry import get_method
+from stat_core.surgery.budget import block_geometry, heads_prunable, new_bias_kinds
+from stat_core.surgery.plan import LayerPlan, PrunePlan
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..calibrate import CalibrationSet
-    from ..prune import Calibration, PruneConfig
+    from stat_core.calibration.statistics import CalibrationSet
+    from stat_core.config import PruneConfig
+    from stat_core.prune import Calibration
 
-#: How a plan's removed units are compensated (applied by ``stat_core.prune.apply_layer_``):
+#: How a plan's removed units are compensated (applied by ``stat_core.surgery.apply.apply_layer_``):
 #: ``least-squares``: ``W_out ← W_out Tᵀ`` with ``T = G_II⁻¹ G_I:`` (STAT; with a relative ridge
 #: ``plan.correction_ridge`` this is also the OBS update of SlimGPT); ``mean-bias``: kept columns
 #: only, plus ``W_out[:, removed] · mean(z_removed)`` added to the output bias (FLAP);
@@ -251,3 +253,62 @@ def nearest_attention_at_least(costs: LayerCosts, keep_fraction: float) -> tuple
     ok = [o for o in options if o[0] >= keep_fraction * full - 1e-9]
     _, h, g = min(ok)
     return h, g
+
+
+def _unit_costs(adapter: ModelAdapter, layer: int, config: PruneConfig):
+    """``(attn_cost(n_heads, n_kv), mlp_cost(n_neurons))`` of one layer in the config's budget unit.
+
+    Parameters include the output bias a correction creates in a pruned block of a family without
+    one (STAT's intercept, FLAP's mean bias): ``hidden`` more parameters once any unit is removed.
+    """
+
+    geo = block_geometry(adapter, layer)
+    if config.budget_kind == "params":
+        shape = adapter.layer_shape(layer)
+        if not get_method(config.method).adds_output_bias(config):
+            return geo.attn_params, geo.mlp_params
+        allowed = new_bias_kinds(adapter, config.uniform)
+        attn_bias = geo.hidden if geo.attn_fixed == 0 and "attn" in allowed else 0
+        mlp_bias = geo.hidden if geo.mlp_fixed == 0 and "mlp" in allowed else 0
+
+        def attn_params(n_h, n_kv):
+            return geo.attn_params(n_h, n_kv) + (attn_bias if n_h < shape.num_heads else 0)
+
+        def mlp_params(n):
+            return geo.mlp_params(n) + (mlp_bias if n < shape.intermediate_size else 0)
+
+        return attn_params, mlp_params
+
+    def attn_macs(n_h, n_kv):
+        return geo.attn_macs(n_h, n_kv, config.flops_seq_len, adapter.is_decoder)
+    return attn_macs, geo.mlp_macs
+
+
+def max_removable_fraction(model, config: PruneConfig) -> float:
+    """The most any plan can remove, from the layer shapes alone: every layer keeps at least one KV
+    group with one query head (all heads when heads are not pruned) and one neuron (all when neurons
+    are not pruned). Lets callers refuse an impossible budget before minutes of calibration."""
+    adapter = get_adapter(model)
+    heads = heads_prunable(adapter, config)
+    total = removable = 0.0
+    for layer in range(adapter.num_layers):
+        attn_cost, mlp_cost = _unit_costs(adapter, layer, config)
+        shape = adapter.layer_shape(layer)
+        full_attn, full_mlp = attn_cost(shape.num_heads, shape.num_kv_heads), mlp_cost(shape.intermediate_size)
+        total += full_attn + full_mlp
+        if heads:
+            removable += full_attn - attn_cost(1, 1)
+        if config.prune_neurons:
+            removable += full_mlp - mlp_cost(1)
+    return removable / total if total else 0.0
+
+
+def check_budget_feasible(model, config: PruneConfig) -> None:
+    """ValueError (one sentence) when ``config.sparsity`` is more than the layer shapes allow."""
+    bound = max_removable_fraction(model, config)
+    if config.sparsity > bound + 1e-9:
+        heads = "one head" if heads_prunable(get_adapter(model), config) else "every head"
+        neurons = "one neuron" if config.prune_neurons else "every neuron"
+        same = " with the same counts in every layer" if config.uniform else ""
+        raise ValueError(f"cannot remove {config.sparsity:.0%}: keeping at least {heads} and {neurons} per layer{same} "
+                         f"allows at most {bound:.1%}; lower the target")

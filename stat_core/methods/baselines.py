@@ -13,9 +13,9 @@ import dataclasses
 
 import torch
 
-from ..adapters import get_adapter
-from .base import PruningMethod, select_heads, top_k, with_units
-from .stat import Stat
+from stat_core.adapters import get_adapter
+from stat_core.methods.base import PruningMethod, select_heads, top_k, with_units
+from stat_core.methods.stat.method import Stat
 
 
 def _stat_plan(model, calibration, config, model_name, calibration_info):

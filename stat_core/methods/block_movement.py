@@ -19,7 +19,7 @@ FFN rows):
   from a fine-tuned teacher the same way); weights and scores trained together by one AdamW
   (weights: linear decay; scores: their own, larger learning rate, no weight decay). Dropout on.
 - **Budget**: the same accounting as STAT (fraction of the encoder blocks' attention + MLP
-  parameters, :mod:`stat_core.budget`). At every step the heads are ranked across all layers and
+  parameters, :mod:`stat_core.surgery.budget`). At every step the heads are ranked across all layers and
   the best ``(1 − s)`` of them kept, then FFN rows are ranked across all layers and kept until the
   blocks' cost is ``(1 − s)`` of the dense (:func:`~stat_core.methods.base.neurons_for_budget`,
   within one row); every layer keeps at least one head and one row.
@@ -27,7 +27,7 @@ FFN rows):
   penalty (tuned per run); top-k hits the exact budget that every method here is compared at.
   Attention and FFN each give the same share of their cost (before the FFN rows absorb the rounding).
 - **Final masks become physical removals** by the project's own surgery (a :class:`PrunePlan`
-  with no correction, :func:`stat_core.prune.apply_plan_`), so the model exports and loads like any
+  with no correction, :func:`stat_core.surgery.apply.apply_plan_`), so the model exports and loads like any
   other pruned model; its logits equal the masked model's.
 
 Data: the calibration set (the classifier's training half, labelled); the held-out half is never
@@ -49,9 +49,17 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from ..adapters import get_adapter
-from ..budget import block_parameter_count
-from .base import MethodNotApplicable, PruningMethod, build_plan, layer_costs, neurons_for_budget
+from stat_core.adapters import get_adapter
+from stat_core.methods.base import (
+    MethodNotApplicable,
+    PruningMethod,
+    build_plan,
+    check_budget_feasible,
+    layer_costs,
+    neurons_for_budget,
+)
+from stat_core.surgery.apply import apply_plan_
+from stat_core.surgery.budget import block_parameter_count, heads_prunable
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +118,6 @@ def select_units(adapter, config, head_scores: list[torch.Tensor], neuron_scores
     """Kept ``(heads per layer, neurons per layer)`` at ``sparsity`` of the blocks' cost (see the
     module docstring): heads ranked globally, the best ``1 − s`` kept (at least one per layer),
     then neurons to the budget."""
-    from ..prune import heads_prunable
 
     costs = layer_costs(adapter, replace(config, sparsity=sparsity))
     n_layers = len(costs)
@@ -200,7 +207,7 @@ def train_block_movement_(model, data, config, settings: MovementSettings = Move
     """Fine-tune ``model`` in place with learned head / FFN-row scores and the cubic schedule to
     ``config.sparsity`` (see the module docstring); the masks stay as hooks, nothing is removed.
 
-    ``data``: a labelled :class:`~stat_core.calibrate.CalibrationSet` (the training half).
+    ``data``: a labelled :class:`~stat_core.calibration.statistics.CalibrationSet` (the training half).
     ``teacher``: the dense model to distil from (default: a frozen copy of ``model`` taken first).
     Returns ``{"head_scores", "neuron_scores": per-layer tensors, "heads", "neurons": final kept
     indices, "steps", "seconds", "loss_first", "loss_last"}``. Cancelled (``cancel_event``) or
@@ -299,7 +306,6 @@ def block_movement_prune_(model, data, config, settings: MovementSettings = Move
                           cancel_event: threading.Event | None = None, model_name: str = "", teacher=None) -> dict:
     """Train (:func:`train_block_movement_`), then remove the masked heads and FFN rows for real.
     Returns the summary with ``"plan"`` (a :class:`PrunePlan` as a dict) and the block counts."""
-    from ..prune import apply_plan_
 
     method = BlockMovement()
     method.check_applicable(model)
@@ -326,7 +332,6 @@ def plan_from_masks(model, config, heads: list[list[int]], neurons: list[list[in
 
 
 def _check_config(model, config) -> None:
-    from ..prune import check_budget_feasible
 
     if config.uniform:
         raise ValueError("block movement learns per-layer widths; it has no uniform mode")

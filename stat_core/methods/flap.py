@@ -32,10 +32,17 @@ from __future__ import annotations
 
 import torch
 
-from ..adapters import get_adapter
-from ..prune import heads_prunable
-from .base import (PruningMethod, attention_options, layer_costs, nearest_attention_at_least,
-                   neurons_for_budget, plan_from_scores, standardize)
+from stat_core.adapters import get_adapter
+from stat_core.methods.base import (
+    PruningMethod,
+    attention_options,
+    layer_costs,
+    nearest_attention_at_least,
+    neurons_for_budget,
+    plan_from_scores,
+    standardize,
+)
+from stat_core.surgery.budget import heads_prunable
 
 
 def flap_scores(adapter, stats) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

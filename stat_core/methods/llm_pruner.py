@@ -14,7 +14,7 @@ its gate/up rows (BERT: the ``W1`` row) and its ``down_proj`` (``W2``) column. B
 enter (their importance reads ``.weight`` only). The loss: decoders, the mean next-token
 cross-entropy over the calibration windows (theirs: 10 BookCorpus excerpts of 64 tokens; ours: the
 first windows holding the project's gradient-pass budget of ``SENSITIVITY_TOKENS`` real tokens,
-see :func:`stat_core.prune.sensitivity_windows`); classifiers, the cross-entropy against the
+see :func:`stat_core.calibration.sizes.sensitivity_windows`); classifiers, the cross-entropy against the
 model's *own argmax prediction* (label-free like the project's other gradient pass; the
 predictive-Fisher form used there has a zero expected first-order gradient, so it cannot rank by
 ``|w·g|``), over windows spread across the set.
@@ -54,10 +54,20 @@ import logging
 import torch
 from torch import nn
 
-from ..adapters import get_adapter
-from ..prune import heads_prunable
-from .base import (LayerCosts, PruningMethod, attention_options, build_plan, layer_costs,
-                   nearest_attention_at_least, neurons_for_budget, select_heads, top_k)
+from stat_core.adapters import get_adapter
+from stat_core.calibration.sizes import sensitivity_windows
+from stat_core.methods.base import (
+    LayerCosts,
+    PruningMethod,
+    attention_options,
+    build_plan,
+    layer_costs,
+    nearest_attention_at_least,
+    neurons_for_budget,
+    select_heads,
+    top_k,
+)
+from stat_core.surgery.budget import heads_prunable
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +209,6 @@ class LLMPruner(PruningMethod):
             return
         if data is None:
             raise ValueError("LLM-Pruner needs the calibration windows for its gradient pass; pass them as data")
-        from ..prune import sensitivity_windows
 
         n = max(1, sensitivity_windows(data, None))
         # Decoders: the first windows (as the project's other gradient pass); classifiers: spread over the set.

@@ -67,15 +67,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..adapters import get_adapter
-from ..adapters.base import slice_linear_
-from ..budget import block_parameter_count
-from ..linalg import GramAccumulator
-from .base import MethodNotApplicable, PruningMethod
+from stat_core.adapters import get_adapter
+from stat_core.adapters.base import slice_linear_
+from stat_core.calibration.statistics import CalibrationSet, LayerwiseRunner
+from stat_core.linalg import GramAccumulator
+from stat_core.methods.base import MethodNotApplicable, PruningMethod
+from stat_core.surgery.budget import block_parameter_count
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..calibrate import CalibrationSet, LayerwiseRunner
-    from ..prune import PruneConfig
+    from stat_core.calibration.statistics import CalibrationSet, LayerwiseRunner
+    from stat_core.config import PruneConfig
 
 log = logging.getLogger(__name__)
 
@@ -312,14 +313,13 @@ def rotate_and_slice_(model: nn.Module, data, width: int, *, batch_size: int = 8
                       basis: str = "pca", seed: int = 0, progress: ProgressFn | None = None) -> dict:
     """SliceGPT on a causal decoder in place: fold the norms, then rotate and slice layer by layer.
 
-    ``data``: calibration token ids ``(n, T)`` or a :class:`~stat_core.calibrate.CalibrationSet`;
+    ``data``: calibration token ids ``(n, T)`` or a :class:`~stat_core.calibration.statistics.CalibrationSet`;
     ``width``: the new hidden size ``d'`` (``width = d`` rotates without slicing: the function is
     unchanged up to rounding). ``slice_head``: also slice the LM head's input (the last layer then
     writes ``d'``, not ``d``). ``basis="random"``: Haar-random rotations instead of PCA (a control).
 
     Returns the per-PCA kept energy fractions and the untying flag.
     """
-    from ..calibrate import CalibrationSet, LayerwiseRunner
 
     if basis not in ("pca", "random"):
         raise ValueError(f"basis must be 'pca' or 'random', got {basis!r}")
@@ -390,7 +390,7 @@ def _bias_numel(linear: nn.Linear) -> int:
 
 def sliced_block_params(adapter, width: int, slice_head: bool = False) -> int:
     """Block parameters (attention + MLP linears, biases included, as
-    :func:`~stat_core.budget.block_parameter_count` counts them) of the *dense* ``adapter``'s model
+    :func:`~stat_core.surgery.budget.block_parameter_count` counts them) of the *dense* ``adapter``'s model
     after slicing to hidden size ``width``, plus the shortcut matrices SliceGPT adds."""
     d = adapter.hidden_size
     total = 0

@@ -66,11 +66,17 @@ import math
 
 import torch
 
-from ..adapters import get_adapter
-from ..linalg import cholesky_with_ridge, ridge_of
-from ..prune import heads_prunable
-from .base import LayerCosts, PruningMethod, attention_options, build_plan, layer_costs, \
-    neurons_for_budget
+from stat_core.adapters import get_adapter
+from stat_core.linalg import cholesky_with_ridge, ridge_of
+from stat_core.methods.base import (
+    LayerCosts,
+    PruningMethod,
+    attention_options,
+    build_plan,
+    layer_costs,
+    neurons_for_budget,
+)
+from stat_core.surgery.budget import heads_prunable
 
 #: Their damping, relative to the mean Hessian diagonal (``--percdamp`` default in ``model_slimming.py``).
 PERCDAMP = 0.01

@@ -18,10 +18,15 @@ from __future__ import annotations
 
 import torch
 
-from ..adapters import get_adapter
-from ..prune import heads_prunable
-from .base import PruningMethod, layer_costs, nearest_attention_at_least, neurons_for_budget, \
-    plan_from_scores
+from stat_core.adapters import get_adapter
+from stat_core.methods.base import (
+    PruningMethod,
+    layer_costs,
+    nearest_attention_at_least,
+    neurons_for_budget,
+    plan_from_scores,
+)
+from stat_core.surgery.budget import heads_prunable
 
 
 def wanda_scores(adapter, stats) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -17,7 +17,7 @@ Generation happens once per (model weights, seed prompts, generation settings) a
 :func:`stat_core.paths.cache_dir` with that fingerprint; its time is reported separately from the
 prune (``generation_seconds``; 0 on a cache hit).
 
-    from stat_core.calibration_mix import decoder_calibration
+    from stat_core.data.mix import decoder_calibration
     cal = decoder_calibration(model, tokenizer, "mix", CalibrationConfig())   # cal.windows, cal.info
 """
 
@@ -32,12 +32,25 @@ from typing import Callable
 
 import torch
 
-from .data import CalibrationConfig, DataError, bos_prefix, calibration_windows, fingerprint, wikipedia_split
-from .paths import cache_dir
+from stat_core.data.chat import (
+    chat_prompt_ids,
+    end_token_ids,
+    has_chat_template,
+    left_pad,
+)
+from stat_core.data.sources import (
+    CalibrationConfig,
+    DataError,
+    bos_prefix,
+    calibration_windows,
+    fingerprint,
+    wikipedia_split,
+)
+from stat_core.paths import ASSETS_DIR, cache_dir
 
 log = logging.getLogger(__name__)
 
-SEED_PROMPTS_FILE = Path(__file__).resolve().parent.parent / "assets" / "calibration_seed_prompts.json"
+SEED_PROMPTS_FILE = ASSETS_DIR / "calibration_seed_prompts.json"
 SOURCES = ("mix", "wikipedia", "self-generated")
 #: Share of the windows the ``mix`` source takes from the model's own chat transcripts.
 MIX_SELF_SHARE = 0.5
@@ -96,7 +109,6 @@ def generate_transcripts(model, tokenizer, prompts: list[str] | None = None,
     seconds spent generating them (0.0 when cached)."""
     from transformers import GenerationConfig
 
-    from .suite import chat_prompt_ids, end_token_ids, has_chat_template, left_pad
 
     if not has_chat_template(tokenizer):
         raise DataError("This tokenizer has no chat template, so the model cannot write its own chat "

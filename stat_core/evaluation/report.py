@@ -9,11 +9,10 @@ bytes per weight) until an export replaces it with the bytes actually written.
 
 from __future__ import annotations
 
-from .adapters import get_adapter
-from .budget import block_geometry
-from .evaluate import count_parameters
-from .export import state_dict_bytes
-from .prune import budget_summary
+from stat_core.adapters import get_adapter
+from stat_core.evaluation.perplexity import count_parameters
+from stat_core.export.common import state_dict_bytes
+from stat_core.surgery.budget import block_geometry, budget_summary
 
 
 def size_summary(model, seq_len: int) -> dict:
@@ -56,7 +55,7 @@ def plan_sizes(model, plan, seq_len: int) -> dict:
 def prune_report(model_name: str, model, config, calibration_info: dict, before: dict, after: dict | None = None,
                  plan=None, **extra) -> dict:
     """The report of one prune of ``model`` (dense or pruned: only its kind, device and dtype are read)
-    by ``config`` (a :class:`~stat_core.prune.PruneConfig`), with ``before`` / ``after`` from
+    by ``config`` (a :class:`~stat_core.config.PruneConfig`), with ``before`` / ``after`` from
     :func:`size_summary` or :func:`plan_sizes` (``after=None``: not pruned yet). ``extra`` keys
     (timings, distributed, method_info, ...) are added as they are."""
     p = next(model.parameters())

@@ -11,7 +11,6 @@ from here. It must therefore import nothing but torch and transformers.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 # Where each family keeps its layers and projections (paths relative to the base model / a layer).

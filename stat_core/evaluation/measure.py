@@ -9,22 +9,20 @@ The dense side is measured once (:func:`baseline`) and every pruned model is com
 
 from __future__ import annotations
 
-import copy
 import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
-from . import prune as core_prune
-from .classifier import accuracy, class_log_probs, kl_to_reference
-from .evaluate import evaluation_windows
-from .models import is_encoder
-from .report import size_summary
+from stat_core.adapters.registry import is_encoder
+from stat_core.evaluation.classifier import accuracy, class_log_probs, kl_to_reference
+from stat_core.evaluation.perplexity import evaluation_windows
+from stat_core.evaluation.report import size_summary
 
-#: Quick perplexity: 4 windows of 512 tokens (the full protocol, ``stat_core.evaluate``, uses 16,384).
+#: Quick perplexity: 4 windows of 512 tokens (the full protocol, ``stat_core.evaluation.perplexity``, uses 16,384).
 QUICK_EVAL_TOKENS = 2048
 #: Quality keys that compare with the dense model and so exist only after pruning.
 AFTER_ONLY = ("kl_to_dense",)
@@ -124,7 +122,7 @@ def latency_ms(model, n_tokens: int = 128, repeats: int = 3) -> float:
 
 
 def model_metrics(model, seq_len: int) -> dict:
-    """Sizes (:func:`stat_core.report.size_summary` at ``seq_len``) and ``latency_ms`` of ``model``."""
+    """Sizes (:func:`stat_core.evaluation.report.size_summary` at ``seq_len``) and ``latency_ms`` of ``model``."""
     return {**size_summary(model, seq_len), "latency_ms": latency_ms(model)}
 
 
@@ -210,44 +208,6 @@ def greedy_continuation(model, tokenizer, prompt: str, max_new_tokens: int) -> s
 
 
 # --- several methods at one budget ----------------------------------------------------------------------
-
-def compare_methods(model, calibration, data, configs: Sequence, base: Baseline, model_name: str | None = None,
-                    calib_info: dict | None = None, progress: ProgressFn | None = None,
-                    suite_reference=None, tokenizer=None) -> list[dict]:
-    """Each config's method applied to a copy of the dense ``model`` from one cached ``calibration``
-    (whole-model methods run on ``data``), measured against ``base``: ``[{"method", <quality>,
-    "kl_to_dense", "achieved", "block_params"}]`` (decoders: KL on the same quick windows, the dense
-    ``model`` run beside each copy). With a ``suite_reference`` (:func:`stat_core.suite.build_reference`
-    of the dense ``model`` with ``tokenizer``) each result also holds ``"suite"``: the evaluation
-    suite's fields (few-shot, analogies, chat agreement, ...) for that copy.
-    ``progress("compare", i, n)`` is called before each method (a callback that raises stops the
-    comparison there); the dense model is never modified."""
-    from .methods import get_method
-    from .pipeline import prune_copy
-
-    results = []
-    for i, config in enumerate(configs):
-        if progress is not None:
-            progress("compare", i, len(configs))
-        step = None if progress is None else (lambda *_: progress("compare", i, len(configs)))  # noqa: B023
-        if get_method(config.method).whole_model:
-            pruned = copy.deepcopy(model)
-            info = core_prune.stat_prune_(pruned, data, config, model_name).info
-            achieved, block_params = info["removed_fraction"], info["block_params_after"]
-        else:
-            pruned, plan = prune_copy(model, calibration, data, config, model_name, calib_info, progress=step)
-            achieved, block_params = plan.budget["achieved"], size_summary(pruned, config.flops_seq_len)["block_params"]
-        row = {"method": config.method, **quality(pruned, base, dense=model), "achieved": achieved,
-               "block_params": block_params}
-        if suite_reference is not None:
-            from .suite import evaluate_suite
-
-            row["suite"] = evaluate_suite(pruned, tokenizer, suite_reference, progress=step)  # Cancel between batches
-        results.append(row)
-        del pruned
-    if progress is not None:
-        progress("compare", len(configs), len(configs))
-    return results
 
 
 #: The evaluation suite's columns in a comparison: (suite field, header, higher is better).

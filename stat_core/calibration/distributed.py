@@ -29,7 +29,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .calibrate import BlockStats, CalibrationSet, SensitivitySums
+from stat_core.calibration.statistics import BlockStats, CalibrationSet, SensitivitySums
 
 # How long a rank waits for the others in one collective: rank 0 may spend a long time alone
 # (building the calibration set, the dense evaluation) while the others wait in the next collective.
@@ -176,7 +176,7 @@ def all_reduce_stats(stats: list[BlockStats]) -> list[BlockStats]:
 
 
 def all_reduce_paired(paired):
-    """Cross products of the pruned and dense paths (:class:`~stat_core.calibrate.PairedStats`)
+    """Cross products of the pruned and dense paths (:class:`~stat_core.calibration.statistics.PairedStats`)
     summed over ranks (exact sums; on the CPU)."""
     if not is_distributed():
         return paired

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import ModelAdapter
-from .linalg import GramAccumulator
+from stat_core.adapters import ModelAdapter
+from stat_core.linalg import GramAccumulator
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class PairedStats:
     on the dense path (``Z_d``), token for token: ``cross[kind] = Zᵀ Z_d`` ``(n_units, n_units)`` and
     ``dense_sum[kind] = Σ_t z_d`` (float64 sums over ``n_tokens``). With the pruned path's Gram they
     give the least-squares map from the kept units of the pruned model to the dense model's
-    activations (:func:`stat_core.prune.dense_target_correction`)."""
+    activations (:func:`stat_core.surgery.apply.dense_target_correction`)."""
 
     cross: dict[str, torch.Tensor]
     dense_sum: dict[str, torch.Tensor]
@@ -297,7 +297,7 @@ def load_stats(path) -> tuple[list[BlockStats], SensitivitySums | None]:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             if meta.get("format") != STATS_FORMAT:
-                raise ValueError(f"{path} is not a STAT statistics file (written by stat_core.calibrate.save_stats)")
+                raise ValueError(f"{path} is not a STAT statistics file (written by stat_core.calibration.statistics.save_stats)")
             if meta.get("version") != STATS_VERSION:
                 raise ValueError(f"{path} has statistics format version {meta.get('version')}, "
                                  f"this version reads {STATS_VERSION}")

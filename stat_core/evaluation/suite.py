@@ -1,4 +1,4 @@
-"""The evaluation suite for decoders (DESIGN §6 and §10): how close a pruned model stays to its dense
+"""The evaluation suite for decoders (docs/evaluation.md): how close a pruned model stays to its dense
 original, beyond perplexity.
 
 Fields (``SUITE_FIELDS``):
@@ -51,9 +51,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import DataError
-from .evaluate import EVAL_TOKENS, EVAL_WINDOW, FEWSHOT_LABEL_WORDS, evaluation_windows, fewshot_prompts
-from .models import is_encoder
+from stat_core.adapters.registry import is_encoder
+from stat_core.data.chat import (
+    chat_prompt_ids,
+    end_token_ids,
+    has_chat_template,
+    left_pad,
+)
+from stat_core.data.labelled import movie_reviews
+from stat_core.data.sources import DataError
+from stat_core.evaluation.perplexity import (
+    EVAL_TOKENS,
+    EVAL_WINDOW,
+    FEWSHOT_LABEL_WORDS,
+    evaluation_windows,
+    fewshot_prompts,
+)
+from stat_core.paths import ASSETS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +79,7 @@ ANALOGY_CATEGORIES = ("capital-common-countries", "currency", "city-in-state", "
                       "gram1-adjective-to-adverb", "gram2-opposite", "gram3-comparative", "gram4-superlative",
                       "gram5-present-participle")
 ANALOGY_SHOTS = 3
-INSTRUCTION_PROMPTS_FILE = Path(__file__).resolve().parent.parent / "assets" / "instruction_prompts.json"
+INSTRUCTION_PROMPTS_FILE = ASSETS_DIR / "instruction_prompts.json"
 # Dense window log-probabilities larger than this live in an unlinked temporary file (memory-mapped)
 # instead of RAM: Gemma-3's 262k vocabulary makes the default protocol about 8.6 GB in float16.
 IN_MEMORY_LIMIT_BYTES = 4 * 2**30
@@ -134,25 +148,6 @@ def _device(model) -> torch.device:
 def _report(progress: Progress, stage: str, done: int, total: int) -> None:
     if progress is not None:
         progress(stage, done, total)
-
-
-def left_pad(sequences: Sequence[torch.Tensor | list[int]], pad_id: int
-             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Left-pad token sequences into ``ids (B, W)``; with unequal lengths also ``attention_mask (B, W)``
-    and ``position_ids (B, W)`` counting from 0 at each sequence's first real token (HF Llama in
-    transformers 5 does not derive positions from the mask). Equal lengths return ``(ids, None, None)``
-    so the forward is the plain unpadded one."""
-    seqs = [torch.as_tensor(s, dtype=torch.long) for s in sequences]
-    width = max(len(s) for s in seqs)
-    if all(len(s) == width for s in seqs):
-        return torch.stack(seqs), None, None
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, s in enumerate(seqs):
-        ids[row, width - len(s):] = s
-        mask[row, width - len(s):] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids, mask, positions
 
 
 def _logits(model, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None,
@@ -399,7 +394,6 @@ def fewshot_metrics(logodds: torch.Tensor, labels: torch.Tensor) -> dict[str, fl
 
 def _fewshot_data(tokenizer, max_prompts: int | None) -> tuple[list[list[int]], torch.Tensor, tuple[int, int]]:
     """Token ids of the few-shot prompts, their labels ``(n,)`` and the two label tokens."""
-    from .labelled import movie_reviews
 
     prompts, labels = fewshot_prompts(movie_reviews())
     if max_prompts is not None and max_prompts < len(prompts):
@@ -506,28 +500,6 @@ def instruction_prompts(path: Path | None = None) -> list[str]:
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise DataError(f"{path.name} must hold a non-empty list of prompt strings under 'prompts'")
     return prompts
-
-
-def has_chat_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """One user turn through the chat template, with the assistant's turn opened."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False).input_ids
-
-
-def end_token_ids(model, tokenizer) -> list[int]:
-    """Tokens that end an answer: the tokenizer's EOS and the generation config's EOS token(s)."""
-    ids = set()
-    for value in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif value is not None:
-            ids.update(int(v) for v in value)
-    return sorted(ids)
 
 
 @torch.no_grad()

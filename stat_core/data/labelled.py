@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import DataError, _gensim_dir, check_input_file
+from stat_core.data.sources import DataError, _gensim_dir, check_input_file
 
 
 @dataclass(frozen=True)

@@ -25,10 +25,10 @@ from dataclasses import dataclass, replace
 import scipy.linalg
 import torch
 
-from .adapters import get_adapter
-from .calibrate import BlockStats
-from .linalg import cholesky_with_ridge, ridge_of
-from .prune import head_columns
+from stat_core.adapters import get_adapter
+from stat_core.calibration.statistics import BlockStats
+from stat_core.linalg import cholesky_with_ridge, ridge_of
+from stat_core.surgery.apply import head_columns
 
 MASSIVE_SHARE = 0.10  # a "massive" unit alone carries ≥ 10% of its layer's output energy
 

@@ -9,12 +9,17 @@ the summed damage is smallest: a Lagrangian sweep (``damage + λ·cost`` per blo
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from stat_core.config import PruneConfig
+
 import heapq
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .adapters import ModelAdapter
+from stat_core.adapters import ModelAdapter, get_adapter
 
 
 @dataclass(frozen=True)
@@ -261,3 +266,23 @@ def allocate_uniform(blocks: list[BlockOptions], groups: list[list[int]], keys: 
     removed = total - float(sum(b.cost[c] for b, c in zip(blocks, choice)))
     return Allocation(choice=choice, cost_removed=removed, cost_total=total,
                       damage=float(sum(b.damage[c] for b, c in zip(blocks, choice))))
+
+
+def heads_prunable(adapter: ModelAdapter, config: PruneConfig) -> bool:
+    """Uniform (stock-loadable) pruning keeps every head where the stock config cannot say
+    fewer heads of the same size (BERT family)."""
+    return config.prune_heads and (not config.uniform or adapter.stock_config_can_drop_heads)
+
+
+def new_bias_kinds(adapter: ModelAdapter, uniform: bool) -> set[str]:
+    """Block kinds (``"attn"``, ``"mlp"``) whose output projection a correction may give a bias it
+    lacks. Any, normally (the export then loads through modeling_stat.py unless the stock config
+    can declare it); for a uniform (stock-loadable) plan only those a stock config flag declares.
+    Where a bias may not be created, an intercept correction falls back to plain least squares and
+    a mean-bias correction to none."""
+    return set(adapter.stock_bias_flags()) if uniform else {"attn", "mlp"}
+
+
+def budget_summary(model, seq_len: int = 512) -> dict:
+    adapter = get_adapter(model)
+    return {"block_params": block_parameter_count(adapter), "block_macs_per_token": block_macs(adapter, seq_len)}

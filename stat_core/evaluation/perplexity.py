@@ -1,4 +1,4 @@
-"""Quality and size measurements: perplexity with the fixed protocol (DESIGN §6), parameter counts."""
+"""Quality and size measurements: perplexity with the fixed protocol (docs/evaluation.md), parameter counts."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from .data import bos_prefix, token_stream, wikipedia_split
+from stat_core.data.labelled import movie_reviews
+from stat_core.data.sources import bos_prefix, token_stream, wikipedia_split
 
 EVAL_TOKENS = 16_384
 EVAL_WINDOW = 512
@@ -80,8 +81,7 @@ def fewshot_prompts(data) -> tuple[list[str], list[int]]:
 @torch.no_grad()
 def fewshot_accuracy(model, tokenizer, data=None, batch_size: int = 8) -> float:
     """Accuracy of comparing the label words' next-token log-probabilities after each prompt
-    (movie-review sentences by default; DESIGN's "decoders get an accuracy too")."""
-    from .labelled import movie_reviews
+    (movie-review sentences by default; decoders get an accuracy too)."""
 
     data = movie_reviews() if data is None else data
     prompts, labels = fewshot_prompts(data)

@@ -24,8 +24,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adapters import get_adapter
-from .export import ExportError
+from stat_core.adapters import get_adapter
+from stat_core.export.common import (
+    ExportError,
+    ExportInfo,
+    _is_uniform,
+    atomic_output_dir,
+    card_head,
+    export_config,
+    state_dict_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +141,6 @@ def write_onnx(model, path: str | Path, *, opset: int = ONNX_OPSET, check: bool 
     problem = onnx_problem(model)
     if problem:
         raise ExportError(problem + ".")
-    from .export import state_dict_bytes
 
     path = Path(path)
     names, output = input_names(model), _output_name(model)
@@ -199,7 +206,6 @@ def check_onnx(model, path: Path, names: tuple[str, ...], output: str, last_only
 # --- export folder --------------------------------------------------------------------------------
 
 def onnx_card(model, plan, report: dict, info: ONNXInfo, files: list[str], uniform: bool, size: int) -> str:
-    from .export import card_head
 
     decoder = get_adapter(model).is_decoder
     what = {ONNX_FILE: f"the graph with its weights (opset {ONNX_OPSET}); inputs {', '.join(f'`{n}`' for n in info.inputs)} "
@@ -236,7 +242,6 @@ def onnx_card(model, plan, report: dict, info: ONNXInfo, files: list[str], unifo
 def export_onnx(model, tokenizer, out_dir, *, plan=None, report: dict | None = None, overwrite: bool = False):
     """A folder with ``model.onnx``, the tokenizer, ``config.json``, ``plan.json``, ``pruning_report.json``
     and a model card; atomic (nothing at ``out_dir`` unless all of it was written and checked)."""
-    from .export import ExportInfo, _is_uniform, atomic_output_dir, export_config
 
     uniform = _is_uniform(get_adapter(model))
     report = dict(report or {})

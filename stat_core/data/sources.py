@@ -1,4 +1,4 @@
-"""Calibration and evaluation text, and how it becomes token windows (DESIGN §6).
+"""Calibration and evaluation text, and how it becomes token windows (docs/evaluation.md).
 
 The built-in corpus is the Wikipedia sample shipped inside the ``gensim`` wheel (106 articles,
 CC BY-SA). It is split by article in file order: the first 60% is the calibration pool, the last
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .paths import cache_dir
+from stat_core.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def token_stream(tokenizer, documents: list[str], max_tokens: int | None = None)
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    """Which windows to calibrate on (DESIGN §6 defaults)."""
+    """Which windows to calibrate on (the defaults of docs/evaluation.md)."""
 
     num_samples: int = 64
     seq_len: int = 512

@@ -36,8 +36,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .adapters import get_adapter
-from .export import ExportError
+from stat_core.adapters import get_adapter
+from stat_core.export.common import (
+    ExportError,
+    ExportInfo,
+    _is_uniform,
+    atomic_output_dir,
+    card_head,
+)
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +309,6 @@ def write_gguf(model, tokenizer, path: str | Path, qtype: str = "f16", *, name: 
     ``"llama"`` for a non-uniform model is refused (llama.cpp would build every layer with layer 0's
     widths). Atomic: written to a temporary file next to ``path`` and renamed into place.
     """
-    import gguf
 
     if qtype not in GGUF_TYPES:
         raise ExportError(f"Unknown GGUF type '{qtype}'; choose one of {', '.join(GGUF_TYPES)}.")
@@ -392,7 +397,6 @@ def _write(model, tokenizer, path: Path, qtype: str, name: str | None, arch: str
 # --- export folder --------------------------------------------------------------------------------
 
 def gguf_card(model, plan, report: dict, info: GGUFInfo, uniform: bool) -> str:
-    from .export import card_head
 
     f = info.path.name
     arch_note = ("`llama` (every layer the same shape: runs in any llama.cpp)" if info.arch == "llama" else
@@ -430,7 +434,6 @@ def export_gguf(model, tokenizer, out_dir, *, plan=None, report: dict | None = N
     atomic (nothing at ``out_dir`` unless all of it was written)."""
     import json
 
-    from .export import ExportInfo, _is_uniform, atomic_output_dir
 
     if qtype not in GGUF_TYPES:
         raise ExportError(f"Unknown GGUF type '{qtype}'; choose one of {', '.join(GGUF_TYPES)}.")

@@ -14,7 +14,9 @@ decompositions rank units on the centred statistics (the damage left after that 
 
 from __future__ import annotations
 
-from .base import PruningMethod
+from stat_core.adapters import get_adapter
+from stat_core.methods.base import PruningMethod
+from stat_core.methods.stat.analysis import plan_from_analyses, stat_correction
 
 
 class Stat(PruningMethod):
@@ -28,8 +30,6 @@ class Stat(PruningMethod):
         return config.intercept
 
     def plan(self, model, calibration, config, model_name="", calibration_info=None):
-        from ..adapters import get_adapter
-        from ..prune import plan_from_analyses, stat_correction
 
         adapter = get_adapter(model)
         analyses = calibration.analyses_for(adapter, config.intercept)

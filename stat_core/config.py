@@ -1,0 +1,59 @@
+"""What to remove and how: the prune verb's configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from stat_core.methods.registry import check_method_name
+
+# one-shot: every statistic from the dense model (the app re-budgets from them instantly).
+# propagate: each layer re-selected and corrected on the pruned path, reproducing the pruned path's
+#   own activations (the paper's layer-by-layer variant).
+# sequential: like propagate, but each correction maps the pruned path's kept units onto the *dense*
+#   model's activations (cross products of the two paths), so it also undoes the error the earlier
+#   pruned layers let through; attention is cut before the MLP's statistics are taken.
+MODES = ("propagate", "one-shot", "sequential")
+
+
+BUDGET_KINDS = ("params", "flops")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """What to remove and how. ``sparsity``: fraction of block parameters (or FLOPs) to remove."""
+
+    sparsity: float
+    budget_kind: str = "params"
+    flops_seq_len: int = 512
+    method: str = "stat"
+    mode: str = "one-shot"
+    prune_heads: bool = True
+    prune_neurons: bool = True
+    sensitivity_samples: int | None = None  # None: enough windows for SENSITIVITY_TOKENS real tokens
+    batch_size: int = 8
+    uniform: bool = False  # same head / KV-head / neuron counts in every layer (stock-loadable export)
+    # STAT's correction with an intercept: Z ≈ Z_I T + 1cᵀ, the mean part folded into an output bias;
+    # the decompositions then run on the centred statistics (see BlockStats.second_moment). Off by
+    # default: on SmolLM2 it measured neutral-to-slightly-worse on the suite (benchmarks/stat_ablation.py).
+    intercept: bool = False
+    # Next-token labels of the gradient pass: "data" (the text: empirical Fisher) or "model" (sampled
+    # from the dense model: the Fisher of its own distribution, i.e. the curvature of KL to dense).
+    sensitivity_labels: str = "data"
+
+    def __post_init__(self):
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or self.sparsity != self.sparsity:
+            raise ValueError(f"The sparsity must be a number in [0, 1) (0.3 removes 30%), got {self.sparsity!r}.")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"The sparsity must be a fraction in [0, 1) (0.3 removes 30%), got {self.sparsity}.")
+        if self.budget_kind not in BUDGET_KINDS:
+            raise ValueError(f"budget kind must be one of {BUDGET_KINDS}, got {self.budget_kind!r}")
+        check_method_name(self.method)
+        if self.sensitivity_labels not in ("data", "model"):
+            raise ValueError(f"sensitivity_labels must be 'data' or 'model', got {self.sensitivity_labels!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not (self.prune_heads or self.prune_neurons):
+            raise ValueError("With every head and every neuron kept nothing can be removed; allow heads or neurons "
+                             "to be pruned.")
+        if self.batch_size < 1 or (self.sensitivity_samples is not None and self.sensitivity_samples < 0):
+            raise ValueError("batch_size must be ≥ 1 and sensitivity_samples ≥ 0")

@@ -1,0 +1,1 @@
+"""Measures: perplexity, the evaluation suite, before/after comparisons, reports."""

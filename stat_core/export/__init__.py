@@ -1,0 +1,1 @@
+"""Writing pruned models: Hugging Face folders, GGUF, ONNX."""

@@ -1,0 +1,1 @@
+"""STAT: analysis, allocation, propagation and the explanations of its choices."""

@@ -1,0 +1,135 @@
+"""The import structure: no circles between modules or between the stages (subpackages).
+
+Built from the source with ``ast`` (no import runs). Every ``import`` counts, at module level or
+inside a function, except those under ``if TYPE_CHECKING:`` (annotations only). The stages are the
+subpackages of ``stat_core`` and its top-level modules; ``stat_app`` sits above all of them.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("stat_core", "stat_app")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))}
+
+
+def _imports(path: Path, modules: dict[str, Path]) -> set[str]:
+    """The project modules ``path`` imports (TYPE_CHECKING blocks excluded)."""
+    tree = ast.parse(path.read_text())
+    me = _module_name(path)
+    package = me if path.name == "__init__.py" else me.rpartition(".")[0]
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip.update(id(n) for child in node.body for n in ast.walk(child))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            names = [f"{base}.{a.name}" for a in node.names]
+            if not any(n in modules for n in names):  # names inside ``base``, not its submodules
+                names.append(base)
+        else:
+            continue
+        for name in names:
+            # the longest project module the name refers to (a module, or a name inside one)
+            while name and name not in modules:
+                name = name.rpartition(".")[0]
+            if name and name != me:
+                found.add(name)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {name: _imports(path, modules) for name, path in modules.items()}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of ``graph`` as a path, or None."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def _stage(module: str) -> str:
+    """``stat_core.methods.stat.analysis`` -> ``stat_core.methods``; top-level modules are their own stage."""
+    parts = module.split(".")
+    return ".".join(parts[:2])
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_no_import_circle_between_modules():
+    graph = _graph()
+    assert len(graph) > 40  # the whole tree was read
+    cycle = _cycle(graph)
+    assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+def test_no_import_circle_between_stages():
+    graph = _graph()
+    stages: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        stages.setdefault(_stage(module), set()).update(_stage(t) for t in targets if _stage(t) != _stage(module))
+    cycle = _cycle(stages)
+    assert cycle is None, "stages import each other: " + " -> ".join(cycle)
+
+
+def test_the_library_never_imports_the_app():
+    graph = _graph()
+    offenders = sorted(m for m, targets in graph.items()
+                       if m.startswith("stat_core") and any(t.startswith("stat_app") for t in targets))
+    assert offenders == []
+
+
+@pytest.mark.parametrize("package", ["stat_core", "stat_app"])
+def test_no_relative_import_climbs_out_of_its_package(package):
+    """``from ..x import y`` would climb a floor; imports name their module absolutely or within the package."""
+    bad = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level > 1:
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert bad == []
