@@ -21,7 +21,7 @@ from .calibrate import CalibrationSet
 from .calibration_mix import SOURCES as DECODER_SOURCES, decoder_calibration, default_source
 from .classifier import CLASSIFIER_MAX_LEN, DEMO_CLASSIFIER, demo_classifier_split, encode, encode_chunks
 from .data import (CalibrationConfig, DataError, calibration_windows, check_calibration_sizes, fingerprint,
-                   load_text_file)
+                   load_text_file, text_documents)
 from .labelled import BUILTIN_SETS, load_labelled
 from .models import DEMO_MODELS, ModelLoadError, is_encoder
 from .prune import PruneConfig
@@ -154,7 +154,7 @@ def _decoder_data(model, tokenizer, source, builtin, file_path, pasted, num_samp
         cal = decoder_calibration(model, tokenizer, builtin, config, progress=progress)
         info.update({k: v for k, v in cal.info.items() if k not in info}, tokens=int(cal.windows.numel()))
         return CalibrationData(cal.windows, None, info)
-    docs = load_text_file(file_path) if source == "file" else pasted_documents(pasted)
+    docs = text_documents(file_path) if source == "file" else pasted_documents(pasted)  # read lazily
     catcher = _Collect()
     data_log = logging.getLogger("stat_core.data")
     data_log.addHandler(catcher)

@@ -313,3 +313,65 @@ def test_cancel_during_surgery_and_a_request_after_eviction(files):
     assert a.model is None
     assert "Load a model" in sentence(H.calibrate(a, "file", file_path=str(files["good"])))
     s.close()
+
+
+def test_long_file_without_blank_lines_reads_bounded_memory(tmp_path):
+    """A 60 MB file of one sentence per line (no blank line: one 'document') through the calibration
+    path the CLI and the app use, on the demo tokenizer: reading stops once the windows' tokens are
+    collected and the tokenizer sees bounded pieces, so the process's peak memory (VmHWM) stays under
+    1.5 GB (it was 5 GB at 30 MB, and a tokenizer panic at 60 MB)."""
+    code = f"""
+import re, time
+from pathlib import Path
+from transformers import AutoTokenizer
+from stat_core.models import demo_model_dir
+from stat_core.pipeline import calibration_data
+from conftest import tiny_model
+path = Path({str(tmp_path / 'lines.txt')!r})
+with open(path, 'w') as f:
+    for i in range(600_000):
+        f.write(f'word {{i}} ' + 'word ' * 18 + '\\n')
+assert path.stat().st_size >= 60_000_000
+tok = AutoTokenizer.from_pretrained(demo_model_dir('smollm2-135m'))
+model = tiny_model('llama', vocab_size=49152, max_position_embeddings=512)
+t = time.perf_counter()
+data = calibration_data(model, tok, 'tiny', 'file', file_path=str(path), num_samples=4, seq_len=64)
+assert tuple(data.data.shape) == (4, 64), data.data.shape
+hwm = int(re.search(r'VmHWM:\\s+(\\d+) kB', Path('/proc/self/status').read_text()).group(1)) * 1024
+print('PEAK', hwm, 'SECONDS', round(time.perf_counter() - t, 1))
+"""
+    root = Path(__file__).resolve().parent
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=root.parent,
+                       env={**os.environ, "PYTHONPATH": str(root)})
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+    peak = int(r.stdout.split("PEAK")[1].split()[0])
+    assert peak < 1.5 * 2**30, f"peak memory {peak / 2**30:.2f} GB"
+    print(r.stdout.strip())
+
+
+def test_fifo_as_calibration_file_is_refused(files, session, tmp_path):
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+    fragment = "is not a regular file"
+    assert fragment in cli(files, "--calibration", fifo)
+    with pytest.raises(ValueError, match=fragment):
+        load_text_file(fifo)
+    assert fragment in sentence(H.calibrate(session, "file", file_path=str(fifo), num_samples=4, seq_len=64))
+
+
+CELL_ROWS = [
+    ("empty CSV text cell", "cells.csv", "text,label\nfirst line of text,1\n,0\nthird,1\n",
+     "has an empty 'text' cell in row 2"),
+    ("JSON object as text", "cells.jsonl", '{"text": {"a": 1}}\n{"text": {"a": 2}}\n',
+     "has a JSON object instead of text in the 'text' column, row 1"),
+]
+
+
+@pytest.mark.parametrize("name,filename,content,fragment", CELL_ROWS, ids=[r[0] for r in CELL_ROWS])
+def test_text_cell_rows(files, session, tmp_path, name, filename, content, fragment):
+    path = tmp_path / filename
+    path.write_text(content)
+    assert fragment in cli(files, "--calibration", path)
+    with pytest.raises(ValueError, match=fragment):
+        load_text_file(path)
+    assert fragment in sentence(H.calibrate(session, "file", file_path=str(path), num_samples=4, seq_len=64))
