@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> dict:
         return run_offload(args)
     args.dtype = args.dtype or "float32"
     if distributed.is_main():  # the output folder is rank 0's (torchrun: see stat_core.distributed)
-        check_output_dir(args.out, args.overwrite)  # fail before minutes of work, not after
+        check_output_dir(args.out, args.overwrite, source=args.model)  # fail before minutes of work, not after
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     encoder = is_encoder(model)
     method = get_method(args.method)

@@ -343,7 +343,7 @@ def streamed_prune(model_dir: str | Path, windows, config: PruneConfig, out_dir:
     t0 = time.perf_counter()
     check_streamable(config)
     checkpoint = SafetensorsCheckpoint(model_dir)
-    check_output_dir(out_dir, overwrite)  # before minutes of work
+    check_output_dir(out_dir, overwrite, source=model_dir)  # before minutes of work
     dtype = dtype or checkpoint.dtype() or torch.float32
     save_dtype = save_dtype or dtype
 
@@ -696,7 +696,7 @@ def run_offload(args) -> dict:
         raise StreamingError(f"--offload runs on the CPU for now; drop --device {args.device} (or --offload).")
     path = resolve_model_path(args.model)
     checkpoint = SafetensorsCheckpoint(path)
-    check_output_dir(args.out, args.overwrite)
+    check_output_dir(args.out, args.overwrite, source=path)
     # Default: compute in float32 (CPUs multiply bfloat16 slowly), export in the checkpoint's dtype.
     stored = checkpoint.dtype() or torch.float32
     dtype = DTYPES[args.dtype] if args.dtype else torch.float32

@@ -375,3 +375,82 @@ def test_text_cell_rows(files, session, tmp_path, name, filename, content, fragm
     with pytest.raises(ValueError, match=fragment):
         load_text_file(path)
     assert fragment in sentence(H.calibrate(session, "file", file_path=str(path), num_samples=4, seq_len=64))
+
+
+def _tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_rows(files, tmp_path):
+    """--overwrite replaces only a folder this tool wrote (it holds pruning_report.json), never the
+    model being pruned nor a folder holding it; refused before any work, nothing deleted."""
+    from stat_core.export import export_pruned
+
+    unrelated = tmp_path / "project"
+    (unrelated / "src").mkdir(parents=True)
+    (unrelated / "src" / "main.c").write_text("int main(void) { return 0; }\n")
+    pruned_src = tmp_path / "earlier-export"          # a model this tool wrote, pruned again into itself
+    shutil.copytree(files["decoder"], pruned_src)
+    (pruned_src / "pruning_report.json").write_text("{}")
+    holder = tmp_path / "holder"                        # a folder that holds the model, and is itself "ours"
+    shutil.copytree(files["decoder"], holder / "model")
+    (holder / "pruning_report.json").write_text("{}")
+    rows = [(unrelated, None, "was not written by this tool (it has no pruning_report.json)"),
+            (files["decoder"], None, "is the model being pruned"),
+            (pruned_src, pruned_src, "is the model being pruned"),
+            (holder, holder / "model", "contains the model being pruned")]
+    for out, model, fragment in rows:
+        before = _tree(out)
+        assert fragment in cli(files, "--calibration", files["good"], "--overwrite", out=out, model=model)
+        assert _tree(out) == before
+    model, tok = load_model(str(pruned_src))
+    with pytest.raises(ValueError, match="is the model being pruned"):
+        export_pruned(model, tok, pruned_src, overwrite=True)
+    with pytest.raises(ValueError, match="was not written by this tool"):
+        export_pruned(model, tok, unrelated, overwrite=True)
+    assert _tree(unrelated) == {"src/main.c": b"int main(void) { return 0; }\n"}
+
+
+def test_output_location_rows(files, tmp_path):
+    """An output path under a file, or where nothing can be written: one sentence before any work."""
+    from stat_core.export import export_pruned
+
+    assert "is a file, not a folder" in cli(files, "--calibration", files["good"], out=files["afile"] / "sub")
+    assert "Cannot write to '/proc'" in cli(files, "--calibration", files["good"], out="/proc/stat-out")
+    model, tok = load_model(str(files["decoder"]))
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        export_pruned(model, tok, files["afile"] / "sub")
+    assert files["afile"].read_text() == "x"
+
+
+def test_export_into_existing_empty_folder_fills_it_in_place(files, tmp_path, monkeypatch):
+    """An existing empty folder (a container volume's mount point, the working directory) is filled
+    in place: the folder itself is never renamed (same inode) and keeps its own mode; `--out .` works."""
+    from stat_core.export import export_pruned
+
+    model, tok = load_model(str(files["decoder"]))
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    os.chmod(volume, 0o751)
+    inode = volume.stat().st_ino
+    export_pruned(model, tok, volume)
+    assert volume.stat().st_ino == inode and (volume.stat().st_mode & 0o777) == 0o751
+    assert {"model.safetensors", "config.json", "pruning_report.json"} <= {p.name for p in volume.iterdir()}
+    assert not [p for p in volume.iterdir() if p.name.startswith(".")] and [p.name for p in tmp_path.iterdir()] == ["volume"]
+    # a new folder gets the umask's mode, not a temporary folder's 0700
+    fresh = tmp_path / "fresh"
+    export_pruned(model, tok, fresh)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (fresh.stat().st_mode & 0o777) == 0o777 & ~umask
+    # `--out .` in an empty working directory, then `--out . --overwrite` over the tool's own folder
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    argv = [str(files["decoder"]), "--sparsity", "0.3", "--out", ".", "--skip-eval", "--quiet", "--sensitivity-samples",
+            "0", "--num-samples", "4", "--seq-len", "64", "--calibration", str(files["good"])]
+    assert cli_main(argv) == 0 and (here / "pruning_report.json").exists()
+    (here / "stale.txt").write_text("from the last run")
+    assert cli_main(argv + ["--overwrite"]) == 0
+    assert not (here / "stale.txt").exists() and (here / "model.safetensors").exists()
+    assert not [p for p in here.iterdir() if p.name.startswith(".")]
