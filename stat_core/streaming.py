@@ -90,6 +90,13 @@ class SafetensorsCheckpoint:
         if not (folder / "config.json").is_file():
             raise StreamingError(f"'{folder}' has no config.json; it is not a model folder.")
         self.folder = folder
+        from .models import check_safetensors_file
+
+        for file in sorted(folder.glob("*.safetensors")):  # a damaged file: one sentence, not a SafetensorError
+            problem = check_safetensors_file(file)
+            if problem:
+                raise StreamingError(f"'{file.name}' in '{folder}' is not a readable safetensors file ({problem}); "
+                                     "copy or download the weights again.")
         index = folder / INDEX_FILE
         if index.is_file():
             try:

@@ -454,3 +454,47 @@ def test_export_into_existing_empty_folder_fills_it_in_place(files, tmp_path, mo
     assert cli_main(argv + ["--overwrite"]) == 0
     assert not (here / "stale.txt").exists() and (here / "model.safetensors").exists()
     assert not [p for p in here.iterdir() if p.name.startswith(".")]
+
+
+def _damaged(kind: str, weights: bytes) -> bytes:
+    import struct
+
+    return {"truncated": weights[: len(weights) // 2], "garbage": os.urandom(4096), "empty": b"",
+            "oversized header": struct.pack("<Q", 2**40) + b"{}"}[kind]
+
+
+@pytest.mark.parametrize("kind,fragment", [
+    ("truncated", "it is truncated"), ("garbage", "header"), ("empty", "the file is empty"),
+    ("oversized header", "more than the 100 MB safetensors allows")])
+def test_damaged_safetensors_rows(files, tmp_path, kind, fragment):
+    folder = tmp_path / "damaged"
+    shutil.copytree(files["decoder"], folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(_damaged(kind, weights.read_bytes()))
+    line = cli(files, "--calibration", files["good"], model=folder)
+    assert "'model.safetensors' in" in line and "is not a readable safetensors file" in line and fragment in line
+    assert fragment in cli(files, "--calibration", files["good"], "--offload", model=folder)
+    with pytest.raises(ValueError, match="is not a readable safetensors file"):
+        load_model(str(folder))
+    s = Session()
+    assert fragment in sentence(H.load(s, "folder", str(folder))) and s.model is None
+
+
+def test_config_and_device_rows(files, tmp_path):
+    arr = tmp_path / "array-config"
+    shutil.copytree(files["decoder"], arr)
+    (arr / "config.json").write_text("[1, 2, 3]")
+    fragment = "holds an array, not an object of model settings"
+    assert fragment in cli(files, model=arr)
+    with pytest.raises(ValueError, match=fragment):
+        load_model(str(arr))
+    assert fragment in sentence(H.load(Session(), "folder", str(arr)))
+    rows = [("bogus", "Unknown device 'bogus'"), ("meta", "Device 'meta' cannot hold a model's weights here")]
+    if not torch.backends.mps.is_available():
+        rows.append(("mps", "needs an Apple-silicon GPU"))
+    if not torch.cuda.is_available():
+        rows.append(("cuda:0", "no GPU is available"))
+    for device, fragment in rows:
+        assert fragment in cli(files, "--calibration", files["good"], "--device", device)
+        with pytest.raises(ValueError, match=fragment):
+            load_model(str(files["decoder"]), device=device)
