@@ -498,3 +498,30 @@ def test_config_and_device_rows(files, tmp_path):
         assert fragment in cli(files, "--calibration", files["good"], "--device", device)
         with pytest.raises(ValueError, match=fragment):
             load_model(str(files["decoder"]), device=device)
+
+
+def test_anonymous_requests_create_no_session_and_evict_no_one(files):
+    """Requests from browsers that never loaded a model (Cancel, Generate, Export, a failed Load...)
+    neither create sessions nor evict an idle user's model: only a loaded model makes a session."""
+    from types import SimpleNamespace
+
+    from stat_app.app import build_demo
+
+    store = SessionStore(max_sessions=1)
+    demo = build_demo(store)
+    fns = {getattr(f.fn, "__name__", ""): f.fn for f in demo.fns.values()}
+    user = fns["on_load"]("folder", "smollm2-135m", str(files["decoder"]), "cpu",
+                          SimpleNamespace(session_hash="user"))[0]
+    assert user.startswith("✅"), user
+    idle = store.find("user")
+    for i in range(5):
+        anon = SimpleNamespace(session_hash=f"anon-{i}")
+        assert fns["on_cancel"](anon).startswith("⏹")
+        assert "Load a model" in fns["on_generate"]("Hello", 4, anon)[0]
+        assert "does not exist" in fns["on_load"]("folder", "", "/no/such/model", "cpu", anon)[0]
+    assert fns["on_cancel"](SimpleNamespace(session_hash=None)).startswith("⏹")
+    assert list(store._sessions) == ["user"] and idle.model is not None
+    # a second user who does load a model is what evicts the idle one (one session allowed here)
+    assert fns["on_load"]("folder", "", str(files["decoder"]), "cpu", SimpleNamespace(session_hash="b"))[0].startswith("✅")
+    assert list(store._sessions) == ["b"] and idle.model is None
+    store.drop("b")
