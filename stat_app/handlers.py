@@ -67,7 +67,8 @@ def calibrate(session: Session, source: str = "builtin", builtin: str = "wikiped
               force: bool = False) -> Reply:
     """Collect dense statistics once (the expensive step); re-budgeting later reuses them."""
     require_model(session)
-    num_samples, seq_len = check_calibration_sizes(session.model, num_samples, seq_len)
+    num_samples, seq_len = check_calibration_sizes(session.model, num_samples, seq_len,
+                                                   None if session.encoder else session.tokenizer)
     key = pipeline.calibration_request_key(session.model_name, source, builtin, file_path, pasted, num_samples,
                                            seq_len, seed)
     if not force and session.calibration is not None and session.calib_key == key:

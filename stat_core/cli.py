@@ -173,6 +173,8 @@ def run(args: argparse.Namespace) -> dict:
 
         return run_offload(args)
     args.dtype = args.dtype or "float32"
+    if args.flops_seq_len is not None and args.flops_seq_len < 1:  # 0 or less: refused before any work
+        raise ValueError(f"--flops-seq-len takes a number of tokens ≥ 1, got {args.flops_seq_len}")
     if distributed.is_main():  # the output folder is rank 0's (torchrun: see stat_core.distributed)
         check_output_dir(args.out, args.overwrite, source=args.model)  # fail before minutes of work, not after
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)

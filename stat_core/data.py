@@ -287,9 +287,14 @@ class CalibrationConfig:
             raise DataError(f"The sequence length must be at least 8 tokens, got {self.seq_len}.")
 
 
-def check_calibration_sizes(model, num_samples, seq_len) -> tuple[int, int]:
+MAX_CALIBRATION_TOKENS = 1 << 24  # 16.8M tokens: 512x the default 64 x 512, far beyond what calibration needs
+
+
+def check_calibration_sizes(model, num_samples, seq_len, tokenizer=None) -> tuple[int, int]:
     """Validated ``(num_samples, seq_len)`` for ``model`` (CLI, app and API alike): whole numbers,
-    at least 1 sample and 8 tokens, and windows that fit the model's position embeddings."""
+    at least 1 sample and 8 tokens, at most :data:`MAX_CALIBRATION_TOKENS` in all, and windows that
+    fit the model's position embeddings — with the BOS token a decoder's ``tokenizer`` adds in front
+    (give the tokenizer for decoders; encoders count their special tokens inside ``seq_len``)."""
     out = []
     for what, value in (("number of calibration samples", num_samples), ("sequence length", seq_len)):
         try:
@@ -304,11 +309,15 @@ def check_calibration_sizes(model, num_samples, seq_len) -> tuple[int, int]:
         raise DataError(f"The number of calibration samples must be at least 1, got {num_samples}.")
     if seq_len < 8:
         raise DataError(f"The sequence length must be at least 8 tokens, got {seq_len}.")
+    if num_samples * seq_len > MAX_CALIBRATION_TOKENS:
+        raise DataError(f"{num_samples:,} samples of {seq_len:,} tokens is {num_samples * seq_len:,} calibration tokens, "
+                        f"more than the {MAX_CALIBRATION_TOKENS:,} calibration can use; ask for fewer samples.")
     positions = getattr(model.config, "max_position_embeddings", None)
-    limit = positions
+    bos = len(bos_prefix(tokenizer)) if tokenizer is not None and positions else 0
+    limit = positions - bos if positions else positions
     if limit and seq_len > limit:
-        raise DataError(f"A sequence length of {seq_len:,} tokens is beyond the model's {positions:,} positions; "
-                        f"use at most {limit:,}.")
+        raise DataError(f"A sequence length of {seq_len:,} tokens is beyond the model's {positions:,} positions"
+                        + (" once the tokenizer's BOS token is added" if bos else "") + f"; use at most {limit:,}.")
     return num_samples, seq_len
 
 

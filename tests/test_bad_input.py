@@ -525,3 +525,70 @@ def test_anonymous_requests_create_no_session_and_evict_no_one(files):
     assert fns["on_load"]("folder", "", str(files["decoder"]), "cpu", SimpleNamespace(session_hash="b"))[0].startswith("✅")
     assert list(store._sessions) == ["b"] and idle.model is None
     store.drop("b")
+
+
+def test_sequence_length_at_the_positions_with_a_bos_tokenizer(files, tmp_path):
+    """A tokenizer that adds BOS makes each window seq_len + 1 tokens: a seq_len equal to the model's
+    positions is refused in one sentence (it crashed with IndexError), one less fits and runs."""
+    from tokenizers.processors import TemplateProcessing
+
+    from stat_core.pipeline import calibration_data
+
+    model, tok = load_model(str(files["decoder"]))          # 512 positions
+    tok._tokenizer.post_processor = TemplateProcessing(single=f"{tok.bos_token} $A",
+                                                       special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    fragment = "beyond the model's 512 positions once the tokenizer's BOS token is added; use at most 511"
+    with pytest.raises(ValueError, match=fragment):
+        check_calibration_sizes(model, 2, 512, tok)
+    with pytest.raises(ValueError, match=fragment):
+        calibration_data(model, tok, "tiny", "pasted", pasted=TEXT, num_samples=2, seq_len=512)
+    s = Session(model=model, tokenizer=tok, model_name="tiny")
+    assert fragment in sentence(H.calibrate(s, "pasted", pasted=TEXT, num_samples=2, seq_len=512))
+    data = calibration_data(model, tok, "tiny", "pasted", pasted=TEXT, num_samples=2, seq_len=511)
+    assert tuple(data.data.shape) == (2, 512) and bool((data.data[:, 0] == tok.bos_token_id).all())
+    with torch.no_grad():
+        model(input_ids=data.data)                          # the window fits the positions
+
+
+def test_absurd_sizes_rows(files, session):
+    fragment = "more than the 16,777,216 calibration can use; ask for fewer samples"
+    assert fragment in cli(files, "--calibration", files["good"], "--num-samples", 200_000_000)
+    with pytest.raises(ValueError, match=fragment):
+        check_calibration_sizes(session.model, 2e8, 64)
+    assert fragment in sentence(H.calibrate(session, "file", file_path=str(files["good"]), num_samples=2e8, seq_len=64))
+    assert "--flops-seq-len takes a number of tokens ≥ 1, got -5" in cli(
+        files, "--calibration", files["good"], "--budget", "flops", "--flops-seq-len", -5)
+    with pytest.raises(ValueError, match="FLOP-counting sequence length must be a whole number of tokens ≥ 1"):
+        PruneConfig(sparsity=0.3, budget_kind="flops", flops_seq_len=-5)
+
+
+def test_labelled_cell_rows(files, tmp_path):
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    from stat_core.models import demo_model_dir
+
+    clf = tmp_path / "clf"
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=30522,
+        max_position_embeddings=128, num_labels=2)).save_pretrained(clf)
+    for n in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (demo_model_dir("minilm-classifier") / n).exists():
+            shutil.copy(demo_model_dir("minilm-classifier") / n, clf / n)
+    rows = [("empty label", "text,label\n" + "".join(f"post {i},{i % 2}\n" for i in range(9)) + "post 9,\n",
+             "has an empty 'label' cell in row 10"),
+            ("empty text", "text,label\n" + "".join(f"post {i},{i % 2}\n" for i in range(9)) + ",1\n",
+             "has an empty 'text' cell in row 10"),
+            ("three classes for a two-label head", "text,label\n" + "".join(f"post {i},{i % 3}\n" for i in range(30)),
+             "has 3 classes but the model's classification head has 2 labels")]
+    s = Session()
+    assert H.load(s, "folder", str(clf)).ok
+    for name, content, fragment in rows:
+        path = tmp_path / f"{name.replace(' ', '-')}.csv"
+        path.write_text(content)
+        assert fragment in cli(files, "--labelled", path, model=clf), name
+        if "classes" not in name:
+            with pytest.raises(ValueError, match=fragment):
+                load_labelled(str(path))
+        assert fragment in sentence(H.calibrate(s, "file", file_path=str(path), num_samples=10, seq_len=64))
+    s.close()
