@@ -6,7 +6,9 @@ import argparse
 import copy
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -322,8 +324,17 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
     logging.basicConfig(level=logging.ERROR if worker else logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(message)s")
+    def _stop(signum, _frame):  # SIGTERM unwinds like Ctrl-C: partial export folders are removed on the way out
+        raise KeyboardInterrupt(signum)
+
+    previous = signal.signal(signal.SIGTERM, _stop) if threading.current_thread() is threading.main_thread() else None
     try:
         report = run(args)
+    except KeyboardInterrupt as exc:
+        signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
+        print(f"stat-prune: stopped by {signal.Signals(signum).name}; {args.out} was left as it was (partial "
+              "output removed): run the command again to prune.", file=sys.stderr)
+        return 128 + int(signum)
     except distributed.PeerError:  # another rank failed and says why
         return 2
     except (ModelLoadError, UnsupportedModelError, DataError, ExportError, ValueError) as exc:
@@ -331,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stat-prune: error{where}: {exc}", file=sys.stderr)
         return 2
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         distributed.shutdown()
     if worker:
         return 0

@@ -592,3 +592,40 @@ def test_labelled_cell_rows(files, tmp_path):
                 load_labelled(str(path))
         assert fragment in sentence(H.calibrate(s, "file", file_path=str(path), num_samples=10, seq_len=64))
     s.close()
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_signal_during_export_leaves_nothing(files, tmp_path, signame):
+    """Ctrl-C or SIGTERM while the export is being written: one sentence, exit 128 + the signal,
+    neither the output folder nor a hidden partial one is left."""
+    import signal
+    import time
+
+    out = tmp_path / "parent" / "out"
+    out.parent.mkdir()
+    code = f"""
+import sys, time
+import stat_core.export as export
+def slow_card(*a, **k):
+    print("WRITING", flush=True)
+    time.sleep(60)
+export.model_card = slow_card
+from stat_core.cli import main
+sys.exit(main([{str(files['decoder'])!r}, "--sparsity", "0.3", "--out", {str(out)!r}, "--skip-eval", "--quiet",
+               "--sensitivity-samples", "0", "--num-samples", "4", "--seq-len", "64",
+               "--calibration", {str(files['good'])!r}]))
+"""
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    try:
+        assert p.stdout.readline().strip() == "WRITING"
+        assert [q.name for q in out.parent.iterdir() if q.name.startswith(".out-partial-")]  # mid-export
+        p.send_signal(getattr(signal, signame))
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 128 + getattr(signal, signame), err[-2000:]
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"stat-prune: stopped by {signame}; {out} was left as it was (partial "
+                                            "output removed): run the command again to prune.")
+    assert list(out.parent.iterdir()) == []
