@@ -512,10 +512,31 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def chat_template_problem(tokenizer) -> str | None:
+    """Why the tokenizer's chat template cannot render a user turn (refused by Jinja's sandbox, a
+    syntax error, ...), as a short phrase, or None."""
+    import jinja2
+
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "Hello."}], tokenize=False,
+                                      add_generation_prompt=True)
+    except jinja2.TemplateError as exc:
+        return f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}"
+    return None
+
+
 def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """One user turn through the chat template, with the assistant's turn opened."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
+    """One user turn through the chat template, with the assistant's turn opened; a template that
+    cannot render (e.g. refused by Jinja's sandbox) is a DataError with one sentence."""
+    import jinja2
+
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    except jinja2.TemplateError as exc:
+        raise DataError(f"The model's chat template cannot be used ({exc.__class__.__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); fix or remove the chat template "
+                        "in the model folder, or calibrate on wikipedia or a text file.") from None
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
@@ -653,7 +674,11 @@ def build_reference(dense_model, tokenizer, config: SuiteConfig = SuiteConfig(),
         ref.analogy_correct = torch.tensor([bool(m.all()) for m in tf.matches])
         metrics["analogy_accuracy"] = float(ref.analogy_correct.float().mean())
 
-    if config.instructions and has_chat_template(tokenizer):
+    template_problem = chat_template_problem(tokenizer) if config.instructions and has_chat_template(tokenizer) \
+        else None
+    if template_problem:
+        log.warning("the chat template cannot be used (%s): the instruction check is skipped", template_problem)
+    elif config.instructions and has_chat_template(tokenizer):
         metrics["instruction_agreement"] = _build_instructions(ref, dense_model, tokenizer, progress)
         metrics["instruction_kl"] = 0.0  # KL of a distribution to itself
     elif config.instructions:

@@ -629,3 +629,30 @@ sys.exit(main([{str(files['decoder'])!r}, "--sparsity", "0.3", "--out", {str(out
     assert err.strip().splitlines()[-1] == (f"stat-prune: stopped by {signame}; {out} was left as it was (partial "
                                             "output removed): run the command again to prune.")
     assert list(out.parent.iterdir()) == []
+
+
+def test_chat_template_refused_by_the_sandbox(files, tmp_path, caplog):
+    """A chat template that Jinja's sandbox refuses never runs: `--calibration mix` (which needs it)
+    stops with one sentence; the evaluation suite skips its chat check with a warning."""
+    from stat_core.suite import chat_prompt_ids, chat_template_problem
+
+    folder = tmp_path / "hostile-template"
+    shutil.copytree(files["decoder"], folder)
+    (folder / "chat_template.jinja").write_text("{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    fragment = "The model's chat template cannot be used (SecurityError: access to attribute '__class__'"
+    assert fragment in cli(files, "--calibration", "mix", model=folder)
+    model, tok = load_model(str(folder))
+    assert tok.chat_template and chat_template_problem(tok).startswith("SecurityError")
+    with pytest.raises(ValueError, match=r"chat template cannot be used \(SecurityError"):
+        chat_prompt_ids(tok, "Hello")
+    s = Session()
+    assert H.load(s, "folder", str(folder)).ok
+    assert fragment in sentence(H.calibrate(s, "builtin", builtin="mix", num_samples=2, seq_len=64))
+    s.close()
+    from stat_core.suite import SuiteConfig, build_reference
+
+    caplog.set_level("WARNING", logger="stat_core.suite")
+    ref = build_reference(model, tok, SuiteConfig(eval_tokens=128, window=64, fewshot=False, analogies=False,
+                                                  max_instruction_prompts=2, instruction_new_tokens=2))
+    assert "instruction_agreement" not in ref.dense_metrics
+    assert "the chat template cannot be used (SecurityError" in caplog.text
