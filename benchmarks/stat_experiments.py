@@ -21,7 +21,8 @@ Allocation variants (``alloc``): ``base`` (the library's), ``attn:G`` (attention
 (the library uses λ = 0.1) before the decompositions. ``mix``: the ``mix`` calibration source with
 another share of self-generated chat windows than the library's half (its own calibration; the
 generated text comes from the cache of ``stat_core.data.mix``). The first run caches the calibration and the
-dense reference in ``--cache`` (about 1 GB; our own statistics, not a model).
+dense reference in the project's cache dir (``--cache``; about 1 GB, safetensors + JSON, one folder per model,
+windows and suite config: nothing is unpickled).
 """
 
 from __future__ import annotations
@@ -46,6 +47,103 @@ from stat_core.surgery.budget import block_parameter_count
 
 FIELDS = ("perplexity", "kl_to_dense", "fewshot_accuracy", "fewshot_bias_free", "fewshot_majority_share",
           "analogy_accuracy", "instruction_agreement", "instruction_kl")
+
+
+CACHE_VERSION = "1"
+
+
+def cache_folder(model, windows, suite_config, root: Path | None = None) -> Path:
+    """The cache of one (model, calibration windows, suite config): ``root`` (default: the project's
+    cache dir) / ``experiments`` / a fingerprint of the three, so another model's or another text's
+    statistics are never reused."""
+    from stat_core.data.mix import model_fingerprint
+    from stat_core.data.sources import fingerprint
+    from stat_core.paths import cache_dir
+
+    key = fingerprint(model_fingerprint(model), windows, repr(suite_config), CACHE_VERSION)
+    return (Path(root) if root is not None else cache_dir() / "experiments") / key
+
+
+def save_cache(folder: Path, calibration, reference) -> Path:
+    """The dense statistics and sensitivities (``stat_core.calibrate.save_stats``) and the dense
+    reference (its tensors in safetensors, everything else in JSON); nothing is pickled. Written in
+    a temporary sibling folder renamed into place."""
+    import dataclasses
+    import os
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from stat_core.calibration.statistics import SensitivitySums, save_stats
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        sens = None if calibration.sensitivity is None else SensitivitySums(list(calibration.sensitivity), 1)
+        save_stats(tmp / "statistics.safetensors", calibration.dense_stats, sens)
+        tensors, plain = {}, {}
+        for f in dataclasses.fields(reference):
+            value = getattr(reference, f.name)
+            if isinstance(value, torch.Tensor):
+                tensors[f.name] = value.contiguous()
+            elif isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+                tensors.update({f"{f.name}.{i}": t.contiguous() for i, t in enumerate(value)})
+                plain[f.name] = {"tensors": len(value)}
+            elif dataclasses.is_dataclass(value):
+                plain[f.name] = dataclasses.asdict(value)
+            elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+                plain[f.name] = [dataclasses.asdict(v) for v in value]
+            else:
+                plain[f.name] = value
+        save_file(tensors, str(tmp / "reference.safetensors"))
+        (tmp / "reference.json").write_text(json.dumps({"version": CACHE_VERSION, "fields": plain}))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load_cache(folder: Path, model):
+    """``(calibration, reference)`` from :func:`save_cache`'s folder, or None if there is none or it is
+    of another version; the per-layer analyses are recomputed from the statistics (deterministic)."""
+    from safetensors.torch import load_file
+
+    from stat_core.calibration.statistics import load_stats
+    from stat_core.evaluation.suite import AnalogyQuestion, DenseReference, SuiteConfig
+
+    folder = Path(folder)
+    if not (folder / "reference.json").is_file():
+        return None
+    meta = json.loads((folder / "reference.json").read_text())
+    if meta.get("version") != CACHE_VERSION:
+        return None
+    stats, sens = load_stats(folder / "statistics.safetensors")
+    fisher = None if sens is None else sens.normalised()
+    adapter = get_adapter(model)
+    analyses = [P.analyse_layer(adapter, i, st, None if fisher is None else fisher[i], False)
+                for i, st in enumerate(stats)]
+    calibration = P.Calibration(dense_stats=stats, sensitivity=fisher, analyses=analyses)
+    tensors = load_file(str(folder / "reference.safetensors"))
+    fields = dict(meta["fields"])
+    for name, value in list(fields.items()):
+        if isinstance(value, dict) and set(value) == {"tensors"}:
+            fields[name] = [tensors[f"{name}.{i}"] for i in range(value["tensors"])]
+    fields.update({k: v for k, v in tensors.items() if "." not in k})
+    fields["config"] = SuiteConfig(**fields["config"])
+    if fields.get("fewshot_label_ids") is not None:
+        fields["fewshot_label_ids"] = tuple(fields["fewshot_label_ids"])
+    for name in ("analogy_spans", "instruction_spans"):
+        if fields.get(name) is not None:
+            fields[name] = [tuple(x) for x in fields[name]]
+    if fields.get("analogy_questions") is not None:
+        fields["analogy_questions"] = [AnalogyQuestion(q["category"], tuple(q["words"]),
+                                                       tuple(tuple(e) for e in q["examples"]))
+                                       for q in fields["analogy_questions"]]
+    return calibration, DenseReference(**fields)
 
 
 def reweighted(build, variant: str):
@@ -115,7 +213,9 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="", help="alloc: base,attn:3,...; shrink: lambdas; stages: first budget "
                                                   "(default 0.1)")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--cache", default="/tmp/stat-experiments-cache.pt")
+    p.add_argument("--cache", default=None,
+                   help="folder for the cached calibration and dense reference (default: the project's cache dir); "
+                        "one sub-folder per model, windows and suite config")
     p.add_argument("--out-dir", default=str(RESULTS))
     args = p.parse_args(argv)
     from stat_core.data.mix import decoder_calibration
@@ -128,13 +228,14 @@ def main(argv=None) -> int:
     dense_params = block_parameter_count(adapter)
     windows = decoder_calibration(model, tokenizer, "wikipedia",
                                   CalibrationConfig(num_samples=64, seq_len=512, seed=0)).windows
-    cache = Path(args.cache)
-    if cache.exists():
-        calibration, reference = torch.load(cache, weights_only=False)  # our own statistics, written below
+    cache = cache_folder(model, windows, SuiteConfig.quick(), args.cache)
+    cached = load_cache(cache, model)  # safetensors + JSON keyed by model and data: nothing is unpickled
+    if cached is not None:
+        calibration, reference = cached
     else:
         reference = build_reference(model, tokenizer, SuiteConfig.quick())
         calibration = P.calibrate(model, windows, P.PruneConfig(sparsity=0.2))
-        torch.save((calibration, reference), cache)
+        save_cache(cache, calibration, reference)
     out = Path(args.out_dir)
     path = out / "stat_experiments.json"
     records = json.loads(path.read_text())["records"] if path.exists() else []

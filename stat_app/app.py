@@ -144,15 +144,17 @@ def _spectrum(why: dict, choice: str | None):
 def build_demo(store: SessionStore | None = None) -> gr.Blocks:
     store = SessionStore() if store is None else store
 
-    def session_of(request: gr.Request):
-        return store.get(getattr(request, "session_hash", None))
+    def session_of(request: gr.Request):  # never creates a session: only loading a model does
+        return store.find(getattr(request, "session_hash", None))
 
     # --- event functions -----------------------------------------------------------------------
     def on_load(source, demo_name, path, device, request: gr.Request):
         session = session_of(request)
         name = demo_name if source == "demo" else path
         reply = H.load(session, source, name, device)
-        if not reply.ok:  # the session keeps whatever it had loaded before
+        if reply.ok:  # only a loaded model makes (and keeps) a session in the store
+            store.adopt(session)
+        else:  # the session keeps whatever it had loaded before
             return (_status(reply), H.architecture_markdown(session.arch), *[gr.update()] * 8)
         defaults = CLASSIFIER_DEFAULTS if session.encoder else DECODER_DEFAULTS
         empty = F.empty_figure()

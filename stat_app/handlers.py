@@ -47,9 +47,9 @@ from stat_core import pipeline
 from stat_core import prune as core_prune  # noqa: F401 (tests patch the core's steps through it)
 from stat_core.adapters.registry import is_encoder
 from stat_core.config import PruneConfig
+from stat_core.data.mix import default_source  # noqa: F401 (the app's default source)
 from stat_core.data.sources import check_calibration_sizes
 from stat_core.evaluation import measure as core_measure
-from stat_core.data.mix import default_source  # noqa: F401 (the app's default source)
 from stat_core.evaluation.measure import METRIC_HEADERS, QUICK_EVAL_TOKENS  # noqa: F401 (the app's table, default)
 from stat_core.evaluation.report import architecture_summary as architecture
 from stat_core.evaluation.report import recovery_sentence, removed_sentence
@@ -88,7 +88,8 @@ def calibrate(session: Session, source: str = "builtin", builtin: str = "wikiped
               force: bool = False) -> Reply:
     """Collect dense statistics once (the expensive step); re-budgeting later reuses them."""
     require_model(session)
-    num_samples, seq_len = check_calibration_sizes(session.model, num_samples, seq_len)
+    num_samples, seq_len = check_calibration_sizes(session.model, num_samples, seq_len,
+                                                   None if session.encoder else session.tokenizer)
     key = pipeline.calibration_request_key(session.model_name, source, builtin, file_path, pasted, num_samples,
                                            seq_len, seed)
     if not force and session.calibration is not None and session.calib_key == key:

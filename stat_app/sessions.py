@@ -156,7 +156,8 @@ def free_memory() -> None:
 
 class SessionStore:
     """``session_hash → Session`` with LRU eviction of idle sessions beyond ``max_sessions`` and
-    expiry of sessions idle for ``idle_seconds``; busy sessions (:meth:`Session.in_use`) are kept."""
+    expiry of sessions idle for ``idle_seconds``; busy sessions (:meth:`Session.in_use`) are kept.
+    :meth:`get` (loading a model) creates sessions; every other request uses :meth:`find`."""
 
     def __init__(self, max_sessions: int = MAX_SESSIONS, idle_seconds: float = IDLE_SECONDS):
         self.max_sessions = max_sessions
@@ -186,6 +187,24 @@ class SessionStore:
         if evicted:
             free_memory()
         return session
+
+    def find(self, key: str | None) -> Session:
+        """The stored session of ``key`` (marked used), or a fresh empty one that is *not* stored: a
+        request from a browser that never loaded a model creates nothing and evicts no one. Only
+        loading a model (:meth:`get`) creates a session."""
+        with self._lock:
+            session = self._sessions.get(key or "local")
+            if session is not None:
+                self._sessions.move_to_end(key or "local")
+                session.last_used = time.monotonic()
+                return session
+        return Session(key=key or "local")
+
+    def adopt(self, session: Session) -> Session:
+        """Store ``session`` (a model was just loaded into it) under its key, evicting as :meth:`get` does."""
+        with self._lock:
+            self._sessions[session.key] = session
+        return self.get(session.key)
 
     def drop(self, key: str | None) -> None:
         with self._lock:

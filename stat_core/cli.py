@@ -6,7 +6,9 @@ import argparse
 import copy
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -166,8 +168,10 @@ def run(args: argparse.Namespace) -> dict:
 
         return run_offload(args)
     args.dtype = args.dtype or "float32"
+    if args.flops_seq_len is not None and args.flops_seq_len < 1:  # 0 or less: refused before any work
+        raise ValueError(f"--flops-seq-len takes a number of tokens ≥ 1, got {args.flops_seq_len}")
     if distributed.is_main():  # the output folder is rank 0's (torchrun: see stat_core.calibration.distributed)
-        check_output_dir(args.out, args.overwrite)  # fail before minutes of work, not after
+        check_output_dir(args.out, args.overwrite, source=args.model)  # fail before minutes of work, not after
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     encoder = is_encoder(model)
     method = get_method(args.method)
@@ -313,8 +317,17 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
     logging.basicConfig(level=logging.ERROR if worker else logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(message)s")
+    def _stop(signum, _frame):  # SIGTERM unwinds like Ctrl-C: partial export folders are removed on the way out
+        raise KeyboardInterrupt(signum)
+
+    previous = signal.signal(signal.SIGTERM, _stop) if threading.current_thread() is threading.main_thread() else None
     try:
         report = run(args)
+    except KeyboardInterrupt as exc:
+        signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
+        print(f"stat-prune: stopped by {signal.Signals(signum).name}; {args.out} was left as it was (partial "
+              "output removed): run the command again to prune.", file=sys.stderr)
+        return 128 + int(signum)
     except distributed.PeerError:  # another rank failed and says why
         return 2
     except (ModelLoadError, UnsupportedModelError, DataError, ExportError, ValueError) as exc:
@@ -322,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stat-prune: error{where}: {exc}", file=sys.stderr)
         return 2
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         distributed.shutdown()
     if worker:
         return 0

@@ -57,3 +57,7 @@ class PruneConfig:
                              "to be pruned.")
         if self.batch_size < 1 or (self.sensitivity_samples is not None and self.sensitivity_samples < 0):
             raise ValueError("batch_size must be ≥ 1 and sensitivity_samples ≥ 0")
+        if isinstance(self.flops_seq_len, bool) or not isinstance(self.flops_seq_len, (int, float)) \
+                or not self.flops_seq_len >= 1:
+            raise ValueError(f"The FLOP-counting sequence length must be a whole number of tokens ≥ 1, got "
+                             f"{self.flops_seq_len!r}.")

@@ -98,11 +98,64 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 def pick_device(device: str | None = None) -> torch.device:
+    """``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``, checked against
+    this machine: a ValueError with one sentence for a device that is unknown or absent."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("CUDA was requested but no GPU is available; use --device cpu.")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"Unknown device '{device}'; use auto, cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("CUDA was requested but no GPU is available; use --device cpu.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"Device '{device}' does not exist: this machine has {torch.cuda.device_count()} GPU(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError("Device 'mps' needs an Apple-silicon GPU, which this machine does not have; use cpu.")
+    elif dev.type != "cpu":
+        raise ValueError(f"Device '{device}' cannot hold a model's weights here; use auto, cpu, cuda or cuda:N.")
+    return dev
+
+
+def check_safetensors_file(file: Path) -> str | None:
+    """Why ``file`` is not a readable safetensors file (no full stop), or None: empty, shorter than
+    its header, a header length beyond the file or over 100 MB, a header that is not a JSON object,
+    or tensors that reach past the end of the file (a truncated download)."""
+    import json
+    import struct
+
+    size = file.stat().st_size
+    if size == 0:
+        return "the file is empty"
+    if size < 8:
+        return f"the file has {size} bytes, fewer than the 8 of its header length"
+    with open(file, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > 100 * 2**20:
+            return f"its header claims {header_len:,} bytes, more than the 100 MB safetensors allows"
+        if 8 + header_len > size:
+            return f"its header claims {header_len:,} bytes but the file has only {size:,}: it is truncated"
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return "its header is not valid JSON: it is not a safetensors file or it is damaged"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            return f"its header entry '{name}' has no valid data offsets"
+        end = max(end, offsets[1])
+    if 8 + header_len + end > size:
+        return f"its tensors need {8 + header_len + end:,} bytes but the file has only {size:,}: it is truncated"
+    return None
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -121,6 +174,7 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str = "float
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    pick_device(device)  # an unknown or absent device: one sentence before anything is read
     path = resolve_model_path(name_or_path)
     raw_config = Path(path) / "config.json"
     if raw_config.is_file():
@@ -131,6 +185,10 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str = "float
         except (ValueError, UnicodeDecodeError) as exc:
             raise ModelLoadError(f"The config.json of '{name_or_path}' is not valid JSON ({exc.__class__.__name__}).") \
                 from None
+        if not isinstance(raw, dict):
+            kind = {list: "an array", str: "a string"}.get(type(raw), "a single value")
+            raise ModelLoadError(f"The config.json of '{name_or_path}' holds {kind}, not an object of model settings; "
+                                 "use the config.json the model was saved with.")
         if raw.get("auto_map") and raw.get("model_type") not in supported_model_types() and not trust_remote_code:
             raise UnsupportedModelError(f"'{name_or_path}' needs its own code (model type '{raw.get('model_type')}', "
                                         "trust_remote_code), which is never run unless you ask; supported types "
@@ -153,6 +211,12 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str = "float
                                  "they are never loaded: convert them to .safetensors first.")
         raise ModelLoadError(f"'{name_or_path}' has a config.json but no weights (*.safetensors); copy the "
                              "weights into the folder.")
+    if folder.is_dir():
+        for file in sorted(folder.glob("*.safetensors")):
+            problem = check_safetensors_file(file)
+            if problem:
+                raise ModelLoadError(f"'{file.name}' in '{name_or_path}' is not a readable safetensors file "
+                                     f"({problem}); copy or download the weights again.")
     dev = pick_device(device)
     try:
         auto = AutoModelForSequenceClassification if model_type in ENCODER_TYPES else AutoModelForCausalLM

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from stat_core import prune as core_prune
-from stat_core.calibration.sizes import calibration_size_warning
 from stat_core.adapters.registry import is_encoder
+from stat_core.calibration.sizes import calibration_size_warning
 from stat_core.calibration.statistics import CalibrationSet
 from stat_core.config import PruneConfig
 from stat_core.data.labelled import BUILTIN_SETS, load_labelled
@@ -30,7 +30,7 @@ from stat_core.data.sources import (
     calibration_windows,
     check_calibration_sizes,
     fingerprint,
-    load_text_file,
+    text_documents,
 )
 from stat_core.evaluation.classifier import CLASSIFIER_MAX_LEN, encode, encode_chunks
 from stat_core.evaluation.measure import Baseline, quality
@@ -152,7 +152,7 @@ def calibration_data(model, tokenizer, model_name: str, source: str = "builtin",
     else:
         num_samples, seq_len = check_calibration_sizes(
             model, DEFAULT_DECODER_SAMPLES if num_samples is None else num_samples,
-            DEFAULT_DECODER_SEQ_LEN if seq_len is None else seq_len)
+            DEFAULT_DECODER_SEQ_LEN if seq_len is None else seq_len, tokenizer)
     seed = int(seed)
     info = {"source": {"builtin": builtin, "file": Path(file_path).name if file_path else None,
                        "pasted": "pasted text"}[source], "num_samples": num_samples, "seq_len": seq_len, "seed": seed}
@@ -161,7 +161,7 @@ def calibration_data(model, tokenizer, model_name: str, source: str = "builtin",
                                  info, progress)
     else:
         prepared = _classifier_data(tokenizer, model_name, source, builtin, file_path, num_samples, seq_len, seed,
-                                    info, text_columns, label_column)
+                                    info, text_columns, label_column, getattr(model.config, "num_labels", None))
     prepared.info["fingerprint"] = fingerprint(model_name, CalibrationSet.wrap(prepared.data).input_ids)
     size_warning = calibration_size_warning(model, prepared.info["tokens"])
     if size_warning:
@@ -178,7 +178,7 @@ def _decoder_data(model, tokenizer, source, builtin, file_path, pasted, num_samp
         cal = decoder_calibration(model, tokenizer, builtin, config, progress=progress)
         info.update({k: v for k, v in cal.info.items() if k not in info}, tokens=int(cal.windows.numel()))
         return CalibrationData(cal.windows, None, info)
-    docs = load_text_file(file_path) if source == "file" else pasted_documents(pasted)
+    docs = text_documents(file_path) if source == "file" else pasted_documents(pasted)  # read lazily
     catcher = _Collect()
     data_log = logging.getLogger("stat_core.data.sources")
     data_log.addHandler(catcher)
@@ -196,7 +196,7 @@ def _decoder_data(model, tokenizer, source, builtin, file_path, pasted, num_samp
 
 
 def _classifier_data(tokenizer, model_name, source, builtin, file_path, num_samples, seq_len, seed, info,
-                     text_columns, label_column):
+                     text_columns, label_column, num_labels=None):
     if source == "pasted":
         raise DataError("A classifier calibrates on labelled examples; pick a built-in labelled set or upload "
                         "a .csv/.json/.jsonl/.parquet file with 'text' and 'label' columns.")
@@ -209,7 +209,12 @@ def _classifier_data(tokenizer, model_name, source, builtin, file_path, num_samp
         else:
             train, held = load_labelled(builtin).split(seed=seed)
     else:
-        train, held = load_labelled(file_path, tuple(text_columns), label_column).split(seed=seed)
+        labelled = load_labelled(file_path, tuple(text_columns), label_column)
+        if num_labels and len(labelled.label_names) > num_labels:
+            raise DataError(f"'{Path(file_path).name}' has {len(labelled.label_names)} classes but the model's "
+                            f"classification head has {num_labels} labels; give data with at most {num_labels} "
+                            "classes or a model whose head matches it.")
+        train, held = labelled.split(seed=seed)
     if len(train) == 0 or len(held) == 0:
         raise DataError("The labelled set is too small to split into calibration and held-out halves.")
     warnings = []

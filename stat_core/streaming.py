@@ -76,7 +76,7 @@ from stat_core.methods.stat.analysis import (
     plan_from_analyses,
     stat_correction,
 )
-from stat_core.models import DTYPES, load_tokenizer_only, resolve_model_path
+from stat_core.models import DTYPES, check_safetensors_file, load_tokenizer_only, resolve_model_path
 from stat_core.pipeline import calibration_data, resolve_source
 from stat_core.progress import ProgressFn, TqdmProgress, notify
 from stat_core.surgery.apply import apply_layer_
@@ -115,6 +115,12 @@ class SafetensorsCheckpoint:
         if not (folder / "config.json").is_file():
             raise StreamingError(f"'{folder}' has no config.json; it is not a model folder.")
         self.folder = folder
+
+        for file in sorted(folder.glob("*.safetensors")):  # a damaged file: one sentence, not a SafetensorError
+            problem = check_safetensors_file(file)
+            if problem:
+                raise StreamingError(f"'{file.name}' in '{folder}' is not a readable safetensors file ({problem}); "
+                                     "copy or download the weights again.")
         index = folder / INDEX_FILE
         if index.is_file():
             try:
@@ -365,7 +371,7 @@ def streamed_prune(model_dir: str | Path, windows, config: PruneConfig, out_dir:
     t0 = time.perf_counter()
     check_streamable(config)
     checkpoint = SafetensorsCheckpoint(model_dir)
-    check_output_dir(out_dir, overwrite)  # before minutes of work
+    check_output_dir(out_dir, overwrite, source=model_dir)  # before minutes of work
     dtype = dtype or checkpoint.dtype() or torch.float32
     save_dtype = save_dtype or dtype
 
@@ -713,7 +719,7 @@ def run_offload(args) -> dict:
         raise StreamingError(f"--offload runs on the CPU for now; drop --device {args.device} (or --offload).")
     path = resolve_model_path(args.model)
     checkpoint = SafetensorsCheckpoint(path)
-    check_output_dir(args.out, args.overwrite)
+    check_output_dir(args.out, args.overwrite, source=path)
     # Default: compute in float32 (CPUs multiply bfloat16 slowly), export in the checkpoint's dtype.
     stored = checkpoint.dtype() or torch.float32
     dtype = DTYPES[args.dtype] if args.dtype else torch.float32

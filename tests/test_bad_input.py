@@ -313,3 +313,346 @@ def test_cancel_during_surgery_and_a_request_after_eviction(files):
     assert a.model is None
     assert "Load a model" in sentence(H.calibrate(a, "file", file_path=str(files["good"])))
     s.close()
+
+
+def test_long_file_without_blank_lines_reads_bounded_memory(tmp_path):
+    """A 60 MB file of one sentence per line (no blank line: one 'document') through the calibration
+    path the CLI and the app use, on the demo tokenizer: reading stops once the windows' tokens are
+    collected and the tokenizer sees bounded pieces, so the process's peak memory (VmHWM) stays under
+    1.5 GB (it was 5 GB at 30 MB, and a tokenizer panic at 60 MB)."""
+    code = f"""
+import re, time
+from pathlib import Path
+from transformers import AutoTokenizer
+from stat_core.models import demo_model_dir
+from stat_core.pipeline import calibration_data
+from conftest import tiny_model
+path = Path({str(tmp_path / 'lines.txt')!r})
+with open(path, 'w') as f:
+    for i in range(600_000):
+        f.write(f'word {{i}} ' + 'word ' * 18 + '\\n')
+assert path.stat().st_size >= 60_000_000
+tok = AutoTokenizer.from_pretrained(demo_model_dir('smollm2-135m'))
+model = tiny_model('llama', vocab_size=49152, max_position_embeddings=512)
+t = time.perf_counter()
+data = calibration_data(model, tok, 'tiny', 'file', file_path=str(path), num_samples=4, seq_len=64)
+assert tuple(data.data.shape) == (4, 64), data.data.shape
+hwm = int(re.search(r'VmHWM:\\s+(\\d+) kB', Path('/proc/self/status').read_text()).group(1)) * 1024
+print('PEAK', hwm, 'SECONDS', round(time.perf_counter() - t, 1))
+"""
+    root = Path(__file__).resolve().parent
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=root.parent,
+                       env={**os.environ, "PYTHONPATH": str(root)})
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+    peak = int(r.stdout.split("PEAK")[1].split()[0])
+    assert peak < 1.5 * 2**30, f"peak memory {peak / 2**30:.2f} GB"
+    print(r.stdout.strip())
+
+
+def test_fifo_as_calibration_file_is_refused(files, session, tmp_path):
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+    fragment = "is not a regular file"
+    assert fragment in cli(files, "--calibration", fifo)
+    with pytest.raises(ValueError, match=fragment):
+        load_text_file(fifo)
+    assert fragment in sentence(H.calibrate(session, "file", file_path=str(fifo), num_samples=4, seq_len=64))
+
+
+CELL_ROWS = [
+    ("empty CSV text cell", "cells.csv", "text,label\nfirst line of text,1\n,0\nthird,1\n",
+     "has an empty 'text' cell in row 2"),
+    ("JSON object as text", "cells.jsonl", '{"text": {"a": 1}}\n{"text": {"a": 2}}\n',
+     "has a JSON object instead of text in the 'text' column, row 1"),
+]
+
+
+@pytest.mark.parametrize("name,filename,content,fragment", CELL_ROWS, ids=[r[0] for r in CELL_ROWS])
+def test_text_cell_rows(files, session, tmp_path, name, filename, content, fragment):
+    path = tmp_path / filename
+    path.write_text(content)
+    assert fragment in cli(files, "--calibration", path)
+    with pytest.raises(ValueError, match=fragment):
+        load_text_file(path)
+    assert fragment in sentence(H.calibrate(session, "file", file_path=str(path), num_samples=4, seq_len=64))
+
+
+def _tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_rows(files, tmp_path):
+    """--overwrite replaces only a folder this tool wrote (it holds pruning_report.json), never the
+    model being pruned nor a folder holding it; refused before any work, nothing deleted."""
+    from stat_core.export.hf import export_pruned
+
+    unrelated = tmp_path / "project"
+    (unrelated / "src").mkdir(parents=True)
+    (unrelated / "src" / "main.c").write_text("int main(void) { return 0; }\n")
+    pruned_src = tmp_path / "earlier-export"          # a model this tool wrote, pruned again into itself
+    shutil.copytree(files["decoder"], pruned_src)
+    (pruned_src / "pruning_report.json").write_text("{}")
+    holder = tmp_path / "holder"                        # a folder that holds the model, and is itself "ours"
+    shutil.copytree(files["decoder"], holder / "model")
+    (holder / "pruning_report.json").write_text("{}")
+    rows = [(unrelated, None, "was not written by this tool (it has no pruning_report.json)"),
+            (files["decoder"], None, "is the model being pruned"),
+            (pruned_src, pruned_src, "is the model being pruned"),
+            (holder, holder / "model", "contains the model being pruned")]
+    for out, model, fragment in rows:
+        before = _tree(out)
+        assert fragment in cli(files, "--calibration", files["good"], "--overwrite", out=out, model=model)
+        assert _tree(out) == before
+    model, tok = load_model(str(pruned_src))
+    with pytest.raises(ValueError, match="is the model being pruned"):
+        export_pruned(model, tok, pruned_src, overwrite=True)
+    with pytest.raises(ValueError, match="was not written by this tool"):
+        export_pruned(model, tok, unrelated, overwrite=True)
+    assert _tree(unrelated) == {"src/main.c": b"int main(void) { return 0; }\n"}
+
+
+def test_output_location_rows(files, tmp_path):
+    """An output path under a file, or where nothing can be written: one sentence before any work."""
+    from stat_core.export.hf import export_pruned
+
+    assert "is a file, not a folder" in cli(files, "--calibration", files["good"], out=files["afile"] / "sub")
+    assert "Cannot write to '/proc'" in cli(files, "--calibration", files["good"], out="/proc/stat-out")
+    model, tok = load_model(str(files["decoder"]))
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        export_pruned(model, tok, files["afile"] / "sub")
+    assert files["afile"].read_text() == "x"
+
+
+def test_export_into_existing_empty_folder_fills_it_in_place(files, tmp_path, monkeypatch):
+    """An existing empty folder (a container volume's mount point, the working directory) is filled
+    in place: the folder itself is never renamed (same inode) and keeps its own mode; `--out .` works."""
+    from stat_core.export.hf import export_pruned
+
+    model, tok = load_model(str(files["decoder"]))
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    os.chmod(volume, 0o751)
+    inode = volume.stat().st_ino
+    export_pruned(model, tok, volume)
+    assert volume.stat().st_ino == inode and (volume.stat().st_mode & 0o777) == 0o751
+    assert {"model.safetensors", "config.json", "pruning_report.json"} <= {p.name for p in volume.iterdir()}
+    assert not [p for p in volume.iterdir() if p.name.startswith(".")] and [p.name for p in tmp_path.iterdir()] == ["volume"]
+    # a new folder gets the umask's mode, not a temporary folder's 0700
+    fresh = tmp_path / "fresh"
+    export_pruned(model, tok, fresh)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (fresh.stat().st_mode & 0o777) == 0o777 & ~umask
+    # `--out .` in an empty working directory, then `--out . --overwrite` over the tool's own folder
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    argv = [str(files["decoder"]), "--sparsity", "0.3", "--out", ".", "--skip-eval", "--quiet", "--sensitivity-samples",
+            "0", "--num-samples", "4", "--seq-len", "64", "--calibration", str(files["good"])]
+    assert cli_main(argv) == 0 and (here / "pruning_report.json").exists()
+    (here / "stale.txt").write_text("from the last run")
+    assert cli_main(argv + ["--overwrite"]) == 0
+    assert not (here / "stale.txt").exists() and (here / "model.safetensors").exists()
+    assert not [p for p in here.iterdir() if p.name.startswith(".")]
+
+
+def _damaged(kind: str, weights: bytes) -> bytes:
+    import struct
+
+    return {"truncated": weights[: len(weights) // 2], "garbage": os.urandom(4096), "empty": b"",
+            "oversized header": struct.pack("<Q", 2**40) + b"{}"}[kind]
+
+
+@pytest.mark.parametrize("kind,fragment", [
+    ("truncated", "it is truncated"), ("garbage", "header"), ("empty", "the file is empty"),
+    ("oversized header", "more than the 100 MB safetensors allows")])
+def test_damaged_safetensors_rows(files, tmp_path, kind, fragment):
+    folder = tmp_path / "damaged"
+    shutil.copytree(files["decoder"], folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(_damaged(kind, weights.read_bytes()))
+    line = cli(files, "--calibration", files["good"], model=folder)
+    assert "'model.safetensors' in" in line and "is not a readable safetensors file" in line and fragment in line
+    assert fragment in cli(files, "--calibration", files["good"], "--offload", model=folder)
+    with pytest.raises(ValueError, match="is not a readable safetensors file"):
+        load_model(str(folder))
+    s = Session()
+    assert fragment in sentence(H.load(s, "folder", str(folder))) and s.model is None
+
+
+def test_config_and_device_rows(files, tmp_path):
+    arr = tmp_path / "array-config"
+    shutil.copytree(files["decoder"], arr)
+    (arr / "config.json").write_text("[1, 2, 3]")
+    fragment = "holds an array, not an object of model settings"
+    assert fragment in cli(files, model=arr)
+    with pytest.raises(ValueError, match=fragment):
+        load_model(str(arr))
+    assert fragment in sentence(H.load(Session(), "folder", str(arr)))
+    rows = [("bogus", "Unknown device 'bogus'"), ("meta", "Device 'meta' cannot hold a model's weights here")]
+    if not torch.backends.mps.is_available():
+        rows.append(("mps", "needs an Apple-silicon GPU"))
+    if not torch.cuda.is_available():
+        rows.append(("cuda:0", "no GPU is available"))
+    for device, fragment in rows:
+        assert fragment in cli(files, "--calibration", files["good"], "--device", device)
+        with pytest.raises(ValueError, match=fragment):
+            load_model(str(files["decoder"]), device=device)
+
+
+def test_anonymous_requests_create_no_session_and_evict_no_one(files):
+    """Requests from browsers that never loaded a model (Cancel, Generate, Export, a failed Load...)
+    neither create sessions nor evict an idle user's model: only a loaded model makes a session."""
+    from types import SimpleNamespace
+
+    from stat_app.app import build_demo
+
+    store = SessionStore(max_sessions=1)
+    demo = build_demo(store)
+    fns = {getattr(f.fn, "__name__", ""): f.fn for f in demo.fns.values()}
+    user = fns["on_load"]("folder", "smollm2-135m", str(files["decoder"]), "cpu",
+                          SimpleNamespace(session_hash="user"))[0]
+    assert user.startswith("✅"), user
+    idle = store.find("user")
+    for i in range(5):
+        anon = SimpleNamespace(session_hash=f"anon-{i}")
+        assert fns["on_cancel"](anon).startswith("⏹")
+        assert "Load a model" in fns["on_generate"]("Hello", 4, anon)[0]
+        assert "does not exist" in fns["on_load"]("folder", "", "/no/such/model", "cpu", anon)[0]
+    assert fns["on_cancel"](SimpleNamespace(session_hash=None)).startswith("⏹")
+    assert list(store._sessions) == ["user"] and idle.model is not None
+    # a second user who does load a model is what evicts the idle one (one session allowed here)
+    assert fns["on_load"]("folder", "", str(files["decoder"]), "cpu", SimpleNamespace(session_hash="b"))[0].startswith("✅")
+    assert list(store._sessions) == ["b"] and idle.model is None
+    store.drop("b")
+
+
+def test_sequence_length_at_the_positions_with_a_bos_tokenizer(files, tmp_path):
+    """A tokenizer that adds BOS makes each window seq_len + 1 tokens: a seq_len equal to the model's
+    positions is refused in one sentence (it crashed with IndexError), one less fits and runs."""
+    from tokenizers.processors import TemplateProcessing
+
+    from stat_core.pipeline import calibration_data
+
+    model, tok = load_model(str(files["decoder"]))          # 512 positions
+    tok._tokenizer.post_processor = TemplateProcessing(single=f"{tok.bos_token} $A",
+                                                       special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    fragment = "beyond the model's 512 positions once the tokenizer's BOS token is added; use at most 511"
+    with pytest.raises(ValueError, match=fragment):
+        check_calibration_sizes(model, 2, 512, tok)
+    with pytest.raises(ValueError, match=fragment):
+        calibration_data(model, tok, "tiny", "pasted", pasted=TEXT, num_samples=2, seq_len=512)
+    s = Session(model=model, tokenizer=tok, model_name="tiny")
+    assert fragment in sentence(H.calibrate(s, "pasted", pasted=TEXT, num_samples=2, seq_len=512))
+    data = calibration_data(model, tok, "tiny", "pasted", pasted=TEXT, num_samples=2, seq_len=511)
+    assert tuple(data.data.shape) == (2, 512) and bool((data.data[:, 0] == tok.bos_token_id).all())
+    with torch.no_grad():
+        model(input_ids=data.data)                          # the window fits the positions
+
+
+def test_absurd_sizes_rows(files, session):
+    fragment = "more than the 16,777,216 calibration can use; ask for fewer samples"
+    assert fragment in cli(files, "--calibration", files["good"], "--num-samples", 200_000_000)
+    with pytest.raises(ValueError, match=fragment):
+        check_calibration_sizes(session.model, 2e8, 64)
+    assert fragment in sentence(H.calibrate(session, "file", file_path=str(files["good"]), num_samples=2e8, seq_len=64))
+    assert "--flops-seq-len takes a number of tokens ≥ 1, got -5" in cli(
+        files, "--calibration", files["good"], "--budget", "flops", "--flops-seq-len", -5)
+    with pytest.raises(ValueError, match="FLOP-counting sequence length must be a whole number of tokens ≥ 1"):
+        PruneConfig(sparsity=0.3, budget_kind="flops", flops_seq_len=-5)
+
+
+def test_labelled_cell_rows(files, tmp_path):
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    from stat_core.models import demo_model_dir
+
+    clf = tmp_path / "clf"
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=30522,
+        max_position_embeddings=128, num_labels=2)).save_pretrained(clf)
+    for n in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (demo_model_dir("minilm-classifier") / n).exists():
+            shutil.copy(demo_model_dir("minilm-classifier") / n, clf / n)
+    rows = [("empty label", "text,label\n" + "".join(f"post {i},{i % 2}\n" for i in range(9)) + "post 9,\n",
+             "has an empty 'label' cell in row 10"),
+            ("empty text", "text,label\n" + "".join(f"post {i},{i % 2}\n" for i in range(9)) + ",1\n",
+             "has an empty 'text' cell in row 10"),
+            ("three classes for a two-label head", "text,label\n" + "".join(f"post {i},{i % 3}\n" for i in range(30)),
+             "has 3 classes but the model's classification head has 2 labels")]
+    s = Session()
+    assert H.load(s, "folder", str(clf)).ok
+    for name, content, fragment in rows:
+        path = tmp_path / f"{name.replace(' ', '-')}.csv"
+        path.write_text(content)
+        assert fragment in cli(files, "--labelled", path, model=clf), name
+        if "classes" not in name:
+            with pytest.raises(ValueError, match=fragment):
+                load_labelled(str(path))
+        assert fragment in sentence(H.calibrate(s, "file", file_path=str(path), num_samples=10, seq_len=64))
+    s.close()
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_signal_during_export_leaves_nothing(files, tmp_path, signame):
+    """Ctrl-C or SIGTERM while the export is being written: one sentence, exit 128 + the signal,
+    neither the output folder nor a hidden partial one is left."""
+    import signal
+
+    out = tmp_path / "parent" / "out"
+    out.parent.mkdir()
+    code = f"""
+import sys, time
+import stat_core.export as export
+def slow_card(*a, **k):
+    print("WRITING", flush=True)
+    time.sleep(60)
+export.model_card = slow_card
+from stat_core.cli import main
+sys.exit(main([{str(files['decoder'])!r}, "--sparsity", "0.3", "--out", {str(out)!r}, "--skip-eval", "--quiet",
+               "--sensitivity-samples", "0", "--num-samples", "4", "--seq-len", "64",
+               "--calibration", {str(files['good'])!r}]))
+"""
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    try:
+        assert p.stdout.readline().strip() == "WRITING"
+        assert [q.name for q in out.parent.iterdir() if q.name.startswith(".out-partial-")]  # mid-export
+        p.send_signal(getattr(signal, signame))
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 128 + getattr(signal, signame), err[-2000:]
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"stat-prune: stopped by {signame}; {out} was left as it was (partial "
+                                            "output removed): run the command again to prune.")
+    assert list(out.parent.iterdir()) == []
+
+
+def test_chat_template_refused_by_the_sandbox(files, tmp_path, caplog):
+    """A chat template that Jinja's sandbox refuses never runs: `--calibration mix` (which needs it)
+    stops with one sentence; the evaluation suite skips its chat check with a warning."""
+    from stat_core.data.chat import chat_prompt_ids
+    from stat_core.evaluation.suite import chat_template_problem
+
+    folder = tmp_path / "hostile-template"
+    shutil.copytree(files["decoder"], folder)
+    (folder / "chat_template.jinja").write_text("{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    fragment = "The model's chat template cannot be used (SecurityError: access to attribute '__class__'"
+    assert fragment in cli(files, "--calibration", "mix", model=folder)
+    model, tok = load_model(str(folder))
+    assert tok.chat_template and chat_template_problem(tok).startswith("SecurityError")
+    with pytest.raises(ValueError, match=r"chat template cannot be used \(SecurityError"):
+        chat_prompt_ids(tok, "Hello")
+    s = Session()
+    assert H.load(s, "folder", str(folder)).ok
+    assert fragment in sentence(H.calibrate(s, "builtin", builtin="mix", num_samples=2, seq_len=64))
+    s.close()
+    from stat_core.evaluation.suite import SuiteConfig, build_reference
+
+    caplog.set_level("WARNING", logger="stat_core.suite")
+    ref = build_reference(model, tok, SuiteConfig(eval_tokens=128, window=64, fewshot=False, analogies=False,
+                                                  max_instruction_prompts=2, instruction_new_tokens=2))
+    assert "instruction_agreement" not in ref.dense_metrics
+    assert "the chat template cannot be used (SecurityError" in caplog.text

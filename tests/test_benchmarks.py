@@ -237,3 +237,48 @@ def test_suite_tiny_recover_only(tmp_path):
     by = {(r["method"], r["budget"]): r for r in json.loads((tmp_path / "rec.json").read_text())["records"]}
     for b in (0.2, 0.4):
         assert by["stat", b]["from"] == "plain.json" and by["stat", b]["kept"] == by["stat+recovery", b]["kept"]
+
+
+def test_stat_experiments_cache_is_keyed_and_never_unpickled(tmp_path, windows):
+    """The experiments' cache: one folder per (model, windows, suite config) in the given root (the
+    project's cache dir by default, not a fixed file in /tmp), safetensors + JSON only; what it loads
+    back evaluates exactly like what was saved."""
+    import dataclasses
+
+    import stat_core.prune as P
+    from conftest import save_tiny_llama_with_demo_tokenizer
+    from stat_core.models import load_model
+    from stat_core.evaluation.suite import SuiteConfig, build_reference, evaluate_suite
+
+    exp = bench("stat_experiments")
+    source = (BENCH / "stat_experiments.py").read_text()
+    assert "torch.load" not in source and "weights_only=False" not in source and "/tmp" not in source
+    import shutil
+
+    from stat_core.models import demo_model_dir
+
+    folder = save_tiny_llama_with_demo_tokenizer(tmp_path / "m")
+    shutil.copy(demo_model_dir("smollm2-135m") / "chat_template.jinja", folder)  # the instruction part too
+    model, tok = load_model(str(folder))
+    suite = SuiteConfig(eval_tokens=128, window=64, analogies_per_category=1, max_fewshot_prompts=4,
+                        max_instruction_prompts=2, instruction_new_tokens=2)
+    reference = build_reference(model, tok, suite)
+    calibration = P.calibrate(model, windows, P.PruneConfig(sparsity=0.2, sensitivity_samples=2))
+    folder = exp.cache_folder(model, windows, suite, tmp_path / "cache")
+    assert exp.load_cache(folder, model) is None
+    exp.save_cache(folder, calibration, reference)
+    assert sorted(p.name for p in folder.iterdir()) == ["reference.json", "reference.safetensors",
+                                                        "statistics.safetensors"]
+    cal2, ref2 = exp.load_cache(folder, model)
+    for a, b in zip(cal2.analyses, calibration.analyses):
+        assert a.head_order == b.head_order and torch.equal(a.neuron_order, b.neuron_order)
+    for f in dataclasses.fields(reference):
+        x, y = getattr(reference, f.name), getattr(ref2, f.name)
+        assert (torch.equal(x, y) if isinstance(x, torch.Tensor) else
+                all(torch.equal(u, v) for u, v in zip(x, y, strict=True)) if f.name == "instruction_logprobs"
+                else x == y), f.name
+    assert reference.instruction_logprobs and reference.analogy_questions and reference.fewshot_sequences
+    assert evaluate_suite(model, tok, ref2) == evaluate_suite(model, tok, reference)
+    other = tiny_model(seed=1)
+    assert exp.cache_folder(other, windows, suite, tmp_path / "cache") != folder
+    assert exp.cache_folder(model, windows[:4], suite, tmp_path / "cache") != folder

@@ -128,6 +128,7 @@ def test_overwrite_replaces_only_when_complete(tiny_folder, tmp_path):
     out = tmp_path / "again"
     out.mkdir()
     (out / "old.txt").write_text("old")
+    (out / "pruning_report.json").write_text("{}")  # a folder this tool wrote: the only kind --overwrite replaces
     rc = main([str(tiny_folder), "--sparsity", "0.2", "--out", str(out), "--num-samples", "2", "--seq-len", "32",
                "--sensitivity-samples", "0", "--quiet", "--skip-eval", "--overwrite"])
     assert rc == 0

@@ -179,6 +179,9 @@ def test_export_never_overwrites_silently_and_failures_leave_nothing(windows, tm
     # a write error becomes one sentence for the user (ExportError), nothing written
     with pytest.raises(ExportError, match="No space left on device; nothing was written"):
         export_pruned(model, None, tmp_path / "fresh", plan=plan)
+    with pytest.raises(ExportError, match="was not written by this tool"):  # overwrite replaces only our folders
+        export_pruned(model, None, out, plan=plan, overwrite=True)
+    (out / "pruning_report.json").write_text("{}")
     with pytest.raises(ExportError, match="No space left on device"):
         export_pruned(model, None, out, plan=plan, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

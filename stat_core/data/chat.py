@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jinja2
 import torch
+
+from stat_core.data.sources import DataError
 
 
 def left_pad(sequences: Sequence[torch.Tensor | list[int]], pad_id: int
@@ -30,10 +33,27 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def chat_template_problem(tokenizer) -> str | None:
+    """Why the tokenizer's chat template cannot render a user turn (refused by Jinja's sandbox, a
+    syntax error, ...), as a short phrase, or None."""
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "Hello."}], tokenize=False,
+                                      add_generation_prompt=True)
+    except jinja2.TemplateError as exc:
+        return f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}"
+    return None
+
+
 def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """One user turn through the chat template, with the assistant's turn opened."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
+    """One user turn through the chat template, with the assistant's turn opened; a template that
+    cannot render (e.g. refused by Jinja's sandbox) is a DataError with one sentence."""
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    except jinja2.TemplateError as exc:
+        raise DataError(f"The model's chat template cannot be used ({exc.__class__.__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); fix or remove the chat template "
+                        "in the model folder, or calibrate on wikipedia or a text file.") from None
     return tokenizer(text, add_special_tokens=False).input_ids
 
 

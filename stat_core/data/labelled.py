@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stat_core.data.sources import DataError, _gensim_dir, check_input_file
+from stat_core.data.sources import DataError, _gensim_dir, check_input_file, text_cell
 
 
 @dataclass(frozen=True)
@@ -126,8 +126,14 @@ def load_labelled(source: str, text_columns: tuple[str, ...] = ("text",), label_
     missing = [c for c in (*text_columns, label_column) if c not in ds.column_names]
     if missing:
         raise DataError(f"'{path.name}' lacks column(s) {', '.join(missing)} (has: {', '.join(ds.column_names)}).")
-    texts = [" \n".join(str(row[c]) for c in text_columns) for row in ds]
-    raw = [row[label_column] for row in ds]
+    texts, raw = [], []
+    for i, row in enumerate(ds, start=1):  # an empty cell or a nested value: refused with its row
+        texts.append(" \n".join(text_cell(row[c], path.name, i, c) for c in text_columns))
+        label = row[label_column]
+        if label is None or (isinstance(label, str) and not label.strip()):
+            raise DataError(f"'{path.name}' has an empty '{label_column}' cell in row {i:,}; give every example a "
+                            "label or remove the row.")
+        raw.append(text_cell(label, path.name, i, label_column))
     names = sorted({str(x) for x in raw})
     if len(names) < 2:
         raise DataError(f"'{path.name}' has fewer than two distinct labels.")

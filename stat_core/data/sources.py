@@ -33,6 +33,21 @@ class DataError(ValueError):
 MAX_INPUT_BYTES = 200 * 1024 * 1024   # calibration uses at most a few hundred thousand tokens
 ARCHIVE_SUFFIXES = (".zip", ".gz", ".tgz", ".bz2", ".xz", ".zst", ".7z", ".tar", ".rar")
 TEXT_SUFFIXES = ("", ".txt", ".md", ".csv", ".json", ".jsonl")
+#: The tokenizer never sees more characters than this at once (the longest built-in Wikipedia
+#: article has 102,504, so the built-in sample is tokenized exactly as before); longer documents
+#: are cut at a line break, else a space.
+MAX_PIECE_CHARS = 1 << 17
+#: Calibration windows are drawn from at most the first max(POOL_TOKENS, num_samples × seq_len + 1)
+#: tokens of the text: reading stops there, so memory follows the request, not the file's size.
+POOL_TOKENS = 1 << 20
+READ_CHUNK_CHARS = 1 << 20
+
+
+class TextPiece(str):
+    """A piece of a document cut for the tokenizer: it continues the previous piece directly
+    (``joiner`` "", where whole documents are joined by a blank line)."""
+
+    joiner = ""
 
 
 def check_input_file(path: str | Path, what: str = "Text file") -> Path:
@@ -44,6 +59,9 @@ def check_input_file(path: str | Path, what: str = "Text file") -> Path:
                         ".parquet file.")
     if path.is_dir():
         raise DataError(f"'{path}' is a folder; give a .txt, .json, .jsonl, .csv or .parquet file.")
+    if not path.is_file():  # a FIFO or a device would block the read (or never end)
+        raise DataError(f"'{path}' is not a regular file (a pipe, device or socket); save the text to a file "
+                        "and give its path.")
     size = path.stat().st_size
     if size > MAX_INPUT_BYTES:
         raise DataError(f"'{path.name}' is {size / 2**20:,.0f} MB; files over {MAX_INPUT_BYTES // 2**20} MB are not "
@@ -112,16 +130,19 @@ def wikipedia_split(split: str) -> list[str]:
 
 def load_text_file(path: str | Path) -> list[str]:
     """Documents from a .txt (blank-line separated), .json/.jsonl/.csv/.parquet (a ``text`` column)."""
+    return list(text_documents(path))
+
+
+def text_documents(path: str | Path):
+    """:func:`load_text_file`'s documents, read lazily: a .txt file 1 MB at a time, a table row by row;
+    a document longer than :data:`MAX_PIECE_CHARS` comes as :class:`TextPiece` continuations. The file
+    is checked (:func:`check_input_file`) before this returns; a consumer that stops early (enough
+    tokens) stops the reading. Raises :class:`DataError` for a file without text or a bad cell."""
     path = check_input_file(path)
     suffix = path.suffix.lower()
     if suffix in (".txt", ".md", ""):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise DataError(f"'{path.name}' is not UTF-8 text (at byte offset {exc.start:,}); re-save it as UTF-8.") \
-                from None
-        docs = [d.strip() for d in text.split("\n\n")]
-    elif suffix in (".json", ".jsonl", ".csv", ".parquet"):
+        return _nonempty(path, _txt_documents(path))
+    if suffix in (".json", ".jsonl", ".csv", ".parquet"):
         import datasets
 
         kind = {".jsonl": "json"}.get(suffix, suffix[1:])
@@ -132,13 +153,99 @@ def load_text_file(path: str | Path) -> list[str]:
                             "Check that the file is valid.") from exc
         if "text" not in ds.column_names:
             raise DataError(f"'{path.name}' has no 'text' column (columns: {', '.join(ds.column_names)}).")
-        docs = [str(t).strip() for t in ds["text"]]
-    else:
-        raise DataError(f"Unsupported text file type '{suffix}'; use .txt, .json, .jsonl, .csv or .parquet.")
-    docs = [d for d in docs if d]
-    if not docs:
+        return _nonempty(path, _table_documents(path, ds))
+    raise DataError(f"Unsupported text file type '{suffix}'; use .txt, .json, .jsonl, .csv or .parquet.")
+
+
+def text_cell(value, name: str, row: int, column: str = "text") -> str:
+    """A table cell as text: a string or a plain number; an empty cell or a nested value (a JSON
+    object or list) is refused with the row it is in (``row`` counts from 1)."""
+    if value is None:
+        raise DataError(f"'{name}' has an empty '{column}' cell in row {row:,}; fill it or remove the row.")
+    if isinstance(value, (dict, list, tuple)):
+        raise DataError(f"'{name}' has a {'JSON object' if isinstance(value, dict) else 'list'} instead of text in "
+                        f"the '{column}' column, row {row:,}; give plain text there.")
+    return value if isinstance(value, str) else str(value)
+
+
+def _table_documents(path: Path, ds):
+    row = 0
+    for batch in ds.select_columns(["text"]).iter(batch_size=256):
+        for value in batch["text"]:
+            row += 1
+            doc = text_cell(value, path.name, row).strip()
+            if doc:
+                yield doc
+
+
+def _nonempty(path: Path, documents):
+    any_text = False
+    for doc in documents:
+        any_text = True
+        yield doc
+    if not any_text:
         raise DataError(f"'{path.name}' contains no text.")
-    return docs
+
+
+def _txt_documents(path: Path):
+    """Blank-line separated documents of a UTF-8 file (each stripped, empty ones skipped), read in
+    chunks; a document over MAX_PIECE_CHARS is yielded in pieces as it is read."""
+    started = False  # the current document has yielded a piece
+
+    def emit(piece: str, final: bool):
+        nonlocal started
+        if not started:
+            piece = piece.lstrip()
+        if final:
+            piece = piece.rstrip()
+        out = None
+        if piece:
+            out = TextPiece(piece) if started else piece
+            started = True
+        if final:
+            started = False
+        return out
+
+    buf = ""
+    try:
+        with open(path, encoding="utf-8") as f:
+            while True:
+                chunk = f.read(READ_CHUNK_CHARS)
+                buf += chunk
+                parts = buf.split("\n\n")
+                buf = parts.pop() if chunk else ""
+                for part in parts:
+                    for i, piece in enumerate(pieces := _cut(part)):
+                        if (out := emit(piece, i == len(pieces) - 1)) is not None:
+                            yield out
+                if not chunk:
+                    return
+                if len(buf) > MAX_PIECE_CHARS:  # a long document: pass on all but its tail
+                    pieces = _cut(buf)
+                    buf = pieces.pop()
+                    for piece in pieces:
+                        if (out := emit(piece, False)) is not None:
+                            yield out
+    except UnicodeDecodeError:
+        raise DataError(f"'{path.name}' is not UTF-8 text; re-save it as UTF-8.") from None
+
+
+def _cut(text: str, limit: int | None = None) -> list[str]:
+    """``text`` in pieces of at most ``limit`` characters that concatenate back to it, each cut just
+    before a line break (else a space, else at the limit)."""
+    limit = limit or MAX_PIECE_CHARS
+    pieces, start = [], 0
+    while len(text) - start > limit:
+        end = start + limit
+        cut = text.rfind("\n", start + 1, end)
+        if cut <= start:
+            cut = text.rfind(" ", start + 1, end)
+        if cut <= start:
+            cut = end
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
 
 
 def bos_prefix(tokenizer) -> list[int]:
@@ -149,11 +256,16 @@ def bos_prefix(tokenizer) -> list[int]:
 
 
 def token_stream(tokenizer, documents: list[str], max_tokens: int | None = None) -> torch.Tensor:
-    """Documents joined by blank lines and tokenized without special tokens: ``(n_tokens,)`` long."""
+    """Documents joined by blank lines and tokenized without special tokens: ``(n_tokens,)`` long.
+    ``documents`` may be any iterable (read lazily: reading stops at ``max_tokens``); the tokenizer sees
+    at most :data:`MAX_PIECE_CHARS` characters at a time."""
     ids: list[int] = []
     for i, doc in enumerate(documents):
-        text = doc if i == 0 else "\n\n" + doc
-        ids.extend(tokenizer(text, add_special_tokens=False).input_ids)
+        text = doc if i == 0 else getattr(doc, "joiner", "\n\n") + doc
+        for piece in _cut(text):
+            ids.extend(tokenizer(piece, add_special_tokens=False).input_ids)
+            if max_tokens is not None and len(ids) >= max_tokens:
+                break
         if max_tokens is not None and len(ids) >= max_tokens:
             break
     ids = ids[:max_tokens] if max_tokens is not None else ids
@@ -175,9 +287,14 @@ class CalibrationConfig:
             raise DataError(f"The sequence length must be at least 8 tokens, got {self.seq_len}.")
 
 
-def check_calibration_sizes(model, num_samples, seq_len) -> tuple[int, int]:
+MAX_CALIBRATION_TOKENS = 1 << 24  # 16.8M tokens: 512x the default 64 x 512, far beyond what calibration needs
+
+
+def check_calibration_sizes(model, num_samples, seq_len, tokenizer=None) -> tuple[int, int]:
     """Validated ``(num_samples, seq_len)`` for ``model`` (CLI, app and API alike): whole numbers,
-    at least 1 sample and 8 tokens, and windows that fit the model's position embeddings."""
+    at least 1 sample and 8 tokens, at most :data:`MAX_CALIBRATION_TOKENS` in all, and windows that
+    fit the model's position embeddings — with the BOS token a decoder's ``tokenizer`` adds in front
+    (give the tokenizer for decoders; encoders count their special tokens inside ``seq_len``)."""
     out = []
     for what, value in (("number of calibration samples", num_samples), ("sequence length", seq_len)):
         try:
@@ -192,18 +309,22 @@ def check_calibration_sizes(model, num_samples, seq_len) -> tuple[int, int]:
         raise DataError(f"The number of calibration samples must be at least 1, got {num_samples}.")
     if seq_len < 8:
         raise DataError(f"The sequence length must be at least 8 tokens, got {seq_len}.")
+    if num_samples * seq_len > MAX_CALIBRATION_TOKENS:
+        raise DataError(f"{num_samples:,} samples of {seq_len:,} tokens is {num_samples * seq_len:,} calibration tokens, "
+                        f"more than the {MAX_CALIBRATION_TOKENS:,} calibration can use; ask for fewer samples.")
     positions = getattr(model.config, "max_position_embeddings", None)
-    limit = positions
+    bos = len(bos_prefix(tokenizer)) if tokenizer is not None and positions else 0
+    limit = positions - bos if positions else positions
     if limit and seq_len > limit:
-        raise DataError(f"A sequence length of {seq_len:,} tokens is beyond the model's {positions:,} positions; "
-                        f"use at most {limit:,}.")
+        raise DataError(f"A sequence length of {seq_len:,} tokens is beyond the model's {positions:,} positions"
+                        + (" once the tokenizer's BOS token is added" if bos else "") + f"; use at most {limit:,}.")
     return num_samples, seq_len
 
 
 def calibration_windows(tokenizer, documents: list[str], config: CalibrationConfig) -> torch.Tensor:
     """``(num_samples, seq_len [+1 with BOS])`` windows at seeded random offsets in the token stream."""
     need = config.num_samples * config.seq_len
-    stream = token_stream(tokenizer, documents)
+    stream = token_stream(tokenizer, documents, max_tokens=max(POOL_TOKENS, need + 1))
     if len(stream) < config.seq_len + 1:
         raise DataError(f"The calibration text has {len(stream)} tokens, fewer than one window of "
                         f"{config.seq_len}; give more text or a shorter sequence length.")

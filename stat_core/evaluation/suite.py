@@ -54,6 +54,7 @@ import torch
 from stat_core.adapters.registry import is_encoder
 from stat_core.data.chat import (
     chat_prompt_ids,
+    chat_template_problem,
     end_token_ids,
     has_chat_template,
     left_pad,
@@ -625,7 +626,11 @@ def build_reference(dense_model, tokenizer, config: SuiteConfig = SuiteConfig(),
         ref.analogy_correct = torch.tensor([bool(m.all()) for m in tf.matches])
         metrics["analogy_accuracy"] = float(ref.analogy_correct.float().mean())
 
-    if config.instructions and has_chat_template(tokenizer):
+    template_problem = chat_template_problem(tokenizer) if config.instructions and has_chat_template(tokenizer) \
+        else None
+    if template_problem:
+        log.warning("the chat template cannot be used (%s): the instruction check is skipped", template_problem)
+    elif config.instructions and has_chat_template(tokenizer):
         metrics["instruction_agreement"] = _build_instructions(ref, dense_model, tokenizer, progress)
         metrics["instruction_kl"] = 0.0  # KL of a distribution to itself
     elif config.instructions:

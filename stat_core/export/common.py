@@ -40,28 +40,78 @@ class ExportInfo:
     format: str = "safetensors"
 
 
-def check_output_dir(out: str | Path, overwrite: bool = False) -> Path:
-    """Refuse a path that is a file, or an existing non-empty folder unless ``overwrite``."""
+REPORT_FILE = "pruning_report.json"  # the mark of a folder this tool wrote (the only kind overwrite replaces)
+
+
+def check_output_dir(out: str | Path, overwrite: bool = False, source: str | Path | None = None) -> Path:
+    """Refuse, in one sentence and before any work: a path that is a file or lies under one; the model's
+    own folder ``source`` or a folder that contains it; an existing non-empty folder unless
+    ``overwrite`` and it is a folder this tool wrote (it holds ``pruning_report.json``); a location
+    that cannot be written (a write is tried)."""
+    if not str(out).strip():
+        raise ExportError("Give an output folder path.")
     path = Path(out).expanduser()
     if path.exists() and not path.is_dir():
         raise ExportError(f"Output path '{out}' is a file; give a folder path.")
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise ExportError(f"Output folder '{out}' already exists and is not empty; choose a new folder "
-                          "or allow overwriting.")
+    full = path.resolve()  # '.' and '..' by their real names
+    existing = full
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ExportError(f"Cannot write to '{out}': '{existing}' is a file, not a folder; give a folder path.")
+    if source is not None and str(source).strip() and Path(source).expanduser().exists():
+        src = Path(source).expanduser().resolve()
+        if src == full or full in src.parents:
+            raise ExportError(f"Output folder '{out}' {'is' if src == full else 'contains'} the model being pruned; "
+                              "choose another folder (the source model is never overwritten).")
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise ExportError(f"Output folder '{out}' already exists and is not empty; choose a new folder "
+                              "or allow overwriting.")
+        if not (path / REPORT_FILE).is_file():
+            raise ExportError(f"Output folder '{out}' was not written by this tool (it has no {REPORT_FILE}), so "
+                              "it is not replaced; choose a new or empty folder.")
+    try:  # the folder the export will be written in (the nearest one that exists: the rest is created)
+        fd, probe = tempfile.mkstemp(prefix=".stat-write-check-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ExportError(f"Cannot write to '{existing}' ({exc.strerror or exc}); choose a folder you can write "
+                          "to.") from None
     return path
+
+
+def _fresh_dir(parent: Path, prefix: str) -> Path:
+    """A new empty folder in ``parent`` with the mode the umask gives (mkdtemp's would be 0700)."""
+    for _ in range(100):
+        candidate = parent / f"{prefix}{os.getpid()}-{os.urandom(4).hex()}"
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name in {parent}")
 
 
 @contextlib.contextmanager
 def atomic_output_dir(out: str | Path, overwrite: bool = False):
-    """Yield a temporary sibling folder; on success it replaces ``out``, on any failure (including
-    an interrupt) it is deleted and ``out`` is untouched. An old ``out`` is removed only after the
-    new one is in place."""
-    out = check_output_dir(out, overwrite)
+    """Yield a temporary folder to write the export in; on success its files become ``out``, on any
+    failure (including an interrupt) it is deleted and ``out`` is untouched.
+
+    A new ``out`` is a hidden sibling folder renamed into place. An existing folder (empty, or with
+    ``overwrite`` one this tool wrote) is never renamed — it may be a mount point or the working
+    directory, and keeps its own mode: the export is written in a hidden folder inside it and its
+    files are moved in; old files are removed only once the new ones are in place."""
+    out = check_output_dir(out, overwrite).resolve()
+    in_place = out.is_dir()
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-partial-", dir=out.parent))
+        if in_place:
+            tmp = _fresh_dir(out, ".stat-partial-")
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = _fresh_dir(out.parent, f".{out.name}-partial-")
     except OSError as exc:
-        raise ExportError(f"Cannot write to '{out.parent}': {exc.strerror or exc}.") from exc
+        raise ExportError(f"Cannot write to '{out if in_place else out.parent}': {exc.strerror or exc}.") from exc
     old = None
     try:
         try:
@@ -74,10 +124,24 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False):
             detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).split("I/O error: ")[-1]
             raise ExportError(f"Could not write the export to '{out}': {detail}; nothing was written "
                               "(free some space or choose another folder).") from exc
-        if out.exists():
-            old = out.with_name(f".{out.name}-old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
+        if not in_place:
+            os.replace(tmp, out)
+        else:
+            old = _fresh_dir(out, ".stat-old-")
+            for child in list(out.iterdir()):
+                if child != tmp and child != old:
+                    os.replace(child, old / child.name)
+            moved = []
+            try:
+                for child in list(tmp.iterdir()):
+                    os.replace(child, out / child.name)
+                    moved.append(out / child.name)
+            except BaseException:  # put the old files back, whatever stopped the move
+                for path in moved:
+                    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+                for child in list(old.iterdir()):
+                    os.replace(child, out / child.name)
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
