@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import signal
@@ -50,6 +51,55 @@ log = logging.getLogger("stat_core")
 
 # Report fields that only make sense after pruning (they compare with the dense model).
 AFTER_ONLY = ("kl_to_dense", "instruction_agreement", "instruction_kl")
+
+
+def _setting_type(field: dataclasses.Field):
+    """The Python type one CLI value of a settings field parses to (``int | None`` parses as int)."""
+    names = [part.strip() for part in str(field.type).split("|") if part.strip() != "None"]
+    return {"bool": bool, "int": int, "float": float}.get(names[0] if len(names) == 1 else "", str)
+
+
+def _setting_dest(method: str, field: str) -> str:
+    return f"setting__{method.replace('-', '_')}__{field}"
+
+
+def add_method_settings(p: argparse.ArgumentParser) -> None:
+    """One flag per field of every method's settings (``--slimgpt-percdamp``, ...), from the dataclasses
+    themselves: a method's settings reach the CLI without editing it."""
+    for name in method_names():
+        method = get_method(name)
+        if method.Settings is None:
+            continue
+        group = p.add_argument_group(f"{method.label} settings (with --method {name})",
+                                     (method.Settings.__doc__ or "").split("\n\n")[0].replace("``", "'"))
+        for field in dataclasses.fields(method.Settings):
+            flag, kind = f"--{name}-{field.name.replace('_', '-')}", _setting_type(field)
+            helptext = f"default: {field.default}"
+            if kind is bool:
+                group.add_argument(flag, dest=_setting_dest(name, field.name), action=argparse.BooleanOptionalAction,
+                                   default=None, help=helptext)
+            else:
+                group.add_argument(flag, dest=_setting_dest(name, field.name), type=kind, default=None,
+                                   metavar=kind.__name__.upper(), help=helptext)
+
+
+def method_settings(args: argparse.Namespace, method_name: str) -> object | None:
+    """The chosen method's settings from its flags (None when none was given); a flag of another
+    method is refused in one sentence."""
+    given = {}
+    for name in method_names():
+        settings_type = get_method(name).Settings
+        if settings_type is None:
+            continue
+        for field in dataclasses.fields(settings_type):
+            value = getattr(args, _setting_dest(name, field.name), None)
+            if value is None:
+                continue
+            if name != method_name:
+                raise ValueError(f"--{name}-{field.name.replace('_', '-')} is a setting of --method {name}, "
+                                 f"not of {method_name}; drop it or choose that method")
+            given[field.name] = value
+    return get_method(method_name).Settings(**given) if given else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "calibration data (KL on the output distributions + block-output MSE; shapes unchanged; "
                         "default 0: off; needs memory for a dense copy and AdamW's state)")
     p.add_argument("--quiet", action="store_true")
+    add_method_settings(p)
     return p
 
 
@@ -193,7 +244,8 @@ def run(args: argparse.Namespace) -> dict:
                          method=args.method, mode=args.mode, prune_heads=not args.no_heads,
                          prune_neurons=not args.no_neurons, sensitivity_samples=args.sensitivity_samples,
                          batch_size=args.batch_size, uniform=args.uniform, intercept=args.intercept,
-                         sensitivity_labels=args.sensitivity_labels)
+                         sensitivity_labels=args.sensitivity_labels,
+                         settings=method_settings(args, args.method))
     check_budget_feasible(model, config)  # fail before the dense evaluation and calibration
     before = size_summary(model, flops_seq_len)
     report = prune_report(args.model, model, config, calib_info, before)  # the schema every export shares

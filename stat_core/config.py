@@ -39,6 +39,9 @@ class PruneConfig:
     # Next-token labels of the gradient pass: "data" (the text: empirical Fisher) or "model" (sampled
     # from the dense model: the Fisher of its own distribution, i.e. the curvature of KL to dense).
     sensitivity_labels: str = "data"
+    # The method's own settings: an instance of ``get_method(method).Settings`` (a frozen dataclass,
+    # e.g. ``SlimGPTSettings(percdamp=0.05)``); None: the method's defaults. The method checks the type.
+    settings: object | None = None
 
     def __post_init__(self):
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or self.sparsity != self.sparsity:

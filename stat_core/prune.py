@@ -153,6 +153,7 @@ def plan_pruning(model, calibration: Calibration, config: PruneConfig, model_nam
     """
 
     method = get_method(config.method)
+    method.settings_of(config)  # settings of another method: one sentence before any work
     method.check_applicable(model)
     if method.whole_model:
         raise ValueError(f"{method.label} does not produce a head/neuron plan; run it with stat_prune_")
@@ -192,6 +193,7 @@ def stat_prune_(model, windows: "torch.Tensor | CalibrationSet", config: PruneCo
     """
 
     method = get_method(config.method)
+    method.settings_of(config)  # settings of another method: one sentence before any work
     method.check_applicable(model)  # one sentence before any calibration
     t0 = time.perf_counter()
     if method.whole_model:

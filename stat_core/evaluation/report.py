@@ -9,6 +9,8 @@ bytes per weight) until an export replaces it with the bytes actually written.
 
 from __future__ import annotations
 
+import dataclasses
+
 from stat_core.adapters import get_adapter
 from stat_core.evaluation.perplexity import count_parameters
 from stat_core.export.common import state_dict_bytes
@@ -68,6 +70,8 @@ def prune_report(model_name: str, model, config, calibration_info: dict, before:
         "params_before": before["params"], "block_params_before": before["block_params"],
         "block_macs_per_token_before": before["block_macs_per_token"], "size_on_disk_before_bytes": before["bytes"],
     }
+    if getattr(config, "settings", None) is not None:  # the method's own settings, when given
+        report["method_settings"] = dataclasses.asdict(config.settings)
     if after is not None:
         set_after_sizes(report, after)
     if plan is not None:

@@ -20,6 +20,7 @@ score into such a choice. No method ever empties a layer (at least one head and 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -70,6 +71,28 @@ class PruningMethod:
     #: the dense block statistics (Grams, sums), and STAT's sensitivity pass + decompositions
     uses_block_stats: bool = True
     uses_stat_analysis: bool = False
+    #: the method's own settings: a frozen dataclass whose fields all have defaults (None: it has none).
+    #: The CLI makes one flag per field (``--<method>-<field>``); configs carry an instance.
+    Settings: type | None = None
+
+    def settings_of(self, config) -> object | None:
+        """The settings ``config`` carries for this method, or the defaults; ValueError (one sentence)
+        when they belong to another method."""
+        given = getattr(config, "settings", None)
+        if self.Settings is None:
+            if given is not None:
+                raise ValueError(f"{self.label} has no settings of its own; drop the settings "
+                                 f"({type(given).__name__}) or choose the method they belong to")
+            return None
+        if given is None:
+            return self.Settings()
+        if not isinstance(given, self.Settings):
+            raise ValueError(f"{self.label} takes {self.Settings.__name__} settings, got {type(given).__name__}")
+        return given
+
+    def correction_ridge_for(self, config) -> float | None:
+        """The relative ridge of the plan's least-squares correction under ``config``."""
+        return self.correction_ridge
 
     def adds_output_bias(self, config) -> bool:
         """Whether the correction gives a pruned block's output projection a bias (the budget
@@ -208,9 +231,11 @@ def build_plan(adapter: ModelAdapter, config: "PruneConfig", method: PruningMeth
     budget = {"kind": config.budget_kind, "target": config.sparsity, "flops_seq_len": config.flops_seq_len,
               "achieved": 1 - kept_cost / total if total else 0.0, "predicted_damage": None,
               "uniform": config.uniform, **(extra_budget or {})}
+    if getattr(config, "settings", None) is not None:  # only when given: default plans stay as they were
+        budget["settings"] = dataclasses.asdict(method.settings_of(config))
     return PrunePlan(model=model_name, method=method.name, mode=config.mode, budget=budget,
                      calibration=calibration_info or {}, layers=plans, correction=method.correction,
-                     correction_ridge=method.correction_ridge)
+                     correction_ridge=method.correction_ridge_for(config))
 
 
 def plan_from_scores(adapter: ModelAdapter, config: "PruneConfig", method: PruningMethod,

@@ -352,8 +352,10 @@ class BlockMovement(PruningMethod):
     needs_data = True
     uses_block_stats = False
 
+    Settings = MovementSettings
+
     def __init__(self, settings: MovementSettings | None = None):
-        self.settings = settings or MovementSettings()
+        self.settings = settings or MovementSettings()  # used when the config carries none
 
     def check_applicable(self, model) -> None:
         adapter = get_adapter(model)
@@ -362,7 +364,8 @@ class BlockMovement(PruningMethod):
                                       f"choose another method for this {adapter.family} decoder")
 
     def prune_(self, model, data, config, progress=None) -> dict:
-        return block_movement_prune_(model, data, config, self.settings, progress)
+        settings = self.settings if getattr(config, "settings", None) is None else self.settings_of(config)
+        return block_movement_prune_(model, data, config, settings, progress)
 
 
 __all__ = ["BlockMovement", "MovementSettings", "TrainingCancelled", "block_movement_prune_", "cubic_sparsity",

@@ -50,6 +50,7 @@ loss above); (4) no layer is ever emptied; heads are left alone where ``heads_pr
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -77,12 +78,28 @@ RECIPE_DEPTH, RECIPE_SKIP_FIRST, RECIPE_SKIP_LAST = 32, 4, 2
 GRAD_BATCH = 4
 
 
-def pruned_layer_range(num_layers: int) -> range:
+@dataclass(frozen=True)
+class LLMPrunerSettings:
+    """Which layers LLM-Pruner leaves whole: ``skip_first`` / ``skip_last`` layers at each end
+    (None: their recipe scaled to the model's depth, see :func:`pruned_layer_range`)."""
+
+    skip_first: int | None = None
+    skip_last: int | None = None
+
+    def __post_init__(self):
+        for name in ("skip_first", "skip_last"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"LLM-Pruner's {name} is a number of layers ≥ 0, got {value!r}")
+
+
+def pruned_layer_range(num_layers: int, skip_first: int | None = None, skip_last: int | None = None) -> range:
     """The layers LLM-Pruner's recipe prunes, scaled to ``num_layers``: the first
     ``round(4L/32)`` and the last ``round(2L/32)`` layers are skipped, at least one at each end
-    (32 layers → 4..29, as their scripts; 4 layers → 1..2; 2 layers → none)."""
-    first = max(1, int(num_layers * RECIPE_SKIP_FIRST / RECIPE_DEPTH + 0.5))
-    last = max(1, int(num_layers * RECIPE_SKIP_LAST / RECIPE_DEPTH + 0.5))
+    (32 layers → 4..29, as their scripts; 4 layers → 1..2; 2 layers → none). ``skip_first`` /
+    ``skip_last`` override the two counts."""
+    first = max(1, int(num_layers * RECIPE_SKIP_FIRST / RECIPE_DEPTH + 0.5)) if skip_first is None else skip_first
+    last = max(1, int(num_layers * RECIPE_SKIP_LAST / RECIPE_DEPTH + 0.5)) if skip_last is None else skip_last
     return range(first, max(first, num_layers - last))
 
 
@@ -203,6 +220,7 @@ class LLMPruner(PruningMethod):
     correction = "none"
     needs_data = True
     uses_block_stats = False  # only the gradient pass (its time is charged as prepare time)
+    Settings = LLMPrunerSettings
 
     def prepare(self, model, data, calibration) -> None:
         if "llm-pruner" in calibration.extras:
@@ -226,7 +244,8 @@ class LLMPruner(PruningMethod):
         if config.uniform:
             pruned = list(range(n_layers))
         else:
-            pruned = list(pruned_layer_range(n_layers))
+            settings = self.settings_of(config)
+            pruned = list(pruned_layer_range(n_layers, settings.skip_first, settings.skip_last))
             if not _feasible(costs, pruned, config.sparsity, prune_heads, config.prune_neurons):
                 log.warning("LLM-Pruner: layers %s alone cannot remove %.1f%% of the blocks; pruning the first and "
                             "last layers too", f"{pruned[0]}-{pruned[-1]}" if pruned else "(none)",

@@ -63,6 +63,7 @@ Our adaptations, each needed to meet this project's rules:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -82,6 +83,22 @@ from stat_core.surgery.budget import heads_prunable
 PERCDAMP = 0.01
 #: ``r_min / r_max`` of the logarithmic schedule (README recipe for 20% on LLaMA-7B: 0.0625 / 0.25).
 FIRST_TO_LAST = 0.25
+
+
+@dataclass(frozen=True)
+class SlimGPTSettings:
+    """SlimGPT's knobs: ``percdamp``, the damping of the Hessian relative to its mean diagonal (also
+    the ridge of the final correction); ``first_to_last``, ``r_min / r_max`` of the logarithmic
+    layer schedule."""
+
+    percdamp: float = PERCDAMP
+    first_to_last: float = FIRST_TO_LAST
+
+    def __post_init__(self):
+        if not self.percdamp > 0:
+            raise ValueError(f"SlimGPT's percdamp must be > 0 (their default is {PERCDAMP}), got {self.percdamp}")
+        if not 0 < self.first_to_last <= 1:
+            raise ValueError(f"SlimGPT's first_to_last (r_min / r_max) must be in (0, 1], got {self.first_to_last}")
 
 
 # --- the schedule -----------------------------------------------------------------------------------
@@ -266,7 +283,8 @@ def _fill_neurons(costs: list[LayerCosts], ratios: list[float], budget: float) -
 
 
 def slimgpt_counts(costs: list[LayerCosts], target: float, prune_heads: bool, prune_neurons: bool,
-                   uniform: bool = False) -> tuple[list[tuple[int, int]], list[int], list[float]]:
+                   uniform: bool = False, first_to_last: float = FIRST_TO_LAST
+                   ) -> tuple[list[tuple[int, int]], list[int], list[float]]:
     """Per-layer ``(heads, kv_heads)``, neurons to keep, and SlimGPT's layer ratios ``r_i``."""
     full_attn = [(c.n_heads, c.n_kv) for c in costs]
     if uniform:
@@ -280,13 +298,14 @@ def slimgpt_counts(costs: list[LayerCosts], target: float, prune_heads: bool, pr
     removable = [(a - c.attn(1, 1) if prune_heads else 0.0) + (m * (c.d_ff - 1) / c.d_ff if prune_neurons else 0.0)
                  for a, m, c in zip(a_full, m_full, costs)]
     caps = [r / w if w > 0 else 0.0 for r, w in zip(removable, weights)]
-    ratios = log_schedule(len(costs), target * total / max(sum(weights), 1e-30), weights, caps)
+    ratios = log_schedule(len(costs), target * total / max(sum(weights), 1e-30), weights, caps,
+                          first_to_last=first_to_last)
     attn = [_nearest_attention(c, 1 - r) for c, r in zip(costs, ratios)] if prune_heads else full_attn
     if not prune_neurons:
         return attn, [c.d_ff for c in costs], ratios
     # The MLPs take what the rounded heads left, with the same logarithmic shape.
     left = target * total - sum(a - c.attn(*o) for a, c, o in zip(a_full, costs, attn))
-    shape = log_schedule_shape(len(costs))
+    shape = log_schedule_shape(len(costs), first_to_last)
     caps_m = [(c.d_ff - 1) / c.d_ff for c in costs]
     scale = solve_scale(shape, m_full, caps_m, left)
     mlp_ratios = [min(scale * s, cap) for s, cap in zip(shape, caps_m)]
@@ -300,23 +319,29 @@ class SlimGPT(PruningMethod):
                "OBS update (= ridge least squares)")
     correction = "least-squares"
     correction_ridge = PERCDAMP
+    Settings = SlimGPTSettings
+
+    def correction_ridge_for(self, config) -> float:
+        return self.settings_of(config).percdamp
 
     def plan(self, model, calibration, config, model_name="", calibration_info=None):
+        settings = self.settings_of(config)
+        percdamp = settings.percdamp
         adapter = get_adapter(model)
         costs = layer_costs(adapter, config)
         attn, keep_n, ratios = slimgpt_counts(costs, config.sparsity, heads_prunable(adapter, config),
-                                              config.prune_neurons, config.uniform)
+                                              config.prune_neurons, config.uniform, settings.first_to_last)
         layers, orders = [], []
         for i, (c, (h, g), k) in enumerate(zip(costs, attn, keep_n)):
             st = calibration.dense_stats[i]
             if h < c.n_heads:
                 w_o = adapter.attn_out_proj(i).weight
                 heads, kv, order, _ = prune_heads_obs(st.attn_gram, w_o, c.n_heads, c.n_kv, adapter.head_dim, h, g,
-                                                      PERCDAMP)
+                                                      percdamp)
             else:
                 heads, kv, order = list(range(c.n_heads)), list(range(c.n_kv)), list(range(c.n_heads))
             if k < c.d_ff:
-                removed, _ = prune_channels_obs(st.mlp_gram, adapter.mlp_out_proj(i).weight, c.d_ff - k, PERCDAMP)
+                removed, _ = prune_channels_obs(st.mlp_gram, adapter.mlp_out_proj(i).weight, c.d_ff - k, percdamp)
                 gone = set(removed)
                 neurons = [j for j in range(c.d_ff) if j not in gone]
             else:
@@ -327,5 +352,5 @@ class SlimGPT(PruningMethod):
                           extra_budget={"layer_ratios": [float(r) for r in ratios]})
 
 
-__all__ = ["SlimGPT", "StructuredOBS", "dynamic_group_sizes", "log_schedule", "log_schedule_shape",
+__all__ = ["SlimGPT", "SlimGPTSettings", "StructuredOBS", "dynamic_group_sizes", "log_schedule", "log_schedule_shape",
            "prune_channels_obs", "prune_heads_obs", "slimgpt_counts"]
