@@ -1,4 +1,4 @@
-"""Families described only by their layout (``remote_modeling.LAYOUTS``): the same truths as the
+"""Families described only by their layout (``stat_core.adapters.modeling_stat.LAYOUTS``): the same truths as the
 Llama and BERT families: keep-all identity, masked equivalence, exact low-rank reproduction,
 export and reload three ways. Tiny random configs; no weights are downloaded."""
 
@@ -407,3 +407,42 @@ def test_eager_and_sdpa_calibration_agree(family, windows):
     for sdpa, eager in zip(stats["sdpa"], stats["eager"]):
         torch.testing.assert_close(eager.attn_gram, sdpa.attn_gram, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(eager.mlp_gram, sdpa.mlp_gram, rtol=1e-5, atol=1e-5)
+
+
+# --- conformance: every supported family, one description each ------------------------------------
+
+def _tiny_any(model_type: str):
+    """A tiny random model of ``model_type``: the one table of test configs, keyed like the family list."""
+    from conftest import tiny_model
+    from test_encoders import tiny_classifier
+
+    builders = {"llama": lambda: tiny_model("llama"), "mistral": lambda: tiny_model("mistral"),
+                "qwen2": lambda: tiny_model("qwen2"), "qwen3": lambda: tiny_model("qwen3"),
+                "gemma3_text": lambda: tiny_model("gemma3"),
+                "bert": lambda: tiny_classifier("bert"), "roberta": lambda: tiny_classifier("roberta"),
+                "distilbert": lambda: tiny_classifier("distilbert"),
+                **{f: (lambda f=f: tiny_family_model(f)) for f in NEW_FAMILIES}}
+    if model_type not in builders:
+        pytest.fail(f"family {model_type!r} has no tiny test config in tests/test_families.py::_tiny_any")
+    return builders[model_type]()
+
+
+@pytest.mark.parametrize("model_type", supported_model_types())
+def test_every_family_conforms_to_its_description(model_type):
+    from stat_core.adapters.modeling_stat import LAYOUTS
+    from stat_core.adapters.registry import FAMILIES, is_encoder
+    from stat_core.export.gguf import gguf_problem
+
+    family = FAMILIES[model_type]
+    model = _tiny_any(model_type)
+    assert model.config.model_type == model_type and model_type in LAYOUTS
+    adapter = get_adapter(model)
+    assert isinstance(adapter, family.adapter) and adapter.is_decoder == (not family.encoder) == (not is_encoder(model))
+    problem = gguf_problem(model) or ""  # refused for the family itself, or (for GGUF families) not at all
+    assert ("supports Llama-architecture" in problem or "holds causal language models" in problem) == (not family.gguf)
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    before = model(input_ids=ids).logits
+    # a plan that keeps everything is the identity; one that removes a neuron per layer changes the output
+    result = stat_prune_(model, ids, PruneConfig(sparsity=0.0, sensitivity_samples=0, batch_size=2))
+    assert all(len(lp.kept_neurons) == lp.intermediate_size for lp in result.plan.layers)
+    torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from stat_core.adapters import get_adapter
+from stat_core.adapters.registry import families_where
 from stat_core.export.common import (
     ExportError,
     ExportInfo,
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 
 GGUF_TYPES = ("f16", "q8_0", "f32")
 #: ``model_type`` values whose decoder layer is llama.cpp's llama layer (RMSNorm, RoPE, SwiGLU, no q/k norms).
-GGUF_MODEL_TYPES = ("llama", "mistral")
+GGUF_MODEL_TYPES = families_where(gguf=True)  # from the family descriptions
 
 # llama.cpp names its byte-level BPE pre-tokenizers by a hash of the token ids of one check text
 # (convert_hf_to_gguf.py, get_vocab_base_pre; MIT licence). The entries for Llama-architecture models:
@@ -316,7 +317,6 @@ def write_gguf(model, tokenizer, path: str | Path, qtype: str = "f16", *, name: 
     if problem:
         raise ExportError(problem + ".")
     adapter = get_adapter(model)
-    config = model.config
     shapes = [adapter.layer_shape(i) for i in range(adapter.num_layers)]
     uniform = len(set(shapes)) == 1
     arch = arch or ("llama" if uniform else "deci")

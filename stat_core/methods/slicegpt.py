@@ -69,6 +69,7 @@ from torch import nn
 
 from stat_core.adapters import get_adapter
 from stat_core.adapters.base import slice_linear_
+from stat_core.adapters.registry import families_where, family_of
 from stat_core.calibration.statistics import CalibrationSet, LayerwiseRunner
 from stat_core.linalg import GramAccumulator
 from stat_core.methods.base import MethodNotApplicable, PruningMethod
@@ -81,7 +82,7 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 #: Families whose blocks are ``x + attn(norm(x))``, ``x + mlp(norm(x))`` with plain scaled RMSNorms.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = families_where(rotatable=True)  # from the family descriptions
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -439,9 +440,9 @@ class SliceGPT(PruningMethod):
         if getattr(config, "slicegpt", None):
             raise MethodNotApplicable("this model has already been sliced by SliceGPT; start from the dense model")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            why = (" (its norms after each sub-block scale the output by a learned vector that cannot be folded "
-                   "through a rotation)" if str(model_type).startswith("gemma") else "")
-            raise MethodNotApplicable(f"SliceGPT here supports Llama, Mistral, Qwen2 and Qwen3 decoders, "
+            family = family_of(str(model_type))
+            why = f" ({family.rotation_note})" if family is not None and family.rotation_note else ""
+            raise MethodNotApplicable(f"SliceGPT here supports {', '.join(SUPPORTED_MODEL_TYPES)} decoders, "
                                       f"not {model_type}{why}")
         if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
             raise MethodNotApplicable("SliceGPT needs a causal language model with an LM head to rotate")
