@@ -605,11 +605,11 @@ def test_signal_during_export_leaves_nothing(files, tmp_path, signame):
     out.parent.mkdir()
     code = f"""
 import sys, time
-import stat_core.export as export
+import stat_core.export.hf as hf
 def slow_card(*a, **k):
     print("WRITING", flush=True)
     time.sleep(60)
-export.model_card = slow_card
+hf.model_card = slow_card
 from stat_core.cli import main
 sys.exit(main([{str(files['decoder'])!r}, "--sparsity", "0.3", "--out", {str(out)!r}, "--skip-eval", "--quiet",
                "--sensitivity-samples", "0", "--num-samples", "4", "--seq-len", "64",
@@ -618,7 +618,9 @@ sys.exit(main([{str(files['decoder'])!r}, "--sparsity", "0.3", "--out", {str(out
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          cwd=Path(__file__).resolve().parent.parent)
     try:
-        assert p.stdout.readline().strip() == "WRITING"
+        for line in p.stdout:   # (the CLI's own lines first)
+            if line.strip() == "WRITING":
+                break
         assert [q.name for q in out.parent.iterdir() if q.name.startswith(".out-partial-")]  # mid-export
         p.send_signal(getattr(signal, signame))
         _, err = p.communicate(timeout=60)
@@ -692,3 +694,75 @@ def test_user_gguf_file_as_the_model(files, tmp_path):
     with pytest.raises(ValueError, match=r"is a damaged GGUF file \(its header or tensors do not fit"):
         load_model(str(cut))
     assert "is a damaged GGUF file" in cli(files, model=cut)
+
+
+def _killed_export(files, out: Path) -> str:
+    """Run a real export of the tiny decoder in a child process, SIGKILL it while the weights are on
+    disk in its hidden partial folder, reap it; return the partial folder's name."""
+    import signal
+
+    code = f"""
+import time
+import stat_core.export.hf as hf
+from stat_core.models import load_model
+def slow_card(*a, **k):
+    print("WRITING", flush=True)
+    time.sleep(120)
+hf.model_card = slow_card
+model, tok = load_model({str(files['decoder'])!r})
+hf.export_pruned(model, tok, {str(out)!r})
+"""
+    before = set(os.listdir(out.parent)) | (set(os.listdir(out)) if out.is_dir() else set())
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    try:
+        for line in p.stdout:
+            if line.strip() == "WRITING":
+                break
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=60)
+    finally:
+        p.kill()
+        p.wait()
+    after = set(os.listdir(out.parent)) | (set(os.listdir(out)) if out.is_dir() else set())
+    (partial,) = after - before
+    assert partial.startswith(f".{out.name}-partial-{p.pid}-" if not out.is_dir() else f".stat-partial-{p.pid}-")
+    return partial
+
+
+def test_sigkill_during_export_leftovers_removed_by_the_next_export(files, session, tmp_path):
+    """SIGKILL cannot be caught, so a killed export leaves its hidden partial folder (the weights
+    already written). The next export into the same parent removes every partial folder of the
+    tool's naming whose process is dead; a live process's, and anything else, stay."""
+    from stat_core.export.hf import export_pruned
+
+    parent = tmp_path / "exports"
+    parent.mkdir()
+    partial = _killed_export(files, parent / "first")
+    assert (parent / partial / "model.safetensors").stat().st_size > 0 and not (parent / "first").exists()
+    live = parent / f".other-partial-{os.getpid()}-0123abcd"      # an export still running (this process)
+    live.mkdir()
+    keep = [parent / ".notes-partial", parent / ".x-partial-12-nothex!", parent / "user-partial-1-0123abcd"]
+    for k in keep:
+        k.mkdir()
+    (parent / ".link-partial-999999-0123abcd").symlink_to(files["exists"])
+    export_pruned(session.model, session.tokenizer, parent / "second")
+    assert not (parent / partial).exists()
+    assert live.is_dir() and all(k.is_dir() for k in keep) and (files["exists"] / "keep.txt").is_file()
+    assert sorted(q.name for q in parent.iterdir()) == sorted(
+        [".link-partial-999999-0123abcd", live.name, "second", *[k.name for k in keep]])
+
+
+def test_sigkill_during_in_place_export_then_the_cli_fills_the_folder(files, tmp_path):
+    """An existing empty folder (a mount point) filled in place: the killed export's `.stat-partial-*`
+    inside it does not make the folder 'not empty' for the next run, which removes it and succeeds."""
+    out = tmp_path / "volume"
+    out.mkdir()
+    partial = _killed_export(files, out)
+    assert (out / partial).is_dir()
+    rc = cli_main([str(files["decoder"]), "--sparsity", "0.3", "--out", str(out), "--skip-eval", "--quiet",
+                   "--sensitivity-samples", "0", "--num-samples", "4", "--seq-len", "64",
+                   "--calibration", str(files["good"])])
+    assert rc in (0, None)
+    assert not (out / partial).exists() and (out / "pruning_report.json").is_file()
+    assert not [q for q in out.iterdir() if q.name.startswith(".")]

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -42,12 +43,49 @@ class ExportInfo:
 
 REPORT_FILE = "pruning_report.json"  # the mark of a folder this tool wrote (the only kind overwrite replaces)
 
+# The hidden folders atomic_output_dir writes in (see _fresh_dir): ``.<out>-partial-<pid>-<8 hex>`` beside
+# a new folder, ``.stat-partial-<pid>-<8 hex>`` / ``.stat-old-<pid>-<8 hex>`` inside one filled in place.
+PARTIAL_NAME = re.compile(r"^\.(?:.+-partial|stat-old)-(\d+)-[0-9a-f]{8}$")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (another user's counts as alive)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:   # EPERM: it exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_partials(folder: str | Path) -> list[Path]:
+    """Delete the hidden partial folders an export killed outright (SIGKILL, power loss) left in
+    ``folder``: only real folders named as :func:`atomic_output_dir` names them whose process is gone.
+    Returns what was removed; a folder that cannot be listed or removed is left alone."""
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = PARTIAL_NAME.match(entry.name)
+        if not match or entry.is_symlink() or not entry.is_dir() or pid_alive(int(match.group(1))):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        if not entry.exists():
+            removed.append(entry)
+    return removed
+
 
 def check_output_dir(out: str | Path, overwrite: bool = False, source: str | Path | None = None) -> Path:
     """Refuse, in one sentence and before any work: a path that is a file or lies under one; the model's
     own folder ``source`` or a folder that contains it; an existing non-empty folder unless
     ``overwrite`` and it is a folder this tool wrote (it holds ``pruning_report.json``); a location
-    that cannot be written (a write is tried)."""
+    that cannot be written (a write is tried). Partial folders a killed export left in ``out`` or
+    beside it are removed first (:func:`remove_stale_partials`)."""
     if not str(out).strip():
         raise ExportError("Give an output folder path.")
     path = Path(out).expanduser()
@@ -64,6 +102,9 @@ def check_output_dir(out: str | Path, overwrite: bool = False, source: str | Pat
         if src == full or full in src.parents:
             raise ExportError(f"Output folder '{out}' {'is' if src == full else 'contains'} the model being pruned; "
                               "choose another folder (the source model is never overwritten).")
+    for folder in (full, full.parent):
+        if folder.is_dir():
+            remove_stale_partials(folder)
     if path.exists() and any(path.iterdir()):
         if not overwrite:
             raise ExportError(f"Output folder '{out}' already exists and is not empty; choose a new folder "
