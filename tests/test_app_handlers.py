@@ -531,7 +531,7 @@ def test_cancel_during_export_leaves_nothing_half_written(calibrated, monkeypatc
     previous export's zip is still there."""
     import threading
 
-    from stat_core.export import hf as core_export
+    from stat_core.export import api as core_export  # export_model calls export_pruned from here
 
     s = calibrated
     assert H.prune(s, 0.3).ok

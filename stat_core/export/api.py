@@ -7,7 +7,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
-from stat_core.export.common import ExportError, ExportInfo
+from stat_core.export.common import ExportError, ExportInfo, check_output_dir
 from stat_core.export.gguf import export_gguf, gguf_problem, tokenizer_problem
 from stat_core.export.hf import export_pruned
 from stat_core.export.onnx import export_onnx, onnx_problem
@@ -46,6 +46,7 @@ def export_model(model, tokenizer, out_dir: str | Path, fmt: str = "safetensors"
     """Write ``model`` in format ``fmt`` (``safetensors`` folder, ``gguf`` for llama.cpp, ``onnx`` for
     onnxruntime) with its plan, report and model card; atomic, like :func:`export_pruned`."""
     check_format(model, fmt, tokenizer)
+    check_output_dir(out_dir, overwrite, source=getattr(model, "name_or_path", None))  # never the model's own folder
     if fmt == "gguf":
 
         return export_gguf(model, tokenizer, out_dir, plan=plan, report=report, overwrite=overwrite, qtype=gguf_type)

@@ -33,6 +33,7 @@ from stat_core.export.common import (
     _is_uniform,
     atomic_output_dir,
     card_head,
+    check_output_dir,
     export_config,
     weights_size_on_disk,
 )
@@ -106,6 +107,7 @@ def export_pruned(model, tokenizer, out_dir: str | Path, *, plan: PrunePlan | No
     Atomic: nothing appears at ``out_dir`` unless everything was written; an existing non-empty
     folder is replaced only with ``overwrite=True``. ``report`` gets ``size_on_disk_after_bytes``.
     """
+    check_output_dir(out_dir, overwrite, source=getattr(model, "name_or_path", None))  # never the model's own folder
     adapter = get_adapter(model)
     uniform = _is_uniform(adapter)
     config = export_config(model, uniform)
