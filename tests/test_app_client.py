@@ -90,10 +90,10 @@ def test_load_prune_rebudget_measure_export(server, decoder_dir):  # noqa: F811
     assert [row[0].split(" ")[0] for row in table["data"]] == ["dense", "STAT", "magnitude"]
 
     # another user's session sees none of this
+    n_sessions = len(store)
     assert "Load a model" in other.predict(512, api_name="/measure")[0]
-    assert len(store) >= 2
+    assert len(store) == n_sessions  # a request without a loaded model creates no session
 
-    pytest.importorskip("stat_core.export.hf", reason="stat_core.export.hf not merged yet")
     status, zip_path, report_path = c.predict("safetensors (transformers)", api_name="/export")
     assert status.startswith("✅ Exported"), status
     with zipfile.ZipFile(zip_path) as zf:
