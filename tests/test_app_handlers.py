@@ -389,7 +389,6 @@ def test_export_gguf_and_onnx_downloads(calibrated):
 
 
 def test_export_zip(calibrated):
-    pytest.importorskip("stat_core.export.hf", reason="stat_core.export.hf not merged yet")
     s = calibrated
     assert H.prune(s, 0.3).ok
     r = H.export(s)
