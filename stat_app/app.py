@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 
 import gradio as gr
 import pandas as pd
 
 from stat_app import figures as F
 from stat_app import handlers as H
-from stat_app.sessions import MAX_SESSIONS, SessionStore
+from stat_app.sessions import MAX_SESSIONS, SessionStore, remove_stale_workdirs
 from stat_core.data.labelled import BUILTIN_SETS
 from stat_core.models import DEMO_MODELS
 
@@ -409,10 +410,22 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *
     return demo.launch(server_name=host, server_port=port, theme=gr.themes.Soft(), css=CSS, **kwargs)
 
 
+def _stop_on_signals() -> None:
+    """SIGTERM and SIGHUP stop the app as Ctrl-C does (Gradio closes its server and ``launch``
+    returns), so the exit cleanup runs: the session folders go (``sessions.remove_own_workdirs``)."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
     host = "0.0.0.0" if args.expose else args.host
+    for stale in remove_stale_workdirs():   # folders of app processes killed outright
+        log.info("removed %s (left by a stopped app)", stale)
+    _stop_on_signals()
     demo = build_demo(SessionStore(max_sessions=args.max_sessions))
     launch(demo, host, args.port)
 

@@ -14,8 +14,11 @@ next request once the job is done.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gc
+import os
+import re
 import shutil
 import tempfile
 import threading
@@ -25,8 +28,52 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stat_core.export.common import pid_alive
+
 MAX_SESSIONS = 4
 IDLE_SECONDS = 2 * 3600
+
+
+# A session's folder: ``stat-app-<pid>-<mkdtemp's 8 characters>`` (the PID tells a stale one from a live one).
+WORKDIR_NAME = re.compile(r"^stat-app-(\d+)-[a-z0-9_]{8}$")
+_LIVE_WORKDIRS: set[Path] = set()     # this process's session folders, removed at exit
+
+
+def workdir_root() -> Path:
+    """Where session folders go: Gradio's own cache folder (``gradio.utils.get_upload_folder``'s rule),
+    so the exports the app returns are served from there as they are, not copied into the cache
+    (where a copy would outlive the session by up to 1.5 h); removing the session's folder removes
+    the only copy."""
+    root = Path(os.environ.get("GRADIO_TEMP_DIR") or (Path(tempfile.gettempdir()) / "gradio").resolve())
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def remove_own_workdirs() -> None:
+    """Delete every session folder this process made (runs at exit)."""
+    for path in list(_LIVE_WORKDIRS):
+        shutil.rmtree(path, ignore_errors=True)
+        _LIVE_WORKDIRS.discard(path)
+
+
+atexit.register(remove_own_workdirs)
+
+
+def remove_stale_workdirs() -> list[Path]:
+    """Delete session folders left by app processes that are gone (SIGKILL, power loss): only folders
+    named ``stat-app-<pid>-…`` whose PID is dead, in the cache folder and the system temp folder."""
+    removed = []
+    for root in {workdir_root(), Path(tempfile.gettempdir())}:
+        try:
+            entries = list(root.iterdir())
+        except OSError:
+            continue
+        for entry in entries:
+            match = WORKDIR_NAME.match(entry.name)
+            if match and entry.is_dir() and not entry.is_symlink() and not pid_alive(int(match.group(1))):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+    return removed
 
 
 class Cancelled(Exception):
@@ -99,9 +146,11 @@ class Session:
 
     @property
     def workdir(self) -> Path:
-        """A private folder under the system temp dir (Gradio serves files from there)."""
+        """A private folder in Gradio's cache folder (:func:`workdir_root`), removed when the session
+        closes (unload, eviction) or the process exits."""
         if self._workdir is None:
-            self._workdir = Path(tempfile.mkdtemp(prefix=f"stat-app-{self.key[:12]}-"))
+            self._workdir = Path(tempfile.mkdtemp(prefix=f"stat-app-{os.getpid()}-", dir=workdir_root()))
+            _LIVE_WORKDIRS.add(self._workdir)
         return self._workdir
 
     def set_outcome(self, outcome: Outcome | None) -> None:
@@ -142,6 +191,7 @@ class Session:
         self.clear_model()
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
+            _LIVE_WORKDIRS.discard(self._workdir)
             self._workdir = None
 
 

@@ -766,3 +766,96 @@ def test_sigkill_during_in_place_export_then_the_cli_fills_the_folder(files, tmp
     assert rc in (0, None)
     assert not (out / partial).exists() and (out / "pruning_report.json").is_file()
     assert not [q for q in out.iterdir() if q.name.startswith(".")]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_app(cache: Path) -> tuple[subprocess.Popen, Path, int]:
+    """`stat-app` (stat_app.app.main) in a child process whose one session folder holds an export;
+    returns once the server answers: (process, that folder, port)."""
+    import time
+    import urllib.request
+
+    port = _free_port()
+    code = f"""
+from stat_app.sessions import Session
+work = Session(key="user").workdir
+(work / "model.zip").write_bytes(b"z" * 100_000)
+print("WORKDIR", work, flush=True)
+from stat_app.app import main
+main(["--port", "{port}"])
+"""
+    env = {**os.environ, "GRADIO_TEMP_DIR": str(cache), "GRADIO_ANALYTICS_ENABLED": "False"}
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         cwd=Path(__file__).resolve().parent.parent, env=env)
+    line = p.stdout.readline()
+    assert line.startswith("WORKDIR "), line
+    work = Path(line.split(" ", 1)[1].strip())
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+            return p, work, port
+        except OSError:
+            assert p.poll() is None and time.monotonic() < deadline, p.stdout.read()[-2000:]
+            time.sleep(0.5)
+
+
+def test_app_session_folders_removed_at_exit_and_stale_ones_at_start(tmp_path):
+    """Stopping the app (SIGTERM) removes its session folders (atexit, after Gradio closes its
+    server); an app killed outright (SIGKILL) leaves its folder, which the next start removes (its PID
+    is dead); folders of live processes and other names stay."""
+    import signal
+
+    cache = tmp_path / "gradio-cache"
+    first, first_work, _ = _start_app(cache)
+    assert first_work.parent == cache and first_work.name.startswith(f"stat-app-{first.pid}-")
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=60)
+    assert (first_work / "model.zip").is_file()           # SIGKILL cannot be caught
+    live = cache / f"stat-app-{os.getpid()}-abcd1234"    # another app still running (this process)
+    other = cache / "stat-app-notes"
+    live.mkdir()
+    other.mkdir()
+    second, second_work, _ = _start_app(cache)
+    try:
+        assert not first_work.exists()                    # removed at the start of the next app
+        assert live.is_dir() and other.is_dir() and (second_work / "model.zip").is_file()
+        second.send_signal(signal.SIGTERM)
+        out, _ = second.communicate(timeout=60)
+    finally:
+        second.kill()
+    assert second.returncode == 0, out[-2000:]
+    assert "Traceback" not in out
+    assert not second_work.exists()
+    assert sorted(q.name for q in cache.iterdir() if q.name.startswith("stat-app-")) == sorted([live.name, other.name])
+
+
+def test_app_exports_live_in_gradios_cache_and_go_with_the_session(files):
+    """The session's folder is inside Gradio's cache folder, so Gradio serves the export from there
+    without a copy of its own (which outlived the session by up to 1.5 h); closing the session
+    (unload, eviction) deletes the only copy."""
+    import gradio as gr
+    from gradio.utils import get_upload_folder
+
+    s = Session()
+    assert H.load(s, "folder", str(files["decoder"])).ok
+    assert H.calibrate(s, "file", file_path=str(files["good"]), num_samples=4, seq_len=64).ok
+    assert H.replan(s, 0.3).ok
+    reply = H.export(s)
+    assert reply.ok, reply.message
+    zip_path = Path(reply["zip"])
+    assert zip_path.parent.parent == Path(get_upload_folder()).resolve()
+    with gr.Blocks():
+        component = gr.File()
+    assert component.move_resource_to_block_cache(str(zip_path)) == str(zip_path)   # served as is, not copied
+    store = SessionStore()
+    store.adopt(s)
+    store.drop(s.key)
+    assert not zip_path.exists() and not zip_path.parent.exists()
