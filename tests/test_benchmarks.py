@@ -146,7 +146,7 @@ def test_stat_experiments_hooks_change_only_what_they_say(windows):
     kept = plan("keep-last:1").layers[-1]
     assert len(kept.kept_heads) == kept.num_heads and len(kept.kept_neurons) == kept.intermediate_size
     assert all(len(lp.kept_heads) == lp.num_heads for lp in plan("attn:1e12").layers)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="unknown allocation variant 'nonsense:1'"):
         exp.reweighted(A.build_block_options, "nonsense:1")
 
 

@@ -175,5 +175,5 @@ def test_unsupported_families_refused_in_one_sentence(windows):
     with pytest.raises(MethodNotApplicable, match="gemma3_text") as err:
         method.check_applicable(tiny_model("gemma3"))
     assert str(err.value).count(". ") == 0
-    with pytest.raises(MethodNotApplicable):
+    with pytest.raises(MethodNotApplicable, match="not gemma3_text"):
         stat_prune_(tiny_model("gemma3"), windows, PruneConfig(sparsity=0.3, method="slicegpt"))

@@ -76,7 +76,7 @@ def test_cancel_leaves_the_pruned_model_as_it_was(windows):
         if done == 3:
             cancel.set()  # three steps have changed the weights by now
 
-    with pytest.raises(RecoveryCancelled):
+    with pytest.raises(RecoveryCancelled, match="recovery cancelled; the pruned model is as it was"):
         recover_(pruned, dense, data, RecoveryConfig(steps=10, lr=1e-2, batch_size=2), progress, cancel)
     after = pruned.state_dict()
     assert after.keys() == before.keys()

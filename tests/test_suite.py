@@ -76,7 +76,7 @@ def test_kl_rows_is_exact_for_identical_inputs_and_rejects_mismatched_shapes(win
     assert torch.equal(suite.kl_rows(x, x), torch.zeros(5))
     y = torch.log_softmax(torch.randn(5, 128), -1).half()
     assert (suite.kl_rows(x, y) > 0).all()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"reference log-probabilities \(8, 10, 128\) do not match windows \(8, 24\)"):
         suite.kl_and_perplexity(tiny_model(), windows, torch.zeros(8, 10, 128, dtype=torch.float16))
 
 
@@ -126,7 +126,7 @@ def test_teacher_forced_scores_the_right_positions():
         logits = model(input_ids=seq[None]).logits[0]
     assert torch.equal(tf.predicted[0], logits[5:9].argmax(-1))
     torch.testing.assert_close(tf.logprobs[0].float(), torch.log_softmax(logits[5:9], -1), atol=2e-2, rtol=1e-3)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"answer span \(0, 3\) does not fit"):
         suite.teacher_forced(model, [seq], [(0, 3)])
 
 
@@ -203,7 +203,7 @@ def test_config_validation_and_quick():
     assert quick.analogies_per_category == 10 and quick.instruction_new_tokens == 24
     tiny = suite.SuiteConfig.tiny()
     assert tiny.eval_tokens // tiny.window == 4 and tiny.max_fewshot_prompts == 8
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"eval_tokens \(100\) must be at least one window \(512\)"):
         suite.SuiteConfig(eval_tokens=100, window=512)
 
 
