@@ -5,9 +5,9 @@ app's defaults (64 × 512 Wikipedia windows for the decoder, the labelled traini
 classifier), a re-budget from the cached statistics (plan only, then the surgery that measuring,
 generating or exporting triggers), the quick before/after measurement, and the export zip.
 
-    .venv/bin/python benchmarks/app_timings.py            # both demo models, app defaults
-    .venv/bin/python benchmarks/app_timings.py --quick    # 8 × 256 windows, decoder only
-    .venv/bin/python benchmarks/app_timings.py --no-classifier --compare-suite stat,flap,slimgpt \
+    .venv/bin/python -m benchmarks.app_timings            # both demo models, app defaults
+    .venv/bin/python -m benchmarks.app_timings --quick    # 8 × 256 windows, decoder only
+    .venv/bin/python -m benchmarks.app_timings --no-classifier --compare-suite stat,flap,slimgpt \
         --name app_compare_suite                          # + Compare with the evaluation suite ticked
 """
 
@@ -19,12 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, load_at_start, machine_note, tiny_llama, write_results  # noqa: E402
-
-from stat_app import handlers as H  # noqa: E402
-from stat_app.app import CLASSIFIER_DEFAULTS, DECODER_DEFAULTS  # noqa: E402
-from stat_app.sessions import Session  # noqa: E402
+from benchmarks._common import RESULTS, load_at_start, machine_note, tiny_llama, write_results
+from stat_app import handlers as H
+from stat_app.app import CLASSIFIER_DEFAULTS, DECODER_DEFAULTS
+from stat_app.sessions import Session
 
 
 def _timed(step: str, fn, *args, **kwargs) -> tuple[dict, object]:

@@ -1,7 +1,7 @@
 """Held-out accuracy of the demo classifier pruned by STAT vs its baselines over a range of budgets.
 
-    .venv/bin/python benchmarks/classifier_sweep.py            # S = 0.2 .. 0.5, about 3 min on 2 cores
-    .venv/bin/python benchmarks/classifier_sweep.py --quick    # S = 0.3 only
+    .venv/bin/python -m benchmarks.classifier_sweep            # S = 0.2 .. 0.5, about 3 min on 2 cores
+    .venv/bin/python -m benchmarks.classifier_sweep --quick    # S = 0.3 only
 
 Calibration on all text of the training half of the newsgroup sample (the classifier's own
 training data; long posts cut into 128-token windows), accuracy on the held-out half (100 posts),

@@ -2,7 +2,7 @@
 of kept heads and kept neurons they have in common (|A ∩ B| / |A ∪ B|), and whether the per-layer
 counts match. Used for CPU vs GPU and float32 vs bfloat16 agreement.
 
-    python benchmarks/compare_plans.py cpu/plan.json gpu/plan.json [--json out.json]
+    python -m benchmarks.compare_plans cpu/plan.json gpu/plan.json [--json out.json]
 """
 
 from __future__ import annotations

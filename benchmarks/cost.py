@@ -2,10 +2,10 @@
 calibration set (the floor of any data-driven method), and how time grows with calibration tokens
 and with model width (power-law exponents).
 
-    .venv/bin/python benchmarks/cost.py            # random Llamas (width 128..768, 4 layers) + SmolLM2-135M
-    .venv/bin/python benchmarks/cost.py --quick    # widths 64..256, no SmolLM2 (a few minutes)
-    .venv/bin/python benchmarks/cost.py --tiny --out-dir /tmp/c    # seconds (the test)
-    .venv/bin/python benchmarks/cost.py --device cuda               # same on a GPU (peak = max_memory_allocated)
+    .venv/bin/python -m benchmarks.cost            # random Llamas (width 128..768, 4 layers) + SmolLM2-135M
+    .venv/bin/python -m benchmarks.cost --quick    # widths 64..256, no SmolLM2 (a few minutes)
+    .venv/bin/python -m benchmarks.cost --tiny --out-dir /tmp/c    # seconds (the test)
+    .venv/bin/python -m benchmarks.cost --device cuda               # same on a GPU (peak = max_memory_allocated)
 
 "Prune" is the whole one-shot ``stat_prune_`` (sensitivity gradient pass on 4096 tokens, the
 block-by-block statistics pass, decompositions, allocation, surgery) on a fresh copy of the dense
@@ -30,8 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, forward_seconds, load_at_start, machine_note, median, random_windows, sync, tiny_llama, write_results  # noqa: E402
+from benchmarks._common import RESULTS, forward_seconds, load_at_start, machine_note, median, random_windows, sync, tiny_llama, write_results
 
 from stat_core.config import PruneConfig
 from stat_core.prune import stat_prune_

@@ -1,8 +1,8 @@
 """The fine-tuning reference on the demo classifier: STAT, STAT + recovery, block movement pruning.
 
-    nice -n 19 .venv/bin/python benchmarks/finetune_ref.py                # 30/40/50%, ~30 min on 2 idle cores
-    .venv/bin/python benchmarks/finetune_ref.py --quick                   # 30% only, a handful of steps
-    nice -n 19 .venv/bin/python benchmarks/finetune_ref.py --sparsities 0.5 --methods stat+recovery --append
+    nice -n 19 .venv/bin/python -m benchmarks.finetune_ref                # 30/40/50%, ~30 min on 2 idle cores
+    .venv/bin/python -m benchmarks.finetune_ref --quick                   # 30% only, a handful of steps
+    nice -n 19 .venv/bin/python -m benchmarks.finetune_ref --sparsities 0.5 --methods stat+recovery --append
                                                                           # redo one cell, keep the others
 
 At each budget (fraction of encoder block parameters removed, STAT's accounting):
@@ -20,7 +20,7 @@ Writes ``benchmarks/results/finetune_ref.{json,md}`` (after every record, so a c
 ``--append`` keeps the records of the methods and budgets not rerun).
 
 The same comparison on SmolLM2 with the evaluation suite (STAT and a peer, each with and without
-recovery) is ``benchmarks/suite.py --recover STEPS`` (results in ``finetune_ref_smollm2.{json,md}``).
+recovery) is ``python -m benchmarks.suite --recover STEPS`` (results in ``finetune_ref_smollm2.{json,md}``).
 """
 
 from __future__ import annotations
@@ -35,9 +35,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, machine_note  # noqa: E402
-from classifier_sweep import kl, log_probs  # noqa: E402
+from benchmarks._common import RESULTS, machine_note
+from benchmarks.classifier_sweep import kl, log_probs
 
 from stat_core.surgery.budget import block_parameter_count
 from stat_core.adapters import get_adapter

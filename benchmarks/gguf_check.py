@@ -1,7 +1,7 @@
 """Does the GGUF export of a STAT-pruned SmolLM2 run in llama.cpp, and say what transformers says?
 
     .venv/bin/pip install llama-cpp-python      # builds llama.cpp from source: ~10 min on 2 cores
-    .venv/bin/python benchmarks/gguf_check.py   # SmolLM2-135M at 30%, a few minutes
+    .venv/bin/python -m benchmarks.gguf_check   # SmolLM2-135M at 30%, a few minutes
 
 Not part of the test suite (CI does not build llama.cpp); tests/test_formats.py reads the files
 back with the ``gguf`` reader and, where llama-cpp-python is installed, runs a tiny model.
@@ -37,8 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, machine_note, median, write_results  # noqa: E402
+from benchmarks._common import RESULTS, machine_note, median, write_results
 
 from stat_core.adapters import get_adapter
 from stat_core.export.gguf import _write, write_gguf

@@ -4,7 +4,7 @@ cross-entropy + one window per gradient batch, the default) and as before them (
 activations and three full logit-sized tensors of 4 windows kept for the backward pass). Each variant runs in its own process; peak = RSS rise above
 the level just before the phase (``benchmarks/cost.py``'s sampler). Writes ``results/memory.json``.
 
-    .venv/bin/python benchmarks/memory.py [--windows 16]
+    .venv/bin/python -m benchmarks.memory [--windows 16]
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ def child(variant: str, windows: int) -> dict:
     import torch
     from torch import nn
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from cost import PeakMemory, forward_seconds
+    from benchmarks.cost import PeakMemory, forward_seconds
     from stat_core.calibration import statistics as calibrate
     from stat_core.adapters import get_adapter
     from stat_core.data.sources import CalibrationConfig, calibration_windows, wikipedia_split
@@ -81,7 +80,7 @@ def main(argv=None) -> int:
         return 0
     rows = []
     for variant in args.variants.split(","):
-        out = subprocess.run([sys.executable, __file__, "--child", variant, "--windows", str(args.windows)],
+        out = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--child", variant, "--windows", str(args.windows)],
                              stdout=subprocess.PIPE, text=True, check=True).stdout
         rows.append(json.loads([ln for ln in out.splitlines() if ln.startswith("RECORD ")][-1][7:]))
     # Merged by variant: a run of some variants keeps the others' records.

@@ -1,7 +1,7 @@
 """Perplexity and pruning time of STAT vs its baselines over a range of budgets (the fixed protocol of docs/evaluation.md).
 
-    .venv/bin/python benchmarks/prune_sweep.py                     # S = 0.1 .. 0.5 on SmolLM2-135M
-    .venv/bin/python benchmarks/prune_sweep.py --quick             # S = 0.2 on 16 windows (minutes)
+    .venv/bin/python -m benchmarks.prune_sweep                     # S = 0.1 .. 0.5 on SmolLM2-135M
+    .venv/bin/python -m benchmarks.prune_sweep --quick             # S = 0.2 on 16 windows (minutes)
 
 For every budget: STAT (the CLI's default configuration) prunes a fresh copy of the model; the
 same plan is applied without correction ("no-correction"), and the same per-layer counts are

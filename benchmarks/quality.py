@@ -1,8 +1,8 @@
 """Quality at equal budget: STAT vs its own baselines vs the peer library Torch-Pruning.
 
-    .venv/bin/python benchmarks/quality.py            # SmolLM2-135M at 10..50% + demo classifier (~1 h on 2 busy cores)
-    .venv/bin/python benchmarks/quality.py --quick    # 20%/40%, 16 calibration windows, 4096 eval tokens (minutes)
-    .venv/bin/python benchmarks/quality.py --tiny --out-dir /tmp/q   # random tiny Llama, seconds (the test)
+    .venv/bin/python -m benchmarks.quality            # SmolLM2-135M at 10..50% + demo classifier (~1 h on 2 busy cores)
+    .venv/bin/python -m benchmarks.quality --quick    # 20%/40%, 16 calibration windows, 4096 eval tokens (minutes)
+    .venv/bin/python -m benchmarks.quality --tiny --out-dir /tmp/q   # random tiny Llama, seconds (the test)
 
 Fixed protocol (docs/evaluation.md). ONE ``calibrate()`` of the dense model (64 × 512 tokens, sensitivity
 on 4096 tokens) serves every budget and method; each point is a fresh copy of the dense model cut by
@@ -38,9 +38,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-import tp_peer  # noqa: E402
-from _common import RESULTS, machine_note, random_windows, svg_line_plot, tiny_llama, write_results  # noqa: E402
+from benchmarks import tp_peer
+from benchmarks._common import RESULTS, machine_note, random_windows, svg_line_plot, tiny_llama, write_results
 
 from stat_core.config import PruneConfig
 from stat_core.surgery.budget import budget_summary
@@ -133,7 +132,7 @@ def run_decoder(args, records: list, meta: dict, save) -> None:
 
 
 def run_classifier(args, records: list, meta: dict, save) -> None:
-    from classifier_sweep import kl, log_probs
+    from benchmarks.classifier_sweep import kl, log_probs
 
     from stat_core.evaluation.classifier import accuracy, encode, encode_chunks
     from stat_core.models import demo_classifier_split

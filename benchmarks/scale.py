@@ -14,8 +14,8 @@ allocation + surgery included), the stage timings, ``seconds_per_block``, ``devi
 Then the fitted exponents: seconds ∝ tokens^a (one shape, growing calibration) and ∝ width^b
 (the width ladder: 4 blocks, hidden 1024 → 4096 with Llama-2's MLP ratio).
 
-    python benchmarks/scale.py --device cuda --dtype bfloat16 --shapes llama-2-7b --num-samples 512
-    python benchmarks/scale.py --device cpu --shapes smollm2-135m,width-1024 --num-samples 8 --seq-len 256
+    python -m benchmarks.scale --device cuda --dtype bfloat16 --shapes llama-2-7b --num-samples 512
+    python -m benchmarks.scale --device cpu --shapes smollm2-135m,width-1024 --num-samples 8 --seq-len 256
 
 ``--offload``: the layer-streaming prune (:mod:`stat_core.streaming`). The random model is first
 written once as bf16 safetensors shards (``--checkpoint-dir``, reused by later runs; written
@@ -27,7 +27,7 @@ calibration hidden states, one block and its float64 statistics; ``peak_rss_afte
 the peak from the first block on (VmHWM reset once the embeddings are made and dropped).
 No gradient sensitivity pass in streaming mode.
 
-    nice -n 19 python benchmarks/scale.py --offload --shapes llama-3.2-1b,llama-2-7b --num-samples 8 --seq-len 256
+    nice -n 19 python -m benchmarks.scale --offload --shapes llama-3.2-1b,llama-2-7b --num-samples 8 --seq-len 256
 
 ``--blocks N`` (with ``--offload``): a partial run where a whole one takes too long (a 7B shape on
 two cores is hours): the full checkpoint is still written, and the prune streams a view of it cut
@@ -380,7 +380,7 @@ def main(argv=None) -> int:
         if shape not in SHAPES:
             p.error(f"unknown shape {shape!r}; shapes: {', '.join(SHAPES)}")
         for n in args.num_samples.split(","):
-            cmd = [sys.executable, __file__, "--one", "--shapes", shape, "--device", args.device, "--dtype", args.dtype,
+            cmd = [sys.executable, "-m", "benchmarks.scale", "--one", "--shapes", shape, "--device", args.device, "--dtype", args.dtype,
                    "--num-samples", n, "--seq-len", str(args.seq_len), "--sparsity", str(args.sparsity),
                    "--batch-size", str(args.batch_size)]
             if args.sensitivity_samples is not None:

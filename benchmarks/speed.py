@@ -1,8 +1,8 @@
 """Real speedup of STAT-pruned models vs the dense one, next to the ideal implied by the FLOPs removed.
 
-    .venv/bin/python benchmarks/speed.py            # SmolLM2-135M, STAT at 10..50%, CPU
-    .venv/bin/python benchmarks/speed.py --quick    # 30% and 50%, fewer repeats (a few minutes)
-    .venv/bin/python benchmarks/speed.py --tiny --out-dir /tmp/s   # random tiny Llama, seconds (the test)
+    .venv/bin/python -m benchmarks.speed            # SmolLM2-135M, STAT at 10..50%, CPU
+    .venv/bin/python -m benchmarks.speed --quick    # 30% and 50%, fewer repeats (a few minutes)
+    .venv/bin/python -m benchmarks.speed --tiny --out-dir /tmp/s   # random tiny Llama, seconds (the test)
 
 Measured, for the dense model and each pruned one (all loaded side by side, timed in alternation —
 dense, 10%, 20%, …, dense, 10%, … — medians over ``--repeats`` rounds, because the CPU box is shared):
@@ -34,8 +34,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, load_at_start, machine_note, median, random_windows, sync, tiny_llama, write_results  # noqa: E402
+from benchmarks._common import RESULTS, load_at_start, machine_note, median, random_windows, sync, tiny_llama, write_results
 
 from stat_core.adapters import get_adapter
 from stat_core.surgery.budget import block_macs

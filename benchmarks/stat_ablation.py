@@ -1,7 +1,7 @@
 """STAT's own choices, one at a time, on the evaluation suite: which of them help and which do not.
 
-    .venv/bin/python benchmarks/stat_ablation.py --quick                     # SmolLM2, 20% and 30%
-    .venv/bin/python benchmarks/stat_ablation.py --quick --variants affine,affine-mix --append
+    .venv/bin/python -m benchmarks.stat_ablation --quick                     # SmolLM2, 20% and 30%
+    .venv/bin/python -m benchmarks.stat_ablation --quick --variants affine,affine-mix --append
 
 Each variant is a calibration source (``wikipedia``: the protocol's 64 × 512 windows; ``mix``: the
 default decoder mix of ``stat_core.data.mix``, same number of windows) and a ``PruneConfig``
@@ -21,8 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, machine_note  # noqa: E402
+from benchmarks._common import RESULTS, machine_note
 
 from stat_core.adapters import get_adapter
 from stat_core.surgery.budget import block_parameter_count

@@ -7,10 +7,10 @@ the loss-sensitivity matrix) over one cached calibration of the protocol's 64 ×
 windows, and measures the quick suite against the same dense reference as
 ``benchmarks/stat_ablation.py``. Nothing here became a default; the README says why.
 
-    .venv/bin/python benchmarks/stat_experiments.py alloc  --budgets 0.2,0.3 --variants base,attn:3,cap:2
-    .venv/bin/python benchmarks/stat_experiments.py stages --budgets 0.2,0.3      # 10% first, then each
-    .venv/bin/python benchmarks/stat_experiments.py shrink --budgets 0.2,0.3 --variants 0.01,0.5,0.9
-    .venv/bin/python benchmarks/stat_experiments.py mix --budgets 0.2,0.3 --variants 0.125,0.25
+    .venv/bin/python -m benchmarks.stat_experiments alloc  --budgets 0.2,0.3 --variants base,attn:3,cap:2
+    .venv/bin/python -m benchmarks.stat_experiments stages --budgets 0.2,0.3      # 10% first, then each
+    .venv/bin/python -m benchmarks.stat_experiments shrink --budgets 0.2,0.3 --variants 0.01,0.5,0.9
+    .venv/bin/python -m benchmarks.stat_experiments mix --budgets 0.2,0.3 --variants 0.125,0.25
 
 Allocation variants (``alloc``): ``base`` (the library's), ``attn:G`` (attention options' damage × G),
 ``cap:C`` (no block loses more than C × the target of its cost), ``depth:A`` (layer l's damage ×
@@ -37,8 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, machine_note  # noqa: E402
+from benchmarks._common import RESULTS, machine_note
 
 import stat_core.prune as P  # noqa: E402
 from stat_core.methods.stat import analysis as A  # noqa: E402

@@ -1,13 +1,13 @@
 """Every pruning method in the registry, at equal budget, from one shared calibration, on the whole
 evaluation suite (``stat_core.evaluation.suite``): what perplexity sees and what it hides.
 
-    .venv/bin/python benchmarks/suite.py            # SmolLM2 at 10..50% (64 × 512 calibration, full suite)
+    .venv/bin/python -m benchmarks.suite            # SmolLM2 at 10..50% (64 × 512 calibration, full suite)
                                                     #   + the demo classifier at 20..50%
-    .venv/bin/python benchmarks/suite.py --quick    # the same budgets, the quick suite (4,096 eval tokens,
+    .venv/bin/python -m benchmarks.suite --quick    # the same budgets, the quick suite (4,096 eval tokens,
                                                     #   fewer analogies, shorter chat answers)
-    .venv/bin/python benchmarks/suite.py --tiny     # random tiny models, seconds (CI)
-    .venv/bin/python benchmarks/suite.py --methods slicegpt --append   # add or redo methods in suite.json
-    .venv/bin/python benchmarks/suite.py --quick --classifier '' --budgets 0.5 --methods stat,slimgpt \
+    .venv/bin/python -m benchmarks.suite --tiny     # random tiny models, seconds (CI)
+    .venv/bin/python -m benchmarks.suite --methods slicegpt --append   # add or redo methods in suite.json
+    .venv/bin/python -m benchmarks.suite --quick --classifier '' --budgets 0.5 --methods stat,slimgpt \
         --recover 10 --recover-lr 5e-5 --recover-only --plain-from benchmarks/results/suite.json \
         --name finetune_ref_smollm2   # each method + recovery, next to its plain cell of suite.json
 
@@ -41,8 +41,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, load_at_start, machine_note  # noqa: E402
+from benchmarks._common import RESULTS, load_at_start, machine_note
 
 from stat_core.adapters import get_adapter
 from stat_core.surgery.budget import block_parameter_count

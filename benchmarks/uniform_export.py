@@ -1,7 +1,7 @@
 """What the portable (uniform) export costs: perplexity and size of per-layer vs uniform STAT.
 
-    .venv/bin/python benchmarks/uniform_export.py            # S = 0.1 .. 0.5, SmolLM2-135M, the fixed protocol
-    .venv/bin/python benchmarks/uniform_export.py --quick    # S = 0.3, 16 windows, 4096 eval tokens
+    .venv/bin/python -m benchmarks.uniform_export            # S = 0.1 .. 0.5, SmolLM2-135M, the fixed protocol
+    .venv/bin/python -m benchmarks.uniform_export --quick    # S = 0.3, 16 windows, 4096 eval tokens
 
 One calibration of the dense model; for every budget the per-layer plan and the uniform plan (same
 head / KV-head / MLP counts in every layer, loadable by stock transformers) are applied to fresh

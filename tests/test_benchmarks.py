@@ -4,7 +4,6 @@ rot, and the Torch-Pruning workaround checked against the project's own surgery.
 import copy
 import importlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,11 +12,12 @@ import torch
 from conftest import tiny_model
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCH))
 
 
 def bench(name):
-    return importlib.import_module(name)
+    """The benchmark module ``benchmarks.<name>`` (the repository root is on sys.path: pyproject's
+    ``pythonpath``), as ``python -m benchmarks.<name>`` runs it."""
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 @pytest.mark.parametrize("family,kind", [("llama", "magnitude"), ("llama", "activation"), ("qwen2", "activation")])
