@@ -4,7 +4,7 @@
 # GGUF travel in .gpu/, which .git/info/exclude ignores). Stages:
 #   stage   — keep .gpu/w1 (wheels + first half of the SmolLM2 GGUF) outside the repo
 #   main    — install, assemble the demo model, GPU tests, SmolLM2 prunes on cuda (float32, bfloat16)
-#   scale   — benchmarks/scale.py on cuda (Llama-2-7B shape with a paper-sized calibration, ladders)
+#   scale   — python3 -m benchmarks.scale on cuda (Llama-2-7B shape with a paper-sized calibration, ladders)
 # Everything lands in $OUT (default: ./gpu_out).
 set -u
 OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
@@ -51,7 +51,7 @@ scale)
   setup || exit 1
   shift
   [ "${1:-}" = "--tests" ] && { shift; timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_prune.py -k cuda 2>&1 | tail -5 | tee "$OUT/gpu_tests.log"; }
-  timeout ${SCALE_TIMEOUT:-560} python3 benchmarks/scale.py --device cuda --out "$OUT/scale_gpu.json" "$@" 2>&1 | tee "$OUT/scale.log"
+  timeout ${SCALE_TIMEOUT:-560} python3 -m benchmarks.scale --device cuda --out "$OUT/scale_gpu.json" "$@" 2>&1 | tee "$OUT/scale.log"
   ;;
-*) echo "usage: $0 stage|main|scale [scale.py args]"; exit 2 ;;
+*) echo "usage: $0 stage|main|scale [benchmarks.scale args]"; exit 2 ;;
 esac
