@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from stat_core.adapters import get_adapter, supported_model_types
+from stat_core.adapters import modeling_stat as remote_modeling
 from stat_core.adapters.registry import ENCODER_TYPES, is_encoder
 from stat_core.calibration import distributed
 from stat_core.calibration.statistics import (
@@ -66,6 +67,7 @@ from stat_core.export.common import (
     _is_uniform,
     atomic_output_dir,
     check_output_dir,
+    drop_tokenizer_auto_map,
     export_config,
 )
 from stat_core.export.hf import _state_dict_for, model_card, modeling_file_text
@@ -208,6 +210,8 @@ def build_skeleton(folder: str | Path, dtype: torch.dtype):
                              f"{', '.join(supported_model_types())}.")
     with init_empty_weights(include_buffers=False):
         model = _auto_class(config).from_config(config, dtype=dtype)
+        if getattr(config, "stat_layer_shapes", None):  # this tool's per-layer export: each layer its own widths
+            remote_modeling.resize_to_layer_shapes_(model, config.stat_layer_shapes)
     model.tie_weights()  # under init_empty_weights tied parameters start as two meta tensors
     return model.eval()
 
@@ -533,6 +537,7 @@ def streamed_prune(model_dir: str | Path, windows, config: PruneConfig, out_dir:
             for f in TOKENIZER_FILES:
                 if (checkpoint.folder / f).is_file():
                     shutil.copyfile(checkpoint.folder / f, tmp / f)
+            drop_tokenizer_auto_map(tmp)
             if not uniform:
                 (tmp / MODELING_FILE).write_text(modeling_file_text(model))
             size = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))

@@ -313,12 +313,7 @@ def test_cli_format_that_does_not_apply_fails_before_any_work(tiny_bert_folder, 
 
 
 def test_speed_benchmark_times_onnxruntime_next_to_pytorch(tmp_path):
-    import importlib
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
-    speed = importlib.import_module("speed")
+    from benchmarks import speed
     assert speed.main(["--tiny", "--onnx", "--out-dir", str(tmp_path)]) == 0
     dense, pruned = json.loads((tmp_path / "speed.json").read_text())["records"]
     assert dense["ort_prefill_b1_s"] > 0 and pruned["ort_prefill_b8_s"] > 0
