@@ -17,6 +17,7 @@ from stat_core.adapters import UnsupportedModelError, supported_model_types
 from stat_core.adapters.registry import ENCODER_TYPES
 from stat_core.data.labelled import LabelledSet, newsgroups
 from stat_core.evaluation.classifier import CLASSIFIER_MAX_LEN, accuracy, encode
+from stat_core.export.hf import load_pruned
 from stat_core.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -257,8 +258,11 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str = "float
                                      f"({problem}); copy or download the weights again.")
     dev = pick_device(device)
     try:
-        auto = AutoModelForSequenceClassification if model_type in ENCODER_TYPES else AutoModelForCausalLM
-        model = auto.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        if getattr(config, "stat_layer_shapes", None):  # this tool's export: stock classes resized, no folder code
+            model, _ = load_pruned(path, dtype=DTYPES[dtype], with_tokenizer=False)
+        else:
+            auto = AutoModelForSequenceClassification if model_type in ENCODER_TYPES else AutoModelForCausalLM
+            model = auto.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"Could not load the weights or tokenizer of '{name_or_path}': "

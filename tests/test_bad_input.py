@@ -859,3 +859,52 @@ def test_app_exports_live_in_gradios_cache_and_go_with_the_session(files):
     store.adopt(s)
     store.drop(s.key)
     assert not zip_path.exists() and not zip_path.parent.exists()
+
+
+def test_foreign_auto_map_is_not_exported_and_the_tools_export_reprunes(files, tmp_path):
+    """A source whose config.json and tokenizer_config.json carry `auto_map` entries pointing at code
+    the export never copies: no export keeps them (a uniform one has none, a per-layer one only its
+    own modeling_stat.py entry). The tool's own per-layer export prunes again, in memory and with
+    --offload, loaded through load_pruned (no code from the folder); before: a 'weights do not match
+    its config.json' error."""
+    from transformers import AutoModelForCausalLM
+
+    from stat_core.export.hf import load_pruned
+
+    src = tmp_path / "foreign"
+    shutil.copytree(files["decoder"], src)
+    for name, entry in (("config.json", {"AutoConfig": "configuration_evil.EvilConfig",
+                                         "AutoModelForCausalLM": "modeling_evil.EvilModel"}),
+                        ("tokenizer_config.json", {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]})):
+        settings = json.loads((src / name).read_text())
+        settings["auto_map"] = entry
+        (src / name).write_text(json.dumps(settings))
+    run = ["--skip-eval", "--quiet", "--sensitivity-samples", "0", "--num-samples", "4", "--seq-len", "64",
+           "--calibration", str(files["good"])]
+    outs = {}
+    for kind, extra in (("uniform", ["--uniform"]), ("per-layer", [])):
+        outs[kind] = tmp_path / kind
+        assert cli_main([str(src), "--sparsity", "0.3", "--out", str(outs[kind]), *extra, *run]) in (0, None)
+        assert not [p.name for p in outs[kind].glob("*.py") if p.name != "modeling_stat.py"]
+        assert "auto_map" not in json.loads((outs[kind] / "tokenizer_config.json").read_text())
+    assert "auto_map" not in json.loads((outs["uniform"] / "config.json").read_text())
+    assert json.loads((outs["per-layer"] / "config.json").read_text())["auto_map"] == {
+        "AutoModelForCausalLM": "modeling_stat.StatPrunedLlamaForCausalLM"}
+    AutoModelForCausalLM.from_pretrained(outs["uniform"])   # stock, no code
+    # re-pruning the per-layer export: in memory, with --offload, and through the app
+    model, _ = load_model(str(outs["per-layer"]))
+    assert model.model.layers[0].mlp.up_proj.out_features == json.loads(
+        (outs["per-layer"] / "config.json").read_text())["stat_layer_shapes"][0]["intermediate_size"]
+    x = torch.randint(0, 1000, (1, 16))
+    for extra in ([], ["--offload"]):
+        again = tmp_path / f"again{'-offload' if extra else ''}"
+        assert cli_main([str(outs["per-layer"]), "--sparsity", "0.2", "--out", str(again), *extra, *run]) in (0, None)
+        config = json.loads((again / "config.json").read_text())
+        assert config["architectures"] == ["LlamaForCausalLM"]
+        assert config["auto_map"] == {"AutoModelForCausalLM": "modeling_stat.StatPrunedLlamaForCausalLM"}
+        ours, _ = load_pruned(again)
+        remote = AutoModelForCausalLM.from_pretrained(again, trust_remote_code=True)
+        assert torch.equal(ours(x).logits, remote(x).logits)
+    s = Session()
+    assert H.load(s, "folder", str(outs["per-layer"])).ok
+    s.close()

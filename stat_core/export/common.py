@@ -16,6 +16,7 @@ from stat_core.adapters import get_adapter
 from stat_core.surgery.plan import PrunePlan
 
 MODELING_FILE = "modeling_stat.py"
+TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
 # Stock auto class for each head type the export knows how to name in ``auto_map``.
@@ -204,6 +205,15 @@ def state_dict_bytes(model) -> int:
     return total
 
 
+def stock_class_name(model) -> str:
+    """The transformers class ``model`` is, or extends (a model :func:`~stat_core.export.hf.load_pruned`
+    read is a ``StatPruned…`` subclass): the name configs and modeling files refer to."""
+    for cls in type(model).__mro__:
+        if cls.__module__.startswith("transformers."):
+            return cls.__name__
+    return type(model).__name__
+
+
 def _auto_class(architecture: str) -> str:
     for suffix, auto in _AUTO_CLASSES:
         if architecture.endswith(suffix):
@@ -239,7 +249,10 @@ def export_config(model, uniform: bool):
     adapter = get_adapter(model)
     adapter.record_shapes_in_config_()
     config = copy.deepcopy(model.config)
-    config.architectures = [type(model).__name__]
+    if hasattr(config, "auto_map"):   # the source model's own code is not copied: its entries would dangle
+        del config.auto_map
+    arch = stock_class_name(model)
+    config.architectures = [arch]
     if uniform:
         flags = adapter.stock_bias_flags()
         for kind in _added_bias_kinds(adapter):
@@ -256,8 +269,21 @@ def export_config(model, uniform: bool):
             config.num_attention_heads = shape.num_heads
             config.num_key_value_heads = shape.num_kv_heads
     else:
-        config.auto_map = {_auto_class(type(model).__name__): f"modeling_stat.StatPruned{type(model).__name__}"}
+        config.auto_map = {_auto_class(arch): f"modeling_stat.StatPruned{arch}"}   # the one entry: our modeling file
     return config
+
+
+def drop_tokenizer_auto_map(folder: Path) -> None:
+    """Remove ``auto_map`` from ``folder``'s tokenizer_config.json: it points at the source model's
+    tokenizer code, which an export never copies (the tokenizer was loaded with stock classes)."""
+    file = Path(folder) / TOKENIZER_CONFIG
+    try:
+        settings = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if isinstance(settings, dict) and "auto_map" in settings:
+        del settings["auto_map"]
+        file.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _fmt(value) -> str:
@@ -270,7 +296,7 @@ def card_head(model, plan: PrunePlan | None, report: dict | None, uniform: bool,
               library: str = "transformers") -> list[str]:
     """The model card's front matter, what was removed and the before/after metrics (every format)."""
     report = report or {}
-    arch = type(model).__name__
+    arch = stock_class_name(model)
     lines = ["---", f"library_name: {library}", "tags:", "- pruned", "- stat", "- structured-pruning", "---", "",
              f"# {report.get('model') or (plan.model if plan else '') or arch} — pruned with STAT", "",
              "Attention heads and MLP neurons were removed with STAT (Shrinking Transformers After Training, "

@@ -34,7 +34,9 @@ from stat_core.export.common import (
     atomic_output_dir,
     card_head,
     check_output_dir,
+    drop_tokenizer_auto_map,
     export_config,
+    stock_class_name,
     weights_size_on_disk,
 )
 from stat_core.surgery.plan import PrunePlan
@@ -72,7 +74,7 @@ def _state_dict_for(model, uniform: bool) -> dict:
 def modeling_file_text(model) -> str:
     """``remote_modeling.py`` plus the one line that names the stock class it extends."""
     source = Path(remote_modeling.__file__).read_text()
-    base = type(model).__name__
+    base = stock_class_name(model)
     return (source + f"\n\nfrom transformers import {base} as _StockBase  # noqa: E402\n\n"
             f"StatPruned{base} = pruned_class(_StockBase)\n")
 
@@ -83,7 +85,7 @@ def modeling_file_text(model) -> str:
 def model_card(model, plan: PrunePlan | None, report: dict | None, uniform: bool, size_after: int) -> str:
     adapter = get_adapter(model)
     report = report or {}
-    auto = _auto_class(type(model).__name__)
+    auto = _auto_class(stock_class_name(model))
     lines = card_head(model, plan, report, uniform)
     lines += ["## Loading", "", "```python",
               "import stat_core; model, tokenizer = stat_core.load_pruned(PATH)   # no code from the folder runs"]
@@ -117,6 +119,7 @@ def export_pruned(model, tokenizer, out_dir: str | Path, *, plan: PrunePlan | No
         config.to_json_file(tmp / "config.json")  # our config: per-layer shapes, auto_map or stock fields
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+            drop_tokenizer_auto_map(tmp)
         if not uniform:
             (tmp / MODELING_FILE).write_text(modeling_file_text(model))
         size = weights_size_on_disk(tmp)

@@ -31,6 +31,7 @@ from stat_core.export.common import (
     _is_uniform,
     atomic_output_dir,
     card_head,
+    drop_tokenizer_auto_map,
     export_config,
     state_dict_bytes,
 )
@@ -253,6 +254,7 @@ def export_onnx(model, tokenizer, out_dir, *, plan=None, report: dict | None = N
         config.to_json_file(tmp / "config.json")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+            drop_tokenizer_auto_map(tmp)
         size = sum(p.stat().st_size for p in tmp.glob(ONNX_FILE + "*"))
         report["size_on_disk_after_bytes"] = size
         report["export"] = {"format": "onnx", "file": ONNX_FILE, "opset": ONNX_OPSET, "inputs": list(info.inputs),
