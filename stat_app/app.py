@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
 from stat_app import figures as F
+from stat_app.access import ModelAccess
 from stat_app import handlers as H
 from stat_app.sessions import MAX_SESSIONS, SessionStore, remove_stale_workdirs
 from stat_core.data.labelled import BUILTIN_SETS
@@ -142,7 +144,8 @@ def _spectrum(why: dict, choice: str | None):
     return F.spectrum_figure(why["spectra"], _layer_of(choice))
 
 
-def build_demo(store: SessionStore | None = None) -> gr.Blocks:
+def build_demo(store: SessionStore | None = None, access: ModelAccess | None = None) -> gr.Blocks:
+    """The page; ``access`` (``--expose``) limits the model sources to what the operator allowed."""
     store = SessionStore() if store is None else store
 
     def session_of(request: gr.Request):  # never creates a session: only loading a model does
@@ -152,7 +155,7 @@ def build_demo(store: SessionStore | None = None) -> gr.Blocks:
     def on_load(source, demo_name, path, device, request: gr.Request):
         session = session_of(request)
         name = demo_name if source == "demo" else path
-        reply = H.load(session, source, name, device)
+        reply = H.load(session, source, name, device, access=access)
         if reply.ok:  # only a loaded model makes (and keeps) a session in the store
             store.adopt(session)
         else:  # the session keeps whatever it had loaded before
@@ -398,7 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
-    p.add_argument("--expose", action="store_true", help="bind 0.0.0.0 (reachable from other machines)")
+    p.add_argument("--expose", action="store_true", help="bind 0.0.0.0 (reachable from other machines); users "
+                   "then load demo models only, unless --allow-model-root / --allow-hub say otherwise")
+    p.add_argument("--allow-model-root", action="append", default=[], metavar="PATH",
+                   help="with --expose: let users load model folders under PATH (repeatable)")
+    p.add_argument("--allow-hub", action="store_true", help="with --expose: let users download models from the hub")
     p.add_argument("--max-sessions", type=int, default=MAX_SESSIONS,
                    help=f"sessions kept in memory at once; the least recently used is dropped (default {MAX_SESSIONS})")
     return p
@@ -423,10 +430,17 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
     host = "0.0.0.0" if args.expose else args.host
+    local = host in ("127.0.0.1", "localhost", "::1")   # exposed: demo models only, unless the operator allows more
+    if (args.allow_model_root or args.allow_hub) and local:
+        build_parser().error("--allow-model-root and --allow-hub apply to a shared app; add --expose.")
+    for root in args.allow_model_root:
+        if not Path(root).expanduser().is_dir():
+            build_parser().error(f"--allow-model-root {root}: no such folder.")
+    access = None if local else ModelAccess.of(args.allow_model_root, args.allow_hub)
     for stale in remove_stale_workdirs():   # folders of app processes killed outright
         log.info("removed %s (left by a stopped app)", stale)
     _stop_on_signals()
-    demo = build_demo(SessionStore(max_sessions=args.max_sessions))
+    demo = build_demo(SessionStore(max_sessions=args.max_sessions), access)
     launch(demo, host, args.port)
 
 

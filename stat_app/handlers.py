@@ -20,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+from stat_app.access import ModelAccess
 from stat_app.choices import (  # noqa: F401 (re-exported)
     COMPARE_METHODS,
     DECODER_SOURCES,
@@ -57,18 +58,25 @@ from stat_core.evaluation.suite import SuiteConfig, build_reference
 from stat_core.export.api import check_format, export_zip_with_report
 from stat_core.methods.registry import get_method
 from stat_core.methods.stat import explain
-from stat_core.models import load_model
+from stat_core.models import download_hub_model, load_model
 from stat_core.recover import RecoveryCancelled
 
 # --- load ----------------------------------------------------------------------------------------
 
 @guarded
-def load(session: Session, source: str, name: str, device: str = "auto", dtype: str = "float32") -> Reply:
-    """Load a demo model, a local folder or a hub id into the session (replacing what it held)."""
+def load(session: Session, source: str, name: str, device: str = "auto", dtype: str = "float32",
+         access: ModelAccess | None = None) -> Reply:
+    """Load a demo model, a local folder or a hub id into the session (replacing what it held).
+    ``access`` (a shared app's :class:`~stat_app.access.ModelAccess`) refuses sources and folders the
+    operator did not allow, before anything is read. A hub model is downloaded first, without the
+    device lock (other users' jobs go on meanwhile), then loaded from its local copy."""
+    if access is not None:
+        name = access.check(source, name)
     name = pipeline.model_reference(source, name)
+    t = time.perf_counter()
+    folder = str(download_hub_model(name)) if source == "hub" else name
     with DEVICE_LOCK:
-        t = time.perf_counter()
-        model, tokenizer = load_model(name, device=device, dtype=dtype)
+        model, tokenizer = load_model(folder, device=device, dtype=dtype)
         seconds = time.perf_counter() - t
         session.clear_model()
         session.model, session.tokenizer, session.model_name = model, tokenizer, name

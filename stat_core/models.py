@@ -136,6 +136,24 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path  # a hub id; from_pretrained says whether the hub is reachable
 
 
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]   # never code or pickles
+
+
+def download_hub_model(repo_id: str, endpoint: str | None = None) -> Path:
+    """Download a hub model's config, safetensors weights and tokenizer files (no code, no pickles)
+    into the Hugging Face cache and return its local folder; ModelLoadError with one sentence when the
+    hub is unreachable or has no such model. Holds no lock: callers load the folder afterwards."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, endpoint=endpoint))
+    except Exception as exc:  # noqa: BLE001 - connection, HTTP, offline and not-found errors of huggingface_hub
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelLoadError(f"Could not download '{repo_id}' from the model hub ({exc.__class__.__name__}"
+                             f"{': ' + detail[:160] if detail else ''}); check the id and the network, or load "
+                             "a local folder.") from None
+
+
 def pick_device(device: str | None = None) -> torch.device:
     """``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``, checked against
     this machine: a ValueError with one sentence for a device that is unknown or absent."""

@@ -908,3 +908,86 @@ def test_foreign_auto_map_is_not_exported_and_the_tools_export_reprunes(files, t
     s = Session()
     assert H.load(s, "folder", str(outs["per-layer"])).ok
     s.close()
+
+
+def test_exposed_app_model_sources(files, tmp_path, monkeypatch):
+    """A shared app (--expose) loads demo models; local folders only under --allow-model-root, the
+    hub only with --allow-hub. A folder outside the roots gets one sentence that is the same whether
+    or not it exists (also for '..' and symlink escapes); without --expose nothing changes."""
+    from stat_app.access import ModelAccess
+
+    root = tmp_path / "models"
+    root.mkdir()
+    shutil.copytree(files["decoder"], root / "tiny")
+    (root / "escape").symlink_to(files["decoder"])
+    access = ModelAccess.of([root])
+    monkeypatch.setattr(H, "download_hub_model", lambda *a, **k: pytest.fail("the hub was contacted"))
+    s = Session()
+    outside = "This server loads model folders only from under"
+    for name in (str(files["decoder"]), "/no/such/folder", str(root / ".." / "models-elsewhere"),
+                 str(root / "escape"), "~/.ssh", "../../etc"):
+        message = sentence(H.load(s, "folder", name, access=access))
+        assert message == (f"{outside} {root.resolve()}; give a folder there or choose a demo model."), message
+    assert s.model is None
+    assert sentence(H.load(s, "folder", str(files["decoder"]), access=ModelAccess.of([]))) == (
+        "Loading local folders is switched off on this shared server; choose a demo model, or ask its operator to "
+        "allow a folder with --allow-model-root.")
+    assert sentence(H.load(s, "hub", "org/name", access=access)) == (
+        "Loading from the model hub is switched off on this shared server; choose a demo model, or ask its operator "
+        "to start the app with --allow-hub.")
+    assert "does not exist" in sentence(H.load(s, "folder", str(root / "missing"), access=access))  # inside: told
+    assert H.load(s, "folder", str(root / "tiny"), access=access).ok
+    s.close()
+    local = Session()                                   # without --expose: any folder, as before
+    assert H.load(local, "folder", str(files["decoder"])).ok
+    local.close()
+
+
+def test_exposed_app_flags(tmp_path, monkeypatch, capsys):
+    from stat_app import app as A
+    from stat_app.access import ModelAccess
+
+    seen = {}
+    monkeypatch.setattr(A, "build_demo", lambda store, access=None: seen.setdefault("access", access))
+    monkeypatch.setattr(A, "launch", lambda demo, host, port: seen.setdefault("host", host))
+    monkeypatch.setattr(A, "_stop_on_signals", lambda: None)
+    A.main(["--expose", "--allow-model-root", str(tmp_path), "--allow-model-root", str(tmp_path)])
+    assert seen == {"access": ModelAccess.of([tmp_path, tmp_path], False), "host": "0.0.0.0"}
+    seen.clear()
+    A.main(["--expose"])
+    assert seen["access"] == ModelAccess()              # demo models only
+    seen.clear()
+    A.main([])
+    assert seen == {"access": None, "host": "127.0.0.1"}   # localhost: unchanged
+    for argv, error in ((["--allow-hub"], "--allow-model-root and --allow-hub apply to a shared app; add --expose."),
+                        (["--expose", "--allow-model-root", str(tmp_path / "nope")], "no such folder")):
+        with pytest.raises(SystemExit) as exc:
+            A.main(argv)
+        assert exc.value.code == 2 and error in capsys.readouterr().err
+
+
+def test_hub_download_does_not_hold_the_device_lock(files, monkeypatch):
+    """While another user's job holds the device, a hub load still tries its download (a real
+    connection to a closed port) and answers with one sentence; it never waits for the lock."""
+    import socket
+    import threading
+
+    from stat_app.access import ModelAccess
+    from stat_core import models
+
+    with socket.socket() as sock:   # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    monkeypatch.setattr(H, "download_hub_model",
+                        lambda rid: models.download_hub_model(rid, endpoint=f"http://127.0.0.1:{closed}"))
+    replies = []
+    s = Session()
+    with H.DEVICE_LOCK:   # another user's long job
+        worker = threading.Thread(target=lambda: replies.append(
+            H.load(s, "hub", "org/no-such-model", access=ModelAccess.of([], hub=True))))
+        worker.start()
+        worker.join(timeout=120)
+        assert not worker.is_alive(), "the hub load waited for the device lock"
+    assert sentence(replies[0]).startswith("Could not download 'org/no-such-model' from the model hub (")
+    assert sentence(replies[0]).endswith("check the id and the network, or load a local folder.")
+    assert s.model is None
