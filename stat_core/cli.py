@@ -21,6 +21,7 @@ from stat_core.calibration import distributed
 from stat_core.calibration.statistics import CalibrationSet
 from stat_core.config import BUDGET_KINDS, MODES, PruneConfig
 from stat_core.data.sources import DataError
+from stat_core.evaluation.html_report import check_report_path, write_report_html
 from stat_core.evaluation.measure import baseline, quality
 from stat_core.evaluation.perplexity import count_parameters
 from stat_core.evaluation.report import prune_report, set_after_sizes, size_summary
@@ -184,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after pruning, distil the pruned model towards the dense one for STEPS steps on the "
                         "calibration data (KL on the output distributions + block-output MSE; shapes unchanged; "
                         "default 0: off; needs memory for a dense copy and AdamW's state)")
+    p.add_argument("--report-html", default=None, metavar="FILE",
+                   help="also write one self-contained HTML report (configuration, heads heatmap, decay curves, "
+                        "before / after, the plan; interactive figures that work offline) to FILE")
     p.add_argument("--quiet", action="store_true")
     add_method_settings(p)
     return p
@@ -223,6 +227,8 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"--flops-seq-len takes a number of tokens ≥ 1, got {args.flops_seq_len}")
     if distributed.is_main():  # the output folder is rank 0's (torchrun: see stat_core.calibration.distributed)
         check_output_dir(args.out, args.overwrite, source=args.model)  # fail before minutes of work, not after
+        if getattr(args, "report_html", None):
+            check_report_path(args.report_html)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     encoder = is_encoder(model)
     method = get_method(args.method)
@@ -236,6 +242,9 @@ def run(args: argparse.Namespace) -> dict:
     if method.whole_model and not method.returns_plan and not args.no_model:
         raise ValueError(f"{method.label} changes the hidden size and adds rotation matrices to the residual path; "
                          "its models cannot be exported yet: add --no-model to measure it")
+    if getattr(args, "report_html", None) and method.whole_model and not method.returns_plan:
+        raise ValueError(f"{method.label} gives no head / neuron plan, so there is no HTML report to draw; "
+                         "drop --report-html")
     prepared = distributed.from_main(_calibration, args, model, tokenizer)  # rank 0 builds, all get it
     calib, held, calib_info = prepared.data, prepared.held_out, prepared.info  # info: tokens, fingerprint
     flops_seq_len = args.flops_seq_len or default_flops_seq_len(model, calib)
@@ -314,11 +323,15 @@ def run(args: argparse.Namespace) -> dict:
             (tmp / "pruning_report.json").write_text(json.dumps(report, indent=1))
             if result.plan is not None:
                 result.plan.to_json(tmp / "plan.json")
+        if getattr(args, "report_html", None) and result.plan is not None:
+            write_report_html(args.report_html, result.plan, report)
         return report
     info = export_model(model, tokenizer, args.out, args.format, plan=result.plan, report=report,
                         overwrite=args.overwrite, gguf_type=args.gguf_type)
     report["size_on_disk_after_bytes"] = info.size_bytes
     report["export"] = {"uniform": info.uniform, "format": info.format, "files": list(info.files)}
+    if getattr(args, "report_html", None) and result.plan is not None:
+        write_report_html(args.report_html, result.plan, report)
     return report
 
 
@@ -400,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
             report["export"]["format"], "stock from_pretrained" if report["export"]["uniform"]
             else "stat_core.load_pruned or from_pretrained(..., trust_remote_code=True)")
         print(f"wrote the pruned model to {args.out} (loads with {how})")
+    if getattr(args, "report_html", None):
+        print(f"wrote the HTML report to {args.report_html}")
     return 0
 
 

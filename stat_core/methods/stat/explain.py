@@ -177,7 +177,9 @@ def head_details(model, calibration, plan, layer: int, head: int) -> dict:
     return {"layer": layer, "head": head, "kv_group": head // max(lp.num_heads // max(lp.num_kv_heads, 1), 1),
             "rank": rank, "num_heads": lp.num_heads, "kept": kept, "layer_damage": damage,
             "output_energy": energy, "output_energy_share": energy / layer_energy if layer_energy > 0 else 0.0,
-            "reconstructed_share": share, "kept_heads": len(lp.kept_heads)}
+            "reconstructed_share": share, "kept_heads": len(lp.kept_heads),
+            "why": head_reason_sentence(rank, kept, head_reasons(model, calibration, plan, only=layer)[layer][head],
+                                        lp.num_kv_heads, len(lp.kept_kv_heads))}
 
 
 def head_sentence(details: dict) -> str:
@@ -193,7 +195,8 @@ def head_sentence(details: dict) -> str:
     return (f"Layer {d['layer']}, head {d['head']} (KV group {d['kv_group']}): importance rank {d['rank']} of "
             f"{d['num_heads']}, {d['output_energy_share']:.0%} of the layer's attention output energy; "
             f"{fate}. The layer keeps {d['kept_heads']}/{d['num_heads']} heads"
-            + (f", predicted damage {damage:.3g}." if damage is not None else "."))
+            + (f", predicted damage {damage:.3g}." if damage is not None else ".")
+            + (f" Why: {d['why']}" if d.get("why") else ""))
 
 
 def neuron_importance(model, stats: list[BlockStats]) -> list[torch.Tensor]:
@@ -275,3 +278,88 @@ def head_view(model, tokenizer, calibration, plan, layer, head, text: str) -> tu
         raise ValueError(f"The model has layers 0–{n_layers - 1}; pick one of those.")
     details = head_details(model, calibration, plan, layer, head)
     return attention_pattern(model, tokenizer, text, layer, head), details
+
+
+def head_reasons(model, calibration, plan, only: int | None = None) -> list[list[dict]]:
+    """Per layer, per head, the numbers behind "why was this head kept or removed":
+    ``energy_share`` (its share of the layer's attention output energy through the output
+    projection, ``tr(W_h G_hh W_hᵀ)`` over the sum for all heads), ``kv_group``, ``group_kept``
+    (whether its KV group survives), ``group_heads_kept`` (query heads kept in that group) and, for a
+    removed head, ``reconstructed_share`` (the share of its output the kept heads reproduce through
+    the least-squares correction: the Schur complement, as :func:`head_details`). One joint solve
+    per layer; the energies are computed once per calibration (``calibration.extras``). ``only``: one
+    layer's list (the others empty)."""
+    adapter = get_adapter(model)
+    hd = adapter.head_dim
+    key = f"head_energy_centered={calibration.centered}"
+    if key not in calibration.extras:
+        energies = []
+        for lp, stats in zip(plan.layers, calibration.dense_stats):
+            gram = stats.second_moment("attn", calibration.centered).to(torch.float64)
+            w = adapter.attn_out_proj(lp.layer).weight.detach().to("cpu", torch.float64)
+            e = []
+            for h in range(lp.num_heads):
+                c = head_columns([h], hd)
+                e.append(float(torch.einsum("ij,jk,ik->", w[:, c], gram[c][:, c], w[:, c])))
+            energies.append(e)
+        calibration.extras[key] = energies
+    energies = calibration.extras[key]
+    out = []
+    for lp, stats, e in zip(plan.layers, calibration.dense_stats, energies):
+        if only is not None and lp.layer != only:
+            out.append([])
+            continue
+        group = lp.num_heads // max(lp.num_kv_heads, 1)
+        kept = set(lp.kept_heads)
+        total = sum(e) or 1.0
+        removed = [h for h in range(lp.num_heads) if h not in kept]
+        shares: dict[int, float] = {}
+        if removed:
+            gram = stats.second_moment("attn", calibration.centered).to(torch.float64)
+            w = adapter.attn_out_proj(lp.layer).weight.detach().to("cpu", torch.float64)
+            r_cols = head_columns(removed, hd)
+            g_rr = gram[r_cols][:, r_cols]
+            if kept:
+                k_cols = head_columns(sorted(kept), hd)
+                g_kk = gram[k_cols][:, k_cols]
+                g_kr = gram[k_cols][:, r_cols]
+                sol = torch.linalg.solve(g_kk + ridge_of(g_kk) * torch.eye(len(k_cols), dtype=gram.dtype), g_kr)
+                schur = g_rr - g_kr.T @ sol
+            else:
+                schur = g_rr
+            for i, h in enumerate(removed):
+                c = slice(i * hd, (i + 1) * hd)
+                wh = w[:, head_columns([h], hd)]
+                full = float(torch.einsum("ij,jk,ik->", wh, g_rr[c, c], wh))
+                left = float(torch.einsum("ij,jk,ik->", wh, schur[c, c], wh))
+                shares[h] = 0.0 if full <= 0 else max(0.0, min(1.0, 1.0 - left / full))
+        rows = []
+        for h in range(lp.num_heads):
+            g = h // max(group, 1)
+            rows.append({"energy_share": e[h] / total, "kv_group": g, "group_kept": g in lp.kept_kv_heads,
+                         "group_heads_kept": sum(1 for k in kept if k // max(group, 1) == g),
+                         "group_size": group, "reconstructed_share": shares.get(h)})
+        out.append(rows)
+    return out
+
+
+def head_reason_sentence(rank: int | None, kept: bool, reason: dict, num_kv: int, kept_kv: int) -> str:
+    """Why one head was kept or removed, in one or two plain sentences from :func:`head_reasons`."""
+    r = reason
+    energy = f"it carried {r['energy_share']:.0%} of the layer's attention output energy"
+    if kept:
+        return f"Kept: {energy}."
+    if r["reconstructed_share"] is None:
+        return f"Removed: {energy}."
+    recon = (f"the kept heads reproduce {r['reconstructed_share']:.0%} of its output, and the correction folds "
+             "that part into o_proj")
+    if not r["group_kept"] and r["group_size"] > 1:
+        why = (f"Removed with its whole KV group {r['kv_group']} (the layer keeps {kept_kv} of {num_kv} groups: "
+               "the other groups gave a lower least-squares output error)")
+        if rank == 1:
+            why += "; even the layer's rank-1 head goes when its group does"
+        return f"{why}; {energy}; {recon}."
+    if r["group_size"] > 1:
+        return (f"Removed (its KV group keeps its {r['group_heads_kept']} better-ranked head(s)); {energy}; "
+                f"{recon}.")
+    return f"Removed: {energy}; {recon} (little is lost: the layer's least-squares damage stays low)."
