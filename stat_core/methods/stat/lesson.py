@@ -131,22 +131,16 @@ def selection_step(model, calibration, plan, layer: int) -> dict:
             "sentences": sentences}
 
 
-def _held_out_sample(tokenizer, held_out, n_tokens: int) -> CalibrationSet:
-    if held_out is not None:   # a classifier's evaluation half
-        return _sample(held_out, 4, n_tokens)
-    from stat_core.evaluation.perplexity import evaluation_windows  # noqa: PLC0415 (the text only when asked)
-
-    return CalibrationSet(evaluation_windows(tokenizer, n_tokens=2 * n_tokens, window=n_tokens)[:2])
-
-
-def correction_step(model, tokenizer, calibration, plan, layer: int, held_out=None, n_tokens: int = 256) -> dict:
-    """Step 4: the MLP output on held-out text, dense against pruned without and with the
-    least-squares correction ``W_K + W_R Tᵀ`` (``T = G_KK⁻¹ G_KR`` from the calibration Gram)."""
+def correction_step(model, calibration, plan, layer: int, held_out, n_tokens: int = 256) -> dict:
+    """Step 4: the MLP output on held-out text (``held_out``: token windows or a
+    :class:`CalibrationSet` the calibration did not use; a few windows of ``n_tokens`` are read),
+    dense against pruned without and with the least-squares correction ``W_K + W_R Tᵀ``
+    (``T = G_KK⁻¹ G_KR`` from the calibration Gram)."""
     adapter = get_adapter(model)
     lp = plan.layers[layer]
     keep = torch.tensor(sorted(lp.kept_neurons), dtype=torch.long)
     rem = torch.tensor(sorted(set(range(lp.intermediate_size)) - set(lp.kept_neurons)), dtype=torch.long)
-    sample = _held_out_sample(tokenizer, held_out, n_tokens)
+    sample = _sample(held_out, 4, n_tokens)
     z = mlp_activations(model, sample.input_ids, sample.attention_mask, layer)
     w = adapter.mlp_out_proj(layer).weight.detach().to("cpu", torch.float64)
     y = z @ w.T
