@@ -22,7 +22,9 @@ from stat_app.access import ModelAccess
 from stat_app import handlers as H
 from stat_app.sessions import MAX_SESSIONS, SessionStore, remove_stale_workdirs
 from stat_core.data.labelled import BUILTIN_SETS
+from stat_core.estimate import estimate_sentence
 from stat_core.models import DEMO_MODELS
+from stat_core.progress import stage_unit
 
 log = logging.getLogger("stat_app")
 
@@ -44,12 +46,19 @@ CLASSIFIER_DEFAULTS = {"builtin": "newsgroups", "num_samples": 100, "seq_len": 1
 INTRO = """# STAT workbench
 Remove whole attention heads and MLP neurons from a trained transformer and fold a least-squares
 correction into the next layer (*STAT: Shrinking Transformers After Training*, Flynn et al. 2024).
-**Load** a model → pick **calibration** text → set a **target** and prune → **inspect** what went and why →
-**compare** before/after and against simpler methods → **export** the smaller model.
-Once calibrated, moving the sparsity slider re-plans from the cached statistics in seconds."""
+**Prune**: load a model, set a target, press the button · **Inspect** what went and why · **Learn** why it
+works, on this model's own numbers · **Compare** before / after and against other methods · **Export**
+the smaller model or a report to hand out."""
+
+RELOAD_NOTE = ("*Reloading or closing this page starts a new session: the loaded model, its calibration and the "
+               "prune are dropped (the server frees their memory). Keep the tab open during a demo.*")
+
+LEARN_INTRO = ("Why STAT works, step by step, for one layer of the loaded model after the current prune. Every "
+               "number below is computed now from this model, its calibration text and the plan.")
 
 CSS = """
-#status textarea {font-weight: 600}
+.stat-status textarea {font-weight: 600}
+.stat-status {position: sticky; top: 0; z-index: 20}
 .stat-section h2 {margin-top: 0.4em}
 #heads_plot .nsewdrag {cursor: pointer}
 """
@@ -79,6 +88,8 @@ HEATMAP_CLICK_JS = """
       if (!Number.isInteger(layer) || !Number.isInteger(head)) return;
       setNumber('head_layer', layer);
       setNumber('head_index', head);
+      const explorer = document.querySelector('#head_explorer');
+      if (explorer) explorer.scrollIntoView({behavior: 'smooth', block: 'nearest'});
       setTimeout(() => { const b = document.querySelector('#head_btn'); if (b) b.click(); }, 150);
     });
   });
@@ -88,27 +99,51 @@ HEATMAP_CLICK_JS = """
 """
 
 
+OK, WARN = "✓", "⚠"   # text glyphs every font draws (Debian's Chromium has no colour emoji font)
+
+
 def _gradio_progress(progress: gr.Progress | None):
     if progress is None:
         return None
 
     def fn(stage: str, done: int, total: int) -> None:
         unit = ("steps" if stage == "recover" or total <= 1 else "methods" if stage == "compare"
-                else "batches" if stage.startswith("dense ") else "layers")
+                else stage_unit(stage) + "s")
         progress((done, total), desc=STAGE_LABELS.get(stage, stage), unit=unit)
     return fn
 
 
 def _status(reply: H.Reply) -> str:
-    return ("✅ " if reply.ok else "⚠️ ") + reply.message
+    return (f"{OK} " if reply.ok else f"{WARN} ") + reply.message
+
+
+def _percent(value) -> float:
+    """The slider's percent as a fraction, or ValueError with one sentence (0 < value < 1 is refused:
+    the slider counts percent, and 0.99 would otherwise round to 1%)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError("Type the share to remove in percent, e.g. 30.") from None
+    if 0 < v < 1:
+        raise ValueError(f"The slider counts percent: type {100 * v:.0f} for {100 * v:.0f}% ({v} would be under 1%).")
+    if not 0 <= v <= 90:
+        raise ValueError(f"Pick between 0 and 90 percent, got {v:g}.")
+    return v / 100.0
+
+
+def _slider_value(session) -> float:
+    config = None if session is None else session.prune_config
+    return 30 if config is None else round(100 * config.sparsity)
 
 
 def _plan_outputs(session, layer_choice: str | None = None):
-    """(heads figure, neurons figure, decay figure, spectrum figure, layer dropdown update, kept summary)."""
+    """(heads figure, neurons figure, decay figure, spectrum figure, layer dropdown update, kept summary,
+    Learn's layer dropdown update)."""
     plan = session.plan
     if plan is None:
         empty = F.empty_figure()
-        return empty, empty, empty, empty, gr.update(choices=["all layers"], value="all layers"), ""
+        return (empty, empty, empty, empty, gr.update(choices=["all layers"], value="all layers"), "",
+                gr.update(choices=[], value=None))
     choices = ["all layers"] + [f"layer {lp.layer}" for lp in plan.layers]
     value = layer_choice if layer_choice in choices else "all layers"
     r = session.report
@@ -119,11 +154,13 @@ def _plan_outputs(session, layer_choice: str | None = None):
                f"{r['params_before']:,} → {r['params_after']:,}; planning took {r['seconds_plan']:.2f} s"
                + (f", pruning {r['seconds_prune']:.1f} s." if "seconds_prune" in r else
                   " (from cached statistics; the pruned copy is built when you measure, generate or export).")
-               + (f" Recovered for {r['recover']['steps']} steps ({r['seconds_recover']:.1f} s)." if "recover" in r else ""))
+               + (f" Recovered for {r['recover']['steps']} steps ({r['seconds_recover']:.1f} s)." if "recover" in r else "")
+               + " See the **Inspect** and **Learn** tabs.")
     why = H.plan_explanations(session)
-    return (F.head_heatmap(plan), F.neuron_profile(plan, why["importance"], why["massive"]), _decay(plan, value),
-            _spectrum(why, value),
-            gr.update(choices=choices, value=value), summary)
+    learn_choices = [str(lp.layer) for lp in plan.layers]
+    return (F.head_heatmap(plan, H.head_reasons(session)), F.neuron_profile(plan, why["importance"], why["massive"]),
+            _decay(plan, value), _spectrum(why, value), gr.update(choices=choices, value=value), summary,
+            gr.update(choices=learn_choices, value=learn_choices[len(learn_choices) // 2]))
 
 
 def _layer_of(choice: str | None) -> int | None:
@@ -151,6 +188,8 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
     def session_of(request: gr.Request):  # never creates a session: only loading a model does
         return store.find(getattr(request, "session_hash", None))
 
+    n_plan = 7   # _plan_outputs' length
+
     # --- event functions -----------------------------------------------------------------------
     def on_load(source, demo_name, path, device, request: gr.Request):
         session = session_of(request)
@@ -159,7 +198,7 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
         if reply.ok:  # only a loaded model makes (and keeps) a session in the store
             store.adopt(session)
         else:  # the session keeps whatever it had loaded before
-            return (_status(reply), H.architecture_markdown(session.arch), *[gr.update()] * 8)
+            return (_status(reply), H.architecture_markdown(session.arch), *[gr.update()] * 9)
         defaults = CLASSIFIER_DEFAULTS if session.encoder else DECODER_DEFAULTS
         empty = F.empty_figure()
         choices = list(BUILTIN_SETS) if session.encoder else list(H.DECODER_SOURCES)
@@ -167,32 +206,49 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
         return (_status(reply), H.architecture_markdown(session.arch),
                 gr.update(choices=choices, value=value),
                 gr.update(value=defaults["num_samples"]), gr.update(value=defaults["seq_len"]),
-                empty, empty, empty, empty, "")
+                empty, empty, empty, empty, "",
+                estimate_sentence(session.model, defaults["num_samples"], defaults["seq_len"]))
+
+    def on_sizes(num_samples, seq_len, request: gr.Request):
+        session = session_of(request)
+        if session is None or session.model is None:
+            return ""
+        return estimate_sentence(session.model, num_samples, seq_len)
 
     def on_prune(calib_source, builtin, upload, pasted, num_samples, seq_len, sparsity, budget_kind, uniform, mode,
                  method, layer_choice, recover_on, recover_steps, request: gr.Request, progress=gr.Progress()):
         session = session_of(request)
+        try:
+            fraction = _percent(sparsity)
+        except ValueError as exc:
+            return (f"{WARN} {exc}", *[gr.update()] * n_plan, gr.update(), gr.update(value=_slider_value(session)))
         event = session.begin_job()
         reply = H.calibrate_and_prune(
             session, dict(source=calib_source, builtin=builtin, file_path=upload, pasted=pasted,
                           num_samples=num_samples, seq_len=seq_len),
-            dict(sparsity=sparsity, budget_kind=budget_kind, uniform=uniform, mode=mode, method=method or "stat",
+            dict(sparsity=fraction, budget_kind=budget_kind, uniform=uniform, mode=mode, method=method or "stat",
                  recover_steps=recover_steps if recover_on else 0),
             progress=_gradio_progress(progress), cancel_event=event)
         installed = reply.ok or reply.data.get("plan") is not None   # (a cancelled recovery keeps its prune)
-        return (_status(reply), *_plan_outputs(session, layer_choice), None if installed else gr.update())
+        return (_status(reply), *_plan_outputs(session, layer_choice), None if installed else gr.update(),
+                gr.update())
 
     def on_rebudget(sparsity, budget_kind, uniform, mode, method, layer_choice, recover_on, request: gr.Request):
         session = session_of(request)
+        try:
+            fraction = _percent(sparsity)
+        except ValueError as exc:   # the slider goes back to the plan's value; nothing else changes
+            return (f"{WARN} {exc}", *[gr.update()] * n_plan, gr.update(), gr.update(value=_slider_value(session)))
         if session.calibration is None:
             return ("Calibrate and prune once; after that the slider re-plans instantly.",
-                    *_plan_outputs(session, layer_choice), gr.update())
+                    *_plan_outputs(session, layer_choice), gr.update(), gr.update())
         if mode != "one-shot":
             return ("Re-budgeting from cached statistics is one-shot only; press Prune to run propagate mode.",
-                    *[gr.update()] * 6, gr.update())
-        reply = H.replan(session, sparsity, budget_kind, uniform, method or "stat")
+                    *[gr.update()] * n_plan, gr.update(), gr.update())
+        reply = H.replan(session, fraction, budget_kind, uniform, method or "stat")
         note = " Recovery runs with Calibrate & prune, not on a re-budget." if reply.ok and recover_on else ""
-        return (_status(reply) + note, *_plan_outputs(session, layer_choice), None if reply.ok else gr.update())
+        return (_status(reply) + note, *_plan_outputs(session, layer_choice), None if reply.ok else gr.update(),
+                gr.update())
 
     def on_layer(choice, request: gr.Request):
         session = session_of(request)
@@ -202,7 +258,20 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
         reply = H.head_view(session_of(request), layer, head, text)
         if not reply.ok:
             return _status(reply), F.empty_figure(reply.message), ""
-        return "✅ Attention pattern drawn.", F.attention_figure(reply["pattern"], reply["details"]), reply.message
+        return f"{OK} Attention pattern drawn.", F.attention_figure(reply["pattern"], reply["details"]), reply.message
+
+    def on_learn(layer, prompt, request: gr.Request):
+        reply = H.lesson(session_of(request), layer, prompt)
+        if not reply.ok:
+            return (_status(reply), *[gr.update()] * 12)
+        d = reply.data
+        texts = [F.lesson_text(i + 1, d[k]) for i, k in enumerate(H.LESSON_STEPS)]
+        return (_status(reply), texts[0], F.lesson_activations(d["activations"], d["layer"]),
+                texts[1], F.lesson_spectrum(d["spectrum"], d["layer"]),
+                texts[2], F.lesson_selection(d["selection"], d["layer"]),
+                texts[3], F.lesson_correction(d["correction"], d["layer"]),
+                texts[4], F.lesson_allocation(d["allocation"], d["layer"]),
+                texts[5], F.lesson_effect_html(d["effect"]))
 
     def on_measure(eval_tokens, request: gr.Request):
         session = session_of(request)
@@ -212,13 +281,17 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
         return _status(reply), pd.DataFrame(reply["rows"], columns=H.METRIC_HEADERS)
 
     def on_generate(prompt, max_new_tokens, request: gr.Request):
-        reply = H.generate(session_of(request), prompt, int(max_new_tokens))
+        reply = H.generate(session_of(request), prompt, max_new_tokens)
         return _status(reply), reply.data.get("before", ""), reply.data.get("after", "")
 
     def on_compare(sparsity, budget_kind, uniform, eval_tokens, methods, suite, request: gr.Request,
                    progress=gr.Progress()):
         session = session_of(request)
-        reply = H.compare(session, sparsity, budget_kind, uniform, int(eval_tokens), methods=methods,
+        try:
+            fraction = _percent(sparsity)
+        except ValueError as exc:
+            return f"{WARN} {exc}", gr.update(), gr.update()
+        reply = H.compare(session, fraction, budget_kind, uniform, int(eval_tokens), methods=methods,
                           suite=bool(suite), progress=_gradio_progress(progress), cancel_event=session.begin_job())
         if not reply.ok:
             return _status(reply), None, F.empty_figure(reply.message)
@@ -232,6 +305,12 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
             return _status(reply), None, None
         return _status(reply), reply["zip"], reply["report"]
 
+    def on_report(request: gr.Request):
+        reply = H.report_html(session_of(request))
+        if not reply.ok:
+            return _status(reply), None
+        return _status(reply), reply["path"]
+
     def on_cancel(request: gr.Request):
         session = session_of(request)
         session.cancel()
@@ -240,157 +319,207 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
     def on_unload(request: gr.Request):
         store.drop(getattr(request, "session_hash", None))
 
-    # --- layout --------------------------------------------------------------------------------
+    def status_box(elem_id: str, value: str = "") -> gr.Textbox:
+        return gr.Textbox(label="status", value=value, interactive=False, elem_id=elem_id,
+                          elem_classes=["stat-status"], max_lines=3)
+
+    # --- layout: five tabs; each has its own status line at its top -------------------------------
     with gr.Blocks(title="STAT workbench", delete_cache=(1800, 3600)) as demo:
         gr.Markdown(INTRO)
-        status = gr.Textbox(label="status", value="Load a model to start.", interactive=False, elem_id="status")
+        with gr.Tabs(elem_id="tabs"):
+            with gr.Tab("Prune", id="prune", elem_id="tab_prune"):
+                status = status_box("status", "Load a model to start.")
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        with gr.Row():
+                            source = gr.Radio(["demo", "folder", "hub"], value="demo", label="source")
+                            device = gr.Dropdown(["auto", "cpu", "cuda"], value="auto", label="device")
+                        demo_name = gr.Dropdown(list(DEMO_MODELS), value="smollm2-135m", label="demo model",
+                                                info="; ".join(f"{k}: {v['description']}" for k, v in DEMO_MODELS.items()))
+                        path = gr.Textbox(label="local folder or hub id", placeholder="/path/to/model or org/name")
+                        load_btn = gr.Button("Load model", variant="primary", elem_id="load_btn")
+                    with gr.Column(scale=1):
+                        arch = gr.Markdown(H.architecture_markdown({}), elem_id="arch")
+                with gr.Row():
+                    sparsity = gr.Slider(0, 90, value=30, step=1, label="remove % of block parameters / FLOPs",
+                                         elem_id="sparsity", scale=3)
+                    budget_kind = gr.Radio(["params", "flops"], value="params", label="budget counts", scale=1)
+                    method = gr.Dropdown(H.plan_method_choices(), value="stat", label="method", elem_id="method",
+                                         info="STAT, a published peer or a baseline (SliceGPT: in Compare only)",
+                                         scale=2)
+                with gr.Row():
+                    prune_btn = gr.Button("Calibrate & prune", variant="primary", elem_id="prune_btn", scale=3)
+                    cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel_btn", scale=1)
+                estimate = gr.Markdown(elem_id="estimate")
+                summary = gr.Markdown(elem_id="summary")
+                gr.Markdown(RELOAD_NOTE, elem_id="reload_note")
+                with gr.Accordion("Calibration text, mode and recovery", open=True):
+                    with gr.Row():
+                        calib_source = gr.Radio(["builtin", "file", "pasted"], value="builtin", label="calibrate on")
+                        builtin = gr.Dropdown(list(H.DECODER_SOURCES), value="wikipedia", label="built-in text",
+                                              info="decoders: mix = Wikipedia + the model's own chat answers "
+                                                   "(generated once, cached), wikipedia, self-generated; "
+                                                   "classifiers: labelled sets")
+                        # no minimum/maximum here: the handlers answer a bad size with one sentence
+                        num_samples = gr.Number(value=64, precision=0, label="samples", elem_id="num_samples")
+                        seq_len = gr.Number(value=512, precision=0, label="sequence length (tokens)", elem_id="seq_len")
+                    with gr.Row():
+                        upload = gr.File(label="or upload: .txt / .json / .jsonl / .csv / .parquet (classifiers: "
+                                               "text + label columns)",
+                                         file_types=[".txt", ".json", ".jsonl", ".csv", ".parquet"], type="filepath")
+                        pasted = gr.Textbox(label="or paste text", lines=4)
+                    with gr.Row():
+                        uniform = gr.Checkbox(False, label="uniform layers (same counts everywhere; stock-loadable "
+                                                           "export)")
+                        mode = gr.Radio(["one-shot", "propagate"], value="one-shot", label="mode",
+                                        info="propagate re-calibrates each layer on the pruned ones (slower, no "
+                                             "instant re-budget)")
+                    with gr.Row():
+                        recover_on = gr.Checkbox(False, label="recover after pruning (short distillation towards "
+                                                              "the dense model)",
+                                                 info="KL on the output distributions + block-output MSE on the "
+                                                      "calibration text; shapes unchanged; as stat-prune --recover "
+                                                      "STEPS", elem_id="recover_on", scale=3)
+                        recover_steps = gr.Number(value=100, precision=0, label="recovery steps",
+                                                  elem_id="recover_steps", scale=1)
 
-        gr.Markdown("## 1 · Model")
-        with gr.Row():
-            with gr.Column(scale=1):
-                source = gr.Radio(["demo", "folder", "hub"], value="demo", label="source")
-                demo_name = gr.Dropdown(list(DEMO_MODELS), value="smollm2-135m", label="demo model",
-                                        info="; ".join(f"{k}: {v['description']}" for k, v in DEMO_MODELS.items()))
-                path = gr.Textbox(label="local folder or hub id", placeholder="/path/to/model or org/name")
-                device = gr.Dropdown(["auto", "cpu", "cuda"], value="auto", label="device")
-                load_btn = gr.Button("Load model", variant="primary", elem_id="load_btn")
-            with gr.Column(scale=1):
-                arch = gr.Markdown(H.architecture_markdown({}), elem_id="arch")
-
-        gr.Markdown("## 2 · Calibration text")
-        with gr.Row():
-            calib_source = gr.Radio(["builtin", "file", "pasted"], value="builtin", label="calibrate on")
-            builtin = gr.Dropdown(list(H.DECODER_SOURCES), value="wikipedia", label="built-in text",
-                                  info="decoders: mix = Wikipedia + the model's own chat answers (generated once, "
-                                       "cached), wikipedia, self-generated; classifiers: labelled sets")
-            num_samples = gr.Number(value=64, precision=0, minimum=1, maximum=4096, label="samples", elem_id="num_samples")
-            seq_len = gr.Number(value=512, precision=0, minimum=8, maximum=8192, label="sequence length (tokens)",
-                                elem_id="seq_len")
-        with gr.Row():
-            upload = gr.File(label="or upload: .txt / .json / .jsonl / .csv / .parquet (classifiers: text + label columns)",
-                             file_types=[".txt", ".json", ".jsonl", ".csv", ".parquet"], type="filepath")
-            pasted = gr.Textbox(label="or paste text", lines=4)
-
-        gr.Markdown("## 3 · Target")
-        with gr.Row():
-            sparsity = gr.Slider(0, 90, value=30, step=1, label="remove % of block parameters / FLOPs",
-                                 elem_id="sparsity")
-            budget_kind = gr.Radio(["params", "flops"], value="params", label="budget counts")
-            uniform = gr.Checkbox(False, label="uniform layers (same counts everywhere; stock-loadable export)")
-            mode = gr.Radio(["one-shot", "propagate"], value="one-shot", label="mode",
-                            info="propagate re-calibrates each layer on the pruned ones (slower, no instant re-budget)")
-            method = gr.Dropdown(H.plan_method_choices(), value="stat", label="method", elem_id="method",
-                                 info="STAT, a published peer or a baseline (SliceGPT: in Compare only)")
-        with gr.Row():
-            recover_on = gr.Checkbox(False, label="recover after pruning (short distillation towards the dense model)",
-                                     info="KL on the output distributions + block-output MSE on the calibration "
-                                          "text; shapes unchanged; as stat-prune --recover STEPS",
-                                     elem_id="recover_on", scale=3)
-            recover_steps = gr.Number(value=100, precision=0, minimum=1, maximum=100000, label="recovery steps",
-                                      elem_id="recover_steps", scale=1)
-        with gr.Row():
-            prune_btn = gr.Button("Calibrate & prune", variant="primary", elem_id="prune_btn")
-            cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel_btn")
-        summary = gr.Markdown(elem_id="summary")
-
-        gr.Markdown("## 4 · Inspect: what went and why")
-        with gr.Row():
-            with gr.Column():
-                heads_plot = gr.Plot(label="layers × heads", elem_id="heads_plot")
-                gr.Markdown(F.HEADS_CAPTION + " Click a square to open that head in the head explorer below.")
-            with gr.Column():
+            with gr.Tab("Inspect", id="inspect", elem_id="tab_inspect"):
+                status_inspect = status_box("status_inspect", "Prune a model, then inspect what went and why.")
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        heads_plot = gr.Plot(label="layers × heads", elem_id="heads_plot")
+                        gr.Markdown(F.HEADS_CAPTION + " Click a square to open that head in the head explorer.")
+                    with gr.Column(scale=2, elem_id="head_explorer"):
+                        gr.Markdown("### Head explorer\nClick a head in the heatmap, or type its layer and number.")
+                        with gr.Row():
+                            head_layer = gr.Number(value=0, precision=0, label="layer", elem_id="head_layer")
+                            head_index = gr.Number(value=0, precision=0, label="head", elem_id="head_index")
+                        head_text = gr.Textbox(value="The cat sat on the mat because it was tired, so the dog slept.",
+                                               label="sample text")
+                        head_btn = gr.Button("Show this head", elem_id="head_btn")
+                        head_info = gr.Markdown(elem_id="head_info")
+                head_plot = gr.Plot(label="attention pattern", elem_id="head_plot")
+                gr.Markdown(F.HEAD_CAPTION)
                 neurons_plot = gr.Plot(label="layers × neurons", elem_id="neurons_plot")
                 gr.Markdown(F.NEURON_CAPTION)
-        layer_pick = gr.Dropdown(["all layers"], value="all layers", label="singular values and decay curves for",
-                                 elem_id="layer_pick")
-        spectrum_plot = gr.Plot(label="singular-value decay", elem_id="spectrum_plot")
-        gr.Markdown(F.SPECTRUM_CAPTION + " " + F.SPECTRUM_ALL_CAPTION)
-        decay_plot = gr.Plot(label="decay curves", elem_id="decay_plot")
-        gr.Markdown(F.DECAY_CAPTION)
-        gr.Markdown("### Head explorer (click a head in the heatmap, or type its layer and number)")
-        with gr.Row():
-            head_layer = gr.Number(value=0, precision=0, minimum=0, label="layer", elem_id="head_layer", scale=1)
-            head_index = gr.Number(value=0, precision=0, minimum=0, label="head", elem_id="head_index", scale=1)
-            head_text = gr.Textbox(value="The cat sat on the mat because it was tired, so the dog slept.",
-                                   label="sample text", scale=4)
-            head_btn = gr.Button("Show this head", elem_id="head_btn", scale=1)
-        head_info = gr.Markdown(elem_id="head_info")
-        head_plot = gr.Plot(label="attention pattern", elem_id="head_plot")
-        gr.Markdown(F.HEAD_CAPTION)
+                layer_pick = gr.Dropdown(["all layers"], value="all layers",
+                                         label="singular values and decay curves for", elem_id="layer_pick")
+                spectrum_plot = gr.Plot(label="singular-value decay", elem_id="spectrum_plot")
+                gr.Markdown(F.SPECTRUM_CAPTION + " " + F.SPECTRUM_ALL_CAPTION)
+                decay_plot = gr.Plot(label="decay curves", elem_id="decay_plot")
+                gr.Markdown(F.DECAY_CAPTION)
 
-        gr.Markdown("## 5 · Before / after")
-        with gr.Row():
-            eval_tokens = gr.Slider(512, 16384, value=H.QUICK_EVAL_TOKENS, step=512,
-                                    label="perplexity eval tokens (quick estimate; the README protocol uses 16,384)")
-            measure_btn = gr.Button("Measure before / after", elem_id="measure_btn")
-        metrics = gr.Dataframe(headers=H.METRIC_HEADERS, label="before / after", interactive=False, elem_id="metrics")
-        with gr.Row():
-            prompt = gr.Textbox(value="The history of the city", label="prompt (decoders)", scale=3)
-            max_new = gr.Number(value=40, precision=0, minimum=1, maximum=512, label="new tokens", scale=1)
-            gen_btn = gr.Button("Generate with both", scale=1)
-        with gr.Row():
-            gen_before = gr.Textbox(label="dense model", lines=4, interactive=False)
-            gen_after = gr.Textbox(label="pruned model", lines=4, interactive=False)
+            with gr.Tab("Learn", id="learn", elem_id="tab_learn"):
+                status_learn = status_box("status_learn", "Prune a model, pick a layer and press Explain.")
+                gr.Markdown(LEARN_INTRO)
+                with gr.Row():
+                    learn_layer = gr.Dropdown([], label="layer", elem_id="learn_layer", scale=1)
+                    learn_prompt = gr.Textbox(value="The history of the city", label="prompt for step 6 (decoders)",
+                                              scale=3)
+                    learn_btn = gr.Button("Explain this layer", variant="primary", elem_id="learn_btn", scale=1)
+                learn_outputs = []
+                for i, name in enumerate(("The activation matrix", "Its singular values",
+                                          "Choosing whole neurons: the interpolative decomposition",
+                                          "The correction folded into the next matrix",
+                                          "One budget across layers", "The effect on the model")):
+                    gr.Markdown(f"### {i + 1} · {name}")
+                    text = gr.Markdown(elem_id=f"learn_text_{i + 1}")
+                    view = (gr.HTML(elem_id="learn_effect") if i == 5
+                            else gr.Plot(label=name, elem_id=f"learn_plot_{i + 1}"))
+                    learn_outputs += [text, view]
 
-        gr.Markdown("## 6 · Compare methods at the same budget")
-        compare_methods = gr.CheckboxGroup(choices=H.method_choices(), value=list(H.COMPARE_METHODS),
-                                           label="methods (STAT, the published peers, simple baselines; "
-                                                 "SliceGPT runs its own pass over the calibration text)",
-                                           elem_id="compare_methods")
-        compare_suite = gr.Checkbox(value=False, elem_id="compare_suite",
-                                    label="also run the evaluation suite on each (decoders: few-shot sentiment, "
-                                          "analogies, chat agreement with the dense model; SmolLM2 on 2 CPU cores: "
-                                          "about 2 min once for the dense reference, then about 1 min per method)")
-        compare_btn = gr.Button("Compare the chosen methods at this budget", elem_id="compare_btn")
-        compare_table = gr.Dataframe(headers=["method", "removed", "quality", "vs dense", "KL to dense"],
-                                     interactive=False)
-        compare_plot = gr.Plot(label="comparison")
-        gr.Markdown(F.COMPARE_CAPTION)
+            with gr.Tab("Compare", id="compare", elem_id="tab_compare"):
+                status_compare = status_box("status_compare", "Measure the pruned model, or compare methods at the "
+                                                              "Prune tab's budget.")
+                gr.Markdown("### Before / after")
+                with gr.Row():
+                    eval_tokens = gr.Slider(512, 16384, value=H.QUICK_EVAL_TOKENS, step=512,
+                                            label="perplexity eval tokens (quick estimate; the protocol uses 16,384)")
+                    measure_btn = gr.Button("Measure before / after", elem_id="measure_btn")
+                metrics = gr.Dataframe(headers=H.METRIC_HEADERS, label="before / after", interactive=False,
+                                       elem_id="metrics", wrap=True)
+                with gr.Row():
+                    prompt = gr.Textbox(value="The history of the city", label="prompt (decoders)", scale=3)
+                    max_new = gr.Number(value=40, precision=0, label="new tokens", scale=1)
+                    gen_btn = gr.Button("Generate with both", scale=1)
+                with gr.Row():
+                    gen_before = gr.Textbox(label="dense model", lines=4, interactive=False)
+                    gen_after = gr.Textbox(label="pruned model", lines=4, interactive=False)
+                gr.Markdown("### Methods at the same budget")
+                compare_methods = gr.CheckboxGroup(choices=H.method_choices(), value=list(H.COMPARE_METHODS),
+                                                   label="methods (STAT, the published peers, simple baselines; "
+                                                         "SliceGPT runs its own pass over the calibration text)",
+                                                   elem_id="compare_methods")
+                compare_suite = gr.Checkbox(value=False, elem_id="compare_suite",
+                                            label="also run the evaluation suite on each (decoders: few-shot "
+                                                  "sentiment, analogies, chat agreement with the dense model; "
+                                                  "SmolLM2 on 2 CPU cores: about 2 min once for the dense "
+                                                  "reference, then about 1 min per method)")
+                compare_btn = gr.Button("Compare the chosen methods at this budget", elem_id="compare_btn")
+                # the method column stays put while the others scroll; headers wrap
+                compare_table = gr.Dataframe(headers=["method", "removed", "quality", "vs dense", "KL to dense"],
+                                             interactive=False, wrap=True, pinned_columns=1, elem_id="compare_table")
+                compare_plot = gr.Plot(label="comparison")
+                gr.Markdown(F.COMPARE_CAPTION)
 
-        gr.Markdown("## 7 · Export")
-        with gr.Row():
-            export_format = gr.Dropdown(list(H.EXPORT_CHOICES), value=next(iter(H.EXPORT_CHOICES)),
-                                        label="format (GGUF: Llama-family decoders; ONNX: logits only)",
-                                        elem_id="export_format")
-            export_btn = gr.Button("Export pruned model (zip)", elem_id="export_btn")
-        with gr.Row():
-            export_zip = gr.File(label="pruned model folder (zip)", interactive=False, elem_id="export_zip")
-            export_report = gr.File(label="pruning report (JSON)", interactive=False, elem_id="export_report")
+            with gr.Tab("Export", id="export", elem_id="tab_export"):
+                status_export = status_box("status_export", "Prune a model, then export it or write a report.")
+                with gr.Row():
+                    export_format = gr.Dropdown(list(H.EXPORT_CHOICES), value=next(iter(H.EXPORT_CHOICES)),
+                                                label="format (GGUF: Llama-family decoders; ONNX: logits only)",
+                                                elem_id="export_format")
+                    export_btn = gr.Button("Export pruned model (zip)", elem_id="export_btn")
+                with gr.Row():
+                    export_zip = gr.File(label="pruned model folder (zip)", interactive=False, elem_id="export_zip")
+                    export_report = gr.File(label="pruning report (JSON)", interactive=False, elem_id="export_report")
+                gr.Markdown("### A report to hand out\nOne HTML file: the configuration, the heatmaps, the decay and "
+                            "singular-value views, before / after and the last comparison (when measured), the "
+                            "plan. Interactive figures; it opens offline (plotly.js is inside the file).")
+                with gr.Row():
+                    report_btn = gr.Button("Write the HTML report", elem_id="report_btn")
+                    report_file = gr.File(label="report (HTML)", interactive=False, elem_id="report_file")
 
         # --- events -----------------------------------------------------------------------------
         heavy = dict(concurrency_limit=1, concurrency_id="device")
-        plan_outputs = [heads_plot, neurons_plot, decay_plot, spectrum_plot, layer_pick, summary]
+        plan_outputs = [heads_plot, neurons_plot, decay_plot, spectrum_plot, layer_pick, summary, learn_layer]
         load_evt = load_btn.click(on_load, [source, demo_name, path, device],
                                   [status, arch, builtin, num_samples, seq_len, heads_plot, neurons_plot, decay_plot,
-                                   spectrum_plot, summary], api_name="load", **heavy)
+                                   spectrum_plot, summary, estimate], api_name="load", **heavy)
+        for box in (num_samples, seq_len):
+            box.change(on_sizes, [num_samples, seq_len], [estimate], api_name=False, show_progress="hidden")
         prune_evt = prune_btn.click(on_prune, [calib_source, builtin, upload, pasted, num_samples, seq_len, sparsity,
                                                budget_kind, uniform, mode, method, layer_pick, recover_on,
                                                recover_steps],
-                                    [status, *plan_outputs, metrics], api_name="prune", **heavy)
+                                    [status, *plan_outputs, metrics, sparsity], api_name="prune", **heavy)
         rebudget_inputs = [sparsity, budget_kind, uniform, mode, method, layer_pick, recover_on]
         # re-planning reads cached statistics only (well under a second): it stays out of the device
         # queue, so the slider responds while another user's job holds the device
         light = dict(concurrency_limit=2, concurrency_id="plans")
         # .input fires while dragging and on a typed value; "always_last" drops superseded requests
-        rebudget_evts = [sparsity.input(on_rebudget, rebudget_inputs, [status, *plan_outputs, metrics],
+        rebudget_evts = [sparsity.input(on_rebudget, rebudget_inputs, [status, *plan_outputs, metrics, sparsity],
                                         api_name="rebudget", trigger_mode="always_last", show_progress="minimal",
                                         **light)]
         for control in (budget_kind, uniform, method):
-            rebudget_evts.append(control.input(on_rebudget, rebudget_inputs, [status, *plan_outputs, metrics],
+            rebudget_evts.append(control.input(on_rebudget, rebudget_inputs, [status, *plan_outputs, metrics, sparsity],
                                                api_name=False, **light))
         layer_pick.input(on_layer, [layer_pick], [decay_plot, spectrum_plot], api_name="decay", show_progress="hidden")
-        head_evt = head_btn.click(on_head, [head_layer, head_index, head_text], [status, head_plot, head_info],
+        head_evt = head_btn.click(on_head, [head_layer, head_index, head_text], [status_inspect, head_plot, head_info],
                                   api_name="head", **heavy)
-        measure_evt = measure_btn.click(on_measure, [eval_tokens], [status, metrics], api_name="measure", **heavy)
-        gen_evt = gen_btn.click(on_generate, [prompt, max_new], [status, gen_before, gen_after], api_name="generate",
-                                **heavy)
+        learn_evt = learn_btn.click(on_learn, [learn_layer, learn_prompt], [status_learn, *learn_outputs],
+                                    api_name="learn", **heavy)
+        measure_evt = measure_btn.click(on_measure, [eval_tokens], [status_compare, metrics], api_name="measure",
+                                        **heavy)
+        gen_evt = gen_btn.click(on_generate, [prompt, max_new], [status_compare, gen_before, gen_after],
+                                api_name="generate", **heavy)
         compare_evt = compare_btn.click(on_compare,
                                         [sparsity, budget_kind, uniform, eval_tokens, compare_methods, compare_suite],
-                                        [status, compare_table, compare_plot], api_name="compare", **heavy)
-        export_evt = export_btn.click(on_export, [export_format], [status, export_zip, export_report], api_name="export",
-                                      **heavy)
+                                        [status_compare, compare_table, compare_plot], api_name="compare", **heavy)
+        export_evt = export_btn.click(on_export, [export_format], [status_export, export_zip, export_report],
+                                      api_name="export", **heavy)
+        report_evt = report_btn.click(on_report, None, [status_export, report_file], api_name="report", **heavy)
         cancel_btn.click(on_cancel, None, [status], api_name="cancel",
-                         cancels=[load_evt, prune_evt, measure_evt, gen_evt, compare_evt, head_evt, export_evt, *rebudget_evts])
+                         cancels=[load_evt, prune_evt, measure_evt, gen_evt, compare_evt, head_evt, export_evt,
+                                  learn_evt, report_evt, *rebudget_evts])
         demo.load(None, js=HEATMAP_CLICK_JS)
         demo.unload(on_unload)
     return demo

@@ -51,13 +51,15 @@ from stat_core.config import PruneConfig
 from stat_core.data.mix import default_source  # noqa: F401 (the app's default source)
 from stat_core.data.sources import check_calibration_sizes
 from stat_core.evaluation import measure as core_measure
+from stat_core.evaluation.html_report import write_report_html
 from stat_core.evaluation.measure import METRIC_HEADERS, QUICK_EVAL_TOKENS  # noqa: F401 (the app's table, default)
+from stat_core.evaluation.perplexity import evaluation_windows
 from stat_core.evaluation.report import architecture_summary as architecture
 from stat_core.evaluation.report import recovery_sentence, removed_sentence
 from stat_core.evaluation.suite import SuiteConfig, build_reference
 from stat_core.export.api import check_format, export_zip_with_report
 from stat_core.methods.registry import get_method
-from stat_core.methods.stat import explain
+from stat_core.methods.stat import explain, lesson as core_lesson
 from stat_core.models import download_hub_model, load_model
 from stat_core.recover import RecoveryCancelled
 
@@ -229,6 +231,7 @@ def measure(session: Session, eval_tokens: int = QUICK_EVAL_TOKENS, cancel_event
     # into the measured outcome's own report, even if a re-budget replaced it since
     rows, sentence = core_measure.before_after(outcome.report, before, after, eval_tokens, seq,
                                                len(session.held_out) if session.held_out is not None else None)
+    outcome.measured_rows = rows   # for the HTML report of this very outcome
     return Reply(True, sentence, {"rows": rows, "before": before, "after": after})
 
 
@@ -269,6 +272,7 @@ def compare(session: Session, sparsity: float, budget_kind: str = "params", unif
     suite_dense = None if reference is None else reference.dense_metrics
     rows, headers, sentence = core_measure.compare_table(results, dense, metric, int(eval_tokens), method_label,
                                                          suite_dense, short_label=lambda m: get_method(m).label)
+    session.last_compare = (headers, rows)   # for the HTML report
     return Reply(True, sentence, {"rows": rows, "headers": headers, "results": results, "dense": dense,
                                   "metric": metric, "suite_dense": suite_dense})
 
@@ -309,9 +313,9 @@ def export(session: Session, fmt: str = "safetensors (transformers)",
             if old not in (zip_path, report_path):   # one export per session on disk (Gradio serves its own
                 old.unlink(missing_ok=True)          # copy), the previous one removed once this one is complete
     size = getattr(info, "size_bytes", None)
-    size_txt = f"{size / 1e6:.1f} MB model" if size else "model"
+    size_txt = f"{size / 2**20:.1f} MiB model" if size else "model"   # MiB, as the download shows sizes
     return Reply(True, f"Exported a {size_txt} to {Path(getattr(info, 'path', zip_path.stem)).name}.zip "
-                       f"({zip_path.stat().st_size / 1e6:.1f} MB).",
+                       f"({zip_path.stat().st_size / 2**20:.1f} MiB).",
                  {"zip": str(zip_path), "report": str(report_path), "files": list(getattr(info, "files", ()))})
 
 
@@ -334,6 +338,61 @@ def head_view(session: Session, layer, head, text: str) -> Reply:
         pattern, details = explain.head_view(session.model, session.tokenizer, session.calibration,
                                              session.outcome.plan, layer, head, text)
     return Reply(True, explain.head_sentence(details), {"pattern": pattern, "details": details})
+
+
+def head_reasons(session: Session) -> list | None:
+    """:func:`stat_core.methods.stat.explain.head_reasons` for the session's plan (None before a prune)."""
+    if session.outcome is None or session.calibration is None:
+        return None
+    return explain.head_reasons(session.model, session.calibration, session.outcome.plan)
+
+
+LESSON_STEPS = ("activations", "spectrum", "selection", "correction", "allocation", "effect")
+
+
+@guarded
+def lesson(session: Session, layer, prompt: str = "The history of the city", max_new_tokens: int = 24) -> Reply:
+    """The Learn view for one layer (:mod:`stat_core.methods.stat.lesson`): every step's numbers and
+    sentences, on the loaded model, its calibration and the current plan; the last step (dense and
+    pruned generations) builds the pruned copy if needed (decoders only)."""
+    require_pruned(session)
+    plan = session.outcome.plan
+    layer = core_lesson.check_layer(plan, layer)
+    with DEVICE_LOCK:
+        steps = {"activations": core_lesson.activation_step(session.model, session.calibration, session.calib_data,
+                                                            plan, layer),
+                 "spectrum": core_lesson.spectrum_step(session.model, session.calibration, plan, layer),
+                 "selection": core_lesson.selection_step(session.model, session.calibration, plan, layer)}
+        held = session.held_out if session.held_out is not None else evaluation_windows(
+            session.tokenizer, n_tokens=1024, window=256)   # Wikipedia's evaluation split: never calibrated on
+        steps["correction"] = core_lesson.correction_step(session.model, session.calibration, plan, layer, held)
+        steps["allocation"] = core_lesson.allocation_step(plan, layer)
+        if session.encoder:
+            steps["effect"] = None
+        else:
+            n = core_measure.check_generation(session.model, prompt, max_new_tokens)
+            outcome = ensure_pruned(session)
+            steps["effect"] = core_lesson.effect_step(session.model, outcome.pruned, session.tokenizer, prompt, n)
+    return Reply(True, f"Lesson for layer {layer} computed on {session.model_name}'s own numbers.",
+                 {"layer": layer, **steps})
+
+
+@guarded
+def report_html(session: Session) -> Reply:
+    """One self-contained HTML report of the current prune (:mod:`stat_core.evaluation.html_report`)
+    in the session's folder: configuration, figures, before / after (when measured), the last
+    comparison, the plan."""
+    require_pruned(session)
+    outcome = session.outcome
+    name = Path(str(session.model_name)).name or "model"
+    path = session.workdir / f"{name}-{outcome.config.method}-{round(100 * outcome.config.sparsity)}pct-report.html"
+    why = plan_explanations(session)
+    rows = getattr(outcome, "measured_rows", None)
+    write_report_html(path, outcome.plan, outcome.report, explanations=why, reasons=head_reasons(session),
+                      measures=(list(METRIC_HEADERS), rows) if rows else None,
+                      comparison=getattr(session, "last_compare", None))
+    return Reply(True, f"Wrote the report ({path.stat().st_size / 2**20:.1f} MiB, one HTML file that works "
+                       "offline).", {"path": str(path)})
 
 
 def cancel(session: Session) -> Reply:

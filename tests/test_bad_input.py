@@ -513,7 +513,7 @@ def test_anonymous_requests_create_no_session_and_evict_no_one(files):
     fns = {getattr(f.fn, "__name__", ""): f.fn for f in demo.fns.values()}
     user = fns["on_load"]("folder", "smollm2-135m", str(files["decoder"]), "cpu",
                           SimpleNamespace(session_hash="user"))[0]
-    assert user.startswith("✅"), user
+    assert user.startswith("✓"), user
     idle = store.find("user")
     for i in range(5):
         anon = SimpleNamespace(session_hash=f"anon-{i}")
@@ -523,7 +523,7 @@ def test_anonymous_requests_create_no_session_and_evict_no_one(files):
     assert fns["on_cancel"](SimpleNamespace(session_hash=None)).startswith("⏹")
     assert list(store._sessions) == ["user"] and idle.model is not None
     # a second user who does load a model is what evicts the idle one (one session allowed here)
-    assert fns["on_load"]("folder", "", str(files["decoder"]), "cpu", SimpleNamespace(session_hash="b"))[0].startswith("✅")
+    assert fns["on_load"]("folder", "", str(files["decoder"]), "cpu", SimpleNamespace(session_hash="b"))[0].startswith("✓")
     assert list(store._sessions) == ["b"] and idle.model is None
     store.drop("b")
 

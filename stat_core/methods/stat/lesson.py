@@ -159,11 +159,16 @@ def correction_step(model, calibration, plan, layer: int, held_out, n_tokens: in
     sentences = [
         f"Removing {len(rem):,} neurons and doing nothing else changes the MLP's output by {_pct(plain)} of its "
         f"energy on {z.shape[0]:,} held-out tokens the calibration never saw.",
-        f"STAT folds a correction into the next matrix (down_proj): the kept neurons' weights become "
-        f"W_K + W_R·Tᵀ, T the least-squares map from kept to removed activations. The error drops to "
-        f"{_pct(corrected)}" + (f", {plain / corrected:.1f}× smaller, at no cost at inference time."
-                                if corrected > 0 and plain > 0 else "."),
+        "STAT folds a correction into the next matrix (down_proj): the kept neurons' weights become "
+        "W_K + W_R·Tᵀ, T the least-squares map from kept to removed activations, at no cost at inference time.",
     ]
+    if corrected < plain:
+        sentences.append(f"With it the error drops to {_pct(corrected)}, {plain / max(corrected, 1e-30):.1f}× smaller.")
+    elif len(rem):
+        sentences.append(f"Here the error is {_pct(corrected)} with it: the map fitted on "
+                         f"{calibration.dense_stats[layer].n_tokens:,} calibration tokens does not carry over to "
+                         f"this text (too little or too different calibration text for {lp.intermediate_size:,} "
+                         "neurons is the usual cause).")
     return {"error_without": plain, "error_with": corrected, "tokens": int(z.shape[0]), "removed": len(rem),
             "sentences": sentences}
 
@@ -219,6 +224,6 @@ def effect_step(model, pruned, tokenizer, prompt: str, max_new_tokens: int = 24)
         f"Both models continue the same prompt greedily; the pruned model picks the same token as the dense one at "
         f"{same} of {len(ids)} positions (until they diverge, the texts are the same).",
         f"Each pruned token is coloured by the KL divergence from the dense model's next-token distribution at that "
-        f"point: mean {np.mean(kl):.3f} nats, largest {max(kl, default=0):.3f} at '{tokens[worst].strip() if tokens else ''}'.",
+        f"point: mean {np.mean(kl):.3g} nats, largest {max(kl, default=0):.3g} at '{tokens[worst].strip() if tokens else ''}'.",
     ]
     return {"dense": dense_text, "tokens": tokens, "kl": kl, "same": same, "sentences": sentences}
