@@ -163,7 +163,7 @@ def before_after_rows(before: dict, after: dict, eval_tokens: int, seq_len: int,
     if "kl_to_dense" in after:
         rows.append(["KL to dense (nats per prediction)", "0", f"{after['kl_to_dense']:.4f}", ""])
     for label, key, fmt in (("parameters (all)", "params", "{:,}"), ("block parameters", "block_params", "{:,}"),
-                            (f"block FLOPs / token (MACs, seq {seq_len})", "block_macs_per_token", "{:,}"),
+                            (f"block FLOPs / token (MACs, seq {seq_len})", "block_macs_per_token", "{:,.0f}"),
                             ("latency, 1×128 tokens (ms)", "latency_ms", "{:.1f}"),
                             ("size (MB, weights in memory)", "bytes", None)):
         b, a = before[key], after[key]
