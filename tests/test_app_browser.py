@@ -2,8 +2,14 @@
 
 Loads the demo model SmolLM2-135M, calibrates on a small slice of the built-in Wikipedia text
 (8 × 256 tokens, to keep CI time down), prunes 30%, checks that the heatmap and decay plots render,
-downloads the export zip and saves screenshots to docs/screenshots/.
+downloads the export zip and takes screenshots: into a temporary folder, or into docs/screenshots/
+with ``STAT_UPDATE_SCREENSHOTS=1`` (the normal test run leaves the tracked files alone). Another
+test goes through the Learn view and the report button on a tiny model, and opens the report in
+Chromium with the network blocked.
 """
+
+import os
+import tempfile
 
 import re
 import socket
@@ -13,7 +19,9 @@ from pathlib import Path
 import pytest
 
 CHROMIUM = "/usr/bin/chromium"
-SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+SCREENSHOTS = (Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+               if os.environ.get("STAT_UPDATE_SCREENSHOTS") == "1"
+               else Path(tempfile.gettempdir()) / "stat-screenshots")
 CALIBRATION_TIMEOUT_MS = 540_000  # 8 × 256 tokens on SmolLM2 on 2 busy CPU cores: about 1–2.5 minutes
 
 pytestmark = [pytest.mark.slow,
@@ -56,20 +64,25 @@ def browser():
             b.close()
 
 
-def status_value(page) -> str:
-    return page.locator("#status textarea").input_value()
+def status_value(page, box: str = "status") -> str:
+    return page.locator(f"#{box} textarea").input_value()
 
 
-def wait_status(page, pattern: str, timeout_ms: int):
-    """Wait until the status box matches ``pattern``; fail fast with its text if it shows a warning."""
+def wait_status(page, pattern: str, timeout_ms: int, box: str = "status"):
+    """Wait until the status box ``box`` (each tab has its own) matches ``pattern``; fail fast with
+    its text if it shows a warning."""
     rx = re.compile(pattern)
     page.wait_for_function(
         """([sel, pat]) => { const el = document.querySelector(sel);
-             return el && (new RegExp(pat).test(el.value) || el.value.startsWith('⚠️')); }""",
-        arg=["#status textarea", pattern], timeout=timeout_ms, polling=500)
-    text = status_value(page)
+             return el && (new RegExp(pat).test(el.value) || el.value.startsWith('⚠')); }""",
+        arg=[f"#{box} textarea", pattern], timeout=timeout_ms, polling=500)
+    text = status_value(page, box)
     assert rx.search(text), text
     return text
+
+
+def tab(page, name: str):
+    page.get_by_role("tab", name=name).click()
 
 
 def kept_heads(page) -> int:
@@ -87,6 +100,7 @@ def pick_layer(page, layer: int):
 def explain_views(page, name: str, layer: int, head: int):
     """The singular-value view (all layers, then one), the neuron profile and the head explorer
     render; screenshots for the README."""
+    tab(page, "Inspect")
     spectrum = page.locator("#spectrum_plot .js-plotly-plot")
     spectrum.wait_for(timeout=30_000)
     assert page.locator("#spectrum_plot .barlayer .trace").count() == 4   # ID and SVD, attention and MLP
@@ -104,7 +118,7 @@ def explain_views(page, name: str, layer: int, head: int):
         box.fill(value)
         box.press("Tab")
     page.locator("#head_btn").click()
-    wait_status(page, r"^✅ Attention pattern drawn", 120_000)
+    wait_status(page, r"^✓ Attention pattern drawn", 120_000, "status_inspect")
     info = page.locator("#head_info").inner_text()
     assert f"Layer {layer}, head {head}" in info and "importance rank" in info, info
     assert ("kept." in info) != ("removed;" in info), info
@@ -126,7 +140,7 @@ def test_load_calibrate_prune_inspect_export(app_url, browser, tmp_path):
         page.goto(app_url, wait_until="domcontentloaded")  # "networkidle" never comes: the heartbeat stream stays open
         page.locator("#load_btn").wait_for(timeout=60_000)
         page.locator("#load_btn").click()
-        wait_status(page, r"^✅ Loaded smollm2-135m", 120_000)
+        wait_status(page, r"^✓ Loaded smollm2-135m", 120_000)
         assert "9 / 3" in page.locator("#arch").inner_text()  # heads / KV heads
 
         for elem, value in (("#num_samples", "8"), ("#seq_len", "256")):
@@ -134,10 +148,12 @@ def test_load_calibrate_prune_inspect_export(app_url, browser, tmp_path):
             box.fill(value)
             box.press("Tab")
         page.locator("#prune_btn").click()
-        text = wait_status(page, r"^✅ Removed", CALIBRATION_TIMEOUT_MS)
+        text = wait_status(page, r"^✓ Removed", CALIBRATION_TIMEOUT_MS)
         removed = float(re.search(r"Removed (\d+\.\d)%", text).group(1))
         assert abs(removed - 30) < 1.0, text
         assert "Calibrated on 2,048 tokens" in text, text
+        page.screenshot(path=str(SCREENSHOTS / "app-prune.png"))
+        tab(page, "Inspect")
 
         heads = page.locator("#heads_plot .js-plotly-plot")
         heads.wait_for(timeout=30_000)
@@ -164,13 +180,15 @@ def test_load_calibrate_prune_inspect_export(app_url, browser, tmp_path):
 
         # then re-budget from the cached statistics (after the export: no second surgery needed)
         # type 50 into the slider's box
+        tab(page, "Prune")
         box = page.locator("#sparsity input[type=number]")
         box.fill("50")
         box.press("Enter")
-        text = wait_status(page, r"^✅ Planned to remove", 60_000)
+        text = wait_status(page, r"^✓ Planned to remove", 60_000)
         assert abs(float(re.search(r"remove (\d+\.\d)%", text).group(1)) - 50) < 1.0, text
         page.wait_for_function("n => !document.querySelector('#heads_plot .gtitle').textContent"
                                ".includes('heads: ' + n + '/')", arg=kept_30, timeout=30_000)
+        tab(page, "Inspect")
         assert kept_heads(page) < kept_30  # the heatmap redrew for the larger budget
         page.locator("#heads_plot").screenshot(path=str(SCREENSHOTS / "heads-heatmap-50.png"))
 
@@ -188,7 +206,7 @@ def load_demo(page, app_url: str, name: str):
         page.get_by_label("demo model").click()
         page.locator("ul[role=listbox] li", has_text=name).first.click()
     page.locator("#load_btn").click()
-    wait_status(page, rf"^✅ Loaded {name}", 120_000)
+    wait_status(page, rf"^✓ Loaded {name}", 120_000)
 
 
 def set_sizes(page, samples: int, seq_len: int):
@@ -205,8 +223,9 @@ def export_and_check(page, tmp_path, name: str) -> dict:
 
     from safetensors import safe_open
 
+    tab(page, "Export")
     page.locator("#export_btn").click()
-    wait_status(page, r"^✅ Exported", 300_000)
+    wait_status(page, r"^✓ Exported", 300_000, "status_export")
     link = page.locator("#export_zip a").first
     link.wait_for(timeout=30_000)
     with page.expect_download(timeout=120_000) as info:
@@ -245,7 +264,7 @@ def test_two_sessions_at_once(app_url, browser, tmp_path):
         load_demo(b, app_url, "minilm-classifier")
         set_sizes(b, 40, 64)
         b.locator("#prune_btn").click()
-        wait_status(b, r"^✅ Removed", CALIBRATION_TIMEOUT_MS)
+        wait_status(b, r"^✓ Removed", CALIBRATION_TIMEOUT_MS)
         b_heads_30 = kept_heads(b)
         explain_views(b, "classifier", layer=3, head=5)
 
@@ -255,22 +274,25 @@ def test_two_sessions_at_once(app_url, browser, tmp_path):
         a.locator("#prune_btn").click()
         a.wait_for_timeout(3000)   # A's job is running (calibration takes a minute or more)
         # B re-budgets while A's calibration holds the device queue
+        tab(b, "Prune")
         box = b.locator("#sparsity input[type=number]")
         box.fill("50")
         box.press("Enter")
-        text = wait_status(b, r"^✅ Planned to remove", 60_000)
+        text = wait_status(b, r"^✓ Planned to remove", 60_000)
         assert abs(float(re.search(r"remove (\d+\.\d)%", text).group(1)) - 50) < 1.0, text
-        assert not status_value(a).startswith("✅ Removed"), "A finished before B's re-budget: nothing was tested"
+        assert not status_value(a).startswith("✓ Removed"), "A finished before B's re-budget: nothing was tested"
         b.wait_for_function("n => !document.querySelector('#heads_plot .gtitle').textContent"
                             ".includes('heads: ' + n + '/')", arg=b_heads_30, timeout=30_000)
+        tab(b, "Inspect")
         assert kept_heads(b) < b_heads_30
 
-        text = wait_status(a, r"^✅ Removed", CALIBRATION_TIMEOUT_MS)
+        text = wait_status(a, r"^✓ Removed", CALIBRATION_TIMEOUT_MS)
         assert abs(float(re.search(r"Removed (\d+\.\d)%", text).group(1)) - 30) < 1.0, text
         # each page shows its own model: 30 layers × 9 heads vs 6 layers × 12 heads
+        tab(a, "Inspect")
         assert re.search(r"/270 kept", a.locator("#heads_plot .gtitle").first.text_content())
         assert re.search(r"/72 kept", b.locator("#heads_plot .gtitle").first.text_content())
-        assert status_value(b).startswith("✅ Planned to remove")   # A's result never reached B
+        assert status_value(b).startswith("✓ Planned to remove")   # A's result never reached B
 
         plan_b, _ = export_and_check(b, tmp_path, "b")
         plan_a, _ = export_and_check(a, tmp_path, "a")
@@ -304,7 +326,7 @@ def test_click_a_head_in_the_heatmap_and_recover(app_url, browser, tiny_decoder_
         page.get_by_role("radio", name="folder").check()
         page.get_by_label("local folder or hub id").fill(str(tiny_decoder_dir))
         page.locator("#load_btn").click()
-        wait_status(page, r"^✅ Loaded", 60_000)
+        wait_status(page, r"^✓ Loaded", 60_000)
         page.get_by_role("radio", name="pasted").check()
         page.get_by_label("or paste text").fill("The history of the river valley begins with small farming villages. "
                                                  "Trade routes crossed the region and towns grew around markets. " * 30)
@@ -316,14 +338,15 @@ def test_click_a_head_in_the_heatmap_and_recover(app_url, browser, tiny_decoder_
         page.locator("#prune_btn").click()
         text = wait_status(page, r"Recovered for 3 steps", 180_000)
         assert "Removed" in text, text
+        tab(page, "Inspect")
         page.locator("#heads_plot .js-plotly-plot").wait_for(timeout=30_000)
 
         # click layer 1, head 2: the plot area spans heads -0.5..3.5 and layers -0.5..1.5 (layer 0 on top)
         area = page.locator("#heads_plot .nsewdrag").first.bounding_box()
         page.mouse.click(area["x"] + area["width"] * 2.5 / 4, area["y"] + area["height"] * 1.5 / 2)
-        wait_status(page, r"^✅ Attention pattern drawn", 60_000)
+        wait_status(page, r"^✓ Attention pattern drawn", 60_000, "status_inspect")
         info = page.locator("#head_info").inner_text()
-        assert "Layer 1, head 2" in info, info
+        assert "Layer 1, head 2" in info and "Why:" in info, info
         assert page.locator("#head_layer input").input_value() == "1"
         assert page.locator("#head_index input").input_value() == "2"
         page.locator("#head_plot .js-plotly-plot").wait_for(timeout=30_000)
@@ -332,11 +355,14 @@ def test_click_a_head_in_the_heatmap_and_recover(app_url, browser, tiny_decoder_
         page.wait_for_function("() => document.querySelector('#head_info').innerText.includes('Layer 0, head 0')",
                                timeout=60_000)
         # after a re-budget redraws the heatmap, a click still opens the head it lands on
+        tab(page, "Prune")
         box = page.locator("#sparsity input[type=number]")
         box.fill("50")
         box.press("Enter")
-        text = wait_status(page, r"^✅ Planned to remove", 60_000)
+        text = wait_status(page, r"^✓ Planned to remove", 60_000)
         assert "Recovery runs with Calibrate & prune" in text, text
+        tab(page, "Inspect")
+        page.wait_for_timeout(500)
         area = page.locator("#heads_plot .nsewdrag").first.bounding_box()
         page.mouse.click(area["x"] + area["width"] * 3.5 / 4, area["y"] + area["height"] * 1.5 / 2)
         page.wait_for_function("() => document.querySelector('#head_info').innerText.includes('Layer 1, head 3')",
@@ -346,3 +372,71 @@ def test_click_a_head_in_the_heatmap_and_recover(app_url, browser, tiny_decoder_
         raise
     finally:
         page.close()
+
+
+def test_learn_view_and_the_report_offline(app_url, browser, tiny_decoder_dir, tmp_path):
+    """The Learn view draws its six steps for the chosen layer; the report button writes one HTML
+    file, which opens in Chromium with every network request blocked and draws its figures."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+    try:
+        page.goto(app_url, wait_until="domcontentloaded")
+        page.locator("#load_btn").wait_for(timeout=60_000)
+        page.get_by_role("radio", name="folder").check()
+        page.get_by_label("local folder or hub id").fill(str(tiny_decoder_dir))
+        page.locator("#load_btn").click()
+        wait_status(page, r"^✓ Loaded", 60_000)
+        assert page.locator("#estimate").inner_text().startswith("First calibration: about")
+        page.get_by_role("radio", name="pasted").check()
+        page.get_by_label("or paste text").fill("The history of the river valley begins with small farming villages. "
+                                                 "Trade routes crossed the region and towns grew around markets. " * 30)
+        set_sizes(page, 8, 64)
+        page.locator("#prune_btn").click()
+        wait_status(page, r"^✓ Removed", 180_000)
+
+        tab(page, "Learn")
+        page.locator("#learn_btn").click()
+        text = wait_status(page, r"^✓ Lesson for layer 1", 120_000, "status_learn")
+        for i in range(1, 6):
+            page.locator(f"#learn_plot_{i} .js-plotly-plot").wait_for(timeout=30_000)
+            assert re.search(r"\d", page.locator(f"#learn_text_{i}").inner_text())
+        assert page.locator("#learn_effect span[title^='KL']").count() > 0
+        page.screenshot(path=str(tmp_path / "learn.png"), full_page=True)
+
+        tab(page, "Export")
+        page.locator("#report_btn").click()
+        wait_status(page, r"^✓ Wrote the report", 120_000, "status_export")
+        link = page.locator("#report_file a").first
+        link.wait_for(timeout=30_000)
+        with page.expect_download(timeout=60_000) as info:
+            link.click()
+        report = tmp_path / "report.html"
+        info.value.save_as(report)
+    except Exception:
+        page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
+        raise
+    finally:
+        page.close()
+
+    # the report offline: any request that is not the file itself is aborted (and counted)
+    ctx = browser.new_context(viewport={"width": 1300, "height": 900})
+    fetched = []
+
+    def block(route):
+        if route.request.url.startswith("file:"):
+            route.continue_()
+        else:
+            fetched.append(route.request.url)
+            route.abort()
+
+    ctx.route("**/*", block)
+    offline = ctx.new_page()
+    try:
+        offline.goto(report.as_uri(), wait_until="load")
+        offline.locator(".plotly .main-svg").first.wait_for(timeout=60_000)
+        assert offline.locator(".js-plotly-plot").count() >= 4
+        assert offline.locator(".js-plotly-plot .heatmaplayer").count() >= 2   # heads and neurons
+        assert "The plan, layer by layer" in offline.content()
+        assert fetched == [], fetched
+        offline.screenshot(path=str(SCREENSHOTS / "report.png"), full_page=False)
+    finally:
+        ctx.close()
