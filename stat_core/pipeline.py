@@ -261,12 +261,20 @@ def prune_config(model, data, sparsity, budget_kind: str = "params", uniform: bo
                        uniform=bool(uniform))
 
 
-def calibrate_statistics(model, data, progress: ProgressFn | None = None):
+#: The calibration settings of the app's and ``warm_calibration_cache``'s calibrations.
+CALIBRATION_SETTINGS = PruneConfig(sparsity=0.0)
+
+
+def calibrate_statistics(model, data, progress: ProgressFn | None = None, cache: bool = True):
     """Dense statistics of ``model`` on ``data`` (:func:`stat_core.prune.calibrate`: every later
     one-shot budget is cut from them) and the inspect views' singular values, timed in
-    ``calibration.timings["spectra"]``."""
+    ``calibration.timings["spectra"]``. With ``cache`` they come from the on-disk calibration cache
+    when this model and these windows were calibrated before (and are stored there otherwise):
+    :func:`stat_core.prune.cached_calibration`; ``calibration.extras["disk_cache"]["hit"]`` says which."""
 
-    calibration = core_prune.calibrate(model, data, PruneConfig(sparsity=0.0), progress)
+    if cache:  # the spectra computed (and timed) with the statistics, or read with them
+        return core_prune.cached_calibration(model, data, CALIBRATION_SETTINGS, progress, spectra=True)
+    calibration = core_prune.calibrate(model, data, CALIBRATION_SETTINGS, progress)
     t = time.perf_counter()
     if progress is not None:
         progress("spectra", 0, 1)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from stat_core.adapters import ModelAdapter, get_adapter
+from stat_core.calibration import cache as calibration_cache
 from stat_core.calibration import distributed
 from stat_core.calibration.sizes import SENSITIVITY_BATCH, sensitivity_windows
 from stat_core.calibration.statistics import (
@@ -35,6 +36,7 @@ from stat_core.methods.stat.analysis import (
     plan_from_analyses,
     stat_correction,
 )
+from stat_core.methods.stat.explain import Spectrum, calibration_spectra
 from stat_core.methods.stat.propagate import _propagate_, _sequential_
 from stat_core.progress import ProgressFn, notify
 from stat_core.surgery.apply import apply_plan_
@@ -144,6 +146,115 @@ def calibrate(model, windows: "torch.Tensor | CalibrationSet", config: PruneConf
                        centered=config.intercept)
 
 
+def cached_calibration(model, windows: "torch.Tensor | CalibrationSet", config: PruneConfig,
+                       progress: ProgressFn | None = None, runner: LayerwiseRunner | None = None,
+                       spectra: bool = False) -> Calibration:
+    """:func:`calibrate`, read from the on-disk cache (:mod:`stat_core.calibration.cache`) when this
+    model, these windows and ``config``'s calibration settings were calibrated before, else computed
+    and stored there. A hit gives the same numbers bit for bit (statistics, sensitivities and
+    analyses: re-analysing SmolLM2-135M's 30 layers would take 1–3 minutes on two cores) and notes
+    ``extras["disk_cache"] = {"hit": True, "file": ..., "computed_timings": ...}``; a stale or
+    damaged entry is a miss (logged). With ``spectra`` the inspect views' singular values
+    (:func:`stat_core.methods.stat.explain.calibration_spectra`) are computed on a miss and kept in
+    the entry too. Under ``torch.distributed``, or with the cache turned off
+    (``STAT_CALIBRATION_CACHE=off``), this is :func:`calibrate`."""
+    if not calibration_cache.enabled() or distributed.is_distributed():
+        calibration = calibrate(model, windows, config, progress, runner)
+        if spectra:
+            _timed_spectra(model, calibration, progress)
+        return calibration
+    t0 = time.perf_counter()
+    data = CalibrationSet.wrap(windows)
+    notify(progress, "cached statistics", 0, 1)
+    try:
+        key = calibration_cache.key_for(model, data, config)
+    except Exception:  # a model the cache cannot fingerprint is calibrated as usual
+        log.warning("Cannot fingerprint this model for the calibration cache; calibrating without it", exc_info=True)
+        return calibrate(model, windows, config, progress, runner)
+    entry = calibration_cache.read(key)
+    calibration = None if entry is None else _calibration_from_entry(model, entry, config, key, spectra)
+    if calibration is not None:
+        notify(progress, "cached statistics", 1, 1)
+        calibration.timings = {"cache_read": time.perf_counter() - t0}
+        return calibration
+    calibration = calibrate(model, windows, config, progress, runner)
+    tensors, info = _analyses_payload(calibration.analyses)
+    if spectra:
+        tensors.update(_spectra_payload(_timed_spectra(model, calibration, progress)))
+    path = calibration_cache.write(key, calibration.dense_stats, calibration.sensitivity, calibration.timings,
+                                   tensors, info)
+    calibration.extras["disk_cache"] = {"hit": False, "file": None if path is None else str(path)}
+    return calibration
+
+
+def _analyses_payload(analyses: list[LayerAnalysis]) -> tuple[dict, dict]:
+    """The per-layer analyses as tensors and JSON for a cache entry."""
+    tensors = {}
+    for i, an in enumerate(analyses):
+        tensors[f"analysis.{i}.neuron_order"] = an.neuron_order
+        tensors[f"analysis.{i}.mlp_damage"] = an.mlp_damage
+    heads = [{"head_configs": an.head_configs, "head_order": [int(h) for h in an.head_order]} for an in analyses]
+    return tensors, {"analyses": heads}
+
+
+def _timed_spectra(model, calibration: Calibration, progress: ProgressFn | None) -> list[dict]:
+    t = time.perf_counter()
+    notify(progress, "spectra", 0, 1)
+    result = calibration_spectra(model, calibration)
+    calibration.timings["spectra"] = time.perf_counter() - t
+    return result
+
+
+def _spectra_payload(spectra: list[dict]) -> dict:
+    """The inspect views' spectra as float64 tensors (their lists come back exactly)."""
+    tensors = {}
+    for i, layer in enumerate(spectra):
+        for kind, sp in layer.items():
+            for name in ("singular_values", "id_residual", "svd_residual"):
+                tensors[f"spectra.{i}.{kind}.{name}"] = torch.tensor(getattr(sp, name), dtype=torch.float64)
+            tensors[f"spectra.{i}.{kind}.unit_width"] = torch.tensor([sp.unit_width], dtype=torch.int64)
+    return tensors
+
+
+def _spectra_from(tensors: dict, n_layers: int) -> list[dict] | None:
+    if "spectra.0.attn.singular_values" not in tensors:
+        return None
+    return [{kind: Spectrum(layer=i, kind=kind, unit_width=int(tensors[f"spectra.{i}.{kind}.unit_width"][0]),
+                            **{name: tensors[f"spectra.{i}.{kind}.{name}"].tolist()
+                               for name in ("singular_values", "id_residual", "svd_residual")})
+             for kind in ("attn", "mlp")} for i in range(n_layers)]
+
+
+def _calibration_from_entry(model, entry, config: PruneConfig, key, spectra: bool = False) -> Calibration | None:
+    """The :class:`Calibration` a cache entry holds, or None (logged) when it does not fit ``model``
+    (or lacks the ``spectra`` asked for)."""
+    adapter = get_adapter(model)
+    try:
+        heads = entry.info["analyses"]
+        if len(entry.dense_stats) != adapter.num_layers or len(heads) != adapter.num_layers:
+            raise ValueError(f"{len(entry.dense_stats)} blocks cached for a {adapter.num_layers}-layer model")
+        analyses = []
+        for i, (stats, h) in enumerate(zip(entry.dense_stats, heads)):
+            if stats.attn_gram.shape[0] != adapter.attn_out_proj(i).in_features or \
+                    stats.mlp_gram.shape[0] != adapter.mlp_out_proj(i).in_features:
+                raise ValueError(f"layer {i}'s cached statistics do not fit its projections")
+            analyses.append(LayerAnalysis(h["head_configs"], h["head_order"],
+                                          entry.tensors[f"analysis.{i}.neuron_order"],
+                                          entry.tensors[f"analysis.{i}.mlp_damage"]))
+        extras = {"disk_cache": {"hit": True, "file": str(key.path), "computed_timings": entry.timings}}
+        if spectra:
+            cached = _spectra_from(entry.tensors, adapter.num_layers)
+            if cached is None:
+                log.info("The cached calibration %s has no spectra; recomputing it with them", key.path.name)
+                return None
+            extras[f"spectra_centered={config.intercept}"] = cached
+    except Exception as exc:  # whatever does not fit is recomputed
+        log.warning("Ignoring the cached calibration %s and recomputing it: %s", key.path.name, exc)
+        return None
+    return Calibration(dense_stats=entry.dense_stats, sensitivity=entry.sensitivity, analyses=analyses,
+                       centered=config.intercept, extras=extras)
+
+
 def plan_pruning(model, calibration: Calibration, config: PruneConfig, model_name: str = "",
                  calibration_info: dict | None = None, data: "CalibrationSet | None" = None) -> PrunePlan:
     """The plan for ``config`` (budget, method, uniform) from cached statistics of the dense ``model``.
@@ -176,14 +287,17 @@ def prune_from_calibration_(model, calibration: Calibration, config: PruneConfig
 
 
 def stat_prune_(model, windows: "torch.Tensor | CalibrationSet", config: PruneConfig, model_name: str = "",
-                progress: ProgressFn | None = None, calibration_info: dict | None = None) -> PruneResult:
+                progress: ProgressFn | None = None, calibration_info: dict | None = None,
+                cache: bool = False) -> PruneResult:
     """Prune ``model`` in place with ``config.method`` (STAT by default; any registered method) on
     calibration ``windows: (n, T)`` token ids (or a :class:`CalibrationSet` with padding masks and
     labels).
 
     Returns the plan and the statistics behind it. With ``mode="propagate"`` each layer is
     re-calibrated on the outputs of the already pruned and corrected layers before it.
-    Whole-model methods (SliceGPT) return ``plan=None`` and their summary in ``info``.
+    Whole-model methods (SliceGPT) return ``plan=None`` and their summary in ``info``. With ``cache``
+    a one-shot prune reads (or stores) the dense calibration in the on-disk cache
+    (:func:`cached_calibration`).
 
     Under ``torch.distributed`` every rank calls this with the same model and the whole ``windows``;
     the calibration is sharded (:mod:`stat_core.calibration.distributed`). One-shot: rank 0 plans and prunes
@@ -209,6 +323,11 @@ def stat_prune_(model, windows: "torch.Tensor | CalibrationSet", config: PruneCo
     if config.mode != "one-shot" and not hasattr(method, "relabel") and method.name != "stat":
         raise ValueError(f"{config.mode} mode re-fits STAT's corrections layer by layer; {method.label} runs one-shot")
     adapter = get_adapter(model)
+    if cache and config.mode == "one-shot" and not distributed.is_distributed():
+        calib = cached_calibration(model, windows, config, progress)
+        result = prune_from_calibration_(model, calib, config, model_name, calibration_info, windows)
+        result.timings["total"] = time.perf_counter() - t0
+        return result
     # Under torch.distributed each rank runs its shard of the windows (one process: all of them).
     runner = LayerwiseRunner(model, adapter, distributed.shard(windows, config.batch_size)[0], config.batch_size)
     calib = calibrate(model, windows, config, progress, runner)

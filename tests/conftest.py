@@ -1,7 +1,12 @@
+import os
+
 import pytest
 import torch
 
 torch.set_num_threads(2)
+# Every test calibrates for itself: the on-disk calibration cache (stat_core.calibration.cache) is off
+# unless a test turns it on (tests/test_calibration_cache.py, the real-model tests for the demo's).
+os.environ.setdefault("STAT_CALIBRATION_CACHE", "off")
 
 
 def tiny_config(family: str = "llama", **overrides):

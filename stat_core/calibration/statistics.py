@@ -251,13 +251,17 @@ STATS_FORMAT = "stat-calibration-statistics"
 STATS_VERSION = "1"
 
 
-def save_stats(path, stats: list[BlockStats], sensitivity: SensitivitySums | None = None) -> Path:
+def save_stats(path, stats: list[BlockStats], sensitivity: SensitivitySums | None = None, *,
+               extra_tensors: dict[str, torch.Tensor] | None = None, extra_metadata: dict[str, str] | None = None
+               ) -> Path:
     """Write the per-block statistics (and optionally the sensitivity sums) to one safetensors file.
 
     Tensors ``{i}.attn_gram``, ``{i}.mlp_gram``, ``{i}.attn_sum``, ``{i}.mlp_sum`` (float64, as
     accumulated), ``n_tokens: (n_blocks,)`` int64 and ``resid_energy: (n_blocks,)`` float64, and with
     a sensitivity ``{i}.fisher_attn``/``{i}.fisher_mlp`` and ``sensitivity_n_tokens``; the metadata
     names the format, its version and the block count. Loading gives back the same numbers bit for bit.
+    ``extra_tensors`` / ``extra_metadata``: more entries stored beside them (names prefixed ``extra.``,
+    read back by :func:`read_stats_file`), e.g. the calibration cache's fingerprint and analyses.
     """
     from safetensors.torch import save_file
 
@@ -278,9 +282,12 @@ def save_stats(path, stats: list[BlockStats], sensitivity: SensitivitySums | Non
             tensors[f"{i}.fisher_attn"] = f["attn"]
             tensors[f"{i}.fisher_mlp"] = f["mlp"]
         tensors["sensitivity_n_tokens"] = torch.tensor([sensitivity.n_tokens], dtype=torch.int64)
+    for k, v in (extra_tensors or {}).items():
+        tensors[f"extra.{k}"] = v
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    meta = {"format": STATS_FORMAT, "version": STATS_VERSION, "num_blocks": str(len(stats)),
-            "column_sums": json.dumps(with_sums), "sensitivity": json.dumps(sensitivity is not None)}
+    meta = {f"extra.{k}": v for k, v in (extra_metadata or {}).items()}
+    meta.update({"format": STATS_FORMAT, "version": STATS_VERSION, "num_blocks": str(len(stats)),
+                 "column_sums": json.dumps(with_sums), "sensitivity": json.dumps(sensitivity is not None)})
     path = Path(path)
     save_file(tensors, str(path), metadata=meta)
     return path
@@ -288,6 +295,13 @@ def save_stats(path, stats: list[BlockStats], sensitivity: SensitivitySums | Non
 
 def load_stats(path) -> tuple[list[BlockStats], SensitivitySums | None]:
     """``(statistics, sensitivity sums or None)`` from a file written by :func:`save_stats` (on CPU)."""
+    stats, sensitivity, _, _ = read_stats_file(path)
+    return stats, sensitivity
+
+
+def read_stats_file(path) -> tuple[list[BlockStats], SensitivitySums | None, dict[str, torch.Tensor], dict[str, str]]:
+    """:func:`load_stats` plus the ``extra_tensors`` and ``extra_metadata`` :func:`save_stats` stored
+    (their own names). ValueError with one sentence for a missing, foreign, damaged or truncated file."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -306,15 +320,21 @@ def load_stats(path) -> tuple[list[BlockStats], SensitivitySums | None]:
         raise
     except Exception as exc:  # safetensors' own errors for a damaged or foreign file
         raise ValueError(f"{path} could not be read as safetensors ({exc})") from exc
-    n = int(meta["num_blocks"])
-    sums = json.loads(meta["column_sums"])
-    stats = [BlockStats(t[f"{i}.attn_gram"], t[f"{i}.mlp_gram"], int(t["n_tokens"][i]), float(t["resid_energy"][i]),
-                        t[f"{i}.attn_sum"] if sums else None, t[f"{i}.mlp_sum"] if sums else None) for i in range(n)]
-    sensitivity = None
-    if json.loads(meta["sensitivity"]):
-        sensitivity = SensitivitySums([{"attn": t[f"{i}.fisher_attn"], "mlp": t[f"{i}.fisher_mlp"]} for i in range(n)],
-                                      int(t["sensitivity_n_tokens"][0]))
-    return stats, sensitivity
+    try:
+        n = int(meta["num_blocks"])
+        sums = json.loads(meta["column_sums"])
+        stats = [BlockStats(t[f"{i}.attn_gram"], t[f"{i}.mlp_gram"], int(t["n_tokens"][i]),
+                            float(t["resid_energy"][i]), t[f"{i}.attn_sum"] if sums else None,
+                            t[f"{i}.mlp_sum"] if sums else None) for i in range(n)]
+        sensitivity = None
+        if json.loads(meta["sensitivity"]):
+            sensitivity = SensitivitySums([{"attn": t[f"{i}.fisher_attn"], "mlp": t[f"{i}.fisher_mlp"]}
+                                           for i in range(n)], int(t["sensitivity_n_tokens"][0]))
+    except (KeyError, IndexError, ValueError, TypeError) as exc:
+        raise ValueError(f"{path} is an incomplete statistics file ({type(exc).__name__}: {exc})") from exc
+    extra_t = {k[len("extra."):]: v for k, v in t.items() if k.startswith("extra.")}
+    extra_m = {k[len("extra."):]: v for k, v in meta.items() if k.startswith("extra.")}
+    return stats, sensitivity, extra_t, extra_m
 
 
 class LayerwiseRunner:
