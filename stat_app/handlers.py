@@ -116,9 +116,12 @@ def calibrate(session: Session, source: str = "builtin", builtin: str = "wikiped
     session.calibration, session.calib_data, session.held_out = calib, prepared.data, prepared.held_out
     session.calib_key, session.calib_info, session.calib_warning = key, prepared.info, warning
     session.clear_results()
-    msg = f"Calibrated on {prepared.info['tokens']:,} tokens in {seconds:.1f} s."
+    on_disk = calib.extras.get("disk_cache", {}).get("hit", False)  # computed before: read from the cache
+    msg = (f"Read the statistics of these {prepared.info['tokens']:,} tokens from the calibration cache in "
+           f"{seconds:.1f} s." if on_disk else f"Calibrated on {prepared.info['tokens']:,} tokens in {seconds:.1f} s.")
     return Reply(True, (warning + " " + msg) if warning else msg,
-                 {"cached": False, "warning": warning, "seconds": seconds, "timings": calib.timings})
+                 {"cached": False, "disk_cache": on_disk, "warning": warning, "seconds": seconds,
+                  "timings": calib.timings})
 
 
 # --- pruning -------------------------------------------------------------------------------------
