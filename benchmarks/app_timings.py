@@ -9,11 +9,19 @@ generating or exporting triggers), the quick before/after measurement, and the e
     .venv/bin/python -m benchmarks.app_timings --quick    # 8 × 256 windows, decoder only
     .venv/bin/python -m benchmarks.app_timings --no-classifier --compare-suite stat,flap,slimgpt \
         --name app_compare_suite                          # + Compare with the evaluation suite ticked
+    .venv/bin/python -m benchmarks.app_timings --first-heatmap-only --no-classifier   # cold vs warm only
+
+The decoder's first calibration runs twice, each in a fresh session: cold (an empty calibration cache
+in a temporary folder: the statistics are computed, then stored there) and warm (the same folder: read
+back, as after ``scripts/setup.sh``). ``first_heatmap_cold_s`` / ``first_heatmap_warm_s``: Calibrate &
+prune through the handlers plus building the Inspect figures the app draws from the plan (the app's
+own ``_plan_outputs``), i.e. the page's wait minus the browser's drawing.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -75,6 +83,51 @@ def time_model(name: str, builtin: str, num_samples: int, seq_len: int, first: f
     return rows
 
 
+def first_heatmap(name: str, builtin: str, num_samples: int, seq_len: int, sparsity: float, source: str = "demo"
+                  ) -> dict:
+    """Seconds from pressing Calibrate & prune (model loaded) to the Inspect figures, cold and warm:
+    each in a fresh session, the calibration cache pointed at one empty temporary folder."""
+    from stat_app import app as A
+
+    out = {}
+    old = os.environ.get("STAT_CALIBRATION_CACHE_DIR"), os.environ.get("STAT_CALIBRATION_CACHE")
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["STAT_CALIBRATION_CACHE_DIR"], os.environ["STAT_CALIBRATION_CACHE"] = cache, "on"
+        try:
+            for phase in ("cold", "warm"):
+                session = Session(key=f"bench-first-{phase}")
+                try:
+                    _timed("load", H.load, session, source, name, device="cpu")
+                    t = time.perf_counter()
+                    _, reply = _timed("calibrate + prune", H.calibrate_and_prune, session,
+                                      {"builtin": builtin, "num_samples": num_samples, "seq_len": seq_len},
+                                      {"sparsity": sparsity})
+                    handlers_s = time.perf_counter() - t
+                    plan_outputs = getattr(A, "_plan_outputs", None)
+                    if plan_outputs is not None:
+                        plan_outputs(session)
+                    total = time.perf_counter() - t
+                    cal = reply.data["calibration"]
+                    if (phase == "warm") != bool(cal.get("disk_cache")):
+                        raise RuntimeError(f"the {phase} run {'missed' if phase == 'warm' else 'hit'} the cache")
+                    out[f"first_heatmap_{phase}_s"] = total
+                    out[f"first_heatmap_{phase}_handlers_s"] = handlers_s
+                    out[f"first_heatmap_{phase}_calibrate_s"] = cal.get("seconds")
+                    out[f"first_heatmap_{phase}_message"] = reply.message
+                    print(f"{name:18s} first heatmap, {phase} cache: {total:6.1f} s (handlers {handlers_s:.1f} s, "
+                          f"calibration {cal.get('seconds', 0):.1f} s)", flush=True)
+                finally:
+                    session.close()
+        finally:
+            for k, v in zip(("STAT_CALIBRATION_CACHE_DIR", "STAT_CALIBRATION_CACHE"), old):
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    out["first_heatmap_figures"] = "handlers + stat_app.app._plan_outputs (no browser)"
+    return out
+
+
 def tiny_decoder_folder(path: Path) -> Path:
     """A random 2-layer Llama with the demo model's tokenizer (smoke runs without the real weights)."""
     import shutil
@@ -97,6 +150,12 @@ def markdown(records: list[dict], meta: dict) -> str:
              "| model | step | seconds | what the app said |", "|---|---|---|---|"]
     for r in records:
         lines.append(f"| {r['model']} | {r['step']} | {r['seconds']:.1f} | {r['message'].replace('|', '/')[:160]} |")
+    first = meta.get("first_heatmap")
+    if first:
+        lines += ["", f"Calibrate & prune to the Inspect figures on {meta['first_heatmap_model']} (fresh sessions, "
+                  f"{first['first_heatmap_figures']}): **{first['first_heatmap_cold_s']:.1f} s** with an empty "
+                  f"calibration cache, **{first['first_heatmap_warm_s']:.1f} s** with it warm (as after "
+                  "`scripts/setup.sh`)."]
     for r in records:
         if "table" in r:
             t = r["table"]
@@ -117,6 +176,8 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--name", default="app_timings")
     p.add_argument("--compare-suite", default="", help="comma-separated methods: also time Compare with the suite")
+    p.add_argument("--first-heatmap-only", action="store_true",
+                   help="only the decoder's first Calibrate & prune, cold and warm calibration cache")
     args = p.parse_args(argv)
     if args.quick:
         args.num_samples, args.seq_len, args.no_classifier = 8, 256, True
@@ -126,8 +187,12 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model, source = ((str(tiny_decoder_folder(Path(tmp))), "folder") if args.tiny else ("smollm2-135m", "demo"))
         methods = tuple(m.strip() for m in args.compare_suite.split(",") if m.strip())
-        records = time_model(model, DECODER_DEFAULTS["builtin"], args.num_samples, args.seq_len, 0.3, 0.5, source,
-                             compare_suite=methods)
+        meta["first_heatmap_model"] = model if source == "demo" else "a tiny random Llama"
+        meta["first_heatmap"] = first_heatmap(model, DECODER_DEFAULTS["builtin"], args.num_samples, args.seq_len,
+                                              0.3, source)
+        records = [] if args.first_heatmap_only else time_model(
+            model, DECODER_DEFAULTS["builtin"], args.num_samples, args.seq_len, 0.3, 0.5, source,
+            compare_suite=methods)
     if not args.no_classifier:
         c = CLASSIFIER_DEFAULTS
         records += time_model("minilm-classifier", c["builtin"], c["num_samples"], c["seq_len"], 0.3, 0.5)
