@@ -159,28 +159,26 @@ def cached_calibration(model, windows: "torch.Tensor | CalibrationSet", config: 
     the entry too. Under ``torch.distributed``, or with the cache turned off
     (``STAT_CALIBRATION_CACHE=off``), this is :func:`calibrate`."""
     if not calibration_cache.enabled() or distributed.is_distributed():
-        calibration = calibrate(model, windows, config, progress, runner)
-        if spectra:
-            _timed_spectra(model, calibration, progress)
-        return calibration
+        return _calibrate_with(model, windows, config, progress, runner, spectra)
     t0 = time.perf_counter()
     data = CalibrationSet.wrap(windows)
-    notify(progress, "cached statistics", 0, 1)
+    notify(progress, "calibration cache", 0, 1)  # fingerprint and read: about a second
     try:
         key = calibration_cache.key_for(model, data, config)
     except Exception:  # a model the cache cannot fingerprint is calibrated as usual
         log.warning("Cannot fingerprint this model for the calibration cache; calibrating without it", exc_info=True)
-        return calibrate(model, windows, config, progress, runner)
+        notify(progress, "calibration cache", 1, 1)
+        return _calibrate_with(model, windows, config, progress, runner, spectra)
     entry = calibration_cache.read(key)
     calibration = None if entry is None else _calibration_from_entry(model, entry, config, key, spectra)
+    notify(progress, "calibration cache", 1, 1)
     if calibration is not None:
-        notify(progress, "cached statistics", 1, 1)
         calibration.timings = {"cache_read": time.perf_counter() - t0}
         return calibration
-    calibration = calibrate(model, windows, config, progress, runner)
+    calibration = _calibrate_with(model, windows, config, progress, runner, spectra)
     tensors, info = _analyses_payload(calibration.analyses)
     if spectra:
-        tensors.update(_spectra_payload(_timed_spectra(model, calibration, progress)))
+        tensors.update(_spectra_payload(calibration_spectra(model, calibration)))  # computed just above
     path = calibration_cache.write(key, calibration.dense_stats, calibration.sensitivity, calibration.timings,
                                    tensors, info)
     calibration.extras["disk_cache"] = {"hit": False, "file": None if path is None else str(path)}
@@ -197,12 +195,16 @@ def _analyses_payload(analyses: list[LayerAnalysis]) -> tuple[dict, dict]:
     return tensors, {"analyses": heads}
 
 
-def _timed_spectra(model, calibration: Calibration, progress: ProgressFn | None) -> list[dict]:
-    t = time.perf_counter()
-    notify(progress, "spectra", 0, 1)
-    result = calibration_spectra(model, calibration)
-    calibration.timings["spectra"] = time.perf_counter() - t
-    return result
+def _calibrate_with(model, windows, config: PruneConfig, progress: ProgressFn | None,
+                    runner: LayerwiseRunner | None, spectra: bool) -> Calibration:
+    """:func:`calibrate`, and with ``spectra`` the inspect views' spectra (timed in ``timings["spectra"]``)."""
+    calibration = calibrate(model, windows, config, progress, runner)
+    if spectra:
+        t = time.perf_counter()
+        notify(progress, "spectra", 0, 1)
+        calibration_spectra(model, calibration)
+        calibration.timings["spectra"] = time.perf_counter() - t
+    return calibration
 
 
 def _spectra_payload(spectra: list[dict]) -> dict:

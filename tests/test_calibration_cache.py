@@ -66,7 +66,7 @@ def test_a_cache_round_trip_gives_bit_identical_plans(cache_on, calls, windows):
     assert not hit(first) and len(calls) == 2 and len(list(cache_on.glob("*.safetensors"))) == 1
     stages = []
     second = core_prune.cached_calibration(model, windows, config, lambda s, d, t: stages.append(s))
-    assert hit(second) and len(calls) == 2 and stages == ["cached statistics", "cached statistics"]
+    assert hit(second) and len(calls) == 2 and stages == ["calibration cache", "calibration cache"]
     assert "cache_read" in second.timings and "calibrate" in second.extras["disk_cache"]["computed_timings"]
     same_numbers(uncached, second)
     assert plans(model, second, windows) == plans(model, uncached, windows)
@@ -221,3 +221,21 @@ def test_the_cache_is_bounded_and_can_be_turned_off(cache_on, windows, monkeypat
     assert core_prune.cached_calibration(model, windows[:2], config).extras["disk_cache"]["file"] is None
     monkeypatch.setenv("STAT_CALIBRATION_CACHE", "off")
     assert "disk_cache" not in core_prune.cached_calibration(model, windows[:3], config).extras
+
+
+@pytest.mark.slow
+def test_setup_calibrated_the_demo_decoder_at_the_app_defaults(monkeypatch):
+    """scripts/setup.sh's entry is the one the app's first Calibrate & prune reads (seconds, not minutes)."""
+    from stat_core.models import demo_model_dir, load_model
+    from stat_core.setup_assets import WARM_MODEL, warm_calibration_cache
+
+    monkeypatch.setenv("STAT_CALIBRATION_CACHE", "on")
+    if not (demo_model_dir(WARM_MODEL) / "config.json").exists():
+        pytest.fail(f"the demo model {WARM_MODEL} is not in the cache; run scripts/setup.sh")
+    model, tokenizer = load_model(WARM_MODEL, device="auto")
+    data = pipeline.calibration_data(model, tokenizer, WARM_MODEL).data
+    if not C.key_for(model, data, pipeline.CALIBRATION_SETTINGS).path.is_file():
+        pytest.fail(f"no calibration of {WARM_MODEL} in the cache; run scripts/setup.sh")
+    del model
+    warm = warm_calibration_cache()
+    assert warm["hit"] and warm["seconds"] < 30, warm

@@ -46,7 +46,8 @@ ENTRY_KIND = "stat-calibration-cache"
 
 _PACKAGE = Path(__file__).resolve().parent.parent
 #: Source files whose code computes the cached numbers (their text is part of every key).
-CODE_FILES = ("calibration/statistics.py", "calibration/sizes.py", "linalg.py", "methods/stat/analysis.py")
+CODE_FILES = ("calibration/statistics.py", "calibration/sizes.py", "linalg.py", "methods/stat/analysis.py",
+              "methods/stat/explain.py")
 
 #: The PruneConfig fields that change what ``prune.calibrate`` returns.
 SETTINGS = ("sensitivity_samples", "batch_size", "intercept", "sensitivity_labels")
