@@ -141,6 +141,10 @@ def test_the_key_covers_what_the_numbers_depend_on(windows):
                                   "sensitivity_labels": "data"}
     assert key != C.key_for(model.to(torch.float64), windows, PruneConfig(sparsity=0.1))  # dtype is in the bytes
     assert key.format == C.FORMAT_VERSION and len(key.code) == 64
+    model.register_buffer("scale", torch.tensor(2.0, dtype=torch.bfloat16))  # 0-dim, 2-byte: hashed too
+    scaled = C.key_for(model, windows, PruneConfig(sparsity=0.1))
+    model.scale.fill_(3.0)
+    assert key != scaled != C.key_for(model, windows, PruneConfig(sparsity=0.1))
 
 
 def _warm(cache_on, windows):

@@ -76,7 +76,7 @@ def max_bytes() -> int:
 # --- the key ---------------------------------------------------------------------------------------
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    t = t.detach().cpu().contiguous()
+    t = t.detach().cpu().contiguous().reshape(-1)  # 0-dim buffers too
     return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
 
