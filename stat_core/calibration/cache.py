@@ -238,6 +238,7 @@ def write(key: CacheKey, dense_stats: list[BlockStats], sensitivity: list[dict] 
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
+        os.chmod(tmp, 0o644)  # as the other cached files (mkstemp makes it private)
         sens = None if sensitivity is None else SensitivitySums(sensitivity, 1)  # already normalised
         meta = {"kind": ENTRY_KIND, "format": FORMAT_VERSION, "key": json.dumps(key.as_dict(), sort_keys=True),
                 "timings": json.dumps(timings), "info": json.dumps(info or {}), "written": str(time.time())}
