@@ -11,7 +11,8 @@ generating or exporting triggers), the quick before/after measurement, and the e
         --name app_compare_suite                          # + Compare with the evaluation suite ticked
     .venv/bin/python -m benchmarks.app_timings --first-heatmap-only --no-classifier   # cold vs warm only
 
-The decoder's first calibration runs twice, each in a fresh session: cold (an empty calibration cache
+The session's steps run with the calibration cache off (every calibration computed). Before them the
+decoder's first Calibrate & prune runs twice more, each in a fresh session: cold (an empty calibration cache
 in a temporary folder: the statistics are computed, then stored there) and warm (the same folder: read
 back, as after ``scripts/setup.sh``). ``first_heatmap_cold_s`` / ``first_heatmap_warm_s``: Calibrate &
 prune through the handlers plus building the Inspect figures the app draws from the plan (the app's
@@ -21,6 +22,7 @@ own ``_plan_outputs``), i.e. the page's wait minus the browser's drawing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -83,6 +85,21 @@ def time_model(name: str, builtin: str, num_samples: int, seq_len: int, first: f
     return rows
 
 
+@contextlib.contextmanager
+def _environment(**values):
+    """Environment variables set inside the ``with``, restored after."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def first_heatmap(name: str, builtin: str, num_samples: int, seq_len: int, sparsity: float, source: str = "demo"
                   ) -> dict:
     """Seconds from pressing Calibrate & prune (model loaded) to the Inspect figures, cold and warm:
@@ -90,40 +107,32 @@ def first_heatmap(name: str, builtin: str, num_samples: int, seq_len: int, spars
     from stat_app import app as A
 
     out = {}
-    old = os.environ.get("STAT_CALIBRATION_CACHE_DIR"), os.environ.get("STAT_CALIBRATION_CACHE")
-    with tempfile.TemporaryDirectory() as cache:
-        os.environ["STAT_CALIBRATION_CACHE_DIR"], os.environ["STAT_CALIBRATION_CACHE"] = cache, "on"
-        try:
-            for phase in ("cold", "warm"):
-                session = Session(key=f"bench-first-{phase}")
-                try:
-                    _timed("load", H.load, session, source, name, device="cpu")
-                    t = time.perf_counter()
-                    _, reply = _timed("calibrate + prune", H.calibrate_and_prune, session,
-                                      {"builtin": builtin, "num_samples": num_samples, "seq_len": seq_len},
-                                      {"sparsity": sparsity})
-                    handlers_s = time.perf_counter() - t
-                    plan_outputs = getattr(A, "_plan_outputs", None)
-                    if plan_outputs is not None:
-                        plan_outputs(session)
-                    total = time.perf_counter() - t
-                    cal = reply.data["calibration"]
-                    if (phase == "warm") != bool(cal.get("disk_cache")):
-                        raise RuntimeError(f"the {phase} run {'missed' if phase == 'warm' else 'hit'} the cache")
-                    out[f"first_heatmap_{phase}_s"] = total
-                    out[f"first_heatmap_{phase}_handlers_s"] = handlers_s
-                    out[f"first_heatmap_{phase}_calibrate_s"] = cal.get("seconds")
-                    out[f"first_heatmap_{phase}_message"] = reply.message
-                    print(f"{name:18s} first heatmap, {phase} cache: {total:6.1f} s (handlers {handlers_s:.1f} s, "
-                          f"calibration {cal.get('seconds', 0):.1f} s)", flush=True)
-                finally:
-                    session.close()
-        finally:
-            for k, v in zip(("STAT_CALIBRATION_CACHE_DIR", "STAT_CALIBRATION_CACHE"), old):
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    with tempfile.TemporaryDirectory() as cache, _environment(STAT_CALIBRATION_CACHE_DIR=cache,
+                                                              STAT_CALIBRATION_CACHE="on"):
+        for phase in ("cold", "warm"):
+            session = Session(key=f"bench-first-{phase}")
+            try:
+                _timed("load", H.load, session, source, name, device="cpu")
+                t = time.perf_counter()
+                _, reply = _timed("calibrate + prune", H.calibrate_and_prune, session,
+                                  {"builtin": builtin, "num_samples": num_samples, "seq_len": seq_len},
+                                  {"sparsity": sparsity})
+                handlers_s = time.perf_counter() - t
+                plan_outputs = getattr(A, "_plan_outputs", None)
+                if plan_outputs is not None:
+                    plan_outputs(session)
+                total = time.perf_counter() - t
+                cal = reply.data["calibration"]
+                if (phase == "warm") != bool(cal.get("disk_cache")):
+                    raise RuntimeError(f"the {phase} run {'missed' if phase == 'warm' else 'hit'} the cache")
+                out[f"first_heatmap_{phase}_s"] = total
+                out[f"first_heatmap_{phase}_handlers_s"] = handlers_s
+                out[f"first_heatmap_{phase}_calibrate_s"] = cal.get("seconds")
+                out[f"first_heatmap_{phase}_message"] = reply.message
+                print(f"{name:18s} first heatmap, {phase} cache: {total:6.1f} s (handlers {handlers_s:.1f} s, "
+                      f"calibration {cal.get('seconds', 0):.1f} s)", flush=True)
+            finally:
+                session.close()
     out["first_heatmap_figures"] = "handlers + stat_app.app._plan_outputs (no browser)"
     return out
 
@@ -190,12 +199,14 @@ def main(argv=None) -> int:
         meta["first_heatmap_model"] = model if source == "demo" else "a tiny random Llama"
         meta["first_heatmap"] = first_heatmap(model, DECODER_DEFAULTS["builtin"], args.num_samples, args.seq_len,
                                               0.3, source)
-        records = [] if args.first_heatmap_only else time_model(
-            model, DECODER_DEFAULTS["builtin"], args.num_samples, args.seq_len, 0.3, 0.5, source,
-            compare_suite=methods)
+        with _environment(STAT_CALIBRATION_CACHE="off"):  # the session's steps as computed without the cache
+            records = [] if args.first_heatmap_only else time_model(
+                model, DECODER_DEFAULTS["builtin"], args.num_samples, args.seq_len, 0.3, 0.5, source,
+                compare_suite=methods)
     if not args.no_classifier:
         c = CLASSIFIER_DEFAULTS
-        records += time_model("minilm-classifier", c["builtin"], c["num_samples"], c["seq_len"], 0.3, 0.5)
+        with _environment(STAT_CALIBRATION_CACHE="off"):
+            records += time_model("minilm-classifier", c["builtin"], c["num_samples"], c["seq_len"], 0.3, 0.5)
     md = markdown(records, meta)
     print(md)
     write_results(Path(args.out_dir), args.name, {"meta": meta, "records": records}, md)
