@@ -293,7 +293,7 @@ def run(args: argparse.Namespace) -> dict:
     dense_copy = copy.deepcopy(model) if args.recover else None  # recovery's teacher, never modified
     t = time.perf_counter()
     result = stat_prune_(model, calib, config, model_name=args.model, progress=TqdmProgress(not args.quiet),
-                         calibration_info=calib_info)
+                         calibration_info=calib_info, cache=True)  # one-shot: the on-disk calibration cache
     if not distributed.is_main():  # this rank calibrated its shard; rank 0 reports and exports
         return report
     report["seconds_prune"] = time.perf_counter() - t

@@ -127,7 +127,7 @@ def test_before_after_rows_and_record():
     assert rows[0] == ["perplexity (quick: 2,048 eval tokens)", "10.00", "12.50", "1.25×"]
     assert rows[1] == ["KL to dense (nats per prediction)", "0", "0.1235", ""]
     assert rows[2] == ["parameters (all)", "1,000", "700", "0.70×"]
-    assert rows[4] == ["block FLOPs / token (MACs, seq 512)", "600.0", "300.0", "0.50×"]
+    assert rows[4] == ["block FLOPs / token (MACs, seq 512)", "600", "300", "0.50×"]
     assert rows[5][1:] == ["4.0", "3.0", "0.75×"] and rows[6][1:] == ["4.0", "2.8", "0.70×"]
     acc = M.before_after_rows({**before, "accuracy": 0.8}, {**after, "accuracy": 0.75}, 0, 128, held_out_examples=40)
     assert ["held-out accuracy (40 examples)", "80.0%", "75.0%", "-5.0 pt"] in acc
