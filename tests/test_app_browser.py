@@ -265,6 +265,7 @@ def test_two_sessions_at_once(app_url, browser, tmp_path):
         set_sizes(b, 40, 64)
         b.locator("#prune_btn").click()
         wait_status(b, r"^✓ Removed", CALIBRATION_TIMEOUT_MS)
+        tab(b, "Inspect")  # the heatmap lives in the Inspect tab
         b_heads_30 = kept_heads(b)
         explain_views(b, "classifier", layer=3, head=5)
 
