@@ -11,6 +11,7 @@ windows, and measures the quick suite against the same dense reference as
     .venv/bin/python -m benchmarks.stat_experiments stages --budgets 0.2,0.3      # 10% first, then each
     .venv/bin/python -m benchmarks.stat_experiments shrink --budgets 0.2,0.3 --variants 0.01,0.5,0.9
     .venv/bin/python -m benchmarks.stat_experiments mix --budgets 0.2,0.3 --variants 0.125,0.25
+    .venv/bin/python -m benchmarks.stat_experiments settings --budgets 0.2,0.3 --variants prior,search:96,search:96+prior
 
 Allocation variants (``alloc``): ``base`` (the library's), ``attn:G`` (attention options' damage × G),
 ``cap:C`` (no block loses more than C × the target of its cost), ``depth:A`` (layer l's damage ×
@@ -20,7 +21,9 @@ Allocation variants (``alloc``): ``base`` (the library's), ``attn:G`` (attention
 (gradient pass, statistics, decompositions) before each next budget. ``shrink``: the loss-sensitivity matrix shrunk as ``(1−λ)F + λ·tr(F)/d·I``
 (the library uses λ = 0.1) before the decompositions. ``mix``: the ``mix`` calibration source with
 another share of self-generated chat windows than the library's half (its own calibration; the
-generated text comes from the cache of ``stat_core.data.mix``). The first run caches the calibration and the
+generated text comes from the cache of ``stat_core.data.mix``). ``settings``: STAT's own options
+(``StatSettings``) over the same cached calibration: ``prior`` (the output prior bias), ``search:N`` (a
+budget search of N candidates on the KL to dense), joined with ``+``. The first run caches the calibration and the
 dense reference in the project's cache dir (``--cache``; about 1 GB, safetensors + JSON, one folder per model,
 windows and suite config: nothing is unpickled).
 """
@@ -194,6 +197,22 @@ def shrunk_analyses(adapter, calibration, lam: float):
         A.effective_out_weight = original
 
 
+def stat_settings(variant: str):
+    """``StatSettings`` from ``prior``, ``search:N`` or both joined with ``+`` (``base``: the defaults)."""
+    from stat_core.methods.stat.method import StatSettings
+
+    given = {}
+    for part in filter(None, variant.split("+")):
+        kind, _, arg = part.partition(":")
+        if kind == "prior":
+            given["output_prior"] = True
+        elif kind == "search":
+            given["search"] = int(arg)
+        elif kind != "base":
+            raise SystemExit(f"unknown settings variant {part!r}: base, prior, search:N (joined with +)")
+    return StatSettings(**given)
+
+
 def markdown(records: list[dict], meta: dict) -> str:
     lines = ["# STAT experiments on the evaluation suite (not defaults)", "", f"Protocol: {meta['protocol']}", "",
              "| experiment | variant | budget | " + " | ".join(FIELDS) + " | heads kept | neurons kept | seconds |",
@@ -207,7 +226,7 @@ def markdown(records: list[dict], meta: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("experiment", choices=("alloc", "stages", "shrink", "mix"))
+    p.add_argument("experiment", choices=("alloc", "stages", "shrink", "mix", "settings"))
     p.add_argument("--budgets", default="0.2,0.3")
     p.add_argument("--variants", default="", help="alloc: base,attn:3,...; shrink: lambdas; stages: first budget "
                                                   "(default 0.1)")
@@ -241,12 +260,12 @@ def main(argv=None) -> int:
     meta = {"machine": machine_note(), "protocol": f"{args.model}, 64 × 512 Wikipedia calibration windows (seed 0), "
                                                    "quick suite, one cached calibration"}
 
-    def measure(experiment, variant, budget, pruned, seconds, plan=None):
+    def measure(experiment, variant, budget, pruned, seconds, plan=None, extra=None):
         nonlocal records
         metrics = evaluate_suite(pruned, tokenizer, reference)
         rec = {"experiment": experiment, "variant": variant, "budget": budget,
                "removed_fraction": 1 - block_parameter_count(get_adapter(pruned)) / dense_params,
-               **metrics, "seconds": seconds}
+               **metrics, "seconds": seconds, **(extra or {})}
         if plan is not None:
             rec["heads"] = sum(len(lp.kept_heads) for lp in plan.layers)
             rec["neurons"] = sum(len(lp.kept_neurons) for lp in plan.layers)
@@ -271,6 +290,16 @@ def main(argv=None) -> int:
                 finally:
                     A.build_block_options = build
                 measure("alloc", variant, budget, pruned, time.perf_counter() - t, result.plan)
+    elif args.experiment == "settings":
+        for budget in budgets:
+            for variant in (args.variants or "prior").split(","):
+                settings = stat_settings(variant)
+                pruned, t = copy.deepcopy(model), time.perf_counter()
+                result = P.prune_from_calibration_(pruned, calibration, P.PruneConfig(sparsity=budget,
+                                                                                      settings=settings),
+                                                   data=windows)
+                measure("settings", variant, budget, pruned, time.perf_counter() - t, result.plan,
+                        {"search": result.plan.budget.get("search"), **result.info})
     elif args.experiment == "shrink":
         for lam in (args.variants or "0.5").split(","):
             shrunk = copy.copy(calibration)

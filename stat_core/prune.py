@@ -275,17 +275,28 @@ def plan_pruning(model, calibration: Calibration, config: PruneConfig, model_nam
 
 
 def prune_from_calibration_(model, calibration: Calibration, config: PruneConfig, model_name: str = "",
-                            calibration_info: dict | None = None, data=None) -> PruneResult:
+                            calibration_info: dict | None = None, data=None,
+                            progress: ProgressFn | None = None) -> PruneResult:
     """One-shot prune of the dense ``model`` in place from a cached :class:`Calibration`."""
     if config.mode != "one-shot":
         raise ValueError("re-planning from cached statistics is one-shot only; propagate mode re-calibrates each layer")
     t0 = time.perf_counter()
-    plan = plan_pruning(model, calibration, config, model_name, calibration_info, data)
+    calibration.extras["progress"] = progress  # a budget search reports through it
+    try:
+        plan = plan_pruning(model, calibration, config, model_name, calibration_info, data)
+    finally:
+        calibration.extras.pop("progress", None)
     t1 = time.perf_counter()
     apply_plan_(model, plan, calibration.dense_stats)
-    timings = {**calibration.timings, "allocate": t1 - t0, "apply": time.perf_counter() - t1}
+    t2 = time.perf_counter()
+    info = get_method(config.method).finish_(model, calibration, config)
+    timings = {**calibration.timings, "allocate": t1 - t0, "apply": t2 - t1}
+    if "search" in plan.budget:
+        timings["search"] = plan.budget["search"]["seconds"]
+    if info:
+        timings["finish"] = time.perf_counter() - t2
     return PruneResult(plan=plan, stats=calibration.dense_stats, dense_stats=calibration.dense_stats,
-                       sensitivity=calibration.sensitivity, timings=timings)
+                       sensitivity=calibration.sensitivity, timings=timings, info=info)
 
 
 def stat_prune_(model, windows: "torch.Tensor | CalibrationSet", config: PruneConfig, model_name: str = "",
@@ -309,7 +320,7 @@ def stat_prune_(model, windows: "torch.Tensor | CalibrationSet", config: PruneCo
     """
 
     method = get_method(config.method)
-    method.settings_of(config)  # settings of another method: one sentence before any work
+    method.check_config(config)  # settings of another method, or not for this mode: one sentence before any work
     method.check_applicable(model)  # one sentence before any calibration
     t0 = time.perf_counter()
     if method.whole_model:
@@ -327,7 +338,7 @@ def stat_prune_(model, windows: "torch.Tensor | CalibrationSet", config: PruneCo
     adapter = get_adapter(model)
     if cache and config.mode == "one-shot" and not distributed.is_distributed():
         calib = cached_calibration(model, windows, config, progress)
-        result = prune_from_calibration_(model, calib, config, model_name, calibration_info, windows)
+        result = prune_from_calibration_(model, calib, config, model_name, calibration_info, windows, progress)
         result.timings["total"] = time.perf_counter() - t0
         return result
     # Under torch.distributed each rank runs its shard of the windows (one process: all of them).
@@ -338,7 +349,7 @@ def stat_prune_(model, windows: "torch.Tensor | CalibrationSet", config: PruneCo
             return PruneResult(plan=None, stats=calib.dense_stats, dense_stats=calib.dense_stats,
                                sensitivity=calib.sensitivity, timings=calib.timings,
                                info={"distributed_rank": distributed.rank(), "world_size": distributed.world_size()})
-        result = prune_from_calibration_(model, calib, config, model_name, calibration_info, windows)
+        result = prune_from_calibration_(model, calib, config, model_name, calibration_info, windows, progress)
         result.timings["total"] = time.perf_counter() - t0
         return result
     t2 = time.perf_counter()

@@ -353,6 +353,9 @@ def check_streamable(config: PruneConfig) -> None:
                              f"'{config.mode}': drop --offload or use --method stat --mode one-shot.")
     if distributed.is_distributed():
         raise StreamingError("Streaming (--offload) runs in one process; start it without torchrun.")
+    if config.settings is not None and config.settings != type(config.settings)():
+        raise StreamingError("Streaming (--offload) runs STAT with its default settings; drop the --stat-* options "
+                             "or --offload.")
 
 
 

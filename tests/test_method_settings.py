@@ -80,5 +80,7 @@ def test_settings_of_another_method_are_refused_in_one_sentence(calibrated):
     model, windows, calib = calibrated
     with pytest.raises(ValueError, match="SlimGPT takes SlimGPTSettings settings, got LLMPrunerSettings"):
         plan_pruning(model, calib, PruneConfig(sparsity=0.3, method="slimgpt", settings=LLMPrunerSettings()))
-    with pytest.raises(ValueError, match="STAT has no settings of its own"):
+    with pytest.raises(ValueError, match="STAT takes StatSettings settings, got SlimGPTSettings"):
         plan_pruning(model, calib, PruneConfig(sparsity=0.3, settings=SlimGPTSettings()))
+    with pytest.raises(ValueError, match="FLAP has no settings of its own"):
+        plan_pruning(model, calib, PruneConfig(sparsity=0.3, method="flap", settings=SlimGPTSettings()))

@@ -187,6 +187,9 @@ def pruned_class(base: type) -> type:
             shapes = getattr(config, "stat_layer_shapes", None)
             if shapes:
                 resize_to_layer_shapes_(self, shapes)
+            if getattr(config, "stat_output_prior", False):  # a vocabulary bias on the output layer
+                head = self.get_output_embeddings()
+                head.bias = nn.Parameter(head.weight.new_zeros(head.out_features))
 
     StatPruned.__name__ = StatPruned.__qualname__ = f"StatPruned{base.__name__}"
     _share_checkpoint_renaming(base, StatPruned)

@@ -230,6 +230,8 @@ def _added_bias_kinds(adapter) -> set[str]:
 
 
 def _is_uniform(adapter) -> bool:
+    if getattr(adapter.config, "stat_output_prior", False):
+        return False  # a vocabulary bias no stock class builds: loads through modeling_stat.py
     if not _added_bias_kinds(adapter) <= set(adapter.stock_bias_flags()):
         return False  # output biases the stock config cannot declare: loads through modeling_stat.py
     shapes = {adapter.layer_shape(i) for i in range(adapter.num_layers)}

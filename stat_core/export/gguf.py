@@ -97,6 +97,9 @@ def gguf_problem(model) -> str | None:
     if model_type not in GGUF_MODEL_TYPES:
         return (f"GGUF export supports Llama-architecture decoders ({', '.join(GGUF_MODEL_TYPES)}), "
                 f"not '{model_type}' (its layers differ from llama.cpp's llama layer)")
+    if getattr(config, "stat_output_prior", False):
+        return ("llama.cpp's llama architecture has no bias on the output layer to hold the output prior; prune "
+                "without the output prior to write GGUF")
     if getattr(config, "hidden_act", "silu") != "silu":
         return f"llama.cpp's llama layer uses SiLU; this model uses '{config.hidden_act}'"
     window = getattr(config, "sliding_window", None)

@@ -90,6 +90,10 @@ class PruningMethod:
             raise ValueError(f"{self.label} takes {self.Settings.__name__} settings, got {type(given).__name__}")
         return given
 
+    def check_config(self, config) -> None:
+        """One sentence (ValueError) when ``config`` asks this method for something it cannot do."""
+        self.settings_of(config)
+
     def correction_ridge_for(self, config) -> float | None:
         """The relative ridge of the plan's least-squares correction under ``config``."""
         return self.correction_ridge
@@ -112,6 +116,11 @@ class PruningMethod:
     def plan(self, model, calibration: "Calibration", config: "PruneConfig", model_name: str = "",
              calibration_info: dict | None = None) -> PrunePlan:
         raise NotImplementedError
+
+    def finish_(self, model, calibration: "Calibration", config: "PruneConfig") -> dict:
+        """After the plan is applied: whatever else the method changes in the pruned ``model`` (STAT's
+        output prior); returns a summary for ``PruneResult.info`` (empty: nothing)."""
+        return {}
 
     def prune_(self, model, data: "CalibrationSet", config: "PruneConfig", progress=None) -> dict:
         """Whole-model methods only: prune ``model`` in place, return a summary dict."""

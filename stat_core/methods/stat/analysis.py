@@ -29,6 +29,7 @@ from stat_core.linalg import (
 from stat_core.methods.base import _unit_costs
 from stat_core.surgery.apply import head_columns, on_compute_device
 from stat_core.surgery.budget import (
+    Allocation,
     BlockOptions,
     allocate,
     allocate_uniform,
@@ -152,15 +153,21 @@ def analyse_layer(adapter: ModelAdapter, layer: int, stats: BlockStats, fisher: 
     return LayerAnalysis(configs, head_order, neuron_order, mlp_damage)
 
 
-def build_block_options(adapter: ModelAdapter, analyses: list[LayerAnalysis], config: PruneConfig) -> list[BlockOptions]:
-    """Two blocks per layer (attention, MLP), each with its feasible kept widths, cost and damage."""
+def build_block_options(adapter: ModelAdapter, analyses: list[LayerAnalysis], config: PruneConfig,
+                        protected: dict[int, set[int]] | None = None) -> list[BlockOptions]:
+    """Two blocks per layer (attention, MLP), each with its feasible kept widths, cost and damage.
+    ``protected``: heads (by layer) that every attention option must keep."""
     blocks = []
     for layer, an in enumerate(analyses):
         attn_cost, mlp_cost = _unit_costs(adapter, layer, config)
         shape = adapter.layer_shape(layer)
         full_attn = {"heads": list(range(shape.num_heads)), "kv_heads": list(range(shape.num_kv_heads)),
                      "damage": 0.0}
-        attn_payload = (an.head_configs if heads_prunable(adapter, config) else []) + [full_attn]
+        configs = an.head_configs if heads_prunable(adapter, config) else []
+        keep = (protected or {}).get(layer)
+        if keep:
+            configs = [c for c in configs if keep <= set(c["heads"])]
+        attn_payload = configs + [full_attn]
         blocks.append(BlockOptions(
             name=f"layer{layer}.attn",
             cost=[attn_cost(len(c["heads"]), len(c["kv_heads"])) for c in attn_payload],
@@ -173,9 +180,11 @@ def build_block_options(adapter: ModelAdapter, analyses: list[LayerAnalysis], co
 
 
 def plan_from_analyses(adapter: ModelAdapter, analyses: list[LayerAnalysis], config: PruneConfig,
-                       model_name: str, calibration_info: dict) -> PrunePlan:
-    """Allocate the budget over the layers' options and write down what each layer keeps."""
-    blocks = build_block_options(adapter, analyses, config)
+                       model_name: str, calibration_info: dict, protected: dict[int, set[int]] | None = None
+                       ) -> PrunePlan:
+    """Allocate the budget over the layers' options and write down what each layer keeps
+    (``protected``: heads every option keeps, see :func:`build_block_options`)."""
+    blocks = build_block_options(adapter, analyses, config, protected)
     if config.uniform:
         keys = [[(len(c["heads"]), len(c["kv_heads"])) if i % 2 == 0 else c for c in b.payload]
                 for i, b in enumerate(blocks)]
@@ -183,13 +192,21 @@ def plan_from_analyses(adapter: ModelAdapter, analyses: list[LayerAnalysis], con
                                  keys, config.sparsity)
     else:
         alloc = allocate(blocks, config.sparsity)
-    layers = []
-    for layer, an in enumerate(analyses):
+    return plan_from_choice(adapter, analyses, blocks, alloc, config, model_name, calibration_info)
+
+
+def layer_plans(adapter: ModelAdapter, analyses: list[LayerAnalysis], blocks: list[BlockOptions],
+                choice: list[int], layers: "list[int] | None" = None) -> list[LayerPlan]:
+    """What each layer keeps under ``choice`` (one option index per block of ``blocks``, two blocks
+    per layer); ``layers``: only these layers' plans."""
+    plans = []
+    for layer in (range(len(analyses)) if layers is None else layers):
+        an = analyses[layer]
         shape = adapter.layer_shape(layer)
-        head_choice = blocks[2 * layer].payload[alloc.choice[2 * layer]]
-        k = blocks[2 * layer + 1].payload[alloc.choice[2 * layer + 1]]
+        head_choice = blocks[2 * layer].payload[choice[2 * layer]]
+        k = blocks[2 * layer + 1].payload[choice[2 * layer + 1]]
         geo = block_geometry(adapter, layer)
-        layers.append(LayerPlan(
+        plans.append(LayerPlan(
             layer=layer, num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads,
             intermediate_size=shape.intermediate_size,
             kept_heads=list(head_choice["heads"]), kept_kv_heads=list(head_choice["kv_heads"]),
@@ -197,12 +214,20 @@ def plan_from_analyses(adapter: ModelAdapter, analyses: list[LayerAnalysis], con
             head_order=list(an.head_order),
             attn_options=[{"heads": len(c["heads"]), "kv_heads": len(c["kv_heads"]),
                            "params": geo.attn_params(len(c["heads"]), len(c["kv_heads"])), "damage": c["damage"]}
-                          for c in analyses[layer].head_configs],
+                          for c in an.head_configs],
             mlp_damage=[float(x) for x in an.mlp_damage]))
+    return plans
+
+
+def plan_from_choice(adapter: ModelAdapter, analyses: list[LayerAnalysis], blocks: list[BlockOptions],
+                     alloc: Allocation, config: PruneConfig, model_name: str, calibration_info: dict,
+                     extra_budget: dict | None = None) -> PrunePlan:
+    """The plan of one allocation (``alloc.choice``: an option per block of ``blocks``)."""
     budget = {"kind": config.budget_kind, "target": config.sparsity, "flops_seq_len": config.flops_seq_len,
-              "achieved": alloc.fraction_removed, "predicted_damage": alloc.damage, "uniform": config.uniform}
+              "achieved": alloc.fraction_removed, "predicted_damage": alloc.damage, "uniform": config.uniform,
+              **(extra_budget or {})}
     return PrunePlan(model=model_name, method=config.method, mode=config.mode, budget=budget,
-                     calibration=calibration_info, layers=layers)
+                     calibration=calibration_info, layers=layer_plans(adapter, analyses, blocks, alloc.choice))
 
 
 def stat_correction(config: PruneConfig) -> str:
