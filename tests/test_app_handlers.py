@@ -489,6 +489,13 @@ def test_head_explorer(calibrated):
     torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[0]))
     k = H.head_view(s, *kept[0], "Short text here.")
     assert k.ok and "; kept." in k.message and k["details"]["reconstructed_share"] is None
+    # The induction score shown is the dense model's, from the same measurement STAT's protection uses.
+    from stat_core.methods.stat.induction import induction_scores
+
+    layer, head = kept[0]
+    score = induction_scores(s.model)[layer][head]
+    assert k["details"]["induction_score"] == pytest.approx(score)
+    assert f"Induction score {score:.2f}" in k.message
     assert "layers 0–1" in one_sentence(H.head_view(s, 7, 0, "text"))
     assert "does not exist" in one_sentence(H.head_view(s, 0, 99, "text"))
     assert "sample text" in one_sentence(H.head_view(s, 0, 0, "   "))

@@ -29,6 +29,7 @@ from stat_core.adapters import get_adapter
 from stat_core.calibration.statistics import BlockStats
 from stat_core.linalg import cholesky_with_ridge, ridge_of
 from stat_core.surgery.apply import head_columns
+from stat_core.methods.stat.induction import induction_scores
 
 MASSIVE_SHARE = 0.10  # a "massive" unit alone carries ≥ 10% of its layer's output energy
 
@@ -196,7 +197,10 @@ def head_sentence(details: dict) -> str:
             f"{d['num_heads']}, {d['output_energy_share']:.0%} of the layer's attention output energy; "
             f"{fate}. The layer keeps {d['kept_heads']}/{d['num_heads']} heads"
             + (f", predicted damage {damage:.3g}." if damage is not None else ".")
-            + (f" Why: {d['why']}" if d.get("why") else ""))
+            + (f" Why: {d['why']}" if d.get("why") else "")
+            + (f" Induction score {d['induction_score']:.2f} (on a random token sequence shown twice, the mean "
+               "attention it pays to the token after the current token's first occurrence: in-context copying "
+               "heads score high, most heads near 0)." if d.get("induction_score") is not None else ""))
 
 
 def neuron_importance(model, stats: list[BlockStats]) -> list[torch.Tensor]:
@@ -277,7 +281,17 @@ def head_view(model, tokenizer, calibration, plan, layer, head, text: str) -> tu
     if not 0 <= layer < n_layers:
         raise ValueError(f"The model has layers 0–{n_layers - 1}; pick one of those.")
     details = head_details(model, calibration, plan, layer, head)
+    if get_adapter(model).is_decoder:
+        details["induction_score"] = calibration_induction_scores(model, calibration)[layer][details["head"]]
     return attention_pattern(model, tokenizer, text, layer, head), details
+
+
+def calibration_induction_scores(model, calibration) -> list[list[float]]:
+    """:func:`stat_core.methods.stat.induction.induction_scores` of the dense ``model``, computed once
+    per calibration (``calibration.extras``, the key STAT's induction protection reads too)."""
+    if "induction_scores" not in calibration.extras:
+        calibration.extras["induction_scores"] = induction_scores(model)
+    return calibration.extras["induction_scores"]
 
 
 def head_reasons(model, calibration, plan, only: int | None = None) -> list[list[dict]]:

@@ -29,7 +29,7 @@ from stat_core.methods.stat.analysis import (
     plan_from_choice,
     stat_correction,
 )
-from stat_core.methods.stat.induction import induction_scores
+from stat_core.methods.stat.explain import calibration_induction_scores
 from stat_core.methods.stat.search import (
     SEARCH_TOKENS,
     SEARCH_WINDOWS,
@@ -133,9 +133,7 @@ class Stat(PruningMethod):
         """The ``n`` heads with the highest induction scores of the dense ``model``, by layer."""
         if not n:
             return None
-        if "induction_scores" not in calibration.extras:
-            calibration.extras["induction_scores"] = induction_scores(model)
-        scores = calibration.extras["induction_scores"]
+        scores = calibration_induction_scores(model, calibration)
         ranked = sorted(((s, layer, head) for layer, row in enumerate(scores) for head, s in enumerate(row)),
                         reverse=True)[:n]
         protected: dict[int, set[int]] = {}
