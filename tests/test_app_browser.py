@@ -12,13 +12,13 @@ import os
 import tempfile
 
 import re
-import socket
 import zipfile
 from pathlib import Path
 
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
+from stat_app.browser import chromium, missing_chromium, serve, status_value, tab, wait_status
+
 SCREENSHOTS = (Path(__file__).resolve().parent.parent / "docs" / "screenshots"
                if os.environ.get("STAT_UPDATE_SCREENSHOTS") == "1"
                else Path(tempfile.gettempdir()) / "stat-screenshots")
@@ -28,61 +28,18 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.filterwarnings("ignore:.*no_silent_downcasting", "ignore:The copy keyword is deprecated")]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app_url():
-    from stat_app.app import build_demo, launch
-
-    demo = build_demo()
-    port = free_port()
-    launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        demo.close()
+    with serve() as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: the browser test needs Debian's chromium "
-                    "(scripts/setup.sh installs it: apt-get install -y chromium).")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                    "--disable-component-update", "--disable-sync"])
-        try:
-            yield b
-        finally:
-            b.close()
-
-
-def status_value(page, box: str = "status") -> str:
-    return page.locator(f"#{box} textarea").input_value()
-
-
-def wait_status(page, pattern: str, timeout_ms: int, box: str = "status"):
-    """Wait until the status box ``box`` (each tab has its own) matches ``pattern``; fail fast with
-    its text if it shows a warning."""
-    rx = re.compile(pattern)
-    page.wait_for_function(
-        """([sel, pat]) => { const el = document.querySelector(sel);
-             return el && (new RegExp(pat).test(el.value) || el.value.startsWith('⚠')); }""",
-        arg=[f"#{box} textarea", pattern], timeout=timeout_ms, polling=500)
-    text = status_value(page, box)
-    assert rx.search(text), text
-    return text
-
-
-def tab(page, name: str):
-    page.get_by_role("tab", name=name).click()
+    if missing_chromium():
+        pytest.fail(missing_chromium())
+    with chromium() as b:
+        yield b
 
 
 def kept_heads(page) -> int:
@@ -152,7 +109,7 @@ def test_load_calibrate_prune_inspect_export(app_url, browser, tmp_path):
         removed = float(re.search(r"Removed (\d+\.\d)%", text).group(1))
         assert abs(removed - 30) < 1.0, text
         assert "Calibrated on 2,048 tokens" in text, text
-        page.screenshot(path=str(SCREENSHOTS / "app-prune.png"))
+        page.screenshot(path=str(tmp_path / "app-prune.png"))  # not in the docs
         tab(page, "Inspect")
 
         heads = page.locator("#heads_plot .js-plotly-plot")
@@ -438,6 +395,6 @@ def test_learn_view_and_the_report_offline(app_url, browser, tiny_decoder_dir, t
         assert offline.locator(".js-plotly-plot .heatmaplayer").count() >= 2   # heads and neurons
         assert "The plan, layer by layer" in offline.content()
         assert fetched == [], fetched
-        offline.screenshot(path=str(SCREENSHOTS / "report.png"), full_page=False)
+        offline.screenshot(path=str(tmp_path / "report.png"), full_page=False)  # a tiny random model: not in the docs
     finally:
         ctx.close()
