@@ -151,9 +151,10 @@ def _plan_outputs(session, layer_choice: str | None = None):
                f"{'parameters' if r['budget_kind'] == 'params' else 'FLOPs'}"
                f"{' (uniform)' if r.get('uniform') else ''}: removed **{r['block_params_removed_fraction']:.1%}** of block "
                f"parameters and **{r['block_flops_removed_fraction']:.1%}** of block FLOPs; parameters "
-               f"{r['params_before']:,} → {r['params_after']:,}; planning took {r['seconds_plan']:.2f} s"
-               + (f", pruning {r['seconds_prune']:.1f} s." if "seconds_prune" in r else
-                  " (from cached statistics; the pruned copy is built when you measure, generate or export).")
+               f"{r['params_before']:,} → {r['params_after']:,}; "
+               + (f"planning and pruning took {r['seconds_prune']:.1f} s." if "seconds_prune" in r else
+                  f"planning took {r['seconds_plan']:.2f} s (from cached statistics; the pruned copy is built when "
+                  "you measure, generate or export).")
                + (f" Recovered for {r['recover']['steps']} steps ({r['seconds_recover']:.1f} s)." if "recover" in r else "")
                + " See the **Inspect** and **Learn** tabs.")
     why = H.plan_explanations(session)
