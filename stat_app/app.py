@@ -192,9 +192,12 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
     n_plan = 7   # _plan_outputs' length
 
     # --- event functions -----------------------------------------------------------------------
-    def on_load(source, demo_name, path, device, request: gr.Request):
+    def on_load(source, demo_name, path, device, request: gr.Request, progress=gr.Progress()):
         session = session_of(request)
         name = demo_name if source == "demo" else path
+        # what the wait is for (a hub download can take a while, or time out without a network)
+        progress(None, desc=(f"Downloading {str(name).strip()} from the model hub, then loading it" if source == "hub"
+                             else f"Loading {str(name).strip()}"))
         reply = H.load(session, source, name, device, access=access)
         if reply.ok:  # only a loaded model makes (and keeps) a session in the store
             store.adopt(session)
