@@ -3,10 +3,34 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# Two cores: one pytest process uses both; under pytest-xdist (addopts: -n 2) each worker gets one,
+# and so do the subprocesses its tests start (the clean-interpreter loaders, torch.distributed ranks).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(2)
 # Every test calibrates for itself: the on-disk calibration cache (stat_core.calibration.cache) is off
 # unless a test turns it on (tests/test_calibration_cache.py, the real-model tests for the demo's).
 os.environ.setdefault("STAT_CALIBRATION_CACHE", "off")
+
+
+# pytest-xdist (pyproject's addopts: -n 2 --dist loadgroup) sends tests to the workers one by one;
+# the files below share an expensive module-scoped fixture (a served app and Chromium, SmolLM2 loaded
+# and evaluated, torch.distributed ranks), so each runs whole on one worker, as one xdist_group.
+SHARED_FIXTURE_FILES = {"test_app_browser", "test_app_client", "test_distributed", "test_real_export",
+                        "test_real_model"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Real-model (``slow``) tests first, so the minutes-long ones do not start last on one worker
+    while the other waits; then the xdist groups (a no-op without xdist)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise
+    for item in items:
+        module = item.path.stem
+        if module in SHARED_FIXTURE_FILES:
+            item.add_marker(pytest.mark.xdist_group(module))
 
 
 def tiny_config(family: str = "llama", **overrides):
