@@ -23,7 +23,8 @@ Allocation variants (``alloc``): ``base`` (the library's), ``attn:G`` (attention
 another share of self-generated chat windows than the library's half (its own calibration; the
 generated text comes from the cache of ``stat_core.data.mix``). ``settings``: STAT's own options
 (``StatSettings``) over the same cached calibration: ``prior`` (the output prior bias), ``search:N`` (a
-budget search of N candidates on the KL to dense), joined with ``+``. The first run caches the calibration and the
+budget search of N candidates on the KL to dense), ``protect:N`` (the N strongest induction heads kept),
+joined with ``+``. The first run caches the calibration and the
 dense reference in the project's cache dir (``--cache``; about 1 GB, safetensors + JSON, one folder per model,
 windows and suite config: nothing is unpickled).
 """
@@ -198,7 +199,8 @@ def shrunk_analyses(adapter, calibration, lam: float):
 
 
 def stat_settings(variant: str):
-    """``StatSettings`` from ``prior``, ``search:N`` or both joined with ``+`` (``base``: the defaults)."""
+    """``StatSettings`` from ``prior``, ``search:N``, ``protect:N`` (the N strongest induction heads kept),
+    joined with ``+`` (``base``: the defaults)."""
     from stat_core.methods.stat.method import StatSettings
 
     given = {}
@@ -208,8 +210,10 @@ def stat_settings(variant: str):
             given["output_prior"] = True
         elif kind == "search":
             given["search"] = int(arg)
+        elif kind == "protect":
+            given["protect_induction"] = int(arg)
         elif kind != "base":
-            raise SystemExit(f"unknown settings variant {part!r}: base, prior, search:N (joined with +)")
+            raise SystemExit(f"unknown settings variant {part!r}: base, prior, search:N, protect:N (joined with +)")
     return StatSettings(**given)
 
 
