@@ -168,3 +168,23 @@ def test_search_plan_applies_like_any_plan(sharp):
     apply_plan_(again, result.plan, calib.dense_stats)
     with torch.no_grad():
         assert torch.equal(again(input_ids=windows[:2]).logits, pruned(input_ids=windows[:2]).logits)
+
+
+from test_cli import tiny_folder  # noqa: E402,F401  (the CLI tests' tiny model with the demo tokenizer)
+
+
+def test_cli_stat_flags_reach_the_plan_the_report_and_the_export(tiny_folder, tmp_path):  # noqa: F811
+    import json
+
+    from stat_core.cli import main
+
+    out = tmp_path / "run"
+    rc = main([str(tiny_folder), "--sparsity", "0.3", "--out", str(out), "--num-samples", "4", "--seq-len", "64",
+               "--sensitivity-samples", "0", "--quiet", "--skip-eval", "--stat-output-prior", "--stat-search", "4",
+               "--stat-protect-induction", "2"])
+    assert rc == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["budget"]["search"]["candidates"] == 4
+    model, _ = load_pruned(out)
+    assert model.config.stat_output_prior and output_prior(model) is not None
+    assert (out / "modeling_stat.py").exists()
