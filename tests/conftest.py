@@ -15,22 +15,15 @@ else:
 os.environ.setdefault("STAT_CALIBRATION_CACHE", "off")
 
 
-# pytest-xdist (pyproject's addopts: -n 2 --dist loadgroup) sends tests to the workers one by one;
-# the files below share an expensive module-scoped fixture (a served app and Chromium, SmolLM2 loaded
-# and evaluated, torch.distributed ranks), so each runs whole on one worker, as one xdist_group.
-SHARED_FIXTURE_FILES = {"test_app_browser", "test_app_client", "test_distributed", "test_real_export",
-                        "test_real_model"}
+# pytest-xdist (pyproject's addopts: -n 2 --dist loadfile --no-loadscope-reorder) hands out whole
+# files, so module fixtures (a served app and Chromium, SmolLM2 loaded and evaluated, torch.distributed
+# ranks) are built once, in the collection order below.
 
 
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Real-model (``slow``) tests first, so the minutes-long ones do not start last on one worker
-    while the other waits; then the xdist groups (a no-op without xdist)."""
+    """Real-model (``slow``) tests first (their files go out first under xdist), so the minutes-long
+    ones do not start last on one worker while the other waits."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise
-    for item in items:
-        module = item.path.stem
-        if module in SHARED_FIXTURE_FILES:
-            item.add_marker(pytest.mark.xdist_group(module))
 
 
 def tiny_config(family: str = "llama", **overrides):
