@@ -14,9 +14,18 @@ generating or exporting triggers), the quick before/after measurement, and the e
 The session's steps run with the calibration cache off (every calibration computed). Before them the
 decoder's first Calibrate & prune runs twice more, each in a fresh session: cold (an empty calibration cache
 in a temporary folder: the statistics are computed, then stored there) and warm (the same folder: read
-back, as after ``scripts/setup.sh``). ``first_heatmap_cold_s`` / ``first_heatmap_warm_s``: Calibrate &
-prune through the handlers plus building the Inspect figures the app draws from the plan (the app's
-own ``_plan_outputs``), i.e. the page's wait minus the browser's drawing.
+back, as after ``scripts/setup.sh``): Calibrate & prune through the handlers plus building the Inspect
+figures the app draws from the plan (the app's own ``_plan_outputs``), i.e. the page's wait minus the
+browser's drawing (``first_heatmap.handlers``).
+
+``first_heatmap_warm_s`` / ``first_heatmap_cold_s`` are what a user waits for in the real browser:
+the app started as its own process (``python -m stat_app.app``, fresh for every run), the page opened
+in headless Chromium (Playwright, the browser test's helpers in :mod:`stat_app.browser`), then from
+the page drawn to the heatmaps drawn: Load model (the default demo model), Calibrate & prune at the
+page's defaults, open the Inspect tab, until both heatmaps (heads, neurons) hold their pixels. Warm:
+the app's own calibration cache as ``scripts/setup.sh`` leaves it (its step runs first: seconds if the
+entry is there; the median of ``--browser-runs`` runs; a run that misses the cache is an error). Cold: once, with an empty temporary cache folder
+(``--no-browser-cold`` skips its ~3 minutes). ``--browser-runs 0`` skips the browser.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -137,6 +147,69 @@ def first_heatmap(name: str, builtin: str, num_samples: int, seq_len: int, spars
     return out
 
 
+def browser_first_heatmap_run(browser, url: str, phase: str) -> dict:
+    """One fresh page: seconds from the page drawn to both Inspect heatmaps drawn, split by step."""
+    from stat_app.browser import open_app, tab, wait_heatmaps_drawn, wait_status
+
+    load = os.getloadavg()[0]
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+    try:
+        page = ctx.new_page()
+        t = time.perf_counter()
+        open_app(page, url)
+        t0 = time.perf_counter()
+        page.locator("#load_btn").click()
+        wait_status(page, r"^✓ Loaded", 120_000, polling_ms=50)
+        t1 = time.perf_counter()
+        page.locator("#prune_btn").click()
+        text = wait_status(page, r"^✓ Removed", 1_200_000, polling_ms=50)
+        t2 = time.perf_counter()
+        tab(page, "Inspect")
+        wait_heatmaps_drawn(page)
+        t3 = time.perf_counter()
+    finally:
+        ctx.close()
+    hit = "from the calibration cache" in text
+    if hit != (phase == "warm"):
+        raise RuntimeError(f"The {phase} browser run {'missed' if phase == 'warm' else 'hit'} the calibration cache "
+                           f"({text!r}); the warm runs need the app's default entry: run scripts/setup.sh.")
+    row = {"phase": phase, "seconds": t3 - t0, "open_page_s": t0 - t, "load_model_s": t1 - t0,
+           "calibrate_prune_s": t2 - t1, "inspect_tab_s": t3 - t2, "load_average_1min": load, "status": text}
+    print(f"browser first heatmap, {phase} cache: {row['seconds']:6.1f} s (load model {row['load_model_s']:.1f} s, "
+          f"Calibrate & prune {row['calibrate_prune_s']:.1f} s, Inspect tab {row['inspect_tab_s']:.1f} s; "
+          f"load average {load:.2f})", flush=True)
+    return row
+
+
+def browser_first_heatmap(runs: int = 3, cold: bool = True) -> dict:
+    """``runs`` warm runs and (``cold``) one cold run, each against a freshly started app process."""
+    from stat_app.browser import chromium, serve_process
+
+    out = {"first_heatmap_figures": "page drawn → both Inspect heatmaps drawn, in headless Chromium (fresh app "
+                                    "process per run: Load model, Calibrate & prune at the page's defaults, "
+                                    "Inspect tab)"}
+    from stat_core.setup_assets import warm_calibration_cache
+
+    with _environment(STAT_CALIBRATION_CACHE="on"):   # as scripts/setup.sh: computed once if the entry is missing
+        setup = warm_calibration_cache()
+    out["setup_calibration"] = {k: setup.get(k) for k in ("hit", "seconds")}
+    print(f"calibration cache as after scripts/setup.sh: {'already there' if setup['hit'] else 'computed'} "
+          f"({setup['seconds']:.1f} s)", flush=True)
+    with chromium() as browser:
+        warm = []
+        for _ in range(runs):
+            with serve_process({"STAT_CALIBRATION_CACHE": "on"}) as url:
+                warm.append(browser_first_heatmap_run(browser, url, "warm"))
+        out["first_heatmap_warm_runs"] = warm
+        out["first_heatmap_warm_s"] = statistics.median(r["seconds"] for r in warm)
+        if cold:
+            with tempfile.TemporaryDirectory() as cache, serve_process(
+                    {"STAT_CALIBRATION_CACHE": "on", "STAT_CALIBRATION_CACHE_DIR": cache}) as url:
+                out["first_heatmap_cold_run"] = browser_first_heatmap_run(browser, url, "cold")
+            out["first_heatmap_cold_s"] = out["first_heatmap_cold_run"]["seconds"]
+    return out
+
+
 def tiny_decoder_folder(path: Path) -> Path:
     """A random 2-layer Llama with the demo model's tokenizer (smoke runs without the real weights)."""
     import shutil
@@ -151,20 +224,45 @@ def tiny_decoder_folder(path: Path) -> Path:
     return path
 
 
+def first_heatmap_markdown(first: dict, model: str) -> list[str]:
+    """The first-heatmap paragraph (and the browser runs' table) of the results file."""
+    h = first["handlers"]
+    lines = []
+    if "first_heatmap_warm_s" in first:
+        warm = first["first_heatmap_warm_runs"]
+        cold = first.get("first_heatmap_cold_run")
+        lines += [f"First heatmap on {model} at the app's defaults, in the real browser ({first['first_heatmap_figures']}): "
+                  f"**{first['first_heatmap_warm_s']:.1f} s** with the calibration cache warm (as after "
+                  f"`scripts/setup.sh`; median of {len(warm)} runs)"
+                  + (f", **{first['first_heatmap_cold_s']:.1f} s** with it empty." if cold else "."), "",
+                  "| run | cache | load average (1 min) | page drawn → heatmaps drawn | load model | Calibrate & prune "
+                  "(click → status line) | Inspect tab → heatmaps drawn | what the app said |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for i, r in enumerate(warm + ([cold] if cold else []), 1):
+            lines.append(f"| {i} | {r['phase']} | {r['load_average_1min']:.2f} | {r['seconds']:.1f} s | "
+                         f"{r['load_model_s']:.1f} s | {r['calibrate_prune_s']:.1f} s | {r['inspect_tab_s']:.1f} s | "
+                         f"{r['status'].lstrip('✓ ').replace('|', '/')[:160]} |")
+        lines.append("")
+    lines.append(f"Through the handlers only, Calibrate & prune to the Inspect figures on {model} (fresh sessions, "
+                 f"{h['first_heatmap_figures']}): **{h['first_heatmap_cold_s']:.1f} s** with an empty calibration "
+                 f"cache, **{h['first_heatmap_warm_s']:.1f} s** with it warm.")
+    return lines
+
+
 def markdown(records: list[dict], meta: dict) -> str:
-    lines = [f"The app's handlers on {meta['device']} ({meta['machine']['cpu_count']} cores, load average "
-             f"{load_at_start(meta)} at start), one run each; decoder calibrated on {meta['num_samples']} × "
+    rows_meta = meta.get("records_from", meta)   # --first-heatmap-only keeps an earlier full run's rows
+    lines = [f"The app's handlers on {meta['device']} ({rows_meta['machine']['cpu_count']} cores, load average "
+             f"{load_at_start(rows_meta)} at start), one run each; decoder calibrated on {meta['num_samples']} × "
              f"{meta['seq_len']} Wikipedia tokens (the app's defaults), classifier on its labelled training half "
-             "(all its text, 128-token windows).", "",
+             "(all its text, 128-token windows)"
+             + (" — these rows from the previous full run; the first heatmap below from this one (load average "
+                f"{load_at_start(meta)} at start)." if "records_from" in meta else "."), "",
              "| model | step | seconds | what the app said |", "|---|---|---|---|"]
     for r in records:
         lines.append(f"| {r['model']} | {r['step']} | {r['seconds']:.1f} | {r['message'].replace('|', '/')[:160]} |")
     first = meta.get("first_heatmap")
     if first:
-        lines += ["", f"Calibrate & prune to the Inspect figures on {meta['first_heatmap_model']} (fresh sessions, "
-                  f"{first['first_heatmap_figures']}): **{first['first_heatmap_cold_s']:.1f} s** with an empty "
-                  f"calibration cache, **{first['first_heatmap_warm_s']:.1f} s** with it warm (as after "
-                  "`scripts/setup.sh`)."]
+        lines += ["", *first_heatmap_markdown(first, meta["first_heatmap_model"])]
     for r in records:
         if "table" in r:
             t = r["table"]
@@ -186,7 +284,11 @@ def main(argv=None) -> int:
     p.add_argument("--name", default="app_timings")
     p.add_argument("--compare-suite", default="", help="comma-separated methods: also time Compare with the suite")
     p.add_argument("--first-heatmap-only", action="store_true",
-                   help="only the decoder's first Calibrate & prune, cold and warm calibration cache")
+                   help="only the decoder's first Calibrate & prune, cold and warm calibration cache (with "
+                        "--no-classifier the results file keeps its earlier step rows)")
+    p.add_argument("--browser-runs", type=int, default=3,
+                   help="warm first-heatmap runs in headless Chromium, median reported (0: no browser)")
+    p.add_argument("--no-browser-cold", action="store_true", help="skip the browser's cold first heatmap (~3 min)")
     args = p.parse_args(argv)
     if args.quick:
         args.num_samples, args.seq_len, args.no_classifier = 8, 256, True
@@ -197,8 +299,14 @@ def main(argv=None) -> int:
         model, source = ((str(tiny_decoder_folder(Path(tmp))), "folder") if args.tiny else ("smollm2-135m", "demo"))
         methods = tuple(m.strip() for m in args.compare_suite.split(",") if m.strip())
         meta["first_heatmap_model"] = model if source == "demo" else "a tiny random Llama"
-        meta["first_heatmap"] = first_heatmap(model, DECODER_DEFAULTS["builtin"], args.num_samples, args.seq_len,
-                                              0.3, source)
+        handlers = first_heatmap(model, DECODER_DEFAULTS["builtin"], args.num_samples, args.seq_len, 0.3, source)
+        page_defaults = (args.num_samples, args.seq_len) == (DECODER_DEFAULTS["num_samples"], DECODER_DEFAULTS["seq_len"])
+        if args.browser_runs > 0 and source == "demo" and page_defaults:
+            meta["first_heatmap"] = {**browser_first_heatmap(args.browser_runs, not args.no_browser_cold),
+                                     "handlers": handlers}
+        else:
+            print("(no browser runs: they measure the demo decoder at the page's defaults)", flush=True)
+            meta["first_heatmap"] = {"handlers": handlers}
         with _environment(STAT_CALIBRATION_CACHE="off"):  # the session's steps as computed without the cache
             records = [] if args.first_heatmap_only else time_model(
                 model, DECODER_DEFAULTS["builtin"], args.num_samples, args.seq_len, 0.3, 0.5, source,
@@ -207,6 +315,14 @@ def main(argv=None) -> int:
         c = CLASSIFIER_DEFAULTS
         with _environment(STAT_CALIBRATION_CACHE="off"):
             records += time_model("minilm-classifier", c["builtin"], c["num_samples"], c["seq_len"], 0.3, 0.5)
+    previous = Path(args.out_dir) / f"{args.name}.json"
+    if args.first_heatmap_only and args.no_classifier and previous.exists():   # keep the full run's step rows
+        import json
+
+        old = json.loads(previous.read_text())
+        if old.get("records"):
+            records = old["records"]
+            meta["records_from"] = {"machine": old["meta"].get("records_from", old["meta"])["machine"]}
     md = markdown(records, meta)
     print(md)
     write_results(Path(args.out_dir), args.name, {"meta": meta, "records": records}, md)
