@@ -156,8 +156,8 @@ def reweighted(build, variant: str):
         raise SystemExit(f"unknown allocation variant {variant!r}: base, attn:G, cap:C, depth:A, late:A or keep-last:K")
     value = float(arg)
 
-    def build_options(adapter, analyses, config):
-        blocks = build(adapter, analyses, config)
+    def build_options(adapter, analyses, config, protected=None):
+        blocks = build(adapter, analyses, config, protected)
         n_layers = len(blocks) // 2
         for i, b in enumerate(blocks):
             layer, attention = i // 2, i % 2 == 0
