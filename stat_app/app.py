@@ -574,7 +574,11 @@ def main(argv: list[str] | None = None) -> None:
         log.info("removed %s (left by a stopped app)", stale)
     _stop_on_signals()
     demo = build_demo(SessionStore(max_sessions=args.max_sessions), access)
-    launch(demo, host, args.port)
+    try:
+        launch(demo, host, args.port)
+    except KeyboardInterrupt:  # a signal before Gradio's own handler was reached (e.g. during startup)
+        log.info("stopped")
+        demo.close()
 
 
 if __name__ == "__main__":

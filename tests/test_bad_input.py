@@ -603,8 +603,11 @@ def test_signal_during_export_leaves_nothing(files, tmp_path, signame):
 
     out = tmp_path / "parent" / "out"
     out.parent.mkdir()
+    # A terminal's Ctrl-C: Python's own SIGINT handler, even where the test runner's worker ignores
+    # SIGINT (pytest-xdist's do, and children inherit an ignored signal).
     code = f"""
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import stat_core.export.hf as hf
 def slow_card(*a, **k):
     print("WRITING", flush=True)
