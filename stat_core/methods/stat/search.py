@@ -63,9 +63,9 @@ class _Fitness:
     """KL(dense ‖ candidate) on fixed windows, with candidates built by swapping re-cut layers into
     one working copy of the dense model."""
 
-    def __init__(self, dense, adapter_plans, stats, windows: torch.Tensor, mask: torch.Tensor | None,
+    def __init__(self, dense, plans, stats, windows: torch.Tensor, mask: torch.Tensor | None,
                  correction: str, ridge: float | None, batch_size: int = 2):
-        self.dense, self.stats, self.plans = dense, stats, adapter_plans
+        self.dense, self.stats, self.plans = dense, stats, plans
         self.correction, self.ridge = correction, ridge
         self.windows, self.mask, self.batch_size = windows, mask, batch_size
         self.work = copy.deepcopy(dense)
@@ -105,7 +105,6 @@ class _Fitness:
         total, count = 0.0, 0
         for ref, start in zip(self.reference, range(0, len(self.windows), self.batch_size)):
             logp = self._logprobs(self.work, start)
-            ref = ref.float()
             kl = (ref.exp() * (ref - logp)).sum(-1)  # (b, T-1)
             if self.mask is not None:
                 keep = self.mask[start:start + self.batch_size, 1:].bool()
