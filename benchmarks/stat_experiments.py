@@ -24,7 +24,8 @@ another share of self-generated chat windows than the library's half (its own ca
 generated text comes from the cache of ``stat_core.data.mix``). ``settings``: STAT's own options
 (``StatSettings``) over the same cached calibration: ``prior`` (the output prior bias), ``search:N`` (a
 budget search of N candidates on the KL to dense), ``protect:N`` (the N strongest induction heads kept),
-joined with ``+``. The first run caches the calibration and the
+``plan:FILE`` (a saved plan's heads and neurons, e.g. from ``benchmarks.search_plans`` on a GPU, cut
+with this box's corrections; run at the plan's own budget only), joined with ``+``. The first run caches the calibration and the
 dense reference in the project's cache dir (``--cache``; about 1 GB, safetensors + JSON, one folder per model,
 windows and suite config: nothing is unpickled).
 """
@@ -41,12 +42,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import stat_core.prune as P
 from benchmarks._common import RESULTS, machine_note
-
-import stat_core.prune as P  # noqa: E402
-from stat_core.methods.stat import analysis as A  # noqa: E402
 from stat_core.adapters import get_adapter
+from stat_core.methods.registry import get_method
+from stat_core.methods.stat import analysis as A
 from stat_core.surgery.budget import block_parameter_count
+from stat_core.surgery.plan import PrunePlan
 
 FIELDS = ("perplexity", "kl_to_dense", "fewshot_accuracy", "fewshot_bias_free", "fewshot_majority_share",
           "analogy_accuracy", "instruction_agreement", "instruction_kl")
@@ -242,8 +244,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from stat_core.data.mix import decoder_calibration
     from stat_core.data.sources import CalibrationConfig
-    from stat_core.models import load_model
     from stat_core.evaluation.suite import SuiteConfig, build_reference, evaluate_suite
+    from stat_core.models import load_model
 
     model, tokenizer = load_model(args.model)
     adapter = get_adapter(model)
@@ -297,13 +299,24 @@ def main(argv=None) -> int:
     elif args.experiment == "settings":
         for budget in budgets:
             for variant in (args.variants or "prior").split(","):
-                settings = stat_settings(variant)
+                parts = variant.split("+")
+                plan_file = next((part.partition(":")[2] for part in parts if part.startswith("plan:")), None)
+                settings = stat_settings("+".join(part for part in parts if not part.startswith("plan:")))
+                config = P.PruneConfig(sparsity=budget, settings=settings)
                 pruned, t = copy.deepcopy(model), time.perf_counter()
-                result = P.prune_from_calibration_(pruned, calibration, P.PruneConfig(sparsity=budget,
-                                                                                      settings=settings),
-                                                   data=windows)
-                measure("settings", variant, budget, pruned, time.perf_counter() - t, result.plan,
-                        {"search": result.plan.budget.get("search"), **result.info})
+                if plan_file is None:
+                    result = P.prune_from_calibration_(pruned, calibration, config, data=windows)
+                    plan, info = result.plan, result.info
+                else:  # a saved plan (e.g. a long search on a GPU): its heads and neurons, this box's corrections
+                    plan = PrunePlan.from_json(Path(plan_file))
+                    if abs(plan.budget["target"] - budget) > 1e-9:
+                        continue
+                    P.plan_pruning(model, calibration, config, data=windows)  # the output prior's dense average
+                    P.apply_plan_(pruned, plan, calibration.dense_stats)
+                    info = get_method("stat").finish_(pruned, calibration, config)
+                    variant = "+".join([f"plan:{Path(plan_file).name}", *[q for q in parts if not q.startswith("plan:")]])
+                measure("settings", variant, budget, pruned, time.perf_counter() - t, plan,
+                        {"search": plan.budget.get("search"), **info})
     elif args.experiment == "shrink":
         for lam in (args.variants or "0.5").split(","):
             shrunk = copy.copy(calibration)

@@ -188,3 +188,21 @@ def test_cli_stat_flags_reach_the_plan_the_report_and_the_export(tiny_folder, tm
     model, _ = load_pruned(out)
     assert model.config.stat_output_prior and output_prior(model) is not None
     assert (out / "modeling_stat.py").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_search_on_cuda_meets_the_budget_and_its_kl_is_the_models(sharp):
+    """The search on a GPU model: its candidates are cut and scored on the model's device, the budget is
+    met and the fitness it reports is the KL of the (GPU) model it returns."""
+    model, windows, _ = sharp
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gpu, ids = copy.deepcopy(model).cuda(), windows.cuda()
+    calib = calibrate(gpu, ids, PruneConfig(sparsity=0.4))
+    pruned = copy.deepcopy(gpu)
+    result = prune_from_calibration_(pruned, calib, PruneConfig(sparsity=0.4, settings=StatSettings(search=16)),
+                                     data=ids)
+    search = result.plan.budget["search"]
+    assert all(p.device.type == "cuda" for p in pruned.parameters())
+    assert abs(result.plan.budget["achieved"] - 0.4) <= 96 / 18432
+    assert search["best_kl"] <= search["start_kl"]
+    assert _kl_on(gpu, pruned, ids[:8, :256]) == pytest.approx(search["best_kl"], rel=1e-3)

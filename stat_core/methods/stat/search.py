@@ -56,7 +56,7 @@ class SearchResult:
 
     def summary(self) -> dict:
         return {"candidates": self.candidates, "accepted": self.accepted, "start_kl": self.start_kl,
-                "best_kl": self.best_kl, "seconds": self.seconds}
+                "best_kl": self.best_kl, "seconds": self.seconds, "history": [round(k, 6) for k in self.history]}
 
 
 class _Fitness:
