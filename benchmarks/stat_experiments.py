@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gzip
 import json
 import sys
 import time
@@ -308,13 +309,14 @@ def main(argv=None) -> int:
                     result = P.prune_from_calibration_(pruned, calibration, config, data=windows)
                     plan, info = result.plan, result.info
                 else:  # a saved plan (e.g. a long search on a GPU): its heads and neurons, this box's corrections
-                    plan = PrunePlan.from_json(Path(plan_file))
+                    raw = Path(plan_file).read_bytes()
+                    plan = PrunePlan.from_json((gzip.decompress(raw) if plan_file.endswith(".gz") else raw).decode())
                     if abs(plan.budget["target"] - budget) > 1e-9:
                         continue
                     P.plan_pruning(model, calibration, config, data=windows)  # the output prior's dense average
                     P.apply_plan_(pruned, plan, calibration.dense_stats)
                     info = get_method("stat").finish_(pruned, calibration, config)
-                    variant = "+".join([f"plan:{Path(plan_file).name}", *[q for q in parts if not q.startswith("plan:")]])
+                    variant = "+".join([f"plan:{Path(plan_file).name.split('.json')[0]}", *[q for q in parts if not q.startswith("plan:")]])
                 measure("settings", variant, budget, pruned, time.perf_counter() - t, plan,
                         {"search": plan.budget.get("search"), **info})
     elif args.experiment == "shrink":

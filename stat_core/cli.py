@@ -160,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "while pruning and the checkpoint's own dtype in the export)")
     p.add_argument("--offload", action="store_true",
                    help="stream a local safetensors folder block by block (for models larger than memory: about "
-                        "one block + the calibration hidden states in memory); STAT one-shot on the CPU, no "
-                        "gradient sensitivity pass and no quality evaluation (stat_core.streaming)")
+                        "one block + the calibration hidden states in memory); one-shot STAT, FLAP or Wanda-sp on the "
+                        "CPU, no gradient sensitivity pass and no quality evaluation (stat_core.streaming)")
     p.add_argument("--work-dir", default=None,
                    help="with --offload: where the per-block statistics wait between the two passes (default: the "
                         "system's temporary folder; several GB for 7B models, removed at the end)")
@@ -220,8 +220,7 @@ def _calibration(args, model, tokenizer):
 
 def run(args: argparse.Namespace) -> dict:
     if getattr(args, "offload", False):  # the checkpoint streamed block by block (stat_core.streaming)
-
-        return run_offload(args)
+        return run_offload(args, method_settings(args, args.method))
     args.dtype = args.dtype or "float32"
     if args.flops_seq_len is not None and args.flops_seq_len < 1:  # 0 or less: refused before any work
         raise ValueError(f"--flops-seq-len takes a number of tokens ≥ 1, got {args.flops_seq_len}")

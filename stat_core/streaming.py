@@ -7,10 +7,11 @@ tensor name from the checkpoint's safetensors (``model.safetensors`` or the shar
 
 1. the embeddings, to turn the calibration windows into block 0's inputs (then freed);
 2. first pass, per block: load its weights, run the calibration hidden states through it
-   collecting its statistics (:meth:`LayerwiseRunner.collect_block`), analyse it
-   (:func:`stat_core.methods.stat.analysis.analyse_layer`), write its statistics to a scratch file, free it;
-3. allocation over every layer's analysis (:func:`stat_core.methods.stat.analysis.plan_from_analyses`, the same
-   code the in-memory prune runs);
+   collecting its statistics (:meth:`LayerwiseRunner.collect_block`), summarise it for the method
+   (:meth:`PruningMethod.layer_summary`: STAT's analysis, a peer's head and neuron scores), write its
+   statistics to a scratch file, free it;
+3. the plan from every layer's summary (:meth:`PruningMethod.plan_from_summaries`, the same code the
+   in-memory prune runs);
 4. second pass, per block: load it again with its statistics, cut and correct it
    (:func:`stat_core.surgery.apply.apply_layer_`), write its tensors as one shard of the output, free it;
 5. the rest (embeddings, final norm, head) copied into a last shard, the shard index, the config
@@ -29,8 +30,9 @@ the checkpoint's dtype while they run: a Llama-2-7B-shaped bf16 checkpoint (13.5
 What streaming does not do: the gradient-based sensitivity pass (which weights each layer's
 damage by its effect on the loss) needs a backward pass through every block; streaming skips it
 and the allocator falls back to the residual-energy weighting (``fisher=None``, the same as
-``PruneConfig(sensitivity_samples=0)`` in memory). Only STAT one-shot is streamed: propagate and
-sequential modes and the other methods refuse ``--offload`` in one sentence.
+``PruneConfig(sensitivity_samples=0)`` in memory). One-shot methods that plan layer by layer stream
+(``PruningMethod.streams``: STAT, FLAP, Wanda-sp); propagate and sequential modes and the methods
+that need the whole model at once refuse ``--offload`` in one sentence.
 """
 
 from __future__ import annotations
@@ -72,12 +74,7 @@ from stat_core.export.common import (
 )
 from stat_core.export.hf import _state_dict_for, model_card, modeling_file_text
 from stat_core.methods.base import check_budget_feasible
-from stat_core.methods.registry import get_method
-from stat_core.methods.stat.analysis import (
-    analyse_layer,
-    plan_from_analyses,
-    stat_correction,
-)
+from stat_core.methods.registry import get_method, method_names
 from stat_core.models import DTYPES, check_safetensors_file, load_tokenizer_only, resolve_model_path
 from stat_core.pipeline import calibration_data, resolve_source
 from stat_core.progress import ProgressFn, TqdmProgress, notify
@@ -346,16 +343,26 @@ class StreamedResult:
     info: dict = field(default_factory=dict)
 
 
+def streaming_methods() -> list[str]:
+    """The methods that plan layer by layer, so ``--offload`` can run them."""
+    return [name for name in method_names() if get_method(name).streams]
+
+
+def check_streamable_method(method: str, mode: str) -> None:
+    if mode != "one-shot" or method not in streaming_methods():
+        raise StreamingError(f"Streaming (--offload) runs one-shot methods that plan layer by layer "
+                             f"({', '.join(streaming_methods())}); got method '{method}', mode '{mode}': drop "
+                             f"--offload or choose one of those with --mode one-shot.")
+
+
 def check_streamable(config: PruneConfig) -> None:
     """One sentence when ``config`` asks for something streaming does not do."""
-    if config.method != "stat" or config.mode != "one-shot":
-        raise StreamingError(f"Streaming (--offload) runs STAT one-shot only; got method '{config.method}', mode "
-                             f"'{config.mode}': drop --offload or use --method stat --mode one-shot.")
+    check_streamable_method(config.method, config.mode)
     if distributed.is_distributed():
         raise StreamingError("Streaming (--offload) runs in one process; start it without torchrun.")
     if config.settings is not None and config.settings != type(config.settings)():
-        raise StreamingError("Streaming (--offload) runs STAT with its default settings; drop the --stat-* options "
-                             "or --offload.")
+        raise StreamingError(f"Streaming (--offload) runs {config.method} with its default settings; drop the "
+                             f"--{config.method}-* options or --offload.")
 
 
 
@@ -364,8 +371,8 @@ def streamed_prune(model_dir: str | Path, windows, config: PruneConfig, out_dir:
                    progress: ProgressFn | None = None, *, dtype: torch.dtype | None = None, model_name: str = "",
                    calibration_info: dict | None = None, report: dict | None = None, overwrite: bool = False,
                    work_dir: str | Path | None = None, save_dtype: torch.dtype | None = None) -> StreamedResult:
-    """Prune the model in ``model_dir`` (a local folder with safetensors weights) with STAT one-shot
-    on calibration ``windows: (n, T)`` (or a :class:`CalibrationSet`), block by block, and write the
+    """Prune the model in ``model_dir`` (a local folder with safetensors weights) one-shot with
+    ``config.method`` (STAT, or a peer that plans layer by layer: :func:`streaming_methods`) on calibration ``windows: (n, T)`` (or a :class:`CalibrationSet`), block by block, and write the
     pruned model to ``out_dir`` like :func:`stat_core.export.hf.export_pruned` does.
 
     ``dtype``: the compute and output dtype (default: the checkpoint's). The gradient sensitivity
@@ -387,7 +394,8 @@ def streamed_prune(model_dir: str | Path, windows, config: PruneConfig, out_dir:
     model = build_skeleton(checkpoint.folder, dtype)
     adapter = get_adapter(model)
 
-    get_method(config.method).check_applicable(model)
+    method = get_method(config.method)
+    method.check_applicable(model)
     check_budget_feasible(model, config)
     names = _NameMap(model, checkpoint)
     layers_prefix = _layers_prefix(model, adapter) + "."
@@ -426,9 +434,9 @@ def streamed_prune(model_dir: str | Path, windows, config: PruneConfig, out_dir:
     scratch = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="stat-stream-"))
     scratch.mkdir(parents=True, exist_ok=True)
     try:
-        # First pass: statistics and analysis, block by block.
+        # First pass: statistics and the method's summary (STAT's analysis, a peer's scores), block by block.
         t = time.perf_counter()
-        analyses, hidden = [], runner.hidden
+        summaries, hidden = [], runner.hidden
         runner.hidden = None
         t_analyse = 0.0
         for i in range(n_layers):
@@ -453,9 +461,9 @@ def streamed_prune(model_dir: str | Path, windows, config: PruneConfig, out_dir:
             stats_file = scratch / f"block-{i:05d}"
             _save_block_stats(stats_file, stats)
             ta = time.perf_counter()
-            analyses.append(analyse_layer(adapter, i, stats, None, config.intercept,
-                                          reload=lambda f=stats_file: _load_block_stats(f),
-                                          drop_weights=lambda b=block: _free_(b)))
+            summaries.append(method.layer_summary(adapter, i, stats, config,
+                                                  reload=lambda f=stats_file: _load_block_stats(f),
+                                                  drop_weights=lambda b=block: _free_(b)))
             t_analyse += time.perf_counter() - ta
             del stats
             _free_(block)
@@ -467,9 +475,8 @@ def streamed_prune(model_dir: str | Path, windows, config: PruneConfig, out_dir:
         timings["analyse"] = t_analyse
 
         t = time.perf_counter()
-        plan = plan_from_analyses(adapter, analyses, config, model_name, calibration_info or {})
-        plan.method, plan.correction = "stat", stat_correction(config)
-        del analyses
+        plan = method.plan_from_summaries(adapter, summaries, config, model_name, calibration_info or {})
+        del summaries
         timings["allocate"] = time.perf_counter() - t
 
         # Second pass: cut, correct and write each block; then the rest of the model.
@@ -710,7 +717,7 @@ def _rest_tensors(model, rest_names: list[str], checkpoint, names, dtype, writte
 
 # --- the command line (stat-prune --offload) ----------------------------------------------------------
 
-def run_offload(args) -> dict:
+def run_offload(args, settings=None) -> dict:
     """``stat-prune MODEL --offload ...``: the streamed prune of a local safetensors folder, with the
     CLI's calibration sources and report. No quality evaluation (it needs the whole model in memory:
     evaluate the exported folder afterwards)."""
@@ -720,9 +727,10 @@ def run_offload(args) -> dict:
                              "--no-model / --format with --offload.")
     if args.recover:
         raise StreamingError("--recover trains the whole model in memory, which --offload avoids; drop one of them.")
-    if args.method != "stat" or args.mode != "one-shot":
-        raise StreamingError(f"Streaming (--offload) runs STAT one-shot only; got method '{args.method}', mode "
-                             f"'{args.mode}': drop --offload or use --method stat --mode one-shot.")
+    check_streamable_method(args.method, args.mode)
+    if settings is not None and settings != type(settings)():
+        raise StreamingError(f"Streaming (--offload) runs {args.method} with its default settings; drop the "
+                             f"--{args.method}-* options or --offload.")
     if args.device not in ("auto", "cpu"):
         raise StreamingError(f"--offload runs on the CPU for now; drop --device {args.device} (or --offload).")
     path = resolve_model_path(args.model)
@@ -750,9 +758,9 @@ def run_offload(args) -> dict:
     info.setdefault("tokens", n_tokens)
     flops_seq_len = args.flops_seq_len or (max(1, round(n_tokens / len(data))) if encoder else 512)
     config = PruneConfig(sparsity=args.sparsity, budget_kind=args.budget, flops_seq_len=flops_seq_len,
-                         method="stat", mode="one-shot", prune_heads=not args.no_heads,
+                         method=args.method, mode="one-shot", prune_heads=not args.no_heads,
                          prune_neurons=not args.no_neurons, sensitivity_samples=0, batch_size=args.batch_size,
-                         uniform=args.uniform, intercept=args.intercept)
+                         uniform=args.uniform, intercept=args.intercept, settings=settings)
     report = prune_report(args.model, skeleton, config, info, model_sizes(skeleton, flops_seq_len))
     report.update(device="cpu (streamed block by block)", dtype=str(dtype).removeprefix("torch."),
                   evaluation="skipped: --offload never holds the whole model; evaluate the exported folder")

@@ -146,6 +146,10 @@ def _cases():
          PruneConfig(**{**llama_cfg, "sensitivity_samples": 1}, mode="propagate")),
         ("bert-one-shot", lambda: tiny_classifier("bert"), padded_set(n=8),
          PruneConfig(sparsity=0.3, sensitivity_samples=8, batch_size=2)),
+        # Peers calibrate through the same sharded runner: FLAP (fluctuation from the merged sums) and
+        # SlimGPT (the merged Grams as its Hessians, with its OBS correction).
+        ("llama-flap", lambda: tiny_model("llama"), _windows(), PruneConfig(**llama_cfg, method="flap")),
+        ("llama-slimgpt", lambda: tiny_model("llama"), _windows(), PruneConfig(**llama_cfg, method="slimgpt")),
     ]
 
 
@@ -225,7 +229,7 @@ def two_process_results(spawned):
     return [torch.load(spawned / f"rank{r}.pt") for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("case", ["llama-one-shot", "llama-propagate", "bert-one-shot"])
+@pytest.mark.parametrize("case", ["llama-one-shot", "llama-propagate", "bert-one-shot", "llama-flap", "llama-slimgpt"])
 def test_two_processes_give_the_one_process_plan_and_weights(two_process_results, case):
     name, build, data, config = next(c for c in _cases() if c[0] == case)
     model = build()

@@ -188,8 +188,29 @@ def test_refuses_a_missing_shard(tmp_path):
 
 def test_refuses_other_methods_and_modes(tmp_path):
     src = _llama_dir(tmp_path, None)
-    _refused(tmp_path, src, PruneConfig(sparsity=0.3, method="flap"), match="STAT one-shot only")
-    _refused(tmp_path, src, PruneConfig(sparsity=0.3, mode="propagate"), match="STAT one-shot only")
+    needle = r"one-shot methods that plan layer by layer \(stat, [a-z, -]+\)"
+    _refused(tmp_path, src, PruneConfig(sparsity=0.3, method="slimgpt"), match=needle)
+    _refused(tmp_path, src, PruneConfig(sparsity=0.3, mode="propagate"), match=needle)
+
+
+@pytest.mark.parametrize("method", ["flap", "wanda-sp"])
+def test_streamed_peer_equals_in_memory(tmp_path, method):
+    """A peer that scores each layer on its own streams like STAT: the same plan and weights as its
+    in-memory prune (whose calibration has no gradient pass either)."""
+    src = _llama_dir(tmp_path, "40KB")
+    windows = _windows()
+    cfg = PruneConfig(sparsity=0.3, sensitivity_samples=0, batch_size=4, method=method)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    expected = stat_prune_(model, windows, cfg)
+    out = tmp_path / "out"
+    result = streamed_prune(src, windows, cfg, out)
+    _same_plan(expected.plan, result.plan)
+    assert result.plan.method == method
+    assert json.loads((out / "plan.json").read_text())["method"] == method
+    loaded, _ = load_pruned(out, with_tokenizer=False)
+    _same_weights(model, loaded)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(windows[:2]).logits, model(windows[:2]).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_refuses_weights_that_do_not_match_the_config(tmp_path):
@@ -282,15 +303,16 @@ def tiny_folder(tmp_path_factory):
 CLI_ARGS = ["--sparsity", "0.3", "--num-samples", "4", "--seq-len", "64", "--quiet"]
 
 
-def test_cli_offload_streams_the_in_memory_plan(tiny_folder, tmp_path, capsys):
+@pytest.mark.parametrize("method", ["stat", "flap"])
+def test_cli_offload_streams_the_in_memory_plan(tiny_folder, tmp_path, capsys, method):
     from stat_core.cli import main
 
     assert (tiny_folder / "model.safetensors.index.json").exists()
     streamed, in_memory = tmp_path / "streamed", tmp_path / "in-memory"
-    assert main([str(tiny_folder), "--out", str(streamed), "--offload", *CLI_ARGS]) == 0
+    assert main([str(tiny_folder), "--out", str(streamed), "--offload", "--method", method, *CLI_ARGS]) == 0
     assert "wrote the pruned model" in capsys.readouterr().out
     assert main([str(tiny_folder), "--out", str(in_memory), "--sensitivity-samples", "0", "--skip-eval",
-                 *CLI_ARGS]) == 0
+                 "--method", method, *CLI_ARGS]) == 0
     plan_s = json.loads((streamed / "plan.json").read_text())
     plan_m = json.loads((in_memory / "plan.json").read_text())
     assert [l["kept_neurons"] for l in plan_s["layers"]] == [l["kept_neurons"] for l in plan_m["layers"]]
@@ -308,7 +330,7 @@ def test_cli_offload_streams_the_in_memory_plan(tiny_folder, tmp_path, capsys):
 
 @pytest.mark.parametrize("case,needle", [
     ("not-a-folder", "not a model folder"), ("pickles", "pickled weights"), ("missing-shard", "is missing"),
-    ("method", "STAT one-shot only"), ("mix", "whole model")])
+    ("method", "plan layer by layer"), ("mix", "whole model")])
 def test_cli_offload_refusals(tiny_folder, tmp_path, capsys, case, needle):
     import shutil
 
@@ -326,7 +348,7 @@ def test_cli_offload_refusals(tiny_folder, tmp_path, capsys, case, needle):
     elif case == "missing-shard":
         sorted(src.glob("model-*.safetensors"))[0].unlink()
     elif case == "method":
-        extra = ["--method", "flap"]
+        extra = ["--method", "slimgpt"]
     elif case == "mix":
         extra = ["--calibration", "mix"]
     out = tmp_path / "out"

@@ -71,6 +71,9 @@ class PruningMethod:
     #: the dense block statistics (Grams, sums), and STAT's sensitivity pass + decompositions
     uses_block_stats: bool = True
     uses_stat_analysis: bool = False
+    #: plans from what each layer gives while it is in memory (:meth:`layer_summary`, then
+    #: :meth:`plan_from_summaries`), so streaming (``--offload``) can run it one block at a time
+    streams: bool = False
     #: the method's own settings: a frozen dataclass whose fields all have defaults (None: it has none).
     #: The CLI makes one flag per field (``--<method>-<field>``); configs carry an instance.
     Settings: type | None = None
@@ -117,6 +120,18 @@ class PruningMethod:
              calibration_info: dict | None = None) -> PrunePlan:
         raise NotImplementedError
 
+    def layer_summary(self, adapter: ModelAdapter, layer: int, stats, config: "PruneConfig",
+                      reload: Callable | None = None, drop_weights: Callable | None = None):
+        """Streaming methods: what :meth:`plan_from_summaries` needs of one layer, from its dense
+        ``stats`` while its two output projections are in memory (``drop_weights()`` may free them once
+        read; ``reload()`` reads the statistics back from disk)."""
+        raise NotImplementedError
+
+    def plan_from_summaries(self, adapter: ModelAdapter, summaries: list, config: "PruneConfig",
+                            model_name: str = "", calibration_info: dict | None = None) -> PrunePlan:
+        """Streaming methods: the plan from every layer's :meth:`layer_summary`."""
+        raise NotImplementedError
+
     def finish_(self, model, calibration: "Calibration", config: "PruneConfig") -> dict:
         """After the plan is applied: whatever else the method changes in the pruned ``model`` (STAT's
         output prior); returns a summary for ``PruneResult.info`` (empty: nothing)."""
@@ -125,6 +140,25 @@ class PruningMethod:
     def prune_(self, model, data: "CalibrationSet", config: "PruneConfig", progress=None) -> dict:
         """Whole-model methods only: prune ``model`` in place, return a summary dict."""
         raise NotImplementedError
+
+
+class ScoredMethod(PruningMethod):
+    """A method that scores each layer's heads and neurons on their own (:meth:`layer_scores`) and
+    plans from all the scores (:meth:`plan_from_summaries`): it streams."""
+
+    streams = True
+
+    def layer_scores(self, adapter: ModelAdapter, layer: int, stats) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(head scores, neuron scores)`` of one layer."""
+        raise NotImplementedError
+
+    def layer_summary(self, adapter, layer, stats, config, reload=None, drop_weights=None):
+        return self.layer_scores(adapter, layer, stats)
+
+    def plan(self, model, calibration, config, model_name="", calibration_info=None):
+        adapter = get_adapter(model)
+        summaries = [self.layer_summary(adapter, i, st, config) for i, st in enumerate(calibration.dense_stats)]
+        return self.plan_from_summaries(adapter, summaries, config, model_name, calibration_info)
 
 
 # --- shared helpers --------------------------------------------------------------------------------

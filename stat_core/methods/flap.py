@@ -32,9 +32,8 @@ from __future__ import annotations
 
 import torch
 
-from stat_core.adapters import get_adapter
 from stat_core.methods.base import (
-    PruningMethod,
+    ScoredMethod,
     attention_options,
     layer_costs,
     nearest_attention_at_least,
@@ -45,30 +44,34 @@ from stat_core.methods.base import (
 from stat_core.surgery.budget import heads_prunable
 
 
+def flap_layer_scores(adapter, layer: int, st) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standardized per-head and per-neuron scores of one layer (comparable across layers)."""
+    shape = adapter.layer_shape(layer)
+    w_o = adapter.attn_out_proj(layer).weight.detach().to(torch.float64).cpu()
+    w_d = adapter.mlp_out_proj(layer).weight.detach().to(torch.float64).cpu()
+    attn = (st.variance("attn").cpu() * (w_o ** 2).sum(0)) ** 2
+    mlp = st.variance("mlp").cpu() * (w_d ** 2).sum(0)
+    return standardize(attn).reshape(shape.num_heads, adapter.head_dim).mean(1), standardize(mlp)
+
+
 def flap_scores(adapter, stats) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Standardized per-head and per-neuron scores of every layer (comparable across layers)."""
-    heads, neurons = [], []
-    for layer, st in enumerate(stats):
-        shape = adapter.layer_shape(layer)
-        w_o = adapter.attn_out_proj(layer).weight.detach().to(torch.float64).cpu()
-        w_d = adapter.mlp_out_proj(layer).weight.detach().to(torch.float64).cpu()
-        attn = (st.variance("attn").cpu() * (w_o ** 2).sum(0)) ** 2
-        mlp = st.variance("mlp").cpu() * (w_d ** 2).sum(0)
-        heads.append(standardize(attn).reshape(shape.num_heads, adapter.head_dim).mean(1))
-        neurons.append(standardize(mlp))
-    return heads, neurons
+    scores = [flap_layer_scores(adapter, layer, st) for layer, st in enumerate(stats)]
+    return [h for h, _ in scores], [n for _, n in scores]
 
 
-class Flap(PruningMethod):
+class Flap(ScoredMethod):
     name = "flap"
     label = "FLAP"
     summary = "fluctuation score Var(z)·‖W‖², standardized, one global ranking; mean-bias compensation"
     correction = "mean-bias"
 
-    def plan(self, model, calibration, config, model_name="", calibration_info=None):
-        adapter = get_adapter(model)
+    def layer_scores(self, adapter, layer, stats):
+        return flap_layer_scores(adapter, layer, stats)
+
+    def plan_from_summaries(self, adapter, summaries, config, model_name="", calibration_info=None):
         costs = layer_costs(adapter, config)
-        head_scores, neuron_scores = flap_scores(adapter, calibration.dense_stats)
+        head_scores, neuron_scores = [h for h, _ in summaries], [n for _, n in summaries]
         prune_heads = heads_prunable(adapter, config)
         if config.uniform:  # FLAP's "UL-UM": one ratio in every layer
             attn = [nearest_attention_at_least(c, 1 - config.sparsity) if prune_heads else (c.n_heads, c.n_kv)

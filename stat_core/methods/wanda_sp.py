@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from stat_core.adapters import get_adapter
 from stat_core.methods.base import (
-    PruningMethod,
+    ScoredMethod,
     layer_costs,
     nearest_attention_at_least,
     neurons_for_budget,
@@ -29,31 +28,35 @@ from stat_core.methods.base import (
 from stat_core.surgery.budget import heads_prunable
 
 
+def wanda_layer_scores(adapter, layer: int, st) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head and per-neuron Wanda-sp scores of one layer."""
+    shape = adapter.layer_shape(layer)
+    n = max(st.n_tokens, 1)
+    w_o = adapter.attn_out_proj(layer).weight.detach().to(torch.float64).cpu()
+    w_d = adapter.mlp_out_proj(layer).weight.detach().to(torch.float64).cpu()
+    attn = w_o.abs().mean(0) * torch.sqrt(torch.diagonal(st.attn_gram).cpu() / n)
+    mlp = w_d.abs().mean(0) * torch.sqrt(torch.diagonal(st.mlp_gram).cpu() / n)
+    return attn.reshape(shape.num_heads, adapter.head_dim).sum(1), mlp
+
+
 def wanda_scores(adapter, stats) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per-head and per-neuron Wanda-sp scores of every layer."""
-    heads, neurons = [], []
-    for layer, st in enumerate(stats):
-        shape = adapter.layer_shape(layer)
-        n = max(st.n_tokens, 1)
-        w_o = adapter.attn_out_proj(layer).weight.detach().to(torch.float64).cpu()
-        w_d = adapter.mlp_out_proj(layer).weight.detach().to(torch.float64).cpu()
-        attn = w_o.abs().mean(0) * torch.sqrt(torch.diagonal(st.attn_gram).cpu() / n)
-        mlp = w_d.abs().mean(0) * torch.sqrt(torch.diagonal(st.mlp_gram).cpu() / n)
-        heads.append(attn.reshape(shape.num_heads, adapter.head_dim).sum(1))
-        neurons.append(mlp)
-    return heads, neurons
+    scores = [wanda_layer_scores(adapter, layer, st) for layer, st in enumerate(stats)]
+    return [h for h, _ in scores], [n for _, n in scores]
 
 
-class WandaSP(PruningMethod):
+class WandaSP(ScoredMethod):
     name = "wanda-sp"
     label = "Wanda-sp"
     summary = "|W|·‖z‖ per unit, the same ratio in every layer, no correction"
     correction = "none"
 
-    def plan(self, model, calibration, config, model_name="", calibration_info=None):
-        adapter = get_adapter(model)
+    def layer_scores(self, adapter, layer, stats):
+        return wanda_layer_scores(adapter, layer, stats)
+
+    def plan_from_summaries(self, adapter, summaries, config, model_name="", calibration_info=None):
         costs = layer_costs(adapter, config)
-        head_scores, neuron_scores = wanda_scores(adapter, calibration.dense_stats)
+        head_scores, neuron_scores = [h for h, _ in summaries], [n for _, n in summaries]
         attn = [nearest_attention_at_least(c, 1 - config.sparsity) if heads_prunable(adapter, config)
                 else (c.n_heads, c.n_kv) for c in costs]
         keep_n = neurons_for_budget(costs, attn, config.sparsity, uniform=True) if config.prune_neurons \

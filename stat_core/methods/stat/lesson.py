@@ -187,8 +187,8 @@ def allocation_step(plan, layer: int) -> dict:
     more = "more" if mine > mean else "fewer" if mine < mean else "as many"
     rank = sorted(range(len(kept)), key=lambda i: -kept[i]).index(layer) + 1
     sentences = [
-        f"One budget is shared by all layers: a layer keeps units while removing them would cost more predicted "
-        f"damage (increase in loss) than removing them elsewhere.",
+        "One budget is shared by all layers: a layer keeps units while removing them would cost more predicted "
+        "damage (increase in loss) than removing them elsewhere.",
         f"Layer {layer} keeps {mine:.0%} of its neurons and {heads[layer]:.0%} of its heads, {more} than the "
         f"average layer ({mean:.0%} of neurons); it ranks {rank} of {len(kept)} by neurons kept.",
     ]

@@ -23,6 +23,7 @@ from stat_core.adapters import get_adapter
 from stat_core.adapters.registry import is_encoder
 from stat_core.methods.base import PruningMethod
 from stat_core.methods.stat.analysis import (
+    analyse_layer,
     build_block_options,
     layer_plans,
     plan_from_analyses,
@@ -69,6 +70,7 @@ class Stat(PruningMethod):
     summary = "interpolative decompositions, loss-weighted global allocation, least-squares correction"
     correction = "least-squares"  # "affine" with PruneConfig.intercept
     uses_stat_analysis = True
+    streams = True
     Settings = StatSettings
 
     def adds_output_bias(self, config):
@@ -125,6 +127,16 @@ class Stat(PruningMethod):
                 stat_correction(config), None, calibration.extras.get("progress"))
             plan = plan_from_choice(adapter, analyses, blocks, result.alloc, config, model_name,
                                     calibration_info or {}, {"search": result.summary()})
+        plan.method, plan.correction = self.name, stat_correction(config)
+        return plan
+
+    def layer_summary(self, adapter, layer, stats, config, reload=None, drop_weights=None):
+        """Streaming: the layer's analysis from its dense statistics alone (no gradient sensitivity:
+        residual-energy weighting)."""
+        return analyse_layer(adapter, layer, stats, None, config.intercept, reload=reload, drop_weights=drop_weights)
+
+    def plan_from_summaries(self, adapter, summaries, config, model_name="", calibration_info=None):
+        plan = plan_from_analyses(adapter, summaries, config, model_name, calibration_info or {})
         plan.method, plan.correction = self.name, stat_correction(config)
         return plan
 

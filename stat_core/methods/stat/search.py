@@ -67,7 +67,10 @@ class _Fitness:
                  correction: str, ridge: float | None, batch_size: int = 2):
         self.dense, self.stats, self.plans = dense, stats, plans
         self.correction, self.ridge = correction, ridge
-        self.windows, self.mask, self.batch_size = windows, mask, batch_size
+        device = next(dense.parameters()).device  # the windows go where the model is (a GPU search)
+        self.windows = windows.to(device)
+        self.mask = None if mask is None else mask.to(device)
+        self.batch_size = batch_size
         self.work = copy.deepcopy(dense)
         self.dense_layers = get_adapter(dense).layers
         self.work_adapter = get_adapter(self.work)
