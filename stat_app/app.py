@@ -220,7 +220,8 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
         return estimate_sentence(session.model, num_samples, seq_len)
 
     def on_prune(calib_source, builtin, upload, pasted, num_samples, seq_len, sparsity, budget_kind, uniform, mode,
-                 method, layer_choice, recover_on, recover_steps, request: gr.Request, progress=gr.Progress()):
+                 method, layer_choice, recover_on, recover_steps, settings, request: gr.Request,
+                 progress=gr.Progress()):
         session = session_of(request)
         try:
             fraction = _percent(sparsity)
@@ -231,13 +232,18 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
             session, dict(source=calib_source, builtin=builtin, file_path=upload, pasted=pasted,
                           num_samples=num_samples, seq_len=seq_len),
             dict(sparsity=fraction, budget_kind=budget_kind, uniform=uniform, mode=mode, method=method or "stat",
-                 recover_steps=recover_steps if recover_on else 0),
+                 recover_steps=recover_steps if recover_on else 0, settings=settings),
             progress=_gradio_progress(progress), cancel_event=event)
         installed = reply.ok or reply.data.get("plan") is not None   # (a cancelled recovery keeps its prune)
         return (_status(reply), *_plan_outputs(session, layer_choice), None if installed else gr.update(),
                 gr.update())
 
-    def on_rebudget(sparsity, budget_kind, uniform, mode, method, layer_choice, recover_on, request: gr.Request):
+    def on_method(method):
+        """The settings box names the chosen method's settings and starts empty (its defaults)."""
+        return gr.update(value="", info=H.settings_help(method or "stat"))
+
+    def on_rebudget(sparsity, budget_kind, uniform, mode, method, layer_choice, recover_on, settings,
+                    request: gr.Request):
         session = session_of(request)
         try:
             fraction = _percent(sparsity)
@@ -249,7 +255,7 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
         if mode != "one-shot":
             return ("Re-budgeting from cached statistics is one-shot only; press Prune to run propagate mode.",
                     *[gr.update()] * n_plan, gr.update(), gr.update())
-        reply = H.replan(session, fraction, budget_kind, uniform, method or "stat")
+        reply = H.replan(session, fraction, budget_kind, uniform, method or "stat", settings)
         note = " Recovery runs with Calibrate & prune, not on a re-budget." if reply.ok and recover_on else ""
         return (_status(reply) + note, *_plan_outputs(session, layer_choice), None if reply.ok else gr.update(),
                 gr.update())
@@ -351,6 +357,10 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
                     method = gr.Dropdown(H.plan_method_choices(), value="stat", label="method", elem_id="method",
                                          info="STAT, a published peer or a baseline (SliceGPT: in Compare only)",
                                          scale=2)
+                method_settings = gr.Textbox(value="", label="method settings (name=value, comma-separated; empty: "
+                                                             "the defaults)",
+                                             info=H.settings_help("stat"), placeholder="e.g. output_prior=true",
+                                             elem_id="method_settings", max_lines=2)
                 with gr.Row():
                     prune_btn = gr.Button("Calibrate & prune", variant="primary", elem_id="prune_btn", scale=3)
                     cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel_btn", scale=1)
@@ -493,9 +503,9 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
             box.change(on_sizes, [num_samples, seq_len], [estimate], api_name=False, show_progress="hidden")
         prune_evt = prune_btn.click(on_prune, [calib_source, builtin, upload, pasted, num_samples, seq_len, sparsity,
                                                budget_kind, uniform, mode, method, layer_pick, recover_on,
-                                               recover_steps],
+                                               recover_steps, method_settings],
                                     [status, *plan_outputs, metrics, sparsity], api_name="prune", **heavy)
-        rebudget_inputs = [sparsity, budget_kind, uniform, mode, method, layer_pick, recover_on]
+        rebudget_inputs = [sparsity, budget_kind, uniform, mode, method, layer_pick, recover_on, method_settings]
         # re-planning reads cached statistics only (well under a second): it stays out of the device
         # queue, so the slider responds while another user's job holds the device
         light = dict(concurrency_limit=2, concurrency_id="plans")
@@ -503,9 +513,17 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
         rebudget_evts = [sparsity.input(on_rebudget, rebudget_inputs, [status, *plan_outputs, metrics, sparsity],
                                         api_name="rebudget", trigger_mode="always_last", show_progress="minimal",
                                         **light)]
-        for control in (budget_kind, uniform, method):
+        for control in (budget_kind, uniform):
             rebudget_evts.append(control.input(on_rebudget, rebudget_inputs, [status, *plan_outputs, metrics, sparsity],
                                                api_name=False, **light))
+        # another method: its settings box first (emptied, its fields named), then the re-plan
+        rebudget_evts.append(method.input(on_method, [method], [method_settings], api_name=False,
+                                          show_progress="hidden")
+                             .then(on_rebudget, rebudget_inputs, [status, *plan_outputs, metrics, sparsity],
+                                   api_name=False, **light))
+        rebudget_evts.append(method_settings.submit(on_rebudget, rebudget_inputs,
+                                                    [status, *plan_outputs, metrics, sparsity], api_name=False,
+                                                    **light))
         layer_pick.input(on_layer, [layer_pick], [decay_plot, spectrum_plot], api_name="decay", show_progress="hidden")
         head_evt = head_btn.click(on_head, [head_layer, head_index, head_text], [status_inspect, head_plot, head_info],
                                   api_name="head", **heavy)

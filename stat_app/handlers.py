@@ -16,6 +16,7 @@ queue also runs those events with ``concurrency_limit=1``.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -59,6 +60,7 @@ from stat_core.evaluation.report import recovery_sentence, removed_sentence
 from stat_core.evaluation.suite import SuiteConfig, build_reference
 from stat_core.export.api import check_format, export_zip_with_report
 from stat_core.methods.registry import get_method
+from stat_core.methods.settings import settings_from_text, settings_help  # noqa: F401 (the app's box)
 from stat_core.methods.stat import explain, lesson as core_lesson
 from stat_core.models import download_hub_model, load_model
 from stat_core.recover import RecoveryCancelled
@@ -127,22 +129,29 @@ def calibrate(session: Session, source: str = "builtin", builtin: str = "wikiped
 # --- pruning -------------------------------------------------------------------------------------
 
 def make_config(session: Session, sparsity: float, budget_kind: str = "params", uniform: bool = False,
-                mode: str = "one-shot", method: str = "stat") -> PruneConfig:
-    return pipeline.prune_config(session.model, session.calib_data, sparsity, budget_kind, uniform, mode, method)
+                mode: str = "one-shot", method: str = "stat", settings: str | None = None) -> PruneConfig:
+    """``settings``: the method's own, as ``name=value`` text (the app's method-settings box)."""
+    return pipeline.prune_config(session.model, session.calib_data, sparsity, budget_kind, uniform, mode, method,
+                                 settings=settings_from_text(method, settings))
 
 
 @guarded
 def replan(session: Session, sparsity: float, budget_kind: str = "params", uniform: bool = False,
-           method: str = "stat") -> Reply:
+           method: str = "stat", settings: str | None = None) -> Reply:
     """Re-budget from the cached statistics: a new one-shot plan in well under a second, no
-    calibration and no surgery (the pruned copy is built when something needs it)."""
+    calibration and no surgery (the pruned copy is built when something needs it). A budget search
+    in the settings is left out here (it takes minutes): Prune runs it."""
     require_calibration(session)
-    config = make_config(session, sparsity, budget_kind, uniform, "one-shot", method)
+    config = make_config(session, sparsity, budget_kind, uniform, "one-shot", method, settings)
+    note = ""
+    if getattr(config.settings, "search", 0):
+        config = dataclasses.replace(config, settings=dataclasses.replace(config.settings, search=0))
+        note = " (without the budget search, which takes minutes: press Prune to search at this budget)"
     plan, report = pipeline.plan_with_report(session.model, session.calibration, config, session.model_name,
                                              session.calib_info)
     session.set_outcome(Outcome(plan, config, report))
-    return Reply(True, removed_sentence(report, "Planned to remove", report["seconds_plan"]) +
-                 " The pruned copy is built when you measure, generate or export.",
+    return Reply(True, removed_sentence(report, "Planned to remove", report["seconds_plan"])[:-1] + note +
+                 ". The pruned copy is built when you measure, generate or export.",
                  {"plan": plan, "report": report, "seconds": report["seconds_plan"]})
 
 
@@ -163,7 +172,7 @@ def ensure_pruned(session: Session, cancel_event: threading.Event | None = None)
 @guarded
 def prune(session: Session, sparsity: float, budget_kind: str = "params", uniform: bool = False,
           mode: str = "one-shot", method: str = "stat", recover_steps: int = 0, progress: ProgressFn | None = None,
-          cancel_event: threading.Event | None = None) -> Reply:
+          cancel_event: threading.Event | None = None, settings: str | None = None) -> Reply:
     """Prune a copy of the dense model to ``sparsity``: from cached statistics (one-shot) or with
     layer-by-layer propagation (``mode="propagate"``: a full calibration pass on the copy); then,
     if ``recover_steps`` > 0, distil the copy towards the dense model on the calibration text
@@ -171,7 +180,7 @@ def prune(session: Session, sparsity: float, budget_kind: str = "params", unifor
     pruned copy as it was before recovery."""
     require_calibration(session)
     steps = pipeline.recovery_steps(recover_steps)
-    config = make_config(session, sparsity, budget_kind, uniform, mode, method)
+    config = make_config(session, sparsity, budget_kind, uniform, mode, method, settings)
     with DEVICE_LOCK:
         check_cancel(cancel_event)
         pruned, plan, report = pipeline.prune_with_report(session.model, session.calibration, session.calib_data,

@@ -36,6 +36,7 @@ from stat_core.export.common import (
 from stat_core.export.gguf import GGUF_TYPES
 from stat_core.methods.base import check_budget_feasible
 from stat_core.methods.registry import get_method, method_names
+from stat_core.methods.settings import setting_kind
 from stat_core.models import DEMO_MODELS, ModelLoadError, load_model
 from stat_core.pipeline import (
     calibration_data,
@@ -54,12 +55,6 @@ log = logging.getLogger("stat_core")
 AFTER_ONLY = ("kl_to_dense", "instruction_agreement", "instruction_kl")
 
 
-def _setting_type(field: dataclasses.Field):
-    """The Python type one CLI value of a settings field parses to (``int | None`` parses as int)."""
-    names = [part.strip() for part in str(field.type).split("|") if part.strip() != "None"]
-    return {"bool": bool, "int": int, "float": float}.get(names[0] if len(names) == 1 else "", str)
-
-
 def _setting_dest(method: str, field: str) -> str:
     return f"setting__{method.replace('-', '_')}__{field}"
 
@@ -74,7 +69,7 @@ def add_method_settings(p: argparse.ArgumentParser) -> None:
         group = p.add_argument_group(f"{method.label} settings (with --method {name})",
                                      (method.Settings.__doc__ or "").split("\n\n")[0].replace("``", "'"))
         for field in dataclasses.fields(method.Settings):
-            flag, kind = f"--{name}-{field.name.replace('_', '-')}", _setting_type(field)
+            flag, kind = f"--{name}-{field.name.replace('_', '-')}", setting_kind(field)
             helptext = f"default: {field.default}"
             if kind is bool:
                 group.add_argument(flag, dest=_setting_dest(name, field.name), action=argparse.BooleanOptionalAction,

@@ -42,6 +42,7 @@ from stat_core.evaluation.report import (
 )
 from stat_core.evaluation.suite import evaluate_suite
 from stat_core.methods.registry import get_method
+from stat_core.methods.settings import settings_from_text
 from stat_core.methods.stat import explain
 from stat_core.models import (
     DEMO_CLASSIFIER,
@@ -253,12 +254,17 @@ def parse_sparsity(value) -> float:
 
 
 def prune_config(model, data, sparsity, budget_kind: str = "params", uniform: bool = False,
-                 mode: str = "one-shot", method: str = "stat", flops_seq_len: int | None = None) -> PruneConfig:
+                 mode: str = "one-shot", method: str = "stat", flops_seq_len: int | None = None,
+                 settings=None) -> PruneConfig:
     """The :class:`~stat_core.config.PruneConfig` of a prune of ``model`` calibrated on ``data``
-    (FLOPs counted at :func:`default_flops_seq_len` unless ``flops_seq_len`` is given)."""
+    (FLOPs counted at :func:`default_flops_seq_len` unless ``flops_seq_len`` is given); ``settings``:
+    the method's own (its ``Settings`` dataclass, or ``name=value`` text read by
+    :func:`stat_core.methods.settings.settings_from_text`)."""
+    if isinstance(settings, str):
+        settings = settings_from_text(method, settings)
     return PruneConfig(sparsity=parse_sparsity(sparsity), budget_kind=budget_kind,
                        flops_seq_len=flops_seq_len or default_flops_seq_len(model, data), method=method, mode=mode,
-                       uniform=bool(uniform))
+                       uniform=bool(uniform), settings=settings)
 
 
 #: The calibration settings of the app's and ``warm_calibration_cache``'s calibrations.

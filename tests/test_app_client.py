@@ -78,6 +78,11 @@ def test_load_prune_rebudget_measure_export(server, decoder_dir):  # noqa: F811
     assert status.startswith("✓ Planned to remove") and "flap" in status and abs(removed_percent(status) - 40) < 2
     assert "does not compute damage curves" in decay_flap["plot"]
     status, *_ = c.predict(50, "params", False, "one-shot", "stat", "all layers", api_name="/rebudget")
+    # the method settings box (its last input): a name the method does not have is one sentence
+    status, *_ = c.predict(50, "params", False, "one-shot", "stat", "all layers", False, "bogus=1",
+                           api_name="/rebudget")
+    assert status.startswith("⚠") and "'bogus=1' is not a setting of STAT" in status, status
+    status, *_ = c.predict(50, "params", False, "one-shot", "stat", "all layers", api_name="/rebudget")
 
     status, table = c.predict(512, api_name="/measure")
     assert status.startswith("✓ Perplexity"), status
