@@ -12,6 +12,7 @@ windows, and measures the quick suite against the same dense reference as
     .venv/bin/python -m benchmarks.stat_experiments shrink --budgets 0.2,0.3 --variants 0.01,0.5,0.9
     .venv/bin/python -m benchmarks.stat_experiments mix --budgets 0.2,0.3 --variants 0.125,0.25
     .venv/bin/python -m benchmarks.stat_experiments settings --budgets 0.2,0.3 --variants prior,search:96,search:96+prior
+    .venv/bin/python -m benchmarks.stat_experiments source --budgets 0.2,0.3 --variants in-context
 
 Allocation variants (``alloc``): ``base`` (the library's), ``attn:G`` (attention options' damage × G),
 ``cap:C`` (no block loses more than C × the target of its cost), ``depth:A`` (layer l's damage ×
@@ -21,7 +22,9 @@ Allocation variants (``alloc``): ``base`` (the library's), ``attn:G`` (attention
 (gradient pass, statistics, decompositions) before each next budget. ``shrink``: the loss-sensitivity matrix shrunk as ``(1−λ)F + λ·tr(F)/d·I``
 (the library uses λ = 0.1) before the decompositions. ``mix``: the ``mix`` calibration source with
 another share of self-generated chat windows than the library's half (its own calibration; the
-generated text comes from the cache of ``stat_core.data.mix``). ``settings``: STAT's own options
+generated text comes from the cache of ``stat_core.data.mix``). ``source``: another built-in calibration
+source (e.g. ``in-context``: few-shot demonstrations written from the Wikipedia calibration articles,
+half and half with prose), its own calibration, the library's defaults otherwise. ``settings``: STAT's own options
 (``StatSettings``) over the same cached calibration: ``prior`` (the output prior bias), ``search:N`` (a
 budget search of N candidates on the KL to dense), ``protect:N`` (the N strongest induction heads kept),
 ``plan:FILE`` (a saved plan's heads and neurons, e.g. from ``benchmarks.search_plans`` on a GPU, cut
@@ -233,7 +236,7 @@ def markdown(records: list[dict], meta: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("experiment", choices=("alloc", "stages", "shrink", "mix", "settings"))
+    p.add_argument("experiment", choices=("alloc", "stages", "shrink", "mix", "settings", "source"))
     p.add_argument("--budgets", default="0.2,0.3")
     p.add_argument("--variants", default="", help="alloc: base,attn:3,...; shrink: lambdas; stages: first budget "
                                                   "(default 0.1)")
@@ -344,6 +347,17 @@ def main(argv=None) -> int:
                 pruned, t = copy.deepcopy(model), time.perf_counter()
                 result = P.prune_from_calibration_(pruned, own, P.PruneConfig(sparsity=budget))
                 measure("mix", f"self share {share}", budget, pruned, seconds + time.perf_counter() - t, result.plan)
+    elif args.experiment == "source":  # another built-in calibration source, its own calibration
+        for source in (args.variants or "in-context").split(","):
+            own_windows = decoder_calibration(model, tokenizer, source,
+                                              CalibrationConfig(num_samples=64, seq_len=512, seed=0)).windows
+            t = time.perf_counter()
+            own = P.calibrate(model, own_windows, P.PruneConfig(sparsity=0.2))
+            seconds = time.perf_counter() - t
+            for budget in budgets:
+                pruned, t = copy.deepcopy(model), time.perf_counter()
+                result = P.prune_from_calibration_(pruned, own, P.PruneConfig(sparsity=budget))
+                measure("source", source, budget, pruned, seconds + time.perf_counter() - t, result.plan)
     else:  # stages: the first budget from the dense calibration, each next one after re-calibrating
         first = float(args.variants or 0.1)
         current, name = copy.deepcopy(model), f"{first:g}"

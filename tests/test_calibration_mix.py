@@ -77,3 +77,31 @@ def test_sources_refuse_clearly(tiny_chat):
     tokenizer.chat_template = None
     with pytest.raises(DataError, match="no chat template"):
         cm.decoder_calibration(model, tokenizer, "mix", CalibrationConfig(num_samples=2, seq_len=16))
+
+
+def test_in_context_source_is_demonstrations_from_the_calibration_articles_and_prose(tiny_chat):
+    """``in-context``: windows of few-shot demonstrations (one task each, every task present) written
+    from the Wikipedia calibration split, interleaved with that split's prose; deterministic; none of
+    the suite's tasks or label words."""
+    from stat_core.data.in_context import TASKS, in_context_windows
+
+    model, tokenizer = tiny_chat
+    demo = in_context_windows(tokenizer, 10, 600, seed=3)  # bytes: a few demonstrations each
+    assert demo.shape == (10, 600) and torch.equal(demo, in_context_windows(tokenizer, 10, 600, seed=3))
+    texts = [tokenizer.decode(row) for row in demo]
+    fields = {"topic": "\nTopic: ", "first-word": "\nFirst word: ", "last-word": "\nLast word: ",
+              "count": "\nNumber of words: ", "upper": "\nOutput: "}
+    assert {task for task in TASKS for t in texts if fields[task] in t} == set(TASKS)
+    evaluation = " ".join(wikipedia_split("evaluation"))
+    for t in texts:
+        assert "positive" not in t.lower().split() and " is to " not in t
+        if "\nTopic: " in t:  # titles and sentences of calibration articles only
+            sentence = t.split("Text: ")[1].split("\n")[0]
+            assert sentence not in evaluation
+    out = cm.decoder_calibration(model, tokenizer, "in-context", CalibrationConfig(num_samples=6, seq_len=96, seed=3))
+    assert out.windows.shape == (6, 96)
+    assert out.info["in_context_windows"] == 3 and out.info["wikipedia_windows"] == 3
+    wiki = calibration_windows(tokenizer, wikipedia_split("calibration"),
+                               CalibrationConfig(num_samples=3, seq_len=96, seed=3))
+    assert torch.equal(out.windows[0::2], wiki)  # prose first, then demonstrations, alternating
+    assert torch.equal(out.windows[1::2], in_context_windows(tokenizer, 3, 96, seed=3))

@@ -38,6 +38,7 @@ from stat_core.data.chat import (
     has_chat_template,
     left_pad,
 )
+from stat_core.data.in_context import in_context_calibration
 from stat_core.data.sources import (
     CalibrationConfig,
     DataError,
@@ -51,7 +52,7 @@ from stat_core.paths import ASSETS_DIR, cache_dir
 log = logging.getLogger(__name__)
 
 SEED_PROMPTS_FILE = ASSETS_DIR / "calibration_seed_prompts.json"
-SOURCES = ("mix", "wikipedia", "self-generated")
+SOURCES = ("mix", "wikipedia", "self-generated", "in-context")
 #: Share of the windows the ``mix`` source takes from the model's own chat transcripts.
 MIX_SELF_SHARE = 0.5
 
@@ -187,6 +188,9 @@ def decoder_calibration(model, tokenizer, source: str, config: CalibrationConfig
     info: dict = {"source": source, "num_samples": config.num_samples, "seq_len": config.seq_len, "seed": config.seed}
     if source == "wikipedia":
         return DecoderCalibration(calibration_windows(tokenizer, wikipedia_split("calibration"), config), info)
+    if source == "in-context":  # few-shot demonstrations written from the same articles (no generation)
+        windows, extra = in_context_calibration(tokenizer, config)
+        return DecoderCalibration(windows, {**info, **extra})
     prompts = prompts if prompts is not None else seed_prompts()
     transcripts, seconds = generate_transcripts(model, tokenizer, prompts, settings, progress)
     n_self = config.num_samples if source == "self-generated" else max(1, round(config.num_samples * MIX_SELF_SHARE))
