@@ -238,6 +238,9 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
         return (_status(reply), *_plan_outputs(session, layer_choice), None if installed else gr.update(),
                 gr.update())
 
+    def on_tab_statuses(request: gr.Request):
+        return H.tab_statuses(session_of(request))
+
     def on_method(method):
         """The settings box names the chosen method's settings and starts empty (its defaults)."""
         return gr.update(value="", info=H.settings_help(method or "stat"))
@@ -524,6 +527,10 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
         rebudget_evts.append(method_settings.submit(on_rebudget, rebudget_inputs,
                                                     [status, *plan_outputs, metrics, sparsity], api_name=False,
                                                     **light))
+        # the other tabs' status lines follow the plan shown (not the message of before the prune)
+        tab_status_outputs = [status_inspect, status_learn, status_compare, status_export]
+        for evt in (load_evt, prune_evt, *rebudget_evts):
+            evt.then(on_tab_statuses, None, tab_status_outputs, api_name=False, show_progress="hidden")
         layer_pick.input(on_layer, [layer_pick], [decay_plot, spectrum_plot], api_name="decay", show_progress="hidden")
         head_evt = head_btn.click(on_head, [head_layer, head_index, head_text], [status_inspect, head_plot, head_info],
                                   api_name="head", **heavy)

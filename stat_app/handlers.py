@@ -222,6 +222,20 @@ def calibrate_and_prune(session: Session, calib_kwargs: dict, prune_kwargs: dict
     return Reply(True, msg, {**p.data, "calibration": c.data})
 
 
+def tab_statuses(session: Session | None) -> tuple[str, str, str, str]:
+    """The Inspect, Learn, Compare and Export tabs' status lines for the session's current plan, so a
+    tab opened after a prune, a re-budget or a new model says what it shows, not what it said before."""
+    if session is None or session.plan is None:
+        return ("Prune a model, then inspect what went and why.", "Prune a model, pick a layer and press Explain.",
+                "Measure the pruned model, or compare methods at the slider's budget.",
+                "Prune a model, then export it or write a report.")
+    plan = removed_sentence(session.report, "Showing the plan that removes")
+    return (f"{plan} Click a square of the heads heatmap to explore that head.",
+            f"{plan} Pick a layer and press Explain to follow STAT's steps on it.",
+            f"{plan} Measure it, generate side by side, or compare methods at this budget.",
+            f"{plan} Export it (the pruned copy is built first if the slider only re-planned) or write a report.")
+
+
 # --- measurements (stat_core.evaluation.measure) --------------------------------------------------------------
 
 @guarded

@@ -111,6 +111,8 @@ def test_load_calibrate_prune_inspect_export(app_url, browser, tmp_path):
         assert "Calibrated on 2,048 tokens" in text, text
         page.screenshot(path=str(tmp_path / "app-prune.png"))  # not in the docs
         tab(page, "Inspect")
+        # the tab's own status line says which plan it shows (not its message from before the prune)
+        wait_status(page, r"^Showing the plan that removes 30\.\d% .*heads heatmap", 30_000, "status_inspect")
 
         heads = page.locator("#heads_plot .js-plotly-plot")
         heads.wait_for(timeout=30_000)

@@ -655,3 +655,14 @@ def test_recovery_for_a_classifier_and_the_same_report_as_the_cli(classifier_dir
     assert set(cli_report["recover"]) == set(app["report"]["recover"])
     assert cli_report["recover"]["steps"] == app["report"]["recover"]["steps"] == 3
     assert cli_report["seconds_recover"] > 0 and app["report"]["seconds_recover"] > 0
+
+
+def test_tab_statuses_follow_the_plan(calibrated):
+    fresh = H.tab_statuses(None)
+    assert fresh[0] == "Prune a model, then inspect what went and why."
+    s = calibrated
+    assert H.replan(s, 0.35).ok
+    inspect, learn, compare, export = H.tab_statuses(s)
+    for line in (inspect, learn, compare, export):
+        assert line.startswith("Showing the plan that removes 35") and "(stat, one-shot)" in line, line
+    assert "heads heatmap" in inspect and "Explain" in learn and "compare methods" in compare and "Export" in export
