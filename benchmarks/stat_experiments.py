@@ -348,9 +348,13 @@ def main(argv=None) -> int:
                 result = P.prune_from_calibration_(pruned, own, P.PruneConfig(sparsity=budget))
                 measure("mix", f"self share {share}", budget, pruned, seconds + time.perf_counter() - t, result.plan)
     elif args.experiment == "source":  # another built-in calibration source, its own calibration
+        from stat_core.data.in_context import in_context_calibration
+
         for source in (args.variants or "in-context").split(","):
-            own_windows = decoder_calibration(model, tokenizer, source,
-                                              CalibrationConfig(num_samples=64, seq_len=512, seed=0)).windows
+            name, _, share = source.partition(":")  # in-context:0.25 — that share of demonstration windows
+            config = CalibrationConfig(num_samples=64, seq_len=512, seed=0)
+            own_windows = in_context_calibration(tokenizer, config, float(share))[0] if share else \
+                decoder_calibration(model, tokenizer, name, config).windows
             t = time.perf_counter()
             own = P.calibrate(model, own_windows, P.PruneConfig(sparsity=0.2))
             seconds = time.perf_counter() - t

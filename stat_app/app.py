@@ -232,11 +232,23 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
             session, dict(source=calib_source, builtin=builtin, file_path=upload, pasted=pasted,
                           num_samples=num_samples, seq_len=seq_len),
             dict(sparsity=fraction, budget_kind=budget_kind, uniform=uniform, mode=mode, method=method or "stat",
-                 recover_steps=recover_steps if recover_on else 0, settings=settings),
+                 recover_steps=recover_steps if recover_on else 0, settings=settings, cut=False),
             progress=_gradio_progress(progress), cancel_event=event)
         installed = reply.ok or reply.data.get("plan") is not None   # (a cancelled recovery keeps its prune)
         return (_status(reply), *_plan_outputs(session, layer_choice), None if installed else gr.update(),
                 gr.update())
+
+    def on_cut(current, request: gr.Request):
+        """After the plan's figures are shown: cut the pruned copy (seconds), so Compare and Export
+        start at once; the status line says when it is ready."""
+        session = session_of(request)
+        if session is None or not current or current.startswith(WARN):
+            return gr.update()
+        event = session.begin_job()
+        reply = H.cut_copy(session, cancel_event=event)
+        if not reply.ok:
+            return _status(reply)
+        return f"{current} {reply.message}" if reply.message else gr.update()
 
     def on_tab_statuses(request: gr.Request):
         return H.tab_statuses(session_of(request))
@@ -527,6 +539,9 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
         rebudget_evts.append(method_settings.submit(on_rebudget, rebudget_inputs,
                                                     [status, *plan_outputs, metrics, sparsity], api_name=False,
                                                     **light))
+        # the figures first, then the pruned copy (the Inspect tab needs only the plan)
+        cut_evt = prune_evt.then(on_cut, [status], [status], api_name=False, show_progress="hidden",
+                                 concurrency_limit=1, concurrency_id="device")
         # the other tabs' status lines follow the plan shown (not the message of before the prune)
         tab_status_outputs = [status_inspect, status_learn, status_compare, status_export]
         for evt in (load_evt, prune_evt, *rebudget_evts):
@@ -547,8 +562,8 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
                                       api_name="export", **heavy)
         report_evt = report_btn.click(on_report, None, [status_export, report_file], api_name="report", **heavy)
         cancel_btn.click(on_cancel, None, [status], api_name="cancel",
-                         cancels=[load_evt, prune_evt, measure_evt, gen_evt, compare_evt, head_evt, export_evt,
-                                  learn_evt, report_evt, *rebudget_evts])
+                         cancels=[load_evt, prune_evt, cut_evt, measure_evt, gen_evt, compare_evt, head_evt,
+                                  export_evt, learn_evt, report_evt, *rebudget_evts])
         demo.load(None, js=HEATMAP_CLICK_JS)
         demo.unload(on_unload)
     return demo

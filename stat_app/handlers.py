@@ -172,15 +172,24 @@ def ensure_pruned(session: Session, cancel_event: threading.Event | None = None)
 @guarded
 def prune(session: Session, sparsity: float, budget_kind: str = "params", uniform: bool = False,
           mode: str = "one-shot", method: str = "stat", recover_steps: int = 0, progress: ProgressFn | None = None,
-          cancel_event: threading.Event | None = None, settings: str | None = None) -> Reply:
+          cancel_event: threading.Event | None = None, settings: str | None = None, cut: bool = True) -> Reply:
     """Prune a copy of the dense model to ``sparsity``: from cached statistics (one-shot) or with
     layer-by-layer propagation (``mode="propagate"``: a full calibration pass on the copy); then,
     if ``recover_steps`` > 0, distil the copy towards the dense model on the calibration text
     (:func:`stat_core.pipeline.recover`, as ``stat-prune --recover``). A cancelled recovery keeps the
-    pruned copy as it was before recovery."""
+    pruned copy as it was before recovery. ``cut=False`` (one-shot, no recovery): the plan only, its
+    copy built later by :func:`cut_copy` or on demand — the app shows the plan's figures first."""
     require_calibration(session)
     steps = pipeline.recovery_steps(recover_steps)
     config = make_config(session, sparsity, budget_kind, uniform, mode, method, settings)
+    if not cut and mode == "one-shot" and not steps:
+        with DEVICE_LOCK:   # a budget search in the settings runs here (the device's work)
+            check_cancel(cancel_event)
+            plan, report = pipeline.plan_with_report(session.model, session.calibration, config, session.model_name,
+                                                     session.calib_info)
+        session.set_outcome(Outcome(plan, config, report))
+        return Reply(True, removed_sentence(report, "Removed", report["seconds_plan"]),
+                     {"plan": plan, "report": report, "seconds": report["seconds_plan"]})
     with DEVICE_LOCK:
         check_cancel(cancel_event)
         pruned, plan, report = pipeline.prune_with_report(session.model, session.calibration, session.calib_data,
@@ -199,6 +208,20 @@ def prune(session: Session, sparsity: float, budget_kind: str = "params", unifor
             message += " " + recovery_sentence(report)
     session.set_outcome(outcome)
     return Reply(True, message, {"plan": plan, "report": report, "seconds": report["seconds_prune"]})
+
+
+@guarded
+def cut_copy(session: Session, cancel_event: threading.Event | None = None) -> Reply:
+    """Build the pruned copy of the current plan now (surgery on a deep copy of the dense model), so
+    measuring, generating and exporting start at once; nothing to do when it exists."""
+    outcome = session.outcome
+    if outcome is None or outcome.pruned is not None:
+        return Reply(True, "", {})
+    t = time.perf_counter()
+    with DEVICE_LOCK:
+        check_cancel(cancel_event)
+        ensure_pruned(session, cancel_event)
+    return Reply(True, f"The pruned copy is ready (cut in {time.perf_counter() - t:.1f} s).", {})
 
 
 @guarded

@@ -198,14 +198,18 @@ def test_the_page_refuses_a_fraction_and_a_zero_sample_count(decoder_dir):
     req = SimpleNamespace(session_hash="u")
     assert fns["on_load"]("folder", "", str(decoder_dir), "cpu", req)[0].startswith("✓ Loaded")
     out = fns["on_prune"]("pasted", "wikipedia", None, LOREM * 40, 0, 64, 30, "params", False, "one-shot", "stat",
-                          "all layers", False, 100, req)
+                          "all layers", False, 100, "", req)
     assert out[0] == "⚠ The number of calibration samples must be at least 1, got 0.", out[0]
     out = fns["on_prune"]("pasted", "wikipedia", None, LOREM * 40, 8, 64, 30, "params", False, "one-shot", "stat",
-                          "all layers", False, 100, req)
+                          "all layers", False, 100, "", req)
     assert out[0].startswith("✓ Removed"), out[0]
-    out = fns["on_rebudget"](0.99, "params", False, "one-shot", "stat", "all layers", False, req)
+    # the page shows the plan first and cuts the pruned copy right after (its status line says so)
+    assert store.find("u").pruned is None
+    assert fns["on_cut"](out[0], req).startswith(out[0] + " The pruned copy is ready (cut in ")
+    assert store.find("u").pruned is not None
+    out = fns["on_rebudget"](0.99, "params", False, "one-shot", "stat", "all layers", False, "", req)
     assert out[0] == "⚠ The slider counts percent: type 99 for 99% (0.99 would be under 1%).", out[0]
     assert out[-1]["value"] == 30                                   # back to the plan's 30%
-    out = fns["on_rebudget"](1, "params", False, "one-shot", "stat", "all layers", False, req)
+    out = fns["on_rebudget"](1, "params", False, "one-shot", "stat", "all layers", False, "", req)
     assert out[0].startswith("✓ Planned to remove") and "1." in out[0]   # 1 means 1%, not 100%
     store.drop("u")

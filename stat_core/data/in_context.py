@@ -94,10 +94,11 @@ def in_context_windows(tokenizer, num_samples: int, seq_len: int, seed: int = 0)
     return torch.tensor(rows)
 
 
-def in_context_calibration(tokenizer, config: CalibrationConfig) -> tuple[torch.Tensor, dict]:
-    """The ``in-context`` source: demonstration windows and Wikipedia calibration windows, half and
-    half (interleaved, so any prefix of the set sees both)."""
-    n_demo = max(1, round(config.num_samples * IN_CONTEXT_SHARE))
+def in_context_calibration(tokenizer, config: CalibrationConfig,
+                           share: float = IN_CONTEXT_SHARE) -> tuple[torch.Tensor, dict]:
+    """The ``in-context`` source: demonstration windows (``share`` of them) and Wikipedia calibration
+    windows, interleaved so any prefix of the set sees both."""
+    n_demo = max(1, round(config.num_samples * share))
     demo = in_context_windows(tokenizer, n_demo, config.seq_len, config.seed)
     n_wiki = config.num_samples - n_demo
     info = {"in_context_windows": n_demo, "wikipedia_windows": n_wiki, "in_context_tasks": list(TASKS)}
