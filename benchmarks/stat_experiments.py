@@ -351,6 +351,7 @@ def main(argv=None) -> int:
         from stat_core.data.in_context import in_context_calibration
 
         for source in (args.variants or "in-context").split(","):
+            source, _, extra = source.partition("+")  # in-context+prior: with STAT's settings (here fitted on it)
             name, _, share = source.partition(":")  # in-context:0.25 — that share of demonstration windows
             config = CalibrationConfig(num_samples=64, seq_len=512, seed=0)
             own_windows = in_context_calibration(tokenizer, config, float(share))[0] if share else \
@@ -360,8 +361,11 @@ def main(argv=None) -> int:
             seconds = time.perf_counter() - t
             for budget in budgets:
                 pruned, t = copy.deepcopy(model), time.perf_counter()
-                result = P.prune_from_calibration_(pruned, own, P.PruneConfig(sparsity=budget))
-                measure("source", source, budget, pruned, seconds + time.perf_counter() - t, result.plan)
+                result = P.prune_from_calibration_(pruned, own, P.PruneConfig(sparsity=budget,
+                                                                              settings=stat_settings(extra) if extra
+                                                                              else None), data=own_windows)
+                measure("source", source + (f"+{extra}" if extra else ""), budget, pruned,
+                        seconds + time.perf_counter() - t, result.plan, result.info)
     else:  # stages: the first budget from the dense calibration, each next one after re-calibrating
         first = float(args.variants or 0.1)
         current, name = copy.deepcopy(model), f"{first:g}"
