@@ -361,8 +361,8 @@ def check_streamable(config: PruneConfig) -> None:
     if distributed.is_distributed():
         raise StreamingError("Streaming (--offload) runs in one process; start it without torchrun.")
     if config.settings is not None and config.settings != type(config.settings)():
-        raise StreamingError(f"Streaming (--offload) runs {config.method} with its default settings; drop the "
-                             f"--{config.method}-* options or --offload.")
+        raise StreamingError(f"Streaming (--offload) runs {get_method(config.method).label} with its default "
+                             f"settings; drop the --{config.method}-* options or --offload.")
 
 
 
@@ -729,8 +729,8 @@ def run_offload(args, settings=None) -> dict:
         raise StreamingError("--recover trains the whole model in memory, which --offload avoids; drop one of them.")
     check_streamable_method(args.method, args.mode)
     if settings is not None and settings != type(settings)():
-        raise StreamingError(f"Streaming (--offload) runs {args.method} with its default settings; drop the "
-                             f"--{args.method}-* options or --offload.")
+        raise StreamingError(f"Streaming (--offload) runs {get_method(args.method).label} with its default "
+                             f"settings; drop the --{args.method}-* options or --offload.")
     if args.device not in ("auto", "cpu"):
         raise StreamingError(f"--offload runs on the CPU for now; drop --device {args.device} (or --offload).")
     path = resolve_model_path(args.model)

@@ -330,7 +330,7 @@ def test_cli_offload_streams_the_in_memory_plan(tiny_folder, tmp_path, capsys, m
 
 @pytest.mark.parametrize("case,needle", [
     ("not-a-folder", "not a model folder"), ("pickles", "pickled weights"), ("missing-shard", "is missing"),
-    ("method", "plan layer by layer"), ("mix", "whole model")])
+    ("method", "plan layer by layer"), ("mix", "whole model"), ("settings", "runs STAT with its default settings")])
 def test_cli_offload_refusals(tiny_folder, tmp_path, capsys, case, needle):
     import shutil
 
@@ -351,6 +351,8 @@ def test_cli_offload_refusals(tiny_folder, tmp_path, capsys, case, needle):
         extra = ["--method", "slimgpt"]
     elif case == "mix":
         extra = ["--calibration", "mix"]
+    elif case == "settings":
+        extra = ["--stat-search", "4"]
     out = tmp_path / "out"
     assert main([str(src), "--out", str(out), "--offload", *CLI_ARGS, *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
