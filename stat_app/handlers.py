@@ -148,7 +148,7 @@ def replan(session: Session, sparsity: float, budget_kind: str = "params", unifo
         config = dataclasses.replace(config, settings=dataclasses.replace(config.settings, search=0))
         note = " (without the budget search, which takes minutes: press Prune to search at this budget)"
     plan, report = pipeline.plan_with_report(session.model, session.calibration, config, session.model_name,
-                                             session.calib_info)
+                                             session.calib_info, session.calib_data)
     session.set_outcome(Outcome(plan, config, report))
     return Reply(True, removed_sentence(report, "Planned to remove", report["seconds_plan"])[:-1] + note +
                  ". The pruned copy is built when you measure, generate or export.",
@@ -186,7 +186,7 @@ def prune(session: Session, sparsity: float, budget_kind: str = "params", unifor
         with DEVICE_LOCK:   # a budget search in the settings runs here (the device's work)
             check_cancel(cancel_event)
             plan, report = pipeline.plan_with_report(session.model, session.calibration, config, session.model_name,
-                                                     session.calib_info)
+                                                     session.calib_info, session.calib_data)
         session.set_outcome(Outcome(plan, config, report))
         return Reply(True, removed_sentence(report, "Removed", report["seconds_plan"]),
                      {"plan": plan, "report": report, "seconds": report["seconds_plan"]})

@@ -303,6 +303,7 @@ def prune_copy(model, calibration, data, config: PruneConfig, model_name: str | 
             progress("surgery", 0, 1)
         pruned = copy.deepcopy(model)
         core_prune.apply_plan_(pruned, plan, calibration.dense_stats)
+        get_method(config.method).finish_(pruned, calibration, config)  # e.g. STAT's output prior
         if progress is not None:
             progress("surgery", 1, 1)
         return pruned, plan
@@ -320,12 +321,13 @@ def _report(model, calibration, config: PruneConfig, plan, model_name: str | Non
 
 
 def plan_with_report(model, calibration, config: PruneConfig, model_name: str | None = None,
-                     calib_info: dict | None = None) -> tuple:
+                     calib_info: dict | None = None, data=None) -> tuple:
     """``(plan, report)``: a one-shot plan cut from the cached ``calibration`` (well under a second,
     no surgery) and its :func:`stat_core.evaluation.report.prune_report` with the sizes the plan will have
-    (:func:`stat_core.evaluation.report.plan_sizes`) and ``seconds_plan``."""
+    (:func:`stat_core.evaluation.report.plan_sizes`) and ``seconds_plan``. ``data``: the calibration
+    windows, for methods whose settings read them (STAT's search and output prior)."""
     t = time.perf_counter()
-    plan = core_prune.plan_pruning(model, calibration, config, model_name or "", calib_info or {})
+    plan = core_prune.plan_pruning(model, calibration, config, model_name or "", calib_info or {}, data=data)
     seconds = time.perf_counter() - t
     report = _report(model, calibration, config, plan, model_name, calib_info,
                      plan_sizes(model, plan, config.flops_seq_len), seconds_plan=seconds)

@@ -224,6 +224,16 @@ def test_method_settings_from_the_settings_box(calibrated):
     r = H.replan(s, 0.3, settings="search=8, protect_induction=2")
     assert r.ok and "without the budget search" in r.message and "search" not in r["plan"].budget, r.message
     assert r["plan"].method == "stat"
+    # STAT's output prior reaches the pruned copy, whether it is cut with the prune or after it
+    from stat_core.surgery.output_prior import output_prior
+
+    for cut in (True, False):
+        r = H.prune(s, 0.3, settings="output_prior=true", cut=cut)
+        assert r.ok, r.message
+        assert (s.pruned is not None) == cut
+        assert H.cut_copy(s).ok and output_prior(s.pruned) is not None and s.pruned.config.stat_output_prior
+    assert output_prior(s.model) is None  # the dense model untouched
+    assert H.prune(s, 0.3).ok and output_prior(s.pruned) is None
 
 
 def test_cancel_leaves_dense_model_intact(decoder_dir):
