@@ -135,6 +135,15 @@ def make_config(session: Session, sparsity: float, budget_kind: str = "params", 
                                  settings=settings_from_text(method, settings))
 
 
+def _install_plan(session: Session, config: PruneConfig) -> tuple:
+    """A one-shot plan of ``config`` from the session's cached statistics, installed as its outcome
+    (no pruned copy yet); ``(plan, report)``."""
+    plan, report = pipeline.plan_with_report(session.model, session.calibration, config, session.model_name,
+                                             session.calib_info, session.calib_data)
+    session.set_outcome(Outcome(plan, config, report))
+    return plan, report
+
+
 @guarded
 def replan(session: Session, sparsity: float, budget_kind: str = "params", uniform: bool = False,
            method: str = "stat", settings: str | None = None) -> Reply:
@@ -147,9 +156,7 @@ def replan(session: Session, sparsity: float, budget_kind: str = "params", unifo
     if getattr(config.settings, "search", 0):
         config = dataclasses.replace(config, settings=dataclasses.replace(config.settings, search=0))
         note = " (without the budget search, which takes minutes: press Prune to search at this budget)"
-    plan, report = pipeline.plan_with_report(session.model, session.calibration, config, session.model_name,
-                                             session.calib_info, session.calib_data)
-    session.set_outcome(Outcome(plan, config, report))
+    plan, report = _install_plan(session, config)
     return Reply(True, removed_sentence(report, "Planned to remove", report["seconds_plan"])[:-1] + note +
                  ". The pruned copy is built when you measure, generate or export.",
                  {"plan": plan, "report": report, "seconds": report["seconds_plan"]})
@@ -185,9 +192,7 @@ def prune(session: Session, sparsity: float, budget_kind: str = "params", unifor
     if not cut and mode == "one-shot" and not steps:
         with DEVICE_LOCK:   # a budget search in the settings runs here (the device's work)
             check_cancel(cancel_event)
-            plan, report = pipeline.plan_with_report(session.model, session.calibration, config, session.model_name,
-                                                     session.calib_info, session.calib_data)
-        session.set_outcome(Outcome(plan, config, report))
+            plan, report = _install_plan(session, config)
         return Reply(True, removed_sentence(report, "Removed", report["seconds_plan"]),
                      {"plan": plan, "report": report, "seconds": report["seconds_plan"]})
     with DEVICE_LOCK:

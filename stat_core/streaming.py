@@ -355,14 +355,19 @@ def check_streamable_method(method: str, mode: str) -> None:
                              f"--offload or choose one of those with --mode one-shot.")
 
 
+def check_default_settings(method: str, settings) -> None:
+    """Streaming runs a method with its default settings (its options need the whole model)."""
+    if settings is not None and settings != type(settings)():
+        raise StreamingError(f"Streaming (--offload) runs {get_method(method).label} with its default "
+                             f"settings; drop the --{method}-* options or --offload.")
+
+
 def check_streamable(config: PruneConfig) -> None:
     """One sentence when ``config`` asks for something streaming does not do."""
     check_streamable_method(config.method, config.mode)
     if distributed.is_distributed():
         raise StreamingError("Streaming (--offload) runs in one process; start it without torchrun.")
-    if config.settings is not None and config.settings != type(config.settings)():
-        raise StreamingError(f"Streaming (--offload) runs {get_method(config.method).label} with its default "
-                             f"settings; drop the --{config.method}-* options or --offload.")
+    check_default_settings(config.method, config.settings)
 
 
 
@@ -728,9 +733,7 @@ def run_offload(args, settings=None) -> dict:
     if args.recover:
         raise StreamingError("--recover trains the whole model in memory, which --offload avoids; drop one of them.")
     check_streamable_method(args.method, args.mode)
-    if settings is not None and settings != type(settings)():
-        raise StreamingError(f"Streaming (--offload) runs {get_method(args.method).label} with its default "
-                             f"settings; drop the --{args.method}-* options or --offload.")
+    check_default_settings(args.method, settings)
     if args.device not in ("auto", "cpu"):
         raise StreamingError(f"--offload runs on the CPU for now; drop --device {args.device} (or --offload).")
     path = resolve_model_path(args.model)

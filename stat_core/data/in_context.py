@@ -23,7 +23,13 @@ import re
 
 import torch
 
-from stat_core.data.sources import CalibrationConfig, bos_prefix, calibration_windows, wikipedia_split
+from stat_core.data.sources import (
+    CalibrationConfig,
+    bos_prefix,
+    calibration_windows,
+    interleave_windows,
+    wikipedia_split,
+)
 
 TASKS = ("topic", "first-word", "last-word", "count", "upper")
 #: Share of the ``in-context`` source's windows made of demonstrations (the rest: Wikipedia prose).
@@ -106,7 +112,4 @@ def in_context_calibration(tokenizer, config: CalibrationConfig,
         return demo, info
     wiki = calibration_windows(tokenizer, wikipedia_split("calibration"),
                                CalibrationConfig(num_samples=n_wiki, seq_len=config.seq_len, seed=config.seed))
-    rows = []
-    for i in range(max(len(demo), len(wiki))):
-        rows += ([wiki[i]] if i < len(wiki) else []) + ([demo[i]] if i < len(demo) else [])
-    return torch.stack(rows), info
+    return interleave_windows(wiki, demo), info

@@ -45,6 +45,7 @@ from stat_core.data.sources import (
     bos_prefix,
     calibration_windows,
     fingerprint,
+    interleave_windows,
     wikipedia_split,
 )
 from stat_core.paths import ASSETS_DIR, cache_dir
@@ -197,17 +198,8 @@ def decoder_calibration(model, tokenizer, source: str, config: CalibrationConfig
     windows = transcript_windows(tokenizer, transcripts, n_self, config.seq_len, config.seed)
     if n_self < config.num_samples:
         wiki = CalibrationConfig(num_samples=config.num_samples - n_self, seq_len=config.seq_len, seed=config.seed)
-        windows = _interleave(calibration_windows(tokenizer, wikipedia_split("calibration"), wiki), windows)
+        windows = interleave_windows(calibration_windows(tokenizer, wikipedia_split("calibration"), wiki), windows)
     info.update({"self_generated_windows": n_self, "wikipedia_windows": config.num_samples - n_self,
                  "generation_seconds": seconds, "seed_prompts": len(prompts),
                  "transcripts": len(transcripts), "generation": repr(settings)})
     return DecoderCalibration(windows, info)
-
-
-def _interleave(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Rows of ``a`` and ``b`` alternating (the rest of the longer one at the end), so any prefix
-    of the set (e.g. the gradient pass's first windows) sees both sources."""
-    rows = []
-    for i in range(max(len(a), len(b))):
-        rows += ([a[i]] if i < len(a) else []) + ([b[i]] if i < len(b) else [])
-    return torch.stack(rows)

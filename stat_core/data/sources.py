@@ -340,6 +340,15 @@ def calibration_windows(tokenizer, documents: list[str], config: CalibrationConf
     return windows
 
 
+def interleave_windows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Rows of ``a`` and ``b`` alternating (the rest of the longer one at the end), so any prefix
+    of the set (e.g. the gradient pass's first windows) sees both sources."""
+    rows = []
+    for i in range(max(len(a), len(b))):
+        rows += ([a[i]] if i < len(a) else []) + ([b[i]] if i < len(b) else [])
+    return torch.stack(rows)
+
+
 def fingerprint(*parts) -> str:
     """Short stable hash of tensors / strings / numbers, for caching statistics per (model, data)."""
     h = hashlib.sha256()

@@ -303,6 +303,11 @@ def with_units(plan: PrunePlan, method: PruningMethod, layers: list[tuple[list[i
                         "correction": method.correction, "correction_ridge": method.correction_ridge})
 
 
+def split_scores(pairs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-layer ``(head scores, neuron scores)`` pairs as two lists: heads, neurons."""
+    return [h for h, _ in pairs], [n for _, n in pairs]
+
+
 def top_k(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(torch.argsort(scores.detach().double().cpu(), descending=True)[:k].tolist())
 

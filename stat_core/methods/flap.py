@@ -39,6 +39,7 @@ from stat_core.methods.base import (
     nearest_attention_at_least,
     neurons_for_budget,
     plan_from_scores,
+    split_scores,
     standardize,
 )
 from stat_core.surgery.budget import heads_prunable
@@ -56,8 +57,7 @@ def flap_layer_scores(adapter, layer: int, st) -> tuple[torch.Tensor, torch.Tens
 
 def flap_scores(adapter, stats) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Standardized per-head and per-neuron scores of every layer (comparable across layers)."""
-    scores = [flap_layer_scores(adapter, layer, st) for layer, st in enumerate(stats)]
-    return [h for h, _ in scores], [n for _, n in scores]
+    return split_scores([flap_layer_scores(adapter, layer, st) for layer, st in enumerate(stats)])
 
 
 class Flap(ScoredMethod):
@@ -71,7 +71,7 @@ class Flap(ScoredMethod):
 
     def plan_from_summaries(self, adapter, summaries, config, model_name="", calibration_info=None):
         costs = layer_costs(adapter, config)
-        head_scores, neuron_scores = [h for h, _ in summaries], [n for _, n in summaries]
+        head_scores, neuron_scores = split_scores(summaries)
         prune_heads = heads_prunable(adapter, config)
         if config.uniform:  # FLAP's "UL-UM": one ratio in every layer
             attn = [nearest_attention_at_least(c, 1 - config.sparsity) if prune_heads else (c.n_heads, c.n_kv)

@@ -24,6 +24,7 @@ from stat_core.methods.base import (
     nearest_attention_at_least,
     neurons_for_budget,
     plan_from_scores,
+    split_scores,
 )
 from stat_core.surgery.budget import heads_prunable
 
@@ -41,8 +42,7 @@ def wanda_layer_scores(adapter, layer: int, st) -> tuple[torch.Tensor, torch.Ten
 
 def wanda_scores(adapter, stats) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per-head and per-neuron Wanda-sp scores of every layer."""
-    scores = [wanda_layer_scores(adapter, layer, st) for layer, st in enumerate(stats)]
-    return [h for h, _ in scores], [n for _, n in scores]
+    return split_scores([wanda_layer_scores(adapter, layer, st) for layer, st in enumerate(stats)])
 
 
 class WandaSP(ScoredMethod):
@@ -56,7 +56,7 @@ class WandaSP(ScoredMethod):
 
     def plan_from_summaries(self, adapter, summaries, config, model_name="", calibration_info=None):
         costs = layer_costs(adapter, config)
-        head_scores, neuron_scores = [h for h, _ in summaries], [n for _, n in summaries]
+        head_scores, neuron_scores = split_scores(summaries)
         attn = [nearest_attention_at_least(c, 1 - config.sparsity) if heads_prunable(adapter, config)
                 else (c.n_heads, c.n_kv) for c in costs]
         keep_n = neurons_for_budget(costs, attn, config.sparsity, uniform=True) if config.prune_neurons \
