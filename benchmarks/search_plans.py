@@ -36,6 +36,8 @@ def main(argv=None) -> int:
     p.add_argument("--deadline", type=float, default=None,
                    help="seconds from the start: a probe of 16 candidates times one candidate, and each search "
                         "gets at most the candidates that fit before the deadline (the plans found so far are kept)")
+    p.add_argument("--search-windows", type=int, default=None, help="fitness windows (default: STAT's)")
+    p.add_argument("--search-tokens", type=int, default=None, help="tokens of each fitness window (default: STAT's)")
     p.add_argument("--out", default="search_plans")
     args = p.parse_args(argv)
 
@@ -43,11 +45,13 @@ def main(argv=None) -> int:
     from stat_core.data.mix import decoder_calibration
     from stat_core.data.sources import CalibrationConfig
     from stat_core.methods.stat.method import StatSettings
-    from stat_core.methods.stat.search import SEARCH_TOKENS, SEARCH_WINDOWS
     from stat_core.models import load_model
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    fitness_size = {k: v for k, v in (("search_windows", args.search_windows),
+                                      ("search_tokens", args.search_tokens)) if v is not None}
+    shape = StatSettings(**fitness_size)
     budgets = [float(b) for b in args.budgets.split(",")]
     counts = [int(c) for c in args.candidates.split(",")]
     counts = counts * len(budgets) if len(counts) == 1 else counts
@@ -66,13 +70,14 @@ def main(argv=None) -> int:
     summary = {"model": args.model, "device": device,
                "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
                "torch": torch.__version__, "seconds_load": seconds_load,
-               "seconds_calibration": seconds_calibration, "fitness": f"{SEARCH_WINDOWS} × {SEARCH_TOKENS} tokens",
+               "seconds_calibration": seconds_calibration,
+               "fitness": f"{shape.search_windows} × {shape.search_tokens} tokens",
                "seed": args.seed, "runs": []}
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}), flush=True)
     per_candidate = None
     if args.deadline is not None:  # a short probe sizes the searches to the time left
-        probe = P.prune_from_calibration_(copy.deepcopy(model), calibration,
-                                          P.PruneConfig(sparsity=budgets[0], settings=StatSettings(search=16)),
+        probe_config = P.PruneConfig(sparsity=budgets[0], settings=StatSettings(search=16, **fitness_size))
+        probe = P.prune_from_calibration_(copy.deepcopy(model), calibration, probe_config,
                                           data=windows).plan.budget["search"]
         per_candidate = probe["seconds"] / 16
         summary["probe"] = probe
@@ -87,7 +92,8 @@ def main(argv=None) -> int:
         pruned, t = copy.deepcopy(model), time.perf_counter()
         result = P.prune_from_calibration_(pruned, calibration,
                                            P.PruneConfig(sparsity=budget,
-                                                         settings=StatSettings(search=n, search_seed=args.seed)),
+                                                         settings=StatSettings(search=n, search_seed=args.seed,
+                                                                       **fitness_size)),
                                            data=windows)
         seconds = time.perf_counter() - t
         name = f"plan_{budget:g}_search{n}.json"

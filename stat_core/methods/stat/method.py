@@ -48,14 +48,22 @@ from stat_core.surgery.output_prior import (
 class StatSettings:
     """STAT's options: ``search``, candidates of a budget search on the KL to the dense model (0: the
     allocator's counts as they are); ``search_seed``; ``output_prior``, a vocabulary bias restoring the
-    dense model's average next-token distribution (decoders)."""
+    dense model's average next-token distribution (decoders); ``protect_induction``, heads kept for
+    their induction score; ``search_windows`` × ``search_tokens``, the calibration windows (and their
+    first tokens) the search scores candidates on."""
 
     search: int = 0
     search_seed: int = 0
     output_prior: bool = False
     protect_induction: int = 0
+    search_windows: int = SEARCH_WINDOWS
+    search_tokens: int = SEARCH_TOKENS
 
     def __post_init__(self):
+        for name in ("search_windows", "search_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"STAT's {name} takes a whole number ≥ 1, got {value!r}")
         if isinstance(self.search, bool) or not isinstance(self.search, int) or self.search < 0:
             raise ValueError(f"STAT's search takes a whole number of candidates ≥ 0 (0: off), got {self.search!r}")
         if isinstance(self.protect_induction, bool) or not isinstance(self.protect_induction, int) \
@@ -117,8 +125,9 @@ class Stat(PruningMethod):
             data = self._windows(calibration, "search")
             blocks = build_block_options(adapter, analyses, config, protected)
             start = allocate(blocks, config.sparsity)
-            windows = data.input_ids[:SEARCH_WINDOWS, :SEARCH_TOKENS]
-            mask = None if data.attention_mask is None else data.attention_mask[:SEARCH_WINDOWS, :SEARCH_TOKENS]
+            rows, tokens = settings.search_windows, settings.search_tokens
+            windows = data.input_ids[:rows, :tokens]
+            mask = None if data.attention_mask is None else data.attention_mask[:rows, :tokens]
             result = search_allocation(
                 model, blocks, start, config.sparsity,
                 lambda layer, key: layer_plans(adapter, analyses, blocks, _choice_with(len(blocks), layer, key),

@@ -180,7 +180,8 @@ def search_allocation(dense, blocks: list[BlockOptions], start: Allocation, targ
                 return child
         return None
 
-    fitness = _Fitness(dense, plans, stats, windows, mask, correction, ridge)
+    on_gpu = next(dense.parameters()).device.type == "cuda"  # larger batches where memory is plenty
+    fitness = _Fitness(dense, plans, stats, windows, mask, correction, ridge, batch_size=8 if on_gpu else 2)
     parent = list(start.choice)
     parent_kl = start_kl = fitness(parent)
     history, evaluated, accepted = [parent_kl], 0, 0
