@@ -111,6 +111,19 @@ def test_search_meets_the_budget_is_deterministic_and_its_kl_is_the_models(sharp
     start = prune_from_calibration_(baseline, calib, PruneConfig(sparsity=0.4), data=windows)
     assert _kl_on(model, baseline, fitness) == pytest.approx(search["start_kl"], rel=1e-4)
     assert start.plan.budget.get("search") is None
+    assert search["fitness"] == [8, 32]  # the default 8 windows (of at most 256 tokens: these have 32)
+
+
+def test_search_fitness_size_is_a_setting(sharp):
+    model, windows, calib = sharp
+    settings = StatSettings(search=8, search_windows=3, search_tokens=16)
+    pruned = copy.deepcopy(model)
+    search = prune_from_calibration_(pruned, calib, PruneConfig(sparsity=0.4, settings=settings),
+                                     data=windows).plan.budget["search"]
+    assert search["fitness"] == [3, 16]
+    assert _kl_on(model, pruned, windows[:3, :16]) == pytest.approx(search["best_kl"], rel=1e-4)
+    with pytest.raises(ValueError, match="search_tokens takes a whole number ≥ 1, got 0"):
+        StatSettings(search=8, search_tokens=0)
 
 
 def test_protected_induction_heads_are_kept(sharp):

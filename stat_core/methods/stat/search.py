@@ -53,10 +53,12 @@ class SearchResult:
     accepted: int
     seconds: float
     history: list[float] = field(default_factory=list)  # the parent's KL after each generation
+    fitness: tuple[int, int] = (0, 0)  # the fitness set: windows × tokens
 
     def summary(self) -> dict:
         return {"candidates": self.candidates, "accepted": self.accepted, "start_kl": self.start_kl,
-                "best_kl": self.best_kl, "seconds": self.seconds, "history": [round(k, 6) for k in self.history]}
+                "best_kl": self.best_kl, "seconds": self.seconds, "fitness": list(self.fitness),
+                "history": [round(k, 6) for k in self.history]}
 
 
 class _Fitness:
@@ -207,4 +209,4 @@ def search_allocation(dense, blocks: list[BlockOptions], start: Allocation, targ
              start_kl, parent_kl, candidates, accepted, seconds)
     alloc = Allocation(choice=parent, cost_removed=removed(parent), cost_total=total, damage=damage(parent))
     return SearchResult(alloc=alloc, start_kl=start_kl, best_kl=parent_kl, candidates=candidates, accepted=accepted,
-                        seconds=seconds, history=history)
+                        seconds=seconds, history=history, fitness=tuple(windows.shape))
