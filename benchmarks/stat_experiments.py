@@ -51,7 +51,7 @@ from benchmarks._common import RESULTS, machine_note
 from stat_core.adapters import get_adapter
 from stat_core.methods.registry import get_method
 from stat_core.methods.stat import analysis as A
-from stat_core.surgery.budget import block_parameter_count
+from stat_core.surgery.budget import allocate, block_parameter_count
 from stat_core.surgery.plan import PrunePlan
 
 FIELDS = ("perplexity", "kl_to_dense", "fewshot_accuracy", "fewshot_bias_free", "fewshot_majority_share",
@@ -155,53 +155,33 @@ def load_cache(folder: Path, model):
     return calibration, DenseReference(**fields)
 
 
-def reweighted(build, variant: str):
-    """``build_block_options`` with the damage of each block re-weighted by ``variant``."""
+def reweighted(blocks, variant: str, config):
+    """STAT's per-block options (``build_block_options``) with their damage re-weighted by ``variant``."""
     kind, _, arg = variant.partition(":")
     if kind not in ("attn", "cap", "depth", "late", "keep-last"):
         raise SystemExit(f"unknown allocation variant {variant!r}: base, attn:G, cap:C, depth:A, late:A or keep-last:K")
     value = float(arg)
-
-    def build_options(adapter, analyses, config, protected=None):
-        blocks = build(adapter, analyses, config, protected)
-        n_layers = len(blocks) // 2
-        for i, b in enumerate(blocks):
-            layer, attention = i // 2, i % 2 == 0
-            if kind == "attn" and attention:
-                b.damage = b.damage * value
-            elif kind == "cap":
-                full = b.cost.max()
-                b.damage = np.where(full - b.cost > value * config.sparsity * full + 1e-9, np.inf, b.damage)
-            elif kind == "depth":
-                b.damage = b.damage * (1 + value * (n_layers - 1 - layer) / max(n_layers - 1, 1))
-            elif kind == "late":
-                b.damage = b.damage * (1 + value * layer / max(n_layers - 1, 1))
-            elif kind == "keep-last" and layer >= n_layers - value:
-                b.damage = np.where(b.cost < b.cost.max(), np.inf, b.damage)
-        return blocks
-    return build_options
+    n_layers = len(blocks) // 2
+    for i, b in enumerate(blocks):
+        layer, attention = i // 2, i % 2 == 0
+        if kind == "attn" and attention:
+            b.damage = b.damage * value
+        elif kind == "cap":
+            full = b.cost.max()
+            b.damage = np.where(full - b.cost > value * config.sparsity * full + 1e-9, np.inf, b.damage)
+        elif kind == "depth":
+            b.damage = b.damage * (1 + value * (n_layers - 1 - layer) / max(n_layers - 1, 1))
+        elif kind == "late":
+            b.damage = b.damage * (1 + value * layer / max(n_layers - 1, 1))
+        elif kind == "keep-last" and layer >= n_layers - value:
+            b.damage = np.where(b.cost < b.cost.max(), np.inf, b.damage)
+    return blocks
 
 
 def shrunk_analyses(adapter, calibration, lam: float):
     """The per-layer analyses with the sensitivity matrix shrunk by ``lam`` instead of the library's 0.1."""
-    from stat_core.linalg import cholesky_with_ridge
-
-    def effective(weight, fisher, resid_energy, n_tokens):
-        w = weight.detach().to(torch.float64)
-        if fisher is None:
-            return w / np.sqrt(max(resid_energy, 1e-30))
-        f = fisher.to(w.device, torch.float64)
-        d = f.shape[0]
-        f = (1 - lam) * f + lam * torch.trace(f) / d * torch.eye(d, dtype=f.dtype, device=f.device)
-        factor = cholesky_with_ridge(f, 1e-12 * float(torch.trace(f)) / d + 1e-30)
-        return factor.T @ w / np.sqrt(max(n_tokens, 1))
-
-    original, A.effective_out_weight = A.effective_out_weight, effective
-    try:
-        return [A.analyse_layer(adapter, i, s, calibration.sensitivity[i], False)
-                for i, s in enumerate(calibration.dense_stats)]
-    finally:
-        A.effective_out_weight = original
+    return [A.analyse_layer(adapter, i, s, calibration.sensitivity[i], False, shrinkage=lam)
+            for i, s in enumerate(calibration.dense_stats)]
 
 
 def stat_settings(variant: str):
@@ -290,16 +270,19 @@ def main(argv=None) -> int:
 
     budgets = [float(b) for b in args.budgets.split(",")]
     if args.experiment == "alloc":
-        build = A.build_block_options
         for budget in budgets:
             for variant in (args.variants or "base").split(","):
-                A.build_block_options = build if variant == "base" else reweighted(build, variant)
-                try:
-                    pruned, t = copy.deepcopy(model), time.perf_counter()
-                    result = P.prune_from_calibration_(pruned, calibration, P.PruneConfig(sparsity=budget))
-                finally:
-                    A.build_block_options = build
-                measure("alloc", variant, budget, pruned, time.perf_counter() - t, result.plan)
+                config = P.PruneConfig(sparsity=budget)
+                pruned, t = copy.deepcopy(model), time.perf_counter()
+                if variant == "base":
+                    plan = P.prune_from_calibration_(pruned, calibration, config).plan
+                else:  # STAT's own steps (options, allocation, plan, cut) with the options' damage re-weighted
+                    analyses = calibration.analyses_for(adapter, config.intercept)
+                    blocks = reweighted(A.build_block_options(adapter, analyses, config), variant, config)
+                    plan = A.plan_from_choice(adapter, analyses, blocks, allocate(blocks, budget), config, args.model, {})
+                    plan.method, plan.correction = "stat", A.stat_correction(config)
+                    P.apply_plan_(pruned, plan, calibration.dense_stats)
+                measure("alloc", variant, budget, pruned, time.perf_counter() - t, plan)
     elif args.experiment == "settings":
         for budget in budgets:
             for variant in (args.variants or "prior").split(","):
@@ -331,15 +314,9 @@ def main(argv=None) -> int:
                 result = P.prune_from_calibration_(pruned, shrunk, P.PruneConfig(sparsity=budget))
                 measure("shrink", f"lambda={lam}", budget, pruned, time.perf_counter() - t, result.plan)
     elif args.experiment == "mix":
-        from stat_core.data import mix
-
         for share in (args.variants or "0.25").split(","):
-            original, mix.MIX_SELF_SHARE = mix.MIX_SELF_SHARE, float(share)
-            try:
-                mixed = decoder_calibration(model, tokenizer, "mix",
-                                            CalibrationConfig(num_samples=64, seq_len=512, seed=0)).windows
-            finally:
-                mix.MIX_SELF_SHARE = original
+            mixed = decoder_calibration(model, tokenizer, "mix", CalibrationConfig(num_samples=64, seq_len=512, seed=0),
+                                        self_share=float(share)).windows
             t = time.perf_counter()
             own = P.calibrate(model, mixed, P.PruneConfig(sparsity=0.2))
             seconds = time.perf_counter() - t

@@ -121,13 +121,15 @@ def test_app_timings_compare_with_the_suite_tiny(tmp_path):
     assert "few-shot AUC" in (tmp_path / "with_suite.md").read_text()
 
 
-def test_stat_experiments_hooks_change_only_what_they_say(windows):
-    """The experiments' hooks on a tiny model: ``shrunk_analyses`` at the library's λ = 0.1 gives the
-    library's analyses; ``keep-last:1`` leaves the last layer whole at the same budget; a huge attention weight keeps
-    every head."""
+def test_stat_experiments_variants_change_only_what_they_say(windows):
+    """The experiments' variants on a tiny model, through the library's own parameters (nothing patched):
+    ``shrunk_analyses`` at the library's λ = 0.1 gives the library's analyses and another λ other ones;
+    STAT's steps composed with unweighted options give the library's plan; ``keep-last:1`` leaves the
+    last layer whole at the same budget; a huge attention weight keeps every head."""
     import stat_core.prune as P
     from stat_core.methods.stat import analysis as A
     from stat_core.adapters import get_adapter
+    from stat_core.surgery.budget import allocate
 
     exp = bench("stat_experiments")
     model = tiny_model(num_hidden_layers=3)
@@ -137,25 +139,24 @@ def test_stat_experiments_hooks_change_only_what_they_say(windows):
     same = exp.shrunk_analyses(adapter, calibration, 0.1)
     for a, b in zip(same, calibration.analyses):
         assert a.head_order == b.head_order and torch.equal(a.neuron_order, b.neuron_order)
-        assert torch.allclose(a.mlp_damage, b.mlp_damage, rtol=1e-9, atol=0)
-    assert A.effective_out_weight.__module__ == "stat_core.methods.stat.analysis"  # restored
+        assert torch.equal(a.mlp_damage, b.mlp_damage)
+    other = exp.shrunk_analyses(adapter, calibration, 0.9)
+    assert any(not torch.equal(a.mlp_damage, b.mlp_damage) for a, b in zip(other, calibration.analyses))
 
-    def plan(variant):
-        return _plan_with(A, exp.reweighted(A.build_block_options, variant), adapter, calibration, config)
+    def plan(variant=None):
+        blocks = A.build_block_options(adapter, calibration.analyses, config)
+        if variant is not None:
+            blocks = exp.reweighted(blocks, variant, config)
+        return A.plan_from_choice(adapter, calibration.analyses, blocks, allocate(blocks, 0.3), config, "tiny", {})
 
+    library = A.plan_from_analyses(adapter, calibration.analyses, config, "tiny", {})
+    assert [(lp.kept_heads, lp.kept_neurons) for lp in plan().layers] == \
+        [(lp.kept_heads, lp.kept_neurons) for lp in library.layers]
     kept = plan("keep-last:1").layers[-1]
     assert len(kept.kept_heads) == kept.num_heads and len(kept.kept_neurons) == kept.intermediate_size
     assert all(len(lp.kept_heads) == lp.num_heads for lp in plan("attn:1e12").layers)
     with pytest.raises(SystemExit, match="unknown allocation variant 'nonsense:1'"):
-        exp.reweighted(A.build_block_options, "nonsense:1")
-
-
-def _plan_with(A, build, adapter, calibration, config):
-    original, A.build_block_options = A.build_block_options, build
-    try:
-        return A.plan_from_analyses(adapter, calibration.analyses, config, "tiny", {})
-    finally:
-        A.build_block_options = original
+        exp.reweighted([], "nonsense:1", config)
 
 
 @pytest.mark.parametrize("kind", ["magnitude", "activation"])

@@ -40,10 +40,12 @@ def test_stat_at_20_percent_meets_the_quality_floor(smollm2, monkeypatch):
     assert abs(removed - 0.2) < 0.01
     stat_ppl = perplexity(pruned, ev)
     assert stat_ppl <= 1.5 * dense_ppl
-    # The correction is what makes it work: the same cut without it is clearly worse.
+    # The correction is what makes it work: the same cut without it is clearly worse (on a quarter of
+    # the evaluation windows, both measured there).
     uncorrected, _ = load_model("smollm2-135m", device="cpu")
     apply_plan_(uncorrected, result.plan, stats=None)
-    assert perplexity(uncorrected, ev) > 1.3 * stat_ppl
+    few = ev[:8]
+    assert perplexity(uncorrected, few) > 1.3 * perplexity(pruned, few)
     # The smaller model still generates, with the KV cache, from a chat-style prompt.
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     out = pruned.generate(ids, max_new_tokens=8, do_sample=False)

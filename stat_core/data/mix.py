@@ -181,9 +181,10 @@ def transcript_windows(tokenizer, transcripts: list[list[int]], num_samples: int
 def decoder_calibration(model, tokenizer, source: str, config: CalibrationConfig = CalibrationConfig(),
                         settings: GenerationSettings = GenerationSettings(),
                         progress: Callable[[str, int, int], None] | None = None,
-                        prompts: list[str] | None = None) -> DecoderCalibration:
+                        prompts: list[str] | None = None, self_share: float = MIX_SELF_SHARE) -> DecoderCalibration:
     """Calibration windows from one of :data:`SOURCES` (a text file is read by the caller);
-    ``prompts``: seed prompts (default: the project's asset file)."""
+    ``prompts``: seed prompts (default: the project's asset file); ``self_share``: the ``mix`` source's
+    share of self-generated windows."""
     if source not in SOURCES:
         raise DataError(f"Unknown calibration source '{source}'; choose one of {', '.join(SOURCES)} or give a text file.")
     info: dict = {"source": source, "num_samples": config.num_samples, "seq_len": config.seq_len, "seed": config.seed}
@@ -194,7 +195,7 @@ def decoder_calibration(model, tokenizer, source: str, config: CalibrationConfig
         return DecoderCalibration(windows, {**info, **extra})
     prompts = prompts if prompts is not None else seed_prompts()
     transcripts, seconds = generate_transcripts(model, tokenizer, prompts, settings, progress)
-    n_self = config.num_samples if source == "self-generated" else max(1, round(config.num_samples * MIX_SELF_SHARE))
+    n_self = config.num_samples if source == "self-generated" else max(1, round(config.num_samples * self_share))
     windows = transcript_windows(tokenizer, transcripts, n_self, config.seq_len, config.seed)
     if n_self < config.num_samples:
         wiki = CalibrationConfig(num_samples=config.num_samples - n_self, seq_len=config.seq_len, seed=config.seed)

@@ -39,14 +39,17 @@ from stat_core.surgery.budget import (
 from stat_core.surgery.plan import LayerPlan, PrunePlan
 
 
+SENSITIVITY_SHRINKAGE = 0.1  # λ in (1 − λ)F + λ·tr(F)/d·I (benchmarks/stat_experiments.py shrink varies it)
+
+
 def effective_out_weight(weight: torch.Tensor, fisher: torch.Tensor | None, resid_energy: float,
-                         n_tokens: int) -> torch.Tensor:
+                         n_tokens: int, shrinkage: float = SENSITIVITY_SHRINKAGE) -> torch.Tensor:
     """Output projection ``W: (d, n)`` premultiplied so that ``tr(W_eff S W_effᵀ)`` is a predicted
     loss increase per token.
 
     With a gradient second moment ``F = C Cᵀ`` (see ``output_sensitivity``), ``W_eff = Cᵀ W`` so
-    that ``tr(W_eff S W_effᵀ) = tr(F W S Wᵀ)``; a little shrinkage towards ``tr(F)/d · I`` keeps directions the few gradient
-    samples missed from looking free. Without ``F``, the residual is measured relative to the
+    that ``tr(W_eff S W_effᵀ) = tr(F W S Wᵀ)``; a little ``shrinkage`` towards ``tr(F)/d · I`` keeps
+    directions the few gradient samples missed from looking free. Without ``F``, the residual is measured relative to the
     energy of the residual stream it is added to.
     """
     w = weight.detach().to(torch.float64)
@@ -54,7 +57,7 @@ def effective_out_weight(weight: torch.Tensor, fisher: torch.Tensor | None, resi
         return w / np.sqrt(max(resid_energy, 1e-30))
     f = fisher.to(w.device, torch.float64)
     d = f.shape[0]
-    f = 0.9 * f + 0.1 * torch.trace(f) / d * torch.eye(d, dtype=f.dtype, device=f.device)
+    f = (1 - shrinkage) * f + shrinkage * torch.trace(f) / d * torch.eye(d, dtype=f.dtype, device=f.device)
     factor = cholesky_with_ridge(f, 1e-12 * float(torch.trace(f)) / d + 1e-30)
     return factor.T @ w / np.sqrt(max(n_tokens, 1))
 
@@ -107,9 +110,11 @@ class LayerAnalysis:
 
 def analyse_layer(adapter: ModelAdapter, layer: int, stats: BlockStats, fisher: dict | None,
                   centered: bool = False, *, reload: Callable[[], BlockStats] | None = None,
-                  drop_weights: Callable[[], None] | None = None) -> LayerAnalysis:
+                  drop_weights: Callable[[], None] | None = None,
+                  shrinkage: float = SENSITIVITY_SHRINKAGE) -> LayerAnalysis:
     """Head configurations and the neuron order of one layer with their damage curves; with
-    ``centered`` on the scatter matrices (the damage left after an affine correction).
+    ``centered`` on the scatter matrices (the damage left after an affine correction); ``shrinkage``
+    of the loss-sensitivity matrix as in :func:`effective_out_weight`.
 
     Memory (layer streaming, where the d_ff² float64 matrices are the peak): ``reload`` is a callable
     giving ``stats`` again (e.g. from the file they were just saved to); with it the analysis
@@ -120,9 +125,9 @@ def analyse_layer(adapter: ModelAdapter, layer: int, stats: BlockStats, fisher: 
     shape = adapter.layer_shape(layer)
     stats = on_compute_device(adapter, layer, stats)
     w_attn = effective_out_weight(adapter.attn_out_proj(layer).weight, None if fisher is None else fisher["attn"],
-                                  stats.resid_energy, stats.n_tokens)
+                                  stats.resid_energy, stats.n_tokens, shrinkage)
     w_mlp = effective_out_weight(adapter.mlp_out_proj(layer).weight, None if fisher is None else fisher["mlp"],
-                                 stats.resid_energy, stats.n_tokens)
+                                 stats.resid_energy, stats.n_tokens, shrinkage)
     if drop_weights is not None:
         drop_weights()
     attn_gram = stats.second_moment("attn", centered)
