@@ -230,7 +230,7 @@ def test_two_sessions_at_once(app_url, browser, tmp_path):
     a, b = ctx_a.new_page(), ctx_b.new_page()
     try:
         load_demo(b, app_url, "minilm-classifier")
-        set_sizes(b, 40, 64)
+        set_sizes(b, 16, 64)
         b.locator("#prune_btn").click()
         wait_status(b, r"^✓ Removed", CALIBRATION_TIMEOUT_MS)
         tab(b, "Inspect")  # the heatmap lives in the Inspect tab

@@ -97,28 +97,24 @@ def test_speed_tiny(tmp_path):
     assert pruned["ideal_prefill"] > 1 and pruned["ideal_decode"] > 1 and pruned["decode_tok_s"] > 0
 
 
-def test_app_timings_tiny(tmp_path):
-    assert bench("app_timings").main(["--tiny", "--out-dir", str(tmp_path)]) == 0
-    data = json.loads((tmp_path / "app_timings.json").read_text())
+def test_app_timings_tiny_with_the_suite(tmp_path):
+    """One user's session timed step by step through the handlers, with ``--compare-suite``: the Compare
+    step with the suite ticked is timed and its table kept."""
+    assert bench("app_timings").main(["--tiny", "--compare-suite", "stat,magnitude", "--out-dir", str(tmp_path),
+                                      "--name", "with_suite"]) == 0
+    data = json.loads((tmp_path / "with_suite.json").read_text())
     steps = [r["step"] for r in data["records"]]
-    assert steps[0] == "load" and steps[-1] == "export zip" and len(steps) == 7
+    assert steps[0] == "load" and steps[-1] == "export zip" and len(steps) == 8, steps
     seconds = {r["step"]: r["seconds"] for r in data["records"]}
     assert all(s > 0 for s in seconds.values()), seconds
     first = next(s for k, s in seconds.items() if k.startswith("first calibration"))
     replan = next(s for k, s in seconds.items() if k.endswith("new plan from cached statistics"))
     assert replan < first, seconds   # the re-budget reuses the statistics instead of re-calibrating
-    assert "re-budget to 50%" in (tmp_path / "app_timings.md").read_text()
-
-
-def test_app_timings_compare_with_the_suite_tiny(tmp_path):
-    """``--compare-suite``: the Compare step with the suite ticked is timed and its table kept."""
-    assert bench("app_timings").main(["--tiny", "--compare-suite", "stat,magnitude", "--out-dir", str(tmp_path),
-                                      "--name", "with_suite"]) == 0
-    data = json.loads((tmp_path / "with_suite.json").read_text())
     step = next(r for r in data["records"] if r["step"].startswith("compare at 30% with the suite"))
     assert step["table"]["headers"][4:6] == ["KL to dense", "few-shot acc"]
     assert [row[0].split(" ")[0] for row in step["table"]["rows"]] == ["dense", "STAT", "magnitude"]
-    assert "few-shot AUC" in (tmp_path / "with_suite.md").read_text()
+    report = (tmp_path / "with_suite.md").read_text()
+    assert "re-budget to 50%" in report and "few-shot AUC" in report
 
 
 def test_stat_experiments_variants_change_only_what_they_say(windows):
