@@ -10,7 +10,6 @@ the level just before the phase (``benchmarks/cost.py``'s sampler). Writes ``res
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import subprocess
 import sys
@@ -24,7 +23,6 @@ def child(variant: str, windows: int) -> dict:
     import copy
 
     import torch
-    from torch import nn
 
     from benchmarks.cost import PeakMemory, forward_seconds
     from stat_core.calibration import statistics as calibrate
@@ -35,18 +33,11 @@ def child(variant: str, windows: int) -> dict:
     from stat_core.prune import stat_prune_
 
     torch.set_num_threads(2)
-    if variant.startswith("batch-"):  # the default savers with another gradient-pass batch
-        import stat_core.prune as core_prune
-
-        core_prune.SENSITIVITY_BATCH = int(variant.split("-")[1])
-    if variant == "before":  # this project before the savers: 4 windows per batch, everything kept
-        import stat_core.prune as core_prune
-
-        core_prune.SENSITIVITY_BATCH = 4
-    if variant in ("keep-all-activations", "before"):
-        calibrate.recomputed_blocks = lambda layers: contextlib.nullcontext()
-        calibrate.chunked_cross_entropy = lambda x, y: nn.functional.cross_entropy(
-            x.float(), y, reduction="sum", ignore_index=-100)
+    # batch-N: the default savers with another gradient-pass batch; before: this project before the
+    # savers (4 windows per batch, everything kept); keep-all-activations: the savers off
+    batch = int(variant.split("-")[1]) if variant.startswith("batch-") else 4 if variant == "before" else 1
+    config = PruneConfig(sparsity=0.3, sensitivity_batch=batch,
+                         memory_savers=variant not in ("keep-all-activations", "before"))
     model, tok = load_model("smollm2-135m")
     w = calibration_windows(tok, wikipedia_split("calibration"), CalibrationConfig(num_samples=windows, seq_len=512))
     forward_seconds(model, w[:1], 1)  # warm-up
@@ -54,13 +45,12 @@ def child(variant: str, windows: int) -> dict:
         forward_seconds(model, w, 8)
     with PeakMemory("cpu") as sens:
         t = time.perf_counter()
-        import stat_core.prune as core_prune
-
-        calibrate.sensitivity_sums(model, get_adapter(model), w[:8], core_prune.SENSITIVITY_BATCH)
+        calibrate.sensitivity_sums(model, get_adapter(model), w[:8], config.sensitivity_batch,
+                                   memory_savers=config.memory_savers)
         sens_s = time.perf_counter() - t
     pruned = copy.deepcopy(model)
     with PeakMemory("cpu") as pr:
-        result = stat_prune_(pruned, w, PruneConfig(sparsity=0.3))
+        result = stat_prune_(pruned, w, config)
     return {"variant": variant, "calibration_tokens": int(w.numel()), "peak_mb_forward": round(fwd.peak_mb),
             "peak_mb_sensitivity": round(sens.peak_mb), "peak_mb_prune": round(pr.peak_mb),
             "memory_ratio": pr.peak_mb / fwd.peak_mb, "seconds_sensitivity": round(sens_s, 1),

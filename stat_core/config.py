@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from stat_core.calibration.sizes import SENSITIVITY_BATCH
 from stat_core.methods.registry import check_method_name
 
 # one-shot: every statistic from the dense model (the app re-budgets from them instantly).
@@ -39,6 +40,10 @@ class PruneConfig:
     # Next-token labels of the gradient pass: "data" (the text: empirical Fisher) or "model" (sampled
     # from the dense model: the Fisher of its own distribution, i.e. the curvature of KL to dense).
     sensitivity_labels: str = "data"
+    # The gradient pass's windows per backward pass, and its memory savers (each block's activations
+    # recomputed, the cross-entropy in chunks: one block and one chunk alive instead of all of them).
+    sensitivity_batch: int = SENSITIVITY_BATCH
+    memory_savers: bool = True
     # The method's own settings: an instance of ``get_method(method).Settings`` (a frozen dataclass,
     # e.g. ``SlimGPTSettings(percdamp=0.05)``); None: the method's defaults. The method checks the type.
     settings: object | None = None
@@ -58,8 +63,9 @@ class PruneConfig:
         if not (self.prune_heads or self.prune_neurons):
             raise ValueError("With every head and every neuron kept nothing can be removed; allow heads or neurons "
                              "to be pruned.")
-        if self.batch_size < 1 or (self.sensitivity_samples is not None and self.sensitivity_samples < 0):
-            raise ValueError("batch_size must be ≥ 1 and sensitivity_samples ≥ 0")
+        if self.batch_size < 1 or self.sensitivity_batch < 1 or \
+                (self.sensitivity_samples is not None and self.sensitivity_samples < 0):
+            raise ValueError("batch_size and sensitivity_batch must be ≥ 1 and sensitivity_samples ≥ 0")
         if isinstance(self.flops_seq_len, bool) or not isinstance(self.flops_seq_len, (int, float)) \
                 or not self.flops_seq_len >= 1:
             raise ValueError(f"The FLOP-counting sequence length must be a whole number of tokens ≥ 1, got "

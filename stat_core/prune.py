@@ -19,7 +19,7 @@ import torch
 from stat_core.adapters import ModelAdapter, get_adapter
 from stat_core.calibration import cache as calibration_cache
 from stat_core.calibration import distributed
-from stat_core.calibration.sizes import SENSITIVITY_BATCH, sensitivity_windows
+from stat_core.calibration.sizes import sensitivity_windows
 from stat_core.calibration.statistics import (
     BlockStats,
     CalibrationSet,
@@ -115,8 +115,9 @@ def calibrate(model, windows: "torch.Tensor | CalibrationSet", config: PruneConf
         notify(progress, "sensitivity", 0, 1)
         chosen = data.spread(n_sens) if data.labels is not None else data.subset(n_sens)
         # Plain sums on each rank's share of the chosen windows (a rank may get none), divided once.
-        local, first = distributed.shard(chosen, SENSITIVITY_BATCH, allow_empty=True)
-        sums = sensitivity_sums(model, adapter, local, SENSITIVITY_BATCH, config.sensitivity_labels, first_index=first)
+        local, first = distributed.shard(chosen, config.sensitivity_batch, allow_empty=True)
+        sums = sensitivity_sums(model, adapter, local, config.sensitivity_batch, config.sensitivity_labels,
+                                first_index=first, memory_savers=config.memory_savers)
         fisher = distributed.all_reduce_sensitivity(sums).normalised()
         del sums
         release_memory()  # the backward pass's freed blocks, before the statistics stack on them

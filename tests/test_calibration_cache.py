@@ -138,7 +138,8 @@ def test_the_key_covers_what_the_numbers_depend_on(windows):
     key = C.key_for(model, windows, PruneConfig(sparsity=0.5, method="wanda-sp", uniform=True))
     assert key == C.key_for(copy.deepcopy(model), windows.clone(), PruneConfig(sparsity=0.1))  # budget: not in it
     assert dict(key.settings) == {"sensitivity_samples": None, "batch_size": 8, "intercept": False,
-                                  "sensitivity_labels": "data"}
+                                  "sensitivity_labels": "data", "sensitivity_batch": 1, "memory_savers": True}
+    assert key != C.key_for(model, windows, PruneConfig(sparsity=0.1, memory_savers=False))  # sums agree to rounding only
     assert key != C.key_for(model.to(torch.float64), windows, PruneConfig(sparsity=0.1))  # dtype is in the bytes
     assert key.format == C.FORMAT_VERSION and len(key.code) == 64
     model.register_buffer("scale", torch.tensor(2.0, dtype=torch.bfloat16))  # 0-dim, 2-byte: hashed too

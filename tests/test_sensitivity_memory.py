@@ -1,7 +1,6 @@
 """The gradient pass keeps one block's activations (recomputation) and one chunk of log-probabilities
 (chunked cross-entropy), and gives the same sums as the plain pass."""
 
-import contextlib
 
 import pytest
 import torch
@@ -14,21 +13,16 @@ from stat_core.calibration import statistics as calibrate
 from stat_core.adapters import get_adapter
 
 
-def _sums(model, windows, labels, plain, monkeypatch):
-    with monkeypatch.context() as m:
-        if plain:
-            m.setattr(calibrate, "recomputed_blocks", lambda layers: contextlib.nullcontext())
-            m.setattr(calibrate, "chunked_cross_entropy",
-                      lambda x, y: nn.functional.cross_entropy(x.float(), y, reduction="sum", ignore_index=-100))
-        return calibrate.sensitivity_sums(model, get_adapter(model), windows, 2, labels)
+def _sums(model, windows, labels, plain):
+    return calibrate.sensitivity_sums(model, get_adapter(model), windows, 2, labels, memory_savers=not plain)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "opt"])
 @pytest.mark.parametrize("labels", ["data", "model"])
-def test_recomputed_blocks_give_the_same_sensitivity(family, labels, windows, monkeypatch):
+def test_recomputed_blocks_give_the_same_sensitivity(family, labels, windows):
     model = tiny_family_model(family) if family in ("gpt2", "opt") else tiny_model(family)
-    fast = _sums(model, windows, labels, False, monkeypatch)
-    plain = _sums(model, windows, labels, True, monkeypatch)
+    fast = _sums(model, windows, labels, False)
+    plain = _sums(model, windows, labels, True)
     assert fast.n_tokens == plain.n_tokens == windows.numel()
     for f, p in zip(fast.fisher, plain.fisher):
         for kind in ("attn", "mlp"):
@@ -38,11 +32,11 @@ def test_recomputed_blocks_give_the_same_sensitivity(family, labels, windows, mo
     assert all("forward" not in block.__dict__ for block in get_adapter(model).layers)
 
 
-def test_encoder_sensitivity_unchanged_by_recomputation(monkeypatch):
+def test_encoder_sensitivity_unchanged_by_recomputation():
     model = tiny_classifier("bert")
     data = padded_set()
-    fast = _sums(model, data, "data", False, monkeypatch)
-    plain = _sums(model, data, "data", True, monkeypatch)
+    fast = _sums(model, data, "data", False)
+    plain = _sums(model, data, "data", True)
     for f, p in zip(fast.fisher, plain.fisher):
         torch.testing.assert_close(f["mlp"], p["mlp"], rtol=1e-5, atol=1e-12)
 

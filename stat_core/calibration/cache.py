@@ -50,7 +50,8 @@ CODE_FILES = ("calibration/statistics.py", "calibration/sizes.py", "linalg.py", 
               "methods/stat/explain.py")
 
 #: The PruneConfig fields that change what ``prune.calibrate`` returns.
-SETTINGS = ("sensitivity_samples", "batch_size", "intercept", "sensitivity_labels")
+SETTINGS = ("sensitivity_samples", "batch_size", "intercept", "sensitivity_labels", "sensitivity_batch",
+            "memory_savers")
 
 
 def enabled() -> bool:

@@ -591,12 +591,15 @@ def recomputed_blocks(layers: nn.ModuleList):
 
 
 def sensitivity_sums(model: nn.Module, adapter: ModelAdapter, windows, batch_size: int = 4,
-                     labels: str = "data", first_index: int = 0) -> SensitivitySums:
+                     labels: str = "data", first_index: int = 0, memory_savers: bool = True) -> SensitivitySums:
     """The sums behind :func:`output_sensitivity`, on CPU: ``Σ_t g_t g_tᵀ`` per block and kind, and
     the number of real tokens. ``first_index``: the global index of ``windows``' first row when they
     are one shard of a larger set; model-sampled labels are seeded per global window index, so the
     sums of the shards add up to the sums of the whole set whatever the sharding or batching. An
-    empty ``windows`` gives zero sums over zero tokens."""
+    empty ``windows`` gives zero sums over zero tokens. ``memory_savers`` (the default): each block's
+    activations recomputed in the backward pass and the cross-entropy taken in chunks, so the peak holds
+    one block and one chunk of log-probabilities; off, everything is kept (faster, far more memory; the
+    sums agree to float rounding)."""
     if labels not in ("data", "model"):
         raise ValueError(f"labels must be 'data' or 'model', got {labels!r}")
     data = CalibrationSet.wrap(windows)
@@ -623,8 +626,9 @@ def sensitivity_sums(model: nn.Module, adapter: ModelAdapter, windows, batch_siz
     try:
         for p in model.parameters():
             p.requires_grad_(False)
-        with recomputed_blocks(adapter.layers):
-            offset, n_tokens = _sensitivity_batches(model, adapter, data, batch_size, labels, device, offset)
+        with recomputed_blocks(adapter.layers) if memory_savers else contextlib.nullcontext():
+            offset, n_tokens = _sensitivity_batches(model, adapter, data, batch_size, labels, device, offset,
+                                                    chunked_cross_entropy if memory_savers else _plain_cross_entropy)
     finally:
         for h in handles:
             h.remove()
@@ -633,7 +637,7 @@ def sensitivity_sums(model: nn.Module, adapter: ModelAdapter, windows, batch_siz
     return SensitivitySums([{k: v.cpu() for k, v in f.items()} for f in fisher], n_tokens)
 
 
-def _sensitivity_batches(model, adapter, data, batch_size, labels, device, offset):
+def _sensitivity_batches(model, adapter, data, batch_size, labels, device, offset, cross_entropy):
     """The backward passes of :func:`sensitivity_sums` (its hooks collect the sums); returns the
     next window index and the number of real tokens seen."""
     n_tokens = 0
@@ -655,12 +659,17 @@ def _sensitivity_batches(model, adapter, data, batch_size, labels, device, offse
                     target = target.masked_fill(batch.attention_mask[:, 1:].to(device) == 0, -100)
             # The last position predicts nothing; the logits are read in place (no shifted copy).
             target = torch.cat([target, target.new_full((n, 1), -100)], 1).reshape(-1)
-            chunked_cross_entropy(logits.view(-1, vocab), target).backward()
+            cross_entropy(logits.view(-1, vocab), target).backward()
         else:
             _classifier_fisher_backward(model(**kwargs).logits)
         n_tokens += int(batch.attention_mask.sum()) if batch.attention_mask is not None else ids.numel()
         offset += len(ids)
     return offset, n_tokens
+
+
+def _plain_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy (−100: ignored) over all rows at once: three ``N × V`` tensors kept."""
+    return nn.functional.cross_entropy(logits.float(), target, reduction="sum", ignore_index=-100)
 
 
 def chunked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
