@@ -133,3 +133,42 @@ def test_no_relative_import_climbs_out_of_its_package(package):
             if isinstance(node, ast.ImportFrom) and node.level > 1:
                 bad.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert bad == []
+
+
+def _library_patches(source: str) -> list[str]:
+    """Assignments to an attribute of a ``stat_core`` module (``P.CONSTANT = …``, ``setattr(A, …)``) in
+    ``source``: how a benchmark would vary a setting behind the library's back."""
+    tree = ast.parse(source)
+    modules = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules |= {a.asname or a.name.split(".")[0] for a in node.names if a.name.startswith("stat_core")}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("stat_core"):
+            for a in node.names:  # a submodule imported by name (functions and classes are not patched here)
+                if a.name[:1].islower() and (ROOT / (node.module.replace(".", "/")) / f"{a.name}.py").exists() \
+                        or (ROOT / node.module.replace(".", "/") / a.name / "__init__.py").exists():
+                    modules.add(a.asname or a.name)
+    found = []
+    for node in ast.walk(tree):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
+            if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+        for t in targets:
+            if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id in modules:
+                found.append(f"line {node.lineno}: {t.value.id}.{t.attr} = …")
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr" \
+                and node.args and isinstance(node.args[0], ast.Name) and node.args[0].id in modules:
+            found.append(f"line {node.lineno}: setattr({node.args[0].id}, …)")
+    return found
+
+
+def test_the_patch_finder_finds_a_patch():
+    assert _library_patches("import stat_core.prune as P\nP.SENSITIVITY_BATCH = 4\n") == \
+        ["line 2: P.SENSITIVITY_BATCH = …"]
+    assert _library_patches("from stat_core.methods.stat import analysis as A\nsetattr(A, 'f', None)\n") == \
+        ["line 2: setattr(A, …)"]
+    assert _library_patches("from stat_core.surgery.plan import PrunePlan\nPrunePlan.x = 1\n") == []
+
+
+def test_benchmarks_vary_settings_through_the_api_not_by_patching_the_library():
+    found = {path.name: _library_patches(path.read_text()) for path in sorted((ROOT / "benchmarks").glob("*.py"))}
+    assert not {name: hits for name, hits in found.items() if hits}
