@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -49,9 +50,9 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    fitness_size = {k: v for k, v in (("search_windows", args.search_windows),
-                                      ("search_tokens", args.search_tokens)) if v is not None}
-    shape = StatSettings(**fitness_size)
+    # STAT's settings with the fitness size asked for; each search sets its candidates and seed on them
+    shape = StatSettings(**{k: v for k, v in (("search_windows", args.search_windows),
+                                              ("search_tokens", args.search_tokens)) if v is not None})
     budgets = [float(b) for b in args.budgets.split(",")]
     counts = [int(c) for c in args.candidates.split(",")]
     counts = counts * len(budgets) if len(counts) == 1 else counts
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}), flush=True)
     per_candidate = None
     if args.deadline is not None:  # a short probe sizes the searches to the time left
-        probe_config = P.PruneConfig(sparsity=budgets[0], settings=StatSettings(search=16, **fitness_size))
+        probe_config = P.PruneConfig(sparsity=budgets[0], settings=dataclasses.replace(shape, search=16))
         probe = P.prune_from_calibration_(copy.deepcopy(model), calibration, probe_config,
                                           data=windows).plan.budget["search"]
         per_candidate = probe["seconds"] / 16
@@ -92,8 +93,8 @@ def main(argv=None) -> int:
         pruned, t = copy.deepcopy(model), time.perf_counter()
         result = P.prune_from_calibration_(pruned, calibration,
                                            P.PruneConfig(sparsity=budget,
-                                                         settings=StatSettings(search=n, search_seed=args.seed,
-                                                                       **fitness_size)),
+                                                         settings=dataclasses.replace(shape, search=n,
+                                                                                      search_seed=args.seed)),
                                            data=windows)
         seconds = time.perf_counter() - t
         name = f"plan_{budget:g}_search{n}.json"

@@ -49,8 +49,8 @@ def effective_out_weight(weight: torch.Tensor, fisher: torch.Tensor | None, resi
 
     With a gradient second moment ``F = C Cᵀ`` (see ``output_sensitivity``), ``W_eff = Cᵀ W`` so
     that ``tr(W_eff S W_effᵀ) = tr(F W S Wᵀ)``; a little ``shrinkage`` towards ``tr(F)/d · I`` keeps
-    directions the few gradient samples missed from looking free. Without ``F``, the residual is measured relative to the
-    energy of the residual stream it is added to.
+    directions the few gradient samples missed from looking free. Without ``F``, the residual is
+    measured relative to the energy of the residual stream it is added to.
     """
     w = weight.detach().to(torch.float64)
     if fisher is None:
