@@ -34,6 +34,10 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", default="0.2,0.3")
     p.add_argument("--candidates", default="400", help="one count, or one per budget (comma-separated)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runs", default=None,
+                   help="instead of --budgets/--seed: searches as BUDGET[:FITNESS[:SEED]], comma-separated, in order "
+                        "(FITNESS: wikipedia, the calibration windows, or in-context, the in-context source's "
+                        "windows; e.g. 0.2:in-context:0,0.2:wikipedia:1)")
     p.add_argument("--deadline", type=float, default=None,
                    help="seconds from the start: a probe of 16 candidates times one candidate, and each search "
                         "gets at most the candidates that fit before the deadline (the plans found so far are kept)")
@@ -53,17 +57,29 @@ def main(argv=None) -> int:
     # STAT's settings with the fitness size asked for; each search sets its candidates and seed on them
     shape = StatSettings(**{k: v for k, v in (("search_windows", args.search_windows),
                                               ("search_tokens", args.search_tokens)) if v is not None})
-    budgets = [float(b) for b in args.budgets.split(",")]
+    if args.runs:
+        runs = [(float(b), (rest + ["wikipedia"])[0], int((rest + ["wikipedia", args.seed])[1]))
+                for b, *rest in (r.split(":") for r in args.runs.split(","))]
+    else:
+        runs = [(float(b), "wikipedia", args.seed) for b in args.budgets.split(",")]
+    if any(f not in ("wikipedia", "in-context") for _, f, _ in runs):
+        raise SystemExit("a run's fitness is wikipedia or in-context")
+    budgets = [b for b, _, _ in runs]
     counts = [int(c) for c in args.candidates.split(",")]
     counts = counts * len(budgets) if len(counts) == 1 else counts
     if len(counts) != len(budgets):
-        raise SystemExit("--candidates takes one count or one per budget")
+        raise SystemExit("--candidates takes one count or one per budget (or run)")
 
     began = t = time.perf_counter()
     model, tokenizer = load_model(args.model, device=None if args.device == "auto" else args.device)
     seconds_load = time.perf_counter() - t
     windows = decoder_calibration(model, tokenizer, "wikipedia",
                                   CalibrationConfig(num_samples=64, seq_len=512, seed=0)).windows
+    fitness = {"wikipedia": windows}
+    if any(f == "in-context" for _, f, _ in runs):  # demonstrations + Wikipedia, never the suite's prompts
+        fitness["in-context"] = decoder_calibration(
+            model, tokenizer, "in-context",
+            CalibrationConfig(num_samples=shape.search_windows, seq_len=max(512, shape.search_tokens), seed=1)).windows
     t = time.perf_counter()
     calibration = P.calibrate(model, windows, P.PruneConfig(sparsity=0.2))
     seconds_calibration = time.perf_counter() - t
@@ -83,7 +99,7 @@ def main(argv=None) -> int:
         per_candidate = probe["seconds"] / 16
         summary["probe"] = probe
         print(json.dumps({"probe_seconds_per_candidate": per_candidate}), flush=True)
-    for budget, n in zip(budgets, counts):
+    for (budget, source, seed), n in zip(runs, counts):
         if per_candidate is not None:
             left = args.deadline - (time.perf_counter() - began)
             n = min(n, int(0.85 * left / per_candidate) // 8 * 8)
@@ -94,12 +110,14 @@ def main(argv=None) -> int:
         result = P.prune_from_calibration_(pruned, calibration,
                                            P.PruneConfig(sparsity=budget,
                                                          settings=dataclasses.replace(shape, search=n,
-                                                                                      search_seed=args.seed)),
-                                           data=windows)
+                                                                                      search_seed=seed)),
+                                           data=fitness[source])
         seconds = time.perf_counter() - t
-        name = f"plan_{budget:g}_search{n}.json"
+        name = (f"plan_{budget:g}_search{n}" + ("" if source == "wikipedia" else f"_fit-{source}")
+                + ("" if seed == 0 else f"_seed{seed}") + ".json")
         result.plan.to_json(out / name)
-        run = {"budget": budget, "candidates": n, "plan": name, "seconds_prune": seconds,
+        run = {"budget": budget, "candidates": n, "fitness_source": source, "seed": seed, "plan": name,
+               "seconds_prune": seconds,
                **result.plan.budget["search"]}
         summary["runs"].append(run)
         (out / "search_summary.json").write_text(json.dumps(summary, indent=1))
