@@ -1,9 +1,9 @@
 """``python -m stat_core.setup_assets``: convert the demo models and clean the text sample once, then
-calibrate the demo decoder at the app's defaults into the calibration cache (the first Calibrate &
-prune on it is then a file read). Every step is skipped when already done.
+calibrate the demo decoder and the demo classifier at the app's defaults into the calibration cache
+(the first Calibrate & prune on either is then a file read). Every step is skipped when already done.
 
-``python -m stat_core.setup_assets --no-calibration`` skips the calibration (about 2–3 minutes on two
-cores the first time; a few seconds to confirm it later).
+``python -m stat_core.setup_assets --no-calibration`` skips the calibrations (about 3–4 minutes on two
+cores the first time; a few seconds to confirm them later).
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ import time
 from stat_core.data.sources import wikipedia_articles
 from stat_core.models import DEMO_MODELS, prepare_demo_model
 
-#: The demo model whose default calibration setup computes in advance.
-WARM_MODEL = "smollm2-135m"
+#: The demo models whose default calibrations setup computes in advance (the decoder the app opens
+#: with, and the classifier).
+WARM_MODELS = ("smollm2-135m", "minilm-classifier")
+WARM_MODEL = WARM_MODELS[0]
 
 
 def warm_calibration_cache(name: str = WARM_MODEL, device: str = "auto", progress=None) -> dict:
@@ -40,7 +42,7 @@ def warm_calibration_cache(name: str = WARM_MODEL, device: str = "auto", progres
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--no-calibration", action="store_true", help="do not calibrate the demo decoder in advance")
+    p.add_argument("--no-calibration", action="store_true", help="do not calibrate the demo models in advance")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     articles = wikipedia_articles()
@@ -50,17 +52,18 @@ def main(argv=None) -> None:
     if not args.no_calibration:
         from stat_core.progress import TqdmProgress
 
-        print(f"calibration cache: {WARM_MODEL} at the app's defaults (a few minutes the first time)", flush=True)
-        warm = warm_calibration_cache(progress=TqdmProgress(True))
-        if warm.get("skipped"):
-            print(f"calibration cache: skipped ({warm['skipped']})")
-        elif warm["hit"]:
-            print(f"calibration cache: {WARM_MODEL} already calibrated ({warm['file']}, read in {warm['seconds']:.1f} s)")
-        elif warm["file"]:
-            print(f"calibration cache: {WARM_MODEL} calibrated in {warm['seconds']:.0f} s into {warm['file']}")
-        else:
-            print(f"calibration cache: {WARM_MODEL} calibrated in {warm['seconds']:.0f} s but not stored (see the log)")
-
+        for name in WARM_MODELS:
+            print(f"calibration cache: {name} at the app's defaults (minutes the first time)", flush=True)
+            warm = warm_calibration_cache(name, progress=TqdmProgress(True))
+            if warm.get("skipped"):
+                print(f"calibration cache: skipped ({warm['skipped']})")
+                break
+            if warm["hit"]:
+                print(f"calibration cache: {name} already calibrated ({warm['file']}, read in {warm['seconds']:.1f} s)")
+            elif warm["file"]:
+                print(f"calibration cache: {name} calibrated in {warm['seconds']:.0f} s into {warm['file']}")
+            else:
+                print(f"calibration cache: {name} calibrated in {warm['seconds']:.0f} s but not stored (see the log)")
 
 if __name__ == "__main__":
     main()

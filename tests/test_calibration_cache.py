@@ -229,18 +229,21 @@ def test_the_cache_is_bounded_and_can_be_turned_off(cache_on, windows, monkeypat
 
 
 @pytest.mark.slow
-def test_setup_calibrated_the_demo_decoder_at_the_app_defaults(monkeypatch):
-    """scripts/setup.sh's entry is the one the app's first Calibrate & prune reads (seconds, not minutes)."""
+@pytest.mark.parametrize("name", ["smollm2-135m", "minilm-classifier"])
+def test_setup_calibrated_the_demo_models_at_the_app_defaults(monkeypatch, name):
+    """scripts/setup.sh's entries are the ones the app's first Calibrate & prune reads on each demo
+    model (seconds, not minutes)."""
     from stat_core.models import demo_model_dir, load_model
-    from stat_core.setup_assets import WARM_MODEL, warm_calibration_cache
+    from stat_core.setup_assets import WARM_MODELS, warm_calibration_cache
 
+    assert name in WARM_MODELS
     monkeypatch.setenv("STAT_CALIBRATION_CACHE", "on")
-    if not (demo_model_dir(WARM_MODEL) / "config.json").exists():
-        pytest.fail(f"the demo model {WARM_MODEL} is not in the cache; run scripts/setup.sh")
-    model, tokenizer = load_model(WARM_MODEL, device="auto")
-    data = pipeline.calibration_data(model, tokenizer, WARM_MODEL).data
+    if not (demo_model_dir(name) / "config.json").exists():
+        pytest.fail(f"the demo model {name} is not in the cache; run scripts/setup.sh")
+    model, tokenizer = load_model(name, device="auto")
+    data = pipeline.calibration_data(model, tokenizer, name).data
     if not C.key_for(model, data, pipeline.CALIBRATION_SETTINGS).path.is_file():
-        pytest.fail(f"no calibration of {WARM_MODEL} in the cache; run scripts/setup.sh")
+        pytest.fail(f"no calibration of {name} in the cache; run scripts/setup.sh")
     del model
-    warm = warm_calibration_cache()
+    warm = warm_calibration_cache(name)
     assert warm["hit"] and warm["seconds"] < 30, warm
