@@ -22,16 +22,12 @@ from stat_core.calibration.statistics import CalibrationSet
 from stat_core.config import BUDGET_KINDS, MODES, PruneConfig
 from stat_core.data.sources import DataError
 from stat_core.evaluation.html_report import check_report_path, write_report_html
-from stat_core.evaluation.measure import baseline, quality
-from stat_core.evaluation.perplexity import count_parameters
-from stat_core.evaluation.report import prune_report, set_after_sizes, size_summary
-from stat_core.evaluation.suite import SuiteConfig, build_reference, evaluate_suite
+from stat_core.evaluation.report import prune_report, size_summary
 from stat_core.export.api import EXPORT_FORMATS, check_format, export_model
 from stat_core.export.common import (
     ExportError,
     atomic_output_dir,
     check_output_dir,
-    state_dict_bytes,
 )
 from stat_core.export.gguf import GGUF_TYPES
 from stat_core.methods.base import check_budget_feasible
@@ -39,20 +35,18 @@ from stat_core.methods.registry import get_method, method_names
 from stat_core.methods.settings import setting_kind
 from stat_core.models import DEMO_MODELS, ModelLoadError, load_model
 from stat_core.pipeline import (
+    Measure,
     calibration_data,
     default_flops_seq_len,
+    prune_in_place,
     recover,
     resolve_source,
 )
 from stat_core.progress import TqdmProgress
-from stat_core.prune import stat_prune_
 from stat_core.streaming import run_offload
-from stat_core.surgery.plan import PrunePlan
 
 log = logging.getLogger("stat_core")
 
-# Report fields that only make sense after pruning (they compare with the dense model).
-AFTER_ONLY = ("kl_to_dense", "instruction_agreement", "instruction_kl")
 
 
 def _setting_dest(method: str, field: str) -> str:
@@ -224,7 +218,6 @@ def run(args: argparse.Namespace) -> dict:
         if getattr(args, "report_html", None):
             check_report_path(args.report_html)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
-    encoder = is_encoder(model)
     method = get_method(args.method)
     method.check_applicable(model)  # one sentence before any data, evaluation or calibration
     if args.no_model and args.format != "safetensors":
@@ -255,63 +248,27 @@ def run(args: argparse.Namespace) -> dict:
     if distributed.is_distributed():
         report["distributed"] = {"processes": distributed.world_size(), "backend": distributed.backend_for(args.device)}
 
-    # Decoders: the evaluation suite (perplexity, KL to dense, few-shot, analogies, chat agreement),
-    # its dense side computed once before pruning; encoders: held-out accuracy and KL to dense
-    # (stat_core.evaluation.measure, as the app measures them).
-    reference = None
-
-    def measure(suffix: str) -> None:
-        nonlocal reference
-        if args.skip_eval:
-            return
-        if encoder and reference is None:
-            reference = baseline(model, held_out=held)
-            values = reference.quality
-        elif encoder:
-            values = quality(model, reference)
-        elif reference is None:
-            config_ = SuiteConfig.quick() if args.quick_eval else SuiteConfig()
-            reference = build_reference(model, tokenizer, config_, progress=TqdmProgress(not args.quiet))
-            values = reference.dense_metrics
-        else:
-            values = evaluate_suite(model, tokenizer, reference, progress=TqdmProgress(not args.quiet))
-        for name, value in values.items():
-            if suffix == "before" and name in AFTER_ONLY:
-                continue
-            report[f"{name}_{suffix}"] = value
-
-    measure("before")
+    # Decoders: the evaluation suite, its dense side computed once before pruning; encoders:
+    # held-out accuracy and KL to dense (stat_core.pipeline.Measure).
+    measure = Measure(tokenizer, held, quick=args.quick_eval, progress=TqdmProgress(not args.quiet))
+    if not args.skip_eval:
+        report.update(measure(model))
     if args.measure_floor:
         report["seconds_forward_calibration"] = time_forward(model, calib, args.batch_size)
 
     dense_copy = copy.deepcopy(model) if args.recover else None  # recovery's teacher, never modified
-    t = time.perf_counter()
-    result = stat_prune_(model, calib, config, model_name=args.model, progress=TqdmProgress(not args.quiet),
-                         calibration_info=calib_info, cache=True)  # one-shot: the on-disk calibration cache
+    # one-shot: the on-disk calibration cache; the report gets the times, sizes after and kept units
+    result = prune_in_place(model, calib, config, report, args.model, calib_info, TqdmProgress(not args.quiet))
     if not distributed.is_main():  # this rank calibrated its shard; rank 0 reports and exports
         return report
-    report["seconds_prune"] = time.perf_counter() - t
-    report["seconds_prune_stages"] = result.timings
-    if result.plan is None and "plan" in result.info:  # a trained method's final plan (block movement)
-        result.plan = PrunePlan.from_dict(result.info.pop("plan"))
     if args.measure_floor:
         report["prune_time_over_forward"] = report["seconds_prune"] / report["seconds_forward_calibration"]
-
-    if result.plan is not None:
-        set_after_sizes(report, size_summary(model, flops_seq_len))
-        report["predicted_damage"] = result.plan.budget.get("predicted_damage")
-        report["layers"] = result.plan.kept_summary()
-    else:  # a whole-model method counts its own blocks (SliceGPT: sliced linears + shortcut matrices)
-        set_after_sizes(report, {"params": count_parameters(model), "block_params": result.info["block_params_after"],
-                                 "bytes": state_dict_bytes(model)})
-        report["block_params_removed_fraction"] = result.info["removed_fraction"]
-        report["block_flops_removed_fraction"] = result.info.get("removed_fraction")
-        report["method_info"] = result.info
     if args.recover:
         # the app's recovery checkbox runs the same function (report keys recover, seconds_recover)
         recover(model, dense_copy, calib, args.recover, report, seed=args.seed, progress=TqdmProgress(not args.quiet))
         del dense_copy
-    measure("after")
+    if not args.skip_eval:
+        report.update(measure(model))
     if args.no_model:
         with atomic_output_dir(args.out, args.overwrite) as tmp:
             (tmp / "pruning_report.json").write_text(json.dumps(report, indent=1))

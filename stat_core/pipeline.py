@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 from stat_core import prune as core_prune
 from stat_core.adapters.registry import is_encoder
+from stat_core.calibration import distributed
 from stat_core.calibration.sizes import calibration_size_warning
 from stat_core.calibration.statistics import CalibrationSet
 from stat_core.config import PruneConfig
@@ -33,14 +34,17 @@ from stat_core.data.sources import (
     text_documents,
 )
 from stat_core.evaluation.classifier import CLASSIFIER_MAX_LEN, encode, encode_chunks
-from stat_core.evaluation.measure import Baseline, quality
+from stat_core.evaluation.measure import AFTER_ONLY as MEASURE_AFTER_ONLY
+from stat_core.evaluation.measure import Baseline, baseline, quality
+from stat_core.evaluation.perplexity import count_parameters
 from stat_core.evaluation.report import (
     plan_sizes,
     prune_report,
     set_after_sizes,
     size_summary,
 )
-from stat_core.evaluation.suite import evaluate_suite
+from stat_core.evaluation.suite import SuiteConfig, build_reference, evaluate_suite
+from stat_core.export.common import state_dict_bytes
 from stat_core.methods.registry import get_method
 from stat_core.methods.settings import settings_from_text
 from stat_core.methods.stat import explain
@@ -51,6 +55,7 @@ from stat_core.models import (
     demo_classifier_split,
 )
 from stat_core.recover import RecoveryConfig, recover_
+from stat_core.surgery.plan import PrunePlan
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -355,6 +360,70 @@ def cut_planned(model, calibration, data, config: PruneConfig, plan, report: dic
     set_after_sizes(report, size_summary(pruned, config.flops_seq_len))
     report["seconds_surgery"] = time.perf_counter() - t
     return pruned
+
+
+def prune_in_place(model, data, config: PruneConfig, report: dict, model_name: str | None = None,
+                   calib_info: dict | None = None, progress: ProgressFn | None = None, cache: bool = True):
+    """Prune ``model`` itself (no copy: the way to prune a model that fills memory) with
+    :func:`stat_core.prune.stat_prune_` (one-shot reads or stores the on-disk calibration cache with
+    ``cache``) and record in ``report`` (:func:`stat_core.evaluation.report.prune_report`)
+    ``seconds_prune``, its stages, the sizes after and the kept heads and neurons per layer, or a
+    whole-model method's own counts. Returns the :class:`~stat_core.prune.PruneResult`, whose
+    ``plan`` is the final plan of a trained method too. Under ``torch.distributed`` only rank 0's
+    report is filled (the other ranks calibrated their shard and return their result as it is)."""
+    t = time.perf_counter()
+    result = core_prune.stat_prune_(model, data, config, model_name=model_name or "", progress=progress,
+                                    calibration_info=calib_info or {}, cache=cache)
+    if not distributed.is_main():
+        return result
+    report["seconds_prune"] = time.perf_counter() - t
+    report["seconds_prune_stages"] = result.timings
+    if result.plan is None and "plan" in result.info:  # a trained method's final plan (block movement)
+        result.plan = PrunePlan.from_dict(result.info.pop("plan"))
+    if result.plan is not None:
+        set_after_sizes(report, size_summary(model, config.flops_seq_len))
+        report["predicted_damage"] = result.plan.budget.get("predicted_damage")
+        report["layers"] = result.plan.kept_summary()
+    else:  # a whole-model method counts its own blocks (SliceGPT: sliced linears + shortcut matrices)
+        set_after_sizes(report, {"params": count_parameters(model), "block_params": result.info["block_params_after"],
+                                 "bytes": state_dict_bytes(model)})
+        report["block_params_removed_fraction"] = result.info["removed_fraction"]
+        report["block_flops_removed_fraction"] = result.info.get("removed_fraction")
+        report["method_info"] = result.info
+    return result
+
+
+#: Report fields that only make sense after pruning (they compare with the dense model).
+AFTER_ONLY = (*MEASURE_AFTER_ONLY, "instruction_agreement", "instruction_kl")
+
+
+class Measure:
+    """Quality before and after one prune, as the CLI reports it: the first call measures the dense
+    model and keeps it as the reference, later calls measure a pruned one against it. Decoders: the
+    evaluation suite (perplexity, KL to dense, few-shot, analogies, chat agreement;
+    ``quick``: :meth:`SuiteConfig.quick`); encoders: accuracy and KL to dense on the ``held_out`` half.
+    Returns the fields as ``<name>_before`` / ``<name>_after``."""
+
+    def __init__(self, tokenizer, held_out=None, quick: bool = False, progress: ProgressFn | None = None):
+        self.tokenizer, self.held_out, self.quick, self.progress = tokenizer, held_out, quick, progress
+        self.reference = None
+
+    def __call__(self, model) -> dict:
+        encoder = is_encoder(model)
+        suffix = "before" if self.reference is None else "after"
+        if encoder and self.reference is None:
+            self.reference = baseline(model, held_out=self.held_out)
+            values = self.reference.quality
+        elif encoder:
+            values = quality(model, self.reference)
+        elif self.reference is None:
+            config = SuiteConfig.quick() if self.quick else SuiteConfig()
+            self.reference = build_reference(model, self.tokenizer, config, progress=self.progress)
+            values = self.reference.dense_metrics
+        else:
+            values = evaluate_suite(model, self.tokenizer, self.reference, progress=self.progress)
+        return {f"{name}_{suffix}": value for name, value in values.items()
+                if not (suffix == "before" and name in AFTER_ONLY)}
 
 
 def check_budget_early(model, sparsity, budget_kind: str = "params", uniform: bool = False) -> None:
