@@ -31,7 +31,7 @@ What streaming does not do: the gradient-based sensitivity pass (which weights e
 damage by its effect on the loss) needs a backward pass through every block; streaming skips it
 and the allocator falls back to the residual-energy weighting (``fisher=None``, the same as
 ``PruneConfig(sensitivity_samples=0)`` in memory). One-shot methods that plan layer by layer stream
-(``PruningMethod.streams``: STAT, FLAP, Wanda-sp); propagate and sequential modes and the methods
+(``PruningMethod.streams``: STAT, FLAP, Wanda-sp, SlimGPT); propagate and sequential modes and the methods
 that need the whole model at once refuse ``--offload`` in one sentence.
 """
 

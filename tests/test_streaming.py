@@ -189,14 +189,15 @@ def test_refuses_a_missing_shard(tmp_path):
 def test_refuses_other_methods_and_modes(tmp_path):
     src = _llama_dir(tmp_path, None)
     needle = r"one-shot methods that plan layer by layer \(stat, [a-z, -]+\)"
-    _refused(tmp_path, src, PruneConfig(sparsity=0.3, method="slimgpt"), match=needle)
+    _refused(tmp_path, src, PruneConfig(sparsity=0.3, method="llm-pruner"), match=needle)
     _refused(tmp_path, src, PruneConfig(sparsity=0.3, mode="propagate"), match=needle)
 
 
-@pytest.mark.parametrize("method", ["flap", "wanda-sp"])
+@pytest.mark.parametrize("method", ["flap", "wanda-sp", "slimgpt"])
 def test_streamed_peer_equals_in_memory(tmp_path, method):
-    """A peer that scores each layer on its own streams like STAT: the same plan and weights as its
-    in-memory prune (whose calibration has no gradient pass either)."""
+    """A peer that scores (FLAP, Wanda-sp) or selects (SlimGPT's OBS) each layer's units from that
+    layer alone streams like STAT: the same plan and weights as its in-memory prune (whose calibration
+    has no gradient pass either)."""
     src = _llama_dir(tmp_path, "40KB")
     windows = _windows()
     cfg = PruneConfig(sparsity=0.3, sensitivity_samples=0, batch_size=4, method=method)
@@ -348,7 +349,7 @@ def test_cli_offload_refusals(tiny_folder, tmp_path, capsys, case, needle):
     elif case == "missing-shard":
         sorted(src.glob("model-*.safetensors"))[0].unlink()
     elif case == "method":
-        extra = ["--method", "slimgpt"]
+        extra = ["--method", "llm-pruner"]
     elif case == "mix":
         extra = ["--calibration", "mix"]
     elif case == "settings":

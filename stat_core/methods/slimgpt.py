@@ -320,36 +320,49 @@ class SlimGPT(PruningMethod):
     correction = "least-squares"
     correction_ridge = PERCDAMP
     Settings = SlimGPTSettings
+    streams = True  # the counts come from shapes alone; each layer's selection from its own statistics
 
     def correction_ridge_for(self, config) -> float:
         return self.settings_of(config).percdamp
 
-    def plan(self, model, calibration, config, model_name="", calibration_info=None):
-        settings = self.settings_of(config)
-        percdamp = settings.percdamp
-        adapter = get_adapter(model)
+    def _counts(self, adapter, config):
+        """Every layer's kept heads, KV heads and neurons and its ratio: from the layer shapes and the
+        log-increasing schedule alone (no statistics), so a streamed layer knows its counts at once."""
         costs = layer_costs(adapter, config)
         attn, keep_n, ratios = slimgpt_counts(costs, config.sparsity, heads_prunable(adapter, config),
-                                              config.prune_neurons, config.uniform, settings.first_to_last)
-        layers, orders = [], []
-        for i, (c, (h, g), k) in enumerate(zip(costs, attn, keep_n)):
-            st = calibration.dense_stats[i]
-            if h < c.n_heads:
-                w_o = adapter.attn_out_proj(i).weight
-                heads, kv, order, _ = prune_heads_obs(st.attn_gram, w_o, c.n_heads, c.n_kv, adapter.head_dim, h, g,
-                                                      percdamp)
-            else:
-                heads, kv, order = list(range(c.n_heads)), list(range(c.n_kv)), list(range(c.n_heads))
-            if k < c.d_ff:
-                removed, _ = prune_channels_obs(st.mlp_gram, adapter.mlp_out_proj(i).weight, c.d_ff - k, percdamp)
-                gone = set(removed)
-                neurons = [j for j in range(c.d_ff) if j not in gone]
-            else:
-                neurons = list(range(c.d_ff))
-            layers.append((heads, kv, neurons))
-            orders.append(order)
-        return build_plan(adapter, config, self, layers, model_name, calibration_info, orders,
+                                              config.prune_neurons, config.uniform,
+                                              self.settings_of(config).first_to_last)
+        return costs, attn, keep_n, ratios
+
+    def layer_summary(self, adapter, layer, stats, config, reload=None, drop_weights=None):
+        """One layer's OBS selection ``(heads, kv heads, neurons, head order)`` from its dense Gram
+        statistics and its two output projections (all a streamed layer needs)."""
+        percdamp = self.settings_of(config).percdamp
+        costs, attn, keep_n, _ = self._counts(adapter, config)
+        c, (h, g), k = costs[layer], attn[layer], keep_n[layer]
+        if h < c.n_heads:
+            heads, kv, order, _ = prune_heads_obs(stats.attn_gram, adapter.attn_out_proj(layer).weight, c.n_heads,
+                                                  c.n_kv, adapter.head_dim, h, g, percdamp)
+        else:
+            heads, kv, order = list(range(c.n_heads)), list(range(c.n_kv)), list(range(c.n_heads))
+        if k < c.d_ff:
+            removed, _ = prune_channels_obs(stats.mlp_gram, adapter.mlp_out_proj(layer).weight, c.d_ff - k, percdamp)
+            gone = set(removed)
+            neurons = [j for j in range(c.d_ff) if j not in gone]
+        else:
+            neurons = list(range(c.d_ff))
+        return heads, kv, neurons, order
+
+    def plan_from_summaries(self, adapter, summaries, config, model_name="", calibration_info=None):
+        ratios = self._counts(adapter, config)[3]
+        return build_plan(adapter, config, self, [(h, kv, n) for h, kv, n, _ in summaries], model_name,
+                          calibration_info, [order for *_, order in summaries],
                           extra_budget={"layer_ratios": [float(r) for r in ratios]})
+
+    def plan(self, model, calibration, config, model_name="", calibration_info=None):
+        adapter = get_adapter(model)
+        summaries = [self.layer_summary(adapter, i, st, config) for i, st in enumerate(calibration.dense_stats)]
+        return self.plan_from_summaries(adapter, summaries, config, model_name, calibration_info)
 
 
 __all__ = ["SlimGPT", "SlimGPTSettings", "StructuredOBS", "dynamic_group_sizes", "log_schedule", "log_schedule_shape",
