@@ -356,7 +356,10 @@ def check_streamable_method(method: str, mode: str) -> None:
 
 
 def check_default_settings(method: str, settings) -> None:
-    """Streaming runs a method with its default settings (its options need the whole model)."""
+    """Streaming runs a method with its default settings (its options need the whole model), unless
+    the method's settings read one layer at a time (``PruningMethod.streamed_settings``)."""
+    if get_method(method).streamed_settings:
+        return
     if settings is not None and settings != type(settings)():
         raise StreamingError(f"Streaming (--offload) runs {get_method(method).label} with its default "
                              f"settings; drop the --{method}-* options or --offload.")

@@ -211,14 +211,18 @@ def test_method_settings_from_the_settings_box(calibrated):
     """The app's settings box: name=value text read by the method's own settings dataclass."""
     s = calibrated
     assert H.settings_help("stat").startswith("STAT: search=0, search_seed=0, output_prior=False")
-    assert H.settings_help("flap") == "FLAP has no settings of its own."
+    assert H.settings_help("flap") == "FLAP: metric=WIFV"
+    assert H.settings_help("wanda-sp") == "Wanda-sp has no settings of its own."
     r = H.prune(s, 0.3, method="slimgpt", settings="percdamp=0.05, first_to_last = 0.5")
     assert r.ok, r.message
     assert r["plan"].budget["settings"] == {"percdamp": 0.05, "first_to_last": 0.5}
     assert "not a setting of STAT; write name=value with one of: search, search_seed, output_prior" in \
         one_sentence(H.prune(s, 0.3, settings="bogus=1"))
     assert "STAT's output_prior is true or false, got 'maybe'" in one_sentence(H.prune(s, 0.3, settings="output_prior=maybe"))
-    assert "FLAP has no settings of its own" in one_sentence(H.replan(s, 0.3, method="flap", settings="x=1"))
+    assert "Wanda-sp has no settings of its own" in one_sentence(H.replan(s, 0.3, method="wanda-sp", settings="x=1"))
+    r = H.replan(s, 0.3, method="flap", settings="metric=WIFN")
+    assert r.ok and r["plan"].budget["settings"] == {"metric": "WIFN"}, r.message
+    assert "FLAP's metric is one of WIFV, WIFN, IFV" in one_sentence(H.replan(s, 0.3, method="flap", settings="metric=x"))
     assert "percdamp must be > 0" in one_sentence(H.replan(s, 0.3, method="slimgpt", settings="percdamp=-1"))
     # the slider re-plans without a budget search (minutes), and says so; its other settings apply
     r = H.replan(s, 0.3, settings="search=8, protect_induction=2")

@@ -82,5 +82,5 @@ def test_settings_of_another_method_are_refused_in_one_sentence(calibrated):
         plan_pruning(model, calib, PruneConfig(sparsity=0.3, method="slimgpt", settings=LLMPrunerSettings()))
     with pytest.raises(ValueError, match="STAT takes StatSettings settings, got SlimGPTSettings"):
         plan_pruning(model, calib, PruneConfig(sparsity=0.3, settings=SlimGPTSettings()))
-    with pytest.raises(ValueError, match="FLAP has no settings of its own"):
-        plan_pruning(model, calib, PruneConfig(sparsity=0.3, method="flap", settings=SlimGPTSettings()))
+    with pytest.raises(ValueError, match="Wanda-sp has no settings of its own"):
+        plan_pruning(model, calib, PruneConfig(sparsity=0.3, method="wanda-sp", settings=SlimGPTSettings()))

@@ -105,6 +105,32 @@ def test_flap_scores_are_the_standardized_fluctuation(windows):
     assert abs(float(neurons[1].mean())) < 1e-9 and heads[0].shape == (4,)
 
 
+def test_flap_metric_setting_is_the_authors_three_metrics(windows):
+    """FLAP's ``metric`` (the authors' WIFV / WIFN / IFV): WIFV is the default and gives the default
+    plan; WIFN's per-column score is Wanda-sp's; IFV is the variance alone; a bad name is one sentence
+    and every metric reaches the CLI's help."""
+    from stat_core.cli import build_parser
+    from stat_core.methods.flap import FlapSettings, _column_scores
+
+    model = tiny_model("llama")
+    calib = _calibration(model, windows)
+    adapter = get_adapter(model)
+    st, w = calib.dense_stats[1], adapter.mlp_out_proj(1).weight.detach().double()
+    _, wanda = wanda_scores(adapter, calib.dense_stats)
+    torch.testing.assert_close(_column_scores(st, "mlp", w, "WIFN"), wanda[1])
+    torch.testing.assert_close(_column_scores(st, "mlp", w, "IFV"), st.variance("mlp"))
+    plans = {}
+    for metric in (None, "WIFV", "wifn", "IFV"):
+        settings = None if metric is None else FlapSettings(metric=metric)
+        config = PruneConfig(sparsity=0.3, method="flap", settings=settings)
+        plans[metric] = get_method("flap").plan(model, calib, config).kept_summary()
+    assert plans[None] == plans["WIFV"]
+    assert plans["wifn"] != plans["WIFV"] and plans["IFV"] != plans["WIFV"]
+    with pytest.raises(ValueError, match="FLAP's metric is one of WIFV, WIFN, IFV"):
+        FlapSettings(metric="fluctuation")
+    assert "--flap-metric" in build_parser().format_help()
+
+
 @pytest.mark.parametrize("sparsity", [0.2, 0.4])
 def test_wanda_sp_same_ratio_in_every_layer(sparsity, windows):
     model = tiny_model("llama", num_hidden_layers=3)

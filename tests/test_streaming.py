@@ -13,6 +13,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 from stat_core.calibration.statistics import CalibrationSet
 from stat_core.export.hf import load_pruned
 from stat_core.config import PruneConfig
+from stat_core.methods.settings import settings_from_text
 from stat_core.prune import stat_prune_
 from stat_core.streaming import StreamingError, streamed_prune
 
@@ -193,14 +194,16 @@ def test_refuses_other_methods_and_modes(tmp_path):
     _refused(tmp_path, src, PruneConfig(sparsity=0.3, mode="propagate"), match=needle)
 
 
-@pytest.mark.parametrize("method", ["flap", "wanda-sp", "slimgpt"])
-def test_streamed_peer_equals_in_memory(tmp_path, method):
+@pytest.mark.parametrize("method,settings", [("flap", None), ("wanda-sp", None), ("slimgpt", None),
+                                             ("flap", "metric=WIFN"), ("slimgpt", "percdamp=0.05")])
+def test_streamed_peer_equals_in_memory(tmp_path, method, settings):
     """A peer that scores (FLAP, Wanda-sp) or selects (SlimGPT's OBS) each layer's units from that
     layer alone streams like STAT: the same plan and weights as its in-memory prune (whose calibration
     has no gradient pass either)."""
     src = _llama_dir(tmp_path, "40KB")
     windows = _windows()
-    cfg = PruneConfig(sparsity=0.3, sensitivity_samples=0, batch_size=4, method=method)
+    cfg = PruneConfig(sparsity=0.3, sensitivity_samples=0, batch_size=4, method=method,
+                      settings=settings_from_text(method, settings))
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     expected = stat_prune_(model, windows, cfg)
     out = tmp_path / "out"

@@ -74,6 +74,9 @@ class PruningMethod:
     #: plans from what each layer gives while it is in memory (:meth:`layer_summary`, then
     #: :meth:`plan_from_summaries`), so streaming (``--offload``) can run it one block at a time
     streams: bool = False
+    #: Streaming: its settings read one layer at a time too, so ``--offload`` accepts any of them (else
+    #: only the defaults)
+    streamed_settings: bool = False
     #: the method's own settings: a frozen dataclass whose fields all have defaults (None: it has none).
     #: The CLI makes one flag per field (``--<method>-<field>``); configs carry an instance.
     Settings: type | None = None

@@ -7,7 +7,9 @@ Read from the authors' code (``lib/prune.py``: ``prune_flap`` with metric ``WIFV
 Score ("WIFV", weighted input feature variance): for input column ``j`` of the output projection
 ``W`` (``o_proj`` / ``down_proj``), ``Var(z_j) · ‖W[:, j]‖²``, the variance taken over the
 calibration tokens (exact, from the Gram diagonal and the column sums). For attention the
-authors square the per-column score before use; we do the same.
+authors square the per-column score before use; we do the same. Their code's other two metrics are
+settings (:class:`FlapSettings`, ``--flap-metric``): ``WIFN``, weighted input feature norm,
+``mean_i |W_ij| · √E[z_j²]`` (the Wanda-sp column score), and ``IFV``, ``Var(z_j)`` alone.
 
 Allocation ("AL-AM": adaptive across layers and modules): the per-column scores of each layer are
 standardized (``(x − mean) / std`` over the layer's columns) separately for attention and MLP; a
@@ -30,6 +32,8 @@ as in FLAP (which also measures each layer on the dense model's outputs).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from stat_core.methods.base import (
@@ -45,19 +49,44 @@ from stat_core.methods.base import (
 from stat_core.surgery.budget import heads_prunable
 
 
-def flap_layer_scores(adapter, layer: int, st) -> tuple[torch.Tensor, torch.Tensor]:
+#: The fluctuation metrics of the authors' code (``lib/prune.py``: ``metrics``); WIFV is their default.
+FLAP_METRICS = ("WIFV", "WIFN", "IFV")
+
+
+@dataclass(frozen=True)
+class FlapSettings:
+    """FLAP's knob: ``metric``, the per-column score — ``WIFV`` (default), ``WIFN`` or ``IFV``."""
+
+    metric: str = "WIFV"
+
+    def __post_init__(self):
+        object.__setattr__(self, "metric", str(self.metric).upper())
+        if self.metric not in FLAP_METRICS:
+            raise ValueError(f"FLAP's metric is one of {', '.join(FLAP_METRICS)} (WIFV: the authors' default), "
+                             f"got {self.metric!r}")
+
+
+def _column_scores(st, kind: str, weight: torch.Tensor, metric: str) -> torch.Tensor:
+    """One output projection's per-input-column score by FLAP's ``metric``."""
+    if metric == "WIFN":  # E[z²] from the Gram diagonal, as the authors' scaler_inp
+        return (weight.abs() * torch.sqrt(torch.diagonal(st.second_moment(kind)).cpu() / max(st.n_tokens, 1))).mean(0)
+    variance = st.variance(kind).cpu()
+    return variance if metric == "IFV" else variance * (weight ** 2).sum(0)
+
+
+def flap_layer_scores(adapter, layer: int, st, metric: str = "WIFV") -> tuple[torch.Tensor, torch.Tensor]:
     """Standardized per-head and per-neuron scores of one layer (comparable across layers)."""
     shape = adapter.layer_shape(layer)
     w_o = adapter.attn_out_proj(layer).weight.detach().to(torch.float64).cpu()
     w_d = adapter.mlp_out_proj(layer).weight.detach().to(torch.float64).cpu()
-    attn = (st.variance("attn").cpu() * (w_o ** 2).sum(0)) ** 2
-    mlp = st.variance("mlp").cpu() * (w_d ** 2).sum(0)
+    attn = _column_scores(st, "attn", w_o, metric) ** 2
+    mlp = _column_scores(st, "mlp", w_d, metric)
     return standardize(attn).reshape(shape.num_heads, adapter.head_dim).mean(1), standardize(mlp)
 
 
-def flap_scores(adapter, stats) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def flap_scores(adapter, stats, metric: str = "WIFV") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Standardized per-head and per-neuron scores of every layer (comparable across layers)."""
-    return split_scores([flap_layer_scores(adapter, layer, st) for layer, st in enumerate(stats)])
+    return split_scores([flap_layer_scores(adapter, layer, st, metric) for layer, st in enumerate(stats)])
 
 
 class Flap(ScoredMethod):
@@ -65,9 +94,14 @@ class Flap(ScoredMethod):
     label = "FLAP"
     summary = "fluctuation score Var(z)·‖W‖², standardized, one global ranking; mean-bias compensation"
     correction = "mean-bias"
+    Settings = FlapSettings
+    streamed_settings = True  # the metric scores one layer at a time
 
     def layer_scores(self, adapter, layer, stats):
         return flap_layer_scores(adapter, layer, stats)
+
+    def layer_summary(self, adapter, layer, stats, config, reload=None, drop_weights=None):
+        return flap_layer_scores(adapter, layer, stats, self.settings_of(config).metric)
 
     def plan_from_summaries(self, adapter, summaries, config, model_name="", calibration_info=None):
         costs = layer_costs(adapter, config)
@@ -122,4 +156,4 @@ class Flap(ScoredMethod):
         return out
 
 
-__all__ = ["Flap", "flap_scores"]
+__all__ = ["FLAP_METRICS", "Flap", "FlapSettings", "flap_scores"]

@@ -321,6 +321,7 @@ class SlimGPT(PruningMethod):
     correction_ridge = PERCDAMP
     Settings = SlimGPTSettings
     streams = True  # the counts come from shapes alone; each layer's selection from its own statistics
+    streamed_settings = True
 
     def correction_ridge_for(self, config) -> float:
         return self.settings_of(config).percdamp
