@@ -48,7 +48,6 @@ from stat_core.streaming import run_offload
 log = logging.getLogger("stat_core")
 
 
-
 def _setting_dest(method: str, field: str) -> str:
     return f"setting__{method.replace('-', '_')}__{field}"
 
