@@ -10,6 +10,8 @@ evaluation suite (``stat_core.evaluation.suite``): what perplexity sees and what
     .venv/bin/python -m benchmarks.suite --quick --classifier '' --budgets 0.5 --methods stat,slimgpt \
         --recover 10 --recover-lr 5e-5 --recover-only --plain-from benchmarks/results/suite.json \
         --name finetune_ref_smollm2   # each method + recovery, next to its plain cell of suite.json
+    .venv/bin/python -m benchmarks.suite --quick --classifier '' --methods 'flap,flap[metric=WIFN]' \
+        --name flap_metrics   # a method with its own settings is a row of its own
 
 One ``calibrate()`` of the dense model (the protocol's 64 × 512 Wikipedia windows, seed 0) serves
 every plan-based method and budget; each cell is a fresh copy of the dense model cut by the method's
@@ -47,6 +49,7 @@ from stat_core.adapters import get_adapter
 from stat_core.surgery.budget import block_parameter_count
 from stat_core.calibration.statistics import CalibrationSet
 from stat_core.methods.registry import get_method, method_names
+from stat_core.methods.settings import settings_from_text
 from stat_core.config import PruneConfig
 from stat_core.surgery.apply import apply_plan_
 from stat_core.prune import calibrate, plan_pruning, stat_prune_
@@ -99,6 +102,13 @@ class Recorder:
 
 # --- decoders ---------------------------------------------------------------------------------------
 
+def method_variant(spec: str):
+    """``(method name, its settings)`` from ``NAME`` or ``NAME[field=value;...]`` (e.g.
+    ``flap[metric=WIFN]``): a method with non-default settings is its own row, named by ``spec``."""
+    name, _, rest = spec.partition("[")
+    return name, settings_from_text(name, rest.rstrip("]").replace(";", ",")) if rest else None
+
+
 def run_decoder(model, tokenizer, windows, model_name: str, methods: list[str], budgets: list[float],
                 suite_config, rec: Recorder, sensitivity_samples: int | None = None,
                 recovery=None, recovery_only: bool = False) -> None:
@@ -117,8 +127,10 @@ def run_decoder(model, tokenizer, windows, model_name: str, methods: list[str], 
     prepare_seconds: dict[str, float] = {}
     for budget in budgets:
         for name in methods:
-            method = get_method(name)
-            config = PruneConfig(sparsity=budget, method=name, sensitivity_samples=sensitivity_samples)
+            base, settings = method_variant(name)
+            method = get_method(base)
+            config = PruneConfig(sparsity=budget, method=base, sensitivity_samples=sensitivity_samples,
+                                 settings=settings)
             pruned = copy.deepcopy(model)
             if method.whole_model:
                 t = time.perf_counter()
@@ -188,7 +200,8 @@ def run_classifier(model, calib_set, held, held_windows, model_name: str, method
     prepare_seconds: dict[str, float] = {}
     for budget in budgets:
         for name in methods:
-            method = get_method(name)
+            base, settings = method_variant(name)
+            method = get_method(base)
             if method.decoder_only:
                 continue
             if name not in prepare_seconds:
@@ -197,7 +210,8 @@ def run_classifier(model, calib_set, held, held_windows, model_name: str, method
                 prepare_seconds[name] = time.perf_counter() - t
             pruned = copy.deepcopy(model)
             t = time.perf_counter()
-            plan = plan_pruning(pruned, calib, PruneConfig(sparsity=budget, method=name), model_name, data=calib_set)
+            plan = plan_pruning(pruned, calib, PruneConfig(sparsity=budget, method=base, settings=settings), model_name,
+                                data=calib_set)
             apply_plan_(pruned, plan, calib.dense_stats)
             seconds = time.perf_counter() - t + _seconds_for(method, calib.timings, prepare_seconds[name])
             rec.add({"model": model_name, "method": name, "budget": budget,
@@ -335,7 +349,7 @@ def main(argv=None) -> int:
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
-        get_method(m)  # unknown names fail here, listing the methods
+        method_variant(m)  # unknown names and settings fail here, in one sentence
     budgets = [float(b) for b in args.budgets.split(",")]
     protocol = {}
     meta = {"machine": machine_note(), "methods": methods, "protocol": protocol}

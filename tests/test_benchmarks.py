@@ -183,6 +183,20 @@ def test_torch_pruning_matches_hand_built_encoder(kind):
         torch.testing.assert_close(pruned(**inputs).logits, by_hand(**inputs).logits, rtol=0, atol=0)
 
 
+def test_suite_method_variants_are_configs():
+    """``--methods 'flap[metric=WIFN]'``: a method with its own settings is a row of its own, its
+    settings parsed by the method's settings dataclass (a bad one is one sentence)."""
+    from stat_core.methods.flap import FlapSettings
+    from stat_core.methods.slimgpt import SlimGPTSettings
+
+    variant = bench("suite").method_variant
+    assert variant("flap") == ("flap", None)
+    assert variant("flap[metric=WIFN]") == ("flap", FlapSettings(metric="WIFN"))
+    assert variant("slimgpt[percdamp=0.05;first_to_last=0.5]") == ("slimgpt", SlimGPTSettings(0.05, 0.5))
+    with pytest.raises(ValueError, match="FLAP's metric is one of"):
+        variant("flap[metric=nope]")
+
+
 def test_suite_tiny(tmp_path):
     """benchmarks/suite.py end to end on a random tiny Llama: every registered method at two budgets,
     one record each plus dense, with every suite field, and a markdown table naming the best."""
