@@ -57,9 +57,12 @@ def main(argv=None) -> int:
     # STAT's settings with the fitness size asked for; each search sets its candidates and seed on them
     shape = StatSettings(**{k: v for k, v in (("search_windows", args.search_windows),
                                               ("search_tokens", args.search_tokens)) if v is not None})
-    if args.runs:
-        runs = [(float(b), (rest + ["wikipedia"])[0], int((rest + ["wikipedia", args.seed])[1]))
-                for b, *rest in (r.split(":") for r in args.runs.split(","))]
+    if args.runs:  # BUDGET[:FITNESS[:SEED]], the missing parts from the defaults
+        runs = []
+        for spec in args.runs.split(","):
+            parts = spec.split(":")
+            runs.append((float(parts[0]), parts[1] if len(parts) > 1 else "wikipedia",
+                         int(parts[2]) if len(parts) > 2 else args.seed))
     else:
         runs = [(float(b), "wikipedia", args.seed) for b in args.budgets.split(",")]
     if any(f not in ("wikipedia", "in-context") for _, f, _ in runs):

@@ -34,7 +34,8 @@ from stat_core.data.sources import (
     text_documents,
 )
 from stat_core.evaluation.classifier import CLASSIFIER_MAX_LEN, encode, encode_chunks
-from stat_core.evaluation.measure import AFTER_ONLY as MEASURE_AFTER_ONLY
+from stat_core.evaluation import measure as quality_measure
+from stat_core.evaluation import suite as quality_suite
 from stat_core.evaluation.measure import Baseline, baseline, quality
 from stat_core.evaluation.perplexity import count_parameters
 from stat_core.evaluation.report import (
@@ -393,10 +394,6 @@ def prune_in_place(model, data, config: PruneConfig, report: dict, model_name: s
     return result
 
 
-#: Report fields that only make sense after pruning (they compare with the dense model).
-AFTER_ONLY = (*MEASURE_AFTER_ONLY, "instruction_agreement", "instruction_kl")
-
-
 class Measure:
     """Quality before and after one prune, as the CLI reports it: the first call measures the dense
     model and keeps it as the reference, later calls measure a pruned one against it. Decoders: the
@@ -422,8 +419,9 @@ class Measure:
             values = self.reference.dense_metrics
         else:
             values = evaluate_suite(model, self.tokenizer, self.reference, progress=self.progress)
+        after_only = (quality_measure if encoder else quality_suite).AFTER_ONLY
         return {f"{name}_{suffix}": value for name, value in values.items()
-                if not (suffix == "before" and name in AFTER_ONLY)}
+                if not (suffix == "before" and name in after_only)}
 
 
 def check_budget_early(model, sparsity, budget_kind: str = "params", uniform: bool = False) -> None:

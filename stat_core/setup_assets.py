@@ -65,5 +65,6 @@ def main(argv=None) -> None:
             else:
                 print(f"calibration cache: {name} calibrated in {warm['seconds']:.0f} s but not stored (see the log)")
 
+
 if __name__ == "__main__":
     main()

@@ -74,6 +74,8 @@ log = logging.getLogger(__name__)
 
 SUITE_FIELDS = ("perplexity", "kl_to_dense", "fewshot_accuracy", "fewshot_bias_free", "fewshot_majority_share",
                 "analogy_accuracy", "instruction_agreement", "instruction_kl")
+#: The fields that compare with the dense model, so a report has them only after pruning.
+AFTER_ONLY = ("kl_to_dense", "instruction_agreement", "instruction_kl")
 
 ANALOGY_FILE = "test/test_data/questions-words.txt"
 ANALOGY_CATEGORIES = ("capital-common-countries", "currency", "city-in-state", "family",

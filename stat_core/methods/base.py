@@ -151,12 +151,13 @@ class ScoredMethod(PruningMethod):
 
     streams = True
 
-    def layer_scores(self, adapter: ModelAdapter, layer: int, stats) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(head scores, neuron scores)`` of one layer."""
+    def layer_scores(self, adapter: ModelAdapter, layer: int, stats, settings=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(head scores, neuron scores)`` of one layer; ``settings``: the method's own (its defaults
+        when it has some and none are given)."""
         raise NotImplementedError
 
     def layer_summary(self, adapter, layer, stats, config, reload=None, drop_weights=None):
-        return self.layer_scores(adapter, layer, stats)
+        return self.layer_scores(adapter, layer, stats, self.settings_of(config))
 
     def plan(self, model, calibration, config, model_name="", calibration_info=None):
         adapter = get_adapter(model)

@@ -97,11 +97,8 @@ class Flap(ScoredMethod):
     Settings = FlapSettings
     streamed_settings = True  # the metric scores one layer at a time
 
-    def layer_scores(self, adapter, layer, stats):
-        return flap_layer_scores(adapter, layer, stats)
-
-    def layer_summary(self, adapter, layer, stats, config, reload=None, drop_weights=None):
-        return flap_layer_scores(adapter, layer, stats, self.settings_of(config).metric)
+    def layer_scores(self, adapter, layer, stats, settings=None):
+        return flap_layer_scores(adapter, layer, stats, (settings or FlapSettings()).metric)
 
     def plan_from_summaries(self, adapter, summaries, config, model_name="", calibration_info=None):
         costs = layer_costs(adapter, config)

@@ -51,7 +51,7 @@ class WandaSP(ScoredMethod):
     summary = "|W|·‖z‖ per unit, the same ratio in every layer, no correction"
     correction = "none"
 
-    def layer_scores(self, adapter, layer, stats):
+    def layer_scores(self, adapter, layer, stats, settings=None):
         return wanda_layer_scores(adapter, layer, stats)
 
     def plan_from_summaries(self, adapter, summaries, config, model_name="", calibration_info=None):
