@@ -13,6 +13,7 @@ windows, and measures the quick suite against the same dense reference as
     .venv/bin/python -m benchmarks.stat_experiments mix --budgets 0.2,0.3 --variants 0.125,0.25
     .venv/bin/python -m benchmarks.stat_experiments settings --budgets 0.2,0.3 --variants prior,search:96,search:96+prior
     .venv/bin/python -m benchmarks.stat_experiments source --budgets 0.2,0.3 --variants in-context
+    .venv/bin/python -m benchmarks.stat_experiments split --budgets 0.2,0.3 --variants mix-fisher/wikipedia
 
 Allocation variants (``alloc``): ``base`` (the library's), ``attn:G`` (attention options' damage × G),
 ``cap:C`` (no block loses more than C × the target of its cost), ``depth:A`` (layer l's damage ×
@@ -24,7 +25,13 @@ Allocation variants (``alloc``): ``base`` (the library's), ``attn:G`` (attention
 another share of self-generated chat windows than the library's half (its own calibration; the
 generated text comes from the cache of ``stat_core.data.mix``). ``source``: another built-in calibration
 source (e.g. ``in-context``: few-shot demonstrations written from the Wikipedia calibration articles,
-half and half with prose), its own calibration, the library's defaults otherwise. ``settings``: STAT's own options
+half and half with prose), its own calibration, the library's defaults otherwise. ``split``: the units
+selected (analyses, allocation, plan) on one calibration and the corrections fitted on another's
+statistics, ``SELECT/CORRECT`` with each of ``wikipedia``, ``mix``, ``mix-fisher`` (``mix`` with the
+model-label sensitivity; for selection only), ``in-context``, or two joined with ``+`` for CORRECT
+(their statistics summed), each optionally ``:sN`` (windows of seed N); SELECT may be ``GRAMS@SENSITIVITY`` (one calibration's statistics with another's
+loss sensitivity, e.g. ``wikipedia@mix-fisher``; GRAMS may join texts with ``+``) and ``UNITS#COUNTS`` (each layer's head and neuron
+counts allocated on COUNTS, the units at those counts chosen on UNITS). ``settings``: STAT's own options
 (``StatSettings``) over the same cached calibration: ``prior`` (the output prior bias), ``search:N`` (a
 budget search of N candidates on the KL to dense), ``protect:N`` (the N strongest induction heads kept),
 ``plan:FILE`` (a saved plan's heads and neurons, e.g. from ``benchmarks.search_plans`` on a GPU, cut
@@ -216,7 +223,7 @@ def markdown(records: list[dict], meta: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("experiment", choices=("alloc", "stages", "shrink", "mix", "settings", "source"))
+    p.add_argument("experiment", choices=("alloc", "stages", "shrink", "mix", "settings", "source", "split"))
     p.add_argument("--budgets", default="0.2,0.3")
     p.add_argument("--variants", default="", help="alloc: base,attn:3,...; shrink: lambdas; stages: first budget "
                                                   "(default 0.1)")
@@ -343,6 +350,72 @@ def main(argv=None) -> int:
                                                                               else None), data=own_windows)
                 measure("source", source + (f"+{extra}" if extra else ""), budget, pruned,
                         seconds + time.perf_counter() - t, result.plan, result.info)
+    elif args.experiment == "split":  # units selected on one calibration, corrections fitted on another's statistics
+        from stat_core.calibration.statistics import merge_stats
+        from stat_core.data.in_context import in_context_calibration
+
+        own: dict = {"wikipedia": (calibration, 0.0)}
+
+        def named(name):
+            from stat_core.calibration.statistics import SensitivitySums, load_stats, save_stats
+
+            saved = cache / f"split-{name}.safetensors"  # beside the cached Wikipedia calibration
+            if name not in own and saved.is_file():
+                stats, sens = load_stats(saved)
+                fisher = sens.normalised()
+                own[name] = (P.Calibration(dense_stats=stats, sensitivity=fisher, analyses=[
+                    P.analyse_layer(adapter, i, st, fisher[i], False) for i, st in enumerate(stats)]), 0.0)
+            if name not in own:
+                base, _, seed = name.partition(":s")  # NAME:sN: windows (and the sensitivity's samples) of seed N
+                config = CalibrationConfig(num_samples=64, seq_len=512, seed=int(seed or 0))
+                source = base.removesuffix("-fisher")
+                cal_windows = in_context_calibration(tokenizer, config)[0] if source == "in-context" else \
+                    decoder_calibration(model, tokenizer, source, config).windows
+                t = time.perf_counter()
+                labels = "model" if base.endswith("-fisher") else "data"
+                torch.manual_seed(int(seed or 0))
+                own[name] = (P.calibrate(model, cal_windows, P.PruneConfig(sparsity=0.2, sensitivity_labels=labels)),
+                             time.perf_counter() - t)
+                save_stats(saved, own[name][0].dense_stats, SensitivitySums(list(own[name][0].sensitivity), 1))
+            return own[name]
+
+        def selection(name):  # GRAMS@SENSITIVITY: one calibration's statistics, another's loss sensitivity
+            grams, _, sens = name.partition("@")
+            if not sens and "+" not in grams:
+                return named(grams)
+            parts = [named(g) for g in grams.split("+")]  # several texts: their statistics summed
+            stats = parts[0][0].dense_stats if len(parts) == 1 else merge_stats(*[c.dense_stats for c, _ in parts])
+            f, s2 = named(sens or grams.split("+")[0])
+            analyses = [P.analyse_layer(adapter, i, st, f.sensitivity[i], False) for i, st in enumerate(stats)]
+            return (P.Calibration(dense_stats=stats, sensitivity=f.sensitivity, analyses=analyses),
+                    sum(sec for _, sec in parts) + s2)
+
+        def units_at_counts(plan, cal):  # the plan's per-layer counts, the units ``cal``'s analyses choose there
+            for lp, an in zip(plan.layers, cal.analyses):
+                same = [c for c in an.head_configs
+                        if (len(c["heads"]), len(c["kv_heads"])) == (len(lp.kept_heads), len(lp.kept_kv_heads))]
+                if same:
+                    lp.kept_heads, lp.kept_kv_heads = list(same[0]["heads"]), list(same[0]["kv_heads"])
+                lp.kept_neurons = sorted(an.neuron_order[:len(lp.kept_neurons)].tolist())
+            return plan
+
+        for variant in (args.variants or "mix-fisher/wikipedia").split(","):
+            select, _, correct = variant.partition("/")
+            select, _, counts = select.partition("#")  # UNITS#COUNTS: per-layer counts from another calibration
+            chosen, seconds = selection(select)
+            # the statistics do not depend on the sensitivity's labels: mix and mix-fisher share them
+            parts = [(own.get(c) or own.get(f"{c}-fisher") or named(c))[0].dense_stats
+                     for c in (correct or select.partition("@")[0]).split("+")]
+            stats = parts[0] if len(parts) == 1 else merge_stats(*parts)
+            for budget in budgets:
+                config = P.PruneConfig(sparsity=budget)
+                pruned, t = copy.deepcopy(model), time.perf_counter()
+                if counts:
+                    plan = units_at_counts(P.plan_pruning(model, selection(counts)[0], config), chosen)
+                else:
+                    plan = P.plan_pruning(model, chosen, config)
+                P.apply_plan_(pruned, plan, stats)
+                measure("split", variant, budget, pruned, seconds + time.perf_counter() - t, plan)
     else:  # stages: the first budget from the dense calibration, each next one after re-calibrating
         first = float(args.variants or 0.1)
         current, name = copy.deepcopy(model), f"{first:g}"

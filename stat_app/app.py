@@ -220,8 +220,8 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
         return estimate_sentence(session.model, num_samples, seq_len)
 
     def on_prune(calib_source, builtin, upload, pasted, num_samples, seq_len, sparsity, budget_kind, uniform, mode,
-                 method, layer_choice, recover_on, recover_steps, settings, request: gr.Request,
-                 progress=gr.Progress()):
+                 method, layer_choice, recover_on, recover_steps, settings, sensitivity="data", correct_on=H.SAME_TEXT,
+                 request: gr.Request = None, progress=gr.Progress()):
         session = session_of(request)
         try:
             fraction = _percent(sparsity)
@@ -230,7 +230,8 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
         event = session.begin_job()
         reply = H.calibrate_and_prune(
             session, dict(source=calib_source, builtin=builtin, file_path=upload, pasted=pasted,
-                          num_samples=num_samples, seq_len=seq_len),
+                          num_samples=num_samples, seq_len=seq_len, sensitivity_labels=sensitivity or "data",
+                          correct_on=correct_on or H.SAME_TEXT),
             dict(sparsity=fraction, budget_kind=budget_kind, uniform=uniform, mode=mode, method=method or "stat",
                  recover_steps=recover_steps if recover_on else 0, settings=settings, cut=False),
             progress=_gradio_progress(progress), cancel_event=event)
@@ -398,6 +399,17 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
                                          file_types=[".txt", ".json", ".jsonl", ".csv", ".parquet"], type="filepath")
                         pasted = gr.Textbox(label="or paste text", lines=4)
                     with gr.Row():
+                        sensitivity = gr.Radio(list(H.SENSITIVITY_LABELS), value="data", label="sensitivity labels",
+                                               info="model: the gradient pass on the model's own answers (its "
+                                                    "Fisher) instead of the text's next tokens",
+                                               elem_id="sensitivity")
+                        correct_on = gr.Dropdown([H.SAME_TEXT, *H.DECODER_SOURCES], value=H.SAME_TEXT,
+                                                 label="fit corrections on",
+                                                 info="decoders: units chosen on the text above, corrections fitted "
+                                                      "on this one. Chat models keep few-shot, analogy and chat "
+                                                      "answers best with mix + model + wikipedia (a little higher "
+                                                      "perplexity)", elem_id="correct_on")
+                    with gr.Row():
                         uniform = gr.Checkbox(False, label="uniform layers (same counts everywhere; stock-loadable "
                                                            "export)")
                         mode = gr.Radio(["one-shot", "propagate"], value="one-shot", label="mode",
@@ -518,7 +530,7 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
             box.change(on_sizes, [num_samples, seq_len], [estimate], api_name=False, show_progress="hidden")
         prune_evt = prune_btn.click(on_prune, [calib_source, builtin, upload, pasted, num_samples, seq_len, sparsity,
                                                budget_kind, uniform, mode, method, layer_pick, recover_on,
-                                               recover_steps, method_settings],
+                                               recover_steps, method_settings, sensitivity, correct_on],
                                     [status, *plan_outputs, metrics, sparsity], api_name="prune", **heavy)
         rebudget_inputs = [sparsity, budget_kind, uniform, mode, method, layer_pick, recover_on, method_settings]
         # re-planning reads cached statistics only (well under a second): it stays out of the device

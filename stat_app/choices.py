@@ -10,6 +10,10 @@ from stat_core.methods.registry import get_method, method_names
 
 DECODER_SOURCES = CALIBRATION_SOURCES  # mix, wikipedia, self-generated (stat_core.data.mix)
 ENCODER_SOURCES = tuple(BUILTIN_SETS)
+#: "fit corrections on": the calibration text itself, or one of DECODER_SOURCES (stat-prune --correct-on).
+SAME_TEXT = "the same text"
+#: The gradient pass's next tokens: the text's ("data") or sampled from the dense model ("model").
+SENSITIVITY_LABELS = ("data", "model")
 # Every method comes from the registry; Compare runs these by default (the plan-based ones: each
 # is cut from the cached calibration in seconds; SliceGPT needs its own pass and is opt-in).
 COMPARE_METHODS = tuple(m for m in method_names() if not get_method(m).whole_model)

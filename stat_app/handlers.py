@@ -25,6 +25,8 @@ from stat_app.access import ModelAccess
 from stat_app.choices import (  # noqa: F401 (re-exported)
     COMPARE_METHODS,
     DECODER_SOURCES,
+    SAME_TEXT,
+    SENSITIVITY_LABELS,
     ENCODER_SOURCES,
     EXPORT_CHOICES,
     architecture_markdown,
@@ -97,13 +99,25 @@ def load(session: Session, source: str, name: str, device: str = "auto", dtype: 
 def calibrate(session: Session, source: str = "builtin", builtin: str = "wikipedia", file_path: str | None = None,
               pasted: str = "", num_samples: int = 64, seq_len: int = 512, seed: int = 0,
               progress: ProgressFn | None = None, cancel_event: threading.Event | None = None,
-              force: bool = False) -> Reply:
-    """Collect dense statistics once (the expensive step); re-budgeting later reuses them."""
+              force: bool = False, sensitivity_labels: str = "data", correct_on: str = SAME_TEXT) -> Reply:
+    """Collect dense statistics once (the expensive step); re-budgeting later reuses them.
+    ``sensitivity_labels``: ``"data"`` or ``"model"`` (the gradient pass on the model's own
+    distribution); ``correct_on``: a built-in decoder text whose statistics every correction is
+    fitted on (units are still chosen on this text), or :data:`SAME_TEXT`."""
     require_model(session)
+    if sensitivity_labels not in SENSITIVITY_LABELS:
+        raise ValueError(f"Sensitivity labels are one of {', '.join(SENSITIVITY_LABELS)}, not '{sensitivity_labels}'.")
+    correct_on = correct_on or SAME_TEXT
+    if correct_on != SAME_TEXT and session.encoder:
+        raise ValueError("A classifier's corrections are fitted on its labelled examples; set 'fit corrections "
+                         f"on' to '{SAME_TEXT}'.")
+    if correct_on not in (SAME_TEXT, *DECODER_SOURCES):
+        raise ValueError(f"Corrections can be fitted on {', '.join(DECODER_SOURCES)} or {SAME_TEXT}, "
+                         f"not '{correct_on}'.")
     num_samples, seq_len = check_calibration_sizes(session.model, num_samples, seq_len,
                                                    None if session.encoder else session.tokenizer)
     key = pipeline.calibration_request_key(session.model_name, source, builtin, file_path, pasted, num_samples,
-                                           seq_len, seed)
+                                           seq_len, seed, sensitivity_labels, correct_on)
     if not force and session.calibration is not None and session.calib_key == key:
         return Reply(True, "Calibration statistics for this text are cached; nothing to recompute.",
                      {"cached": True, "warning": session.calib_warning})
@@ -113,7 +127,15 @@ def calibrate(session: Session, source: str = "builtin", builtin: str = "wikiped
         warning = " ".join(f"Warning: {w}" for w in prepared.warnings)
         check_cancel(cancel_event)
         t = time.perf_counter()
-        calib = pipeline.calibrate_statistics(session.model, prepared.data, core_progress(progress, cancel_event))
+        correction = None
+        if correct_on != SAME_TEXT:  # the second text, as the CLI's --correct-on builds it
+            correction = pipeline.calibration_data(session.model, session.tokenizer, session.model_name, "builtin",
+                                                   correct_on, None, "", num_samples, seq_len, seed,
+                                                   progress=progress)
+            prepared.info = {**prepared.info, "corrections_fitted_on": correction.info}
+        calib = pipeline.calibrate_statistics(session.model, prepared.data, core_progress(progress, cancel_event),
+                                              sensitivity_labels=sensitivity_labels,
+                                              correction_data=None if correction is None else correction.data)
         seconds = time.perf_counter() - t
     session.calibration, session.calib_data, session.held_out = calib, prepared.data, prepared.held_out
     session.calib_key, session.calib_info, session.calib_warning = key, prepared.info, warning
@@ -121,6 +143,8 @@ def calibrate(session: Session, source: str = "builtin", builtin: str = "wikiped
     on_disk = calib.extras.get("disk_cache", {}).get("hit", False)  # computed before: read from the cache
     msg = (f"Read the statistics of these {prepared.info['tokens']:,} tokens from the calibration cache in "
            f"{seconds:.1f} s." if on_disk else f"Calibrated on {prepared.info['tokens']:,} tokens in {seconds:.1f} s.")
+    if correct_on != SAME_TEXT:
+        msg = msg[:-1] + f"; corrections are fitted on {correct_on}."
     return Reply(True, (warning + " " + msg) if warning else msg,
                  {"cached": False, "disk_cache": on_disk, "warning": warning, "seconds": seconds,
                   "timings": calib.timings})
@@ -176,6 +200,12 @@ def ensure_pruned(session: Session, cancel_event: threading.Event | None = None)
     return outcome
 
 
+def _check_mode_fits(mode: str, corrections_from_another_text: bool) -> None:
+    if mode != "one-shot" and corrections_from_another_text:
+        raise ValueError(f"{mode.capitalize()} re-fits every correction on the calibration text itself; set 'fit "
+                         f"corrections on' to '{SAME_TEXT}' or use one-shot.")
+
+
 @guarded
 def prune(session: Session, sparsity: float, budget_kind: str = "params", uniform: bool = False,
           mode: str = "one-shot", method: str = "stat", recover_steps: int = 0, progress: ProgressFn | None = None,
@@ -188,6 +218,7 @@ def prune(session: Session, sparsity: float, budget_kind: str = "params", unifor
     copy built later by :func:`cut_copy` or on demand — the app shows the plan's figures first."""
     require_calibration(session)
     steps = pipeline.recovery_steps(recover_steps)
+    _check_mode_fits(mode, session.calibration.correction_stats is not None)
     config = make_config(session, sparsity, budget_kind, uniform, mode, method, settings)
     if not cut and mode == "one-shot" and not steps:
         with DEVICE_LOCK:   # a budget search in the settings runs here (the device's work)
@@ -238,6 +269,7 @@ def calibrate_and_prune(session: Session, calib_kwargs: dict, prune_kwargs: dict
     pipeline.check_budget_early(session.model, prune_kwargs.get("sparsity", 0.0),  # before minutes of calibration
                                 prune_kwargs.get("budget_kind", "params"), prune_kwargs.get("uniform", False))
     pipeline.recovery_steps(prune_kwargs.get("recover_steps", 0))
+    _check_mode_fits(mode, calib_kwargs.get("correct_on", SAME_TEXT) not in (SAME_TEXT, None, ""))
     c = calibrate(session, **calib_kwargs, progress=progress, cancel_event=cancel_event)
     if not c.ok:
         return c

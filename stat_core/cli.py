@@ -127,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "half Wikipedia, half the model's own answers to seed prompts through its chat template, "
                         "generated once and cached: better chat agreement, worse Wikipedia perplexity), "
                         "'self-generated', or a text file (.txt/.json/.jsonl/.csv/.parquet)")
+    p.add_argument("--correct-on", default=None, metavar="SOURCE",
+                   help="decoders, one-shot: fit the corrections on this calibration text's statistics ('wikipedia', "
+                        "'mix', 'in-context' or a text file; same --num-samples / --seq-len / --seed) while units "
+                        "are chosen on --calibration's. With --calibration mix --sensitivity-labels model "
+                        "--correct-on wikipedia SmolLM2 kept its few-shot, analogy and chat answers best "
+                        "(docs/experiments.md)")
     p.add_argument("--labelled", default="newsgroups",
                    help="encoders: labelled data, 'newsgroups', 'movie-reviews' or a .csv/.json/.jsonl/.parquet file; "
                         "split in half: calibration on the training half, accuracy on the held-out half")
@@ -193,11 +199,11 @@ def time_forward(model, windows, batch_size: int) -> float:
     return time.perf_counter() - t
 
 
-def _calibration(args, model, tokenizer):
-    """The calibration data (and a classifier's held-out half) from ``--calibration`` / ``--labelled``,
-    by the pipeline the app uses too; its warnings go to the log."""
+def _calibration(args, model, tokenizer, source: str | None = None):
+    """The calibration data (and a classifier's held-out half) from ``--calibration`` / ``--labelled``
+    (or ``source``: ``--correct-on``'s text), by the pipeline the app uses too; its warnings go to the log."""
     encoder = is_encoder(model)
-    kind, builtin, path = resolve_source(model, tokenizer, args.labelled if encoder else args.calibration)
+    kind, builtin, path = resolve_source(model, tokenizer, source or (args.labelled if encoder else args.calibration))
     prepared = calibration_data(model, tokenizer, args.model, kind, builtin, path, num_samples=args.num_samples,
                                 seq_len=args.seq_len, seed=args.seed, text_columns=tuple(args.text_column or ["text"]),
                                 label_column=args.label_column, progress=TqdmProgress(not args.quiet))
@@ -208,6 +214,9 @@ def _calibration(args, model, tokenizer):
 
 def run(args: argparse.Namespace) -> dict:
     if getattr(args, "offload", False):  # the checkpoint streamed block by block (stat_core.streaming)
+        if getattr(args, "correct_on", None) is not None:
+            raise ValueError("--offload fits each block's correction from the one calibration text it streams; "
+                             "drop --correct-on or --offload")
         return run_offload(args, method_settings(args, args.method))
     args.dtype = args.dtype or "float32"
     if args.flops_seq_len is not None and args.flops_seq_len < 1:  # 0 or less: refused before any work
@@ -231,8 +240,23 @@ def run(args: argparse.Namespace) -> dict:
     if getattr(args, "report_html", None) and method.whole_model and not method.returns_plan:
         raise ValueError(f"{method.label} gives no head / neuron plan, so there is no HTML report to draw; "
                          "drop --report-html")
+    correct_on = getattr(args, "correct_on", None)
+    if correct_on is not None:  # one sentence before any data, evaluation or calibration
+        if is_encoder(model):
+            raise ValueError("--correct-on is for decoders; a classifier's corrections are fitted on its labelled "
+                             "examples: drop --correct-on")
+        if args.mode != "one-shot" or method.whole_model:
+            raise ValueError("--correct-on fits one-shot corrections from a second text; use --mode one-shot with "
+                             "a method that corrects from statistics (not " + (method.label if method.whole_model
+                                                                                 else f"--mode {args.mode}") + ")")
+        if distributed.is_distributed():
+            raise ValueError("--correct-on runs in one process; drop torchrun or --correct-on")
     prepared = distributed.from_main(_calibration, args, model, tokenizer)  # rank 0 builds, all get it
     calib, held, calib_info = prepared.data, prepared.held_out, prepared.info  # info: tokens, fingerprint
+    correction = None
+    if correct_on is not None:
+        correction = _calibration(args, model, tokenizer, correct_on)
+        calib_info = {**calib_info, "corrections_fitted_on": correction.info}
     flops_seq_len = args.flops_seq_len or default_flops_seq_len(model, calib)
     distributed.check_shardable(len(calib))  # more processes than windows: one sentence before any work
     config = PruneConfig(sparsity=args.sparsity, budget_kind=args.budget, flops_seq_len=flops_seq_len,
@@ -257,7 +281,8 @@ def run(args: argparse.Namespace) -> dict:
 
     dense_copy = copy.deepcopy(model) if args.recover else None  # recovery's teacher, never modified
     # one-shot: the on-disk calibration cache; the report gets the times, sizes after and kept units
-    result = prune_in_place(model, calib, config, report, args.model, calib_info, TqdmProgress(not args.quiet))
+    result = prune_in_place(model, calib, config, report, args.model, calib_info, TqdmProgress(not args.quiet),
+                            correction_data=None if correction is None else correction.data)
     if not distributed.is_main():  # this rank calibrated its shard; rank 0 reports and exports
         return report
     if args.measure_floor:

@@ -9,6 +9,7 @@ sentences instead of being caught from a logger. The report every prune writes i
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import logging
 import time
@@ -277,21 +278,29 @@ def prune_config(model, data, sparsity, budget_kind: str = "params", uniform: bo
 CALIBRATION_SETTINGS = PruneConfig(sparsity=0.0)
 
 
-def calibrate_statistics(model, data, progress: ProgressFn | None = None, cache: bool = True):
+def calibrate_statistics(model, data, progress: ProgressFn | None = None, cache: bool = True,
+                         sensitivity_labels: str = "data", correction_data=None):
     """Dense statistics of ``model`` on ``data`` (:func:`stat_core.prune.calibrate`: every later
     one-shot budget is cut from them) and the inspect views' singular values, timed in
     ``calibration.timings["spectra"]``. With ``cache`` they come from the on-disk calibration cache
     when this model and these windows were calibrated before (and are stored there otherwise):
-    :func:`stat_core.prune.cached_calibration`; ``calibration.extras["disk_cache"]["hit"]`` says which."""
-
+    :func:`stat_core.prune.cached_calibration`; ``calibration.extras["disk_cache"]["hit"]`` says which.
+    ``sensitivity_labels``: the gradient pass's next tokens, ``"data"`` or ``"model"`` (the model's own
+    Fisher); ``correction_data``: other windows whose statistics every correction is fitted on
+    (:func:`stat_core.prune.with_corrections_from`)."""
+    settings = CALIBRATION_SETTINGS if sensitivity_labels == "data" else \
+        dataclasses.replace(CALIBRATION_SETTINGS, sensitivity_labels=sensitivity_labels)
     if cache:  # the spectra computed (and timed) with the statistics, or read with them
-        return core_prune.cached_calibration(model, data, CALIBRATION_SETTINGS, progress, spectra=True)
-    calibration = core_prune.calibrate(model, data, CALIBRATION_SETTINGS, progress)
-    t = time.perf_counter()
-    if progress is not None:
-        progress("spectra", 0, 1)
-    explain.calibration_spectra(model, calibration)
-    calibration.timings["spectra"] = time.perf_counter() - t
+        calibration = core_prune.cached_calibration(model, data, settings, progress, spectra=True)
+    else:
+        calibration = core_prune.calibrate(model, data, settings, progress)
+        t = time.perf_counter()
+        if progress is not None:
+            progress("spectra", 0, 1)
+        explain.calibration_spectra(model, calibration)
+        calibration.timings["spectra"] = time.perf_counter() - t
+    if correction_data is not None:
+        calibration = core_prune.with_corrections_from(model, calibration, correction_data, progress, cache)
     return calibration
 
 
@@ -308,7 +317,7 @@ def prune_copy(model, calibration, data, config: PruneConfig, model_name: str | 
         if progress is not None:
             progress("surgery", 0, 1)
         pruned = copy.deepcopy(model)
-        core_prune.apply_plan_(pruned, plan, calibration.dense_stats)
+        core_prune.apply_plan_(pruned, plan, calibration.fit_stats)
         get_method(config.method).finish_(pruned, calibration, config)  # e.g. STAT's output prior
         if progress is not None:
             progress("surgery", 1, 1)
@@ -364,17 +373,19 @@ def cut_planned(model, calibration, data, config: PruneConfig, plan, report: dic
 
 
 def prune_in_place(model, data, config: PruneConfig, report: dict, model_name: str | None = None,
-                   calib_info: dict | None = None, progress: ProgressFn | None = None, cache: bool = True):
+                   calib_info: dict | None = None, progress: ProgressFn | None = None, cache: bool = True,
+                   correction_data=None):
     """Prune ``model`` itself (no copy: the way to prune a model that fills memory) with
     :func:`stat_core.prune.stat_prune_` (one-shot reads or stores the on-disk calibration cache with
     ``cache``) and record in ``report`` (:func:`stat_core.evaluation.report.prune_report`)
     ``seconds_prune``, its stages, the sizes after and the kept heads and neurons per layer, or a
-    whole-model method's own counts. Returns the :class:`~stat_core.prune.PruneResult`, whose
+    whole-model method's own counts. ``correction_data``: the corrections fitted on this other
+    calibration text's statistics (:func:`stat_core.prune.with_corrections_from`; one-shot). Returns the :class:`~stat_core.prune.PruneResult`, whose
     ``plan`` is the final plan of a trained method too. Under ``torch.distributed`` only rank 0's
     report is filled (the other ranks calibrated their shard and return their result as it is)."""
     t = time.perf_counter()
     result = core_prune.stat_prune_(model, data, config, model_name=model_name or "", progress=progress,
-                                    calibration_info=calib_info or {}, cache=cache)
+                                    calibration_info=calib_info or {}, cache=cache, correction_windows=correction_data)
     if not distributed.is_main():
         return result
     report["seconds_prune"] = time.perf_counter() - t
@@ -474,14 +485,15 @@ def compare_configs(model, data, sparsity, methods, budget_kind: str = "params",
 
 
 def calibration_request_key(model_name: str | None, source: str, builtin: str | None, file_path: str | None,
-                            pasted: str, num_samples: int, seq_len: int, seed: int) -> tuple:
+                            pasted: str, num_samples: int, seq_len: int, seed: int, *extra) -> tuple:
     """What identifies a calibration request (the same key, the same data), for callers that cache
-    statistics between requests: pasted text by its hash, a file by path, size and modification time."""
+    statistics between requests: pasted text by its hash, a file by path, size and modification time;
+    ``extra``: anything else the statistics depend on (sensitivity labels, the corrections' text)."""
     text_hash = hashlib.sha256((pasted or "").encode()).hexdigest()[:16] if source == "pasted" else ""
     p = Path(file_path) if source == "file" and file_path else None
     file_id = () if p is None else (str(p), p.stat().st_size, p.stat().st_mtime) if p.exists() else (str(p),)
     return (model_name, source, builtin if source == "builtin" else "", file_id, text_hash,
-            int(num_samples), int(seq_len), int(seed))
+            int(num_samples), int(seq_len), int(seed), *extra)
 
 
 def compare_methods(model, calibration, data, configs: Sequence, base: Baseline, model_name: str | None = None,

@@ -10,6 +10,7 @@ seconds, which is how the app re-budgets without re-calibrating.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -79,6 +80,14 @@ class Calibration:
     timings: dict = field(default_factory=dict)
     extras: dict = field(default_factory=dict)  # statistics only some methods need (see PruningMethod.prepare)
     centered: bool = False  # analyses made on the centred statistics (PruneConfig.intercept)
+    #: Statistics of another calibration text that the corrections are fitted on (``None``: the same
+    #: text the units were selected on). See :func:`with_corrections_from`.
+    correction_stats: list[BlockStats] | None = None
+
+    @property
+    def fit_stats(self) -> list[BlockStats]:
+        """The statistics every correction is fitted on: ``correction_stats`` or the selection's own."""
+        return self.dense_stats if self.correction_stats is None else self.correction_stats
 
     def analyses_for(self, adapter: ModelAdapter, centered: bool) -> list[LayerAnalysis]:
         """The per-layer analyses on centred or plain statistics (the other kind computed once, kept)."""
@@ -186,6 +195,26 @@ def cached_calibration(model, windows: "torch.Tensor | CalibrationSet", config: 
     return calibration
 
 
+def with_corrections_from(model, calibration: Calibration, windows: "torch.Tensor | CalibrationSet",
+                          progress: ProgressFn | None = None, cache: bool = True) -> Calibration:
+    """A copy of ``calibration`` whose corrections are fitted on the statistics of other ``windows``
+    (another calibration text); the units are still selected and the budget allocated on
+    ``calibration``'s own text and sensitivities. One more statistics pass over ``windows``, read from
+    the on-disk cache with ``cache`` when these windows were calibrated before (the demo model's
+    default Wikipedia windows are, after setup). Measured on SmolLM2 (docs/experiments.md): units
+    chosen on the ``mix`` source with the model's own Fisher and corrections fitted on Wikipedia keep
+    most of the few-shot, analogy and chat gains of ``mix`` at a third of its perplexity cost."""
+    if distributed.is_distributed():
+        raise ValueError("corrections fitted on another calibration text run in one process; drop torchrun "
+                         "or the second calibration text")
+    t = time.perf_counter()
+    config = PruneConfig(sparsity=0.0)  # statistics only; the settings the app's and setup's calibrations use
+    other = cached_calibration(model, windows, config, progress) if cache else calibrate(model, windows, config,
+                                                                                          progress)
+    return dataclasses.replace(calibration, correction_stats=other.dense_stats,
+                               timings={**calibration.timings, "correction_calibration": time.perf_counter() - t})
+
+
 def _analyses_payload(analyses: list[LayerAnalysis]) -> tuple[dict, dict]:
     """The per-layer analyses as tensors and JSON for a cache entry."""
     tensors = {}
@@ -288,7 +317,7 @@ def prune_from_calibration_(model, calibration: Calibration, config: PruneConfig
     finally:
         calibration.extras.pop("progress", None)
     t1 = time.perf_counter()
-    apply_plan_(model, plan, calibration.dense_stats)
+    apply_plan_(model, plan, calibration.fit_stats)
     t2 = time.perf_counter()
     info = get_method(config.method).finish_(model, calibration, config)
     timings = {**calibration.timings, "allocate": t1 - t0, "apply": t2 - t1}
@@ -296,16 +325,18 @@ def prune_from_calibration_(model, calibration: Calibration, config: PruneConfig
         timings["search"] = plan.budget["search"]["seconds"]
     if info:
         timings["finish"] = time.perf_counter() - t2
-    return PruneResult(plan=plan, stats=calibration.dense_stats, dense_stats=calibration.dense_stats,
+    return PruneResult(plan=plan, stats=calibration.fit_stats, dense_stats=calibration.dense_stats,
                        sensitivity=calibration.sensitivity, timings=timings, info=info)
 
 
 def stat_prune_(model, windows: "torch.Tensor | CalibrationSet", config: PruneConfig, model_name: str = "",
                 progress: ProgressFn | None = None, calibration_info: dict | None = None,
-                cache: bool = False) -> PruneResult:
+                cache: bool = False, correction_windows: "torch.Tensor | CalibrationSet | None" = None
+                ) -> PruneResult:
     """Prune ``model`` in place with ``config.method`` (STAT by default; any registered method) on
     calibration ``windows: (n, T)`` token ids (or a :class:`CalibrationSet` with padding masks and
-    labels).
+    labels). ``correction_windows``: one-shot only, the corrections fitted on these windows' statistics
+    instead (:func:`with_corrections_from`).
 
     Returns the plan and the statistics behind it. With ``mode="propagate"`` each layer is
     re-calibrated on the outputs of the already pruned and corrected layers before it.
@@ -330,21 +361,33 @@ def stat_prune_(model, windows: "torch.Tensor | CalibrationSet", config: PruneCo
                              "processes; run it in one process")
         if config.mode != "one-shot":
             raise ValueError(f"{method.label} has no propagate mode; use one-shot")
+        if correction_windows is not None:
+            raise ValueError(f"{method.label} fits its own rotation on one calibration text; drop the second text")
         info = method.prune_(model, CalibrationSet.wrap(windows), config, progress)
         return PruneResult(plan=None, stats=[], dense_stats=[], sensitivity=None,
                            timings={"total": time.perf_counter() - t0}, info=info)
     check_budget_feasible(model, config)  # before minutes of calibration, not after
+    if correction_windows is not None and distributed.is_distributed():
+        raise ValueError("corrections fitted on another calibration text run in one process; drop torchrun "
+                         "or the second calibration text")
+    if correction_windows is not None and config.mode != "one-shot":
+        raise ValueError(f"{config.mode} mode re-fits each correction on the pruned model's own calibration text; "
+                         "corrections from a second text are one-shot only")
     if config.mode != "one-shot" and not hasattr(method, "relabel") and method.name != "stat":
         raise ValueError(f"{config.mode} mode re-fits STAT's corrections layer by layer; {method.label} runs one-shot")
     adapter = get_adapter(model)
     if cache and config.mode == "one-shot" and not distributed.is_distributed():
         calib = cached_calibration(model, windows, config, progress)
+        if correction_windows is not None:
+            calib = with_corrections_from(model, calib, correction_windows, progress)
         result = prune_from_calibration_(model, calib, config, model_name, calibration_info, windows, progress)
         result.timings["total"] = time.perf_counter() - t0
         return result
     # Under torch.distributed each rank runs its shard of the windows (one process: all of them).
     runner = LayerwiseRunner(model, adapter, distributed.shard(windows, config.batch_size)[0], config.batch_size)
     calib = calibrate(model, windows, config, progress, runner)
+    if correction_windows is not None:
+        calib = with_corrections_from(model, calib, correction_windows, progress, cache=False)
     if config.mode == "one-shot":
         if not distributed.is_main():  # rank 0 plans, applies and exports; this rank's model stays dense
             return PruneResult(plan=None, stats=calib.dense_stats, dense_stats=calib.dense_stats,

@@ -1,5 +1,6 @@
 """The app's handlers as plain functions, on tiny random models saved to temporary folders."""
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -680,3 +681,38 @@ def test_tab_statuses_follow_the_plan(calibrated):
     for line in (inspect, learn, compare, export):
         assert line.startswith("Showing the plan that removes 35") and "(stat, one-shot)" in line, line
     assert "heads heatmap" in inspect and "Explain" in learn and "compare methods" in compare and "Export" in export
+
+
+def test_corrections_fitted_on_another_text_with_the_models_own_fisher(decoder_dir):
+    """The calibration section's 'sensitivity labels' and 'fit corrections on': the plan is the one the
+    text itself chooses with those labels, the cut copy carries the other text's corrections (the
+    library's stat_prune_ with correction_windows gives the same weights), re-budgets keep them, and
+    propagate mode is refused in one sentence."""
+    from stat_core.data.sources import CalibrationConfig, calibration_windows, wikipedia_split
+    from stat_core.prune import stat_prune_
+
+    s = Session(key="correct-on")
+    try:
+        assert H.load(s, "folder", str(decoder_dir)).ok
+        calib = dict(source="pasted", pasted=LOREM * 40, num_samples=8, seq_len=64, sensitivity_labels="model")
+        r = H.calibrate(s, **calib, correct_on="wikipedia")
+        assert r.ok and r.message.endswith("; corrections are fitted on wikipedia."), r.message
+        assert s.calib_info["corrections_fitted_on"]["source"] == "wikipedia"
+        assert "corrections" in one_sentence(H.calibrate_and_prune(
+            s, {**calib, "correct_on": "wikipedia"}, dict(sparsity=0.3, mode="propagate")))
+        assert "Propagate" in one_sentence(H.prune(s, 0.3, mode="propagate"))
+        assert H.prune(s, 0.3).ok
+        pruned = s.outcome.pruned
+        text, wiki = s.calib_data, calibration_windows(s.tokenizer, wikipedia_split("calibration"),
+                                                       CalibrationConfig(num_samples=8, seq_len=64, seed=0))
+        model, _ = H.load_model(str(decoder_dir))
+        config = H.make_config(s, 0.3)
+        result = stat_prune_(model, text, dataclasses.replace(config, sensitivity_labels="model"),
+                             correction_windows=wiki)
+        assert [lp.kept_neurons for lp in result.plan.layers] == [lp.kept_neurons for lp in s.plan.layers]
+        for a, b in zip(model.state_dict().values(), pruned.state_dict().values()):
+            torch.testing.assert_close(a, b)
+        assert H.replan(s, 0.2).ok and H.cut_copy(s).ok
+        assert "not 'nowhere'" in one_sentence(H.calibrate(s, **calib, correct_on="nowhere"))
+    finally:
+        s.close()

@@ -198,10 +198,10 @@ def test_the_page_refuses_a_fraction_and_a_zero_sample_count(decoder_dir):
     req = SimpleNamespace(session_hash="u")
     assert fns["on_load"]("folder", "", str(decoder_dir), "cpu", req)[0].startswith("✓ Loaded")
     out = fns["on_prune"]("pasted", "wikipedia", None, LOREM * 40, 0, 64, 30, "params", False, "one-shot", "stat",
-                          "all layers", False, 100, "", req)
+                          "all layers", False, 100, "", request=req)
     assert out[0] == "⚠ The number of calibration samples must be at least 1, got 0.", out[0]
     out = fns["on_prune"]("pasted", "wikipedia", None, LOREM * 40, 8, 64, 30, "params", False, "one-shot", "stat",
-                          "all layers", False, 100, "", req)
+                          "all layers", False, 100, "", request=req)
     assert out[0].startswith("✓ Removed"), out[0]
     # the page shows the plan first and cuts the pruned copy right after (its status line says so)
     assert store.find("u").pruned is None

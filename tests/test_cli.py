@@ -237,3 +237,27 @@ def test_cli_calibrates_on_the_models_own_chat(tiny_folder, tmp_path, monkeypatc
     calib = report["calibration"]
     assert calib["source"] == "mix" and calib["self_generated_windows"] == 2 and calib["wikipedia_windows"] == 2
     assert calib["transcripts"] == 4 and calib["seed_prompts"] == 4 and calib["generation_seconds"] >= 0.0
+
+
+def test_cli_fits_the_corrections_on_another_text(tiny_folder, tmp_path, capsys):
+    """--correct-on: the units are chosen on --calibration's text (the same plan as without it), the
+    corrections fitted on the second text (other weights); the report names both texts. Refused in one
+    sentence where it cannot apply, before anything is written."""
+    from safetensors.torch import load_file
+
+    common = [str(tiny_folder), "--sparsity", "0.3", "--num-samples", "4", "--seq-len", "64",
+              "--sensitivity-samples", "2", "--quiet", "--skip-eval", "--calibration", "in-context"]
+    assert main([*common, "--out", str(tmp_path / "own")]) == 0
+    assert main([*common, "--out", str(tmp_path / "wiki"), "--correct-on", "wikipedia"]) == 0
+    report = json.loads((tmp_path / "wiki" / "pruning_report.json").read_text())
+    assert report["calibration"]["source"] == "in-context"
+    assert report["calibration"]["corrections_fitted_on"]["source"] == "wikipedia"
+    assert "correction_calibration" in report["seconds_prune_stages"]
+    plans = [json.loads((tmp_path / run / "plan.json").read_text())["layers"] for run in ("own", "wiki")]
+    assert plans[0] == plans[1]
+    own, wiki = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("own", "wiki"))
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert own[name].shape == wiki[name].shape and not torch.equal(own[name], wiki[name])
+    err = _error_of([*common, "--out", str(tmp_path / "x"), "--correct-on", "wikipedia", "--mode", "propagate"], capsys)
+    assert "--correct-on fits one-shot corrections" in err and "--mode propagate" in err
+    assert not (tmp_path / "x").exists()

@@ -421,3 +421,27 @@ def test_model_labelled_sensitivity_is_the_fisher_of_the_models_own_distribution
     # The text's own next tokens give a different matrix (the empirical Fisher).
     empirical = output_sensitivity(model, adapter, window, labels="data")
     assert float((empirical[0]["mlp"] - exact[(0, "mlp")] / 5).norm() / (exact[(0, "mlp")] / 5).norm()) > 0.1
+
+
+def test_corrections_from_another_text_keep_the_selection_and_fit_on_that_text(windows):
+    """``correction_windows``: the plan is the one chosen on the calibration text, the weights are the
+    ones that plan gets with the other text's least-squares corrections (and differ from its own)."""
+    from stat_core.prune import calibrate, plan_pruning
+
+    other = torch.randint(0, 128, (8, 24), generator=torch.Generator().manual_seed(7))
+    config = PruneConfig(sparsity=0.3, sensitivity_samples=2)
+    dense = tiny_model("llama")
+    both, own = copy.deepcopy(dense), copy.deepcopy(dense)
+    result = stat_prune_(both, windows, config, correction_windows=other)
+    own_result = stat_prune_(own, windows, config)
+    assert result.plan.layers == own_result.plan.layers  # units and counts chosen on ``windows`` alone
+    expected = copy.deepcopy(dense)
+    apply_plan_(expected, plan_pruning(dense, calibrate(dense, windows, config), config),
+                calibrate(dense, other, PruneConfig(sparsity=0.0)).dense_stats)
+    for a, b in zip(both.state_dict().values(), expected.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    o_proj = lambda m: m.model.layers[0].self_attn.o_proj.weight  # noqa: E731
+    assert o_proj(both).shape == o_proj(own).shape and not torch.allclose(o_proj(both), o_proj(own))
+    with pytest.raises(ValueError, match="one-shot only"):
+        stat_prune_(copy.deepcopy(dense), windows, PruneConfig(sparsity=0.3, mode="propagate"),
+                    correction_windows=other)

@@ -132,7 +132,7 @@ class Stat(PruningMethod):
                 model, blocks, start, config.sparsity,
                 lambda layer, key: layer_plans(adapter, analyses, blocks, _choice_with(len(blocks), layer, key),
                                                [layer])[0],
-                calibration.dense_stats, windows, settings.search, settings.search_seed, mask,
+                calibration.fit_stats, windows, settings.search, settings.search_seed, mask,
                 stat_correction(config), None, calibration.extras.get("progress"))
             plan = plan_from_choice(adapter, analyses, blocks, result.alloc, config, model_name,
                                     calibration_info or {}, {"search": result.summary()})
