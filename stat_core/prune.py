@@ -203,7 +203,7 @@ def with_corrections_from(model, calibration: Calibration, windows: "torch.Tenso
     the on-disk cache with ``cache`` when these windows were calibrated before (the demo model's
     default Wikipedia windows are, after setup). Measured on SmolLM2 (docs/experiments.md): units
     chosen on the ``mix`` source with the model's own Fisher and corrections fitted on Wikipedia keep
-    most of the few-shot, analogy and chat gains of ``mix`` at a third of its perplexity cost."""
+    most of the few-shot, analogy and chat gains of ``mix`` at about half of its perplexity cost."""
     if distributed.is_distributed():
         raise ValueError("corrections fitted on another calibration text run in one process; drop torchrun "
                          "or the second calibration text")
