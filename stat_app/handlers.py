@@ -108,9 +108,6 @@ def calibrate(session: Session, source: str = "builtin", builtin: str = "wikiped
     if sensitivity_labels not in SENSITIVITY_LABELS:
         raise ValueError(f"Sensitivity labels are one of {', '.join(SENSITIVITY_LABELS)}, not '{sensitivity_labels}'.")
     correct_on = correct_on or SAME_TEXT
-    if correct_on != SAME_TEXT and session.encoder:
-        raise ValueError("A classifier's corrections are fitted on its labelled examples; set 'fit corrections "
-                         f"on' to '{SAME_TEXT}'.")
     if correct_on not in (SAME_TEXT, *DECODER_SOURCES):
         raise ValueError(f"Corrections can be fitted on {', '.join(DECODER_SOURCES)} or {SAME_TEXT}, "
                          f"not '{correct_on}'.")
@@ -129,10 +126,9 @@ def calibrate(session: Session, source: str = "builtin", builtin: str = "wikiped
         t = time.perf_counter()
         correction = None
         if correct_on != SAME_TEXT:  # the second text, as the CLI's --correct-on builds it
-            correction = pipeline.calibration_data(session.model, session.tokenizer, session.model_name, "builtin",
-                                                   correct_on, None, "", num_samples, seq_len, seed,
-                                                   progress=progress)
-            prepared.info = {**prepared.info, "corrections_fitted_on": correction.info}
+            correction, prepared.info = pipeline.correction_data(session.model, session.tokenizer, session.model_name,
+                                                                 correct_on, prepared.info, num_samples, seq_len, seed,
+                                                                 progress)
         calib = pipeline.calibrate_statistics(session.model, prepared.data, core_progress(progress, cancel_event),
                                               sensitivity_labels=sensitivity_labels,
                                               correction_data=None if correction is None else correction.data)

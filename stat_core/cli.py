@@ -37,6 +37,7 @@ from stat_core.models import DEMO_MODELS, ModelLoadError, load_model
 from stat_core.pipeline import (
     Measure,
     calibration_data,
+    correction_data,
     default_flops_seq_len,
     prune_in_place,
     recover,
@@ -199,11 +200,11 @@ def time_forward(model, windows, batch_size: int) -> float:
     return time.perf_counter() - t
 
 
-def _calibration(args, model, tokenizer, source: str | None = None):
-    """The calibration data (and a classifier's held-out half) from ``--calibration`` / ``--labelled``
-    (or ``source``: ``--correct-on``'s text), by the pipeline the app uses too; its warnings go to the log."""
+def _calibration(args, model, tokenizer):
+    """The calibration data (and a classifier's held-out half) from ``--calibration`` / ``--labelled``,
+    by the pipeline the app uses too; its warnings go to the log."""
     encoder = is_encoder(model)
-    kind, builtin, path = resolve_source(model, tokenizer, source or (args.labelled if encoder else args.calibration))
+    kind, builtin, path = resolve_source(model, tokenizer, args.labelled if encoder else args.calibration)
     prepared = calibration_data(model, tokenizer, args.model, kind, builtin, path, num_samples=args.num_samples,
                                 seq_len=args.seq_len, seed=args.seed, text_columns=tuple(args.text_column or ["text"]),
                                 label_column=args.label_column, progress=TqdmProgress(not args.quiet))
@@ -242,9 +243,6 @@ def run(args: argparse.Namespace) -> dict:
                          "drop --report-html")
     correct_on = getattr(args, "correct_on", None)
     if correct_on is not None:  # one sentence before any data, evaluation or calibration
-        if is_encoder(model):
-            raise ValueError("--correct-on is for decoders; a classifier's corrections are fitted on its labelled "
-                             "examples: drop --correct-on")
         if args.mode != "one-shot" or method.whole_model:
             raise ValueError("--correct-on fits one-shot corrections from a second text; use --mode one-shot with "
                              "a method that corrects from statistics (not " + (method.label if method.whole_model
@@ -255,8 +253,10 @@ def run(args: argparse.Namespace) -> dict:
     calib, held, calib_info = prepared.data, prepared.held_out, prepared.info  # info: tokens, fingerprint
     correction = None
     if correct_on is not None:
-        correction = _calibration(args, model, tokenizer, correct_on)
-        calib_info = {**calib_info, "corrections_fitted_on": correction.info}
+        correction, calib_info = correction_data(model, tokenizer, args.model, correct_on, calib_info, args.num_samples,
+                                                 args.seq_len, args.seed, TqdmProgress(not args.quiet))
+        for warning in correction.warnings:
+            log.warning(warning)
     flops_seq_len = args.flops_seq_len or default_flops_seq_len(model, calib)
     distributed.check_shardable(len(calib))  # more processes than windows: one sentence before any work
     config = PruneConfig(sparsity=args.sparsity, budget_kind=args.budget, flops_seq_len=flops_seq_len,

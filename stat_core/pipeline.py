@@ -177,6 +177,22 @@ def calibration_data(model, tokenizer, model_name: str, source: str = "builtin",
     return prepared
 
 
+def correction_data(model, tokenizer, model_name: str, name: str, info: dict, num_samples: int | None = None,
+                    seq_len: int | None = None, seed: int = 0,
+                    progress: Callable[[str, int, int], None] | None = None) -> tuple[CalibrationData, dict]:
+    """The second text whose statistics every correction is fitted on (a built-in decoder text or a
+    file, at the same sizes and seed as the calibration text), and the calibration ``info`` with it
+    recorded as ``corrections_fitted_on``. Decoders only: a classifier's corrections are fitted on
+    its labelled examples."""
+    if is_encoder(model):
+        raise ValueError("A classifier's corrections are fitted on its labelled examples; fit them on the "
+                         "calibration text itself.")
+    kind, builtin, path = resolve_source(model, tokenizer, name)
+    prepared = calibration_data(model, tokenizer, model_name, kind, builtin, path, num_samples=num_samples,
+                                seq_len=seq_len, seed=seed, progress=progress)
+    return prepared, {**info, "corrections_fitted_on": prepared.info}
+
+
 def _decoder_data(model, tokenizer, source, builtin, file_path, pasted, num_samples, seq_len, seed, info, progress):
     config = CalibrationConfig(num_samples=num_samples, seq_len=seq_len, seed=seed)
     if source == "builtin":
@@ -288,8 +304,7 @@ def calibrate_statistics(model, data, progress: ProgressFn | None = None, cache:
     ``sensitivity_labels``: the gradient pass's next tokens, ``"data"`` or ``"model"`` (the model's own
     Fisher); ``correction_data``: other windows whose statistics every correction is fitted on
     (:func:`stat_core.prune.with_corrections_from`)."""
-    settings = CALIBRATION_SETTINGS if sensitivity_labels == "data" else \
-        dataclasses.replace(CALIBRATION_SETTINGS, sensitivity_labels=sensitivity_labels)
+    settings = dataclasses.replace(CALIBRATION_SETTINGS, sensitivity_labels=sensitivity_labels)
     if cache:  # the spectra computed (and timed) with the statistics, or read with them
         calibration = core_prune.cached_calibration(model, data, settings, progress, spectra=True)
     else:
