@@ -97,3 +97,23 @@ def mask_units(model, plan):
             for j in set(range(lp.intermediate_size)) - set(lp.kept_neurons):
                 adapter.mlp_out_proj(lp.layer).weight[:, j] = 0
     return masked
+
+
+def assert_same_data(actual, expected, rel: float = 1e-6, abs_: float = 1e-12, where: str = "plan"):
+    """Plain data (a plan's ``to_dict()``, a report) equal in every discrete part -- keys, ints, strings,
+    bools, list lengths, kept indices -- and equal within ``rel`` in every float. Floats computed on
+    another machine of the same kind can differ in the last bits (BLAS sums in another order), so a
+    stored float is never compared with ``==``; everything a user would see change is."""
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict), f"{where}: {type(actual).__name__} instead of a dict"
+        assert sorted(actual) == sorted(expected), f"{where}: keys {sorted(actual)} != {sorted(expected)}"
+        for key in expected:
+            assert_same_data(actual[key], expected[key], rel, abs_, f"{where}.{key}")
+    elif isinstance(expected, list):
+        assert isinstance(actual, list) and len(actual) == len(expected), f"{where}: lists differ in length"
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert_same_data(a, e, rel, abs_, f"{where}[{i}]")
+    elif isinstance(expected, float) and not isinstance(actual, bool) and isinstance(actual, (int, float)):
+        assert actual == pytest.approx(expected, rel=rel, abs=abs_, nan_ok=True), f"{where}: {actual} != {expected}"
+    else:
+        assert type(actual) is type(expected) and actual == expected, f"{where}: {actual!r} != {expected!r}"
