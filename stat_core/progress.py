@@ -14,10 +14,10 @@ from tqdm.auto import tqdm
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
 
 #: What one step of a stage counts (the bar's unit); anything else counts layers.
-STAGE_UNITS = {"sensitivity": "step", "windows": "window", "few-shot": "prompt", "analogies": "question",
+STAGE_UNITS = {"sensitivity": "window", "windows": "window", "few-shot": "prompt", "analogies": "question",
                "instructions": "prompt", "answers": "prompt", "recover": "step", "generate": "prompt",
                "embed": "step", "methods": "method", "batches": "batch", "calibration cache": "step",
-               "search": "candidate"}
+               "search": "candidate", "download": "part"}
 
 
 def notify(progress: ProgressFn | None, stage: str, done: int, total: int) -> None:

