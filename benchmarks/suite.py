@@ -52,12 +52,12 @@ from stat_core.methods.registry import get_method, method_names
 from stat_core.methods.settings import settings_from_text
 from stat_core.config import PruneConfig
 from stat_core.surgery.apply import apply_plan_
-from stat_core.prune import calibrate, plan_pruning, stat_prune_
+from stat_core.prune import calibrate, plan_pruning, prune_from_calibration_, stat_prune_
 
 log = logging.getLogger("suite")
 
 DECODER_FIELDS = ("perplexity", "kl_to_dense", "fewshot_accuracy", "fewshot_bias_free", "fewshot_majority_share",
-                  "analogy_accuracy", "instruction_agreement", "instruction_kl")
+                  "analogy_accuracy", "instruction_agreement", "instruction_kl", "code_pass_at_1")
 CLASSIFIER_FIELDS = ("accuracy", "accuracy_windows", "kl_to_dense")
 # Which way is better, per field (the markdown bolds the best method per budget).
 LOWER_IS_BETTER = {"perplexity", "kl_to_dense", "instruction_kl", "fewshot_majority_share"}
@@ -111,17 +111,30 @@ def method_variant(spec: str):
 
 def run_decoder(model, tokenizer, windows, model_name: str, methods: list[str], budgets: list[float],
                 suite_config, rec: Recorder, sensitivity_samples: int | None = None,
-                recovery=None, recovery_only: bool = False) -> None:
+                recovery=None, recovery_only: bool = False, code: bool = False) -> None:
     """``recovery``: a :class:`stat_core.recover.RecoveryConfig` (or ``None``): each cell is then also
     measured after recovery on ``windows``, as method ``<name>+recovery`` (``recovery_only``: only then,
-    the plain cell is not measured)."""
+    the plain cell is not measured). ``code``: every cell also gets the code measure
+    (:mod:`stat_core.evaluation.code`, greedy pass@1)."""
     from stat_core.evaluation.suite import build_reference, evaluate_suite
+
+    def evaluate(m, ref):
+        t_eval = time.perf_counter()
+        metrics = evaluate_suite(m, tokenizer, ref) if ref is not None else dict(reference.dense_metrics)
+        if code:
+            from stat_core.evaluation.code import code_pass_at_1
+
+            result = code_pass_at_1(m, tokenizer)
+            metrics["code_pass_at_1"] = result["code_pass_at_1"]
+            metrics["code_failed"] = sorted(k for k, v in result["code_results"].items() if v["status"] != "passed")
+        metrics["seconds_evaluate"] = time.perf_counter() - t_eval
+        return metrics
 
     t = time.perf_counter()
     reference = build_reference(model, tokenizer, suite_config)
     log.info("dense reference in %.0f s", time.perf_counter() - t)
     rec.add({"model": model_name, "method": "dense", "budget": 0.0, "removed_fraction": 0.0,
-             **reference.dense_metrics, "seconds_prune": 0.0})
+             **evaluate(model, None), "seconds_prune": 0.0})
     dense_params = block_parameter_count(get_adapter(model))
     calib = None
     prepare_seconds: dict[str, float] = {}
@@ -147,13 +160,14 @@ def run_decoder(model, tokenizer, windows, model_name: str, methods: list[str], 
                     method.prepare(model, CalibrationSet.wrap(windows), calib)
                     prepare_seconds[name] = time.perf_counter() - t
                 t = time.perf_counter()
-                plan = plan_pruning(pruned, calib, config, model_name, data=windows)
-                apply_plan_(pruned, plan, calib.dense_stats)
+                # The library's one-shot path (plan, cut, the method's finishing step such as STAT's output
+                # prior), so a suite row measures exactly what the CLI and the app produce.
+                plan = prune_from_calibration_(pruned, calib, config, model_name, {}, windows).plan
                 seconds = time.perf_counter() - t + _seconds_for(method, calib.timings, prepare_seconds[name])
                 removed = 1 - block_parameter_count(get_adapter(pruned)) / dense_params
                 extra = {"kept": plan.kept_summary()}
             if not (recovery_only and recovery is not None):
-                metrics = evaluate_suite(pruned, tokenizer, reference)
+                metrics = evaluate(pruned, reference)
                 rec.add({"model": model_name, "method": name, "budget": budget, "removed_fraction": removed,
                          **metrics, "seconds_prune": seconds, **extra})
             if recovery is not None and recovery.steps > 0:
@@ -162,7 +176,7 @@ def run_decoder(model, tokenizer, windows, model_name: str, methods: list[str], 
                 info = recover_(pruned, model, windows, recovery)
                 log.info("%s at %.0f%%: recovery %s", name, 100 * budget,
                          {k: (round(v, 4) if isinstance(v, float) else v) for k, v in info.items()})
-                metrics = evaluate_suite(pruned, tokenizer, reference)
+                metrics = evaluate(pruned, reference)
                 rec.add({"model": model_name, "method": f"{name}+recovery", "budget": budget,
                          "removed_fraction": 1 - block_parameter_count(get_adapter(pruned)) / dense_params,
                          **metrics, "seconds_prune": seconds + info["seconds"], "seconds_recover": info["seconds"],
@@ -239,6 +253,7 @@ def _fmt(field: str, value) -> str:
 HEADERS = {"perplexity": "ppl (×dense)", "kl_to_dense": "KL", "fewshot_accuracy": "few-shot acc",
            "fewshot_bias_free": "few-shot AUC", "fewshot_majority_share": "majority share",
            "analogy_accuracy": "analogies", "instruction_agreement": "chat agree", "instruction_kl": "chat KL",
+           "code_pass_at_1": "code pass@1",
            "accuracy": "post acc", "accuracy_windows": "window acc", "seconds_prune": "prune s",
            "seconds_recover": "of which recovery s"}
 
@@ -341,6 +356,10 @@ def main(argv=None) -> int:
                    help="with --recover: measure only the recovered models (the plain cells cost a suite each)")
     p.add_argument("--plain-from", default=None, metavar="SUITE_JSON",
                    help="copy the plain cells of these methods and budgets from an earlier suite.json")
+    p.add_argument("--code", action="store_true",
+                   help="also measure code pass@1 on the project's Python problems (code models)")
+    p.add_argument("--sensitivity-samples", type=int, default=None,
+                   help="windows of the shared calibration's gradient pass (default: the library's)")
     p.add_argument("--name", default="suite", help="results file name (<out-dir>/<name>.json and .md)")
     p.add_argument("--out-dir", default=str(RESULTS))
     args = p.parse_args(argv)
@@ -388,7 +407,7 @@ def main(argv=None) -> int:
                                 f"{suite_config.instruction_new_tokens} tokens")
         rec.meta.setdefault("protocol", {}).update(protocol)
         run_decoder(model, tokenizer, windows, args.model, methods, budgets, suite_config, rec, recovery=recovery,
-                    recovery_only=args.recover_only)
+                    recovery_only=args.recover_only, code=args.code, sensitivity_samples=args.sensitivity_samples)
         if args.plain_from:
             copy_plain_records(rec, Path(args.plain_from), args.model, methods, budgets)
         del model

@@ -83,6 +83,8 @@ class Calibration:
     #: Statistics of another calibration text that the corrections are fitted on (``None``: the same
     #: text the units were selected on). See :func:`with_corrections_from`.
     correction_stats: list[BlockStats] | None = None
+    #: What was computed (``ALL_NEEDS`` or a method's ``calibration_needs``).
+    needs: frozenset = frozenset({"block_stats", "sensitivity", "analyses"})
 
     @property
     def fit_stats(self) -> list[BlockStats]:
@@ -100,9 +102,18 @@ class Calibration:
         return self.extras[key]
 
 
+#: Everything a calibration can compute (see ``PruningMethod.calibration_needs``).
+ALL_NEEDS = frozenset({"block_stats", "sensitivity", "analyses"})
+
+
 def calibrate(model, windows: "torch.Tensor | CalibrationSet", config: PruneConfig,
-              progress: ProgressFn | None = None, runner: LayerwiseRunner | None = None) -> Calibration:
+              progress: ProgressFn | None = None, runner: LayerwiseRunner | None = None,
+              needs: frozenset[str] = ALL_NEEDS) -> Calibration:
     """Dense statistics, loss sensitivities and per-layer decompositions (the model is not changed).
+
+    ``needs``: the parts to compute (a method's ``calibration_needs``): without ``"sensitivity"`` the
+    gradient pass is skipped, without ``"analyses"`` STAT's per-layer decompositions; the block
+    statistics are always computed.
 
     Only ``config.sensitivity_samples``, ``config.batch_size`` and ``config.intercept`` (which
     statistics the decompositions use) matter here.
@@ -119,7 +130,7 @@ def calibrate(model, windows: "torch.Tensor | CalibrationSet", config: PruneConf
     fisher = None
     data = CalibrationSet.wrap(windows)
     distributed.check_shardable(len(data))  # one sentence before any work
-    n_sens = sensitivity_windows(data, config.sensitivity_samples)
+    n_sens = sensitivity_windows(data, config.sensitivity_samples) if "sensitivity" in needs else 0
     if n_sens > 0:
         chosen = data.spread(n_sens) if data.labels is not None else data.subset(n_sens)
         # Plain sums on each rank's share of the chosen windows (a rank may get none), divided once.
@@ -148,17 +159,19 @@ def calibrate(model, windows: "torch.Tensor | CalibrationSet", config: PruneConf
     t2 = time.perf_counter()
     analyses = []
     to_analyse = dense_stats if distributed.is_main() or config.mode != "one-shot" else []  # one-shot: rank 0 plans
+    if "analyses" not in needs:
+        to_analyse = []
     for i, s in enumerate(to_analyse):
         analyses.append(analyse_layer(adapter, i, s, None if fisher is None else fisher[i], config.intercept))
         notify(progress, "analyse", i + 1, adapter.num_layers)
     timings["analyse"] = time.perf_counter() - t2
     return Calibration(dense_stats=dense_stats, sensitivity=fisher, analyses=analyses, timings=timings,
-                       centered=config.intercept)
+                       centered=config.intercept, needs=frozenset(needs) | {"block_stats"})
 
 
 def cached_calibration(model, windows: "torch.Tensor | CalibrationSet", config: PruneConfig,
                        progress: ProgressFn | None = None, runner: LayerwiseRunner | None = None,
-                       spectra: bool = False) -> Calibration:
+                       spectra: bool = False, needs: frozenset[str] = ALL_NEEDS) -> Calibration:
     """:func:`calibrate`, read from the on-disk cache (:mod:`stat_core.calibration.cache`) when this
     model, these windows and ``config``'s calibration settings were calibrated before, else computed
     and stored there. A hit gives the same numbers bit for bit (statistics, sensitivities and
@@ -167,25 +180,36 @@ def cached_calibration(model, windows: "torch.Tensor | CalibrationSet", config: 
     damaged entry is a miss (logged). With ``spectra`` the inspect views' singular values
     (:func:`stat_core.methods.stat.explain.calibration_spectra`) are computed on a miss and kept in
     the entry too. Under ``torch.distributed``, or with the cache turned off
-    (``STAT_CALIBRATION_CACHE=off``), this is :func:`calibrate`."""
+    (``STAT_CALIBRATION_CACHE=off``), this is :func:`calibrate`. ``needs`` smaller than everything
+    (a method that skips the gradient pass): a whole entry is used when there is one, else the part is
+    computed and kept under its own key."""
+    needs = frozenset(needs) | {"block_stats"}
+    if needs != ALL_NEEDS:
+        spectra = False  # the inspect views' spectra come with STAT's analyses only
     if not calibration_cache.enabled() or distributed.is_distributed():
-        return _calibrate_with(model, windows, config, progress, runner, spectra)
+        return _calibrate_with(model, windows, config, progress, runner, spectra, needs)
     t0 = time.perf_counter()
     data = CalibrationSet.wrap(windows)
     notify(progress, "calibration cache", 0, 1)  # fingerprint and read: about a second
     try:
-        key = calibration_cache.key_for(model, data, config)
+        full_key = calibration_cache.key_for(model, data, config)
+        key = full_key if needs == ALL_NEEDS else calibration_cache.key_for(model, data, config, sorted(needs))
     except Exception:  # a model the cache cannot fingerprint is calibrated as usual
         log.warning("Cannot fingerprint this model for the calibration cache; calibrating without it", exc_info=True)
         notify(progress, "calibration cache", 1, 1)
-        return _calibrate_with(model, windows, config, progress, runner, spectra)
-    entry = calibration_cache.read(key)
-    calibration = None if entry is None else _calibration_from_entry(model, entry, config, key, spectra)
+        return _calibrate_with(model, windows, config, progress, runner, spectra, needs)
+    calibration = None
+    for candidate, candidate_needs in dict.fromkeys([(full_key, ALL_NEEDS), (key, needs)]):
+        entry = calibration_cache.read(candidate)
+        calibration = None if entry is None else _calibration_from_entry(model, entry, config, candidate, spectra,
+                                                                         candidate_needs)
+        if calibration is not None:
+            break
     notify(progress, "calibration cache", 1, 1)
     if calibration is not None:
         calibration.timings = {"cache_read": time.perf_counter() - t0}
         return calibration
-    calibration = _calibrate_with(model, windows, config, progress, runner, spectra)
+    calibration = _calibrate_with(model, windows, config, progress, runner, spectra, needs)
     tensors, info = _analyses_payload(calibration.analyses)
     if spectra:
         tensors.update(_spectra_payload(calibration_spectra(model, calibration)))  # computed just above
@@ -226,9 +250,9 @@ def _analyses_payload(analyses: list[LayerAnalysis]) -> tuple[dict, dict]:
 
 
 def _calibrate_with(model, windows, config: PruneConfig, progress: ProgressFn | None,
-                    runner: LayerwiseRunner | None, spectra: bool) -> Calibration:
+                    runner: LayerwiseRunner | None, spectra: bool, needs: frozenset = ALL_NEEDS) -> Calibration:
     """:func:`calibrate`, and with ``spectra`` the inspect views' spectra (timed in ``timings["spectra"]``)."""
-    calibration = calibrate(model, windows, config, progress, runner)
+    calibration = calibrate(model, windows, config, progress, runner, needs)
     if spectra:
         t = time.perf_counter()
         notify(progress, "spectra", 0, 1)
@@ -257,13 +281,15 @@ def _spectra_from(tensors: dict, n_layers: int) -> list[dict] | None:
              for kind in ("attn", "mlp")} for i in range(n_layers)]
 
 
-def _calibration_from_entry(model, entry, config: PruneConfig, key, spectra: bool = False) -> Calibration | None:
+def _calibration_from_entry(model, entry, config: PruneConfig, key, spectra: bool = False,
+                            needs: frozenset = ALL_NEEDS) -> Calibration | None:
     """The :class:`Calibration` a cache entry holds, or None (logged) when it does not fit ``model``
     (or lacks the ``spectra`` asked for)."""
     adapter = get_adapter(model)
     try:
         heads = entry.info["analyses"]
-        if len(entry.dense_stats) != adapter.num_layers or len(heads) != adapter.num_layers:
+        if len(entry.dense_stats) != adapter.num_layers or \
+                len(heads) != (adapter.num_layers if "analyses" in needs else 0):
             raise ValueError(f"{len(entry.dense_stats)} blocks cached for a {adapter.num_layers}-layer model")
         analyses = []
         for i, (stats, h) in enumerate(zip(entry.dense_stats, heads)):
@@ -284,7 +310,7 @@ def _calibration_from_entry(model, entry, config: PruneConfig, key, spectra: boo
         log.warning("Ignoring the cached calibration %s and recomputing it: %s", key.path.name, exc)
         return None
     return Calibration(dense_stats=entry.dense_stats, sensitivity=entry.sensitivity, analyses=analyses,
-                       centered=config.intercept, extras=extras)
+                       centered=config.intercept, extras=extras, needs=needs)
 
 
 def plan_pruning(model, calibration: Calibration, config: PruneConfig, model_name: str = "",
@@ -300,6 +326,10 @@ def plan_pruning(model, calibration: Calibration, config: PruneConfig, model_nam
     method.check_applicable(model)
     if method.whole_model:
         raise ValueError(f"{method.label} does not produce a head/neuron plan; run it with stat_prune_")
+    missing = method.calibration_needs - calibration.needs
+    if missing:
+        raise ValueError(f"{method.label} needs {' and '.join(sorted(missing))} that this calibration did not "
+                         "compute (it was made for another method); calibrate again for this method")
     method.prepare(model, None if data is None else CalibrationSet.wrap(data), calibration)
     return method.plan(model, calibration, config, model_name, calibration_info or {})
 
@@ -376,8 +406,9 @@ def stat_prune_(model, windows: "torch.Tensor | CalibrationSet", config: PruneCo
     if config.mode != "one-shot" and not hasattr(method, "relabel") and method.name != "stat":
         raise ValueError(f"{config.mode} mode re-fits STAT's corrections layer by layer; {method.label} runs one-shot")
     adapter = get_adapter(model)
+    needs = method.calibration_needs if config.mode == "one-shot" else ALL_NEEDS  # layer-wise modes run STAT's
     if cache and config.mode == "one-shot" and not distributed.is_distributed():
-        calib = cached_calibration(model, windows, config, progress)
+        calib = cached_calibration(model, windows, config, progress, needs=needs)
         if correction_windows is not None:
             calib = with_corrections_from(model, calib, correction_windows, progress)
         result = prune_from_calibration_(model, calib, config, model_name, calibration_info, windows, progress)
@@ -385,7 +416,7 @@ def stat_prune_(model, windows: "torch.Tensor | CalibrationSet", config: PruneCo
         return result
     # Under torch.distributed each rank runs its shard of the windows (one process: all of them).
     runner = LayerwiseRunner(model, adapter, distributed.shard(windows, config.batch_size)[0], config.batch_size)
-    calib = calibrate(model, windows, config, progress, runner)
+    calib = calibrate(model, windows, config, progress, runner, needs)
     if correction_windows is not None:
         calib = with_corrections_from(model, calib, correction_windows, progress, cache=False)
     if config.mode == "one-shot":

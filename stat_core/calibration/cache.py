@@ -156,9 +156,12 @@ class CacheKey:
         return cache_root() / f"{self.digest[:40]}.safetensors"
 
 
-def key_for(model, data, config) -> CacheKey:
-    """The key of ``model`` calibrated on ``data`` with ``config``'s calibration settings."""
+def key_for(model, data, config, needs: list[str] | None = None) -> CacheKey:
+    """The key of ``model`` calibrated on ``data`` with ``config``'s calibration settings; ``needs``:
+    the parts computed when not everything was (a method that skips the gradient pass)."""
     settings = tuple((name, getattr(config, name)) for name in SETTINGS)
+    if needs is not None:
+        settings += (("needs", tuple(needs)),)
     return CacheKey(model_fingerprint(model), data_fingerprint(data), settings, code_fingerprint())
 
 

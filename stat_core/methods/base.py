@@ -71,6 +71,17 @@ class PruningMethod:
     #: the dense block statistics (Grams, sums), and STAT's sensitivity pass + decompositions
     uses_block_stats: bool = True
     uses_stat_analysis: bool = False
+
+    @property
+    def calibration_needs(self) -> frozenset[str]:
+        """What the shared calibration stage computes for this method (:func:`stat_core.prune.calibrate`):
+        ``"block_stats"`` (always: the corrections and budgets read them), ``"sensitivity"`` (the gradient
+        pass) and ``"analyses"`` (STAT's per-layer decompositions) only for methods that read STAT's
+        analysis. FLAP, Wanda-sp, SlimGPT and LLM-Pruner skip the gradient pass and the decompositions."""
+        needs = {"block_stats"}
+        if self.uses_stat_analysis:
+            needs |= {"sensitivity", "analyses"}
+        return frozenset(needs)
     #: plans from what each layer gives while it is in memory (:meth:`layer_summary`, then
     #: :meth:`plan_from_summaries`), so streaming (``--offload``) can run it one block at a time
     streams: bool = False
