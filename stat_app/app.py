@@ -23,7 +23,8 @@ from stat_app import handlers as H
 from stat_app.sessions import MAX_SESSIONS, SessionStore, remove_stale_workdirs
 from stat_core.data.labelled import BUILTIN_SETS
 from stat_core.estimate import estimate_sentence
-from stat_core.models import DEMO_MODELS
+from stat_core.data.recipe import CHAT, Recipe, resolve_recipe
+from stat_core.models import DEMO_MODELS, demo_model_choices, demo_model_installed
 from stat_core.progress import stage_unit
 
 log = logging.getLogger("stat_app")
@@ -182,6 +183,21 @@ def _spectrum(why: dict, choice: str | None):
     return F.spectrum_figure(why["spectra"], _layer_of(choice))
 
 
+#: The calibration the page starts with: the recipe of the demo decoder it opens with (a chat model), as
+#: resolve_recipe gives it; loading a model sets the box to that model's recipe.
+DEMO_RECIPE = Recipe("chat", *CHAT, sentence="")
+
+
+def recipe_note(recipe: Recipe) -> str:
+    """The calibration box's first line: which calibration the loaded model gets by default, and why."""
+    if not recipe.sentence:
+        return ("**Default calibration follows the model.** A chat model (like the demo `smollm2-135m`): units "
+                "chosen on `mix` (half its own chat answers, half Wikipedia) with sensitivity labels from the model, "
+                "corrections fitted on `wikipedia`. A decoder without a chat template: the same on `in-context`. "
+                "Pick `wikipedia`, `data` and the same text for plain Wikipedia.")
+    return f"**Default for this model.** {recipe.sentence.replace('`--calibration wikipedia`', 'Choosing wikipedia')}"
+
+
 def build_demo(store: SessionStore | None = None, access: ModelAccess | None = None) -> gr.Blocks:
     """The page; ``access`` (``--expose``) limits the model sources to what the operator allowed."""
     store = SessionStore() if store is None else store
@@ -198,20 +214,26 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
         # what the wait is for (a hub download can take a while, or time out without a network)
         progress(None, desc=(f"Downloading {str(name).strip()} from the model hub, then loading it" if source == "hub"
                              else f"Loading {str(name).strip()}"))
-        reply = H.load(session, source, name, device, access=access)
+        if source == "demo" and DEMO_MODELS.get(name, {}).get("on_request") and not demo_model_installed(name):
+            progress(None, desc=f"Installing {name} once ({DEMO_MODELS[name]['download_mb']} MB download, then a "
+                                "conversion of a few minutes)")
+        reply = H.load(session, source, name, device, access=access, progress=_gradio_progress(progress))
         if reply.ok:  # only a loaded model makes (and keeps) a session in the store
             store.adopt(session)
         else:  # the session keeps whatever it had loaded before
-            return (_status(reply), H.architecture_markdown(session.arch), *[gr.update()] * 9)
+            return (_status(reply), H.architecture_markdown(session.arch), *[gr.update()] * 12)
         defaults = CLASSIFIER_DEFAULTS if session.encoder else DECODER_DEFAULTS
         empty = F.empty_figure()
         choices = list(BUILTIN_SETS) if session.encoder else list(H.DECODER_SOURCES)
-        value = defaults["builtin"] if session.encoder else H.default_source(session.tokenizer)
+        recipe = resolve_recipe(session.model, session.tokenizer)  # the default follows the model
+        value = defaults["builtin"] if session.encoder else recipe.source
         return (_status(reply), H.architecture_markdown(session.arch),
                 gr.update(choices=choices, value=value),
                 gr.update(value=defaults["num_samples"]), gr.update(value=defaults["seq_len"]),
                 empty, empty, empty, empty, "",
-                estimate_sentence(session.model, defaults["num_samples"], defaults["seq_len"]))
+                estimate_sentence(session.model, defaults["num_samples"], defaults["seq_len"]),
+                gr.update(value=recipe.sensitivity_labels), gr.update(value=recipe.correct_on or H.SAME_TEXT),
+                recipe_note(recipe))
 
     def on_sizes(num_samples, seq_len, request: gr.Request):
         session = session_of(request)
@@ -360,7 +382,7 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
                         with gr.Row():
                             source = gr.Radio(["demo", "folder", "hub"], value="demo", label="source")
                             device = gr.Dropdown(["auto", "cpu", "cuda"], value="auto", label="device")
-                        demo_name = gr.Dropdown(list(DEMO_MODELS), value="smollm2-135m", label="demo model",
+                        demo_name = gr.Dropdown(demo_model_choices(), value="smollm2-135m", label="demo model",
                                                 info="; ".join(f"{k}: {v['description']}" for k, v in DEMO_MODELS.items()))
                         path = gr.Textbox(label="local folder or hub id", placeholder="/path/to/model or org/name")
                         load_btn = gr.Button("Load model", variant="primary", elem_id="load_btn")
@@ -384,12 +406,13 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
                 summary = gr.Markdown(elem_id="summary")
                 gr.Markdown(RELOAD_NOTE, elem_id="reload_note")
                 with gr.Accordion("Calibration text, mode and recovery", open=True):
+                    recipe_md = gr.Markdown(recipe_note(DEMO_RECIPE), elem_id="recipe_note")
                     with gr.Row():
                         calib_source = gr.Radio(["builtin", "file", "pasted"], value="builtin", label="calibrate on")
-                        builtin = gr.Dropdown(list(H.DECODER_SOURCES), value="wikipedia", label="built-in text",
+                        builtin = gr.Dropdown(list(H.DECODER_SOURCES), value=DEMO_RECIPE.source, label="built-in text",
                                               info="decoders: mix = Wikipedia + the model's own chat answers "
-                                                   "(generated once, cached), wikipedia, self-generated; "
-                                                   "classifiers: labelled sets")
+                                                   "(generated once, cached), wikipedia, in-context, "
+                                                   "self-generated; classifiers: labelled sets")
                         # no minimum/maximum here: the handlers answer a bad size with one sentence
                         num_samples = gr.Number(value=64, precision=0, label="samples", elem_id="num_samples")
                         seq_len = gr.Number(value=512, precision=0, label="sequence length (tokens)", elem_id="seq_len")
@@ -399,11 +422,13 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
                                          file_types=[".txt", ".json", ".jsonl", ".csv", ".parquet"], type="filepath")
                         pasted = gr.Textbox(label="or paste text", lines=4)
                     with gr.Row():
-                        sensitivity = gr.Radio(list(H.SENSITIVITY_LABELS), value="data", label="sensitivity labels",
+                        sensitivity = gr.Radio(list(H.SENSITIVITY_LABELS), value=DEMO_RECIPE.sensitivity_labels,
+                                               label="sensitivity labels",
                                                info="model: the gradient pass on the model's own answers (its "
                                                     "Fisher) instead of the text's next tokens",
                                                elem_id="sensitivity")
-                        correct_on = gr.Dropdown([H.SAME_TEXT, *H.DECODER_SOURCES], value=H.SAME_TEXT,
+                        correct_on = gr.Dropdown([H.SAME_TEXT, *H.DECODER_SOURCES],
+                                                 value=DEMO_RECIPE.correct_on or H.SAME_TEXT,
                                                  label="fit corrections on",
                                                  info="decoders: units chosen on the text above, corrections fitted "
                                                       "on this one. Chat models keep few-shot, analogy and chat "
@@ -525,7 +550,8 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
         plan_outputs = [heads_plot, neurons_plot, decay_plot, spectrum_plot, layer_pick, summary, learn_layer]
         load_evt = load_btn.click(on_load, [source, demo_name, path, device],
                                   [status, arch, builtin, num_samples, seq_len, heads_plot, neurons_plot, decay_plot,
-                                   spectrum_plot, summary, estimate], api_name="load", **heavy)
+                                   spectrum_plot, summary, estimate, sensitivity, correct_on, recipe_md],
+                                  api_name="load", **heavy)
         for box in (num_samples, seq_len):
             box.change(on_sizes, [num_samples, seq_len], [estimate], api_name=False, show_progress="hidden")
         prune_evt = prune_btn.click(on_prune, [calib_source, builtin, upload, pasted, num_samples, seq_len, sparsity,

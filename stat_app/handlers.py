@@ -64,14 +64,14 @@ from stat_core.export.api import check_format, export_zip_with_report
 from stat_core.methods.registry import get_method
 from stat_core.methods.settings import settings_from_text, settings_help  # noqa: F401 (the app's box)
 from stat_core.methods.stat import explain, lesson as core_lesson
-from stat_core.models import download_hub_model, load_model
+from stat_core.models import DEMO_MODELS, demo_model_installed, download_hub_model, load_model, prepare_demo_model
 from stat_core.recover import RecoveryCancelled
 
 # --- load ----------------------------------------------------------------------------------------
 
 @guarded
 def load(session: Session, source: str, name: str, device: str = "auto", dtype: str = "float32",
-         access: ModelAccess | None = None) -> Reply:
+         access: ModelAccess | None = None, progress: ProgressFn | None = None) -> Reply:
     """Load a demo model, a local folder or a hub id into the session (replacing what it held).
     ``access`` (a shared app's :class:`~stat_app.access.ModelAccess`) refuses sources and folders the
     operator did not allow, before anything is read. A hub model is downloaded first, without the
@@ -81,6 +81,8 @@ def load(session: Session, source: str, name: str, device: str = "auto", dtype: 
     name = pipeline.model_reference(source, name)
     t = time.perf_counter()
     folder = str(download_hub_model(name)) if source == "hub" else name
+    if source == "demo" and DEMO_MODELS[name].get("on_request") and not demo_model_installed(name):
+        prepare_demo_model(name, progress)  # a real model installed on first use: download + convert, once
     with DEVICE_LOCK:
         model, tokenizer = load_model(folder, device=device, dtype=dtype)
         seconds = time.perf_counter() - t

@@ -33,6 +33,7 @@ from stat_core.export.gguf import GGUF_TYPES
 from stat_core.methods.base import check_budget_feasible
 from stat_core.methods.registry import get_method, method_names
 from stat_core.methods.settings import setting_kind
+from stat_core.data.recipe import resolve_recipe
 from stat_core.models import DEMO_MODELS, ModelLoadError, load_model
 from stat_core.pipeline import (
     Measure,
@@ -102,10 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True,
                    help="folder for the pruned model (in --format's files, with a model card, plan.json and "
                         "pruning_report.json); must not exist or be empty")
-    p.add_argument("--sensitivity-labels", choices=("data", "model"), default="data",
-                   help="next tokens of the gradient pass: 'data' (the text; default) or 'model' (sampled from the dense "
-                        "model: the Fisher of its own distribution). With --calibration mix this kept few-shot and chat "
-                        "behaviour best on SmolLM2 (benchmarks/results/stat_ablation.md)")
+    p.add_argument("--sensitivity-labels", choices=("data", "model"), default=None,
+                   help="next tokens of the gradient pass: 'data' (the text) or 'model' (sampled from the dense "
+                        "model: the Fisher of its own distribution). Default: 'model' with the default calibration of a "
+                        "decoder, 'data' when --calibration is given")
     p.add_argument("--intercept", action="store_true",
                    help="STAT: fit the correction with an intercept, folded into output biases (measured neutral "
                         "on SmolLM2, see benchmarks/results/stat_ablation.md)")
@@ -124,10 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "earlier ones; sequential: like propagate, with each correction fitted to the dense model's "
                         "activations (about 3.5x the time; measured worse than one-shot on SmolLM2: README)")
     p.add_argument("--calibration", default=None,
-                   help="decoders: 'wikipedia' (default: built-in sample, calibration split), 'mix' (chat models: "
-                        "half Wikipedia, half the model's own answers to seed prompts through its chat template, "
-                        "generated once and cached: better chat agreement, worse Wikipedia perplexity), "
-                        "'self-generated', or a text file (.txt/.json/.jsonl/.csv/.parquet)")
+                   help="decoders: 'wikipedia' (built-in sample, calibration split), 'mix' (half Wikipedia, half the "
+                        "model's own answers to seed prompts through its chat template, generated once and cached), "
+                        "'in-context', 'self-generated', or a text file (.txt/.json/.jsonl/.csv/.parquet). Default: the "
+                        "recipe that follows the model — a chat model: units chosen on 'mix' with its own Fisher, "
+                        "corrections fitted on 'wikipedia'; a decoder without a chat template: the same on "
+                        "'in-context' (stated in the first lines of the output and in the report)")
     p.add_argument("--correct-on", default=None, metavar="SOURCE",
                    help="decoders, one-shot: fit the corrections on this calibration text's statistics ('wikipedia', "
                         "'mix', 'in-context' or a text file; same --num-samples / --seq-len / --seed) while units "
@@ -241,6 +244,15 @@ def run(args: argparse.Namespace) -> dict:
     if getattr(args, "report_html", None) and method.whole_model and not method.returns_plan:
         raise ValueError(f"{method.label} gives no head / neuron plan, so there is no HTML report to draw; "
                          "drop --report-html")
+    recipe = resolve_recipe(model, tokenizer, args.calibration, args.sensitivity_labels,
+                            getattr(args, "correct_on", None), one_shot=args.mode == "one-shot",
+                            single_process=not distributed.is_distributed(), whole_model=method.whole_model,
+                            labelled=args.labelled)
+    if distributed.is_main() and not args.quiet:
+        print(recipe.sentence, file=sys.stderr, flush=True)
+    if not is_encoder(model):
+        args.calibration, args.correct_on = recipe.source, recipe.correct_on
+    args.sensitivity_labels = recipe.sensitivity_labels
     correct_on = getattr(args, "correct_on", None)
     if correct_on is not None:  # one sentence before any data, evaluation or calibration
         if args.mode != "one-shot" or method.whole_model:
@@ -251,6 +263,7 @@ def run(args: argparse.Namespace) -> dict:
             raise ValueError("--correct-on runs in one process; drop torchrun or --correct-on")
     prepared = distributed.from_main(_calibration, args, model, tokenizer)  # rank 0 builds, all get it
     calib, held, calib_info = prepared.data, prepared.held_out, prepared.info  # info: tokens, fingerprint
+    calib_info["recipe"] = recipe.sentence  # the report and the model card say which calibration it was
     correction = None
     if correct_on is not None:
         correction, calib_info = correction_data(model, tokenizer, args.model, correct_on, calib_info, args.num_samples,

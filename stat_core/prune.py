@@ -233,8 +233,9 @@ def with_corrections_from(model, calibration: Calibration, windows: "torch.Tenso
                          "or the second calibration text")
     t = time.perf_counter()
     config = PruneConfig(sparsity=0.0)  # statistics only; the settings the app's and setup's calibrations use
-    other = cached_calibration(model, windows, config, progress) if cache else calibrate(model, windows, config,
-                                                                                          progress)
+    stats_only = frozenset({"block_stats"})  # a whole entry is read when there is one; else no gradient pass
+    other = cached_calibration(model, windows, config, progress, needs=stats_only) if cache else \
+        calibrate(model, windows, config, progress, needs=stats_only)
     return dataclasses.replace(calibration, correction_stats=other.dense_stats,
                                timings={**calibration.timings, "correction_calibration": time.perf_counter() - t})
 

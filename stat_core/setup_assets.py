@@ -23,22 +23,39 @@ WARM_MODEL = WARM_MODELS[0]
 
 
 def warm_calibration_cache(name: str = WARM_MODEL, device: str = "auto", progress=None) -> dict:
-    """The calibration the app makes first on demo model ``name`` (the pipeline's default source,
-    windows and settings, which are the app's defaults, on the app's default device and dtype), read
-    from or written to the calibration cache (:func:`stat_core.pipeline.calibrate_statistics`).
-    Returns ``{"hit", "seconds", "file"}``."""
+    """The calibration the app makes first on demo model ``name``: the recipe that follows the model
+    (:func:`stat_core.data.recipe.resolve_recipe`; a chat model's own chat text is generated once and
+    cached), at the app's default windows and settings, device and dtype, read from or written to the
+    calibration cache (:func:`stat_core.pipeline.calibrate_statistics`), plus plain Wikipedia at the
+    same sizes for decoders (what ``--calibration wikipedia`` and the corrections read). Returns
+    ``{"hit", "seconds", "file", "recipe"}`` of the recipe's calibration."""
     from stat_core import pipeline
+    from stat_core.adapters.registry import is_encoder
     from stat_core.calibration import cache as calibration_cache
+    from stat_core.data.recipe import resolve_recipe
     from stat_core.models import load_model
 
     if not calibration_cache.enabled():
         return {"hit": False, "seconds": 0.0, "file": None, "skipped": "STAT_CALIBRATION_CACHE is off"}
     model, tokenizer = load_model(name, device=device, dtype="float32")
-    prepared = pipeline.calibration_data(model, tokenizer, name)
+    recipe = resolve_recipe(model, tokenizer)
+    encoder = is_encoder(model)
+    if not encoder:  # plain Wikipedia first: the recipe's corrections are fitted on its statistics
+        plain = pipeline.calibration_data(model, tokenizer, name, "builtin", "wikipedia")
+        pipeline.calibrate_statistics(model, plain.data, progress)
+    prepared = pipeline.calibration_data(model, tokenizer, name, "builtin", None if encoder else recipe.source,
+                                         progress=progress)
+    correction = None
+    if recipe.correct_on:
+        correction, _ = pipeline.correction_data(model, tokenizer, name, recipe.correct_on, prepared.info,
+                                                 progress=progress)
     t = time.perf_counter()
-    calibration = pipeline.calibrate_statistics(model, prepared.data, progress)
+    calibration = pipeline.calibrate_statistics(model, prepared.data, progress,
+                                                sensitivity_labels=recipe.sensitivity_labels,
+                                                correction_data=None if correction is None else correction.data)
     info = calibration.extras.get("disk_cache", {})
-    return {"hit": bool(info.get("hit")), "seconds": time.perf_counter() - t, "file": info.get("file")}
+    return {"hit": bool(info.get("hit")), "seconds": time.perf_counter() - t, "file": info.get("file"),
+            "recipe": recipe.sentence}
 
 
 def main(argv=None) -> None:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import os
 import shutil
 import tempfile
@@ -749,6 +750,10 @@ def run_offload(args, settings=None) -> dict:
     tokenizer = load_tokenizer_only(str(checkpoint.folder))
     encoder = is_encoder(skeleton)
     source = args.labelled if encoder else (args.calibration or "wikipedia")
+    if not encoder and args.calibration is None and not getattr(args, "quiet", False):
+        from stat_core.data.recipe import resolve_recipe
+
+        print(resolve_recipe(skeleton, tokenizer, offload=True).sentence, file=sys.stderr, flush=True)
     if not encoder and source in ("mix", "self-generated"):
         raise StreamingError(f"--calibration {source} generates text with the whole model, which --offload never "
                              "holds in memory; use --calibration wikipedia or a text file.")

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,10 +151,13 @@ def generate_transcripts(model, tokenizer, prompts: list[str] | None = None,
     model.train(was_training)
     seconds = time.perf_counter() - t0
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"settings": repr(settings), "seconds": seconds, "transcripts": transcripts,
-                               "texts": [tokenizer.decode(t) for t in transcripts[:8]]}))
-    tmp.replace(path)  # never a half-written cache entry
+    # A private temporary name per writer, renamed into place: never a half-written entry, and two
+    # setups generating at once each publish a whole file (the last rename wins; both are valid).
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps({"settings": repr(settings), "seconds": seconds, "transcripts": transcripts,
+                            "texts": [tokenizer.decode(t) for t in transcripts[:8]]}))
+    os.replace(tmp_name, path)
     log.info("generated %d transcripts (%d tokens) in %.0f s", len(transcripts), sum(map(len, transcripts)), seconds)
     return transcripts, seconds
 
