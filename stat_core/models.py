@@ -11,7 +11,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import gguf
 import torch
 
 from stat_core.adapters import UnsupportedModelError, supported_model_types
@@ -19,7 +18,7 @@ from stat_core.adapters.registry import ENCODER_TYPES
 from stat_core.data.labelled import LabelledSet, newsgroups
 from stat_core.evaluation.classifier import CLASSIFIER_MAX_LEN, accuracy, encode
 from stat_core.export.hf import load_pruned
-from stat_core.gguf_chunks import ChunkedGGUF, ChunkError, assemble
+from stat_core.gguf_chunks import ChunkedGGUF, ChunkError, assemble, check_gguf_file  # noqa: F401 (re-exported)
 from stat_core.paths import cache_dir, entry_lock, publish_dir
 
 log = logging.getLogger(__name__)
@@ -108,24 +107,6 @@ def demo_model_choices() -> list[tuple[str, str]]:
                      f"cores; {entry['licence']})")
         out.append((label, name))
     return out
-
-
-def check_gguf_file(file: Path) -> str | None:
-    """Why ``file`` is not a readable GGUF file (no full stop), or None: empty, without GGUF's magic
-    bytes, or a header, metadata or tensor table that ends before the file does (a truncated copy)."""
-    size = file.stat().st_size
-    if size == 0:
-        return "the file is empty"
-    with open(file, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        return "it does not start with GGUF's magic bytes: it is not a GGUF file or it is damaged"
-    try:
-        gguf.GGUFReader(file)  # parses the header, metadata and tensor table; tensors past the end fail
-    except Exception as exc:  # noqa: BLE001 - numpy/struct errors of a short or damaged file
-        return (f"its header or tensors do not fit in its {size:,} bytes ({exc.__class__.__name__}): it is truncated "
-                "or damaged")
-    return None
 
 
 def demo_model_dir(name: str) -> Path:

@@ -348,7 +348,7 @@ def prune_from_calibration_(model, calibration: Calibration, config: PruneConfig
     finally:
         calibration.extras.pop("progress", None)
     t1 = time.perf_counter()
-    apply_plan_(model, plan, calibration.fit_stats)
+    apply_plan_(model, plan, calibration.fit_stats, progress)
     t2 = time.perf_counter()
     info = get_method(config.method).finish_(model, calibration, config)
     timings = {**calibration.timings, "allocate": t1 - t0, "apply": t2 - t1}

@@ -126,7 +126,7 @@ def test_cancel_button_stops_a_running_calibration(server, decoder_dir, monkeypa
     started, stopped = threading.Event(), threading.Event()
     outcome = []
 
-    def slow_calibrate(model, data, config, progress=None, runner=None):
+    def slow_calibrate(model, data, config, progress=None, *_, **__):
         try:
             for i in range(600):  # a "layer" every 50 ms, 30 s in all unless cancelled
                 started.set()

@@ -159,7 +159,9 @@ def _plan_and_weights(result, model):
 
 
 def _cli_args(folder, out):
+    # An explicit text: the default recipe fits corrections on a second text in one process only.
     return [str(folder), "--sparsity", "0.3", "--out", str(out), "--num-samples", "8", "--seq-len", "32",
+            "--calibration", "wikipedia",
             "--sensitivity-samples", "4", "--batch-size", "2", "--skip-eval", "--quiet", "--device", "cpu"]
 
 

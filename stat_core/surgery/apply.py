@@ -108,8 +108,9 @@ def removed_mean_contribution(weight: torch.Tensor, mean: torch.Tensor, kept_col
     return weight.to("cpu", torch.float64)[:, removed] @ mean.to("cpu", torch.float64)[removed]
 
 
-def apply_plan_(model, plan: PrunePlan, stats: list[BlockStats] | None) -> None:
-    """Apply ``plan`` to a dense ``model`` in place; ``stats=None`` means no correction."""
+def apply_plan_(model, plan: PrunePlan, stats: list[BlockStats] | None, progress=None) -> None:
+    """Apply ``plan`` to a dense ``model`` in place; ``stats=None`` means no correction.
+    ``progress(stage, done, total)``: ``("surgery", layers done, layers)`` after each layer."""
     adapter = get_adapter(model)
     if len(plan.layers) != adapter.num_layers:
         raise ValueError(f"plan has {len(plan.layers)} layers, model has {adapter.num_layers}")
@@ -119,6 +120,8 @@ def apply_plan_(model, plan: PrunePlan, stats: list[BlockStats] | None) -> None:
             raise ValueError(f"layer {lp.layer} of the model is already pruned or differs from the plan")
         apply_layer_(adapter, lp, None if stats is None else stats[lp.layer], plan.correction, plan.correction_ridge,
                      bool(plan.budget.get("uniform")))
+        if progress is not None:
+            progress("surgery", lp.layer + 1, len(plan.layers))
     adapter.record_shapes_in_config_()
 
 
