@@ -180,13 +180,14 @@ def generate_completions(model, tokenizer, problems: Sequence[CodeProblem], max_
 def code_pass_at_1(model, tokenizer, problems: Sequence[CodeProblem] | None = None,
                    progress: ProgressFn | None = None, time_limit: float = TIME_LIMIT_S) -> dict:
     """Greedy pass@1: ``{"code_pass_at_1", "code_passed", "code_problems", "code_results"}``
-    (``code_results``: per problem, its status and why it failed)."""
+    (``code_results``: per problem, its status, why it failed and the first 400 characters of the
+    completion)."""
     problems = list(problems if problems is not None else code_problems())
     completions = generate_completions(model, tokenizer, problems, progress=progress)
     results = {}
     for problem, body in zip(problems, completions):
         result = run_candidate(problem.prompt + body + "\n\n" + problem.tests, time_limit=time_limit)
-        results[problem.name] = {"status": result.status, "detail": result.detail}
+        results[problem.name] = {"status": result.status, "detail": result.detail, "completion": body[:400]}
     passed = sum(r["status"] == "passed" for r in results.values())
     return {"code_pass_at_1": passed / len(problems), "code_passed": passed, "code_problems": len(problems),
             "code_results": results}
