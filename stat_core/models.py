@@ -90,7 +90,7 @@ DEMO_MODELS = {
         "Apache-2.0; installed on first use: 491 MB download, 2.4 GB on disk)", 491, 2.4, "about 40"),
     "qwen2.5-coder-1.5b": _chunked_entry(
         "qwen2.5-coder-1.5b", "Qwen2.5-Coder-1.5B-Instruct (Qwen2, 28 layers, 12 q / 2 KV heads, MLP 8,960; "
-        "Apache-2.0; installed on first use: 1.1 GB download, 6.2 GB on disk)", 1117, 6.2, "roughly 120 (estimated)"),
+        "Apache-2.0; installed on first use: 1.1 GB download, 6.7 GB on disk)", 1117, 6.7, "roughly 120 (estimated)"),
     "minilm-classifier": {"source": None, "description": "all-MiniLM-L6-v2 fine-tuned on the newsgroup sample "
                                                          "(BERT, 6 layers, 12 heads; the project's own demo)"},
 }
