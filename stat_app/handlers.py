@@ -52,6 +52,7 @@ from stat_core import prune as core_prune  # noqa: F401 (tests patch the core's 
 from stat_core.adapters.registry import is_encoder
 from stat_core.config import PruneConfig
 from stat_core.data.mix import default_source  # noqa: F401 (the app's default source)
+from stat_core.calibration.sizes import statistics_memory_problem
 from stat_core.data.sources import check_calibration_sizes
 from stat_core.evaluation import measure as core_measure
 from stat_core.evaluation.html_report import write_report_html
@@ -115,6 +116,9 @@ def calibrate(session: Session, source: str = "builtin", builtin: str = "wikiped
                          f"not '{correct_on}'.")
     num_samples, seq_len = check_calibration_sizes(session.model, num_samples, seq_len,
                                                    None if session.encoder else session.tokenizer)
+    problem = statistics_memory_problem(session.model)
+    if problem:
+        raise ValueError(problem.replace("with --offload", "with the command line's --offload"))
     key = pipeline.calibration_request_key(session.model_name, source, builtin, file_path, pasted, num_samples,
                                            seq_len, seed, sensitivity_labels, correct_on)
     if not force and session.calibration is not None and session.calib_key == key:

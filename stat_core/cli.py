@@ -33,6 +33,7 @@ from stat_core.export.gguf import GGUF_TYPES
 from stat_core.methods.base import check_budget_feasible
 from stat_core.methods.registry import get_method, method_names
 from stat_core.methods.settings import setting_kind
+from stat_core.calibration.sizes import statistics_memory_problem
 from stat_core.data.recipe import resolve_recipe
 from stat_core.models import DEMO_MODELS, ModelLoadError, load_model
 from stat_core.pipeline import (
@@ -261,6 +262,9 @@ def run(args: argparse.Namespace) -> dict:
                                                                                  else f"--mode {args.mode}") + ")")
         if distributed.is_distributed():
             raise ValueError("--correct-on runs in one process; drop torchrun or --correct-on")
+    problem = statistics_memory_problem(model)  # a model whose statistics cannot fit: before any work
+    if problem:
+        raise ValueError(problem)
     prepared = distributed.from_main(_calibration, args, model, tokenizer)  # rank 0 builds, all get it
     calib, held, calib_info = prepared.data, prepared.held_out, prepared.info  # info: tokens, fingerprint
     calib_info["recipe"] = recipe.sentence  # the report and the model card say which calibration it was

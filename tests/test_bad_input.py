@@ -1013,3 +1013,27 @@ def test_the_optional_gemma_demo_says_how_to_install_it(monkeypatch, tmp_path):
     monkeypatch.setattr(setup_assets, "DEMO_MODELS", {"gemma3-270m": DEMO_MODELS["gemma3-270m"]})
     monkeypatch.setattr(setup_assets, "wikipedia_articles", lambda: [])
     setup_assets.main(["--no-calibration"])  # prints the skip, raises nothing
+
+
+def test_statistics_that_cannot_fit_in_memory_are_refused_before_any_work(tmp_path, monkeypatch):
+    """A model whose float64 Gram statistics exceed the free memory (the 1.5B on a 24 GB machine):
+    one sentence pointing at --offload, before any calibration; the bound itself is exact."""
+    from conftest import tiny_model
+    from stat_core.calibration import sizes
+
+    model = tiny_model(num_hidden_layers=2)  # 2 × (32² + 64²) float64
+    assert sizes.statistics_bytes(model) == 2 * 8 * (32 * 32 + 64 * 64)
+    assert sizes.statistics_memory_problem(model, available=10**9) is None
+    problem = sizes.statistics_memory_problem(model, available=1000)
+    assert problem.startswith("Calibrating this model in memory needs about") and "--offload" in problem
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    from stat_core.models import load_tokenizer_only
+
+    load_tokenizer_only("smollm2-135m").save_pretrained(folder)
+    import stat_core.cli as cli
+
+    monkeypatch.setattr(cli, "statistics_memory_problem", lambda m: problem)
+    assert cli.main([str(folder), "--sparsity", "0.3", "--out", str(tmp_path / "out"),
+                     "--calibration", "wikipedia"]) == 2
+    assert not (tmp_path / "out").exists()

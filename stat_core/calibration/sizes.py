@@ -43,3 +43,32 @@ def sensitivity_windows(data: CalibrationSet, requested: int | None) -> int:
     per_window = (float(data.attention_mask.sum()) / len(data) if data.attention_mask is not None
                   else data.input_ids.shape[1])
     return min(len(data), max(1, int(np.ceil(SENSITIVITY_TOKENS / max(per_window, 1.0)))))
+
+
+def statistics_bytes(model) -> int:
+    """Bytes of the float64 Gram statistics an in-memory calibration keeps for every block (the MLP's
+    ``d_ff × d_ff`` and the attention output's ``(heads·head_dim)²``): what re-budgeting reads later."""
+    adapter = get_adapter(model)
+    total = 0
+    for i in range(adapter.num_layers):
+        attn = adapter.attn_out_proj(i).in_features
+        mlp = adapter.mlp_out_proj(i).in_features
+        total += 8 * (attn * attn + mlp * mlp)
+    return total
+
+
+def statistics_memory_problem(model, available: int | None = None) -> str | None:
+    """One sentence when the in-memory calibration's statistics cannot fit beside the model in this
+    machine's available memory (``available``: bytes; default: what the system reports), else None."""
+    if available is None:
+        try:
+            import psutil
+        except ImportError:  # no way to ask: no refusal
+            return None
+        available = psutil.virtual_memory().available
+    need = statistics_bytes(model)
+    if need <= 0.8 * available:
+        return None
+    return (f"Calibrating this model in memory needs about {need / 2**30:.1f} GiB of statistics beside the "
+            f"model, but only {available / 2**30:.1f} GiB is free; prune it streamed with --offload (statistics "
+            "on disk, one block in memory) or on a machine with more memory.")
