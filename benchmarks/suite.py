@@ -127,10 +127,9 @@ def run_decoder(model, tokenizer, windows, model_name: str, methods: list[str], 
             result = code_pass_at_1(m, tokenizer)
             metrics["code_pass_at_1"] = result["code_pass_at_1"]
             metrics["code_failed"] = sorted(k for k, v in result["code_results"].items() if v["status"] != "passed")
+            failed = [(k, v) for k, v in result["code_results"].items() if v["status"] != "passed"]
             metrics["code_failure_samples"] = {k: {"detail": v["detail"], "completion": v["completion"]}
-                                               for k, v in list(result["code_results"].items())[:40]
-                                               if v["status"] != "passed"}
-            metrics["code_failure_samples"] = dict(list(metrics["code_failure_samples"].items())[:3])
+                                               for k, v in failed[:3]}
         metrics["seconds_evaluate"] = time.perf_counter() - t_eval
         return metrics
 
