@@ -88,8 +88,7 @@ class Recorder:
             self.meta = {**old.get("meta", {}), "appended": meta}
 
     def add(self, rec: dict) -> None:
-        key = (rec["model"], rec["method"], rec["budget"])
-        self.records = [r for r in self.records if (r["model"], r["method"], r["budget"]) != key] + [rec]
+        self.records = [r for r in self.records if record_key(r) != record_key(rec)] + [rec]
         self.write()
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()
                           if k != "kept"}), flush=True)
@@ -98,6 +97,12 @@ class Recorder:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"{self.name}.json").write_text(json.dumps({"meta": self.meta, "records": self.records}, indent=1))
         (self.out_dir / f"{self.name}.md").write_text(markdown(self.records, self.meta))
+
+
+def record_key(r: dict) -> tuple:
+    """One cell: model × method × budget × calibration × seed (records written before calibrations and
+    seeds were recorded are Wikipedia, seed 0)."""
+    return r["model"], r["method"], r["budget"], r.get("calibration", "wikipedia"), r.get("seed", 0)
 
 
 # --- decoders ---------------------------------------------------------------------------------------
@@ -111,8 +116,15 @@ def method_variant(spec: str):
 
 def run_decoder(model, tokenizer, windows, model_name: str, methods: list[str], budgets: list[float],
                 suite_config, rec: Recorder, sensitivity_samples: int | None = None,
-                recovery=None, recovery_only: bool = False, code: bool = False) -> None:
-    """``recovery``: a :class:`stat_core.recover.RecoveryConfig` (or ``None``): each cell is then also
+                recovery=None, recovery_only: bool = False, code: bool = False, recipe=None,
+                correction_windows=None, labels: dict | None = None, reference=None) -> None:
+    """``windows``: the calibration text every method gets. ``recipe`` (a
+    :class:`stat_core.data.recipe.Recipe`, or None: plain ``windows`` with data labels): its sensitivity
+    labels for the gradient pass and, with ``correction_windows``, the corrections fitted on those
+    (:func:`stat_core.prune.with_corrections_from`) for the methods that correct from statistics;
+    whole-model methods get ``windows`` alone. ``labels``: fields added to every record (calibration
+    name, seed). ``reference``: the dense reference of an earlier call (the dense row is then not
+    measured again). ``recovery``: a :class:`stat_core.recover.RecoveryConfig` (or ``None``): each cell is then also
     measured after recovery on ``windows``, as method ``<name>+recovery`` (``recovery_only``: only then,
     the plain cell is not measured). ``code``: every cell also gets the code measure
     (:mod:`stat_core.evaluation.code`, greedy pass@1)."""
@@ -133,11 +145,15 @@ def run_decoder(model, tokenizer, windows, model_name: str, methods: list[str], 
         metrics["seconds_evaluate"] = time.perf_counter() - t_eval
         return metrics
 
-    t = time.perf_counter()
-    reference = build_reference(model, tokenizer, suite_config)
-    log.info("dense reference in %.0f s", time.perf_counter() - t)
-    rec.add({"model": model_name, "method": "dense", "budget": 0.0, "removed_fraction": 0.0,
-             **evaluate(model, None), "seconds_prune": 0.0})
+    labels = labels or {}
+    if reference is None:
+        t = time.perf_counter()
+        log.info("dense reference (perplexity, few-shot, analogies, chat answers%s) ...", ", code" if code else "")
+        reference = build_reference(model, tokenizer, suite_config)
+        log.info("dense reference in %.0f s", time.perf_counter() - t)
+        rec.add({"model": model_name, "method": "dense", "budget": 0.0, "removed_fraction": 0.0,
+                 **evaluate(model, None), "seconds_prune": 0.0})
+    sensitivity_labels = recipe.sensitivity_labels if recipe is not None else "data"
     dense_params = block_parameter_count(get_adapter(model))
     calib = None
     prepare_seconds: dict[str, float] = {}
@@ -146,7 +162,7 @@ def run_decoder(model, tokenizer, windows, model_name: str, methods: list[str], 
             base, settings = method_variant(name)
             method = get_method(base)
             config = PruneConfig(sparsity=budget, method=base, sensitivity_samples=sensitivity_samples,
-                                 settings=settings)
+                                 settings=settings, sensitivity_labels=sensitivity_labels)
             pruned = copy.deepcopy(model)
             if method.whole_model:
                 t = time.perf_counter()
@@ -156,7 +172,12 @@ def run_decoder(model, tokenizer, windows, model_name: str, methods: list[str], 
                 extra = {"info": result.info}
             else:
                 if calib is None:
-                    calib = calibrate(model, windows, PruneConfig(sparsity=budget, sensitivity_samples=sensitivity_samples))
+                    calib = calibrate(model, windows, PruneConfig(sparsity=budget, sensitivity_samples=sensitivity_samples,
+                                                                  sensitivity_labels=sensitivity_labels))
+                    if correction_windows is not None:
+                        from stat_core.prune import with_corrections_from
+
+                        calib = with_corrections_from(model, calib, correction_windows, cache=False)
                     log.info("shared calibration: %s", {k: round(v, 1) for k, v in calib.timings.items()})
                 if name not in prepare_seconds:
                     t = time.perf_counter()
@@ -167,12 +188,14 @@ def run_decoder(model, tokenizer, windows, model_name: str, methods: list[str], 
                 # prior), so a suite row measures exactly what the CLI and the app produce.
                 plan = prune_from_calibration_(pruned, calib, config, model_name, {}, windows).plan
                 seconds = time.perf_counter() - t + _seconds_for(method, calib.timings, prepare_seconds[name])
+                if correction_windows is not None and method.uses_block_stats:
+                    seconds += calib.timings.get("correction_calibration", 0.0)
                 removed = 1 - block_parameter_count(get_adapter(pruned)) / dense_params
                 extra = {"kept": plan.kept_summary()}
             if not (recovery_only and recovery is not None):
                 metrics = evaluate(pruned, reference)
                 rec.add({"model": model_name, "method": name, "budget": budget, "removed_fraction": removed,
-                         **metrics, "seconds_prune": seconds, **extra})
+                         **metrics, "seconds_prune": seconds, **extra, **labels})
             if recovery is not None and recovery.steps > 0:
                 from stat_core.recover import recover_
 
@@ -183,8 +206,9 @@ def run_decoder(model, tokenizer, windows, model_name: str, methods: list[str], 
                 rec.add({"model": model_name, "method": f"{name}+recovery", "budget": budget,
                          "removed_fraction": 1 - block_parameter_count(get_adapter(pruned)) / dense_params,
                          **metrics, "seconds_prune": seconds + info["seconds"], "seconds_recover": info["seconds"],
-                         "recover": info, **extra})
+                         "recover": info, **extra, **labels})
             del pruned
+    return reference
 
 
 def copy_plain_records(rec: Recorder, path: Path, model_name: str, methods: list[str], budgets: list[float]) -> int:
@@ -196,7 +220,7 @@ def copy_plain_records(rec: Recorder, path: Path, model_name: str, methods: list
                                                            (r["method"] in methods and r["budget"] in budgets))]
     for r in rows:
         if r["method"] != "dense":
-            rec.records = [x for x in rec.records if (x["model"], x["method"], x["budget"]) != (r["model"], r["method"], r["budget"])]
+            rec.records = [x for x in rec.records if record_key(x) != record_key(r)]
             rec.records.append({**r, "from": Path(path).name})
     rec.write()
     return len(rows)
@@ -271,19 +295,52 @@ def best_methods(rows: list[dict], field: str) -> set[str]:
     return {m for v, m in values if v == best}
 
 
+def seed_means(records: list[dict]) -> list[dict]:
+    """Several seeds of one cell as one row: the mean of every number, ``seeds`` (how many) and
+    ``spread`` (half the range per field) where there is more than one."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault(record_key(r)[:4], []).append(r)
+    out = []
+    for rows in groups.values():
+        if len(rows) == 1:
+            out.append(rows[0])
+            continue
+        row = dict(rows[0])
+        row["seeds"] = sorted(r.get("seed", 0) for r in rows)
+        row["spread"] = {}
+        for f, v in rows[0].items():
+            values = [r.get(f) for r in rows]
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and all(
+                    isinstance(x, (int, float)) and not math.isnan(x) for x in values):
+                row[f] = sum(values) / len(values)
+                row["spread"][f] = (max(values) - min(values)) / 2
+        out.append(row)
+    return out
+
+
 def markdown(records: list[dict], meta: dict) -> str:
     lines = []
-    models = list(dict.fromkeys(r["model"] for r in records))
     order = {m: i for i, m in enumerate(method_names())}
     order.update({f"{m}+recovery": i + 0.5 for m, i in list(order.items())})
-    for model in models:
-        rs = [r for r in records if r["model"] == model]
+    tables = list(dict.fromkeys((r["model"], r.get("calibration", "wikipedia")) for r in records
+                                if r["method"] != "dense"))
+    for model in dict.fromkeys(r["model"] for r in records):  # a model with its dense row only
+        if not any(t[0] == model for t in tables):
+            tables.append((model, "wikipedia"))
+    for model, calibration in tables:
+        rs = seed_means([r for r in records if r["model"] == model and (
+            r["method"] == "dense" or r.get("calibration", "wikipedia") == calibration)])
         dense = next((r for r in rs if r["method"] == "dense"), None)
         fields = DECODER_FIELDS if "perplexity" in (dense or {}) else CLASSIFIER_FIELDS
         fields = [f for f in fields if any(r.get(f) is not None for r in rs)] + ["seconds_prune"]
         if any(r.get("seconds_recover") is not None for r in rs):
             fields.append("seconds_recover")
-        lines += [f"**{model}**" + (f" — {meta.get('protocol', {}).get(model, '')}" if meta.get("protocol") else ""),
+        about = meta.get("calibrations", {}).get(f"{model} / {calibration}", "")
+        seeds = sorted({s for r in rs for s in r.get("seeds", [r.get("seed", 0)]) if r["method"] != "dense"})
+        lines += [f"**{model}**, calibration **{calibration}**" + (f" ({about})" if about else "")
+                  + (f", mean of seeds {', '.join(map(str, seeds))} (± half the range)" if len(seeds) > 1 else "")
+                  + (f" — {meta.get('protocol', {}).get(model, '')}" if meta.get("protocol") else ""),
                   "", "| budget | method | removed | " + " | ".join(HEADERS[f] for f in fields) + " |",
                   "|---|---|---|" + "---|" * len(fields)]
         if dense:
@@ -300,12 +357,14 @@ def markdown(records: list[dict], meta: dict) -> str:
                     text = _fmt(f, r.get(f))
                     if f == "perplexity" and dense and r.get(f) is not None:
                         text += f" ({r[f] / dense[f]:.2f}×)"
+                    if r.get("spread", {}).get(f) and not f.startswith("seconds"):
+                        text += f" ±{_fmt(f, r['spread'][f])}"
                     cells.append(f"**{text}**" if r["method"] in best.get(f, ()) else text)
                 removed = r.get("removed_fraction")
                 lines.append(f"| {budget:.0%} | {r['method']} | {_fmt('fraction', removed)} | " + " | ".join(cells) + " |")
         lines.append("")
         shown = [f for f in fields if not f.startswith("seconds") and f != "fewshot_majority_share"]
-        lines += [f"Best per budget on **{model}** (ties listed):", "",
+        lines += [f"Best per budget on **{model}**, calibration {calibration} (ties listed):", "",
                   "| budget | " + " | ".join(HEADERS[f] for f in shown) + " |", "|---|" + "---|" * len(shown)]
         for budget, best in summary:
             n_methods = len({r["method"] for r in rs if r["budget"] == budget})
@@ -363,6 +422,12 @@ def main(argv=None) -> int:
                    help="also measure code pass@1 on the project's Python problems (code models)")
     p.add_argument("--sensitivity-samples", type=int, default=None,
                    help="windows of the shared calibration's gradient pass (default: the library's)")
+    p.add_argument("--calibration", default="default",
+                   help="the text every method is calibrated on: 'default' (the recipe that follows the model, "
+                        "as the CLI and the app choose it: a chat model's units on 'mix' with its own Fisher, "
+                        "corrections on Wikipedia), 'wikipedia', or any other built-in source or file")
+    p.add_argument("--seeds", default="0", help="calibration window seeds, comma-separated (each a full run; "
+                                                "the tables show the mean and half the range)")
     p.add_argument("--name", default="suite", help="results file name (<out-dir>/<name>.json and .md)")
     p.add_argument("--out-dir", default=str(RESULTS))
     args = p.parse_args(argv)
@@ -396,21 +461,44 @@ def main(argv=None) -> int:
                     sensitivity_samples=2, recovery=recovery, recovery_only=args.recover_only)
         return 0
 
-    from stat_core.data.sources import CalibrationConfig, calibration_windows, wikipedia_split
     from stat_core.models import load_model
 
     if args.model:
+        from stat_core import pipeline
+        from stat_core.data.recipe import resolve_recipe
+        from stat_core.progress import TqdmProgress
+
         model, tokenizer = load_model(args.model)
-        windows = calibration_windows(tokenizer, wikipedia_split("calibration"),
-                                      CalibrationConfig(num_samples=args.num_samples, seq_len=args.seq_len, seed=0))
+        named = None if args.calibration == "default" else args.calibration
+        recipe = resolve_recipe(model, tokenizer, named)
+        recipe_whole = resolve_recipe(model, tokenizer, named, whole_model=True)
+        print(recipe.sentence, file=sys.stderr, flush=True)
+        rec.meta.setdefault("calibrations", {})[f"{args.model} / {args.calibration}"] = (
+            f"units on '{recipe.source}' with {recipe.sensitivity_labels} labels"
+            + (f", corrections fitted on '{recipe.correct_on}'" if recipe.correct_on else "")
+            + (f"; whole-model methods on '{recipe_whole.source}' alone" if recipe.correct_on else ""))
         suite_config = SuiteConfig.quick() if args.quick else SuiteConfig()
-        protocol[args.model] = (f"calibration {args.num_samples} × {args.seq_len} Wikipedia tokens (seed 0); "
+        protocol[args.model] = (f"calibration {args.num_samples} × {args.seq_len} tokens; "
                                 f"{'quick' if args.quick else 'full'} suite: {suite_config.eval_tokens:,} evaluation tokens, "
                                 f"{suite_config.analogies_per_category} analogies per category, chat answers of "
                                 f"{suite_config.instruction_new_tokens} tokens")
         rec.meta.setdefault("protocol", {}).update(protocol)
-        run_decoder(model, tokenizer, windows, args.model, methods, budgets, suite_config, rec, recovery=recovery,
-                    recovery_only=args.recover_only, code=args.code, sensitivity_samples=args.sensitivity_samples)
+        reference = None
+        progress = TqdmProgress(True)
+        for seed in [int(x) for x in args.seeds.split(",")]:
+            kind, builtin, path = pipeline.resolve_source(model, tokenizer, recipe.source)
+            prepared = pipeline.calibration_data(model, tokenizer, args.model, kind, builtin, path,
+                                                 num_samples=args.num_samples, seq_len=args.seq_len, seed=seed,
+                                                 progress=progress)
+            correction = None
+            if recipe.correct_on:
+                correction, _ = pipeline.correction_data(model, tokenizer, args.model, recipe.correct_on, prepared.info,
+                                                         args.num_samples, args.seq_len, seed, progress)
+            reference = run_decoder(model, tokenizer, prepared.data, args.model, methods, budgets, suite_config, rec,
+                                    recovery=recovery, recovery_only=args.recover_only, code=args.code,
+                                    sensitivity_samples=args.sensitivity_samples, recipe=recipe,
+                                    correction_windows=None if correction is None else correction.data,
+                                    labels={"calibration": args.calibration, "seed": seed}, reference=reference)
         if args.plain_from:
             copy_plain_records(rec, Path(args.plain_from), args.model, methods, budgets)
         del model

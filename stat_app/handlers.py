@@ -53,6 +53,7 @@ from stat_core.adapters.registry import is_encoder
 from stat_core.config import PruneConfig
 from stat_core.data.mix import default_source  # noqa: F401 (the app's default source)
 from stat_core.calibration.sizes import statistics_memory_problem
+from stat_core.calibration import cache as calibration_cache
 from stat_core.data.sources import check_calibration_sizes
 from stat_core.evaluation import measure as core_measure
 from stat_core.evaluation.html_report import write_report_html
@@ -108,6 +109,7 @@ def calibrate(session: Session, source: str = "builtin", builtin: str = "wikiped
     distribution); ``correct_on``: a built-in decoder text whose statistics every correction is
     fitted on (units are still chosen on this text), or :data:`SAME_TEXT`."""
     require_model(session)
+    calibration_cache.check_settings()  # a bad STAT_CALIBRATION_CACHE_GB: one sentence before any work
     if sensitivity_labels not in SENSITIVITY_LABELS:
         raise ValueError(f"Sensitivity labels are one of {', '.join(SENSITIVITY_LABELS)}, not '{sensitivity_labels}'.")
     correct_on = correct_on or SAME_TEXT
@@ -116,7 +118,7 @@ def calibrate(session: Session, source: str = "builtin", builtin: str = "wikiped
                          f"not '{correct_on}'.")
     num_samples, seq_len = check_calibration_sizes(session.model, num_samples, seq_len,
                                                    None if session.encoder else session.tokenizer)
-    problem = statistics_memory_problem(session.model)
+    problem = statistics_memory_problem(session.model, n_tokens=0 if session.encoder else num_samples * seq_len)
     if problem:
         raise ValueError(problem.replace("with --offload", "with the command line's --offload"))
     key = pipeline.calibration_request_key(session.model_name, source, builtin, file_path, pasted, num_samples,

@@ -34,6 +34,7 @@ from stat_core.methods.base import check_budget_feasible
 from stat_core.methods.registry import get_method, method_names
 from stat_core.methods.settings import setting_kind
 from stat_core.calibration.sizes import statistics_memory_problem
+from stat_core.calibration import cache as calibration_cache
 from stat_core.data.recipe import resolve_recipe
 from stat_core.models import DEMO_MODELS, ModelLoadError, load_model
 from stat_core.pipeline import (
@@ -224,6 +225,7 @@ def run(args: argparse.Namespace) -> dict:
                              "drop --correct-on or --offload")
         return run_offload(args, method_settings(args, args.method))
     args.dtype = args.dtype or "float32"
+    calibration_cache.check_settings()  # STAT_CALIBRATION_CACHE_GB=nan: one sentence before any work
     if args.flops_seq_len is not None and args.flops_seq_len < 1:  # 0 or less: refused before any work
         raise ValueError(f"--flops-seq-len takes a number of tokens ≥ 1, got {args.flops_seq_len}")
     if distributed.is_main():  # the output folder is rank 0's (torchrun: see stat_core.calibration.distributed)
@@ -262,7 +264,15 @@ def run(args: argparse.Namespace) -> dict:
                                                                                  else f"--mode {args.mode}") + ")")
         if distributed.is_distributed():
             raise ValueError("--correct-on runs in one process; drop torchrun or --correct-on")
-    problem = statistics_memory_problem(model)  # a model whose statistics cannot fit: before any work
+    tokens = 0
+    if not is_encoder(model):  # the hidden states of every window are held at once, beside the statistics
+        from stat_core.data.sources import check_calibration_sizes
+        from stat_core.pipeline import DEFAULT_DECODER_SAMPLES, DEFAULT_DECODER_SEQ_LEN
+
+        n, length = check_calibration_sizes(model, DEFAULT_DECODER_SAMPLES if args.num_samples is None else args.num_samples,
+                                            DEFAULT_DECODER_SEQ_LEN if args.seq_len is None else args.seq_len, tokenizer)
+        tokens = n * length
+    problem = statistics_memory_problem(model, n_tokens=tokens)  # what cannot fit: one sentence before any work
     if problem:
         raise ValueError(problem)
     prepared = distributed.from_main(_calibration, args, model, tokenizer)  # rank 0 builds, all get it

@@ -188,6 +188,7 @@ def cached_calibration(model, windows: "torch.Tensor | CalibrationSet", config: 
         spectra = False  # the inspect views' spectra come with STAT's analyses only
     if not calibration_cache.enabled() or distributed.is_distributed():
         return _calibrate_with(model, windows, config, progress, runner, spectra, needs)
+    calibration_cache.check_settings()  # a bad size bound: one sentence before the work, not after
     t0 = time.perf_counter()
     data = CalibrationSet.wrap(windows)
     notify(progress, "calibration cache", 0, 1)  # fingerprint and read: about a second

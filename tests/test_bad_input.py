@@ -1033,7 +1033,99 @@ def test_statistics_that_cannot_fit_in_memory_are_refused_before_any_work(tmp_pa
     load_tokenizer_only("smollm2-135m").save_pretrained(folder)
     import stat_core.cli as cli
 
-    monkeypatch.setattr(cli, "statistics_memory_problem", lambda m: problem)
+    monkeypatch.setattr(cli, "statistics_memory_problem", lambda m, **k: problem)
     assert cli.main([str(folder), "--sparsity", "0.3", "--out", str(tmp_path / "out"),
                      "--calibration", "wikipedia"]) == 2
+    assert not (tmp_path / "out").exists()
+
+
+def _unmovable(folder: Path, monkeypatch) -> callable:
+    """Make ``folder`` impossible to rename, as a mount point or a read-only folder is for a normal user:
+    the immutable attribute where the file system allows it (root renames anything else), otherwise
+    the rename itself fails for this path. Returns the undo."""
+    import subprocess
+
+    done = subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0 if shutil.which("chattr") else False
+    if done:
+        return lambda: subprocess.run(["chattr", "-i", str(folder)], check=True)
+    import errno
+
+    from stat_core.export import common
+
+    real = os.replace
+
+    def replace(src, dst, *a, **k):
+        if Path(src) == folder:
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(src))
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(common.os, "replace", replace)
+    return lambda: monkeypatch.undo()
+
+
+def test_overwrite_that_cannot_move_a_child_keeps_the_old_export(tmp_path, monkeypatch):
+    """--overwrite onto the tool's own export: when one child of the old export cannot be moved, the
+    old export is left exactly as it was (no file lost, no helper folder left) and one sentence says so."""
+    from stat_core.export.common import ExportError, atomic_output_dir
+
+    out = tmp_path / "export"
+    (out / "stuck").mkdir(parents=True)
+    (out / "stuck" / "notes.txt").write_text("keep me\n")
+    (out / "pruning_report.json").write_text('{"old": true}')
+    for i in range(5):
+        (out / f"model-{i}.safetensors").write_bytes(os.urandom(64))
+    before = _tree(out)
+    undo = _unmovable(out / "stuck", monkeypatch)
+    try:
+        with pytest.raises(ExportError, match="the old export was left as it was"):
+            with atomic_output_dir(out, overwrite=True) as tmp:
+                (tmp / "pruning_report.json").write_text('{"new": true}')
+                (tmp / "model.safetensors").write_bytes(b"new")
+    finally:
+        undo()
+    assert _tree(out) == before
+    assert sorted(p.name for p in out.iterdir()) == sorted(["stuck", "pruning_report.json"]
+                                                          + [f"model-{i}.safetensors" for i in range(5)])
+    # and with every child movable, the same call replaces it
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        (tmp / "pruning_report.json").write_text('{"new": true}')
+    assert _tree(out) == {"pruning_report.json": b'{"new": true}'}
+
+
+def test_calibration_size_is_bounded_by_memory(tmp_path, monkeypatch):
+    """More calibration tokens than the machine can hold as hidden states (32,768 × 512 on the demo
+    model: ~39 GB): one sentence naming the size that fits, from the CLI before any work and from the
+    app's calibrate handler; the hidden-state bound is exact."""
+    from conftest import tiny_model
+    from stat_core.calibration import sizes
+
+    model = tiny_model(num_hidden_layers=2)  # hidden 32, float32
+    assert sizes.hidden_state_bytes(model, 1000) == 2 * 1000 * 32 * 4
+    stats = sizes.statistics_bytes(model)
+    problem = sizes.statistics_memory_problem(model, available=10 * stats, n_tokens=10**6)
+    assert problem.startswith("1,000,000 calibration tokens need about") and "fewer samples" in problem
+    fits = int(problem.split("at most about ")[1].split(" tokens")[0].replace(",", ""))
+    assert sizes.statistics_memory_problem(model, available=10 * stats, n_tokens=fits) is None
+    assert sizes.statistics_memory_problem(model, available=10 * stats, n_tokens=fits + 100) is not None
+
+    import psutil
+
+    import stat_core.cli as cli
+    from stat_core.models import load_tokenizer_only
+
+    folder = tmp_path / "wide"  # hidden 512: the memory bound comes before the token cap
+    tiny_model(num_hidden_layers=1, hidden_size=512, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=64).save_pretrained(folder)
+    load_tokenizer_only("smollm2-135m").save_pretrained(folder)
+    free = psutil.virtual_memory().available
+    samples = int(free / (2 * 64 * 512 * 4)) + 1  # just over what fits at 64 tokens a window
+    err = tmp_path / "err"
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(buf):
+        code = cli.main([str(folder), "--sparsity", "0.3", "--out", str(tmp_path / "out"), "--calibration",
+                         "wikipedia", "--num-samples", str(samples), "--seq-len", "64"])
+    assert code == 2 and "calibration tokens need about" in buf.getvalue(), buf.getvalue()[-500:]
     assert not (tmp_path / "out").exists()

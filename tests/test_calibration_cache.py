@@ -247,3 +247,36 @@ def test_setup_calibrated_the_demo_models_at_the_app_defaults(monkeypatch, name)
     del model
     warm = warm_calibration_cache(name)
     assert warm["hit"] and warm["seconds"] < 30, warm
+
+
+def test_the_size_bound_touches_only_its_own_entries(cache_on, windows, monkeypatch):
+    """The cache folder pointed at a models folder: its size bound removes only entries it wrote (their
+    names and their header), never a user's ``*.safetensors`` or ``*.tmp`` however old."""
+    import hashlib
+    import os
+
+    users = tmp = cache_on.parent / "models"
+    monkeypatch.setenv("STAT_CALIBRATION_CACHE_DIR", str(users))
+    users.mkdir(parents=True)
+    theirs = {"model.safetensors": os.urandom(4096), "a" * 40 + ".safetensors": os.urandom(4096),
+              "notes.tmp": b"draft", ".backup.tmp": b"x" * 100}
+    for name, data in theirs.items():
+        (users / name).write_bytes(data)
+        os.utime(users / name, (0, 0))  # older than anything, and than the temporary-file hour
+    model, config = tiny_model(), PruneConfig(sparsity=0.0)
+    core_prune.cached_calibration(model, windows, config)
+    ours = [p for p in users.iterdir() if p.name not in theirs]
+    assert len(ours) == 1 and ours[0].suffix == ".safetensors"
+    monkeypatch.setenv("STAT_CALIBRATION_CACHE_GB", str(1.5 * ours[0].stat().st_size / 2 ** 30))
+    core_prune.cached_calibration(model, windows[:4], config)  # over the bound: our older entry goes
+    assert not ours[0].exists()
+    for name, data in theirs.items():
+        assert hashlib.sha256((tmp / name).read_bytes()).digest() == hashlib.sha256(data).digest(), name
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "four"])
+def test_a_bad_size_bound_is_refused_before_any_work(cache_on, calls, windows, monkeypatch, value):
+    monkeypatch.setenv("STAT_CALIBRATION_CACHE_GB", value)
+    with pytest.raises(ValueError, match="STAT_CALIBRATION_CACHE_GB must be a number of gigabytes"):
+        core_prune.cached_calibration(tiny_model(), windows, PruneConfig(sparsity=0.0))
+    assert calls == []

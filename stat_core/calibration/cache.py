@@ -27,7 +27,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -66,12 +68,44 @@ def cache_root() -> Path:
 
 
 def max_bytes() -> int:
-    """The folder's bound in bytes (``STAT_CALIBRATION_CACHE_GB``, default 4 GiB)."""
+    """The folder's bound in bytes (``STAT_CALIBRATION_CACHE_GB``, default 4 GiB). A value that is not
+    a finite number of gigabytes ≥ 0 raises ValueError in one sentence (called before any
+    calibration work by :func:`stat_core.prune.cached_calibration`)."""
+    text = os.environ.get("STAT_CALIBRATION_CACHE_GB", "4")
     try:
-        gb = float(os.environ.get("STAT_CALIBRATION_CACHE_GB", "4"))
+        gb = float(text)
     except ValueError:
-        gb = 4.0
+        gb = math.nan
+    if not math.isfinite(gb) or gb < 0:
+        raise ValueError(f"STAT_CALIBRATION_CACHE_GB must be a number of gigabytes ≥ 0 (e.g. 4), got {text!r}; "
+                         "fix or unset it.")
     return int(gb * 2 ** 30)
+
+
+def check_settings() -> None:
+    """ValueError in one sentence when the cache's environment settings are unusable (called before
+    any work by the CLI, the app and :func:`stat_core.prune.cached_calibration`)."""
+    if enabled():
+        max_bytes()
+
+
+#: The only names this cache writes: an entry (40 hex digits of its key) and its temporary file.
+#: Nothing else in the folder is ever removed, whatever the folder is.
+ENTRY_NAME = re.compile(r"[0-9a-f]{40}\.safetensors")
+TEMP_NAME = re.compile(r"\.[0-9a-f]{40}\..+\.tmp")
+
+
+def _is_entry(path: Path) -> bool:
+    """``path`` has an entry's name and its header says it is one of this cache's entries."""
+    if not ENTRY_NAME.fullmatch(path.name):
+        return False
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("extra.kind") == ENTRY_KIND  # save_stats prefixes extras
+    except Exception:  # unreadable or not safetensors: not ours to delete
+        return False
 
 
 # --- the key ---------------------------------------------------------------------------------------
@@ -272,11 +306,11 @@ def trim(keep: Path | None = None) -> None:
             st = p.stat()
         except OSError:
             continue
-        if p.name.endswith(".tmp"):
+        if TEMP_NAME.fullmatch(p.name):
             if now - st.st_mtime > 3600:
                 _remove(p)
             continue
-        if p.suffix == ".safetensors":
+        if _is_entry(p):
             entries.append((st.st_mtime, st.st_size, p))
     total = sum(size for _, size, _ in entries)
     for _, size, p in sorted(entries):

@@ -57,9 +57,18 @@ def statistics_bytes(model) -> int:
     return total
 
 
-def statistics_memory_problem(model, available: int | None = None) -> str | None:
-    """One sentence when the in-memory calibration's statistics cannot fit beside the model in this
-    machine's available memory (``available``: bytes; default: what the system reports), else None."""
+def hidden_state_bytes(model, n_tokens: int) -> int:
+    """Bytes of the calibration hidden states a layer-by-layer pass holds at once (every window's
+    input to the current block and its output, in the model's dtype)."""
+    hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "d_model", None) or 0
+    element = next(model.parameters()).element_size()
+    return 2 * int(n_tokens) * int(hidden) * element
+
+
+def statistics_memory_problem(model, available: int | None = None, n_tokens: int = 0) -> str | None:
+    """One sentence when the in-memory calibration cannot fit in this machine's available memory
+    (``available``: bytes; default: what the system reports): the statistics it keeps for every block
+    plus the hidden states of ``n_tokens`` calibration tokens. None when it fits."""
     if available is None:
         try:
             import psutil
@@ -67,8 +76,15 @@ def statistics_memory_problem(model, available: int | None = None) -> str | None
             return None
         available = psutil.virtual_memory().available
     need = statistics_bytes(model)
-    if need <= 0.8 * available:
+    states = hidden_state_bytes(model, n_tokens) if n_tokens else 0
+    if need + states <= 0.8 * available:
         return None
+    if states > need:
+        per_token = states / n_tokens
+        fits = max(0, int((0.8 * available - need) / per_token))
+        return (f"{n_tokens:,} calibration tokens need about {states / 2**30:.1f} GiB of hidden states in memory "
+                f"(plus {need / 2**30:.1f} GiB of statistics), but only {available / 2**30:.1f} GiB is free; "
+                f"ask for fewer samples or shorter windows (at most about {fits:,} tokens in all here).")
     return (f"Calibrating this model in memory needs about {need / 2**30:.1f} GiB of statistics beside the "
             f"model, but only {available / 2**30:.1f} GiB is free; prune it streamed with --offload (statistics "
             "on disk, one block in memory) or on a machine with more memory.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
 import re
 import shutil
@@ -14,6 +15,8 @@ from pathlib import Path
 
 from stat_core.adapters import get_adapter
 from stat_core.surgery.plan import PrunePlan
+
+log = logging.getLogger(__name__)
 
 MODELING_FILE = "modeling_stat.py"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -154,7 +157,7 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False):
             tmp = _fresh_dir(out.parent, f".{out.name}-partial-")
     except OSError as exc:
         raise ExportError(f"Cannot write to '{out if in_place else out.parent}': {exc.strerror or exc}.") from exc
-    old = None
+    old, swapped = None, False
     try:
         try:
             yield tmp
@@ -168,26 +171,47 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False):
                               "(free some space or choose another folder).") from exc
         if not in_place:
             os.replace(tmp, out)
+            swapped = True
         else:
             old = _fresh_dir(out, ".stat-old-")
-            for child in list(out.iterdir()):
-                if child != tmp and child != old:
-                    os.replace(child, old / child.name)
-            moved = []
-            try:
-                for child in list(tmp.iterdir()):
-                    os.replace(child, out / child.name)
-                    moved.append(out / child.name)
-            except BaseException:  # put the old files back, whatever stopped the move
-                for path in moved:
-                    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-                for child in list(old.iterdir()):
-                    os.replace(child, out / child.name)
-                raise
+            _swap_into(out, tmp, old)
+            swapped = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            if swapped:
+                shutil.rmtree(old, ignore_errors=True)
+            else:  # everything was put back: only the empty helper folder goes
+                try:
+                    old.rmdir()
+                except OSError:
+                    log.error("Could not put every old file of %s back; what is left is in %s", out, old)
+
+
+def _swap_into(out: Path, new: Path, old: Path) -> None:
+    """Move ``out``'s files into ``old``, then ``new``'s files into ``out``. If any move fails (a child
+    that cannot be renamed: a mount point, a read-only folder, an interrupt), every file moved so far
+    goes back where it was and the failure is raised as one sentence: the old export is left as it
+    was, never half replaced."""
+    moved_old, moved_new = [], []
+    try:
+        for child in list(out.iterdir()):
+            if child != new and child != old:
+                os.replace(child, old / child.name)
+                moved_old.append(child.name)
+        for child in list(new.iterdir()):
+            os.replace(child, out / child.name)
+            moved_new.append(out / child.name)
+    except BaseException as exc:
+        for path in moved_new:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        for name in moved_old:
+            os.replace(old / name, out / name)
+        if isinstance(exc, OSError):
+            raise ExportError(f"Could not replace the export in '{out}': "
+                              f"{exc.strerror or exc} ({Path(exc.filename or '').name or 'a file'}); the old export "
+                              "was left as it was (make every file in it movable, or export to a new folder).") from exc
+        raise
 
 
 def weights_size_on_disk(folder: str | Path) -> int:
