@@ -218,12 +218,25 @@ def _calibration(args, model, tokenizer):
     return prepared
 
 
+def _report_protect(args) -> tuple:
+    """Folders the HTML report may not be written into: the local model being pruned."""
+    model = Path(args.model).expanduser()
+    return (model if model.is_dir() else model.parent if model.is_file() else None,)
+
+
 def run(args: argparse.Namespace) -> dict:
     if getattr(args, "offload", False):  # the checkpoint streamed block by block (stat_core.streaming)
         if getattr(args, "correct_on", None) is not None:
             raise ValueError("--offload fits each block's correction from the one calibration text it streams; "
                              "drop --correct-on or --offload")
-        return run_offload(args, method_settings(args, args.method))
+        if getattr(args, "report_html", None):
+            check_report_path(args.report_html, protect=_report_protect(args))
+        report = run_offload(args, method_settings(args, args.method))
+        if getattr(args, "report_html", None):
+            from stat_core.surgery.plan import PrunePlan
+
+            write_report_html(args.report_html, PrunePlan.from_json(Path(args.out) / "plan.json"), report)
+        return report
     args.dtype = args.dtype or "float32"
     calibration_cache.check_settings()  # STAT_CALIBRATION_CACHE_GB=nan: one sentence before any work
     if args.flops_seq_len is not None and args.flops_seq_len < 1:  # 0 or less: refused before any work
@@ -231,7 +244,7 @@ def run(args: argparse.Namespace) -> dict:
     if distributed.is_main():  # the output folder is rank 0's (torchrun: see stat_core.calibration.distributed)
         check_output_dir(args.out, args.overwrite, source=args.model)  # fail before minutes of work, not after
         if getattr(args, "report_html", None):
-            check_report_path(args.report_html)
+            check_report_path(args.report_html, protect=_report_protect(args))
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     method = get_method(args.method)
     method.check_applicable(model)  # one sentence before any data, evaluation or calibration

@@ -172,6 +172,47 @@ def test_cli_writes_the_html_report(decoder_dir, tmp_path):
     assert main([str(decoder_dir), "--sparsity", "0.3", "--out", str(tmp_path / "m2"), "--no-model", "--quiet",
                  "--report-html", str(tmp_path / "nope" / "r.html")]) == 2
     assert not (tmp_path / "m2").exists()
+    # the same path again replaces the earlier report (this tool wrote it)
+    assert main([str(decoder_dir), "--sparsity", "0.2", "--out", str(tmp_path / "m3"), "--num-samples", "4",
+                 "--seq-len", "64", "--skip-eval", "--no-model", "--quiet", "--report-html", str(out)]) == 0
+    assert out.read_text() != text
+
+
+def test_the_report_never_replaces_someone_elses_file(decoder_dir, tmp_path, capsys):
+    """--report-html onto the source weights, onto any file this tool did not write, into the model's
+    folder or a read-only place: one sentence before any work, every file byte for byte as it was."""
+    import hashlib
+
+    from stat_core.cli import main
+
+    def digest(folder):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    page = tmp_path / "index.html"
+    page.write_text("<html>my page</html>")
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    before_model, before_page = digest(decoder_dir), page.read_bytes()
+    import subprocess
+    import shutil
+
+    frozen = shutil.which("chattr") and subprocess.run(["chattr", "+i", str(readonly)]).returncode == 0
+    rows = [(decoder_dir / "model.safetensors", "is inside"), (decoder_dir / "new.html", "is inside"),
+            (page, "exists and is not a report this tool wrote")]
+    if frozen:
+        rows.append((readonly / "r.html", "Cannot write the report in"))
+    try:
+        for path, fragment in rows:
+            capsys.readouterr()
+            assert main([str(decoder_dir), "--sparsity", "0.3", "--out", str(tmp_path / "m"), "--num-samples", "4",
+                         "--seq-len", "64", "--skip-eval", "--quiet", "--report-html", str(path)]) == 2
+            err = capsys.readouterr().err
+            assert fragment in err and "Traceback" not in err, err[-400:]
+            assert not (tmp_path / "m").exists()
+    finally:
+        if frozen:
+            subprocess.run(["chattr", "-i", str(readonly)])
+    assert digest(decoder_dir) == before_model and page.read_bytes() == before_page
 
 
 def test_time_estimate_grows_with_the_work(pruned):

@@ -126,7 +126,7 @@ def report_html(plan, report: dict, explanations: dict | None = None, reasons: l
     plan_json = json.dumps(plan.to_dict()).replace("</", "<\\/")   # safe inside a script element
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     title = title or f"STAT pruning report: {report.get('model', '')}"
-    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_esc(title)}</title>"
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>{GENERATOR}<title>{_esc(title)}</title>"
             f"<style>{CSS}</style></head><body><h1>{_esc(title)}</h1>"
             f"<p class='caption'>Written {stamp} by stat-prune. Figures are interactive (hover, zoom) and work "
             "offline: nothing is fetched.</p>"
@@ -138,13 +138,45 @@ def report_html(plan, report: dict, explanations: dict | None = None, reasons: l
             "</body></html>")
 
 
-def check_report_path(path) -> Path:
-    """``path`` as a Path, or ValueError with one sentence (a folder, or a folder that does not exist)."""
+#: Marks a report this tool wrote: only such a file is ever replaced by a new report.
+GENERATOR = "<meta name='generator' content='stat-workbench report'>"
+
+
+def is_our_report(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return GENERATOR.encode() in f.read(4096)
+    except OSError:
+        return False
+
+
+def check_report_path(path, protect: tuple = ()) -> Path:
+    """``path`` as a Path, or ValueError with one sentence, before any work: a folder, a folder that does
+    not exist or cannot be written, an existing file that is not a report this tool wrote (a model's
+    weights, anyone's page), or a path inside one of the ``protect`` folders (the model being pruned,
+    the export being written)."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise ValueError(f"{path} is a folder; give a file name for the HTML report, e.g. {path / 'report.html'}.")
     if not path.parent.is_dir():
         raise ValueError(f"The folder {path.parent} does not exist; create it or give another path for the report.")
+    resolved = path.resolve()
+    for folder in protect:
+        if folder is None:
+            continue
+        folder = Path(folder).expanduser().resolve()
+        if folder.is_dir() and (resolved == folder or folder in resolved.parents):
+            raise ValueError(f"The report path {path} is inside {folder}, which this run reads or writes; "
+                             "give a path outside it.")
+    if path.exists() and not is_our_report(path):
+        raise ValueError(f"{path} exists and is not a report this tool wrote; give a new file name (nothing "
+                         "is overwritten but an earlier report).")
+    try:  # a read-only place fails now, not after the whole prune
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(f"Cannot write the report in {path.parent}: {exc.strerror or exc}; give another path.") from None
     return path
 
 
