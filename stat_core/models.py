@@ -369,7 +369,9 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str = "float
             model, _ = load_pruned(path, dtype=DTYPES[dtype], with_tokenizer=False)
         else:
             auto = AutoModelForSequenceClassification if model_type in ENCODER_TYPES else AutoModelForCausalLM
-            model = auto.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+            model, loading = auto.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                                                  output_loading_info=True)
+            check_loading_info(name_or_path, loading, encoder=model_type in ENCODER_TYPES)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"Could not load the weights or tokenizer of '{name_or_path}': "
@@ -381,6 +383,27 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str = "float
         raise
     model.to(dev).eval()
     return model, tokenizer
+
+
+#: A classifier loaded from a folder without a classification head gets a fresh one (documented).
+CLASSIFIER_HEAD_PREFIXES = ("classifier.", "score.", "pre_classifier.")
+
+
+def check_loading_info(name: str, loading: dict, encoder: bool = False) -> None:
+    """ModelLoadError in one sentence when weights the config describes are not in the files (more layers
+    in the config than in the weights, renamed keys, a missing ``lm_head`` or projection): transformers
+    would fill them with random numbers and the run would end with exit 0 on a broken model. Keys in the
+    files that the model does not use are logged."""
+    missing = [k for k in loading.get("missing_keys", [])
+               if not (encoder and k.startswith(CLASSIFIER_HEAD_PREFIXES))]
+    if missing:
+        shown = ", ".join(sorted(missing)[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ModelLoadError(f"The weights in '{name}' do not match its config.json: {len(missing)} tensor(s) the "
+                             f"config describes are missing ({shown}); use the config the weights were saved with.")
+    unexpected = loading.get("unexpected_keys", [])
+    if unexpected:
+        log.warning("'%s' holds %d tensor(s) the model does not use (e.g. %s)", name, len(unexpected),
+                    ", ".join(sorted(unexpected)[:3]))
 
 
 def load_tokenizer_only(name_or_path: str):

@@ -1129,3 +1129,38 @@ def test_calibration_size_is_bounded_by_memory(tmp_path, monkeypatch):
                          "wikipedia", "--num-samples", str(samples), "--seq-len", "64"])
     assert code == 2 and "calibration tokens need about" in buf.getvalue(), buf.getvalue()[-500:]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage", ["more layers in the config", "a key renamed", "lm_head missing", "one q_proj missing"])
+def test_weights_that_do_not_match_the_config_are_refused(tmp_path, damage):
+    """Weights the config describes but the files lack would load as random tensors and prune with exit 0:
+    one sentence instead, from the loader every entry point uses."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from conftest import tiny_model
+    from stat_core.models import ModelLoadError
+    from stat_core.models import load_model as load
+
+    folder = tmp_path / "m"
+    tiny_model(num_hidden_layers=2, tie_word_embeddings=False).save_pretrained(folder)
+    from stat_core.models import load_tokenizer_only
+
+    load_tokenizer_only("smollm2-135m").save_pretrained(folder)
+    load(str(folder))  # intact: loads
+    weights = load_file(folder / "model.safetensors")
+    if damage == "more layers in the config":
+        config = json.loads((folder / "config.json").read_text())
+        config["num_hidden_layers"] = 3
+        config.pop("layer_types", None)
+        (folder / "config.json").write_text(json.dumps(config))
+    elif damage == "a key renamed":
+        weights["model.layers.0.mlp.up.weight"] = weights.pop("model.layers.0.mlp.up_proj.weight")
+    elif damage == "lm_head missing":
+        weights.pop("lm_head.weight")
+    else:
+        weights.pop("model.layers.1.self_attn.q_proj.weight")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="do not match its config.json: .* missing"):
+        load(str(folder))
