@@ -92,7 +92,11 @@ def method_settings(args: argparse.Namespace, method_name: str) -> object | None
                 raise ValueError(f"--{name}-{field.name.replace('_', '-')} is a setting of --method {name}, "
                                  f"not of {method_name}; drop it or choose that method")
             given[field.name] = value
-    return get_method(method_name).Settings(**given) if given else None
+    if not given:
+        return None
+    settings = get_method(method_name).Settings(**given)
+    get_method(method_name).check_settings(settings)  # nan / inf: one sentence before any work
+    return settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,6 +242,7 @@ def run(args: argparse.Namespace) -> dict:
             write_report_html(args.report_html, PrunePlan.from_json(Path(args.out) / "plan.json"), report)
         return report
     args.dtype = args.dtype or "float32"
+    settings = method_settings(args, args.method)  # a bad setting: one sentence before any work
     calibration_cache.check_settings()  # STAT_CALIBRATION_CACHE_GB=nan: one sentence before any work
     if args.flops_seq_len is not None and args.flops_seq_len < 1:  # 0 or less: refused before any work
         raise ValueError(f"--flops-seq-len takes a number of tokens ≥ 1, got {args.flops_seq_len}")
@@ -304,7 +309,7 @@ def run(args: argparse.Namespace) -> dict:
                          prune_neurons=not args.no_neurons, sensitivity_samples=args.sensitivity_samples,
                          batch_size=args.batch_size, uniform=args.uniform, intercept=args.intercept,
                          sensitivity_labels=args.sensitivity_labels,
-                         settings=method_settings(args, args.method))
+                         settings=settings)
     check_budget_feasible(model, config)  # fail before the dense evaluation and calibration
     before = size_summary(model, flops_seq_len)
     report = prune_report(args.model, model, config, calib_info, before)  # the schema every export shares

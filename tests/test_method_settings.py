@@ -49,6 +49,33 @@ def test_flags_become_the_chosen_methods_settings_and_others_are_refused():
         method_settings(args, "slimgpt")
 
 
+@pytest.mark.parametrize("method, flag, text", [("block-movement", "temperature", "nan"), ("slimgpt", "percdamp", "inf"),
+                                                ("block-movement", "epochs", "inf"), ("llm-pruner", "skip-first", "nan")])
+def test_settings_that_are_not_finite_numbers_are_refused(method, flag, text):
+    """nan passes range checks written as comparisons and gave a NaN model with exit 0; inf ran into
+    tracebacks: every float setting, from a flag, from text (the app) or built in code, must be finite."""
+    from stat_core.methods.registry import get_method
+    from stat_core.methods.settings import settings_from_text
+
+    p = build_parser()
+    args = p.parse_args(["m", "--sparsity", "0.3", "--out", "o", "--method", method, f"--{method}-{flag}", text]) \
+        if flag != "skip-first" else None
+    if args is not None:
+        with pytest.raises(ValueError, match=f"{flag.replace('-', '_')} must be a finite number"):
+            method_settings(args, method)
+        with pytest.raises(ValueError, match="must be a finite number"):
+            settings_from_text(method, f"{flag.replace('-', '_')}={text}")
+    else:  # an int setting: not a whole number
+        with pytest.raises(SystemExit):
+            p.parse_args(["m", "--sparsity", "0.3", "--out", "o", f"--{method}-{flag}", text])
+        with pytest.raises(ValueError, match="takes a whole number"):
+            settings_from_text(method, f"skip_first={text}")
+    if method == "slimgpt":
+        config = PruneConfig(sparsity=0.3, method="slimgpt", settings=SlimGPTSettings(percdamp=float(text)))
+        with pytest.raises(ValueError, match="finite"):
+            get_method("slimgpt").check_config(config)
+
+
 def test_default_settings_give_the_same_plan_as_none(calibrated):
     model, windows, calib = calibrated
     plain = plan_pruning(model, calib, PruneConfig(sparsity=0.3, method="slimgpt"))

@@ -21,6 +21,7 @@ score into such a choice. No method ever empties a layer (at least one head and 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -109,7 +110,18 @@ class PruningMethod:
 
     def check_config(self, config) -> None:
         """One sentence (ValueError) when ``config`` asks this method for something it cannot do."""
-        self.settings_of(config)
+        self.check_settings(self.settings_of(config))
+
+    def check_settings(self, settings) -> None:
+        """One sentence (ValueError) when a number in ``settings`` is not finite (``nan``, ``inf``): the
+        range checks of a settings class compare numbers, and NaN passes every comparison that is
+        written as ``not x > 0`` but none of the others, so it is refused here for every method."""
+        if settings is None:
+            return
+        for field in dataclasses.fields(settings):
+            value = getattr(settings, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{self.label}'s {field.name} must be a finite number, got {value}.")
 
     def correction_ridge_for(self, config) -> float | None:
         """The relative ridge of the plan's least-squares correction under ``config``."""

@@ -70,7 +70,9 @@ def settings_from_text(method: str, text: str | None):
             raise ValueError(f"{pair!r} is not a setting of {label}; write name=value with one of: "
                              f"{', '.join(fields)}.")
         given[name] = parse_setting(method, fields[name], value)
-    return get_method(method).Settings(**given)
+    settings = get_method(method).Settings(**given)
+    get_method(method).check_settings(settings)
+    return settings
 
 
 __all__ = ["parse_setting", "setting_fields", "setting_kind", "settings_from_text", "settings_help"]
