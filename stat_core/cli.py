@@ -168,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "CPU, no gradient sensitivity pass and no quality evaluation (stat_core.streaming)")
     p.add_argument("--work-dir", default=None,
                    help="with --offload: where the per-block statistics wait between the two passes (default: the "
-                        "system's temporary folder; several GB for 7B models, removed at the end)")
+                        "system's temporary folder; several GB for 7B models, in a folder of the run's own, removed "
+                        "at the end)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--skip-eval", action="store_true", help="do not measure quality before/after")
     p.add_argument("--quick-eval", action="store_true",
@@ -405,7 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     def _stop(signum, _frame):  # SIGTERM unwinds like Ctrl-C: partial export folders are removed on the way out
         raise KeyboardInterrupt(signum)
 
-    previous = signal.signal(signal.SIGTERM, _stop) if threading.current_thread() is threading.main_thread() else None
+    previous = {}  # SIGTERM and SIGHUP (a closed terminal) unwind like Ctrl-C
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         report = run(args)
     except KeyboardInterrupt as exc:
@@ -420,8 +423,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stat-prune: error{where}: {exc}", file=sys.stderr)
         return 2
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         distributed.shutdown()
     if worker:
         return 0

@@ -389,7 +389,8 @@ def streamed_prune(model_dir: str | Path, windows, config: PruneConfig, out_dir:
     in-memory ``stat_prune_`` with ``sensitivity_samples=0``. ``save_dtype``: the exported weights'
     dtype when it should differ from ``dtype`` (e.g. compute in float32 on a CPU, whose bfloat16
     matrix products are slow, and write bfloat16 like the checkpoint). ``work_dir``: where the per-block
-    statistics wait between the passes (default: a temporary folder, removed at the end).
+    statistics wait between the passes, in a folder of this run's own (default: the system's temporary
+    folder); it is removed at the end, also on failure or interrupt.
     """
     t0 = time.perf_counter()
     check_streamable(config)
@@ -440,8 +441,11 @@ def streamed_prune(model_dir: str | Path, windows, config: PruneConfig, out_dir:
     timings["embed"] = time.perf_counter() - t
     notify(progress, "embed", 1, 1)
 
-    scratch = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="stat-stream-"))
-    scratch.mkdir(parents=True, exist_ok=True)
+    # A private folder per run, inside ``work_dir`` when given: two runs sharing one --work-dir never read
+    # each other's statistics, and the folder goes at the end whatever happened.
+    if work_dir is not None:
+        Path(work_dir).expanduser().mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="stat-stream-", dir=None if work_dir is None else Path(work_dir).expanduser()))
     try:
         # First pass: statistics and the method's summary (STAT's analysis, a peer's scores), block by block.
         t = time.perf_counter()
@@ -571,8 +575,7 @@ def streamed_prune(model_dir: str | Path, windows, config: PruneConfig, out_dir:
             files = tuple(sorted(p.name for p in tmp.iterdir()))
             timings["export"] = time.perf_counter() - t
     finally:
-        if work_dir is None:
-            shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     timings["total"] = time.perf_counter() - t0
     export = ExportInfo(path=Path(out_dir).expanduser(), size_bytes=size, uniform=uniform, files=files)
     return StreamedResult(plan=plan, export=export, timings=timings, info=info)

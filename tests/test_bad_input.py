@@ -595,7 +595,7 @@ def test_labelled_cell_rows(files, tmp_path):
     s.close()
 
 
-@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM", "SIGHUP"])
 def test_signal_during_export_leaves_nothing(files, tmp_path, signame):
     """Ctrl-C or SIGTERM while the export is being written: one sentence, exit 128 + the signal,
     neither the output folder nor a hidden partial one is left."""

@@ -15,6 +15,7 @@ from stat_core.export.hf import load_pruned
 from stat_core.config import PruneConfig
 from stat_core.methods.settings import settings_from_text
 from stat_core.prune import stat_prune_
+from stat_core import streaming
 from stat_core.streaming import StreamingError, streamed_prune
 
 
@@ -407,3 +408,38 @@ def test_analysis_consuming_its_statistics_is_the_same(tmp_path, centered):
     want_w, want_bias = _correction(w, stats, "mlp", kept, kind, None)
     assert torch.equal(new_w, want_w) and (bias is None) == (want_bias is None)
     assert bias is None or torch.equal(bias, want_bias)
+
+
+def test_runs_sharing_a_work_dir_never_mix_and_leave_nothing(tmp_path, monkeypatch):
+    """Two runs pointed at one --work-dir at the same time (here: a second run, on other text, runs
+    whole between the first run's two passes) give each the model it would give alone, and each
+    removes its own statistics; a foreign folder in the work dir is left alone."""
+    from safetensors.torch import load_file
+
+    src = _llama_dir(tmp_path, None)
+    config = PruneConfig(sparsity=0.3, sensitivity_samples=0)
+    alone = streamed_prune(src, _windows(), config, tmp_path / "alone")
+    work = tmp_path / "work"
+    (work / "someone-elses").mkdir(parents=True)
+    real_load, state = streaming._load_block_stats, {"nested": False}
+
+    def interleaved(path):
+        if not state["nested"]:
+            state["nested"] = True
+            other = torch.randint(0, 128, (12, 16), generator=torch.Generator().manual_seed(7))
+            streamed_prune(src, other, config, tmp_path / "other", work_dir=work)
+        return real_load(path)
+
+    monkeypatch.setattr(streaming, "_load_block_stats", interleaved)
+    shared = streamed_prune(src, _windows(), config, tmp_path / "shared", work_dir=work)
+    _same_plan(alone.plan, shared.plan)
+
+    def weights(folder):
+        out = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            out.update(load_file(f))
+        return out
+
+    a, b = weights(tmp_path / "alone"), weights(tmp_path / "shared")
+    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [p.name for p in work.iterdir()] == ["someone-elses"]
