@@ -19,7 +19,7 @@ import torch
 from stat_app import handlers as H
 from stat_app.sessions import Session, SessionStore
 from stat_core.cli import main as cli_main
-from stat_core.data.sources import check_calibration_sizes, load_text_file
+from stat_core.data.sources import DataError, check_calibration_sizes, load_text_file
 from stat_core.data.labelled import load_labelled
 from stat_core.models import load_model
 from stat_core.config import PruneConfig
@@ -662,6 +662,39 @@ def test_chat_template_refused_by_the_sandbox(files, tmp_path, caplog):
                                                   max_instruction_prompts=2, instruction_new_tokens=2))
     assert "instruction_agreement" not in ref.dense_metrics
     assert "the chat template cannot be used (SecurityError" in caplog.text
+
+
+HOSTILE_TEMPLATES = {
+    "4 GB string": ("{{ 'a' * 4000000000 }}", "more than a gigabyte of memory"),
+    "nested loops": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+                     "ran past its"),
+    "division by zero": ("{{ 1/0 }}", "ZeroDivisionError: division by zero"),
+    "recursion": ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "recurses without end"),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_TEMPLATES))
+def test_hostile_chat_templates_are_bounded(files, tmp_path, name):
+    """A chat template is code from the model folder: one that allocates gigabytes, loops for hours,
+    divides by zero or recurses is stopped within its limits in a child process and reported in one
+    sentence (never a traceback, never this process's memory)."""
+    import resource
+    import time
+
+    from stat_core.data import chat
+
+    template, reason = HOSTILE_TEMPLATES[name]
+    folder = tmp_path / "hostile"
+    shutil.copytree(files["decoder"], folder)
+    (folder / "chat_template.jinja").write_text(template)
+    model, tok = load_model(str(folder))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t = time.perf_counter()
+    with pytest.raises(DataError, match=r"chat template cannot be used \(.*" + re.escape(reason)):
+        chat.chat_prompt_ids(tok, "Hello")
+    assert time.perf_counter() - t < 3 * chat.RENDER_SECONDS
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 200_000  # kB: not this process's memory
+    assert reason in chat.chat_template_problem(tok)  # remembered: no second child process
 
 
 @pytest.mark.parametrize("keep,fragment", [(1000, "it is truncated or damaged"), (2_000_000, "it is truncated or damaged"),
