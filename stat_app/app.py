@@ -217,7 +217,9 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
         if source == "demo" and DEMO_MODELS.get(name, {}).get("on_request") and not demo_model_installed(name):
             progress(None, desc=f"Installing {name} once ({DEMO_MODELS[name]['download_mb']} MB download, then a "
                                 "conversion of a few minutes)")
-        reply = H.load(session, source, name, device, access=access, progress=_gradio_progress(progress))
+        full = None if session.model is not None else store.admission_problem(getattr(request, "session_hash", None))
+        reply = H.Reply(False, full) if full else H.load(session, source, name, device, access=access,
+                                                          progress=_gradio_progress(progress))
         if reply.ok:  # only a loaded model makes (and keeps) a session in the store
             store.adopt(session)
         else:  # the session keeps whatever it had loaded before

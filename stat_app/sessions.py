@@ -32,6 +32,9 @@ from stat_core.export.common import pid_alive
 
 MAX_SESSIONS = 4
 IDLE_SECONDS = 2 * 3600
+#: A session used within this many seconds is never evicted to make room for another: a new model is
+#: refused instead (four anonymous demo loads must not throw out a person who paused to read).
+GRACE_SECONDS = 15 * 60
 
 
 # A session's folder: ``stat-app-<pid>-<mkdtemp's 8 characters>`` (the PID tells a stale one from a live one).
@@ -206,12 +209,15 @@ def free_memory() -> None:
 
 class SessionStore:
     """``session_hash → Session`` with LRU eviction of idle sessions beyond ``max_sessions`` and
-    expiry of sessions idle for ``idle_seconds``; busy sessions (:meth:`Session.in_use`) are kept.
+    expiry of sessions idle for ``idle_seconds``; busy sessions (:meth:`Session.in_use`) and sessions
+    used within ``grace_seconds`` are kept (:meth:`admission_problem` then refuses a new one).
     :meth:`get` (loading a model) creates sessions; every other request uses :meth:`find`."""
 
-    def __init__(self, max_sessions: int = MAX_SESSIONS, idle_seconds: float = IDLE_SECONDS):
+    def __init__(self, max_sessions: int = MAX_SESSIONS, idle_seconds: float = IDLE_SECONDS,
+                 grace_seconds: float = GRACE_SECONDS):
         self.max_sessions = max_sessions
         self.idle_seconds = idle_seconds
+        self.grace_seconds = grace_seconds
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -229,7 +235,7 @@ class SessionStore:
             for other_key in idle:
                 if now - self._sessions[other_key].last_used > self.idle_seconds:
                     evicted.append(self._sessions.pop(other_key))
-            idle = [k for k in idle if k in self._sessions]
+            idle = [k for k in idle if k in self._sessions and now - self._sessions[k].last_used > self.grace_seconds]
             while len(self._sessions) > self.max_sessions and idle:
                 evicted.append(self._sessions.pop(idle.pop(0)))
         for s in evicted:
@@ -237,6 +243,20 @@ class SessionStore:
         if evicted:
             free_memory()
         return session
+
+    def admission_problem(self, key: str | None) -> str | None:
+        """One sentence when a new session for ``key`` would need to evict someone who used the app
+        within ``grace_seconds`` (or is busy); None when it fits or ``key`` already has one."""
+        key = key or "local"
+        now = time.monotonic()
+        with self._lock:
+            if key in self._sessions or len(self._sessions) < self.max_sessions:
+                return None
+            if any(k != key and s.active == 0 and now - s.last_used > self.grace_seconds
+                   for k, s in self._sessions.items()):
+                return None
+        return (f"The app is holding models for {len(self._sessions)} other people who used it in the last "
+                f"{self.grace_seconds / 60:.0f} minutes; try again in a few minutes.")
 
     def find(self, key: str | None) -> Session:
         """The stored session of ``key`` (marked used), or a fresh empty one that is *not* stored: a

@@ -307,7 +307,7 @@ def test_cancel_during_surgery_and_a_request_after_eviction(files):
     assert "Cancelled" in sentence(r) and s.pruned is None
     assert all(torch.equal(v, dense[k]) for k, v in s.model.state_dict().items())
     # a request after the session was evicted: says what to do
-    store = SessionStore(max_sessions=1)
+    store = SessionStore(max_sessions=1, grace_seconds=0)
     a = store.get("a")
     assert H.load(a, "folder", str(files["decoder"])).ok
     store.get("b")            # evicts a, freeing its model
@@ -508,7 +508,7 @@ def test_anonymous_requests_create_no_session_and_evict_no_one(files):
 
     from stat_app.app import build_demo
 
-    store = SessionStore(max_sessions=1)
+    store = SessionStore(max_sessions=1, grace_seconds=0)
     demo = build_demo(store)
     fns = {getattr(f.fn, "__name__", ""): f.fn for f in demo.fns.values()}
     user = fns["on_load"]("folder", "smollm2-135m", str(files["decoder"]), "cpu",
@@ -526,6 +526,33 @@ def test_anonymous_requests_create_no_session_and_evict_no_one(files):
     assert fns["on_load"]("folder", "", str(files["decoder"]), "cpu", SimpleNamespace(session_hash="b"))[0].startswith("✓")
     assert list(store._sessions) == ["b"] and idle.model is None
     store.drop("b")
+
+
+def test_demo_loads_do_not_evict_someone_who_just_paused(files):
+    """Four anonymous demo loads while a user reads their heatmap: the user keeps their session (used
+    within the grace period); the load that would need their place is refused in one sentence before
+    any model is loaded. Once the user has been idle past the grace, the next load takes the place."""
+    from types import SimpleNamespace
+
+    from stat_app.app import build_demo
+
+    store = SessionStore(max_sessions=4, grace_seconds=600)
+    demo = build_demo(store)
+    on_load = {getattr(f.fn, "__name__", ""): f.fn for f in demo.fns.values()}["on_load"]
+    assert on_load("folder", "", str(files["decoder"]), "cpu", SimpleNamespace(session_hash="user"))[0].startswith("✓")
+    user = store.find("user")
+    for i in range(3):
+        assert on_load("folder", "", str(files["decoder"]), "cpu",
+                       SimpleNamespace(session_hash=f"anon-{i}"))[0].startswith("✓")
+    refused = on_load("folder", "", str(files["decoder"]), "cpu", SimpleNamespace(session_hash="anon-3"))[0]
+    assert "holding models for 4 other people" in refused and "try again in a few minutes" in refused, refused
+    assert "user" in store and user.model is not None and "anon-3" not in store
+    user.last_used -= 601                            # the user left for more than the grace period
+    assert on_load("folder", "", str(files["decoder"]), "cpu",
+                   SimpleNamespace(session_hash="anon-3"))[0].startswith("✓")
+    assert "user" not in store and user.model is None
+    for key in list(store._sessions):
+        store.drop(key)
 
 
 def test_sequence_length_at_the_positions_with_a_bos_tokenizer(files, tmp_path):

@@ -23,7 +23,7 @@ def decoder_dir(tmp_path_factory):
 
 
 def test_an_evicted_session_frees_its_models(decoder_dir):
-    store = SessionStore(max_sessions=1)
+    store = SessionStore(max_sessions=1, grace_seconds=0)
     a = store.get("a")
     assert H.load(a, "folder", str(decoder_dir)).ok
     assert H.calibrate(a, "pasted", pasted=TEXT, num_samples=4, seq_len=64).ok
@@ -43,7 +43,7 @@ def test_an_evicted_session_frees_its_models(decoder_dir):
 
 
 def test_busy_sessions_are_not_evicted_and_idle_ones_are():
-    store = SessionStore(max_sessions=1)
+    store = SessionStore(max_sessions=1, grace_seconds=0)
     a = store.get("a")
     a.model = tiny_model()
     with a.in_use():
@@ -72,7 +72,7 @@ def test_idle_expiry_skips_busy_sessions():
 
 def test_handlers_mark_their_session_busy(monkeypatch):
     seen = []
-    store = SessionStore(max_sessions=1)
+    store = SessionStore(max_sessions=1, grace_seconds=0)
     s = store.get("s")
 
     def spy(source, name):
