@@ -52,7 +52,13 @@ def lesson_text(number: int, step: dict | None) -> str:
     """A step's sentences as markdown (computed from the model's numbers, never canned)."""
     if step is None:
         return "Generation is for decoders; a classifier's effect is its held-out accuracy (Compare tab)."
-    return " ".join(step["sentences"])
+    return " ".join(_inert(s) for s in step["sentences"])
+
+
+def _inert(text: str) -> str:
+    """Text that Markdown shows as written: the sentences quote model-generated tokens, which must
+    never become HTML, images or links on the page (escaped tags, brackets as entities)."""
+    return _html.escape(text, quote=False).replace("[", "&#91;").replace("]", "&#93;")
 
 
 def _lesson_layout(fig: go.Figure, title: str, height: int = 380) -> go.Figure:

@@ -163,11 +163,12 @@ def make_config(session: Session, sparsity: float, budget_kind: str = "params", 
                                  settings=settings_from_text(method, settings))
 
 
-def _install_plan(session: Session, config: PruneConfig) -> tuple:
+def _install_plan(session: Session, config: PruneConfig, progress: ProgressFn | None = None) -> tuple:
     """A one-shot plan of ``config`` from the session's cached statistics, installed as its outcome
-    (no pruned copy yet); ``(plan, report)``."""
+    (no pruned copy yet); ``(plan, report)``. ``progress`` (with the request's cancel event): a budget
+    search reports through it and stops at Cancel."""
     plan, report = pipeline.plan_with_report(session.model, session.calibration, config, session.model_name,
-                                             session.calib_info, session.calib_data)
+                                             session.calib_info, session.calib_data, progress=progress)
     session.set_outcome(Outcome(plan, config, report))
     return plan, report
 
@@ -221,13 +222,13 @@ def prune(session: Session, sparsity: float, budget_kind: str = "params", unifor
     pruned copy as it was before recovery. ``cut=False`` (one-shot, no recovery): the plan only, its
     copy built later by :func:`cut_copy` or on demand — the app shows the plan's figures first."""
     require_calibration(session)
-    steps = pipeline.recovery_steps(recover_steps)
+    steps = pipeline.recovery_steps(recover_steps, limit=pipeline.MAX_APP_RECOVERY_STEPS)
     _check_mode_fits(mode, session.calibration.correction_stats is not None)
     config = make_config(session, sparsity, budget_kind, uniform, mode, method, settings)
     if not cut and mode == "one-shot" and not steps:
         with DEVICE_LOCK:   # a budget search in the settings runs here (the device's work)
             check_cancel(cancel_event)
-            plan, report = _install_plan(session, config)
+            plan, report = _install_plan(session, config, core_progress(progress, cancel_event))
         return Reply(True, removed_sentence(report, "Removed", report["seconds_plan"]),
                      {"plan": plan, "report": report, "seconds": report["seconds_plan"]})
     with DEVICE_LOCK:
@@ -272,7 +273,7 @@ def calibrate_and_prune(session: Session, calib_kwargs: dict, prune_kwargs: dict
     require_model(session)
     pipeline.check_budget_early(session.model, prune_kwargs.get("sparsity", 0.0),  # before minutes of calibration
                                 prune_kwargs.get("budget_kind", "params"), prune_kwargs.get("uniform", False))
-    pipeline.recovery_steps(prune_kwargs.get("recover_steps", 0))
+    pipeline.recovery_steps(prune_kwargs.get("recover_steps", 0), limit=pipeline.MAX_APP_RECOVERY_STEPS)
     _check_mode_fits(mode, calib_kwargs.get("correct_on", SAME_TEXT) not in (SAME_TEXT, None, ""))
     c = calibrate(session, **calib_kwargs, progress=progress, cancel_event=cancel_event)
     if not c.ok:
@@ -329,7 +330,7 @@ def measure(session: Session, eval_tokens: int = QUICK_EVAL_TOKENS, cancel_event
 def generate(session: Session, prompt: str, max_new_tokens: int = 40) -> Reply:
     """The same prompt continued greedily by the dense and the pruned decoder."""
     require_pruned(session)
-    n = core_measure.check_generation(session.model, prompt, max_new_tokens)
+    n = core_measure.check_generation(session.model, prompt, max_new_tokens, session.tokenizer)
     with DEVICE_LOCK:
         before = core_measure.greedy_continuation(session.model, session.tokenizer, prompt, n)
         after = core_measure.greedy_continuation(ensure_pruned(session).pruned, session.tokenizer, prompt, n)
@@ -460,7 +461,7 @@ def lesson(session: Session, layer, prompt: str = "The history of the city", max
         if session.encoder:
             steps["effect"] = None
         else:
-            n = core_measure.check_generation(session.model, prompt, max_new_tokens)
+            n = core_measure.check_generation(session.model, prompt, max_new_tokens, session.tokenizer)
             outcome = ensure_pruned(session)
             steps["effect"] = core_lesson.effect_step(session.model, outcome.pruned, session.tokenizer, prompt, n)
     return Reply(True, f"Lesson for layer {layer} computed on {session.model_name}'s own numbers.",

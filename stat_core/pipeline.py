@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import hashlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -351,13 +352,14 @@ def _report(model, calibration, config: PruneConfig, plan, model_name: str | Non
 
 
 def plan_with_report(model, calibration, config: PruneConfig, model_name: str | None = None,
-                     calib_info: dict | None = None, data=None) -> tuple:
+                     calib_info: dict | None = None, data=None, progress: ProgressFn | None = None) -> tuple:
     """``(plan, report)``: a one-shot plan cut from the cached ``calibration`` (well under a second,
     no surgery) and its :func:`stat_core.evaluation.report.prune_report` with the sizes the plan will have
     (:func:`stat_core.evaluation.report.plan_sizes`) and ``seconds_plan``. ``data``: the calibration
     windows, for methods whose settings read them (STAT's search and output prior)."""
     t = time.perf_counter()
-    plan = core_prune.plan_pruning(model, calibration, config, model_name or "", calib_info or {}, data=data)
+    plan = core_prune.plan_pruning(model, calibration, config, model_name or "", calib_info or {}, data=data,
+                                   progress=progress)
     seconds = time.perf_counter() - t
     report = _report(model, calibration, config, plan, model_name, calib_info,
                      plan_sizes(model, plan, config.flops_seq_len), seconds_plan=seconds)
@@ -459,14 +461,23 @@ def check_budget_early(model, sparsity, budget_kind: str = "params", uniform: bo
                                                              flops_seq_len=512))
 
 
-def recovery_steps(value) -> int:
-    """A number of recovery steps (0: off) as an int, or ValueError with one sentence."""
+#: The app's bound on recovery steps (a shared page: one request must not hold the machine for hours;
+#: the command line's ``--recover`` has none).
+MAX_APP_RECOVERY_STEPS = 2000
+
+
+def recovery_steps(value, limit: int | None = None) -> int:
+    """A number of recovery steps (0: off) as an int, or ValueError with one sentence (also above
+    ``limit`` when given)."""
     try:
         steps = float(value or 0)
     except (TypeError, ValueError):
         raise ValueError(f"Recovery steps must be a whole number (0: no recovery), got {value!r}.") from None
-    if steps < 0 or steps != int(steps):
+    if not math.isfinite(steps) or steps < 0 or steps != int(steps):
         raise ValueError(f"Recovery steps must be a whole number ≥ 0 (0: no recovery), got {value!r}.")
+    if limit is not None and steps > limit:
+        raise ValueError(f"Recovery here runs at most {limit:,} steps, got {int(steps):,}; for a longer recovery "
+                         "use the command line's --recover.")
     return int(steps)
 
 

@@ -316,11 +316,14 @@ def _calibration_from_entry(model, entry, config: PruneConfig, key, spectra: boo
 
 
 def plan_pruning(model, calibration: Calibration, config: PruneConfig, model_name: str = "",
-                 calibration_info: dict | None = None, data: "CalibrationSet | None" = None) -> PrunePlan:
+                 calibration_info: dict | None = None, data: "CalibrationSet | None" = None,
+                 progress: ProgressFn | None = None) -> PrunePlan:
     """The plan for ``config`` (budget, method, uniform) from cached statistics of the dense ``model``.
 
     ``data``: the calibration windows, for methods that need more than the cached statistics
     (e.g. LLM-Pruner's weight gradients); computed once and kept in ``calibration.extras``.
+    ``progress``: long planning (STAT's budget search) reports through it, and stops when it raises
+    (the app's Cancel).
     """
 
     method = get_method(config.method)
@@ -333,7 +336,11 @@ def plan_pruning(model, calibration: Calibration, config: PruneConfig, model_nam
         raise ValueError(f"{method.label} needs {' and '.join(sorted(missing))} that this calibration did not "
                          "compute (it was made for another method); calibrate again for this method")
     method.prepare(model, None if data is None else CalibrationSet.wrap(data), calibration)
-    return method.plan(model, calibration, config, model_name, calibration_info or {})
+    calibration.extras["progress"] = progress  # a budget search reports through it
+    try:
+        return method.plan(model, calibration, config, model_name, calibration_info or {})
+    finally:
+        calibration.extras.pop("progress", None)
 
 
 def prune_from_calibration_(model, calibration: Calibration, config: PruneConfig, model_name: str = "",
@@ -343,11 +350,7 @@ def prune_from_calibration_(model, calibration: Calibration, config: PruneConfig
     if config.mode != "one-shot":
         raise ValueError("re-planning from cached statistics is one-shot only; propagate mode re-calibrates each layer")
     t0 = time.perf_counter()
-    calibration.extras["progress"] = progress  # a budget search reports through it
-    try:
-        plan = plan_pruning(model, calibration, config, model_name, calibration_info, data)
-    finally:
-        calibration.extras.pop("progress", None)
+    plan = plan_pruning(model, calibration, config, model_name, calibration_info, data, progress)
     t1 = time.perf_counter()
     apply_plan_(model, plan, calibration.fit_stats, progress)
     t2 = time.perf_counter()

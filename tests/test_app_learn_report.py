@@ -254,3 +254,18 @@ def test_the_page_refuses_a_fraction_and_a_zero_sample_count(decoder_dir):
     out = fns["on_rebudget"](1, "params", False, "one-shot", "stat", "all layers", False, "", req)
     assert out[0].startswith("✓ Planned to remove") and "1." in out[0]   # 1 means 1%, not 100%
     store.drop("u")
+
+
+def test_model_tokens_never_become_html_in_the_learn_view():
+    """The Learn view quotes generated tokens in Markdown: a token that is an image tag, a link or a
+    script is shown as text (no tag, no link reaches the page)."""
+    import html as _h
+
+    hostile = "<img src='http://example.com/x.png'> [click](http://example.com) <script>alert(1)</script>"
+    step = {"dense": hostile, "tokens": [hostile, "ok"], "kl": [0.5, 0.1],
+            "sentences": [f"The worst token is '{hostile}'.", "Fine."]}
+    text = F.lesson_text(6, step)
+    assert "<img" not in text and "<script" not in text and "](" not in text.replace("&#93;(", "")
+    assert "[click]" not in text and _h.unescape(text).count("<img") == 1  # shown, as text
+    effect = F.lesson_effect_html(step)
+    assert "<img" not in effect and "<script" not in effect

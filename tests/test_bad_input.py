@@ -1224,3 +1224,28 @@ def test_weights_that_do_not_match_the_config_are_refused(tmp_path, damage):
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ModelLoadError, match="do not match its config.json: .* missing"):
         load(str(folder))
+
+
+def test_cancel_stops_a_budget_search_and_app_bounds(files):
+    """Cancel stops STAT's budget search within a candidate or two (search=1000000000 held the queue for
+    minutes), the plan stays as it was; recovery steps and Generate's prompt are bounded in one sentence."""
+    import threading
+    import time
+
+    from stat_core.evaluation.measure import MAX_PROMPT_CHARS
+
+    s = Session()
+    assert H.load(s, "folder", str(files["decoder"])).ok
+    assert H.calibrate(s, "file", file_path=str(files["good"]), num_samples=4, seq_len=64).ok
+    assert H.prune(s, 0.3, cut=False).ok
+    before = s.outcome.plan.kept_summary()
+    ev = threading.Event()
+    threading.Timer(1.0, ev.set).start()
+    t = time.perf_counter()
+    reply = H.prune(s, 0.4, settings="search=1000000000", cut=False, cancel_event=ev)
+    assert not reply.ok and "Cancelled" in sentence(reply) and time.perf_counter() - t < 30
+    assert s.outcome.plan.kept_summary() == before
+    assert "at most 2,000 steps" in sentence(H.prune(s, 0.3, recover_steps=10**9))
+    assert "limited to" in sentence(H.generate(s, "word " * MAX_PROMPT_CHARS, 8))
+    assert "exceed the model's 512 positions" in sentence(H.generate(s, "word " * 600, 8))
+    s.close()

@@ -182,18 +182,32 @@ def headline(before: dict, after: dict, eval_tokens: int) -> str:
 
 # --- generation --------------------------------------------------------------------------------------
 
-def check_generation(model, prompt: str, max_new_tokens) -> int:
-    """``max_new_tokens`` as an int, or ValueError with one sentence (classifier, empty prompt, count)."""
+#: The longest prompt the app generates from (characters; about 2,000 tokens of English).
+MAX_PROMPT_CHARS = 8000
+
+
+def check_generation(model, prompt: str, max_new_tokens, tokenizer=None) -> int:
+    """``max_new_tokens`` as an int, or ValueError with one sentence (classifier, empty or overlong
+    prompt, count; with ``tokenizer``: prompt and new tokens beyond the model's positions)."""
     if is_encoder(model):
         raise ValueError("Generation is for decoders; a classifier is compared by accuracy.")
     if not (prompt or "").strip():
         raise ValueError("Type a prompt first.")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"The prompt has {len(prompt):,} characters; prompts here are limited to "
+                         f"{MAX_PROMPT_CHARS:,}: shorten it.")
     try:
         n = int(max_new_tokens)
     except (TypeError, ValueError):
         raise ValueError(f"Generate between 1 and 512 new tokens, got {max_new_tokens!r}.") from None
     if not 1 <= n <= 512:
         raise ValueError("Generate between 1 and 512 new tokens.")
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if tokenizer is not None and positions:
+        used = len(tokenizer(prompt).input_ids)
+        if used + n > positions:
+            raise ValueError(f"The prompt's {used:,} tokens and {n} new ones exceed the model's {positions:,} "
+                             "positions; shorten the prompt or generate fewer tokens.")
     return n
 
 
