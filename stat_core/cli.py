@@ -418,6 +418,11 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + int(signum)
     except distributed.PeerError:  # another rank failed and says why
         return 2
+    except PermissionError as exc:  # an unreadable input or an unwritable output, wherever it is met
+        where = f"'{exc.filename}'" if exc.filename else "a file this run needs"
+        print(f"stat-prune: error: permission denied on {where}; make it readable (inputs) or writable "
+              "(outputs), or choose another path.", file=sys.stderr)
+        return 2
     except (ModelLoadError, UnsupportedModelError, DataError, ExportError, ValueError) as exc:
         where = f" (rank {distributed.rank()})" if worker else ""
         print(f"stat-prune: error{where}: {exc}", file=sys.stderr)

@@ -296,12 +296,36 @@ def check_safetensors_file(file: Path) -> str | None:
         if name == "__metadata__":
             continue
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
             return f"its header entry '{name}' has no valid data offsets"
+        dtype, shape = entry.get("dtype"), entry.get("shape")
+        if dtype not in SAFETENSORS_DTYPE_BITS:
+            return f"its header entry '{name}' has an unknown dtype {str(dtype)[:20]!r}"
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            return f"its header entry '{name}' has no valid shape"
+        count = 1
+        for d in shape:
+            count *= d
+        if count * SAFETENSORS_DTYPE_BITS[dtype] != 8 * (offsets[1] - offsets[0]):
+            return f"its header entry '{name}' has offsets that do not fit its shape and dtype"
         end = max(end, offsets[1])
     if 8 + header_len + end > size:
         return f"its tensors need {8 + header_len + end:,} bytes but the file has only {size:,}: it is truncated"
+    try:  # whatever else the library itself refuses (overlapping tensors, ...)
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt"):
+            pass
+    except Exception as exc:  # safetensors raises its own error type
+        return f"safetensors cannot read it ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})"
     return None
+
+
+#: Bits per element of every dtype a safetensors header may name.
+SAFETENSORS_DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8,
+                          "U64": 64, "U32": 32, "U16": 16, "U8": 8, "BOOL": 8, "F8_E4M3": 8, "F8_E5M2": 8,
+                          "F8_E8M0": 8, "F6_E2M3": 6, "F6_E3M2": 6, "F4": 4, "E8M0": 8}
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -458,15 +458,30 @@ def test_export_into_existing_empty_folder_fills_it_in_place(files, tmp_path, mo
 
 
 def _damaged(kind: str, weights: bytes) -> bytes:
+    import json
     import struct
 
+    if kind in ("unknown dtype", "bad offsets", "missing shape"):  # one header entry rewritten, data as it was
+        (n,) = struct.unpack("<Q", weights[:8])
+        header = json.loads(weights[8:8 + n])
+        name = next(k for k in header if k != "__metadata__")
+        if kind == "unknown dtype":
+            header[name]["dtype"] = "F99"
+        elif kind == "bad offsets":
+            header[name]["data_offsets"] = [header[name]["data_offsets"][1], header[name]["data_offsets"][0]]
+        else:
+            del header[name]["shape"]
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        return struct.pack("<Q", len(raw)) + raw + weights[8 + n:]
     return {"truncated": weights[: len(weights) // 2], "garbage": os.urandom(4096), "empty": b"",
             "oversized header": struct.pack("<Q", 2**40) + b"{}"}[kind]
 
 
 @pytest.mark.parametrize("kind,fragment", [
     ("truncated", "it is truncated"), ("garbage", "header"), ("empty", "the file is empty"),
-    ("oversized header", "more than the 100 MB safetensors allows")])
+    ("oversized header", "more than the 100 MB safetensors allows"), ("unknown dtype", "has an unknown dtype 'F99'"),
+    ("bad offsets", "has no valid data offsets"), ("missing shape", "has no valid shape")])
 def test_damaged_safetensors_rows(files, tmp_path, kind, fragment):
     folder = tmp_path / "damaged"
     shutil.copytree(files["decoder"], folder)
@@ -1249,3 +1264,44 @@ def test_cancel_stops_a_budget_search_and_app_bounds(files):
     assert "limited to" in sentence(H.generate(s, "word " * MAX_PROMPT_CHARS, 8))
     assert "exceed the model's 512 positions" in sentence(H.generate(s, "word " * 600, 8))
     s.close()
+
+
+def test_permission_denied_is_one_sentence(files, monkeypatch, capsys):
+    """An unreadable input or unwritable output met anywhere in a run: one sentence naming the path."""
+    import stat_core.cli as cli_module
+
+    def refuse(args):
+        raise PermissionError(13, "Permission denied", "/data/model/model.safetensors")
+
+    monkeypatch.setattr(cli_module, "run", refuse)
+    assert cli_main([str(files["decoder"]), "--sparsity", "0.3", "--out", str(files["out"])]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == ("stat-prune: error: permission denied on '/data/model/model.safetensors'; make it readable "
+                           "(inputs) or writable (outputs), or choose another path.")
+
+
+def test_damaged_text_caches_heal_and_name_the_file(tmp_path, monkeypatch, caplog):
+    """A damaged cached Wikipedia sample is named in a warning, removed and rebuilt; the same for the
+    model's cached chat text (regenerated)."""
+    from stat_core.data import mix, sources
+    from stat_core.models import load_tokenizer_only
+
+    tok = load_tokenizer_only("smollm2-135m")  # (before the cache folder moves)
+    monkeypatch.setenv("STAT_CACHE_DIR", str(tmp_path))
+    cached = tmp_path / "data" / "wikipedia_sample.json"
+    cached.parent.mkdir(parents=True)
+    cached.write_text('["half an arti')
+    caplog.set_level("WARNING")
+    articles = sources.wikipedia_articles()
+    assert len(articles) > 50 and f"The cached Wikipedia sample {cached} is damaged" in caplog.text
+    assert sources.wikipedia_articles() == articles  # and the rebuilt file reads back
+
+    model = tiny_model("llama", vocab_size=len(tok))
+    settings = mix.GenerationSettings(max_new_tokens=4, samples_per_prompt=1)
+    prompts = ["Say hello.", "Name a colour."]
+    first, _ = mix.generate_transcripts(model, tok, prompts=prompts, settings=settings)
+    path = mix._cache_path(model, tok, prompts, settings)
+    path.write_text('{"transcripts": [[1, 2], "x"]}')
+    caplog.clear()
+    again, seconds = mix.generate_transcripts(model, tok, prompts=prompts, settings=settings)
+    assert f"The cached chat text {path} is damaged" in caplog.text and again == first

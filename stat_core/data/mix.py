@@ -120,9 +120,17 @@ def generate_transcripts(model, tokenizer, prompts: list[str] | None = None,
     prompts = prompts if prompts is not None else seed_prompts()
     path = _cache_path(model, tokenizer, prompts, settings)
     if path.exists():
-        cached = json.loads(path.read_text())
-        log.info("self-generated calibration text from the cache (%s)", path.name)
-        return cached["transcripts"], 0.0
+        try:
+            transcripts = json.loads(path.read_text(encoding="utf-8"))["transcripts"]
+            if not (isinstance(transcripts, list) and transcripts and all(
+                    isinstance(t, list) and t and all(isinstance(i, int) for i in t) for t in transcripts)):
+                raise ValueError("not a list of token id lists")
+            log.info("self-generated calibration text from the cache (%s)", path.name)
+            return transcripts, 0.0
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:  # damaged: said, removed, generated again
+            log.warning("The cached chat text %s is damaged (%s); generating it again.", path,
+                        str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__)
+            path.unlink(missing_ok=True)
     t0 = time.perf_counter()
     ends = end_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ends[0]

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,7 +99,15 @@ def wikipedia_articles() -> list[str]:
     """
     cached = cache_dir() / "data" / "wikipedia_sample.json"
     if cached.exists():
-        return json.loads(cached.read_text())
+        try:
+            articles = json.loads(cached.read_text(encoding="utf-8"))
+            if isinstance(articles, list) and articles and all(isinstance(a, str) for a in articles):
+                return articles
+            raise ValueError("not a list of article texts")
+        except (ValueError, UnicodeDecodeError) as exc:  # damaged: said once, then rebuilt (a minute)
+            log.warning("The cached Wikipedia sample %s is damaged (%s); rebuilding it.", cached,
+                        str(exc).splitlines()[0][:120])
+            cached.unlink(missing_ok=True)
     from gensim.corpora.wikicorpus import extract_pages, filter_wiki
 
     articles = []
@@ -111,9 +120,15 @@ def wikipedia_articles() -> list[str]:
             if clean:
                 articles.append(clean)
     cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(".tmp")
-    tmp.write_text(json.dumps(articles))
-    os.replace(tmp, cached)
+    fd, tmp = tempfile.mkstemp(prefix=".wikipedia_sample.", suffix=".tmp", dir=cached.parent)  # private: two
+    try:                                                                                      # writers never mix
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(articles))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, cached)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return articles
 
 
