@@ -6,6 +6,9 @@ evaluation suite (``stat_core.evaluation.suite``): what perplexity sees and what
     .venv/bin/python -m benchmarks.suite --quick    # the same budgets, the quick suite (4,096 eval tokens,
                                                     #   fewer analogies, shorter chat answers)
     .venv/bin/python -m benchmarks.suite --tiny     # random tiny models, seconds (CI)
+    .venv/bin/python -m benchmarks.suite --quick --classifier '' --budgets 0.2,0.3 --seeds 0,1,2 --append
+                                                    # every method at the default calibration, three seeds
+    .venv/bin/python -m benchmarks.suite --quick --calibration wikipedia --append   # the Wikipedia rows
     .venv/bin/python -m benchmarks.suite --methods slicegpt --append   # add or redo methods in suite.json
     .venv/bin/python -m benchmarks.suite --quick --classifier '' --budgets 0.5 --methods stat,slimgpt \
         --recover 10 --recover-lr 5e-5 --recover-only --plain-from benchmarks/results/suite.json \
@@ -13,8 +16,12 @@ evaluation suite (``stat_core.evaluation.suite``): what perplexity sees and what
     .venv/bin/python -m benchmarks.suite --quick --classifier '' --methods 'flap,flap[metric=WIFN]' \
         --name flap_metrics   # a method with its own settings is a row of its own
 
-One ``calibrate()`` of the dense model (the protocol's 64 × 512 Wikipedia windows, seed 0) serves
-every plan-based method and budget; each cell is a fresh copy of the dense model cut by the method's
+One ``calibrate()`` of the dense model per seed serves every plan-based method and budget: the
+protocol's 64 × 512 windows of ``--calibration`` (``default``: the recipe that follows the model,
+exactly as the CLI and the app choose it — for a chat model the units are chosen on its own chat
+text with its own Fisher and the corrections fitted on Wikipedia; ``wikipedia``: plain Wikipedia,
+the text of the tables before the default changed), at each of ``--seeds`` (the tables show the mean
+and half the range); each cell is a fresh copy of the dense model cut by the method's
 plan (and its correction) in seconds. Whole-model methods (SliceGPT) run their own pass over the
 same windows. ``seconds_prune`` charges each method the parts of the shared calibration it uses
 (the block statistics pass; STAT's gradient pass and decompositions only for STAT and the
@@ -398,6 +405,40 @@ def _tiny_decoder():
     return AutoModelForCausalLM.from_config(cfg).eval(), tokenizer
 
 
+def run_calibrations(model, tokenizer, model_name: str, args, methods, budgets, suite_config, rec: Recorder, recovery,
+                     num_samples: int, seq_len: int, sensitivity_samples: int | None, protocol: str) -> None:
+    """Every method at every budget from ``args.calibration`` (``default``: the recipe that follows the
+    model, :func:`stat_core.data.recipe.resolve_recipe`, built by the same pipeline as the CLI's) at
+    each of ``args.seeds``; the dense reference is measured once."""
+    from stat_core import pipeline
+    from stat_core.data.recipe import resolve_recipe
+    from stat_core.progress import TqdmProgress
+
+    named = None if args.calibration == "default" else args.calibration
+    recipe = resolve_recipe(model, tokenizer, named)
+    print(recipe.sentence, file=sys.stderr, flush=True)
+    rec.meta.setdefault("calibrations", {})[f"{model_name} / {args.calibration}"] = (
+        f"units on '{recipe.source}' with {recipe.sensitivity_labels} labels"
+        + (f", corrections fitted on '{recipe.correct_on}'; whole-model methods on '{recipe.source}' alone"
+           if recipe.correct_on else ""))
+    rec.meta.setdefault("protocol", {})[model_name] = protocol
+    reference = None
+    progress = TqdmProgress(True)
+    for seed in [int(x) for x in str(args.seeds).split(",")]:
+        kind, builtin, path = pipeline.resolve_source(model, tokenizer, recipe.source)
+        prepared = pipeline.calibration_data(model, tokenizer, model_name, kind, builtin, path, num_samples=num_samples,
+                                             seq_len=seq_len, seed=seed, progress=progress)
+        correction = None
+        if recipe.correct_on:
+            correction, _ = pipeline.correction_data(model, tokenizer, model_name, recipe.correct_on, prepared.info,
+                                                     num_samples, seq_len, seed, progress)
+        reference = run_decoder(model, tokenizer, prepared.data, model_name, methods, budgets, suite_config, rec,
+                                recovery=recovery, recovery_only=args.recover_only, code=args.code,
+                                sensitivity_samples=sensitivity_samples, recipe=recipe,
+                                correction_windows=None if correction is None else correction.data,
+                                labels={"calibration": args.calibration, "seed": seed}, reference=reference)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -450,55 +491,24 @@ def main(argv=None) -> int:
         meta["recovery"] = {**asdict(recovery), "only": args.recover_only}
     rec = Recorder(Path(args.out_dir), meta, args.append, name=args.name)
     if args.tiny:
-        from stat_core.data.sources import CalibrationConfig, calibration_windows, wikipedia_split
-
         model, tokenizer = _tiny_decoder()
-        windows = calibration_windows(tokenizer, wikipedia_split("calibration"), CalibrationConfig(num_samples=8, seq_len=64))
-        suite_config = SuiteConfig.tiny()
-        protocol["tiny-llama"] = "random tiny Llama, 8 × 64 calibration tokens, tiny suite"
-        rec.meta["protocol"] = protocol
-        run_decoder(model, tokenizer, windows, "tiny-llama", methods, [0.2, 0.4], suite_config, rec,
-                    sensitivity_samples=2, recovery=recovery, recovery_only=args.recover_only)
+        run_calibrations(model, tokenizer, "tiny-llama", args, methods, [0.2, 0.4], SuiteConfig.tiny(), rec, recovery,
+                         num_samples=8, seq_len=64, sensitivity_samples=2,
+                         protocol="random tiny Llama, 8 × 64 calibration tokens, tiny suite")
         return 0
 
     from stat_core.models import load_model
 
     if args.model:
-        from stat_core import pipeline
-        from stat_core.data.recipe import resolve_recipe
-        from stat_core.progress import TqdmProgress
-
         model, tokenizer = load_model(args.model)
-        named = None if args.calibration == "default" else args.calibration
-        recipe = resolve_recipe(model, tokenizer, named)
-        recipe_whole = resolve_recipe(model, tokenizer, named, whole_model=True)
-        print(recipe.sentence, file=sys.stderr, flush=True)
-        rec.meta.setdefault("calibrations", {})[f"{args.model} / {args.calibration}"] = (
-            f"units on '{recipe.source}' with {recipe.sensitivity_labels} labels"
-            + (f", corrections fitted on '{recipe.correct_on}'" if recipe.correct_on else "")
-            + (f"; whole-model methods on '{recipe_whole.source}' alone" if recipe.correct_on else ""))
         suite_config = SuiteConfig.quick() if args.quick else SuiteConfig()
-        protocol[args.model] = (f"calibration {args.num_samples} × {args.seq_len} tokens; "
-                                f"{'quick' if args.quick else 'full'} suite: {suite_config.eval_tokens:,} evaluation tokens, "
-                                f"{suite_config.analogies_per_category} analogies per category, chat answers of "
-                                f"{suite_config.instruction_new_tokens} tokens")
-        rec.meta.setdefault("protocol", {}).update(protocol)
-        reference = None
-        progress = TqdmProgress(True)
-        for seed in [int(x) for x in args.seeds.split(",")]:
-            kind, builtin, path = pipeline.resolve_source(model, tokenizer, recipe.source)
-            prepared = pipeline.calibration_data(model, tokenizer, args.model, kind, builtin, path,
-                                                 num_samples=args.num_samples, seq_len=args.seq_len, seed=seed,
-                                                 progress=progress)
-            correction = None
-            if recipe.correct_on:
-                correction, _ = pipeline.correction_data(model, tokenizer, args.model, recipe.correct_on, prepared.info,
-                                                         args.num_samples, args.seq_len, seed, progress)
-            reference = run_decoder(model, tokenizer, prepared.data, args.model, methods, budgets, suite_config, rec,
-                                    recovery=recovery, recovery_only=args.recover_only, code=args.code,
-                                    sensitivity_samples=args.sensitivity_samples, recipe=recipe,
-                                    correction_windows=None if correction is None else correction.data,
-                                    labels={"calibration": args.calibration, "seed": seed}, reference=reference)
+        run_calibrations(model, tokenizer, args.model, args, methods, budgets, suite_config, rec, recovery,
+                         num_samples=args.num_samples, seq_len=args.seq_len,
+                         sensitivity_samples=args.sensitivity_samples,
+                         protocol=(f"calibration {args.num_samples} × {args.seq_len} tokens; "
+                                   f"{'quick' if args.quick else 'full'} suite: {suite_config.eval_tokens:,} evaluation "
+                                   f"tokens, {suite_config.analogies_per_category} analogies per category, chat answers "
+                                   f"of {suite_config.instruction_new_tokens} tokens"))
         if args.plain_from:
             copy_plain_records(rec, Path(args.plain_from), args.model, methods, budgets)
         del model

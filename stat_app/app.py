@@ -51,8 +51,9 @@ correction into the next layer (*STAT: Shrinking Transformers After Training*, F
 works, on this model's own numbers · **Compare** before / after and against other methods · **Export**
 the smaller model or a report to hand out."""
 
-RELOAD_NOTE = ("*Reloading or closing this page starts a new session: the loaded model, its calibration and the "
-               "prune are dropped (the server frees their memory). Keep the tab open during a demo.*")
+RELOAD_NOTE = ("*Reloading this page in the same browser within 10 minutes brings back the loaded model, its "
+               "calibration and the current plan; after that (or in another browser) it starts a new session and the "
+               "server frees their memory.*")
 
 LEARN_INTRO = ("Why STAT works, step by step, for one layer of the loaded model after the current prune. Every "
                "number below is computed now from this model, its calibration text and the plan.")
@@ -223,7 +224,7 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
         if reply.ok:  # only a loaded model makes (and keeps) a session in the store
             store.adopt(session)
         else:  # the session keeps whatever it had loaded before
-            return (_status(reply), H.architecture_markdown(session.arch), *[gr.update()] * 12)
+            return (_status(reply), H.architecture_markdown(session.arch), *[gr.update()] * 13)
         defaults = CLASSIFIER_DEFAULTS if session.encoder else DECODER_DEFAULTS
         empty = F.empty_figure()
         choices = list(BUILTIN_SETS) if session.encoder else list(H.DECODER_SOURCES)
@@ -235,7 +236,7 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
                 empty, empty, empty, empty, "",
                 estimate_sentence(session.model, defaults["num_samples"], defaults["seq_len"]),
                 gr.update(value=recipe.sensitivity_labels), gr.update(value=recipe.correct_on or H.SAME_TEXT),
-                recipe_note(recipe))
+                recipe_note(recipe), store.token_for(session.key))
 
     def on_sizes(num_samples, seq_len, request: gr.Request):
         session = session_of(request)
@@ -367,7 +368,22 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
         return "⏹ Cancelled; the loaded (dense) model is unchanged."
 
     def on_unload(request: gr.Request):
-        store.drop(getattr(request, "session_hash", None))
+        store.detach(getattr(request, "session_hash", None))  # kept a while for a reload to take back
+
+    def on_page_open(token, request: gr.Request):
+        """A reloaded page (same browser, its token in local storage) takes its session back: the model,
+        the calibration and the plan, with the figures and the slider as they were."""
+        key = getattr(request, "session_hash", None)
+        session = store.resume(token, key)
+        if session is None or session.model is None:
+            return (gr.update(), gr.update(), *[gr.update()] * n_plan, gr.update(), None if token else gr.update())
+        plan = session.plan
+        message = (f"{OK} Restored your session: {session.model_name} is loaded"
+                   + (", its calibration is cached" if session.calibration is not None else "")
+                   + (f", and the plan removes {session.report['block_params_removed_fraction']:.1%} of block "
+                      "parameters." if plan is not None else "."))
+        return (message, H.architecture_markdown(session.arch), *_plan_outputs(session),
+                gr.update(value=_slider_value(session)), token)
 
     def status_box(elem_id: str, value: str = "") -> gr.Textbox:
         return gr.Textbox(label="status", value=value, interactive=False, elem_id=elem_id,
@@ -379,6 +395,8 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
         with gr.Tabs(elem_id="tabs"):
             with gr.Tab("Prune", id="prune", elem_id="tab_prune"):
                 status = status_box("status", "Load a model to start.")
+                # this browser's resume token (local storage): a reload takes the session back
+                resume_token = gr.BrowserState(None, storage_key="stat_workbench_session")
                 with gr.Row():
                     with gr.Column(scale=1):
                         with gr.Row():
@@ -552,7 +570,7 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
         plan_outputs = [heads_plot, neurons_plot, decay_plot, spectrum_plot, layer_pick, summary, learn_layer]
         load_evt = load_btn.click(on_load, [source, demo_name, path, device],
                                   [status, arch, builtin, num_samples, seq_len, heads_plot, neurons_plot, decay_plot,
-                                   spectrum_plot, summary, estimate, sensitivity, correct_on, recipe_md],
+                                   spectrum_plot, summary, estimate, sensitivity, correct_on, recipe_md, resume_token],
                                   api_name="load", **heavy)
         for box in (num_samples, seq_len):
             box.change(on_sizes, [num_samples, seq_len], [estimate], api_name=False, show_progress="hidden")
@@ -605,6 +623,9 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
                          cancels=[load_evt, prune_evt, cut_evt, measure_evt, gen_evt, compare_evt, head_evt,
                                   export_evt, learn_evt, report_evt, *rebudget_evts])
         demo.load(None, js=HEATMAP_CLICK_JS)
+        page_evt = demo.load(on_page_open, [resume_token], [status, arch, *plan_outputs, sparsity, resume_token],
+                             api_name=False, show_progress="hidden")
+        page_evt.then(on_tab_statuses, None, tab_status_outputs, api_name=False, show_progress="hidden")
         demo.unload(on_unload)
     return demo
 

@@ -19,6 +19,7 @@ import contextlib
 import gc
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import threading
@@ -35,6 +36,9 @@ IDLE_SECONDS = 2 * 3600
 #: A session used within this many seconds is never evicted to make room for another: a new model is
 #: refused instead (four anonymous demo loads must not throw out a person who paused to read).
 GRACE_SECONDS = 15 * 60
+#: A page that was reloaded or closed leaves its session here this long, for the reloaded page (the
+#: same browser, by the token it keeps in its local storage) to take it back in one step.
+RESUME_SECONDS = 10 * 60
 
 
 # A session's folder: ``stat-app-<pid>-<mkdtemp's 8 characters>`` (the PID tells a stale one from a live one).
@@ -123,6 +127,7 @@ class Session:
     # cancellation of the running job (a fresh event per job, see begin_job)
     cancel_event: threading.Event = field(default_factory=threading.Event)
     last_used: float = field(default_factory=time.monotonic)
+    detached_at: float | None = None   # when its page went away (reload, closed tab); None while a page has it
     active: int = 0                # handler calls running on this session right now (see in_use)
     _workdir: Path | None = None
     _active_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -214,10 +219,12 @@ class SessionStore:
     :meth:`get` (loading a model) creates sessions; every other request uses :meth:`find`."""
 
     def __init__(self, max_sessions: int = MAX_SESSIONS, idle_seconds: float = IDLE_SECONDS,
-                 grace_seconds: float = GRACE_SECONDS):
+                 grace_seconds: float = GRACE_SECONDS, resume_seconds: float = RESUME_SECONDS):
         self.max_sessions = max_sessions
         self.idle_seconds = idle_seconds
         self.grace_seconds = grace_seconds
+        self.resume_seconds = resume_seconds
+        self._tokens: dict[str, str] = {}   # a browser's resume token → its session's key
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -233,9 +240,12 @@ class SessionStore:
             session.last_used = now
             idle = [k for k, s in self._sessions.items() if k != key and s.active == 0]  # oldest first
             for other_key in idle:
-                if now - self._sessions[other_key].last_used > self.idle_seconds:
+                other = self._sessions[other_key]
+                if now - other.last_used > self.idle_seconds or (
+                        other.detached_at is not None and now - other.detached_at > self.resume_seconds):
                     evicted.append(self._sessions.pop(other_key))
-            idle = [k for k in idle if k in self._sessions and now - self._sessions[k].last_used > self.grace_seconds]
+            idle = [k for k in idle if k in self._sessions and (self._sessions[k].detached_at is not None
+                                                               or now - self._sessions[k].last_used > self.grace_seconds)]
             while len(self._sessions) > self.max_sessions and idle:
                 evicted.append(self._sessions.pop(idle.pop(0)))
         for s in evicted:
@@ -252,7 +262,7 @@ class SessionStore:
         with self._lock:
             if key in self._sessions or len(self._sessions) < self.max_sessions:
                 return None
-            if any(k != key and s.active == 0 and now - s.last_used > self.grace_seconds
+            if any(k != key and s.active == 0 and (s.detached_at is not None or now - s.last_used > self.grace_seconds)
                    for k, s in self._sessions.items()):
                 return None
         return (f"The app is holding models for {len(self._sessions)} other people who used it in the last "
@@ -276,9 +286,60 @@ class SessionStore:
             self._sessions[session.key] = session
         return self.get(session.key)
 
+    def token_for(self, key: str | None) -> str:
+        """The resume token of ``key``'s session (made once): the page keeps it in the browser's local
+        storage, and a reloaded page hands it to :meth:`resume`. It is a random secret, not the key."""
+        key = key or "local"
+        with self._lock:
+            for token, k in self._tokens.items():
+                if k == key:
+                    return token
+            token = secrets.token_urlsafe(24)
+            self._tokens[token] = key
+            return token
+
+    def detach(self, key: str | None) -> None:
+        """The page of ``key`` went away (reload, closed tab): its session stays for
+        ``resume_seconds`` for the same browser to take back, then goes (or sooner when its place is
+        needed). Without a resume token (never loaded a model) it goes at once."""
+        key = key or "local"
+        with self._lock:
+            session = self._sessions.get(key)
+            keep = session is not None and key in self._tokens.values()
+            if keep:
+                session.detached_at = time.monotonic()
+                session.cancel()  # nothing runs for a page that is gone
+        if not keep:
+            self.drop(key)
+
+    def resume(self, token: str | None, key: str | None) -> Session | None:
+        """The session the browser's ``token`` names, moved to this page's ``key`` (a reload gets a new
+        key), or None: unknown or expired token, or this page already has a session of its own."""
+        key = key or "local"
+        if not token:
+            return None
+        with self._lock:
+            old = self._tokens.get(token)
+            session = self._sessions.get(old) if old is not None else None
+            if session is None:
+                self._tokens.pop(token, None)
+                return None
+            if old != key:
+                if key in self._sessions:
+                    return None
+                del self._sessions[old]
+                self._sessions[key] = session
+                session.key = key
+                self._tokens[token] = key
+            session.detached_at = None
+            session.last_used = time.monotonic()
+            return session
+
     def drop(self, key: str | None) -> None:
         with self._lock:
             session = self._sessions.pop(key or "local", None)
+            for token in [t for t, k in self._tokens.items() if k == (key or "local")]:
+                del self._tokens[token]
         if session is not None:
             session.close()
             free_memory()

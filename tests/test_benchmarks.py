@@ -205,7 +205,7 @@ def test_suite_tiny(tmp_path):
     from stat_core.methods.registry import get_method, method_names
     from stat_core.evaluation.suite import SUITE_FIELDS
 
-    assert bench("suite").main(["--tiny", "--out-dir", str(tmp_path)]) == 0
+    assert bench("suite").main(["--tiny", "--calibration", "wikipedia", "--out-dir", str(tmp_path)]) == 0
     records = json.loads((tmp_path / "suite.json").read_text())["records"]
     names = [m for m in method_names() if not get_method(m).needs_training]  # trained ones: by name only
     assert {r["method"] for r in records} == {"dense", *names}
@@ -219,11 +219,36 @@ def test_suite_tiny(tmp_path):
     assert "Best per budget" in (tmp_path / "suite.md").read_text()
 
 
+def test_suite_tiny_at_the_default_calibration_over_seeds(tmp_path):
+    """--calibration default (the recipe the CLI and the app choose: for a chat tokenizer, units on the
+    model's own chat text with its own Fisher, corrections on Wikipedia) at two window seeds: one
+    record per method × budget × seed, the dense row once, and tables of seed means with half the
+    range; whole-model methods run on the recipe's text alone."""
+    s = bench("suite")
+    assert s.main(["--tiny", "--methods", "stat,flap,slicegpt", "--seeds", "0,1", "--name", "seeds",
+                   "--out-dir", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "seeds.json").read_text())
+    records = data["records"]
+    cells = [(r["method"], r["budget"], r.get("seed")) for r in records if r["method"] != "dense"]
+    assert sorted(cells) == sorted((m, b, seed) for m in ("stat", "flap", "slicegpt") for b in (0.2, 0.4)
+                                   for seed in (0, 1))
+    assert [r["method"] for r in records].count("dense") == 1
+    assert {r["calibration"] for r in records if r["method"] != "dense"} == {"default"}
+    assert "corrections fitted on 'wikipedia'" in data["meta"]["calibrations"]["tiny-llama / default"]
+    stat = {r["seed"]: r for r in records if r["method"] == "stat" and r["budget"] == 0.2}
+    assert stat[0]["kept"] != stat[1]["kept"] or stat[0]["perplexity"] != stat[1]["perplexity"]  # other windows
+    md = (tmp_path / "seeds.md").read_text()
+    assert "calibration **default**" in md and "mean of seeds 0, 1 (± half the range)" in md
+    mean = (stat[0]["perplexity"] + stat[1]["perplexity"]) / 2
+    row = next(line for line in md.splitlines() if line.startswith("| 20% | stat |"))
+    assert f"{mean:.2f}" in row and "±" in row
+
+
 def test_suite_tiny_recover(tmp_path):
     """suite.py --recover: every cell also measured after recovery, as '<method>+recovery', with the
     recovery's time added to the method's and recorded apart; the pruned shapes are unchanged."""
     assert bench("suite").main(["--tiny", "--methods", "stat", "--recover", "2", "--name", "rec",
-                                "--out-dir", str(tmp_path)]) == 0
+                                "--calibration", "wikipedia", "--out-dir", str(tmp_path)]) == 0
     records = json.loads((tmp_path / "rec.json").read_text())["records"]
     assert [r["method"] for r in records] == ["dense", "stat", "stat+recovery", "stat", "stat+recovery"]
     for plain, rec in zip(records[1::2], records[2::2]):
@@ -238,9 +263,10 @@ def test_suite_tiny_recover_only(tmp_path):
     """--recover-only measures only the recovered cells; --plain-from copies the plain ones of an earlier
     run (marked with their file), and their plans match the recovered records'."""
     s = bench("suite")
-    assert s.main(["--tiny", "--methods", "stat", "--name", "plain", "--out-dir", str(tmp_path)]) == 0
-    assert s.main(["--tiny", "--methods", "stat", "--recover", "1", "--recover-only", "--name", "rec",
+    assert s.main(["--tiny", "--methods", "stat", "--name", "plain", "--calibration", "wikipedia",
                    "--out-dir", str(tmp_path)]) == 0
+    assert s.main(["--tiny", "--methods", "stat", "--recover", "1", "--recover-only", "--name", "rec",
+                   "--calibration", "wikipedia", "--out-dir", str(tmp_path)]) == 0
     records = json.loads((tmp_path / "rec.json").read_text())["records"]
     assert [r["method"] for r in records] == ["dense", "stat+recovery", "stat+recovery"]
     rec = s.Recorder(tmp_path, {}, append=True, name="rec")

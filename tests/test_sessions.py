@@ -4,6 +4,7 @@ session's models are really freed, and a session with a handler running is never
 import gc
 import weakref
 
+import gradio as gr
 import pytest
 
 from stat_app import handlers as H
@@ -84,3 +85,38 @@ def test_handlers_mark_their_session_busy(monkeypatch):
     reply = H.load(s, "folder", "x")
     assert not reply.ok and reply.message == "No such model."
     assert seen == [1] and s.active == 0 and "s" in store
+
+
+def test_a_reloaded_page_takes_its_session_back(decoder_dir):
+    """Reload: the page's session is detached (not dropped) and the same browser's token brings the
+    model, calibration and plan back under the new page's key; another browser's page (no token, a
+    wrong token) gets nothing; an unclaimed detached session goes after the resume window."""
+    from types import SimpleNamespace
+
+    from stat_app.app import build_demo
+
+    store = SessionStore(max_sessions=4)
+    demo = build_demo(store)
+    fns = {getattr(f.fn, "__name__", ""): f.fn for f in demo.fns.values()}
+    first = SimpleNamespace(session_hash="page-1")
+    out = fns["on_load"]("folder", "", str(decoder_dir), "cpu", first)
+    assert out[0].startswith("✓") and isinstance(out[-1], str) and len(out[-1]) >= 24
+    token = out[-1]
+    session = store.find("page-1")
+    assert H.calibrate(session, "pasted", pasted=TEXT, num_samples=4, seq_len=64).ok and H.replan(session, 0.3).ok
+    plan = session.plan
+    fns["on_unload"](first)                          # the reload closes the old page
+    assert "page-1" in store and session.model is not None
+    assert fns["on_page_open"](None, SimpleNamespace(session_hash="stranger"))[0] == gr.update()
+    assert fns["on_page_open"]("not-a-token", SimpleNamespace(session_hash="stranger"))[-1] is None
+    back = fns["on_page_open"](token, SimpleNamespace(session_hash="page-2"))
+    assert back[0].startswith("✓ Restored your session") and "the plan removes" in back[0], back[0]
+    assert back[-1] == token and back[-2]["value"] == 30
+    assert "page-2" in store and "page-1" not in store and store.find("page-2") is session and session.plan is plan
+    # a page closed for good: gone once the resume window has passed
+    fns["on_unload"](SimpleNamespace(session_hash="page-2"))
+    session.detached_at -= store.resume_seconds + 1
+    store.get("someone")
+    assert "page-2" not in store and session.model is None
+    assert fns["on_page_open"](token, SimpleNamespace(session_hash="page-3"))[-1] is None
+    store.drop("someone")
