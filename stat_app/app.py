@@ -296,7 +296,14 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
         if mode != "one-shot":
             return ("Re-budgeting from cached statistics is one-shot only; press Prune to run propagate mode.",
                     *[gr.update()] * n_plan, gr.update(), gr.update())
-        reply = H.replan(session, fraction, budget_kind, uniform, method or "stat", settings)
+        # Slider moves arrive faster than plans on a real model, two may run at once, and the one
+        # finishing last is shown: one plan at a time per session, and a request that a newer one
+        # superseded while it waited computes nothing, so the last value moved to is the one shown.
+        seq = session.next_rebudget()
+        with session.rebudget_lock:
+            if seq != session.rebudget_seq:
+                return (*[gr.update()] * (n_plan + 3),)
+            reply = H.replan(session, fraction, budget_kind, uniform, method or "stat", settings)
         note = " Recovery runs with Calibrate & prune, not on a re-budget." if reply.ok and recover_on else ""
         return (_status(reply) + note, *_plan_outputs(session, layer_choice), None if reply.ok else gr.update(),
                 gr.update())

@@ -131,6 +131,16 @@ class Session:
     active: int = 0                # handler calls running on this session right now (see in_use)
     _workdir: Path | None = None
     _active_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # re-plans from the slider: one at a time per session, and only the latest request is computed
+    rebudget_seq: int = 0
+    rebudget_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def next_rebudget(self) -> int:
+        """A number for a new re-plan request; a request whose number is no longer the latest when its
+        turn comes is superseded (the slider moved on) and computes nothing."""
+        with self._active_lock:
+            self.rebudget_seq += 1
+            return self.rebudget_seq
 
     @contextlib.contextmanager
     def in_use(self):

@@ -410,3 +410,61 @@ def test_learn_view_and_the_report_offline(app_url, browser, tiny_decoder_dir, t
         offline.screenshot(path=str(tmp_path / "report.png"), full_page=False)  # a tiny random model: not in the docs
     finally:
         ctx.close()
+
+
+def _summary_target(page) -> str:
+    return re.search(r"target (\d+)% of block", page.locator("#summary").inner_text()).group(1)
+
+
+def test_slider_keys_and_drag_end_on_the_slider_value_and_a_reload_restores(app_url, browser, tiny_decoder_dir,
+                                                                             tmp_path):
+    """Every way of moving the budget slider ends with the plan, the status and the figures at the
+    slider's value (arrow keys pressed quickly, a drag); reloading the page brings the model, its
+    calibration and the plan back, slider included."""
+    page = browser.new_page(viewport={"width": 1366, "height": 768})
+    try:
+        page.goto(app_url, wait_until="domcontentloaded")
+        page.locator("#load_btn").wait_for(timeout=60_000)
+        page.get_by_role("radio", name="folder").check()
+        page.get_by_label("local folder or hub id").fill(str(tiny_decoder_dir))
+        page.locator("#load_btn").click()
+        wait_status(page, r"^✓ Loaded", 60_000)
+        page.get_by_role("radio", name="pasted").check()
+        page.get_by_label("or paste text").fill("The history of the river valley begins with small farming villages. "
+                                                 "Trade routes crossed the region and towns grew around markets. " * 30)
+        set_sizes(page, 8, 64)
+        page.locator("#prune_btn").click()
+        wait_status(page, r"^✓ Removed", 120_000)
+        assert _summary_target(page) == "30"
+        rng = page.locator("#sparsity input[type=range]")
+        # arrow keys, quickly: 30 → 35
+        rng.focus()
+        for _ in range(5):
+            page.keyboard.press("ArrowRight")
+        page.wait_for_function("() => document.querySelector('#summary').innerText.includes('target 35%')",
+                               timeout=30_000)
+        assert rng.input_value() == "35" and "35" in status_value(page) or "Planned" in status_value(page)
+        # a drag to the left end region: the plan follows the value where the mouse is released
+        box = rng.bounding_box()
+        page.mouse.move(box["x"] + box["width"] * 0.35, box["y"] + box["height"] / 2)
+        page.mouse.down()
+        for frac in (0.3, 0.25, 0.2, 0.15):
+            page.mouse.move(box["x"] + box["width"] * frac, box["y"] + box["height"] / 2, steps=3)
+        page.mouse.up()
+        value = rng.input_value()
+        page.wait_for_function("v => document.querySelector('#summary').innerText.includes('target ' + v + '%')",
+                               arg=value, timeout=30_000)
+        assert value != "35"
+        # reload: the session comes back
+        page.reload(wait_until="domcontentloaded")
+        text = wait_status(page, r"^✓ Restored your session", 60_000)
+        assert "the plan removes" in text, text
+        assert page.locator("#sparsity input[type=range]").input_value() == value
+        assert _summary_target(page) == value
+        tab(page, "Inspect")
+        page.locator("#heads_plot .js-plotly-plot").wait_for(timeout=30_000)
+    except Exception:
+        page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
+        raise
+    finally:
+        page.close()

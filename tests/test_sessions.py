@@ -120,3 +120,47 @@ def test_a_reloaded_page_takes_its_session_back(decoder_dir):
     assert "page-2" not in store and session.model is None
     assert fns["on_page_open"](token, SimpleNamespace(session_hash="page-3"))[-1] is None
     store.drop("someone")
+
+
+def test_slider_moves_faster_than_plans_end_on_the_last_value(decoder_dir, monkeypatch):
+    """Arrow keys from 60 to 55 while each plan takes a while: plans run one at a time per session, a
+    request superseded while it waited computes nothing, and the plan (status, figures) ends at 55."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from stat_app.app import build_demo
+
+    store = SessionStore(max_sessions=2)
+    demo = build_demo(store)
+    fns = {getattr(f.fn, "__name__", ""): f.fn for f in demo.fns.values()}
+    req = SimpleNamespace(session_hash="u")
+    assert fns["on_load"]("folder", "", str(decoder_dir), "cpu", req)[0].startswith("✓")
+    session = store.find("u")
+    assert H.calibrate(session, "pasted", pasted=TEXT, num_samples=4, seq_len=64).ok and H.replan(session, 0.3).ok
+    real, computed = H.replan, []
+
+    def slow(s, fraction, *a, **k):
+        computed.append(round(100 * fraction))
+        time.sleep(1.0 if round(100 * fraction) == 60 else 0.1)
+        return real(s, fraction, *a, **k)
+
+    monkeypatch.setattr(H, "replan", slow)
+    results = {}
+
+    def move(value):
+        results[value] = fns["on_rebudget"](value, "params", False, "one-shot", "stat", "all layers", False, "", req)
+
+    threads = []
+    for value in (60, 59, 58, 57, 56, 55):
+        threads.append(threading.Thread(target=move, args=(value,)))
+        threads[-1].start()
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+    assert computed[0] == 60 and computed[-1] == 55 and len(computed) < 6   # superseded ones skipped
+    assert round(100 * session.prune_config.sparsity) == 55
+    assert "55" in results[55][0] or results[55][0].startswith("✓")
+    skipped = [v for v in (59, 58, 57, 56) if v not in computed]
+    assert skipped and all(all(x == gr.update() for x in results[v]) for v in skipped)
+    store.drop("u")
