@@ -437,7 +437,7 @@ def test_export_zip(calibrated):
 
 
 def test_sessions_are_isolated_and_cleaned_up(decoder_dir):
-    store = SessionStore(max_sessions=2)
+    store = SessionStore(max_sessions=2, grace_seconds=0)
     a, b = store.get("a"), store.get("b")
     assert a is not b and store.get("a") is a
     assert H.load(a, "folder", str(decoder_dir)).ok
