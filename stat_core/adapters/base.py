@@ -34,6 +34,8 @@ class ModelAdapter:
     #: whether a stock config can hold fewer heads without changing the head size (decoders
     #: store ``head_dim``; BERT derives it as ``hidden_size / num_attention_heads``).
     stock_config_can_drop_heads: bool = True
+    #: the stock config field holding the MLP width (a uniform export writes the pruned width there)
+    ffn_config_field: str = "intermediate_size"
 
     def __init__(self, model: nn.Module):
         self.model = model

@@ -96,6 +96,7 @@ class BertLikeAdapter(_EncoderAdapter):
 
 class DistilBertAdapter(_EncoderAdapter):
     family = "distilbert"
+    ffn_config_field = "hidden_dim"
     _q, _k, _v, _o = "attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin"
     _w1, _w2 = "ffn.lin1", "ffn.lin2"
 

@@ -36,18 +36,16 @@ class LlamaLikeAdapter(ModelAdapter):
     def attention(self, layer: int) -> nn.Module:
         return self.layers[layer].self_attn
 
-    # Which stock configs can declare output biases (transformers' modeling files): Llama has both
-    # flags; Qwen3 and Gemma-3 only attention_bias; Mistral and Qwen2 hard-code no o_proj bias.
-    _BIAS_FLAGS = {
-        "llama": {"attn": "attention_bias", "mlp": "mlp_bias"},
-        "qwen3": {"attn": "attention_bias"},
-        "gemma3_text": {"attn": "attention_bias"},
-    }
+    # Which stock configs can declare output biases is part of each family's record
+    # (stat_core.adapters.registry.FAMILIES: Family.bias_flags).
     _BIAS_PROJS = {"attn": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
                    "mlp": ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]}
 
     def stock_bias_flags(self) -> dict[str, tuple[str, list[str]]]:
-        flags = self._BIAS_FLAGS.get(self.config.model_type, {})
+        from stat_core.adapters.registry import family_of  # (the registry imports this module)
+
+        family = family_of(self.config)
+        flags = dict(family.bias_flags) if family is not None else {}
         return {kind: (flag, self._BIAS_PROJS[kind]) for kind, flag in flags.items()}
 
     def mlp(self, layer: int) -> nn.Module:

@@ -33,14 +33,19 @@ class Family:
     rotatable: bool = False
     #: why SliceGPT's rotation does not apply, when that is not obvious
     rotation_note: str = ""
+    #: Llama-like families: the stock config flags that give the output projections a bias
+    #: (``("attn", "attention_bias")``, ``("mlp", "mlp_bias")``; transformers' modeling files say which
+    #: exist). A family without them exports a correction's output biases only in per-layer form.
+    bias_flags: tuple[tuple[str, str], ...] = ()
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
-    Family("llama", LlamaLikeAdapter, gguf=True, rotatable=True),
+    Family("llama", LlamaLikeAdapter, gguf=True, rotatable=True,
+           bias_flags=(("attn", "attention_bias"), ("mlp", "mlp_bias"))),
     Family("mistral", LlamaLikeAdapter, gguf=True, rotatable=True),
     Family("qwen2", LlamaLikeAdapter, rotatable=True),
-    Family("qwen3", LlamaLikeAdapter, rotatable=True),
-    Family("gemma3_text", LlamaLikeAdapter,
+    Family("qwen3", LlamaLikeAdapter, rotatable=True, bias_flags=(("attn", "attention_bias"),)),
+    Family("gemma3_text", LlamaLikeAdapter, bias_flags=(("attn", "attention_bias"),),
            rotation_note="its norms after each sub-block scale the output by a learned vector that cannot be "
                          "folded through a rotation"),
     Family("bert", BertLikeAdapter, encoder=True),

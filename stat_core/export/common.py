@@ -284,12 +284,7 @@ def export_config(model, uniform: bool):
         for kind in _added_bias_kinds(adapter):
             setattr(config, flags[kind][0], True)  # the stock class builds these biases (zeros filled in)
         shape = adapter.layer_shape(0)
-        if config.model_type == "distilbert":
-            config.hidden_dim = shape.intermediate_size
-        elif getattr(adapter, "ffn_config_field", None):  # families described in remote_modeling.LAYOUTS
-            setattr(config, adapter.ffn_config_field, shape.intermediate_size)
-        else:
-            config.intermediate_size = shape.intermediate_size
+        setattr(config, adapter.ffn_config_field, shape.intermediate_size)  # the family's own field name
         if adapter.stock_config_can_drop_heads:
             config.head_dim = adapter.head_dim  # stated explicitly: no longer hidden_size / heads
             config.num_attention_heads = shape.num_heads
