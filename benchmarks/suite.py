@@ -58,8 +58,7 @@ from stat_core.calibration.statistics import CalibrationSet
 from stat_core.methods.registry import get_method, method_names
 from stat_core.methods.settings import settings_from_text
 from stat_core.config import PruneConfig
-from stat_core.surgery.apply import apply_plan_
-from stat_core.prune import calibrate, plan_pruning, prune_from_calibration_, stat_prune_
+from stat_core.prune import calibrate, prune_from_calibration_, stat_prune_
 
 log = logging.getLogger("suite")
 
@@ -258,9 +257,8 @@ def run_classifier(model, calib_set, held, held_windows, model_name: str, method
                 prepare_seconds[name] = time.perf_counter() - t
             pruned = copy.deepcopy(model)
             t = time.perf_counter()
-            plan = plan_pruning(pruned, calib, PruneConfig(sparsity=budget, method=base, settings=settings), model_name,
-                                data=calib_set)
-            apply_plan_(pruned, plan, calib.dense_stats)
+            plan = prune_from_calibration_(pruned, calib, PruneConfig(sparsity=budget, method=base, settings=settings),
+                                           model_name, {}, calib_set).plan  # the library's one-shot path
             seconds = time.perf_counter() - t + _seconds_for(method, calib.timings, prepare_seconds[name])
             rec.add({"model": model_name, "method": name, "budget": budget,
                      "removed_fraction": 1 - block_parameter_count(get_adapter(pruned)) / dense_params,

@@ -21,6 +21,7 @@ from stat_app import figures as F
 from stat_app.access import ModelAccess
 from stat_app import handlers as H
 from stat_app.sessions import MAX_SESSIONS, SessionStore, remove_stale_workdirs
+from stat_core.config import parse_sparsity
 from stat_core.data.labelled import BUILTIN_SETS
 from stat_core.estimate import estimate_sentence
 from stat_core.data.recipe import CHAT, Recipe, resolve_recipe
@@ -120,17 +121,8 @@ def _status(reply: H.Reply) -> str:
 
 
 def _percent(value) -> float:
-    """The slider's percent as a fraction, or ValueError with one sentence (0 < value < 1 is refused:
-    the slider counts percent, and 0.99 would otherwise round to 1%)."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError("Type the share to remove in percent, e.g. 30.") from None
-    if 0 < v < 1:
-        raise ValueError(f"The slider counts percent: type {100 * v:.0f} for {100 * v:.0f}% ({v} would be under 1%).")
-    if not 0 <= v <= 90:
-        raise ValueError(f"Pick between 0 and 90 percent, got {v:g}.")
-    return v / 100.0
+    """The slider's percent as a fraction (:func:`stat_core.config.parse_sparsity`, percent only, at most 90)."""
+    return parse_sparsity(value, percent=True, max_percent=90)
 
 
 def _slider_value(session) -> float:

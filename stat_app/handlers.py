@@ -181,10 +181,8 @@ def replan(session: Session, sparsity: float, budget_kind: str = "params", unifo
     in the settings is left out here (it takes minutes): Prune runs it."""
     require_calibration(session)
     config = make_config(session, sparsity, budget_kind, uniform, "one-shot", method, settings)
-    note = ""
-    if getattr(config.settings, "search", 0):
-        config = dataclasses.replace(config, settings=dataclasses.replace(config.settings, search=0))
-        note = " (without the budget search, which takes minutes: press Prune to search at this budget)"
+    quick, note = get_method(config.method).quick_settings(config.settings)  # what takes minutes waits for Prune
+    config = dataclasses.replace(config, settings=quick)
     plan, report = _install_plan(session, config)
     return Reply(True, removed_sentence(report, "Planned to remove", report["seconds_plan"])[:-1] + note +
                  ". The pruned copy is built when you measure, generate or export.",

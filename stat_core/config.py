@@ -70,3 +70,25 @@ class PruneConfig:
                 or not self.flops_seq_len >= 1:
             raise ValueError(f"The FLOP-counting sequence length must be a whole number of tokens ≥ 1, got "
                              f"{self.flops_seq_len!r}.")
+
+
+def parse_sparsity(value, percent: bool | None = None, max_percent: float | None = None) -> float:
+    """The one reading of a share to remove, as a fraction (the range [0, 1) is checked by
+    :class:`PruneConfig`): ``percent=None`` reads a fraction such as 0.3, or a percentage above 1
+    (30 → 0.3; the API and the app's handlers); ``percent=True`` reads percent only (the app's slider:
+    0 < value < 1 is refused, since 0.99 would be under 1%), up to ``max_percent``. ValueError with one
+    sentence."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError("Type the share to remove in percent, e.g. 30." if percent else
+                         f"The sparsity must be a number such as 0.3 (or 30 for percent), got {value!r}.") from None
+    if v != v:
+        raise ValueError(f"The sparsity must be a number such as 0.3 (or 30 for percent), got {value!r}.")
+    if not percent:
+        return v / 100.0 if v > 1.0 else v
+    if 0 < v < 1:
+        raise ValueError(f"The slider counts percent: type {100 * v:.0f} for {100 * v:.0f}% ({v} would be under 1%).")
+    if not 0 <= v <= (100 if max_percent is None else max_percent):
+        raise ValueError(f"Pick between 0 and {100 if max_percent is None else max_percent:g} percent, got {v:g}.")
+    return v / 100.0

@@ -23,7 +23,7 @@ from stat_core.adapters.registry import is_encoder
 from stat_core.calibration import distributed
 from stat_core.calibration.sizes import calibration_size_warning
 from stat_core.calibration.statistics import CalibrationSet
-from stat_core.config import PruneConfig
+from stat_core.config import PruneConfig, parse_sparsity  # noqa: F401 (parse_sparsity: part of the API)
 from stat_core.data.labelled import BUILTIN_SETS, load_labelled
 from stat_core.data.mix import SOURCES as DECODER_SOURCES
 from stat_core.data.mix import decoder_calibration, default_source
@@ -265,16 +265,6 @@ def default_flops_seq_len(model, data) -> int:
         if cal.attention_mask is not None:
             return max(1, round(float(cal.attention_mask.sum()) / len(cal)))
     return 512
-
-
-def parse_sparsity(value) -> float:
-    """A sparsity as a fraction: a number such as 0.3, or a percentage above 1 (30 → 0.3); the
-    range is checked by the budget."""
-    try:
-        sparsity = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"The sparsity must be a number such as 0.3 (or 30 for percent), got {value!r}.") from None
-    return sparsity / 100.0 if sparsity > 1.0 else sparsity
 
 
 def prune_config(model, data, sparsity, budget_kind: str = "params", uniform: bool = False,

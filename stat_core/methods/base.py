@@ -112,6 +112,11 @@ class PruningMethod:
         """One sentence (ValueError) when ``config`` asks this method for something it cannot do."""
         self.check_settings(self.settings_of(config))
 
+    def quick_settings(self, settings) -> tuple[object | None, str]:
+        """``(settings, note)`` for an instant re-plan (the app's slider): this method's settings with
+        whatever takes minutes left out, and a phrase saying what was left out ("" when nothing)."""
+        return settings, ""
+
     def check_settings(self, settings) -> None:
         """One sentence (ValueError) when a number in ``settings`` is not finite (``nan``, ``inf``): the
         range checks of a settings class compare numbers, and NaN passes every comparison that is

@@ -17,6 +17,7 @@ Optionally a vocabulary bias restores the dense model's average next-token distr
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from stat_core.adapters import get_adapter
@@ -83,6 +84,12 @@ class Stat(PruningMethod):
 
     def adds_output_bias(self, config):
         return config.intercept
+
+    def quick_settings(self, settings):
+        if settings is not None and settings.search:
+            return (dataclasses.replace(settings, search=0),
+                    " (without the budget search, which takes minutes: press Prune to search at this budget)")
+        return settings, ""
 
     def check_config(self, config) -> None:
         settings = self.settings_of(config)
