@@ -31,7 +31,8 @@ from stat_core.evaluation.figures import (  # noqa: F401 (the app's figures, re-
 
 def attention_figure(pattern: dict, details: dict | None = None) -> go.Figure:
     """Tokens × tokens attention weights of one head (dense model)."""
-    tokens = [t.replace(" ", "·") or "∅" for t in pattern["tokens"]]
+    # plotly draws a subset of HTML in labels (links, line breaks): the text's tokens are escaped
+    tokens = [_html.escape(t.replace(" ", "·"), quote=False) or "∅" for t in pattern["tokens"]]
     labels = [f"{i}:{t}" for i, t in enumerate(tokens)]
     fig = go.Figure(go.Heatmap(z=pattern["weights"], x=labels, y=labels, colorscale="Blues", zmin=0, zmax=1,
                                hovertemplate="%{y} → %{x}: %{z:.2f}<extra></extra>", colorbar={"title": "weight"}))

@@ -269,3 +269,9 @@ def test_model_tokens_never_become_html_in_the_learn_view():
     assert "[click]" not in text and _h.unescape(text).count("<img") == 1  # shown, as text
     effect = F.lesson_effect_html(step)
     assert "<img" not in effect and "<script" not in effect
+
+
+def test_attention_labels_are_inert():
+    """Plotly draws links and line breaks in axis labels: tokens of the user's text are escaped."""
+    fig = F.attention_figure({"tokens": ['<a href="http://example.com">x</a>', "<br>"], "weights": [[1, 0], [0.5, 0.5]]})
+    assert all("<" not in label for label in fig.data[0].x)
