@@ -155,7 +155,9 @@ def run_decoder(model, tokenizer, windows, model_name: str, methods: list[str], 
     if reference is None:
         t = time.perf_counter()
         log.info("dense reference (perplexity, few-shot, analogies, chat answers%s) ...", ", code" if code else "")
-        reference = build_reference(model, tokenizer, suite_config)
+        from stat_core.progress import TqdmProgress
+
+        reference = build_reference(model, tokenizer, suite_config, TqdmProgress(True))
         log.info("dense reference in %.0f s", time.perf_counter() - t)
         rec.add({"model": model_name, "method": "dense", "budget": 0.0, "removed_fraction": 0.0,
                  **evaluate(model, None), "seconds_prune": 0.0})
