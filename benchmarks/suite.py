@@ -138,11 +138,14 @@ def run_decoder(model, tokenizer, windows, model_name: str, methods: list[str], 
 
     def evaluate(m, ref):
         t_eval = time.perf_counter()
-        metrics = evaluate_suite(m, tokenizer, ref) if ref is not None else dict(reference.dense_metrics)
+        from stat_core.progress import TqdmProgress
+
+        progress = TqdmProgress(True)
+        metrics = evaluate_suite(m, tokenizer, ref, progress) if ref is not None else dict(reference.dense_metrics)
         if code:
             from stat_core.evaluation.code import code_pass_at_1
 
-            result = code_pass_at_1(m, tokenizer)
+            result = code_pass_at_1(m, tokenizer, progress=progress)
             metrics["code_pass_at_1"] = result["code_pass_at_1"]
             metrics["code_failed"] = sorted(k for k, v in result["code_results"].items() if v["status"] != "passed")
             failed = [(k, v) for k, v in result["code_results"].items() if v["status"] != "passed"]
