@@ -314,8 +314,11 @@ def test_cli_offload_streams_the_in_memory_plan(tiny_folder, tmp_path, capsys, m
 
     assert (tiny_folder / "model.safetensors.index.json").exists()
     streamed, in_memory = tmp_path / "streamed", tmp_path / "in-memory"
-    assert main([str(tiny_folder), "--out", str(streamed), "--offload", "--method", method, *CLI_ARGS]) == 0
+    report_html = tmp_path / "report.html"
+    assert main([str(tiny_folder), "--out", str(streamed), "--offload", "--method", method, *CLI_ARGS,
+                 "--report-html", str(report_html)]) == 0
     assert "wrote the pruned model" in capsys.readouterr().out
+    assert "Plotly.newPlot" in report_html.read_text()  # the report it announces is written
     # Streaming cannot write chat text, so its default is Wikipedia; in memory, Wikipedia is asked for.
     assert main([str(tiny_folder), "--out", str(in_memory), "--sensitivity-samples", "0", "--skip-eval",
                  "--calibration", "wikipedia", "--method", method, *CLI_ARGS]) == 0
