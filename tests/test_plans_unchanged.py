@@ -28,15 +28,16 @@ def test_plan_equals_the_stored_one(calibrated, key):
     method, kind = key.split("/")
     plan = plan_pruning(model, calib, PruneConfig(sparsity=0.3, method=method, uniform=kind == "uniform"), "tiny", {},
                         data=windows)
-    # Kept units, counts and options exactly; damages within 1e-6 relative (they differ at 1e-8 between
-    # machines of the same kind: float sums in another order).
-    assert_same_data(plan.to_dict(), STORED[key], where=key)
+    # Kept units, counts and options exactly; damages within 1e-4 of the plan's predicted damage (float
+    # sums in another order on another CPU, or with another thread count, move the smallest option
+    # damages, ~1e-7, by ~1e-11: 1e-4 relative to themselves, 2e-6 relative to the plan's total).
+    assert_same_data(plan.to_dict(), STORED[key], where=key, abs_=1e-4 * (STORED[key]["budget"].get("predicted_damage") or 0) + 1e-12)
 
 
 def test_the_comparison_tolerates_rounding_but_not_a_different_plan():
     stored = STORED["stat/free"]
     rounded = json.loads(json.dumps(stored))
-    rounded["budget"]["predicted_damage"] *= 1 + 1e-8
+    rounded["budget"]["predicted_damage"] *= 1 + 3e-6   # as far off as measured between two machines
     rounded["layers"][0]["mlp_damage"][0] *= 1 - 1e-8
     assert_same_data(rounded, stored)
     for change in (lambda d: d["layers"][0]["kept_neurons"].__setitem__(0, 0),

@@ -36,6 +36,8 @@ class ModelAdapter:
     stock_config_can_drop_heads: bool = True
     #: the stock config field holding the MLP width (a uniform export writes the pruned width there)
     ffn_config_field: str = "intermediate_size"
+    #: the family record's stock output-bias flags (``Family.bias_flags``; set by ``get_adapter``)
+    bias_flags: tuple = ()
 
     def __init__(self, model: nn.Module):
         self.model = model

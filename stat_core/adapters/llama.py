@@ -42,10 +42,7 @@ class LlamaLikeAdapter(ModelAdapter):
                    "mlp": ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]}
 
     def stock_bias_flags(self) -> dict[str, tuple[str, list[str]]]:
-        from stat_core.adapters.registry import family_of  # (the registry imports this module)
-
-        family = family_of(self.config)
-        flags = dict(family.bias_flags) if family is not None else {}
+        flags = dict(self.bias_flags)  # the family record's, set by stat_core.adapters.registry.get_adapter
         return {kind: (flag, self._BIAS_PROJS[kind]) for kind, flag in flags.items()}
 
     def mlp(self, layer: int) -> nn.Module:

@@ -89,7 +89,10 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
         raise UnsupportedModelError(
             f"Model type '{model_type}' is not supported; supported types are: "
             f"{', '.join(supported_model_types())}.")
-    return FAMILIES[model_type].adapter(model)
+    family = FAMILIES[model_type]
+    adapter = family.adapter(model)
+    adapter.bias_flags = family.bias_flags  # what the family record says, for adapters that ask
+    return adapter
 
 
 def is_encoder(model) -> bool:
