@@ -254,8 +254,7 @@ class SessionStore:
                 if now - other.last_used > self.idle_seconds or (
                         other.detached_at is not None and now - other.detached_at > self.resume_seconds):
                     evicted.append(self._sessions.pop(other_key))
-            idle = [k for k in idle if k in self._sessions and (self._sessions[k].detached_at is not None
-                                                               or now - self._sessions[k].last_used > self.grace_seconds)]
+            idle = [k for k in idle if k in self._sessions and self._evictable(self._sessions[k], now)]
             while len(self._sessions) > self.max_sessions and idle:
                 evicted.append(self._sessions.pop(idle.pop(0)))
         for s in evicted:
@@ -263,6 +262,11 @@ class SessionStore:
         if evicted:
             free_memory()
         return session
+
+    def _evictable(self, session: Session, now: float) -> bool:
+        """An idle session may give its place to a new one: its page is gone, or it was not used
+        within ``grace_seconds``."""
+        return session.detached_at is not None or now - session.last_used > self.grace_seconds
 
     def admission_problem(self, key: str | None) -> str | None:
         """One sentence when a new session for ``key`` would need to evict someone who used the app
@@ -272,8 +276,7 @@ class SessionStore:
         with self._lock:
             if key in self._sessions or len(self._sessions) < self.max_sessions:
                 return None
-            if any(k != key and s.active == 0 and (s.detached_at is not None or now - s.last_used > self.grace_seconds)
-                   for k, s in self._sessions.items()):
+            if any(k != key and s.active == 0 and self._evictable(s, now) for k, s in self._sessions.items()):
                 return None
         return (f"The app is holding models for {len(self._sessions)} other people who used it in the last "
                 f"{self.grace_seconds / 60:.0f} minutes; try again in a few minutes.")
