@@ -33,7 +33,7 @@ import torch
 from benchmarks._common import RESULTS, forward_seconds, load_at_start, machine_note, median, random_windows, sync, tiny_llama, write_results
 
 from stat_core.config import PruneConfig
-from stat_core.prune import stat_prune_
+from stat_core.pipeline import stat_prune_
 
 
 def _malloc_trim() -> None:

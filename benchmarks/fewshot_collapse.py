@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     from stat_core.evaluation.perplexity import FEWSHOT_LABEL_WORDS
     from stat_core.evaluation.suite import SuiteConfig
     from stat_core.models import load_model
-    from stat_core.prune import PruneConfig, prune_from_calibration_
+    from stat_core.pipeline import PruneConfig, prune_from_calibration_
 
     model, tokenizer = load_model(args.model)
     windows = decoder_calibration(model, tokenizer, "wikipedia",

@@ -45,7 +45,7 @@ from stat_core.models import demo_classifier_split
 from stat_core.methods.block_movement import MovementSettings, block_movement_prune_
 from stat_core.models import load_model
 from stat_core.config import PruneConfig
-from stat_core.prune import calibrate, prune_from_calibration_
+from stat_core.pipeline import calibrate, prune_from_calibration_
 from stat_core.recover import RecoveryConfig, recover_
 
 METHODS = ("stat", "stat+recovery", "block-movement")

@@ -43,7 +43,7 @@ from stat_core.adapters import get_adapter
 from stat_core.export.gguf import _write, write_gguf
 from stat_core.config import PruneConfig
 from stat_core.surgery.budget import budget_summary
-from stat_core.prune import calibrate, prune_from_calibration_
+from stat_core.pipeline import calibrate, prune_from_calibration_
 
 PROMPTS_CHAT = ["What is the capital of France?", "Give me three tips for sleeping better.",
                 "Write a haiku about the sea.", "Explain what a prime number is."]

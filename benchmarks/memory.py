@@ -30,7 +30,7 @@ def child(variant: str, windows: int) -> dict:
     from stat_core.data.sources import CalibrationConfig, calibration_windows, wikipedia_split
     from stat_core.models import load_model
     from stat_core.config import PruneConfig
-    from stat_core.prune import stat_prune_
+    from stat_core.pipeline import stat_prune_
 
     torch.set_num_threads(2)
     # batch-N: the default savers with another gradient-pass batch; before: this project before the

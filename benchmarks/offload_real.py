@@ -60,7 +60,7 @@ def child(mode: str, model_name: str, method: str, budget: float, n: int, seq_le
     from safetensors import safe_open
 
     from stat_core.models import load_model
-    from stat_core.prune import stat_prune_
+    from stat_core.pipeline import stat_prune_
 
     model, _ = load_model(model_name)
     result = stat_prune_(model, windows, config, model_name=model_name)

@@ -29,7 +29,7 @@ from stat_core.methods.baselines import magnitude_plan
 from stat_core.config import PruneConfig
 from stat_core.surgery.apply import apply_plan_
 from stat_core.surgery.budget import budget_summary
-from stat_core.prune import stat_prune_
+from stat_core.pipeline import stat_prune_
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -43,7 +43,7 @@ from benchmarks._common import RESULTS, machine_note, random_windows, svg_line_p
 
 from stat_core.config import PruneConfig
 from stat_core.surgery.budget import budget_summary
-from stat_core.prune import calibrate, plan_pruning, prune_from_calibration_
+from stat_core.pipeline import calibrate, plan_pruning, prune_from_calibration_
 
 STAT_METHODS = ("stat", "no-correction", "magnitude", "activation-norm")
 TP_METHODS = ("tp-magnitude", "tp-activation")

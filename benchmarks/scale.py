@@ -80,7 +80,7 @@ def run_one(shape: str, device: str, dtype: str, num_samples: int, seq_len: int,
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from stat_core.config import PruneConfig
-    from stat_core.prune import stat_prune_
+    from stat_core.pipeline import stat_prune_
 
     torch.manual_seed(0)
     dt = getattr(torch, dtype)

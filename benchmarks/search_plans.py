@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="search_plans")
     args = p.parse_args(argv)
 
-    import stat_core.prune as P
+    import stat_core.pipeline as P
     from stat_core.data.mix import decoder_calibration
     from stat_core.data.sources import CalibrationConfig
     from stat_core.methods.stat.method import StatSettings

@@ -40,7 +40,7 @@ from stat_core.adapters import get_adapter
 from stat_core.surgery.budget import block_macs
 from stat_core.config import PruneConfig
 from stat_core.surgery.budget import budget_summary
-from stat_core.prune import calibrate, prune_from_calibration_
+from stat_core.pipeline import calibrate, prune_from_calibration_
 
 
 @torch.no_grad()

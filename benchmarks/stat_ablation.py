@@ -26,7 +26,7 @@ from benchmarks._common import RESULTS, machine_note
 from stat_core.adapters import get_adapter
 from stat_core.surgery.budget import block_parameter_count
 from stat_core.config import PruneConfig
-from stat_core.prune import calibrate, prune_from_calibration_, stat_prune_
+from stat_core.pipeline import calibrate, prune_from_calibration_, stat_prune_
 
 log = logging.getLogger("stat_ablation")
 

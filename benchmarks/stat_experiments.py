@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import stat_core.prune as P
+import stat_core.pipeline as P
 from benchmarks._common import RESULTS, machine_note
 from stat_core.adapters import get_adapter
 from stat_core.methods.registry import get_method
@@ -284,7 +284,7 @@ def main(argv=None) -> int:
                 if variant == "base":
                     plan = P.prune_from_calibration_(pruned, calibration, config).plan
                 else:  # STAT's own steps (options, allocation, plan, cut) with the options' damage re-weighted
-                    analyses = calibration.analyses_for(adapter, config.intercept)
+                    analyses = A.analyses_for(calibration, adapter, config.intercept)
                     blocks = reweighted(A.build_block_options(adapter, analyses, config), variant, config)
                     plan = A.plan_from_choice(adapter, analyses, blocks, allocate(blocks, budget), config, args.model, {})
                     plan.method, plan.correction = "stat", A.stat_correction(config)

@@ -58,7 +58,7 @@ from stat_core.calibration.statistics import CalibrationSet
 from stat_core.methods.registry import get_method, method_names
 from stat_core.methods.settings import settings_from_text
 from stat_core.config import PruneConfig
-from stat_core.prune import calibrate, prune_from_calibration_, stat_prune_
+from stat_core.pipeline import calibrate, prune_from_calibration_, stat_prune_
 
 log = logging.getLogger("suite")
 
@@ -127,7 +127,7 @@ def run_decoder(model, tokenizer, windows, model_name: str, methods: list[str], 
     """``windows``: the calibration text every method gets. ``recipe`` (a
     :class:`stat_core.data.recipe.Recipe`, or None: plain ``windows`` with data labels): its sensitivity
     labels for the gradient pass and, with ``correction_windows``, the corrections fitted on those
-    (:func:`stat_core.prune.with_corrections_from`) for the methods that correct from statistics;
+    (:func:`stat_core.pipeline.with_corrections_from`) for the methods that correct from statistics;
     whole-model methods get ``windows`` alone. ``labels``: fields added to every record (calibration
     name, seed). ``reference``: the dense reference of an earlier call (the dense row is then not
     measured again). ``recovery``: a :class:`stat_core.recover.RecoveryConfig` (or ``None``): each cell is then also
@@ -186,7 +186,7 @@ def run_decoder(model, tokenizer, windows, model_name: str, methods: list[str], 
                     calib = calibrate(model, windows, PruneConfig(sparsity=budget, sensitivity_samples=sensitivity_samples,
                                                                   sensitivity_labels=sensitivity_labels))
                     if correction_windows is not None:
-                        from stat_core.prune import with_corrections_from
+                        from stat_core.pipeline import with_corrections_from
 
                         calib = with_corrections_from(model, calib, correction_windows, cache=False)
                     log.info("shared calibration: %s", {k: round(v, 1) for k, v in calib.timings.items()})

@@ -26,7 +26,7 @@ from stat_core.export.common import state_dict_bytes
 from stat_core.models import load_model
 from stat_core.config import PruneConfig
 from stat_core.surgery.budget import budget_summary
-from stat_core.prune import calibrate, prune_from_calibration_
+from stat_core.pipeline import calibrate, prune_from_calibration_
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -48,7 +48,6 @@ from stat_app.replies import (  # noqa: F401
 )
 from stat_app.sessions import Cancelled, Outcome, Session
 from stat_core import pipeline
-from stat_core import prune as core_prune  # noqa: F401 (tests patch the core's steps through it)
 from stat_core.adapters.registry import is_encoder
 from stat_core.config import PruneConfig
 from stat_core.data.mix import default_source  # noqa: F401 (the app's default source)

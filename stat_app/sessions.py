@@ -117,7 +117,7 @@ class Session:
     calib_data: Any = None         # token windows (decoders) or a CalibrationSet (encoders)
     held_out: Any = None           # held-out CalibrationSet (classifiers' accuracy)
     calib_info: dict = field(default_factory=dict)
-    calibration: Any = None        # stat_core.prune.Calibration (dense statistics + analyses)
+    calibration: Any = None        # stat_core.pipeline.Calibration (dense statistics + analyses)
     calib_warning: str = ""
     # latest prune (plan, config, report and pruned copy replaced together; see Outcome)
     outcome: Outcome | None = None

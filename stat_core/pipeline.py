@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from stat_core import prune as core_prune
+from stat_core.adapters import get_adapter
 from stat_core.adapters.registry import is_encoder
+from stat_core.calibration import cache as calibration_cache
 from stat_core.calibration import distributed
 from stat_core.calibration.sizes import calibration_size_warning
-from stat_core.calibration.statistics import CalibrationSet
+from stat_core.calibration.stage import ALL_NEEDS, Calibration, collect
+from stat_core.calibration.statistics import BlockStats, CalibrationSet, LayerwiseRunner
 from stat_core.config import PruneConfig, parse_sparsity  # noqa: F401 (parse_sparsity: part of the API)
 from stat_core.data.labelled import BUILTIN_SETS, load_labelled
 from stat_core.data.mix import SOURCES as DECODER_SOURCES
@@ -48,8 +50,10 @@ from stat_core.evaluation.report import (
 )
 from stat_core.evaluation.suite import SuiteConfig, build_reference, evaluate_suite
 from stat_core.export.common import state_dict_bytes
+from stat_core.methods.base import check_budget_feasible
 from stat_core.methods.registry import get_method
 from stat_core.methods.settings import settings_from_text
+from stat_core.methods.stat import cached as stat_cached
 from stat_core.methods.stat import explain
 from stat_core.models import (
     DEMO_CLASSIFIER,
@@ -57,10 +61,13 @@ from stat_core.models import (
     ModelLoadError,
     demo_classifier_split,
 )
+from stat_core.progress import notify
 from stat_core.recover import RecoveryConfig, recover_
+from stat_core.surgery.apply import apply_plan_
 from stat_core.surgery.plan import PrunePlan
 
 ProgressFn = Callable[[str, int, int], None]
+log = logging.getLogger(__name__)
 
 #: Calibration windows (decoders) and tokens per window / example when the caller gives none.
 DEFAULT_DECODER_SAMPLES, DEFAULT_DECODER_SEQ_LEN = 64, 512
@@ -255,6 +262,267 @@ def _classifier_data(tokenizer, model_name, source, builtin, file_path, num_samp
     return CalibrationData(data, held_set, info, warnings)
 
 
+# --- the stages of one prune: calibrate → plan → cut (every shell runs these) -----------------------
+
+@dataclass
+class PruneResult:
+    plan: PrunePlan | None
+    stats: list[BlockStats]          # statistics the corrections were computed from
+    dense_stats: list[BlockStats]    # dense-model statistics (re-budget without recalibrating)
+    sensitivity: list[dict] | None
+    timings: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # whole-model methods: what they changed
+
+
+def calibrate(model, windows: "torch.Tensor | CalibrationSet", config: PruneConfig,
+              progress: ProgressFn | None = None, runner: LayerwiseRunner | None = None,
+              needs: frozenset[str] = ALL_NEEDS) -> Calibration:
+    """The calibration stage (:func:`stat_core.calibration.stage.collect`: dense statistics and, with
+    ``"sensitivity"`` in ``needs``, the gradient pass) plus, with ``"analyses"``, STAT's per-layer
+    decompositions (:func:`stat_core.methods.stat.cached.analyse_`); the model is not changed.
+    ``needs``: a method's ``calibration_needs`` (FLAP, Wanda-sp, SlimGPT: the statistics alone)."""
+    calibration = collect(model, windows, config, progress, runner, needs)
+    if "analyses" in needs:
+        stat_cached.analyse_(get_adapter(model), calibration, config, progress)
+    return calibration
+
+
+def _calibrate_with(model, windows, config: PruneConfig, progress: ProgressFn | None,
+                    runner: LayerwiseRunner | None, spectra: bool, needs: frozenset = ALL_NEEDS) -> Calibration:
+    """:func:`calibrate`, and with ``spectra`` the inspect views' spectra (timed in ``timings["spectra"]``)."""
+    calibration = calibrate(model, windows, config, progress, runner, needs)
+    if spectra:
+        stat_cached.spectra_(model, calibration, progress)
+    return calibration
+
+
+def cached_calibration(model, windows: "torch.Tensor | CalibrationSet", config: PruneConfig,
+                       progress: ProgressFn | None = None, runner: LayerwiseRunner | None = None,
+                       spectra: bool = False, needs: frozenset[str] = ALL_NEEDS) -> Calibration:
+    """:func:`calibrate`, read from the on-disk cache (:mod:`stat_core.calibration.cache`) when this
+    model, these windows and ``config``'s calibration settings were calibrated before, else computed
+    and stored there. A hit gives the same numbers bit for bit (statistics, sensitivities and
+    analyses: re-analysing SmolLM2-135M's 30 layers would take 1–3 minutes on two cores) and notes
+    ``extras["disk_cache"] = {"hit": True, "file": ..., "computed_timings": ...}``; a stale or
+    damaged entry is a miss (logged). With ``spectra`` the inspect views' singular values
+    (:func:`stat_core.methods.stat.explain.calibration_spectra`) are computed on a miss and kept in
+    the entry too. Under ``torch.distributed``, or with the cache turned off
+    (``STAT_CALIBRATION_CACHE=off``), this is :func:`calibrate`. ``needs`` smaller than everything
+    (a method that skips the gradient pass): a whole entry is used when there is one, else the part is
+    computed and kept under its own key."""
+    needs = frozenset(needs) | {"block_stats"}
+    if needs != ALL_NEEDS:
+        spectra = False  # the inspect views' spectra come with STAT's analyses only
+    if not calibration_cache.enabled() or distributed.is_distributed():
+        return _calibrate_with(model, windows, config, progress, runner, spectra, needs)
+    calibration_cache.check_settings()  # a bad size bound: one sentence before the work, not after
+    t0 = time.perf_counter()
+    data = CalibrationSet.wrap(windows)
+    notify(progress, "calibration cache", 0, 1)  # fingerprint and read: about a second
+    try:
+        full_key = calibration_cache.key_for(model, data, config)
+        key = full_key if needs == ALL_NEEDS else calibration_cache.key_for(model, data, config, sorted(needs))
+    except Exception:  # a model the cache cannot fingerprint is calibrated as usual
+        log.warning("Cannot fingerprint this model for the calibration cache; calibrating without it", exc_info=True)
+        notify(progress, "calibration cache", 1, 1)
+        return _calibrate_with(model, windows, config, progress, runner, spectra, needs)
+    calibration = None
+    for candidate, candidate_needs in dict.fromkeys([(full_key, ALL_NEEDS), (key, needs)]):
+        entry = calibration_cache.read(candidate)
+        calibration = None if entry is None else _calibration_from_entry(model, entry, config, candidate, spectra,
+                                                                         candidate_needs)
+        if calibration is not None:
+            break
+    notify(progress, "calibration cache", 1, 1)
+    if calibration is not None:
+        calibration.timings = {"cache_read": time.perf_counter() - t0}
+        return calibration
+    calibration = _calibrate_with(model, windows, config, progress, runner, spectra, needs)
+    tensors, info = stat_cached.to_cache(model, calibration, spectra)
+    path = calibration_cache.write(key, calibration.dense_stats, calibration.sensitivity, calibration.timings,
+                                   tensors, info)
+    calibration.extras["disk_cache"] = {"hit": False, "file": None if path is None else str(path)}
+    return calibration
+
+
+def _calibration_from_entry(model, entry, config: PruneConfig, key, spectra: bool = False,
+                            needs: frozenset = ALL_NEEDS) -> Calibration | None:
+    """The :class:`Calibration` a cache entry holds, or None (logged) when it does not fit ``model``
+    (or lacks the ``spectra`` asked for)."""
+    adapter = get_adapter(model)
+    try:
+        if len(entry.dense_stats) != adapter.num_layers:
+            raise ValueError(f"{len(entry.dense_stats)} blocks cached for a {adapter.num_layers}-layer model")
+        for i, stats in enumerate(entry.dense_stats):
+            if stats.attn_gram.shape[0] != adapter.attn_out_proj(i).in_features or \
+                    stats.mlp_gram.shape[0] != adapter.mlp_out_proj(i).in_features:
+                raise ValueError(f"layer {i}'s cached statistics do not fit its projections")
+        calibration = Calibration(dense_stats=entry.dense_stats, sensitivity=entry.sensitivity,
+                                  centered=config.intercept, needs=needs,
+                                  extras={"disk_cache": {"hit": True, "file": str(key.path),
+                                                         "computed_timings": entry.timings}})
+        if not stat_cached.from_cache(adapter, entry, calibration, "analyses" in needs, spectra):
+            log.info("The cached calibration %s has no spectra; recomputing it with them", key.path.name)
+            return None
+    except Exception as exc:  # whatever does not fit is recomputed
+        log.warning("Ignoring the cached calibration %s and recomputing it: %s", key.path.name, exc)
+        return None
+    return calibration
+
+
+def with_corrections_from(model, calibration: Calibration, windows: "torch.Tensor | CalibrationSet",
+                          progress: ProgressFn | None = None, cache: bool = True) -> Calibration:
+    """A copy of ``calibration`` whose corrections are fitted on the statistics of other ``windows``
+    (another calibration text); the units are still selected and the budget allocated on
+    ``calibration``'s own text and sensitivities. One more statistics pass over ``windows``, read from
+    the on-disk cache with ``cache`` when these windows were calibrated before (the demo model's
+    default Wikipedia windows are, after setup). Measured on SmolLM2 (docs/experiments.md): units
+    chosen on the ``mix`` source with the model's own Fisher and corrections fitted on Wikipedia keep
+    most of the few-shot, analogy and chat gains of ``mix`` at about half of its perplexity cost."""
+    if distributed.is_distributed():
+        raise ValueError("corrections fitted on another calibration text run in one process; drop torchrun "
+                         "or the second calibration text")
+    t = time.perf_counter()
+    config = PruneConfig(sparsity=0.0)  # statistics only; the settings the app's and setup's calibrations use
+    stats_only = frozenset({"block_stats"})  # a whole entry is read when there is one; else no gradient pass
+    other = cached_calibration(model, windows, config, progress, needs=stats_only) if cache else \
+        calibrate(model, windows, config, progress, needs=stats_only)
+    return dataclasses.replace(calibration, correction_stats=other.dense_stats,
+                               timings={**calibration.timings, "correction_calibration": time.perf_counter() - t})
+
+
+def check_one_shot(config: PruneConfig, what: str) -> None:
+    """ValueError (one sentence) when ``what`` (something only a one-shot prune does) is asked of a
+    layer-wise ``config``: the one place this rule is written."""
+    if config.mode != "one-shot":
+        raise ValueError(f"{what} is one-shot only; {config.mode} mode re-fits each layer on the pruned model's "
+                         "own calibration text (use --mode one-shot)")
+
+
+def plan_pruning(model, calibration: Calibration, config: PruneConfig, model_name: str = "",
+                 calibration_info: dict | None = None, data: "CalibrationSet | None" = None,
+                 progress: ProgressFn | None = None) -> PrunePlan:
+    """The plan for ``config`` (budget, method, uniform) from cached statistics of the dense ``model``.
+
+    ``data``: the calibration windows, for methods that need more than the cached statistics
+    (e.g. LLM-Pruner's weight gradients); computed once and kept in ``calibration.extras``.
+    ``progress``: long planning (STAT's budget search) reports through it, and stops when it raises
+    (the app's Cancel).
+    """
+
+    method = get_method(config.method)
+    method.settings_of(config)  # settings of another method: one sentence before any work
+    method.check_applicable(model)
+    if method.whole_model:
+        raise ValueError(f"{method.label} does not produce a head/neuron plan; run it with stat_prune_")
+    missing = method.calibration_needs - calibration.needs
+    if missing:
+        raise ValueError(f"{method.label} needs {' and '.join(sorted(missing))} that this calibration did not "
+                         "compute (it was made for another method); calibrate again for this method")
+    method.prepare(model, None if data is None else CalibrationSet.wrap(data), calibration)
+    calibration.extras["progress"] = progress  # a budget search reports through it
+    try:
+        return method.plan(model, calibration, config, model_name, calibration_info or {})
+    finally:
+        calibration.extras.pop("progress", None)
+
+
+def prune_from_calibration_(model, calibration: Calibration, config: PruneConfig, model_name: str = "",
+                            calibration_info: dict | None = None, data=None,
+                            progress: ProgressFn | None = None) -> PruneResult:
+    """One-shot prune of the dense ``model`` in place from a cached :class:`Calibration`: plan,
+    surgery, and the method's finishing step (STAT's output prior)."""
+    check_one_shot(config, "re-planning from cached statistics")
+    t0 = time.perf_counter()
+    plan = plan_pruning(model, calibration, config, model_name, calibration_info, data, progress)
+    t1 = time.perf_counter()
+    apply_plan_(model, plan, calibration.fit_stats, progress)
+    t2 = time.perf_counter()
+    info = get_method(config.method).finish_(model, calibration, config)
+    timings = {**calibration.timings, "allocate": t1 - t0, "apply": t2 - t1}
+    if "search" in plan.budget:
+        timings["search"] = plan.budget["search"]["seconds"]
+    if info:
+        timings["finish"] = time.perf_counter() - t2
+    return PruneResult(plan=plan, stats=calibration.fit_stats, dense_stats=calibration.dense_stats,
+                       sensitivity=calibration.sensitivity, timings=timings, info=info)
+
+
+def stat_prune_(model, windows: "torch.Tensor | CalibrationSet", config: PruneConfig, model_name: str = "",
+                progress: ProgressFn | None = None, calibration_info: dict | None = None,
+                cache: bool = False, correction_windows: "torch.Tensor | CalibrationSet | None" = None
+                ) -> PruneResult:
+    """Prune ``model`` in place with ``config.method`` (STAT by default; any registered method) on
+    calibration ``windows: (n, T)`` token ids (or a :class:`CalibrationSet` with padding masks and
+    labels): the one sequence of stages every shell runs. ``correction_windows``: one-shot only, the
+    corrections fitted on these windows' statistics instead (:func:`with_corrections_from`).
+
+    Returns the plan and the statistics behind it. With ``mode="propagate"`` each layer is
+    re-calibrated on the outputs of the already pruned and corrected layers before it (the method's
+    :meth:`~stat_core.methods.base.PruningMethod.prune_layerwise_`). Whole-model methods (SliceGPT)
+    return ``plan=None`` and their summary in ``info``. With ``cache`` a one-shot prune reads (or
+    stores) the dense calibration in the on-disk cache (:func:`cached_calibration`).
+
+    Under ``torch.distributed`` every rank calls this with the same model and the whole ``windows``;
+    the calibration is sharded (:mod:`stat_core.calibration.distributed`). One-shot: rank 0 plans and prunes
+    its model; the other ranks return right after the calibration with ``plan=None``, their model
+    dense, and ``info["distributed_rank"]``. Propagate: every rank prunes its model identically
+    (each needs the pruned path's hidden states of its shard). Whole-model methods run in one process.
+    """
+
+    method = get_method(config.method)
+    method.check_config(config)  # settings of another method, or not for this mode: one sentence before any work
+    method.check_applicable(model)  # one sentence before any calibration
+    t0 = time.perf_counter()
+    if method.whole_model:
+        if distributed.is_distributed():
+            raise ValueError(f"{method.label} calibrates inside its own rotation pass and cannot be spread over "
+                             "processes; run it in one process")
+        if config.mode != "one-shot":
+            raise ValueError(f"{method.label} has no propagate mode; use one-shot")
+        if correction_windows is not None:
+            raise ValueError(f"{method.label} fits its own rotation on one calibration text; drop the second text")
+        info = method.prune_(model, CalibrationSet.wrap(windows), config, progress)
+        return PruneResult(plan=None, stats=[], dense_stats=[], sensitivity=None,
+                           timings={"total": time.perf_counter() - t0}, info=info)
+    check_budget_feasible(model, config)  # before minutes of calibration, not after
+    if correction_windows is not None and distributed.is_distributed():
+        raise ValueError("corrections fitted on another calibration text run in one process; drop torchrun "
+                         "or the second calibration text")
+    if correction_windows is not None:
+        check_one_shot(config, "fitting the corrections on a second calibration text")
+    if config.mode != "one-shot" and not method.layerwise:
+        raise ValueError(f"{config.mode} mode re-fits STAT's corrections layer by layer; {method.label} runs one-shot")
+    adapter = get_adapter(model)
+    needs = method.calibration_needs if config.mode == "one-shot" else ALL_NEEDS  # layer-wise modes run STAT's
+    if cache and config.mode == "one-shot" and not distributed.is_distributed():
+        calib = cached_calibration(model, windows, config, progress, needs=needs)
+        if correction_windows is not None:
+            calib = with_corrections_from(model, calib, correction_windows, progress)
+        result = prune_from_calibration_(model, calib, config, model_name, calibration_info, windows, progress)
+        result.timings["total"] = time.perf_counter() - t0
+        return result
+    # Under torch.distributed each rank runs its shard of the windows (one process: all of them).
+    runner = LayerwiseRunner(model, adapter, distributed.shard(windows, config.batch_size)[0], config.batch_size)
+    calib = calibrate(model, windows, config, progress, runner, needs)
+    if correction_windows is not None:
+        calib = with_corrections_from(model, calib, correction_windows, progress, cache=False)
+    if config.mode == "one-shot":
+        if not distributed.is_main():  # rank 0 plans, applies and exports; this rank's model stays dense
+            return PruneResult(plan=None, stats=calib.dense_stats, dense_stats=calib.dense_stats,
+                               sensitivity=calib.sensitivity, timings=calib.timings,
+                               info={"distributed_rank": distributed.rank(), "world_size": distributed.world_size()})
+        result = prune_from_calibration_(model, calib, config, model_name, calibration_info, windows, progress)
+        result.timings["total"] = time.perf_counter() - t0
+        return result
+    t2 = time.perf_counter()
+    plan, used_stats = method.prune_layerwise_(model, runner, calib, config, model_name, calibration_info, progress)
+    timings = {**calib.timings, "apply": time.perf_counter() - t2, "total": time.perf_counter() - t0}
+    del runner
+    return PruneResult(plan=plan, stats=used_stats, dense_stats=calib.dense_stats, sensitivity=calib.sensitivity,
+                       timings=timings)
+
+
 # --- from calibration to a pruned copy ---------------------------------------------------------------
 
 def default_flops_seq_len(model, data) -> int:
@@ -287,26 +555,26 @@ CALIBRATION_SETTINGS = PruneConfig(sparsity=0.0)
 
 def calibrate_statistics(model, data, progress: ProgressFn | None = None, cache: bool = True,
                          sensitivity_labels: str = "data", correction_data=None):
-    """Dense statistics of ``model`` on ``data`` (:func:`stat_core.prune.calibrate`: every later
+    """Dense statistics of ``model`` on ``data`` (:func:`stat_core.pipeline.calibrate`: every later
     one-shot budget is cut from them) and the inspect views' singular values, timed in
     ``calibration.timings["spectra"]``. With ``cache`` they come from the on-disk calibration cache
     when this model and these windows were calibrated before (and are stored there otherwise):
-    :func:`stat_core.prune.cached_calibration`; ``calibration.extras["disk_cache"]["hit"]`` says which.
+    :func:`stat_core.pipeline.cached_calibration`; ``calibration.extras["disk_cache"]["hit"]`` says which.
     ``sensitivity_labels``: the gradient pass's next tokens, ``"data"`` or ``"model"`` (the model's own
     Fisher); ``correction_data``: other windows whose statistics every correction is fitted on
-    (:func:`stat_core.prune.with_corrections_from`)."""
+    (:func:`stat_core.pipeline.with_corrections_from`)."""
     settings = dataclasses.replace(CALIBRATION_SETTINGS, sensitivity_labels=sensitivity_labels)
     if cache:  # the spectra computed (and timed) with the statistics, or read with them
-        calibration = core_prune.cached_calibration(model, data, settings, progress, spectra=True)
+        calibration = cached_calibration(model, data, settings, progress, spectra=True)
     else:
-        calibration = core_prune.calibrate(model, data, settings, progress)
+        calibration = calibrate(model, data, settings, progress)
         t = time.perf_counter()
         if progress is not None:
             progress("spectra", 0, 1)
         explain.calibration_spectra(model, calibration)
         calibration.timings["spectra"] = time.perf_counter() - t
     if correction_data is not None:
-        calibration = core_prune.with_corrections_from(model, calibration, correction_data, progress, cache)
+        calibration = with_corrections_from(model, calibration, correction_data, progress, cache)
     return calibration
 
 
@@ -319,17 +587,17 @@ def prune_copy(model, calibration, data, config: PruneConfig, model_name: str | 
     layer-wise modes per layer): a callback that raises stops the work with the dense model intact."""
     if config.mode == "one-shot":
         if plan is None:
-            plan = core_prune.plan_pruning(model, calibration, config, model_name or "", calib_info or {}, data=data)
+            plan = plan_pruning(model, calibration, config, model_name or "", calib_info or {}, data=data)
         if progress is not None:
             progress("surgery", 0, 1)
         pruned = copy.deepcopy(model)
-        core_prune.apply_plan_(pruned, plan, calibration.fit_stats)
+        apply_plan_(pruned, plan, calibration.fit_stats)
         get_method(config.method).finish_(pruned, calibration, config)  # e.g. STAT's output prior
         if progress is not None:
             progress("surgery", 1, 1)
         return pruned, plan
     pruned = copy.deepcopy(model)
-    result = core_prune.stat_prune_(pruned, data, config, model_name or "", progress, calib_info or {})
+    result = stat_prune_(pruned, data, config, model_name or "", progress, calib_info or {})
     return pruned, result.plan
 
 
@@ -348,7 +616,7 @@ def plan_with_report(model, calibration, config: PruneConfig, model_name: str | 
     (:func:`stat_core.evaluation.report.plan_sizes`) and ``seconds_plan``. ``data``: the calibration
     windows, for methods whose settings read them (STAT's search and output prior)."""
     t = time.perf_counter()
-    plan = core_prune.plan_pruning(model, calibration, config, model_name or "", calib_info or {}, data=data,
+    plan = plan_pruning(model, calibration, config, model_name or "", calib_info or {}, data=data,
                                    progress=progress)
     seconds = time.perf_counter() - t
     report = _report(model, calibration, config, plan, model_name, calib_info,
@@ -383,15 +651,15 @@ def prune_in_place(model, data, config: PruneConfig, report: dict, model_name: s
                    calib_info: dict | None = None, progress: ProgressFn | None = None, cache: bool = True,
                    correction_data=None):
     """Prune ``model`` itself (no copy: the way to prune a model that fills memory) with
-    :func:`stat_core.prune.stat_prune_` (one-shot reads or stores the on-disk calibration cache with
+    :func:`stat_core.pipeline.stat_prune_` (one-shot reads or stores the on-disk calibration cache with
     ``cache``) and record in ``report`` (:func:`stat_core.evaluation.report.prune_report`)
     ``seconds_prune``, its stages, the sizes after and the kept heads and neurons per layer, or a
     whole-model method's own counts. ``correction_data``: the corrections fitted on this other
-    calibration text's statistics (:func:`stat_core.prune.with_corrections_from`; one-shot). Returns the :class:`~stat_core.prune.PruneResult`, whose
+    calibration text's statistics (:func:`stat_core.pipeline.with_corrections_from`; one-shot). Returns the :class:`~stat_core.pipeline.PruneResult`, whose
     ``plan`` is the final plan of a trained method too. Under ``torch.distributed`` only rank 0's
     report is filled (the other ranks calibrated their shard and return their result as it is)."""
     t = time.perf_counter()
-    result = core_prune.stat_prune_(model, data, config, model_name=model_name or "", progress=progress,
+    result = stat_prune_(model, data, config, model_name=model_name or "", progress=progress,
                                     calibration_info=calib_info or {}, cache=cache, correction_windows=correction_data)
     if not distributed.is_main():
         return result
@@ -447,7 +715,7 @@ def check_budget_early(model, sparsity, budget_kind: str = "params", uniform: bo
     sentence, before minutes of calibration (FLOPs bounds of encoders need the text's length, so a
     FLOPs budget is checked once the data is there)."""
     if budget_kind == "params":
-        core_prune.check_budget_feasible(model, prune_config(model, None, sparsity, "params", uniform,
+        check_budget_feasible(model, prune_config(model, None, sparsity, "params", uniform,
                                                              flops_seq_len=512))
 
 
@@ -531,7 +799,7 @@ def compare_methods(model, calibration, data, configs: Sequence, base: Baseline,
         step = None if progress is None else (lambda *_: progress("compare", i, len(configs)))  # noqa: B023
         if get_method(config.method).whole_model:
             pruned = copy.deepcopy(model)
-            info = core_prune.stat_prune_(pruned, data, config, model_name).info
+            info = stat_prune_(pruned, data, config, model_name).info
             achieved, block_params = info["removed_fraction"], info["block_params_after"]
         else:
             pruned, plan = prune_copy(model, calibration, data, config, model_name, calib_info, progress=step)

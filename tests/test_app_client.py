@@ -139,7 +139,7 @@ def test_cancel_button_stops_a_running_calibration(server, decoder_dir, monkeypa
         finally:
             stopped.set()
 
-    monkeypatch.setattr(H.core_prune, "calibrate", slow_calibrate)
+    monkeypatch.setattr(H.pipeline, "calibrate", slow_calibrate)
     job = c.submit("pasted", "wikipedia", None, LOREM * 40, 8, 64, 30, "params", False, "one-shot", "stat", "all layers",
                    api_name="/prune")
     assert started.wait(60)

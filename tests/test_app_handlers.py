@@ -152,8 +152,8 @@ def test_prune_and_rebudget_reuse_the_calibration(calibrated, monkeypatch):
     dense_state = {k: v.clone() for k, v in s.model.state_dict().items()}
     calib = s.calibration
     calls = []
-    real = H.core_prune.calibrate
-    monkeypatch.setattr(H.core_prune, "calibrate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = H.pipeline.calibrate
+    monkeypatch.setattr(H.pipeline, "calibrate", lambda *a, **k: calls.append(1) or real(*a, **k))
 
     r30 = H.prune(s, 0.3)
     assert r30.ok, r30.message
@@ -463,7 +463,7 @@ def test_rebudget_during_surgery_cannot_pair_a_plan_with_another_plans_weights(c
     assert H.replan(s, 0.25).ok
     plan_a = s.plan
     in_surgery, rebudgeted = threading.Event(), threading.Event()
-    real_apply = H.core_prune.apply_plan_
+    real_apply = H.pipeline.apply_plan_
 
     def slow_apply(model, plan, *args, **kwargs):
         out = real_apply(model, plan, *args, **kwargs)
@@ -471,7 +471,7 @@ def test_rebudget_during_surgery_cannot_pair_a_plan_with_another_plans_weights(c
         assert rebudgeted.wait(30), "the re-budget never ran"
         return out
 
-    monkeypatch.setattr(H.core_prune, "apply_plan_", slow_apply)
+    monkeypatch.setattr(H.pipeline, "apply_plan_", slow_apply)
     replies = {}
     worker = threading.Thread(target=lambda: replies.setdefault("export", H.export(s)))
     worker.start()
@@ -479,7 +479,7 @@ def test_rebudget_during_surgery_cannot_pair_a_plan_with_another_plans_weights(c
     r = H.replan(s, 0.6)             # lands mid-surgery, as the slider does
     rebudgeted.set()
     worker.join(60)
-    monkeypatch.setattr(H.core_prune, "apply_plan_", real_apply)
+    monkeypatch.setattr(H.pipeline, "apply_plan_", real_apply)
     assert r.ok and s.plan is r["plan"] and s.plan is not plan_a
     exported = replies["export"]
     assert exported.ok, exported.message
@@ -689,7 +689,7 @@ def test_corrections_fitted_on_another_text_with_the_models_own_fisher(decoder_d
     library's stat_prune_ with correction_windows gives the same weights), re-budgets keep them, and
     propagate mode is refused in one sentence."""
     from stat_core.data.sources import CalibrationConfig, calibration_windows, wikipedia_split
-    from stat_core.prune import stat_prune_
+    from stat_core.pipeline import stat_prune_
 
     s = Session(key="correct-on")
     try:

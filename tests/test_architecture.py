@@ -162,7 +162,7 @@ def _library_patches(source: str) -> list[str]:
 
 
 def test_the_patch_finder_finds_a_patch():
-    assert _library_patches("import stat_core.prune as P\nP.SENSITIVITY_BATCH = 4\n") == \
+    assert _library_patches("import stat_core.pipeline as P\nP.SENSITIVITY_BATCH = 4\n") == \
         ["line 2: P.SENSITIVITY_BATCH = …"]
     assert _library_patches("from stat_core.methods.stat import analysis as A\nsetattr(A, 'f', None)\n") == \
         ["line 2: setattr(A, …)"]
@@ -172,3 +172,65 @@ def test_the_patch_finder_finds_a_patch():
 def test_benchmarks_vary_settings_through_the_api_not_by_patching_the_library():
     found = {path.name: _library_patches(path.read_text()) for path in sorted((ROOT / "benchmarks").glob("*.py"))}
     assert not {name: hits for name, hits in found.items() if hits}
+
+
+def _names_compared(path: Path, names: set[str]) -> list[str]:
+    """``x == "name"``, ``"name" != x``, ``x in ("name", …)`` in ``path`` for any of ``names``: a
+    special case for one method or one family written outside the place that describes it."""
+    hits = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Compare):
+            continue
+        for side in [node.left, *node.comparators]:
+            values = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]
+            for v in values:
+                if isinstance(v, ast.Constant) and v.value in names:
+                    hits.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+    return hits
+
+
+def _library_files(outside: str) -> list[Path]:
+    return [p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py")) if not p.is_relative_to(ROOT / outside)]
+
+
+def test_the_name_finder_finds_a_comparison(tmp_path):
+    path = ROOT / "stat_core" / "_probe_names.py"
+    try:
+        path.write_text("a = m == 'stat'\nb = 'flap' in x\nc = k in ('qwen2', 'z')\nd = {'stat': 1}\n")
+        assert len(_names_compared(path, {"stat", "flap", "qwen2"})) == 3
+    finally:
+        path.unlink()
+
+
+def test_no_method_name_is_compared_outside_the_methods():
+    """A method's special behaviour is an attribute or a hook of its class, never ``if method == "x"``
+    in the pipeline, the app or a report."""
+    from stat_core.methods.registry import method_names
+    hits = [h for p in _library_files("stat_core/methods") for h in _names_compared(p, set(method_names()))]
+    assert hits == []
+
+
+def test_no_family_name_is_compared_outside_the_adapters():
+    """A family's quirks live in its one record (:data:`stat_core.adapters.registry.FAMILIES`)."""
+    from stat_core.adapters.registry import FAMILIES
+    hits = [h for p in _library_files("stat_core/adapters") for h in _names_compared(p, set(FAMILIES))]
+    assert hits == []
+
+
+def test_only_the_pipeline_sequences_the_stages():
+    """Calibrate → plan → cut is written once (:mod:`stat_core.pipeline`); the CLI, the app, the
+    streaming runner and the benchmarks call it. A module that calls both the planner and the
+    surgery is a second sequence."""
+    stages = {"plan_pruning", "apply_plan_"}
+    # Research scripts that open STAT's stages on purpose (re-weighted allocations, saved plans cut
+    # with this box's corrections): what they measure is a variant no user runs.
+    experiments = {"benchmarks/stat_experiments.py"}
+    offenders = []
+    for path in _library_files("stat_core/methods") + sorted((ROOT / "benchmarks").glob("*.py")):
+        if path == ROOT / "stat_core" / "pipeline.py":
+            continue
+        called = {n.func.attr if isinstance(n.func, ast.Attribute) else getattr(n.func, "id", None)
+                  for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Call)}
+        if stages <= called and str(path.relative_to(ROOT)) not in experiments:
+            offenders.append(str(path.relative_to(ROOT)))
+    assert offenders == []

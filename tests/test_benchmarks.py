@@ -29,7 +29,7 @@ def test_torch_pruning_matches_hand_built_model(family, kind, windows):
     from stat_core.surgery.plan import LayerPlan, PrunePlan
     from stat_core.config import PruneConfig
     from stat_core.surgery.apply import apply_plan_
-    from stat_core.prune import calibrate, plan_pruning
+    from stat_core.pipeline import calibrate, plan_pruning
 
     dense = tiny_model(family, num_attention_heads=4, num_key_value_heads=2)
     calib = calibrate(dense, windows, PruneConfig(sparsity=0.0, sensitivity_samples=2))
@@ -122,7 +122,7 @@ def test_stat_experiments_variants_change_only_what_they_say(windows):
     ``shrunk_analyses`` at the library's λ = 0.1 gives the library's analyses and another λ other ones;
     STAT's steps composed with unweighted options give the library's plan; ``keep-last:1`` leaves the
     last layer whole at the same budget; a huge attention weight keeps every head."""
-    import stat_core.prune as P
+    import stat_core.pipeline as P
     from stat_core.methods.stat import analysis as A
     from stat_core.adapters import get_adapter
     from stat_core.surgery.budget import allocate
@@ -165,7 +165,7 @@ def test_torch_pruning_matches_hand_built_encoder(kind):
     from stat_core.surgery.plan import LayerPlan, PrunePlan
     from stat_core.config import PruneConfig
     from stat_core.surgery.apply import apply_plan_
-    from stat_core.prune import calibrate, plan_pruning
+    from stat_core.pipeline import calibrate, plan_pruning
 
     dense = tiny_classifier("bert")
     data = padded_set()
@@ -282,7 +282,7 @@ def test_stat_experiments_cache_is_keyed_and_never_unpickled(tmp_path, windows):
     back evaluates exactly like what was saved."""
     import dataclasses
 
-    import stat_core.prune as P
+    import stat_core.pipeline as P
     from conftest import save_tiny_llama_with_demo_tokenizer
     from stat_core.models import load_model
     from stat_core.evaluation.suite import SuiteConfig, build_reference, evaluate_suite

@@ -11,7 +11,6 @@ import torch
 from conftest import tiny_model
 
 from stat_core import pipeline
-from stat_core import prune as core_prune
 from stat_core.calibration import cache as C
 from stat_core.calibration.statistics import CalibrationSet
 from stat_core.config import PruneConfig
@@ -29,7 +28,7 @@ def cache_on(monkeypatch, tmp_path):
 def calls(monkeypatch):
     """How many times the real calibration ran."""
     seen = []
-    real = core_prune.calibrate
+    real = pipeline.calibrate
     monkeypatch.setattr(core_prune, "calibrate", lambda *a, **k: seen.append(1) or real(*a, **k))
     return seen
 
@@ -43,7 +42,7 @@ def plans(model, calibration, data):
     for sparsity in (0.2, 0.5):
         for method in ("stat", "wanda-sp"):
             config = PruneConfig(sparsity=sparsity, method=method)
-            out.append(core_prune.plan_pruning(model, calibration, config, "tiny", {}, data=data).to_dict())
+            out.append(pipeline.plan_pruning(model, calibration, config, "tiny", {}, data=data).to_dict())
     return out
 
 
@@ -61,11 +60,11 @@ def same_numbers(a, b):
 
 def test_a_cache_round_trip_gives_bit_identical_plans(cache_on, calls, windows):
     model, config = tiny_model(), PruneConfig(sparsity=0.0)
-    uncached = core_prune.calibrate(model, windows, config)
-    first = core_prune.cached_calibration(model, windows, config)
+    uncached = pipeline.calibrate(model, windows, config)
+    first = pipeline.cached_calibration(model, windows, config)
     assert not hit(first) and len(calls) == 2 and len(list(cache_on.glob("*.safetensors"))) == 1
     stages = []
-    second = core_prune.cached_calibration(model, windows, config, lambda s, d, t: stages.append(s))
+    second = pipeline.cached_calibration(model, windows, config, lambda s, d, t: stages.append(s))
     assert hit(second) and len(calls) == 2 and stages == ["calibration cache", "calibration cache"]
     assert "cache_read" in second.timings and "calibrate" in second.extras["disk_cache"]["computed_timings"]
     same_numbers(uncached, second)
@@ -80,8 +79,8 @@ def test_a_cache_round_trip_gives_bit_identical_plans(cache_on, calls, windows):
     assert pipeline.calibrate_statistics(model, windows, cache=False).timings["spectra"] > 0 and len(calls) == 4
     # the prune verb with cache=True cuts the same model as without
     a, b = copy.deepcopy(model), copy.deepcopy(model)
-    ra = core_prune.stat_prune_(a, windows, PruneConfig(sparsity=0.3), cache=True)
-    rb = core_prune.stat_prune_(b, windows, PruneConfig(sparsity=0.3))
+    ra = pipeline.stat_prune_(a, windows, PruneConfig(sparsity=0.3), cache=True)
+    rb = pipeline.stat_prune_(b, windows, PruneConfig(sparsity=0.3))
     assert ra.plan.to_dict() == rb.plan.to_dict()
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
 
@@ -95,9 +94,9 @@ def test_centred_statistics_and_classifier_windows_round_trip(cache_on, calls):
                           torch.tensor([0, 1, 0, 1, 0, 1]))
     data.attention_mask[0, 8:] = 0
     config = PruneConfig(sparsity=0.0, intercept=True)
-    uncached = core_prune.calibrate(model, data, config)
-    core_prune.cached_calibration(model, data, config)
-    again = core_prune.cached_calibration(model, data, config)
+    uncached = pipeline.calibrate(model, data, config)
+    pipeline.cached_calibration(model, data, config)
+    again = pipeline.cached_calibration(model, data, config)
     assert hit(again) and again.centered
     same_numbers(uncached, again)
 
@@ -106,8 +105,8 @@ def test_centred_statistics_and_classifier_windows_round_trip(cache_on, calls):
                                     "weight", "windows", "mask"])
 def test_any_change_misses_the_cache(cache_on, calls, windows, change):
     model, config, data = tiny_model(), PruneConfig(sparsity=0.0), CalibrationSet(windows)
-    assert not hit(core_prune.cached_calibration(model, data, config))
-    assert hit(core_prune.cached_calibration(model, data, config))
+    assert not hit(pipeline.cached_calibration(model, data, config))
+    assert hit(pipeline.cached_calibration(model, data, config))
     if change == "batch_size":
         config = PruneConfig(sparsity=0.0, batch_size=3)
     elif change == "sensitivity_samples":
@@ -129,7 +128,7 @@ def test_any_change_misses_the_cache(cache_on, calls, windows, change):
         mask[0, -1] = 0
         data = CalibrationSet(windows, mask)
     n = len(calls)
-    assert not hit(core_prune.cached_calibration(model, data, config)) and len(calls) == n + 1
+    assert not hit(pipeline.cached_calibration(model, data, config)) and len(calls) == n + 1
     assert len(list(cache_on.glob("*.safetensors"))) == 2
 
 
@@ -150,7 +149,7 @@ def test_the_key_covers_what_the_numbers_depend_on(windows):
 
 def _warm(cache_on, windows):
     model, config = tiny_model(), PruneConfig(sparsity=0.0)
-    core_prune.cached_calibration(model, windows, config)
+    pipeline.cached_calibration(model, windows, config)
     (path,) = cache_on.glob("*.safetensors")
     return model, config, path
 
@@ -191,12 +190,12 @@ def test_a_damaged_or_stale_entry_is_rebuilt_with_a_warning(cache_on, calls, win
         _rewrite_metadata(path, **{"extra.info": "{}"})
     n = len(calls)
     with caplog.at_level(logging.WARNING):
-        rebuilt = core_prune.cached_calibration(model, windows, config)
+        rebuilt = pipeline.cached_calibration(model, windows, config)
     assert not hit(rebuilt) and len(calls) == n + 1
     assert any("Ignoring the cached calibration" in r.getMessage() for r in caplog.records), caplog.text
-    same_numbers(core_prune.calibrate(model, windows, config), rebuilt)
+    same_numbers(pipeline.calibrate(model, windows, config), rebuilt)
     # rebuilt in place: the next call reads it
-    assert path.is_file() and hit(core_prune.cached_calibration(model, windows, config))
+    assert path.is_file() and hit(pipeline.cached_calibration(model, windows, config))
 
 
 def test_writes_are_atomic_and_failures_only_logged(cache_on, windows, monkeypatch, caplog):
@@ -209,7 +208,7 @@ def test_writes_are_atomic_and_failures_only_logged(cache_on, windows, monkeypat
 
     monkeypatch.setattr(C, "save_stats", half_written)
     with caplog.at_level(logging.WARNING):
-        calibration = core_prune.cached_calibration(model, windows, config)
+        calibration = pipeline.cached_calibration(model, windows, config)
     assert calibration.extras["disk_cache"] == {"hit": False, "file": None}
     assert "Could not store the calibration" in caplog.text
     assert list(cache_on.iterdir()) == []  # neither the entry nor its temporary file
@@ -217,15 +216,15 @@ def test_writes_are_atomic_and_failures_only_logged(cache_on, windows, monkeypat
 
 def test_the_cache_is_bounded_and_can_be_turned_off(cache_on, windows, monkeypatch):
     model, config = tiny_model(), PruneConfig(sparsity=0.0)
-    core_prune.cached_calibration(model, windows, config)
+    pipeline.cached_calibration(model, windows, config)
     (first,) = cache_on.glob("*.safetensors")
     monkeypatch.setenv("STAT_CALIBRATION_CACHE_GB", str(1.5 * first.stat().st_size / 2 ** 30))
-    core_prune.cached_calibration(model, windows[:4], config)
+    pipeline.cached_calibration(model, windows[:4], config)
     assert len(list(cache_on.glob("*.safetensors"))) == 1 and not first.exists()  # the older one went
     monkeypatch.setenv("STAT_CALIBRATION_CACHE_GB", "0")
-    assert core_prune.cached_calibration(model, windows[:2], config).extras["disk_cache"]["file"] is None
+    assert pipeline.cached_calibration(model, windows[:2], config).extras["disk_cache"]["file"] is None
     monkeypatch.setenv("STAT_CALIBRATION_CACHE", "off")
-    assert "disk_cache" not in core_prune.cached_calibration(model, windows[:3], config).extras
+    assert "disk_cache" not in pipeline.cached_calibration(model, windows[:3], config).extras
 
 
 @pytest.mark.slow
@@ -264,11 +263,11 @@ def test_the_size_bound_touches_only_its_own_entries(cache_on, windows, monkeypa
         (users / name).write_bytes(data)
         os.utime(users / name, (0, 0))  # older than anything, and than the temporary-file hour
     model, config = tiny_model(), PruneConfig(sparsity=0.0)
-    core_prune.cached_calibration(model, windows, config)
+    pipeline.cached_calibration(model, windows, config)
     ours = [p for p in users.iterdir() if p.name not in theirs]
     assert len(ours) == 1 and ours[0].suffix == ".safetensors"
     monkeypatch.setenv("STAT_CALIBRATION_CACHE_GB", str(1.5 * ours[0].stat().st_size / 2 ** 30))
-    core_prune.cached_calibration(model, windows[:4], config)  # over the bound: our older entry goes
+    pipeline.cached_calibration(model, windows[:4], config)  # over the bound: our older entry goes
     assert not ours[0].exists()
     for name, data in theirs.items():
         assert hashlib.sha256((tmp / name).read_bytes()).digest() == hashlib.sha256(data).digest(), name
@@ -278,5 +277,5 @@ def test_the_size_bound_touches_only_its_own_entries(cache_on, windows, monkeypa
 def test_a_bad_size_bound_is_refused_before_any_work(cache_on, calls, windows, monkeypatch, value):
     monkeypatch.setenv("STAT_CALIBRATION_CACHE_GB", value)
     with pytest.raises(ValueError, match="STAT_CALIBRATION_CACHE_GB must be a number of gigabytes"):
-        core_prune.cached_calibration(tiny_model(), windows, PruneConfig(sparsity=0.0))
+        pipeline.cached_calibration(tiny_model(), windows, PruneConfig(sparsity=0.0))
     assert calls == []

@@ -9,7 +9,7 @@ import torch
 from conftest import assert_same_data, tiny_model
 from stat_core.config import PruneConfig
 from stat_core.methods.registry import get_method, method_names
-from stat_core.prune import ALL_NEEDS, calibrate, plan_pruning, prune_from_calibration_, stat_prune_
+from stat_core.pipeline import ALL_NEEDS, calibrate, plan_pruning, prune_from_calibration_, stat_prune_
 
 WINDOWS = torch.randint(0, 128, (8, 24), generator=torch.Generator().manual_seed(1))
 PLAN_METHODS = [m for m in method_names() if not get_method(m).whole_model and not get_method(m).needs_training]

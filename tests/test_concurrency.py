@@ -49,7 +49,7 @@ def test_two_processes_write_the_same_calibration_entry(tmp_path):
         sys.path.insert(0, "tests")
         from conftest import tiny_model
         from stat_core.config import PruneConfig
-        from stat_core.prune import cached_calibration
+        from stat_core.pipeline import cached_calibration
         start, me = float(sys.argv[1]), sys.argv[2]
         model = tiny_model(num_hidden_layers=2)
         windows = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))

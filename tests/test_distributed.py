@@ -14,7 +14,7 @@ from stat_core.calibration import distributed
 from stat_core.adapters import get_adapter
 from stat_core.calibration.statistics import (BlockStats, LayerwiseRunner, load_stats, merge_stats, save_stats, sensitivity_sums)
 from stat_core.config import PruneConfig
-from stat_core.prune import stat_prune_
+from stat_core.pipeline import stat_prune_
 
 WORLD = 2
 

@@ -11,7 +11,7 @@ from stat_core.surgery.budget import block_geometry, block_parameter_count
 from stat_core.calibration.statistics import CalibrationSet, LayerwiseRunner
 from stat_core.config import PruneConfig
 from stat_core.surgery.apply import apply_plan_
-from stat_core.prune import stat_prune_
+from stat_core.pipeline import stat_prune_
 
 ENCODERS = ["bert", "roberta", "distilbert"]
 

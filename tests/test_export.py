@@ -14,7 +14,7 @@ from test_encoders import padded_set, tiny_classifier
 from stat_core.export.common import ExportError
 from stat_core.export.hf import export_pruned, load_pruned
 from stat_core.config import PruneConfig
-from stat_core.prune import stat_prune_
+from stat_core.pipeline import stat_prune_
 
 PROJECT = Path(__file__).resolve().parents[1]
 

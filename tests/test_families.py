@@ -16,7 +16,7 @@ from stat_core.calibration.statistics import LayerwiseRunner
 from stat_core.export.hf import export_pruned, load_pruned
 from stat_core.config import PruneConfig
 from stat_core.surgery.apply import apply_plan_
-from stat_core.prune import stat_prune_
+from stat_core.pipeline import stat_prune_
 from test_export import _decoder_inputs, _load_in_clean_interpreter
 
 NEW_FAMILIES = ["opt", "gpt2", "gpt_neox", "phi3"]

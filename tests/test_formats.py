@@ -17,7 +17,7 @@ from stat_core.export.gguf import permute_rope, write_gguf
 from stat_core.export.onnx import onnx_session
 from stat_core.models import prepare_demo_model
 from stat_core.config import PruneConfig
-from stat_core.prune import stat_prune_
+from stat_core.pipeline import stat_prune_
 
 # Per layer: kept query heads (of 8, in 2 KV groups of 4), kept MLP neurons (of 64). Every layer differs
 # in heads, KV heads and width; 2 and 1 heads leave a Q8_0-unfriendly MLP width (37 is not a multiple of 32).

@@ -203,7 +203,7 @@ def calibrated_tiny():
 
 
 def test_prune_copy_cuts_a_copy_and_leaves_the_dense_model(calibrated_tiny):
-    from stat_core import prune as core_prune
+    from stat_core import pipeline
 
     model, data, calibration = calibrated_tiny
     dense = {k: v.clone() for k, v in model.state_dict().items()}
@@ -212,7 +212,7 @@ def test_prune_copy_cuts_a_copy_and_leaves_the_dense_model(calibrated_tiny):
     assert all(torch.equal(v, dense[k]) for k, v in model.state_dict().items())
     assert abs(plan.budget["achieved"] - 0.3) < 0.05
     by_hand = copy.deepcopy(model)
-    core_prune.apply_plan_(by_hand, plan, calibration.dense_stats)
+    pipeline.apply_plan_(by_hand, plan, calibration.dense_stats)
     with torch.no_grad():
         assert torch.equal(pruned(input_ids=data).logits, by_hand(input_ids=data).logits)
 

@@ -12,7 +12,7 @@ from stat_core.config import PruneConfig
 from stat_core.methods.llm_pruner import LLMPrunerSettings
 from stat_core.methods.registry import get_method, method_names
 from stat_core.methods.slimgpt import SlimGPTSettings
-from stat_core.prune import calibrate, plan_pruning
+from stat_core.pipeline import calibrate, plan_pruning
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from stat_core.methods.base import attention_options, select_heads
 from stat_core.methods.flap import flap_scores
 from stat_core.methods.wanda_sp import wanda_scores
 from stat_core.config import PruneConfig
-from stat_core.prune import calibrate, stat_prune_
+from stat_core.pipeline import calibrate, stat_prune_
 
 
 def _calibration(model, windows):

@@ -13,7 +13,7 @@ from stat_core.calibration.statistics import CalibrationSet
 from stat_core.methods.registry import get_method
 from stat_core.methods.base import layer_costs
 from stat_core.methods.llm_pruner import pruned_layer_range, taylor_scores
-from stat_core.prune import Calibration, plan_pruning, stat_prune_
+from stat_core.pipeline import Calibration, plan_pruning, stat_prune_
 from stat_core.config import PruneConfig
 from test_encoders import padded_set, tiny_classifier
 

@@ -13,7 +13,7 @@ from stat_core.methods.base import MethodNotApplicable
 from stat_core.methods.registry import get_method
 from stat_core.methods.slicegpt import (FixedWidthRMSNorm, SliceGPT, fold_norms_, rotate_and_slice_, sliced_block_params)
 from stat_core.config import PruneConfig
-from stat_core.prune import stat_prune_
+from stat_core.pipeline import stat_prune_
 
 SUPPORTED = ["llama", "mistral", "qwen2", "qwen3"]
 

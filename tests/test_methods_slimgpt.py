@@ -16,7 +16,7 @@ from stat_core.methods.slimgpt import (PERCDAMP, SlimGPT, dynamic_group_sizes, l
 from stat_core.config import PruneConfig
 from stat_core.surgery.apply import apply_plan_
 from stat_core.surgery.apply import head_columns
-from stat_core.prune import stat_prune_
+from stat_core.pipeline import stat_prune_
 
 
 def _gram(z: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 
 from conftest import assert_same_data, tiny_model
 from stat_core.config import PruneConfig
-from stat_core.prune import calibrate, plan_pruning
+from stat_core.pipeline import calibrate, plan_pruning
 
 STORED = json.loads((Path(__file__).parent / "data" / "plans_before_restructure.json").read_text())
 

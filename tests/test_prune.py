@@ -12,7 +12,7 @@ from stat_core.calibration.statistics import LayerwiseRunner
 from stat_core.surgery.plan import PrunePlan
 from stat_core.config import PruneConfig
 from stat_core.surgery.apply import apply_plan_
-from stat_core.prune import stat_prune_
+from stat_core.pipeline import stat_prune_
 
 
 def _logits(model, ids):
@@ -286,7 +286,7 @@ def test_plan_carries_decay_curves(windows):
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_replanning_from_cached_calibration_equals_a_fresh_prune(family, windows):
-    from stat_core.prune import calibrate, prune_from_calibration_
+    from stat_core.pipeline import calibrate, prune_from_calibration_
 
     dense = tiny_model(family)
     config = PruneConfig(sparsity=0.35, sensitivity_samples=2, batch_size=4)
@@ -328,7 +328,7 @@ def test_uniform_budget_beyond_reach_is_refused(windows):
 
 
 def test_activation_norm_baseline_keeps_stat_counts_and_largest_activations(windows):
-    from stat_core.prune import calibrate, plan_pruning
+    from stat_core.pipeline import calibrate, plan_pruning
 
     model = tiny_model("llama")
     calib = calibrate(model, windows, PruneConfig(sparsity=0.3, sensitivity_samples=0, batch_size=4))
@@ -426,7 +426,7 @@ def test_model_labelled_sensitivity_is_the_fisher_of_the_models_own_distribution
 def test_corrections_from_another_text_keep_the_selection_and_fit_on_that_text(windows):
     """``correction_windows``: the plan is the one chosen on the calibration text, the weights are the
     ones that plan gets with the other text's least-squares corrections (and differ from its own)."""
-    from stat_core.prune import calibrate, plan_pruning
+    from stat_core.pipeline import calibrate, plan_pruning
 
     other = torch.randint(0, 128, (8, 24), generator=torch.Generator().manual_seed(7))
     config = PruneConfig(sparsity=0.3, sensitivity_samples=2)

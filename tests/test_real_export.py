@@ -10,7 +10,7 @@ from stat_core.data.sources import CalibrationConfig, calibration_windows, wikip
 from stat_core.export.hf import export_pruned, load_pruned
 from stat_core.models import load_model
 from stat_core.config import PruneConfig
-from stat_core.prune import cached_calibration, prune_from_calibration_
+from stat_core.pipeline import cached_calibration, prune_from_calibration_
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ from stat_core.models import load_model
 from stat_core.config import PruneConfig
 from stat_core.surgery.apply import apply_plan_
 from stat_core.surgery.budget import budget_summary
-from stat_core.prune import stat_prune_
+from stat_core.pipeline import stat_prune_
 
 pytestmark = pytest.mark.slow
 

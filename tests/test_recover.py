@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_model
 from stat_core.calibration.statistics import CalibrationSet
 from stat_core.config import PruneConfig
-from stat_core.prune import stat_prune_
+from stat_core.pipeline import stat_prune_
 from stat_core.recover import RecoveryCancelled, RecoveryConfig, distillation_loss, recover_
 from test_encoders import padded_set
 

@@ -11,7 +11,7 @@ from stat_core.config import PruneConfig
 from stat_core.export.hf import export_pruned, load_pruned
 from stat_core.methods.stat.induction import induction_scores
 from stat_core.methods.stat.method import StatSettings
-from stat_core.prune import calibrate, prune_from_calibration_, stat_prune_
+from stat_core.pipeline import calibrate, prune_from_calibration_, stat_prune_
 from stat_core.surgery.apply import apply_plan_
 from stat_core.surgery.output_prior import (
     fit_output_prior_,

@@ -14,7 +14,7 @@ from stat_core.calibration.statistics import CalibrationSet
 from stat_core.export.hf import load_pruned
 from stat_core.config import PruneConfig
 from stat_core.methods.settings import settings_from_text
-from stat_core.prune import stat_prune_
+from stat_core.pipeline import stat_prune_
 from stat_core import streaming
 from stat_core.streaming import StreamingError, streamed_prune
 

@@ -48,10 +48,10 @@ ENTRY_KIND = "stat-calibration-cache"
 
 _PACKAGE = Path(__file__).resolve().parent.parent
 #: Source files whose code computes the cached numbers (their text is part of every key).
-CODE_FILES = ("calibration/statistics.py", "calibration/sizes.py", "linalg.py", "methods/stat/analysis.py",
-              "methods/stat/explain.py")
+CODE_FILES = ("calibration/stage.py", "calibration/statistics.py", "calibration/sizes.py", "linalg.py",
+              "methods/stat/analysis.py", "methods/stat/cached.py", "methods/stat/explain.py")
 
-#: The PruneConfig fields that change what ``prune.calibrate`` returns.
+#: The PruneConfig fields that change what ``pipeline.calibrate`` returns.
 SETTINGS = ("sensitivity_samples", "batch_size", "intercept", "sensitivity_labels", "sensitivity_batch",
             "memory_savers")
 
@@ -70,7 +70,7 @@ def cache_root() -> Path:
 def max_bytes() -> int:
     """The folder's bound in bytes (``STAT_CALIBRATION_CACHE_GB``, default 4 GiB). A value that is not
     a finite number of gigabytes ≥ 0 raises ValueError in one sentence (called before any
-    calibration work by :func:`stat_core.prune.cached_calibration`)."""
+    calibration work by :func:`stat_core.pipeline.cached_calibration`)."""
     text = os.environ.get("STAT_CALIBRATION_CACHE_GB", "4")
     try:
         gb = float(text)
@@ -84,7 +84,7 @@ def max_bytes() -> int:
 
 def check_settings() -> None:
     """ValueError in one sentence when the cache's environment settings are unusable (called before
-    any work by the CLI, the app and :func:`stat_core.prune.cached_calibration`)."""
+    any work by the CLI, the app and :func:`stat_core.pipeline.cached_calibration`)."""
     if enabled():
         max_bytes()
 

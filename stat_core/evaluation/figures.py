@@ -12,7 +12,7 @@ import plotly.graph_objects as go
 from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 
-from stat_core.methods.registry import get_method
+from stat_core.methods.registry import OWN_METHOD, get_method
 from stat_core.methods.stat.explain import head_reason_sentence
 
 KEPT = "#2b8a3e"
@@ -170,7 +170,7 @@ def compare_figure(results: list[dict], dense: dict, metric: str) -> go.Figure:
 
     x = [get_method(r["method"]).label for r in results]
     y = [r.get(metric) for r in results]
-    colors = ["#2b8a3e" if r["method"] == "stat" else "#adb5bd" for r in results]
+    colors = ["#2b8a3e" if r["method"] == OWN_METHOD else "#adb5bd" for r in results]
     text = [(f"{v:.1f}" if metric == "perplexity" else f"{v:.0%}") if v is not None else "" for v in y]
     fig = go.Figure(go.Bar(x=x, y=y, marker_color=colors, text=text, textposition="outside",
                            hovertemplate="%{x}: %{y:.4g}<extra></extra>"))

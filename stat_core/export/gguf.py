@@ -49,6 +49,10 @@ from stat_core.export.common import (
 log = logging.getLogger(__name__)
 
 GGUF_TYPES = ("f16", "q8_0", "f32")
+#: llama.cpp's architectures (``general.architecture``, not model families): every layer the same
+#: shape, or per-layer widths.
+UNIFORM_ARCH, PER_LAYER_ARCH = "llama", "deci"
+
 #: ``model_type`` values whose decoder layer is llama.cpp's llama layer (RMSNorm, RoPE, SwiGLU, no q/k norms).
 GGUF_MODEL_TYPES = families_where(gguf=True)  # from the family descriptions
 
@@ -322,10 +326,10 @@ def write_gguf(model, tokenizer, path: str | Path, qtype: str = "f16", *, name: 
     adapter = get_adapter(model)
     shapes = [adapter.layer_shape(i) for i in range(adapter.num_layers)]
     uniform = len(set(shapes)) == 1
-    arch = arch or ("llama" if uniform else "deci")
-    if arch not in ("llama", "deci"):
+    arch = arch or (UNIFORM_ARCH if uniform else PER_LAYER_ARCH)
+    if arch not in (UNIFORM_ARCH, PER_LAYER_ARCH):
         raise ExportError(f"GGUF architecture must be 'llama' or 'deci', not '{arch}'.")
-    if arch == "llama" and not uniform:
+    if arch == UNIFORM_ARCH and not uniform:
         raise ExportError("llama.cpp's 'llama' architecture builds every layer with layer 0's head and MLP widths; "
                           "a model whose layers differ needs 'deci'.")
     return _write(model, tokenizer, Path(path), qtype, name, arch, shapes)
@@ -402,7 +406,7 @@ def _write(model, tokenizer, path: Path, qtype: str, name: str | None, arch: str
 def gguf_card(model, plan, report: dict, info: GGUFInfo, uniform: bool) -> str:
 
     f = info.path.name
-    arch_note = ("`llama` (every layer the same shape: runs in any llama.cpp)" if info.arch == "llama" else
+    arch_note = ("`llama` (every layer the same shape: runs in any llama.cpp)" if info.arch == UNIFORM_ARCH else
                  "`deci` (llama.cpp's Llama architecture with per-layer head, KV-head and MLP widths, "
                  "written for NVIDIA's Nemotron-NAS models; llama.cpp's `llama` architecture would build "
                  "every layer with layer 0's widths)")

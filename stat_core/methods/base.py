@@ -36,7 +36,7 @@ from stat_core.surgery.plan import LayerPlan, PrunePlan
 if TYPE_CHECKING:  # pragma: no cover
     from stat_core.calibration.statistics import CalibrationSet
     from stat_core.config import PruneConfig
-    from stat_core.prune import Calibration
+    from stat_core.calibration.stage import Calibration
 
 #: How a plan's removed units are compensated (applied by ``stat_core.surgery.apply.apply_layer_``):
 #: ``least-squares``: ``W_out ← W_out Tᵀ`` with ``T = G_II⁻¹ G_I:`` (STAT; with a relative ridge
@@ -75,7 +75,7 @@ class PruningMethod:
 
     @property
     def calibration_needs(self) -> frozenset[str]:
-        """What the shared calibration stage computes for this method (:func:`stat_core.prune.calibrate`):
+        """What the shared calibration stage computes for this method (:func:`stat_core.pipeline.calibrate`):
         ``"block_stats"`` (always: the corrections and budgets read them), ``"sensitivity"`` (the gradient
         pass) and ``"analyses"`` (STAT's per-layer decompositions) only for methods that read STAT's
         analysis. FLAP, Wanda-sp, SlimGPT and LLM-Pruner skip the gradient pass and the decompositions."""
@@ -161,6 +161,18 @@ class PruningMethod:
     def plan_from_summaries(self, adapter: ModelAdapter, summaries: list, config: "PruneConfig",
                             model_name: str = "", calibration_info: dict | None = None) -> PrunePlan:
         """Streaming methods: the plan from every layer's :meth:`layer_summary`."""
+        raise NotImplementedError
+
+    #: runs the layer-wise modes (``propagate``, ``sequential``: :meth:`prune_layerwise_`); the others
+    #: run one-shot only
+    layerwise: bool = False
+
+    def prune_layerwise_(self, model, runner, calibration: "Calibration", config: "PruneConfig",
+                         model_name: str = "", calibration_info: dict | None = None,
+                         progress=None) -> tuple[PrunePlan, list]:
+        """Layer-wise modes: prune ``model`` in place one layer at a time (``runner`` holds the
+        calibration windows' hidden states); returns the final plan and the statistics each layer's
+        correction used."""
         raise NotImplementedError
 
     def finish_(self, model, calibration: "Calibration", config: "PruneConfig") -> dict:

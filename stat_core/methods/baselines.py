@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import torch
@@ -16,6 +17,8 @@ import torch
 from stat_core.adapters import get_adapter
 from stat_core.methods.base import PruningMethod, select_heads, top_k, with_units
 from stat_core.methods.stat.method import Stat
+from stat_core.methods.stat.propagate import layerwise_plan, run_layerwise_
+from stat_core.surgery.apply import apply_plan_
 
 
 def _stat_plan(model, calibration, config, model_name, calibration_info):
@@ -34,6 +37,23 @@ class _StatCounts(PruningMethod):
 
     def relabel(self, model, plan, calibration):
         raise NotImplementedError
+
+    layerwise = True
+
+    def prune_layerwise_(self, model, runner, calibration, config, model_name="", calibration_info=None,
+                         progress=None):
+        """The units STAT's layer-wise mode keeps (or its counts): STAT's propagation on a scratch
+        copy, then this model cut by that plan, relabelled, without any correction."""
+        plan = layerwise_plan(get_adapter(model), calibration, config, model_name, calibration_info)
+        scratch = copy.deepcopy(model)
+        scratch_runner = copy.copy(runner)
+        scratch_runner.model, scratch_runner.adapter = scratch, get_adapter(scratch)
+        run_layerwise_(scratch, scratch_runner.adapter, scratch_runner, plan, calibration.sensitivity, config.mode,
+                       progress)
+        del scratch
+        plan = self.relabel(model, plan, calibration)
+        apply_plan_(model, plan, None)
+        return plan, calibration.dense_stats
 
 
 class NoCorrection(_StatCounts):

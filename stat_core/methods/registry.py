@@ -27,6 +27,8 @@ _METHODS: dict[str, str] = {
     "block-movement": "stat_core.methods.block_movement:BlockMovement",
 }
 
+#: The project's own method (tables and figures single it out).
+OWN_METHOD = "stat"
 #: The published peers, then the simple baselines.
 PEERS = ("flap", "wanda-sp", "slimgpt", "llm-pruner", "slicegpt")
 BASELINES = ("no-correction", "magnitude", "activation-norm")

@@ -31,6 +31,10 @@ class LayerPlan:
     mlp_damage: list[float] = field(default_factory=list)
 
 
+#: The correction of a plan written before plans named theirs: STAT's least squares, else none.
+_CORRECTION_BEFORE_THE_FIELD = {"stat": "least-squares"}
+
+
 @dataclass
 class PrunePlan:
     model: str
@@ -47,7 +51,7 @@ class PrunePlan:
 
     def __post_init__(self):
         if self.correction is None:
-            self.correction = "least-squares" if self.method == "stat" else "none"
+            self.correction = _CORRECTION_BEFORE_THE_FIELD.get(self.method, "none")
 
     def to_dict(self) -> dict:
         return asdict(self)

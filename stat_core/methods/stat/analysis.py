@@ -108,6 +108,19 @@ class LayerAnalysis:
     mlp_damage: torch.Tensor  # (d_ff + 1,)
 
 
+def analyses_for(calibration, adapter: ModelAdapter, centered: bool) -> list[LayerAnalysis]:
+    """``calibration``'s per-layer analyses on centred or plain statistics (the other kind computed
+    once from its statistics and kept in ``calibration.extras``)."""
+    if centered == calibration.centered and calibration.analyses:
+        return calibration.analyses
+    key = f"analyses_centered={centered}"
+    if key not in calibration.extras:
+        sens = calibration.sensitivity
+        calibration.extras[key] = [analyse_layer(adapter, i, s, None if sens is None else sens[i], centered)
+                                   for i, s in enumerate(calibration.dense_stats)]
+    return calibration.extras[key]
+
+
 def analyse_layer(adapter: ModelAdapter, layer: int, stats: BlockStats, fisher: dict | None,
                   centered: bool = False, *, reload: Callable[[], BlockStats] | None = None,
                   drop_weights: Callable[[], None] | None = None,

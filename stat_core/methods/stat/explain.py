@@ -29,6 +29,7 @@ from stat_core.adapters import get_adapter
 from stat_core.calibration.statistics import BlockStats
 from stat_core.linalg import cholesky_with_ridge, ridge_of
 from stat_core.surgery.apply import head_columns
+from stat_core.methods.stat.analysis import analyses_for
 from stat_core.methods.stat.induction import induction_scores
 
 MASSIVE_SHARE = 0.10  # a "massive" unit alone carries ≥ 10% of its layer's output energy
@@ -109,7 +110,7 @@ def calibration_spectra(model, calibration, centered: bool | None = None) -> lis
     centered = calibration.centered if centered is None else centered
     key = f"spectra_centered={centered}"
     if key not in calibration.extras:
-        analyses = calibration.analyses_for(adapter, centered)
+        analyses = analyses_for(calibration, adapter, centered)
         calibration.extras[key] = [
             {"attn": layer_spectrum(stats, "attn", an.head_order, adapter.head_dim, centered, layer=i),
              "mlp": layer_spectrum(stats, "mlp", an.neuron_order, 1, centered, layer=i)}
@@ -152,7 +153,7 @@ def head_details(model, calibration, plan, layer: int, head: int) -> dict:
     lp = plan.layers[layer]
     if not 0 <= head < lp.num_heads:
         raise ValueError(f"layer {layer} has heads 0–{lp.num_heads - 1}; head {head} does not exist")
-    order = lp.head_order or calibration.analyses_for(adapter, calibration.centered)[layer].head_order
+    order = lp.head_order or analyses_for(calibration, adapter, calibration.centered)[layer].head_order
     rank = list(order).index(head) + 1 if head in order else None
     kept = head in lp.kept_heads
     stats = calibration.dense_stats[layer]

@@ -4,7 +4,7 @@ Scores: interpolative decompositions of the calibration activations (pivoted Cho
 Gram of each MLP's intermediate activations, columns weighted by their outgoing norm; greedy
 output-aware block selection of attention heads), so each layer has an exact damage curve.
 Allocation: one global budget over all layers' damage curves, each weighted by a gradient second
-moment of the loss at the block's output (``stat_core.prune.calibrate``), Lagrangian + top-up;
+moment of the loss at the block's output (``stat_core.pipeline.calibrate``), Lagrangian + top-up;
 optionally refined by a search on the network's own KL to dense (:mod:`.search`).
 Correction: the least-squares interpolation of the removed units from the kept ones, folded into
 the output projection (``W_out ← W_out Tᵀ``); with ``PruneConfig.intercept`` (off by default: neutral on
@@ -25,6 +25,7 @@ from stat_core.adapters.registry import is_encoder
 from stat_core.methods.base import PruningMethod
 from stat_core.methods.stat.analysis import (
     analyse_layer,
+    analyses_for,
     build_block_options,
     layer_plans,
     plan_from_analyses,
@@ -32,6 +33,7 @@ from stat_core.methods.stat.analysis import (
     stat_correction,
 )
 from stat_core.methods.stat.explain import calibration_induction_scores
+from stat_core.methods.stat.propagate import layerwise_plan, run_layerwise_
 from stat_core.methods.stat.search import (
     SEARCH_TOKENS,
     SEARCH_WINDOWS,
@@ -115,7 +117,7 @@ class Stat(PruningMethod):
         if (settings.search or settings.output_prior or settings.protect_induction) and is_encoder(model):
             raise ValueError("STAT's search, output prior and induction protection score next-token behaviour: they "
                              "apply to decoder language models only; turn them off for this encoder")
-        analyses = calibration.analyses_for(adapter, config.intercept)
+        analyses = analyses_for(calibration, adapter, config.intercept)
         protected = self._protected(model, calibration, settings.protect_induction)
         if settings.output_prior:  # the dense model's average distribution, before it is cut
             key = "stat_dense_prior"
@@ -145,6 +147,14 @@ class Stat(PruningMethod):
                                     calibration_info or {}, {"search": result.summary()})
         plan.method, plan.correction = self.name, stat_correction(config)
         return plan
+
+    layerwise = True
+
+    def prune_layerwise_(self, model, runner, calibration, config, model_name="", calibration_info=None,
+                         progress=None):
+        adapter = get_adapter(model)
+        plan = layerwise_plan(adapter, calibration, config, model_name, calibration_info)
+        return plan, run_layerwise_(model, adapter, runner, plan, calibration.sensitivity, config.mode, progress)
 
     def layer_summary(self, adapter, layer, stats, config, reload=None, drop_weights=None):
         """Streaming: the layer's analysis from its dense statistics alone (no gradient sensitivity:

@@ -7,7 +7,7 @@ import copy
 from stat_core.adapters import ModelAdapter
 from stat_core.calibration import distributed
 from stat_core.calibration.statistics import BlockStats, LayerwiseRunner
-from stat_core.methods.stat.analysis import analyse_layer
+from stat_core.methods.stat.analysis import analyse_layer, plan_from_analyses, stat_correction
 from stat_core.progress import ProgressFn, notify
 from stat_core.surgery.apply import _apply_kind_, apply_layer_
 from stat_core.surgery.plan import PrunePlan
@@ -85,3 +85,19 @@ def _sequential_(model, adapter: ModelAdapter, runner: LayerwiseRunner, plan: Pr
     return used
 
 
+
+
+def layerwise_plan(adapter: ModelAdapter, calibration, config, model_name: str = "",
+                   calibration_info: dict | None = None) -> PrunePlan:
+    """The counts a layer-wise mode keeps: STAT's allocation on the dense analyses (the units are
+    re-chosen layer by layer on the pruned path)."""
+    plan = plan_from_analyses(adapter, calibration.analyses, config, model_name, calibration_info or {})
+    plan.correction = stat_correction(config)
+    return plan
+
+
+def run_layerwise_(model, adapter: ModelAdapter, runner: LayerwiseRunner, plan: PrunePlan, fisher, mode: str,
+                   progress: ProgressFn | None) -> list[BlockStats]:
+    """``mode`` "propagate" (:func:`_propagate_`) or "sequential" (:func:`_sequential_`) on ``model``."""
+    step = _sequential_ if mode == "sequential" else _propagate_
+    return step(model, adapter, runner, plan, fisher, progress)
