@@ -58,7 +58,7 @@ from stat_core.calibration.statistics import CalibrationSet
 from stat_core.methods.registry import get_method, method_names
 from stat_core.methods.settings import settings_from_text
 from stat_core.config import PruneConfig
-from stat_core.pipeline import calibrate, prune_from_calibration_, stat_prune_
+from stat_core.pipeline import calibrate, prune_from_calibration_, stat_prune_, with_corrections_from
 
 log = logging.getLogger("suite")
 
@@ -120,6 +120,30 @@ def method_variant(spec: str):
     return name, settings_from_text(name, rest.rstrip("]").replace(";", ",")) if rest else None
 
 
+def shared_calibration(model, windows, config: PruneConfig, correction_windows=None):
+    """The one calibration every plan-based method of a run is cut from (everything any of them needs:
+    the statistics, the gradient pass with ``config``'s sensitivity settings and STAT's analyses), with
+    the corrections fitted on ``correction_windows`` when given."""
+    calib = calibrate(model, windows, PruneConfig(sparsity=config.sparsity, sensitivity_samples=config.sensitivity_samples,
+                                                  sensitivity_labels=config.sensitivity_labels))
+    if correction_windows is not None:
+        calib = with_corrections_from(model, calib, correction_windows, cache=False)
+    return calib
+
+
+def prune_cell(model, windows, config: PruneConfig, calib, model_name: str = ""):
+    """``(pruned copy, plan or None, info)`` of one cell: a whole-model method by the library's
+    :func:`stat_core.pipeline.stat_prune_` on ``windows``; the others by the library's one-shot path
+    from the shared ``calib`` (plan, cut, the method's finishing step such as STAT's output prior), so
+    a row measures exactly what the CLI and the app produce. ``model`` is not changed."""
+    pruned = copy.deepcopy(model)
+    if get_method(config.method).whole_model:
+        result = stat_prune_(pruned, windows, config, model_name=model_name)
+        return pruned, None, result.info
+    result = prune_from_calibration_(pruned, calib, config, model_name, {}, windows)
+    return pruned, result.plan, result.info
+
+
 def run_decoder(model, tokenizer, windows, model_name: str, methods: list[str], budgets: list[float],
                 suite_config, rec: Recorder, sensitivity_samples: int | None = None,
                 recovery=None, recovery_only: bool = False, code: bool = False, recipe=None,
@@ -174,31 +198,21 @@ def run_decoder(model, tokenizer, windows, model_name: str, methods: list[str], 
             method = get_method(base)
             config = PruneConfig(sparsity=budget, method=base, sensitivity_samples=sensitivity_samples,
                                  settings=settings, sensitivity_labels=sensitivity_labels)
-            pruned = copy.deepcopy(model)
+            if not method.whole_model and calib is None:
+                calib = shared_calibration(model, windows, config, correction_windows)
+                log.info("shared calibration: %s", {k: round(v, 1) for k, v in calib.timings.items()})
+            if not method.whole_model and name not in prepare_seconds:
+                t = time.perf_counter()
+                method.prepare(model, CalibrationSet.wrap(windows), calib)
+                prepare_seconds[name] = time.perf_counter() - t
+            t = time.perf_counter()
+            pruned, plan, info = prune_cell(model, windows, config, calib, model_name)
+            seconds = time.perf_counter() - t
             if method.whole_model:
-                t = time.perf_counter()
-                result = stat_prune_(pruned, windows, config, model_name=model_name)
-                seconds = time.perf_counter() - t
-                removed = result.info.get("removed_fraction")
-                extra = {"info": result.info}
+                removed = info.get("removed_fraction")
+                extra = {"info": info}
             else:
-                if calib is None:
-                    calib = calibrate(model, windows, PruneConfig(sparsity=budget, sensitivity_samples=sensitivity_samples,
-                                                                  sensitivity_labels=sensitivity_labels))
-                    if correction_windows is not None:
-                        from stat_core.pipeline import with_corrections_from
-
-                        calib = with_corrections_from(model, calib, correction_windows, cache=False)
-                    log.info("shared calibration: %s", {k: round(v, 1) for k, v in calib.timings.items()})
-                if name not in prepare_seconds:
-                    t = time.perf_counter()
-                    method.prepare(model, CalibrationSet.wrap(windows), calib)
-                    prepare_seconds[name] = time.perf_counter() - t
-                t = time.perf_counter()
-                # The library's one-shot path (plan, cut, the method's finishing step such as STAT's output
-                # prior), so a suite row measures exactly what the CLI and the app produce.
-                plan = prune_from_calibration_(pruned, calib, config, model_name, {}, windows).plan
-                seconds = time.perf_counter() - t + _seconds_for(method, calib.timings, prepare_seconds[name])
+                seconds += _seconds_for(method, calib.timings, prepare_seconds[name])
                 if correction_windows is not None and method.uses_block_stats:
                     seconds += calib.timings.get("correction_calibration", 0.0)
                 removed = 1 - block_parameter_count(get_adapter(pruned)) / dense_params

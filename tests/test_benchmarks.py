@@ -197,6 +197,36 @@ def test_suite_method_variants_are_configs():
         variant("flap[metric=nope]")
 
 
+def _cell_specs():
+    from stat_core.methods.registry import get_method, method_names
+
+    # every method the suite runs unasked (trained ones run by name only), and a setting that only
+    # the method's finishing step applies (STAT's output prior: a row once measured without it)
+    return [m for m in method_names() if not get_method(m).needs_training] + ["stat[output_prior=true]"]
+
+
+@pytest.mark.parametrize("spec", _cell_specs())
+def test_a_suite_row_is_the_model_the_library_prunes(spec, windows):
+    """The suite's cell (one shared calibration, then each method's plan and cut) and the library's
+    one orchestrator (:func:`stat_core.pipeline.stat_prune_`, calibrating only what the method needs)
+    give the same model, logits equal to the bit, for every method."""
+    from stat_core.config import PruneConfig
+    from stat_core.pipeline import stat_prune_
+
+    suite = bench("suite")
+    model = tiny_model("llama", num_hidden_layers=2)
+    base, settings = suite.method_variant(spec)
+    config = PruneConfig(sparsity=0.3, method=base, settings=settings)
+    calib = suite.shared_calibration(model, windows, config)
+    row, _, _ = suite.prune_cell(model, windows, config, calib)
+    library = copy.deepcopy(model)
+    stat_prune_(library, windows, config)
+    with torch.no_grad():
+        a, b, dense = row(windows[:3]).logits, library(windows[:3]).logits, model(windows[:3]).logits
+    assert not torch.equal(a, dense)  # something was cut
+    assert torch.equal(a, b), (a - b).abs().max()
+
+
 def test_suite_tiny(tmp_path):
     """benchmarks/suite.py end to end on a random tiny Llama: every registered method at two budgets,
     one record each plus dense, with every suite field, and a markdown table naming the best."""
