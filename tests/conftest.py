@@ -28,7 +28,8 @@ def pytest_collection_modifyitems(config, items):
 
 def tiny_config(family: str = "llama", **overrides):
     """Tiny random decoder configs, one per supported family (no downloads)."""
-    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import (Gemma3TextConfig, GraniteConfig, LlamaConfig, MistralConfig, Qwen2Config,
+                              Qwen3Config)
 
     common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=64, vocab_size=128, max_position_embeddings=128)
@@ -41,7 +42,10 @@ def tiny_config(family: str = "llama", **overrides):
         return Qwen2Config(**common)
     if family == "qwen3":
         return Qwen3Config(head_dim=8, **common)
-    if family == "gemma3":
+    if family == "granite":  # Llama's layout with scalar multipliers on the embedding, residuals and logits
+        return GraniteConfig(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.25,
+                             logits_scaling=2.0, **common)
+    if family in ("gemma3", "gemma3_text"):
         return Gemma3TextConfig(head_dim=8, sliding_window=8, query_pre_attn_scalar=8,
                                 layer_types=["sliding_attention", "full_attention"], **common)
     raise ValueError(family)

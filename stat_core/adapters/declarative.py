@@ -1,4 +1,4 @@
-"""Families described by data alone: one entry in ``stat_core.adapters.modeling_stat.LAYOUTS``.
+"""Families described by data alone: one record in ``stat_core.adapters.registry.FAMILIES`` with a ``layout``.
 
 The entry says where the layers and each projection live and which stock config fields hold the
 head count and the MLP width. The same entry drives the surgery here and the resizing in the
@@ -158,7 +158,8 @@ def slice_projection_(module: nn.Module, rows: torch.Tensor | None = None, cols:
 
 
 class LayoutAdapter(ModelAdapter):
-    """An adapter that reads ``remote_modeling.LAYOUTS[config.model_type]``."""
+    """An adapter that reads its family record's ``layout`` (``remote_modeling.LAYOUTS[config.model_type]``,
+    filled from :data:`stat_core.adapters.registry.FAMILIES`)."""
 
     stock_config_can_drop_heads = False
 

@@ -13,46 +13,11 @@ from __future__ import annotations
 
 from torch import nn
 
-# Where each family keeps its layers and projections (paths relative to the base model / a layer).
-_LLAMA = {"layers": "layers", "attn": "self_attn", "q": "self_attn.q_proj", "k": "self_attn.k_proj",
-          "v": "self_attn.v_proj", "o": "self_attn.o_proj", "mlp": "mlp", "w_in": ("mlp.gate_proj", "mlp.up_proj"),
-          "w_out": "mlp.down_proj"}
-_BERT = {"layers": "encoder.layer", "attn": "attention.self", "q": "attention.self.query",
-         "k": "attention.self.key", "v": "attention.self.value", "o": "attention.output.dense",
-         "mlp": "intermediate", "w_in": ("intermediate.dense",), "w_out": "output.dense"}
-_DISTILBERT = {"layers": "transformer.layer", "attn": "attention", "q": "attention.q_lin", "k": "attention.k_lin",
-               "v": "attention.v_lin", "o": "attention.out_lin", "mlp": "ffn", "w_in": ("ffn.lin1",),
-               "w_out": "ffn.lin2"}
-# Families described only here: ``stat_core.adapters.declarative.LayoutAdapter`` reads the same entry
-# (no adapter class of their own). Extra keys: ``config`` names the stock config fields (``heads``,
-# ``ffn``: the MLP width); ``bias_flag`` is the stock flag that gives every projection a bias.
-_OPT = {"layers": "decoder.layers", "attn": "self_attn", "q": "self_attn.q_proj", "k": "self_attn.k_proj",
-        "v": "self_attn.v_proj", "o": "self_attn.out_proj", "mlp": "", "w_in": ("fc1",), "w_out": "fc2",
-        "config": {"heads": "num_attention_heads", "ffn": "ffn_dim"}, "bias_flag": "enable_bias"}
-# GPT-2: ``transformers`` ``Conv1D`` projections (weight stored ``(in, out)``, the transpose of
-# nn.Linear's) and one fused ``c_attn`` whose output is ``[q | k | v]``, each ``heads·head_dim`` wide
-# (``qkv`` replaces the q/k/v keys; ``split_size`` is the attention's record of that width).
-_GPT2 = {"layers": "h", "attn": "attn", "qkv": "attn.c_attn", "o": "attn.c_proj", "mlp": "mlp",
-         "w_in": ("mlp.c_fc",), "w_out": "mlp.c_proj", "config": {"heads": "n_head", "ffn": "n_inner"}}
-# GPT-NeoX / Pythia: ``query_key_value`` is fused *per head*: its output rows are
-# ``[q_h0; k_h0; v_h0; q_h1; k_h1; v_h1; ...]`` (``qkv_layout: "interleaved"``; the attention views
-# them as ``(..., heads, 3·head_size)`` and chunks the last axis), so it works for any head count.
-# ``attention_bias`` governs the two attention projections only (the MLP always has biases).
-_GPT_NEOX = {"layers": "layers", "attn": "attention", "qkv": "attention.query_key_value",
-             "qkv_layout": "interleaved", "o": "attention.dense", "mlp": "mlp", "w_in": ("mlp.dense_h_to_4h",),
-             "w_out": "mlp.dense_4h_to_h", "config": {"heads": "num_attention_heads", "ffn": "intermediate_size"},
-             "bias_flag": "attention_bias", "bias_flag_kinds": ("attn",)}
-# Phi-3: ``qkv_proj`` fused ``[q | k | v]`` with grouped-query attention (q ``heads·head_dim`` rows,
-# k and v ``kv_heads·head_dim`` each) and ``gate_up_proj`` fused ``[gate | up]`` (``w_in_parts``: the
-# one in-projection holds that many stacked copies of the neuron axis). Its attention finds the
-# query width from ``config.num_attention_heads`` (``attn_config_heads``): a pruned layer's
-# attention gets a :class:`LayerConfig` stating its own count. No biases.
-_PHI3 = {"layers": "layers", "attn": "self_attn", "qkv": "self_attn.qkv_proj", "o": "self_attn.o_proj", "mlp": "mlp",
-         "w_in": ("mlp.gate_up_proj",), "w_in_parts": 2, "w_out": "mlp.down_proj",
-         "config": {"heads": "num_attention_heads", "ffn": "intermediate_size"}, "attn_config_heads": True}
-LAYOUTS = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gemma3_text": _LLAMA,
-           "bert": _BERT, "roberta": _BERT, "distilbert": _DISTILBERT, "opt": _OPT, "gpt2": _GPT2,
-           "gpt_neox": _GPT_NEOX, "phi3": _PHI3}
+#: Where each family keeps its layers and projections, by ``model_type`` (paths relative to the base
+#: model / a layer). In the library this is filled from the family records
+#: (:data:`stat_core.adapters.registry.FAMILIES`, each record's ``layout``: the one place a family is
+#: described); an exported copy of this file gets its model's one entry appended by the export.
+LAYOUTS: dict[str, dict] = {}
 
 
 def _get(module: nn.Module, path: str) -> nn.Module:
@@ -89,7 +54,8 @@ def _resized(linear: nn.Linear, in_features: int | None = None, out_features: in
 
 def _layers(model: nn.Module, layout: dict) -> nn.ModuleList:
     base = getattr(model, getattr(model, "base_model_prefix", ""), model)
-    if layout is _LLAMA and hasattr(base, "model") and not hasattr(base, "layers"):
+    first = layout["layers"].split(".")[0]
+    if not hasattr(base, first) and hasattr(base, "model"):  # one level deeper (e.g. a multimodal wrapper)
         base = base.model
     return _get(base, layout["layers"])
 

@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 
 from stat_core.adapters import get_adapter
+from stat_core.adapters.registry import family_of
 from stat_core.adapters import modeling_stat as remote_modeling
 from stat_core.export.common import (
     MODELING_FILE,
@@ -75,7 +76,10 @@ def modeling_file_text(model) -> str:
     """``remote_modeling.py`` plus the one line that names the stock class it extends."""
     source = Path(remote_modeling.__file__).read_text()
     base = stock_class_name(model)
-    return (source + f"\n\nfrom transformers import {base} as _StockBase  # noqa: E402\n\n"
+    model_type = model.config.model_type
+    layout = family_of(model).layout  # this model's family record, written out as data
+    return (source + f"\n\nLAYOUTS[{model_type!r}] = {layout!r}\n"
+            f"\nfrom transformers import {base} as _StockBase  # noqa: E402\n\n"
             f"StatPruned{base} = pruned_class(_StockBase)\n")
 
 
