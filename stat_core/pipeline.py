@@ -310,10 +310,10 @@ def cached_calibration(model, windows: "torch.Tensor | CalibrationSet", config: 
     (``STAT_CALIBRATION_CACHE=off``), this is :func:`calibrate`. ``needs`` smaller than everything
     (a method that skips the gradient pass): a whole entry is used when there is one, else the part is
     computed and kept under its own key."""
-    needs = frozenset(needs) | {"block_stats"}
+    needs = frozenset(needs)
     if needs != ALL_NEEDS:
         spectra = False  # the inspect views' spectra come with STAT's analyses only
-    if not calibration_cache.enabled() or distributed.is_distributed():
+    if not needs or not calibration_cache.enabled() or distributed.is_distributed():  # nothing to keep
         return _calibrate_with(model, windows, config, progress, runner, spectra, needs)
     calibration_cache.check_settings()  # a bad size bound: one sentence before the work, not after
     t0 = time.perf_counter()
@@ -436,7 +436,7 @@ def prune_from_calibration_(model, calibration: Calibration, config: PruneConfig
     t0 = time.perf_counter()
     plan = plan_pruning(model, calibration, config, model_name, calibration_info, data, progress)
     t1 = time.perf_counter()
-    apply_plan_(model, plan, calibration.fit_stats, progress)
+    apply_plan_(model, plan, calibration.fit_stats or None, progress)  # none computed: no correction to fit
     t2 = time.perf_counter()
     info = get_method(config.method).finish_(model, calibration, config)
     timings = {**calibration.timings, "allocate": t1 - t0, "apply": t2 - t1}

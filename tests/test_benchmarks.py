@@ -349,3 +349,15 @@ def test_stat_experiments_cache_is_keyed_and_never_unpickled(tmp_path, windows):
     other = tiny_model(seed=1)
     assert exp.cache_folder(other, windows, suite, tmp_path / "cache") != folder
     assert exp.cache_folder(model, windows[:4], suite, tmp_path / "cache") != folder
+
+
+def test_calibration_needs_tiny(tmp_path):
+    """benchmarks/calibration_needs.py: per method, the calibration it computes now beside STAT's whole
+    calibration that every method once paid; FLAP computes statistics only, LLM-Pruner nothing."""
+    assert bench("calibration_needs").main(["--tiny", "--repeats", "1", "--methods", "stat,flap,llm-pruner",
+                                            "--out-dir", str(tmp_path)]) == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "calibration_needs.json").read_text())["rows"]}
+    assert rows["flap"]["needs"] == ["block_stats"] and rows["llm-pruner"]["needs"] == []
+    assert rows["stat"]["needs"] == ["analyses", "block_stats", "sensitivity"]
+    assert rows["llm-pruner"]["after_s"] < rows["llm-pruner"]["before_s"]
+    assert "| flap | block_stats |" in (tmp_path / "calibration_needs.md").read_text()

@@ -59,13 +59,16 @@ def collect(model, windows: "torch.Tensor | CalibrationSet", config, progress: P
             runner: LayerwiseRunner | None = None, needs: frozenset[str] = ALL_NEEDS) -> Calibration:
     """The dense block statistics and, when ``needs`` has ``"sensitivity"``, the loss sensitivities
     (the gradient pass); the model is not changed. No analyses (``needs`` is recorded as computed
-    without them). Only ``config.sensitivity_samples``, ``sensitivity_batch``, ``sensitivity_labels``,
+    without them); with neither statistics nor sensitivities asked for, nothing is run and the
+    calibration is empty. Only ``config.sensitivity_samples``, ``sensitivity_batch``, ``sensitivity_labels``,
     ``memory_savers`` and ``batch_size`` are read.
 
     Under ``torch.distributed`` (see :mod:`stat_core.calibration.distributed`) every rank passes the
     *whole* ``windows`` and calibrates on its shard (a given ``runner`` must hold that shard); the sums
     are all-reduced (each block's as soon as it is done) and normalised once, so every rank ends with
     the statistics one process would compute."""
+    if not {"block_stats", "sensitivity"} & set(needs):  # a method that reads no statistics: no pass at all
+        return Calibration(dense_stats=[], sensitivity=None, centered=config.intercept, needs=frozenset())
     adapter = get_adapter(model)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()

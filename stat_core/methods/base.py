@@ -76,10 +76,12 @@ class PruningMethod:
     @property
     def calibration_needs(self) -> frozenset[str]:
         """What the shared calibration stage computes for this method (:func:`stat_core.pipeline.calibrate`):
-        ``"block_stats"`` (always: the corrections and budgets read them), ``"sensitivity"`` (the gradient
-        pass) and ``"analyses"`` (STAT's per-layer decompositions) only for methods that read STAT's
-        analysis. FLAP, Wanda-sp, SlimGPT and LLM-Pruner skip the gradient pass and the decompositions."""
-        needs = {"block_stats"}
+        ``"block_stats"`` (the Grams and sums the corrections and most scores read; not for a method that
+        reads neither, e.g. one scoring weights alone: it calibrates nothing), ``"sensitivity"`` (the
+        gradient pass) and ``"analyses"`` (STAT's per-layer decompositions) only for methods that read
+        STAT's analysis. FLAP, Wanda-sp and SlimGPT skip the gradient pass and the decompositions;
+        LLM-Pruner needs only its own gradient pass (its ``prepare``)."""
+        needs = {"block_stats"} if self.uses_block_stats else set()
         if self.uses_stat_analysis:
             needs |= {"sensitivity", "analyses"}
         return frozenset(needs)
@@ -201,7 +203,8 @@ class ScoredMethod(PruningMethod):
 
     def plan(self, model, calibration, config, model_name="", calibration_info=None):
         adapter = get_adapter(model)
-        summaries = [self.layer_summary(adapter, i, st, config) for i, st in enumerate(calibration.dense_stats)]
+        stats = calibration.dense_stats or [None] * adapter.num_layers  # a method that reads none: no statistics
+        summaries = [self.layer_summary(adapter, i, st, config) for i, st in enumerate(stats)]
         return self.plan_from_summaries(adapter, summaries, config, model_name, calibration_info)
 
 
