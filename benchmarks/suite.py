@@ -334,6 +334,8 @@ def seed_means(records: list[dict]) -> list[dict]:
         row["seeds"] = sorted(r.get("seed", 0) for r in rows)
         row["spread"] = {}
         for f, v in rows[0].items():
+            if f in ("budget", "seed"):  # the cell's key: the same in every seed (a mean would drift by 1e-17)
+                continue
             values = [r.get(f) for r in rows]
             if isinstance(v, (int, float)) and not isinstance(v, bool) and all(
                     isinstance(x, (int, float)) and not math.isnan(x) for x in values):
@@ -363,12 +365,15 @@ def markdown(records: list[dict], meta: dict) -> str:
         about = meta.get("calibrations", {}).get(f"{model} / {calibration}", "")
         seeds = sorted({s for r in rs for s in r.get("seeds", [r.get("seed", 0)]) if r["method"] != "dense"})
         lines += [f"**{model}**, calibration **{calibration}**" + (f" ({about})" if about else "")
-                  + (f", mean of seeds {', '.join(map(str, seeds))} (± half the range)" if len(seeds) > 1 else "")
+                  + (", each row the mean over the calibration seeds it names (± half the range)"
+                     if len(seeds) > 1 else "")
                   + (f" — {meta.get('protocol', {}).get(model, '')}" if meta.get("protocol") else ""),
-                  "", "| budget | method | removed | " + " | ".join(HEADERS[f] for f in fields) + " |",
-                  "|---|---|---|" + "---|" * len(fields)]
+                  "", "| budget | method | " + ("seeds | " if len(seeds) > 1 else "") + "removed | "
+                  + " | ".join(HEADERS[f] for f in fields) + " |",
+                  "|---|---|" + ("---|" if len(seeds) > 1 else "") + "---|" + "---|" * len(fields)]
         if dense:
-            lines.append("| 0% | dense | 0% | " + " | ".join(_fmt(f, dense.get(f)) for f in fields) + " |")
+            lines.append("| 0% | dense | " + ("– | " if len(seeds) > 1 else "") + "0% | "
+                         + " | ".join(_fmt(f, dense.get(f)) for f in fields) + " |")
         summary = []
         for budget in sorted({r["budget"] for r in rs if r["method"] != "dense"}):
             row = sorted((r for r in rs if r["budget"] == budget and r["method"] != "dense"),
@@ -385,7 +390,9 @@ def markdown(records: list[dict], meta: dict) -> str:
                         text += f" ±{_fmt(f, r['spread'][f])}"
                     cells.append(f"**{text}**" if r["method"] in best.get(f, ()) else text)
                 removed = r.get("removed_fraction")
-                lines.append(f"| {budget:.0%} | {r['method']} | {_fmt('fraction', removed)} | " + " | ".join(cells) + " |")
+                named = (", ".join(map(str, r.get("seeds", [r.get("seed", 0)]))) + " | ") if len(seeds) > 1 else ""
+                lines.append(f"| {budget:.0%} | {r['method']} | {named}{_fmt('fraction', removed)} | "
+                             + " | ".join(cells) + " |")
         lines.append("")
         shown = [f for f in fields if not f.startswith("seconds") and f != "fewshot_majority_share"]
         lines += [f"Best per budget on **{model}**, calibration {calibration} (ties listed):", "",

@@ -268,10 +268,13 @@ def test_suite_tiny_at_the_default_calibration_over_seeds(tmp_path):
     stat = {r["seed"]: r for r in records if r["method"] == "stat" and r["budget"] == 0.2}
     assert stat[0]["kept"] != stat[1]["kept"] or stat[0]["perplexity"] != stat[1]["perplexity"]  # other windows
     md = (tmp_path / "seeds.md").read_text()
-    assert "calibration **default**" in md and "mean of seeds 0, 1 (± half the range)" in md
+    assert "calibration **default**" in md and "mean over the calibration seeds it names (± half the range)" in md
     mean = (stat[0]["perplexity"] + stat[1]["perplexity"]) / 2
     row = next(line for line in md.splitlines() if line.startswith("| 20% | stat |"))
-    assert s._fmt("perplexity", mean) in row and "±" in row
+    assert row.startswith("| 20% | stat | 0, 1 |") and s._fmt("perplexity", mean) in row and "±" in row
+    # the seeds' cell keeps its budget exactly (a mean of 0.2s would make a second "20%" row)
+    best = md[md.index("Best per budget"):]
+    assert best.count("| 20% |") == 1 and best.count("| 40% |") == 1
 
 
 def test_suite_tiny_recover(tmp_path):
@@ -361,3 +364,14 @@ def test_calibration_needs_tiny(tmp_path):
     assert rows["stat"]["needs"] == ["analyses", "block_stats", "sensitivity"]
     assert rows["llm-pruner"]["after_s"] < rows["llm-pruner"]["before_s"]
     assert "| flap | block_stats |" in (tmp_path / "calibration_needs.md").read_text()
+
+
+def test_seed_means_keep_the_cells_budget_exactly():
+    """Three seeds of a 20% cell are one row at exactly 0.2 (a mean of 0.2s is 0.20000000000000004,
+    which the tables showed as a second "20%" row beside the peers' single-seed rows)."""
+    s = bench("suite")
+    rows = [{"model": "m", "method": "stat", "budget": 0.2, "calibration": "default", "seed": k,
+             "perplexity": 10.0 + k} for k in range(3)]
+    (row,) = s.seed_means(rows)
+    assert row["budget"] == 0.2 and row["seeds"] == [0, 1, 2] and row["perplexity"] == 11.0
+    assert row["spread"]["perplexity"] == 1.0
