@@ -1,8 +1,9 @@
 """STAT: shrink trained transformers without fine-tuning.
 
 The everyday entry points, importable from the package (loaded on first use, so
-``import stat_core.paths`` stays light): ``stat_prune_``, ``PruneConfig``, ``calibrate``,
-``prune_from_calibration_``, ``export_pruned``, ``export_model`` (safetensors / gguf / onnx), ``load_pruned``,
+``import stat_core.paths`` stays light): ``stat_prune_``, ``PruneConfig``, the stages of one prune
+(``calibrate``, ``cached_calibration``, ``with_corrections_from`` → ``Calibration``; ``plan_pruning``,
+``prune_from_calibration_``), ``export_pruned``, ``export_model`` (safetensors / gguf / onnx), ``load_pruned``,
 ``load_model``; the method registry
 (``method_names``, ``get_method``) and the evaluation suite (``SuiteConfig``, ``build_reference``,
 ``evaluate_suite``).
@@ -11,7 +12,8 @@ The everyday entry points, importable from the package (loaded on first use, so
 from importlib import import_module
 
 _EXPORTS = {
-    "stat_prune_": "prune", "calibrate": "prune", "prune_from_calibration_": "prune", "plan_pruning": "prune",
+    "stat_prune_": "pipeline", "calibrate": "pipeline", "prune_from_calibration_": "pipeline", "plan_pruning": "pipeline",
+    "cached_calibration": "pipeline", "with_corrections_from": "pipeline", "Calibration": "calibration.stage",
     "PruneConfig": "config", "export_pruned": "export.hf", "load_pruned": "export.hf", "export_model": "export.api",
     "load_model": "models", "get_method": "methods.registry", "method_names": "methods.registry",
     "SuiteConfig": "evaluation.suite", "build_reference": "evaluation.suite", "evaluate_suite": "evaluation.suite",

@@ -234,3 +234,13 @@ def test_only_the_pipeline_sequences_the_stages():
         if stages <= called and str(path.relative_to(ROOT)) not in experiments:
             offenders.append(str(path.relative_to(ROOT)))
     assert offenders == []
+
+
+def test_every_public_name_of_the_package_resolves():
+    """``stat_core.<name>`` for every name in ``__all__`` (loaded on first use: a moved module would
+    otherwise fail only when a user reaches for it)."""
+    import stat_core
+
+    for name in stat_core.__all__:
+        assert getattr(stat_core, name) is not None, name
+    assert stat_core.stat_prune_.__module__ == "stat_core.pipeline"
