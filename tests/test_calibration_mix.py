@@ -38,8 +38,12 @@ def test_transcripts_are_the_models_own_chat_and_are_cached(tiny_chat):
     model, tokenizer = tiny_chat
     prompts = cm.seed_prompts()[:5]
     settings = cm.GenerationSettings(max_new_tokens=3, batch_size=2)
-    transcripts, seconds = cm.generate_transcripts(model, tokenizer, prompts, settings)
+    calls = []
+    transcripts, seconds = cm.generate_transcripts(model, tokenizer, prompts, settings,
+                                                   progress=lambda *a: calls.append(a))
     assert seconds > 0 and len(transcripts) == 5
+    # the bar shows its total before the first batch (minutes on a real model), then one step per batch
+    assert [c[1:] for c in calls] == [(0, 3), (1, 3), (2, 3), (3, 3)]
     for prompt, t in zip(prompts, transcripts):
         head = chat_prompt_ids(tokenizer, prompt)
         assert t[:len(head)] == head and 1 <= len(t) - len(head) <= 3

@@ -144,6 +144,8 @@ def generate_transcripts(model, tokenizer, prompts: list[str] | None = None,
     n_batches = (len(requests) + settings.batch_size - 1) // settings.batch_size
     was_training = model.training
     model.eval()
+    if progress is not None:  # the bar and its total from the start (a batch takes minutes on a 0.5B CPU run)
+        progress("self-generated calibration text", 0, n_batches)
     with torch.no_grad():
         for b in range(n_batches):
             batch = requests[b * settings.batch_size:(b + 1) * settings.batch_size]
