@@ -272,8 +272,24 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
         return H.tab_statuses(session_of(request))
 
     def on_method(method):
-        """The settings box names the chosen method's settings and starts empty (its defaults)."""
-        return gr.update(value="", info=H.settings_help(method or "stat"))
+        """The settings box names the chosen method's settings and starts empty (its defaults); the
+        chosen method's typed controls are shown, at their defaults."""
+        method = method or "stat"
+        shown = [gr.update(visible=name == method) for name in setting_controls]
+        defaults = [gr.update(value=f.default) for name in setting_controls for f in H.setting_fields(name)]
+        return (gr.update(value="", info=H.settings_help(method)), *shown, *defaults)
+
+    def setting_control(field):
+        """One typed control for one field of a method's settings dataclass (as the CLI makes one flag)."""
+        kind, choices = H.setting_kind(field), H.setting_choices(field)
+        if kind is bool:
+            return gr.Checkbox(value=field.default, label=field.name, min_width=140)
+        if choices:
+            return gr.Dropdown(list(choices), value=field.default, label=field.name, min_width=140)
+        if kind in (int, float):
+            return gr.Number(value=field.default, label=field.name, precision=0 if kind is int else None,
+                             min_width=140)
+        return gr.Textbox(value="" if field.default is None else str(field.default), label=field.name, min_width=140)
 
     def on_rebudget(sparsity, budget_kind, uniform, mode, method, layer_choice, recover_on, settings,
                     request: gr.Request):
@@ -418,6 +434,14 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
                                                              "the defaults)",
                                              info=H.settings_help("stat"), placeholder="e.g. output_prior=true",
                                              elem_id="method_settings", max_lines=2)
+                # the chosen method's settings as controls built from its settings dataclass's field types;
+                # they write the text above (which the CLI's --<method>-<field> flags mirror)
+                setting_groups, setting_controls = {}, {}
+                for _, name in H.plan_method_choices():
+                    if H.setting_fields(name):
+                        with gr.Row(visible=name == "stat", elem_id=f"settings_{name}") as group:
+                            setting_controls[name] = [setting_control(f) for f in H.setting_fields(name)]
+                        setting_groups[name] = group
                 with gr.Row():
                     prune_btn = gr.Button("Calibrate & prune", variant="primary", elem_id="prune_btn", scale=3)
                     cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel_btn", scale=1)
@@ -589,10 +613,21 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
             rebudget_evts.append(control.input(on_rebudget, rebudget_inputs, [status, *plan_outputs, metrics, sparsity],
                                                api_name=False, **light))
         # another method: its settings box first (emptied, its fields named), then the re-plan
-        rebudget_evts.append(method.input(on_method, [method], [method_settings], api_name=False,
-                                          show_progress="hidden")
+        every_control = [c for controls in setting_controls.values() for c in controls]
+        rebudget_evts.append(method.input(on_method, [method],
+                                          [method_settings, *setting_groups.values(), *every_control],
+                                          api_name=False, show_progress="hidden")
                              .then(on_rebudget, rebudget_inputs, [status, *plan_outputs, metrics, sparsity],
                                    api_name=False, **light))
+        for name, controls in setting_controls.items():
+            def settings_from_controls(*values, name=name):
+                return H.settings_text(name, {f.name: v for f, v in zip(H.setting_fields(name), values)})
+
+            for control in controls:  # a changed control: its method's settings text, then the re-plan
+                rebudget_evts.append(control.input(settings_from_controls, controls, [method_settings], api_name=False,
+                                                   show_progress="hidden")
+                                     .then(on_rebudget, rebudget_inputs, [status, *plan_outputs, metrics, sparsity],
+                                           api_name=False, **light))
         rebudget_evts.append(method_settings.submit(on_rebudget, rebudget_inputs,
                                                     [status, *plan_outputs, metrics, sparsity], api_name=False,
                                                     **light))

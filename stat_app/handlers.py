@@ -63,7 +63,14 @@ from stat_core.evaluation.report import recovery_sentence, removed_sentence
 from stat_core.evaluation.suite import SuiteConfig, build_reference
 from stat_core.export.api import check_format, export_zip_with_report
 from stat_core.methods.registry import get_method
-from stat_core.methods.settings import settings_from_text, settings_help  # noqa: F401 (the app's box)
+from stat_core.methods.settings import (  # noqa: F401 (the app's settings box and controls)
+    setting_choices,
+    setting_fields,
+    setting_kind,
+    settings_from_text,
+    settings_help,
+    settings_text,
+)
 from stat_core.methods.stat import explain, lesson as core_lesson
 from stat_core.models import DEMO_MODELS, demo_model_installed, download_hub_model, load_model, prepare_demo_model
 from stat_core.recover import RecoveryCancelled

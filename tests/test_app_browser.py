@@ -465,3 +465,34 @@ def test_slider_keys_and_drag_end_on_the_slider_value_and_a_reload_restores(app_
         raise
     finally:
         page.close()
+
+
+def test_method_settings_are_controls_of_their_types(app_url, browser, tiny_decoder_dir):
+    """The chosen method's settings are controls built from its settings dataclass (a checkbox for a
+    flag, a list for a choice, a number box for a number): changing one writes the settings text and
+    re-plans; another method shows its own controls."""
+    page = browser.new_page(viewport={"width": 1366, "height": 768})
+    try:
+        load_tiny_with_pasted_text(page, app_url, tiny_decoder_dir)
+        page.locator("#prune_btn").click()
+        wait_status(page, r"^✓ Removed", 120_000)
+        settings_text = page.locator("#method_settings textarea")
+        assert page.locator("#settings_stat").is_visible() and not page.locator("#settings_flap").is_visible()
+        page.locator("#settings_stat").get_by_label("protect_induction").fill("2")
+        page.locator("#settings_stat").get_by_label("protect_induction").press("Enter")
+        page.wait_for_function("() => document.querySelector('#method_settings textarea').value"
+                               " === 'protect_induction=2'", timeout=30_000)
+        box = page.locator("#method input")
+        box.click()
+        box.fill("FLAP")
+        page.locator("ul[role=listbox] li", has_text="FLAP").first.click()
+        page.locator("#settings_flap").wait_for(state="visible", timeout=30_000)
+        assert not page.locator("#settings_stat").is_visible() and settings_text.input_value() == ""
+        metric = page.locator("#settings_flap input")
+        metric.click()
+        page.locator("ul[role=listbox] li", has_text="WIFN").first.click()
+        page.wait_for_function("() => document.querySelector('#method_settings textarea').value === 'metric=WIFN'",
+                               timeout=30_000)
+        wait_status(page, r"flap", 60_000)
+    finally:
+        page.close()

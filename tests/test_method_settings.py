@@ -111,3 +111,31 @@ def test_settings_of_another_method_are_refused_in_one_sentence(calibrated):
         plan_pruning(model, calib, PruneConfig(sparsity=0.3, settings=SlimGPTSettings()))
     with pytest.raises(ValueError, match="Wanda-sp has no settings of its own"):
         plan_pruning(model, calib, PruneConfig(sparsity=0.3, method="wanda-sp", settings=SlimGPTSettings()))
+
+
+@pytest.mark.parametrize("method", [m for m in method_names() if get_method(m).Settings is not None])
+def test_typed_controls_write_settings_text_that_reads_back(method):
+    """What the app's typed controls give (numbers as floats, an empty number box as None) becomes
+    ``name=value`` text that the settings parser reads back as the same settings; defaults write nothing."""
+    from stat_core.methods.settings import setting_choices, setting_fields, setting_kind, settings_from_text, settings_text
+
+    fields = setting_fields(method)
+    assert settings_text(method, {f.name: f.default for f in fields}) == ""
+    assert settings_text(method, {f.name: None for f in fields if f.default is None}) == ""
+    changed = {}
+    for f in fields:
+        kind, choices = setting_kind(f), setting_choices(f)
+        if kind is bool:
+            changed[f.name] = not f.default
+        elif choices:
+            changed[f.name] = next(c for c in choices if c != f.default)
+        elif kind is int:
+            changed[f.name] = float((f.default or 0) + 2)  # a number box gives floats
+        elif kind is float:
+            changed[f.name] = (f.default or 0.0) / 2 + 0.01
+    text = settings_text(method, changed)
+    settings = settings_from_text(method, text)
+    for name, value in changed.items():
+        expected = int(value) if isinstance(value, float) and setting_kind(
+            next(f for f in fields if f.name == name)) is int else value
+        assert getattr(settings, name) == expected, (name, text)

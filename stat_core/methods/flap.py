@@ -32,7 +32,7 @@ as in FLAP (which also measures each layer on the dense model's outputs).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -57,7 +57,7 @@ FLAP_METRICS = ("WIFV", "WIFN", "IFV")
 class FlapSettings:
     """FLAP's knob: ``metric``, the per-column score — ``WIFV`` (default), ``WIFN`` or ``IFV``."""
 
-    metric: str = "WIFV"
+    metric: str = field(default="WIFV", metadata={"choices": ("WIFV", "WIFN", "IFV")})
 
     def __post_init__(self):
         object.__setattr__(self, "metric", str(self.metric).upper())

@@ -23,6 +23,32 @@ def setting_fields(method: str) -> list[dataclasses.Field]:
     return [] if settings is None else list(dataclasses.fields(settings))
 
 
+def setting_choices(field: dataclasses.Field) -> tuple | None:
+    """The values a text field takes, when its dataclass names them (``metadata={"choices": ...}``)."""
+    choices = field.metadata.get("choices")
+    return tuple(choices) if choices else None
+
+
+def _as_text(value) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+def settings_text(method: str, values: dict) -> str:
+    """The ``name=value`` text (:func:`settings_from_text` reads it back) of the settings whose value in
+    ``values`` (field name → value, as typed controls give them: a float for a whole number, ``None``
+    for an empty number box) differs from the default; "" when all are defaults."""
+    parts = []
+    for f in setting_fields(method):
+        value = values.get(f.name, f.default)
+        if value is None or value == "":
+            continue  # an empty control: the default
+        if setting_kind(f) is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if value != f.default:
+            parts.append(f"{f.name}={_as_text(value)}")
+    return ", ".join(parts)
+
+
 def settings_help(method: str) -> str:
     """One line naming every setting of ``method`` with its default, e.g. ``search=0, output_prior=False``."""
     fields = setting_fields(method)
