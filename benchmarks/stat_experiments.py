@@ -140,7 +140,7 @@ def load_cache(folder: Path, model):
     stats, sens = load_stats(folder / "statistics.safetensors")
     fisher = None if sens is None else sens.normalised()
     adapter = get_adapter(model)
-    analyses = [P.analyse_layer(adapter, i, st, None if fisher is None else fisher[i], False)
+    analyses = [A.analyse_layer(adapter, i, st, None if fisher is None else fisher[i], False)
                 for i, st in enumerate(stats)]
     calibration = P.Calibration(dense_stats=stats, sensitivity=fisher, analyses=analyses)
     tensors = load_file(str(folder / "reference.safetensors"))
@@ -364,7 +364,7 @@ def main(argv=None) -> int:
                 stats, sens = load_stats(saved)
                 fisher = sens.normalised()
                 own[name] = (P.Calibration(dense_stats=stats, sensitivity=fisher, analyses=[
-                    P.analyse_layer(adapter, i, st, fisher[i], False) for i, st in enumerate(stats)]), 0.0)
+                    A.analyse_layer(adapter, i, st, fisher[i], False) for i, st in enumerate(stats)]), 0.0)
             if name not in own:
                 base, _, seed = name.partition(":s")  # NAME:sN: windows (and the sensitivity's samples) of seed N
                 config = CalibrationConfig(num_samples=64, seq_len=512, seed=int(seed or 0))
@@ -386,7 +386,7 @@ def main(argv=None) -> int:
             parts = [named(g) for g in grams.split("+")]  # several texts: their statistics summed
             stats = parts[0][0].dense_stats if len(parts) == 1 else merge_stats(*[c.dense_stats for c, _ in parts])
             f, s2 = named(sens or grams.split("+")[0])
-            analyses = [P.analyse_layer(adapter, i, st, f.sensitivity[i], False) for i, st in enumerate(stats)]
+            analyses = [A.analyse_layer(adapter, i, st, f.sensitivity[i], False) for i, st in enumerate(stats)]
             return (P.Calibration(dense_stats=stats, sensitivity=f.sensitivity, analyses=analyses),
                     sum(sec for _, sec in parts) + s2)
 

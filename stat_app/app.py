@@ -24,6 +24,7 @@ from stat_app.sessions import MAX_SESSIONS, SessionStore, remove_stale_workdirs
 from stat_core.config import parse_sparsity
 from stat_core.data.labelled import BUILTIN_SETS
 from stat_core.estimate import estimate_sentence
+from stat_core.methods.registry import OWN_METHOD
 from stat_core.data.recipe import CHAT, Recipe, resolve_recipe
 from stat_core.models import DEMO_MODELS, demo_model_choices, demo_model_installed
 from stat_core.progress import stage_unit
@@ -439,7 +440,7 @@ def build_demo(store: SessionStore | None = None, access: ModelAccess | None = N
                 setting_groups, setting_controls = {}, {}
                 for _, name in H.plan_method_choices():
                     if H.setting_fields(name):
-                        with gr.Row(visible=name == "stat", elem_id=f"settings_{name}") as group:
+                        with gr.Row(visible=name == OWN_METHOD, elem_id=f"settings_{name}") as group:
                             setting_controls[name] = [setting_control(f) for f in H.setting_fields(name)]
                         setting_groups[name] = group
                 with gr.Row():
