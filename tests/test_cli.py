@@ -33,7 +33,8 @@ def tiny_folder(tmp_path_factory):
 def test_cli_prunes_and_reports(tiny_folder, tmp_path, capsys):
     out = tmp_path / "run"
     rc = main([str(tiny_folder), "--sparsity", "0.3", "--out", str(out), "--num-samples", "4", "--seq-len", "64",
-               "--sensitivity-samples", "2", "--quiet", "--measure-floor", "--quick-eval"])
+               "--sensitivity-samples", "2", "--quiet", "--measure-floor", "--quick-eval",
+               "--calibration", "wikipedia"])  # the chat recipe's generation: test_cli_calibrates_on_the_models_own_chat
     assert rc == 0
     report = json.loads((out / "pruning_report.json").read_text())
     assert REPORT_KEYS <= set(report)

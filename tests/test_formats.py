@@ -280,7 +280,10 @@ def test_onnx_export_that_does_not_match_is_not_kept(tmp_path, monkeypatch):
 
 # --- CLI --------------------------------------------------------------------------------------------
 
-FAST = ["--num-samples", "4", "--seq-len", "64", "--sensitivity-samples", "0", "--quiet", "--skip-eval"]
+# Wikipedia calibration: the tiny model has SmolLM2's chat template, and the default chat recipe would
+# generate its own chat answers first (minutes; tests/test_cli.py covers that path)
+FAST = ["--num-samples", "4", "--seq-len", "64", "--sensitivity-samples", "0", "--quiet", "--skip-eval",
+        "--calibration", "wikipedia"]
 
 
 def test_cli_format_gguf_and_onnx(tiny_folder, tmp_path, capsys):  # noqa: F811
