@@ -285,14 +285,19 @@ def tiny_decoder_dir(tmp_path_factory):
     return save_tiny_llama_with_demo_tokenizer(tmp_path_factory.mktemp("tiny-llama-browser"))
 
 
-def load_tiny_with_pasted_text(page, app_url, tiny_decoder_dir):
-    """Open the page, load the tiny model from its folder and paste 8 × 64 tokens of calibration text."""
+def load_tiny(page, app_url, tiny_decoder_dir):
+    """Open the page and load the tiny model from its folder."""
     page.goto(app_url, wait_until="domcontentloaded")
     page.locator("#load_btn").wait_for(timeout=60_000)
     page.get_by_role("radio", name="folder").check()
     page.get_by_label("local folder or hub id").fill(str(tiny_decoder_dir))
     page.locator("#load_btn").click()
     wait_status(page, r"^✓ Loaded", 60_000)
+
+
+def load_tiny_with_pasted_text(page, app_url, tiny_decoder_dir):
+    """Open the page, load the tiny model from its folder and paste 8 × 64 tokens of calibration text."""
+    load_tiny(page, app_url, tiny_decoder_dir)
     page.get_by_role("radio", name="pasted").check()
     page.get_by_label("or paste text").fill("The history of the river valley begins with small farming villages. "
                                              "Trade routes crossed the region and towns grew around markets. " * 30)
@@ -354,12 +359,7 @@ def test_learn_view_and_the_report_offline(app_url, browser, tiny_decoder_dir, t
     file, which opens in Chromium with every network request blocked and draws its figures."""
     page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
     try:
-        page.goto(app_url, wait_until="domcontentloaded")
-        page.locator("#load_btn").wait_for(timeout=60_000)
-        page.get_by_role("radio", name="folder").check()
-        page.get_by_label("local folder or hub id").fill(str(tiny_decoder_dir))
-        page.locator("#load_btn").click()
-        wait_status(page, r"^✓ Loaded", 60_000)
+        load_tiny(page, app_url, tiny_decoder_dir)
         assert page.locator("#estimate").inner_text().startswith("First calibration: about")
         page.get_by_role("radio", name="pasted").check()
         page.get_by_label("or paste text").fill("The history of the river valley begins with small farming villages. "
